@@ -1,0 +1,20 @@
+# Corpus: generate, or load local files or a Hugging Face dataset, into train/valid/test parquet files.
+rule corpus:
+    output:
+        train="results/corpus/{corpus}/train.parquet",
+        valid="results/corpus/{corpus}/valid.parquet",
+        test="results/corpus/{corpus}/test.parquet",
+        world="results/corpus/{corpus}/world.json",
+    params:
+        p=lambda w: as_json({"spec": config["corpora"][w.corpus], "seed": config["seed"]}),
+    log:
+        "results/logs/corpus/{corpus}.log",
+    benchmark:
+        "results/benchmarks/corpus/{corpus}.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "{PY} corpus --params {params.p:q} --outdir results/corpus/{wildcards.corpus} 2> {log}"

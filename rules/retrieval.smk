@@ -1,0 +1,33 @@
+# Retrieval: once per (eval set, datastore), K_max = max(k grid) neighbours per scored token, cached.
+
+CACHE = ["targets", "lm_logprob", "dists", "vals", "ids", "queries"]
+
+
+# Makes the retrieval cache of an eval set against a datastore.
+rule retrieve:
+    input:
+        model_json=lambda w: model_json(DATASTORES[w.ds]["model"]),
+        manifest="results/datastores/{ds}/manifest.json",
+        index="results/datastores/{ds}/index.faiss",
+        index_meta="results/datastores/{ds}/index.json",
+        tokens=lambda w: eval_tokens(w.evalset, w.ds),
+    output:
+        **{name: f"results/retrieval/{{evalset}}/{{ds}}/{name}.npy" for name in CACHE},
+        meta="results/retrieval/{evalset}/{ds}/meta.json",
+    params:
+        p=retrieval_params,
+    log:
+        "results/logs/retrieve/{evalset}/{ds}.log",
+    benchmark:
+        "results/benchmarks/retrieve/{evalset}/{ds}.tsv"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=12 * 60,
+        gpu=1,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "{PY} retrieve --params {params.p:q} --threads {threads} --model-json {input.model_json}"
+        " --manifest {input.manifest} --index {input.index} --index-meta {input.index_meta}"
+        " --tokens {input.tokens} --outdir results/retrieval/{wildcards.evalset}/{wildcards.ds} 2> {log}"

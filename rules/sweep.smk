@@ -1,0 +1,53 @@
+# Sweep: every (λ, k, σ) of the grid by rescoring the retrieval cache; then the summary table.
+
+
+# Makes the perplexity table of one (eval set, datastore) over the whole grid.
+rule sweep:
+    input:
+        cache=rules.retrieve.output,
+        manifest="results/datastores/{ds}/manifest.json",
+    output:
+        csv=report(
+            "results/sweeps/{evalset}/{ds}/perplexity.csv",
+            caption="../report/sweep.rst",
+            category="Perplexity",
+            subcategory="Sweeps",
+        ),
+        parquet="results/sweeps/{evalset}/{ds}/perplexity.parquet",
+    params:
+        p=lambda w: as_json({k: config["sweep"][k] for k in ("lambdas", "ks", "sigmas")}),
+    log:
+        "results/logs/sweep/{evalset}/{ds}.log",
+    benchmark:
+        "results/benchmarks/sweep/{evalset}/{ds}.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "{PY} sweep --params {params.p:q} --cache results/retrieval/{wildcards.evalset}/{wildcards.ds}"
+        " --manifest {input.manifest} --out-stem results/sweeps/{wildcards.evalset}/{wildcards.ds}/perplexity"
+        " 2> {log}"
+
+
+# Makes the perplexity summary: base LM and kNN-LM per (eval set, datastore), (λ, k, σ) chosen on valid.
+rule summarize:
+    input:
+        [f"results/sweeps/{key}/perplexity.parquet" for key in sweep_keys()],
+    output:
+        csv=report(
+            "results/tables/perplexity_summary.csv",
+            caption="../report/summary.rst",
+            category="Perplexity",
+        ),
+        parquet="results/tables/perplexity_summary.parquet",
+    params:
+        p=as_json({"keys": sweep_keys(), "select_on": select_on()}),
+    log:
+        "results/logs/summarize/summarize.log",
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "{PY} summarize --params {params.p:q} --sweeps {input} --out-stem results/tables/perplexity_summary"
+        " 2> {log}"

@@ -1,0 +1,147 @@
+"""Command line: ``python -m workflow_scripts <step> [--params JSON] --<name> PATH ...``.
+
+Each Snakemake rule calls one step; every step also runs by hand. ``--params`` carries the slice of the
+config that the step's output depends on, as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def corpus(a, p):
+    from .corpus import write_corpus
+
+    write_corpus(p["spec"], p["seed"], a.outdir)
+
+
+def tokenizer(a, p):
+    from .lm import train_tokenizer
+
+    train_tokenizer(a.train, p["vocab_size"], a.outdir)
+
+
+def tokenize(a, p):
+    from transformers import AutoTokenizer
+
+    from .lm import load_identity, tokenize_split
+
+    if a.tokenizer_dir:  # a tokenizer trained here, before its model exists
+        tok = AutoTokenizer.from_pretrained(a.tokenizer_dir)
+    else:
+        ident = load_identity(a.model_json)
+        tok = AutoTokenizer.from_pretrained(ident["path"], revision=ident.get("revision"),
+                                            trust_remote_code=ident.get("trust_remote_code", False))
+    tokenize_split(tok, a.parquet, a.out)
+
+
+def train_lm(a, p):
+    from .lm import train_lm as train, write_identity
+
+    _threads(a.threads)
+    train(a.train, a.valid, a.tokenizer_dir, p["train"], p["seed"], a.outdir, a.loss_log)
+    write_identity({"source": "train", "path": a.outdir}, a.model_json, device="cpu")
+
+
+def model_identity(a, p):
+    from .lm import write_identity
+
+    write_identity(p["spec"], a.model_json)
+
+
+def extract_keys(a, p):
+    from .datastore import extract_shard
+    from .lm import load_checked
+
+    _threads(a.threads)
+    model, _, ident = load_checked(a.model_json, device=p["device"],
+                                   dtype="float16" if p["device"] != "cpu" else "float32")
+    extract_shard(model, ident, a.tokens, p["shard"], p["shards"], p["block_size"], p["batch_size"],
+                  a.keys, a.vals, a.meta)
+
+
+def manifest(a, p):
+    from .datastore import write_manifest
+    from .lm import load_identity
+
+    shards = list(zip(a.keys, a.vals, a.meta, strict=True))
+    write_manifest(load_identity(a.model_json), a.tokens, shards, a.out)
+
+
+def build_index(a, p):
+    from .index import build_index as build
+
+    build(a.manifest, p["index"], p["seed"], a.index, a.index_meta, threads=a.threads)
+
+
+def retrieve(a, p):
+    from .retrieval import retrieve as run
+
+    _threads(a.threads)
+    run(a.model_json, a.manifest, a.index, a.index_meta, a.tokens, p, a.outdir, threads=a.threads)
+
+
+def sweep(a, p):
+    from .sweep import run_sweep
+
+    run_sweep(a.cache, a.manifest, p, a.out_stem)
+
+
+def summarize(a, p):
+    from .sweep import summarize as run
+
+    keys = [tuple(k.split("/")) for k in p["keys"]]
+    run(dict(zip(keys, a.sweeps, strict=True)), p["select_on"], a.out_stem)
+
+
+def figure_sweep(a, p):
+    from .figures import perplexity_vs_lambda
+
+    perplexity_vs_lambda(a.sweep, p["title"], a.png, a.pdf)
+
+
+STEPS = {f.__name__.replace("_", "-"): f for f in (corpus, tokenizer, tokenize, train_lm, model_identity,
+                                                     extract_keys, manifest, build_index, retrieve, sweep,
+                                                     summarize, figure_sweep)}
+PATH_ARGS = ["outdir", "out", "train", "valid", "parquet", "tokenizer_dir", "model_json", "loss_log", "tokens",
+             "manifest", "index", "index_meta", "cache", "out_stem", "sweep", "png", "pdf"]
+MULTI_ARGS = ["keys", "vals", "meta", "sweeps"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workflow_scripts", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=sorted(STEPS))
+    parser.add_argument("--params", default="{}", help="JSON object: the config slice this step depends on")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("SNAKEMAKE_THREADS", 1)))
+    for name in PATH_ARGS:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    for name in MULTI_ARGS:
+        parser.add_argument(f"--{name}", nargs="+", default=[])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as e:
+        parser.error(f"--params is not valid JSON: {e}")
+    try:
+        STEPS[args.step](args, params)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        logging.getLogger("workflow_scripts").error("%s failed: %s", args.step, e)
+        print(f"error: {args.step}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Atomic file writing, hashing and safe loading: every stage writes its outputs through these helpers.
+
+An output appears under its final name only once it is complete (temp file in the same directory + rename),
+so an interrupted job never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+
+class ArtifactError(RuntimeError):
+    """A file on disk is missing, corrupt or does not match what its consumer expects."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e}); delete it and rerun the rule that makes it") from e
+
+
+def save_npy(path, array: np.ndarray) -> None:
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def open_npy_for_writing(path, dtype, shape):
+    """A writable memory map for a ``.npy`` file of known shape, at a temporary name (see ``atomic_path``)."""
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
+def load_npy(path, *, mmap: bool = False, dtype=None, ndim: int | None = None) -> np.ndarray:
+    """Load an array without pickle, checking dtype and rank; a truncated file raises ``ArtifactError``."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ArtifactError(f"{path}: unreadable or truncated .npy ({e})") from e
+    if dtype is not None and arr.dtype != np.dtype(dtype):
+        raise ArtifactError(f"{path}: dtype {arr.dtype}, expected {np.dtype(dtype)}")
+    if ndim is not None and arr.ndim != ndim:
+        raise ArtifactError(f"{path}: shape {arr.shape}, expected {ndim} dimensions")
+    return arr
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def write_table(df, stem) -> None:
+    """Write a polars frame as ``<stem>.csv`` and ``<stem>.parquet``, each atomically."""
+    stem = Path(str(stem))
+    with atomic_path(stem.with_suffix(".csv")) as tmp:
+        df.write_csv(tmp)
+    with atomic_path(stem.with_suffix(".parquet")) as tmp:
+        df.write_parquet(tmp)

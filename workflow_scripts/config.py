@@ -1,0 +1,91 @@
+"""Configuration: JSON-schema validation (with defaults) plus the cross-references a schema cannot express.
+
+Errors name the key path and what was expected, and are raised before any job runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _with_defaults(validator_cls):
+    validate_props = validator_cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = sub["default"]
+        yield from validate_props(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
+
+
+def _path(error) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def validate(config: dict) -> dict:
+    """Validate ``config`` in place (filling defaults) and return it; raise ``ConfigError`` naming the key."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), _path(e)))
+    if errors:
+        lines = []
+        for e in errors[:10]:
+            if e.validator == "additionalProperties":
+                allowed = sorted(e.schema.get("properties", {}))
+                lines.append(f"config key {_path(e)}: {e.message} (allowed keys: {', '.join(allowed)})")
+            else:
+                lines.append(f"config key {_path(e)}: {e.message}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    _cross_check(config)
+    return config
+
+
+def _cross_check(c: dict) -> None:
+    def need(kind, name, where):
+        if name not in c[kind]:
+            raise ConfigError(f"config key {where}: {name!r} is not one of the {kind} ({', '.join(c[kind])})")
+
+    for m, spec in c["models"].items():
+        if spec["source"] == "train":
+            need("corpora", spec["train"]["corpus"], f"models.{m}.train.corpus")
+            if spec["train"]["n_embd"] % spec["train"]["n_head"]:
+                raise ConfigError(f"config key models.{m}.train.n_head: must divide n_embd")
+            if c["extraction"]["block_size"] > spec["train"]["block_size"]:
+                raise ConfigError(f"config key extraction.block_size: {c['extraction']['block_size']} exceeds "
+                                  f"models.{m}.train.block_size = {spec['train']['block_size']}")
+    for d, spec in c["datastores"].items():
+        need("models", spec["model"], f"datastores.{d}.model")
+        need("corpora", spec["corpus"], f"datastores.{d}.corpus")
+    for e, spec in c["eval_sets"].items():
+        need("corpora", spec["corpus"], f"eval_sets.{e}.corpus")
+    sw = c["sweep"]
+    if sw.get("k_max") is None:
+        sw["k_max"] = max(sw["ks"])
+    elif sw["k_max"] < max(sw["ks"]):
+        raise ConfigError(f"config key sweep.k_max: {sw['k_max']} is smaller than the largest k in sweep.ks "
+                          f"({max(sw['ks'])}); retrieval must fetch at least max(ks) neighbours")
+
+
+def load(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return validate(config)

@@ -1,0 +1,110 @@
+"""Corpus stage: every source (``generate``, ``local`` files, ``hf`` datasets) goes through one loading path.
+
+All sources become a ``datasets.DatasetDict`` with splits ``train``/``valid``/``test`` and one ``text``
+column, which is checked and written as ``results/corpus/<corpus>/<split>.parquet``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import datasets
+
+from . import world as world_mod
+from .artifacts import atomic_path, write_json
+
+SPLITS = ("train", "valid", "test")
+LOCAL_BUILDERS = {"text": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}
+log = logging.getLogger(__name__)
+
+
+class CorpusError(ValueError):
+    pass
+
+
+def _generate(spec: dict, seed: int) -> tuple[datasets.DatasetDict, dict]:
+    g = spec["generate"]
+    w = world_mod.make_world(seed, g["n_people"], g["n_cities"], g["n_companies"], g["n_universities"])
+    docs = world_mod.generate_documents(seed, g["n_documents"], w)
+    rng = random.Random(seed + 2)
+    rng.shuffle(docs)
+    n_eval = {s: int(round(g["eval_fraction"] * len(docs))) for s in ("valid", "test")}
+    parts = {"valid": docs[: n_eval["valid"]], "test": docs[n_eval["valid"] : n_eval["valid"] + n_eval["test"]],
+             "train": docs[n_eval["valid"] + n_eval["test"] :]}
+    return datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": parts[s]}) for s in SPLITS}), w.to_dict()
+
+
+def _local(spec: dict) -> datasets.DatasetDict:
+    loc = spec["local"]
+    fmt = loc["format"]
+    files = {}
+    for split in SPLITS:
+        paths = loc["files"][split]
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        for p in paths:
+            if not Path(p).is_file():
+                raise CorpusError(f"corpus file {p} (split {split!r}) does not exist")
+            if Path(p).stat().st_size == 0:
+                raise CorpusError(f"corpus file {p} (split {split!r}) is empty")
+        files[split] = paths
+    try:
+        return datasets.load_dataset(LOCAL_BUILDERS[fmt], data_files=files)
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"corpus files {files}: not valid UTF-8 ({e})") from e
+
+
+def _hf(spec: dict) -> datasets.DatasetDict:
+    hf = spec["hf"]
+    path = hf["path"]
+    if Path(path).joinpath("dataset_dict.json").exists():
+        dd = datasets.load_from_disk(path)
+    else:
+        dd = datasets.load_dataset(path, hf.get("name"), revision=hf.get("revision"))
+    mapping = hf.get("splits", {s: s for s in SPLITS})
+    missing = [theirs for theirs in mapping.values() if theirs not in dd]
+    if missing:
+        raise CorpusError(f"dataset {path!r} has splits {sorted(dd)}, config asks for {missing}")
+    return datasets.DatasetDict({ours: dd[theirs] for ours, theirs in mapping.items()})
+
+
+def load_corpus(spec: dict, seed: int) -> tuple[datasets.DatasetDict, dict | None]:
+    """Load a corpus entry of the config into splits with a ``text`` column. Returns (splits, world or None)."""
+    source = spec["source"]
+    world = None
+    if source == "generate":
+        dd, world = _generate(spec, seed)
+    elif source == "local":
+        dd = _local(spec)
+    elif source == "hf":
+        dd = _hf(spec)
+    else:
+        raise CorpusError(f"unknown corpus source {source!r}")
+    field = spec.get(source, {}).get("text_field", "text")
+    out = {}
+    for split in SPLITS:
+        if split not in dd:
+            raise CorpusError(f"corpus has no {split!r} split (has {sorted(dd)})")
+        ds = dd[split]
+        if field not in ds.column_names:
+            raise CorpusError(f"{split} split has no text field {field!r} (columns: {ds.column_names})")
+        ds = ds.select_columns([field]).rename_column(field, "text") if field != "text" else ds.select_columns(["text"])
+        n = len(ds)
+        ds = ds.filter(lambda t: t is not None and t.strip() != "", input_columns="text")
+        if n - len(ds):
+            log.warning("%s split: skipped %d empty documents of %d", split, n - len(ds), n)
+        if len(ds) == 0:
+            raise CorpusError(f"{split} split has no non-empty documents")
+        out[split] = ds
+    return datasets.DatasetDict(out), world
+
+
+def write_corpus(spec: dict, seed: int, outdir) -> None:
+    outdir = Path(outdir)
+    dd, world = load_corpus(spec, seed)
+    for split, ds in dd.items():
+        with atomic_path(outdir / f"{split}.parquet") as tmp:
+            ds.to_parquet(str(tmp))
+        log.info("%s: %d documents", split, len(ds))
+    write_json(outdir / "world.json", world or {})

@@ -1,0 +1,80 @@
+"""Index stage: a FAISS index over a datastore's keys, trained on a key sample and filled shard by shard.
+
+``Flat`` is exact; ``IVFPQ`` (nlist, m, nbits, nprobe) is approximate, and retrieval then recomputes exact
+distances from the stored keys. A GPU is used for training and search when faiss has GPU support.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from .artifacts import ArtifactError, atomic_path, read_json, write_json
+from .datastore import Datastore
+
+log = logging.getLogger(__name__)
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def factory_string(cfg: dict, dim: int) -> str:
+    if cfg["type"] == "Flat":
+        return "Flat"
+    if dim % cfg["m"]:
+        raise ValueError(f"index.m = {cfg['m']} must divide the key dimension {dim}")
+    return f"IVF{cfg['nlist']},PQ{cfg['m']}x{cfg['nbits']}"
+
+
+def build_index(manifest_path, cfg: dict, seed: int, out_index, out_meta, threads: int = 1) -> dict:
+    faiss.omp_set_num_threads(threads)
+    ds = Datastore(manifest_path)
+    t0 = time.time()
+    desc = factory_string(cfg, ds.dim)
+    index = faiss.index_factory(ds.dim, desc, faiss.METRIC_L2)
+    if not index.is_trained:
+        n = min(ds.rows, cfg["train_sample"])
+        if n < cfg["nlist"] * 39 and n < ds.rows:
+            log.warning("training %s on %d keys (< 39 per list)", desc, n)
+        sample_ids = np.sort(np.random.default_rng(seed).choice(ds.rows, size=n, replace=False))
+        sample = ds.gather_keys(sample_ids)
+        trainer = index
+        if gpu_available():
+            trainer = faiss.index_cpu_to_all_gpus(index)
+        log.info("training %s on %d keys", desc, n)
+        trainer.train(sample)
+        if trainer is not index:
+            index = faiss.index_gpu_to_cpu(trainer)
+    for keys in tqdm(ds.keys, desc="add shards", disable=len(ds.keys) < 2):
+        for i in range(0, len(keys), 1 << 18):  # bounded memory: one float32 chunk of one shard at a time
+            index.add(np.asarray(keys[i : i + (1 << 18)], dtype=np.float32))
+    if index.ntotal != ds.rows:
+        raise ArtifactError(f"index holds {index.ntotal} vectors, datastore {manifest_path} has {ds.rows}")
+    with atomic_path(out_index, ".faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+    meta = {"manifest_sha256": ds.hash, "factory": desc, "ntotal": int(index.ntotal),
+            "nprobe": cfg.get("nprobe"), "exact": desc == "Flat", "build_seconds": time.time() - t0}
+    write_json(out_meta, meta)
+    return meta
+
+
+def load_index(index_path, meta_path, ds: Datastore, nprobe: int | None = None):
+    meta = read_json(meta_path)
+    if meta["manifest_sha256"] != ds.hash:
+        raise ArtifactError(f"{index_path} was built from another version of {ds.path}; rerun build_index")
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as e:
+        raise ArtifactError(f"{index_path}: unreadable FAISS index ({e}); delete it and rerun build_index") from e
+    if index.ntotal != ds.rows or index.d != ds.dim:
+        raise ArtifactError(f"{index_path}: {index.ntotal} x {index.d}, datastore has {ds.rows} x {ds.dim}")
+    if nprobe is not None and hasattr(index, "nprobe"):
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    if gpu_available():
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index, meta

@@ -1,0 +1,97 @@
+"""The kNN-LM math, in one place; every other stage calls it.
+
+    p_knn(w) ∝ Σ_{i ≤ k} 1[v_i = w] · exp(−d_i / σ)        d_i: squared L2 distance, neighbours sorted ascending
+    p(w)     = λ · p_knn(w) + (1 − λ) · p_lm(w)              λ is the weight of the kNN part (Khandelwal; paper 1)
+
+Paper 2 writes its interpolation weight on p_lm; its λ = 0.25 (App. A) is λ = 0.25 on p_knn here.
+Everything is computed in log space; perplexity is exp(−mean natural-log probability).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+
+def _check(dists: np.ndarray, vals: np.ndarray, k: int) -> None:
+    if dists.shape != vals.shape or dists.ndim != 2:
+        raise ValueError(f"dists {dists.shape} and vals {vals.shape} must be equal [N, K] arrays")
+    if not 1 <= k <= dists.shape[1]:
+        raise ValueError(f"k = {k} outside 1..{dists.shape[1]} (neighbours cached)")
+
+
+def knn_target_logprobs(dists, vals, targets, ks: Iterable[int], sigma: float, chunk: int = 2048) -> dict:
+    """log p_knn(target) for every k in ``ks`` at one σ, from one pass over the neighbours.
+
+    ``dists`` must be ascending per row (the retrieval cache guarantees it). Uses cumulative sums over the
+    neighbour axis, so all k cost one exp + two cumsums. Returns {k: float64 [N]}; −inf where no neighbour
+    among the first k carries the target.
+    """
+    ks = sorted(set(int(k) for k in ks))
+    for k in ks:
+        _check(dists, vals, k)
+    if sigma <= 0:
+        raise ValueError(f"sigma = {sigma} must be > 0")
+    kmax = ks[-1]
+    n = dists.shape[0]
+    out = {k: np.empty(n, np.float64) for k in ks}
+    cols = np.asarray(ks) - 1
+    for a in range(0, n, chunk):
+        d = np.asarray(dists[a : a + chunk, :kmax], dtype=np.float64)
+        if np.any(np.diff(d, axis=1) < 0):
+            raise ValueError("neighbour distances must be sorted ascending per row")
+        w = np.exp((d[:, :1] - d) / sigma)  # relative to the nearest neighbour: w[:, 0] = 1, no overflow
+        hit = np.asarray(vals[a : a + chunk, :kmax]) == np.asarray(targets[a : a + chunk])[:, None]
+        den = np.cumsum(w, axis=1)[:, cols]
+        num = np.cumsum(np.where(hit, w, 0.0), axis=1)[:, cols]
+        with np.errstate(divide="ignore"):
+            lp = np.log(num) - np.log(den)
+        for j, k in enumerate(ks):
+            out[k][a : a + chunk] = lp[:, j]
+    return out
+
+
+def knn_distribution(dists, vals, k: int, sigma: float, vocab_size: int) -> np.ndarray:
+    """The full p_knn [N, V] (float64) for the first k neighbours; for small N (tasks, analyses, tests)."""
+    _check(dists, vals, k)
+    d = np.asarray(dists[:, :k], dtype=np.float64)
+    logits = -d / sigma
+    w = np.exp(logits - logits.max(axis=1, keepdims=True))
+    v = np.asarray(vals[:, :k])
+    valid = v >= 0
+    p = np.zeros((d.shape[0], vocab_size))
+    rows = np.broadcast_to(np.arange(d.shape[0])[:, None], v.shape)
+    np.add.at(p, (rows[valid], v[valid]), w[valid])
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def interpolate(lm_logprob, knn_logprob, lam: float):
+    """log(λ·p_knn + (1−λ)·p_lm) from log-probabilities; λ = 0 returns ``lm_logprob`` exactly."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda = {lam} outside [0, 1]")
+    lm = np.asarray(lm_logprob, dtype=np.float64)
+    if lam == 0.0:
+        return lm
+    knn = np.asarray(knn_logprob, dtype=np.float64)
+    if lam == 1.0:
+        return knn
+    return np.logaddexp(np.log(lam) + knn, np.log1p(-lam) + lm)
+
+
+def perplexity(logprobs) -> float:
+    return float(np.exp(-np.mean(np.asarray(logprobs, dtype=np.float64))))
+
+
+def sweep(dists, vals, targets, lm_logprob, lambdas, ks, sigmas) -> list[dict]:
+    """Perplexity at every (λ, k, σ) by rescoring cached neighbours: the cost does not grow with the datastore."""
+    base = perplexity(lm_logprob)
+    rows = []
+    for sigma in sigmas:
+        per_k = knn_target_logprobs(dists, vals, targets, ks, sigma)
+        for k in ks:
+            for lam in lambdas:
+                rows.append({"lambda": float(lam), "k": int(k), "sigma": float(sigma),
+                             "ppl": perplexity(interpolate(lm_logprob, per_k[int(k)], lam)),
+                             "base_ppl": base, "n_tokens": int(len(targets))})
+    return rows

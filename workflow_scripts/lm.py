@@ -1,0 +1,232 @@
+"""Tokenizer and language model: train from scratch, or load a local directory or a hub id; one loading path.
+
+A model is known to the rest of the pipeline through ``results/models/<model>/model.json``: where to load it
+from, and the hashes of its weights and tokenizer that every datastore and retrieval cache records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from .artifacts import ArtifactError, load_npy, read_json, save_npy, write_json, write_table
+
+EOS = "<|endoftext|>"
+log = logging.getLogger(__name__)
+
+# Where the last transformer block lives in Hugging Face causal LMs: GPT-2, Llama/Mistral/Qwen, GPT-NeoX, OPT.
+_BLOCK_LISTS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers")
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+def train_tokenizer(train_parquet, vocab_size: int, outdir) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = pl.read_parquet(train_parquet)["text"].to_list()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+    _save_dir_atomically(outdir, fast.save_pretrained)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def tokenize_split(tokenizer, parquet, out_npy, batch: int = 1000) -> int:
+    """Encode every document and join them with EOS into one int32 token stream."""
+    texts = pl.read_parquet(parquet)["text"].to_list()
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer has no eos token; cannot separate documents")
+    pieces = []
+    for i in tqdm(range(0, len(texts), batch), desc=f"tokenize {Path(parquet).name}", mininterval=5):
+        for ids in tokenizer(texts[i : i + batch], add_special_tokens=False)["input_ids"]:
+            pieces.append(np.asarray(ids + [eos], dtype=np.int32))
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    if stream.size and stream.max() >= len(tokenizer):
+        raise ValueError(f"{parquet}: token id {stream.max()} outside vocabulary of {len(tokenizer)}")
+    save_npy(out_npy, stream)
+    return int(stream.size)
+
+
+# --------------------------------------------------------------------------------------------- model
+def find_hook_point(model) -> str:
+    """Name of the last block's feed-forward module (its input is the kNN-LM key)."""
+    for path in _BLOCK_LISTS:
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        last = len(obj) - 1
+        if hasattr(obj[last], "mlp"):
+            return f"{path}.{last}.mlp"
+    raise ValueError(f"{type(model).__name__}: cannot find the last block's mlp under {_BLOCK_LISTS}")
+
+
+def weights_hash(model) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_model(identity_or_spec: dict, device: str = "auto", dtype: str = "float32"):
+    """Load (model, tokenizer) from a ``model.json`` identity or a config model entry (local dir or hub id)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = identity_or_spec["path"]
+    kw = {"revision": identity_or_spec.get("revision"),
+          "trust_remote_code": bool(identity_or_spec.get("trust_remote_code", False))}
+    if identity_or_spec.get("source") == "local" and not Path(path).is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True, **kw)
+    model.to(pick_device(device)).eval()
+    return model, tokenizer
+
+
+def describe(model, tokenizer, spec: dict) -> dict:
+    """The identity record written to ``model.json``."""
+    hook = find_hook_point(model)
+    return {"source": spec["source"], "path": str(spec["path"]), "revision": spec.get("revision"),
+            "trust_remote_code": bool(spec.get("trust_remote_code", False)),
+            "architecture": type(model).__name__, "model_sha256": weights_hash(model),
+            "tokenizer_sha256": tokenizer_hash(tokenizer), "hook_point": hook,
+            "dim": int(model.config.hidden_size), "vocab_size": int(model.get_output_embeddings().weight.shape[0])}
+
+
+def load_identity(path) -> dict:
+    ident = read_json(path)
+    for key in ("path", "model_sha256", "tokenizer_sha256", "hook_point", "dim"):
+        if key not in ident:
+            raise ArtifactError(f"{path}: no {key!r}; rerun the model stage")
+    return ident
+
+
+def load_checked(identity_path, device="auto", dtype="float32"):
+    """Load the model a ``model.json`` describes and refuse it if its weights or tokenizer changed since."""
+    ident = load_identity(identity_path)
+    model, tok = load_model(ident, device=device, dtype=dtype if pick_device(device).type == "cuda" else "float32")
+    if dtype == "float32" or pick_device(device).type == "cpu":
+        got = weights_hash(model)
+        if got != ident["model_sha256"]:
+            raise ArtifactError(f"{ident['path']}: weights hash {got[:12]} differs from {identity_path} "
+                                f"({ident['model_sha256'][:12]}); rerun the model stage")
+    if tokenizer_hash(tok) != ident["tokenizer_sha256"]:
+        raise ArtifactError(f"{ident['path']}: tokenizer differs from the one recorded in {identity_path}")
+    return model, tok, ident
+
+
+def _save_dir_atomically(outdir, save_fn) -> None:
+    outdir = Path(outdir)
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    try:
+        save_fn(tmp)
+        if outdir.exists():
+            shutil.rmtree(outdir)
+        os.replace(tmp, outdir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def train_lm(train_npy, valid_npy, tokenizer_dir, cfg: dict, seed: int, outdir, loss_log) -> dict:
+    """Train a GPT-2-shaped causal LM from scratch on a token stream; nanoGPT-style loop."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    train = load_npy(train_npy, dtype=np.int32, ndim=1)
+    valid = load_npy(valid_npy, dtype=np.int32, ndim=1)
+    B, T = cfg["batch_size"], cfg["block_size"]
+    if train.size <= T + 1:
+        raise ValueError(f"{train_npy}: {train.size} tokens, fewer than one block of {T + 1}")
+    config = GPT2Config(vocab_size=len(tok), n_positions=T, n_embd=cfg["n_embd"], n_layer=cfg["n_layer"],
+                        n_head=cfg["n_head"], bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                        resid_pdrop=cfg["dropout"], embd_pdrop=cfg["dropout"], attn_pdrop=cfg["dropout"])
+    model = GPT2LMHeadModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                            betas=(0.9, 0.95))
+    steps, warmup = cfg["steps"], max(1, int(cfg["warmup_fraction"] * cfg["steps"]))
+
+    def lr_at(step):
+        if step < warmup:
+            return cfg["lr"] * (step + 1) / warmup
+        return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    def batch(stream, n):
+        starts = rng.integers(0, stream.size - T - 1, size=n)
+        x = np.stack([stream[s : s + T + 1] for s in starts]).astype(np.int64)
+        return torch.from_numpy(x)
+
+    rows, t0 = [], time.time()
+    model.train()
+    bar = tqdm(range(steps), desc="train_lm", mininterval=10)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        x = batch(train, B)
+        logits = model(input_ids=x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % cfg["log_every"] == 0 or step == steps - 1:
+            rows.append({"step": step, "tokens": (step + 1) * B * T, "train_loss": float(loss),
+                         "lr": lr_at(step), "seconds": time.time() - t0})
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    model.eval()
+    with torch.inference_mode():
+        vb = torch.from_numpy(np.stack([valid[s : s + T + 1] for s in
+                                        range(0, max(1, valid.size - T - 1), T)][:64]).astype(np.int64))
+        logits = model(input_ids=vb[:, :-1]).logits
+        vloss = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), vb[:, 1:].reshape(-1)))
+    rows.append({"step": steps, "tokens": steps * B * T, "train_loss": float("nan"), "lr": 0.0,
+                 "seconds": time.time() - t0, "valid_loss": vloss})
+    log.info("trained %d steps in %.0fs; valid loss %.3f (ppl %.2f)", steps, time.time() - t0, vloss,
+             math.exp(vloss))
+    write_table(pl.DataFrame(rows, infer_schema_length=None), Path(loss_log).with_suffix(""))
+
+    def save(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    _save_dir_atomically(outdir, save)
+    return {"valid_loss": vloss}
+
+
+def write_identity(spec: dict, out_json, device="auto") -> dict:
+    model, tok = load_model(spec, device=device)
+    ident = describe(model, tok, spec)
+    write_json(out_json, ident)
+    return ident
+
