@@ -66,8 +66,9 @@ def extract_keys(a, p):
     _threads(a.threads)
     model, _, ident = load_checked(a.model_json, device=p["device"],
                                    dtype="float16" if p["device"] != "cpu" else "float32")
+    (keys,), (vals,), (meta,) = a.keys, a.vals, a.meta
     extract_shard(model, ident, a.tokens, p["shard"], p["shards"], p["block_size"], p["batch_size"],
-                  a.keys, a.vals, a.meta)
+                  keys, vals, meta)
 
 
 def manifest(a, p):
