@@ -10,7 +10,8 @@ MODELS = config["models"]
 DATASTORES = config["datastores"]
 EVAL_SETS = config["eval_sets"]
 TRAINED = [m for m, spec in MODELS.items() if spec["source"] == "train"]
-PY = "python -m workflow_scripts"
+# GPU stages ask the scheduler for a GPU only when the config says the device is cuda.
+GPU = 1 if config["extraction"]["device"] == "cuda" else 0
 
 
 def names_regex(names):
@@ -50,20 +51,38 @@ def ds_tokens(ds):
 
 def eval_tokens(evalset, ds):
     spec = EVAL_SETS[evalset]
-    return f"results/tokens/{DATASTORES[ds]['model']}/{spec['corpus']}/{spec['split']}.npy"
+    return (
+        f"results/tokens/{DATASTORES[ds]['model']}/{spec['corpus']}/{spec['split']}.npy"
+    )
 
 
 def extraction_params(wildcards):
     ex = config["extraction"]
-    return as_json({"shard": int(wildcards.shard), "shards": DATASTORES[wildcards.ds]["shards"],
-                    "block_size": ex["block_size"], "batch_size": ex["batch_size"], "device": ex["device"]})
+    return as_json(
+        {
+            "shard": int(wildcards.shard),
+            "shards": DATASTORES[wildcards.ds]["shards"],
+            "block_size": ex["block_size"],
+            "batch_size": ex["batch_size"],
+            "device": ex["device"],
+        }
+    )
 
 
 def retrieval_params(wildcards):
     ex = config["extraction"]
-    return as_json({"k_max": config["sweep"]["k_max"], "max_tokens": EVAL_SETS[wildcards.evalset].get("max_tokens"),
-                    "block_size": ex["block_size"], "batch_size": ex["batch_size"], "device": ex["device"],
-                    "nprobe": config["index"]["nprobe"] if config["index"]["type"] != "Flat" else None})
+    return as_json(
+        {
+            "k_max": config["sweep"]["k_max"],
+            "max_tokens": EVAL_SETS[wildcards.evalset].get("max_tokens"),
+            "block_size": ex["block_size"],
+            "batch_size": ex["batch_size"],
+            "device": ex["device"],
+            "nprobe": (
+                config["index"]["nprobe"] if config["index"]["type"] != "Flat" else None
+            ),
+        }
+    )
 
 
 def select_on():
@@ -71,14 +90,14 @@ def select_on():
     return "valid" if "valid" in EVAL_SETS else ""
 
 
-def sweep_keys():
-    return [f"{e}/{d}" for d in DATASTORES for e in EVAL_SETS]
+# every (eval set, datastore) pair: one retrieval cache, one sweep, one figure each
+SWEEPS = [(e, d) for d in DATASTORES for e in EVAL_SETS]
 
 
 def all_outputs():
     return [
         "results/tables/perplexity_summary.csv",
-        *expand("results/figures/perplexity_vs_lambda/{key}.png", key=[k.replace("/", "__") for k in sweep_keys()]),
+        *[f"results/figures/perplexity_vs_lambda/{e}__{d}.png" for e, d in SWEEPS],
         *expand("results/models/{model}/loss.csv", model=TRAINED),
     ]
 

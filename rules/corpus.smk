@@ -5,16 +5,18 @@ rule corpus:
         valid="results/corpus/{corpus}/valid.parquet",
         test="results/corpus/{corpus}/test.parquet",
         world="results/corpus/{corpus}/world.json",
-    params:
-        p=lambda w: as_json({"spec": config["corpora"][w.corpus], "seed": config["seed"]}),
     log:
         "results/logs/corpus/{corpus}.log",
     benchmark:
         "results/benchmarks/corpus/{corpus}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        "../envs/pipeline.yaml"
+    params:
+        p=lambda w: as_json(
+            {"spec": config["corpora"][w.corpus], "seed": config["seed"]}
+        ),
     shell:
-        "{PY} corpus --params {params.p:q} --outdir results/corpus/{wildcards.corpus} 2> {log}"
+        "python -m workflow_scripts corpus --params {params.p:q} --outdir results/corpus/{wildcards.corpus} 2> {log}"

@@ -11,21 +11,21 @@ rule extract_keys:
         key_shards="results/datastores/{ds}/shards/keys_{shard}.npy",
         vals="results/datastores/{ds}/shards/vals_{shard}.npy",
         meta="results/datastores/{ds}/shards/shard_{shard}.json",
-    params:
-        p=extraction_params,
     log:
         "results/logs/extract_keys/{ds}/{shard}.log",
     benchmark:
         "results/benchmarks/extract_keys/{ds}/{shard}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=12 * 60,
-        gpu=1,
-    conda:
-        "../envs/pipeline.yaml"
+        gpu=GPU,
+    params:
+        p=extraction_params,
     shell:
-        "{PY} extract-keys --params {params.p:q} --threads {threads} --model-json {input.model_json}"
+        "python -m workflow_scripts extract-keys --params {params.p:q} --threads {threads} --model-json {input.model_json}"
         " --tokens {input.tokens} --keys {output.key_shards} --vals {output.vals} --meta {output.meta} 2> {log}"
 
 
@@ -34,20 +34,32 @@ rule datastore_manifest:
     input:
         model_json=lambda w: model_json(DATASTORES[w.ds]["model"]),
         tokens=lambda w: ds_tokens(w.ds),
-        key_shards=lambda w: expand("results/datastores/{ds}/shards/keys_{shard}.npy", ds=w.ds, shard=shard_ids(w.ds)),
-        vals=lambda w: expand("results/datastores/{ds}/shards/vals_{shard}.npy", ds=w.ds, shard=shard_ids(w.ds)),
-        meta=lambda w: expand("results/datastores/{ds}/shards/shard_{shard}.json", ds=w.ds, shard=shard_ids(w.ds)),
+        key_shards=lambda w: expand(
+            "results/datastores/{ds}/shards/keys_{shard}.npy",
+            ds=w.ds,
+            shard=shard_ids(w.ds),
+        ),
+        vals=lambda w: expand(
+            "results/datastores/{ds}/shards/vals_{shard}.npy",
+            ds=w.ds,
+            shard=shard_ids(w.ds),
+        ),
+        meta=lambda w: expand(
+            "results/datastores/{ds}/shards/shard_{shard}.json",
+            ds=w.ds,
+            shard=shard_ids(w.ds),
+        ),
     output:
         "results/datastores/{ds}/manifest.json",
     log:
         "results/logs/datastore_manifest/{ds}.log",
     benchmark:
         "results/benchmarks/datastore_manifest/{ds}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
     resources:
         mem_mb=2000,
         runtime=120,
-    conda:
-        "../envs/pipeline.yaml"
     shell:
-        "{PY} manifest --model-json {input.model_json} --tokens {input.tokens} --keys {input.key_shards}"
+        "python -m workflow_scripts manifest --model-json {input.model_json} --tokens {input.tokens} --keys {input.key_shards}"
         " --vals {input.vals} --meta {input.meta} --out {output} 2> {log}"

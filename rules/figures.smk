@@ -13,14 +13,14 @@ rule figure_sweep:
             subcategory="Figures",
         ),
         pdf="results/figures/perplexity_vs_lambda/{evalset}__{ds}.pdf",
-    params:
-        p=lambda w: as_json({"title": f"{w.evalset} set, datastore {w.ds}"}),
     log:
         "results/logs/figure_sweep/{evalset}__{ds}.log",
     conda:
         "../envs/plotting.yaml"
+    params:
+        p=lambda w: as_json({"title": f"{w.evalset} set, datastore {w.ds}"}),
     shell:
-        "{PY} figure-sweep --params {params.p:q} --sweep {input} --png {output.png} --pdf {output.pdf} 2> {log}"
+        "python -m workflow_scripts figure-sweep --params {params.p:q} --sweep {input} --png {output.png} --pdf {output.pdf} 2> {log}"
 
 
 # Redraws every figure from the cached tables.

@@ -8,18 +8,18 @@ rule build_index:
     output:
         index="results/datastores/{ds}/index.faiss",
         meta="results/datastores/{ds}/index.json",
-    params:
-        p=lambda w: as_json({"index": config["index"], "seed": config["seed"]}),
     log:
         "results/logs/build_index/{ds}.log",
     benchmark:
         "results/benchmarks/build_index/{ds}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
     threads: 2
     resources:
         mem_mb=16000,
         runtime=12 * 60,
-    conda:
-        "../envs/pipeline.yaml"
+    params:
+        p=lambda w: as_json({"index": config["index"], "seed": config["seed"]}),
     shell:
-        "{PY} build-index --params {params.p:q} --threads {threads} --manifest {input.manifest}"
+        "python -m workflow_scripts build-index --params {params.p:q} --threads {threads} --manifest {input.manifest}"
         " --index {output.index} --index-meta {output.meta} 2> {log}"

@@ -8,22 +8,22 @@ rule train_tokenizer:
         train=lambda w: f"results/corpus/{MODELS[w.model]['train']['corpus']}/train.parquet",
     output:
         directory("results/models/{model}/tokenizer"),
-    params:
-        p=lambda w: as_json({"vocab_size": MODELS[w.model]["train"]["vocab_size"]}),
     log:
         "results/logs/train_tokenizer/{model}.log",
     benchmark:
         "results/benchmarks/train_tokenizer/{model}.tsv"
     wildcard_constraints:
         model=names_regex(TRAINED),
+    conda:
+        "../envs/pipeline.yaml"
     threads: 2
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        "../envs/pipeline.yaml"
+    params:
+        p=lambda w: as_json({"vocab_size": MODELS[w.model]["train"]["vocab_size"]}),
     shell:
-        "{PY} tokenizer --params {params.p:q} --train {input.train} --outdir {output} 2> {log}"
+        "python -m workflow_scripts tokenizer --params {params.p:q} --train {input.train} --outdir {output} 2> {log}"
 
 
 # Makes one int32 token stream per (model, corpus, split); documents are joined by EOS.
@@ -33,19 +33,19 @@ rule tokenize:
         parquet="results/corpus/{corpus}/{split}.parquet",
     output:
         "results/tokens/{model}/{corpus}/{split}.npy",
-    params:
-        tok=tokenizer_arg,
     log:
         "results/logs/tokenize/{model}/{corpus}/{split}.log",
     benchmark:
         "results/benchmarks/tokenize/{model}/{corpus}/{split}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../envs/pipeline.yaml"
+    params:
+        tok=tokenizer_arg,
     shell:
-        "{PY} tokenize {params.tok} --parquet {input.parquet} --out {output} 2> {log}"
+        "python -m workflow_scripts tokenize {params.tok} --parquet {input.parquet} --out {output} 2> {log}"
 
 
 # Trains the LM from scratch; writes weights (safetensors), its loss log and its identity.
@@ -63,23 +63,23 @@ rule train_lm:
             category="Language model",
         ),
         loss_parquet="results/models/{model}/loss.parquet",
-    params:
-        p=lambda w: as_json({"train": MODELS[w.model]["train"], "seed": config["seed"]}),
     log:
         "results/logs/train_lm/{model}.log",
     benchmark:
         "results/benchmarks/train_lm/{model}.tsv"
     wildcard_constraints:
         model=names_regex(TRAINED),
+    conda:
+        "../envs/pipeline.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=24 * 60,
-        gpu=1,
-    conda:
-        "../envs/pipeline.yaml"
+        gpu=GPU,
+    params:
+        p=lambda w: as_json({"train": MODELS[w.model]["train"], "seed": config["seed"]}),
     shell:
-        "{PY} train-lm --params {params.p:q} --threads {threads} --train {input.train} --valid {input.valid}"
+        "python -m workflow_scripts train-lm --params {params.p:q} --threads {threads} --train {input.train} --valid {input.valid}"
         " --tokenizer-dir {input.tokenizer_dir} --outdir {output.hf} --model-json {output.model_json}"
         " --loss-log {output.loss} 2> {log}"
 
@@ -88,18 +88,18 @@ rule train_lm:
 rule model_identity:
     output:
         "results/models/{model}/model.json",
-    params:
-        p=lambda w: as_json({"spec": MODELS[w.model]}),
     log:
         "results/logs/model_identity/{model}.log",
     benchmark:
         "results/benchmarks/model_identity/{model}.tsv"
     wildcard_constraints:
         model=names_regex([m for m in MODELS if m not in TRAINED]),
+    conda:
+        "../envs/pipeline.yaml"
     resources:
         mem_mb=32000,
         runtime=120,
-    conda:
-        "../envs/pipeline.yaml"
+    params:
+        p=lambda w: as_json({"spec": MODELS[w.model]}),
     shell:
-        "{PY} model-identity --params {params.p:q} --model-json {output} 2> {log}"
+        "python -m workflow_scripts model-identity --params {params.p:q} --model-json {output} 2> {log}"

@@ -14,20 +14,20 @@ rule retrieve:
     output:
         **{name: f"results/retrieval/{{evalset}}/{{ds}}/{name}.npy" for name in CACHE},
         meta="results/retrieval/{evalset}/{ds}/meta.json",
-    params:
-        p=retrieval_params,
     log:
         "results/logs/retrieve/{evalset}/{ds}.log",
     benchmark:
         "results/benchmarks/retrieve/{evalset}/{ds}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
     threads: 2
     resources:
         mem_mb=16000,
         runtime=12 * 60,
-        gpu=1,
-    conda:
-        "../envs/pipeline.yaml"
+        gpu=GPU,
+    params:
+        p=retrieval_params,
     shell:
-        "{PY} retrieve --params {params.p:q} --threads {threads} --model-json {input.model_json}"
+        "python -m workflow_scripts retrieve --params {params.p:q} --threads {threads} --model-json {input.model_json}"
         " --manifest {input.manifest} --index {input.index} --index-meta {input.index_meta}"
         " --tokens {input.tokens} --outdir results/retrieval/{wildcards.evalset}/{wildcards.ds} 2> {log}"

@@ -14,19 +14,21 @@ rule sweep:
             subcategory="Sweeps",
         ),
         parquet="results/sweeps/{evalset}/{ds}/perplexity.parquet",
-    params:
-        p=lambda w: as_json({k: config["sweep"][k] for k in ("lambdas", "ks", "sigmas")}),
     log:
         "results/logs/sweep/{evalset}/{ds}.log",
     benchmark:
         "results/benchmarks/sweep/{evalset}/{ds}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        "../envs/pipeline.yaml"
+    params:
+        p=lambda w: as_json(
+            {k: config["sweep"][k] for k in ("lambdas", "ks", "sigmas")}
+        ),
     shell:
-        "{PY} sweep --params {params.p:q} --cache results/retrieval/{wildcards.evalset}/{wildcards.ds}"
+        "python -m workflow_scripts sweep --params {params.p:q} --cache results/retrieval/{wildcards.evalset}/{wildcards.ds}"
         " --manifest {input.manifest} --out-stem results/sweeps/{wildcards.evalset}/{wildcards.ds}/perplexity"
         " 2> {log}"
 
@@ -34,7 +36,7 @@ rule sweep:
 # Makes the perplexity summary: base LM and kNN-LM per (eval set, datastore), (λ, k, σ) chosen on valid.
 rule summarize:
     input:
-        [f"results/sweeps/{key}/perplexity.parquet" for key in sweep_keys()],
+        [f"results/sweeps/{e}/{d}/perplexity.parquet" for e, d in SWEEPS],
     output:
         csv=report(
             "results/tables/perplexity_summary.csv",
@@ -42,12 +44,12 @@ rule summarize:
             category="Perplexity",
         ),
         parquet="results/tables/perplexity_summary.parquet",
-    params:
-        p=as_json({"keys": sweep_keys(), "select_on": select_on()}),
     log:
         "results/logs/summarize/summarize.log",
     conda:
         "../envs/pipeline.yaml"
+    params:
+        p=as_json({"keys": SWEEPS, "select_on": select_on()}),
     shell:
-        "{PY} summarize --params {params.p:q} --sweeps {input} --out-stem results/tables/perplexity_summary"
+        "python -m workflow_scripts summarize --params {params.p:q} --sweeps {input} --out-stem results/tables/perplexity_summary"
         " 2> {log}"

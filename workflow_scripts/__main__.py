@@ -40,13 +40,17 @@ def tokenize(a, p):
         tok = AutoTokenizer.from_pretrained(a.tokenizer_dir)
     else:
         ident = load_identity(a.model_json)
-        tok = AutoTokenizer.from_pretrained(ident["path"], revision=ident.get("revision"),
-                                            trust_remote_code=ident.get("trust_remote_code", False))
+        tok = AutoTokenizer.from_pretrained(
+            ident["path"],
+            revision=ident.get("revision"),
+            trust_remote_code=ident.get("trust_remote_code", False),
+        )
     tokenize_split(tok, a.parquet, a.out)
 
 
 def train_lm(a, p):
-    from .lm import train_lm as train, write_identity
+    from .lm import train_lm as train
+    from .lm import write_identity
 
     _threads(a.threads)
     train(a.train, a.valid, a.tokenizer_dir, p["train"], p["seed"], a.outdir, a.loss_log)
@@ -64,11 +68,13 @@ def extract_keys(a, p):
     from .lm import load_checked
 
     _threads(a.threads)
-    model, _, ident = load_checked(a.model_json, device=p["device"],
-                                   dtype="float16" if p["device"] != "cpu" else "float32")
+    model, _, ident = load_checked(
+        a.model_json, device=p["device"], dtype="float16" if p["device"] != "cpu" else "float32"
+    )
     (keys,), (vals,), (meta,) = a.keys, a.vals, a.meta
-    extract_shard(model, ident, a.tokens, p["shard"], p["shards"], p["block_size"], p["batch_size"],
-                  keys, vals, meta)
+    extract_shard(
+        model, ident, a.tokens, p["shard"], p["shards"], p["block_size"], p["batch_size"], keys, vals, meta
+    )
 
 
 def manifest(a, p):
@@ -101,7 +107,7 @@ def sweep(a, p):
 def summarize(a, p):
     from .sweep import summarize as run
 
-    keys = [tuple(k.split("/")) for k in p["keys"]]
+    keys = [tuple(k) for k in p["keys"]]
     run(dict(zip(keys, a.sweeps, strict=True)), p["select_on"], a.out_stem)
 
 
@@ -111,17 +117,51 @@ def figure_sweep(a, p):
     perplexity_vs_lambda(a.sweep, p["title"], a.png, a.pdf)
 
 
-STEPS = {f.__name__.replace("_", "-"): f for f in (corpus, tokenizer, tokenize, train_lm, model_identity,
-                                                     extract_keys, manifest, build_index, retrieve, sweep,
-                                                     summarize, figure_sweep)}
-PATH_ARGS = ["outdir", "out", "train", "valid", "parquet", "tokenizer_dir", "model_json", "loss_log", "tokens",
-             "manifest", "index", "index_meta", "cache", "out_stem", "sweep", "png", "pdf"]
+STEPS = {
+    f.__name__.replace("_", "-"): f
+    for f in (
+        corpus,
+        tokenizer,
+        tokenize,
+        train_lm,
+        model_identity,
+        extract_keys,
+        manifest,
+        build_index,
+        retrieve,
+        sweep,
+        summarize,
+        figure_sweep,
+    )
+}
+PATH_ARGS = [
+    "outdir",
+    "out",
+    "train",
+    "valid",
+    "parquet",
+    "tokenizer_dir",
+    "model_json",
+    "loss_log",
+    "tokens",
+    "manifest",
+    "index",
+    "index_meta",
+    "cache",
+    "out_stem",
+    "sweep",
+    "png",
+    "pdf",
+]
 MULTI_ARGS = ["keys", "vals", "meta", "sweeps"]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflow_scripts", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m workflow_scripts",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("step", choices=sorted(STEPS))
     parser.add_argument("--params", default="{}", help="JSON object: the config slice this step depends on")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("SNAKEMAKE_THREADS", 1)))

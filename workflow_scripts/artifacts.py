@@ -49,7 +49,9 @@ def read_json(path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e}); delete it and rerun the rule that makes it") from e
+        raise ArtifactError(
+            f"{path}: not valid JSON ({e}); delete it and rerun the rule that makes it"
+        ) from e
 
 
 def save_npy(path, array: np.ndarray) -> None:

@@ -63,8 +63,20 @@ def _cross_check(c: dict) -> None:
             if spec["train"]["n_embd"] % spec["train"]["n_head"]:
                 raise ConfigError(f"config key models.{m}.train.n_head: must divide n_embd")
             if c["extraction"]["block_size"] > spec["train"]["block_size"]:
-                raise ConfigError(f"config key extraction.block_size: {c['extraction']['block_size']} exceeds "
-                                  f"models.{m}.train.block_size = {spec['train']['block_size']}")
+                raise ConfigError(
+                    f"config key extraction.block_size: {c['extraction']['block_size']} exceeds "
+                    f"models.{m}.train.block_size = {spec['train']['block_size']}"
+                )
+    for name, spec in c["corpora"].items():
+        if spec["source"] == "local":
+            for split, files in spec["local"]["files"].items():
+                for f in [files] if isinstance(files, str) else files:
+                    if not Path(f).is_file():
+                        raise ConfigError(
+                            f"config key corpora.{name}.local.files.{split}: file {f} does not exist"
+                        )
+                    if Path(f).stat().st_size == 0:
+                        raise ConfigError(f"config key corpora.{name}.local.files.{split}: file {f} is empty")
     for d, spec in c["datastores"].items():
         need("models", spec["model"], f"datastores.{d}.model")
         need("corpora", spec["corpus"], f"datastores.{d}.corpus")
@@ -74,8 +86,10 @@ def _cross_check(c: dict) -> None:
     if sw.get("k_max") is None:
         sw["k_max"] = max(sw["ks"])
     elif sw["k_max"] < max(sw["ks"]):
-        raise ConfigError(f"config key sweep.k_max: {sw['k_max']} is smaller than the largest k in sweep.ks "
-                          f"({max(sw['ks'])}); retrieval must fetch at least max(ks) neighbours")
+        raise ConfigError(
+            f"config key sweep.k_max: {sw['k_max']} is smaller than the largest k in sweep.ks "
+            f"({max(sw['ks'])}); retrieval must fetch at least max(ks) neighbours"
+        )
 
 
 def load(path) -> dict:

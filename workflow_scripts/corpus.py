@@ -31,9 +31,14 @@ def _generate(spec: dict, seed: int) -> tuple[datasets.DatasetDict, dict]:
     rng = random.Random(seed + 2)
     rng.shuffle(docs)
     n_eval = {s: int(round(g["eval_fraction"] * len(docs))) for s in ("valid", "test")}
-    parts = {"valid": docs[: n_eval["valid"]], "test": docs[n_eval["valid"] : n_eval["valid"] + n_eval["test"]],
-             "train": docs[n_eval["valid"] + n_eval["test"] :]}
-    return datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": parts[s]}) for s in SPLITS}), w.to_dict()
+    parts = {
+        "valid": docs[: n_eval["valid"]],
+        "test": docs[n_eval["valid"] : n_eval["valid"] + n_eval["test"]],
+        "train": docs[n_eval["valid"] + n_eval["test"] :],
+    }
+    return datasets.DatasetDict(
+        {s: datasets.Dataset.from_dict({"text": parts[s]}) for s in SPLITS}
+    ), w.to_dict()
 
 
 def _local(spec: dict) -> datasets.DatasetDict:
@@ -89,7 +94,11 @@ def load_corpus(spec: dict, seed: int) -> tuple[datasets.DatasetDict, dict | Non
         ds = dd[split]
         if field not in ds.column_names:
             raise CorpusError(f"{split} split has no text field {field!r} (columns: {ds.column_names})")
-        ds = ds.select_columns([field]).rename_column(field, "text") if field != "text" else ds.select_columns(["text"])
+        ds = (
+            ds.select_columns([field]).rename_column(field, "text")
+            if field != "text"
+            else ds.select_columns(["text"])
+        )
         n = len(ds)
         ds = ds.filter(lambda t: t is not None and t.strip() != "", input_columns="text")
         if n - len(ds):

@@ -14,8 +14,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .artifacts import (ArtifactError, atomic_path, load_npy, open_npy_for_writing, read_json, sha256_file,
-                        sha256_json, write_json)
+from .artifacts import (
+    ArtifactError,
+    atomic_path,
+    load_npy,
+    open_npy_for_writing,
+    read_json,
+    sha256_file,
+    sha256_json,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 KEY_DTYPE, VAL_DTYPE = np.float16, np.int32
@@ -48,8 +56,17 @@ def windows(start: int, end: int, block: int) -> list[tuple[int, int]]:
     return [(s, min(s + block, end)) for s in range(start, end, block)]
 
 
-def run_model(model, hook_point: str, tokens: np.ndarray, start: int, end: int, block: int, batch: int,
-              with_logprobs: bool, desc: str = "") -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+def run_model(
+    model,
+    hook_point: str,
+    tokens: np.ndarray,
+    start: int,
+    end: int,
+    block: int,
+    batch: int,
+    with_logprobs: bool,
+    desc: str = "",
+) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """Forward the model over positions [start, end) of ``tokens`` (each position predicts ``tokens[i+1]``).
 
     Context resets every ``block`` positions counted from ``start``. Yields (first position, keys [n, d]
@@ -62,7 +79,9 @@ def run_model(model, hook_point: str, tokens: np.ndarray, start: int, end: int, 
     groups: dict[int, list] = {}
     for w in wins:  # equal-length windows batch together; the last, shorter one goes alone
         groups.setdefault(w[1] - w[0], []).append(w)
-    ordered = [g[i : i + batch] for _, g in sorted(groups.items(), reverse=True) for i in range(0, len(g), batch)]
+    ordered = [
+        g[i : i + batch] for _, g in sorted(groups.items(), reverse=True) for i in range(0, len(g), batch)
+    ]
     ordered.sort(key=lambda ws: ws[0][0])
     with torch.inference_mode(), capture_keys(model, hook_point, stop=not with_logprobs) as box:
         for ws in tqdm(ordered, desc=desc or "forward", mininterval=10, disable=not desc):
@@ -74,7 +93,9 @@ def run_model(model, hook_point: str, tokens: np.ndarray, start: int, end: int, 
             keys = box["keys"].float().reshape(-1, box["keys"].shape[-1]).cpu().numpy()
             lp = None
             if with_logprobs:
-                y = torch.from_numpy(np.stack([tokens[a + 1 : b + 1] for a, b in ws]).astype(np.int64)).to(device)
+                y = torch.from_numpy(np.stack([tokens[a + 1 : b + 1] for a, b in ws]).astype(np.int64)).to(
+                    device
+                )
                 logp = torch.log_softmax(out.logits.float(), dim=-1)
                 lp = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).reshape(-1).cpu().numpy()
             # windows in a group are consecutive positions, so rows are contiguous
@@ -94,8 +115,18 @@ def shard_ranges(n_tokens: int, n_shards: int, block: int) -> list[tuple[int, in
     return [(cuts[i], cuts[i + 1]) for i in range(n_shards)]
 
 
-def extract_shard(model, ident: dict, tokens_npy, shard: int, n_shards: int, block: int, batch: int,
-                  keys_out, vals_out, meta_out) -> int:
+def extract_shard(
+    model,
+    ident: dict,
+    tokens_npy,
+    shard: int,
+    n_shards: int,
+    block: int,
+    batch: int,
+    keys_out,
+    vals_out,
+    meta_out,
+) -> int:
     tokens = load_npy(tokens_npy, dtype=np.int32, ndim=1)
     a, b = shard_ranges(tokens.size, n_shards, block)[shard]
     n, d = b - a, ident["dim"]
@@ -103,14 +134,24 @@ def extract_shard(model, ident: dict, tokens_npy, shard: int, n_shards: int, blo
         keys = open_npy_for_writing(ktmp, KEY_DTYPE, (n, d))
         vals = open_npy_for_writing(vtmp, VAL_DTYPE, (n,))
         vals[:] = tokens[a + 1 : b + 1]
-        for first, k, _ in run_model(model, ident["hook_point"], tokens, a, b, block, batch, False,
-                                     desc=f"extract shard {shard}/{n_shards}"):
+        for first, k, _ in run_model(
+            model,
+            ident["hook_point"],
+            tokens,
+            a,
+            b,
+            block,
+            batch,
+            False,
+            desc=f"extract shard {shard}/{n_shards}",
+        ):
             keys[first - a : first - a + len(k)] = k.astype(KEY_DTYPE)
         keys.flush()
         vals.flush()
         del keys, vals
-    write_json(meta_out, {"shard": shard, "start": a, "end": b, "rows": n,
-                          **{k: ident[k] for k in IDENTITY_KEYS}})
+    write_json(
+        meta_out, {"shard": shard, "start": a, "end": b, "rows": n, **{k: ident[k] for k in IDENTITY_KEYS}}
+    )
     return n
 
 
@@ -122,21 +163,40 @@ def write_manifest(ident: dict, tokens_npy, shard_files: list[tuple[str, str, st
         meta = read_json(meta_p)
         for k in IDENTITY_KEYS:
             if meta[k] != ident[k]:
-                raise ArtifactError(f"{meta_p}: shard built with {k}={meta[k]}, model says {ident[k]}; rerun it")
+                raise ArtifactError(
+                    f"{meta_p}: shard built with {k}={meta[k]}, model says {ident[k]}; rerun it"
+                )
         keys = load_npy(keys_p, mmap=True, dtype=KEY_DTYPE, ndim=2)
         vals = load_npy(vals_p, mmap=True, dtype=VAL_DTYPE, ndim=1)
         if keys.shape != (meta["rows"], ident["dim"]) or vals.shape != (meta["rows"],):
-            raise ArtifactError(f"{keys_p}: shape {keys.shape}/{vals.shape}, expected ({meta['rows']}, {ident['dim']})")
-        shards.append({"keys": str(Path(keys_p).relative_to(out.parent)),
-                       "values": str(Path(vals_p).relative_to(out.parent)),
-                       "rows": meta["rows"], "start": meta["start"], "end": meta["end"],
-                       "keys_bytes": Path(keys_p).stat().st_size, "values_bytes": Path(vals_p).stat().st_size,
-                       "keys_sha256": sha256_file(keys_p), "values_sha256": sha256_file(vals_p)})
+            raise ArtifactError(
+                f"{keys_p}: shape {keys.shape}/{vals.shape}, expected ({meta['rows']}, {ident['dim']})"
+            )
+        shards.append(
+            {
+                "keys": str(Path(keys_p).relative_to(out.parent)),
+                "values": str(Path(vals_p).relative_to(out.parent)),
+                "rows": meta["rows"],
+                "start": meta["start"],
+                "end": meta["end"],
+                "keys_bytes": Path(keys_p).stat().st_size,
+                "values_bytes": Path(vals_p).stat().st_size,
+                "keys_sha256": sha256_file(keys_p),
+                "values_sha256": sha256_file(vals_p),
+            }
+        )
         rows += meta["rows"]
-    manifest = {"model": {k: ident.get(k) for k in ("source", "path", "revision", "architecture")},
-                **{k: ident[k] for k in IDENTITY_KEYS}, "dim": ident["dim"], "vocab_size": ident["vocab_size"],
-                "dtype": np.dtype(KEY_DTYPE).name, "values_dtype": np.dtype(VAL_DTYPE).name,
-                "tokens_sha256": sha256_file(tokens_npy), "rows": rows, "shards": shards}
+    manifest = {
+        "model": {k: ident.get(k) for k in ("source", "path", "revision", "architecture")},
+        **{k: ident[k] for k in IDENTITY_KEYS},
+        "dim": ident["dim"],
+        "vocab_size": ident["vocab_size"],
+        "dtype": np.dtype(KEY_DTYPE).name,
+        "values_dtype": np.dtype(VAL_DTYPE).name,
+        "tokens_sha256": sha256_file(tokens_npy),
+        "rows": rows,
+        "shards": shards,
+    }
     write_json(out, manifest)
     return manifest
 
@@ -160,14 +220,20 @@ class Datastore:
             for kind, dtype, ndim in (("keys", KEY_DTYPE, 2), ("values", VAL_DTYPE, 1)):
                 f = self.path.parent / s[kind]
                 if not f.exists():
-                    raise ArtifactError(f"{f}: shard file missing; rerun extract_keys for {self.path.parent.name}")
+                    raise ArtifactError(
+                        f"{f}: shard file missing; rerun extract_keys for {self.path.parent.name}"
+                    )
                 size = f.stat().st_size
                 if size != s[f"{kind}_bytes"]:
-                    raise ArtifactError(f"{f}: {size} bytes, manifest {self.path} says {s[kind + '_bytes']} "
-                                        f"(truncated or altered); delete it and rerun extract_keys")
+                    raise ArtifactError(
+                        f"{f}: {size} bytes, manifest {self.path} says {s[kind + '_bytes']} "
+                        f"(truncated or altered); delete it and rerun extract_keys"
+                    )
                 if deep and sha256_file(f) != s[f"{kind}_sha256"]:
-                    raise ArtifactError(f"{f}: sha256 differs from manifest {self.path} (altered); "
-                                        f"delete it and rerun extract_keys")
+                    raise ArtifactError(
+                        f"{f}: sha256 differs from manifest {self.path} (altered); "
+                        f"delete it and rerun extract_keys"
+                    )
                 arr = load_npy(f, mmap=True, dtype=dtype, ndim=ndim)
                 expect = (s["rows"], self.dim) if ndim == 2 else (s["rows"],)
                 if arr.shape != expect:
@@ -178,8 +244,10 @@ class Datastore:
         """Refuse a model, tokenizer or hook point other than the one that built the datastore."""
         for k in IDENTITY_KEYS:
             if self.manifest[k] != ident[k]:
-                raise ArtifactError(f"datastore {self.path} was built with {k}={self.manifest[k]}, but "
-                                    f"{ident_path} has {k}={ident[k]}; rebuild the datastore or use its model")
+                raise ArtifactError(
+                    f"datastore {self.path} was built with {k}={self.manifest[k]}, but "
+                    f"{ident_path} has {k}={ident[k]}; rebuild the datastore or use its model"
+                )
 
     def _gather(self, parts: list[np.ndarray], ids: np.ndarray, out: np.ndarray) -> np.ndarray:
         flat = ids.reshape(-1)

@@ -27,13 +27,26 @@ def perplexity_vs_lambda(sweep_parquet, title: str, png, pdf) -> None:
     cmap = plt.get_cmap("viridis", max(2, len(ks)))
     styles = ["-", "--", "-.", ":", (0, (1, 3)), (0, (5, 1))]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([0] + sorted(df["lambda"].unique()), [df["base_ppl"][0]] * (1 + df["lambda"].n_unique()),
-            color="grey", lw=2, ls=(0, (4, 2)), label=f"base LM ({df['base_ppl'][0]:.2f})")
+    ax.plot(
+        [0] + sorted(df["lambda"].unique()),
+        [df["base_ppl"][0]] * (1 + df["lambda"].n_unique()),
+        color="grey",
+        lw=2,
+        ls=(0, (4, 2)),
+        label=f"base LM ({df['base_ppl'][0]:.2f})",
+    )
     for i, k in enumerate(ks):
         for j, s in enumerate(sigmas):
             sub = df.filter((pl.col("k") == k) & (pl.col("sigma") == s)).sort("lambda")
-            ax.plot([0.0] + sub["lambda"].to_list(), [df["base_ppl"][0]] + sub["ppl"].to_list(), marker="o",
-                    ms=3, color=cmap(i), ls=styles[j % len(styles)], label=f"k={k}, σ={s:g}")
+            ax.plot(
+                [0.0] + sub["lambda"].to_list(),
+                [df["base_ppl"][0]] + sub["ppl"].to_list(),
+                marker="o",
+                ms=3,
+                color=cmap(i),
+                ls=styles[j % len(styles)],
+                label=f"k={k}, σ={s:g}",
+            )
     ax.set_xlabel("λ (weight of the kNN distribution)")
     ax.set_ylabel("perplexity")
     ax.set_title(title)

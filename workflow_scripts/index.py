@@ -57,8 +57,14 @@ def build_index(manifest_path, cfg: dict, seed: int, out_index, out_meta, thread
         raise ArtifactError(f"index holds {index.ntotal} vectors, datastore {manifest_path} has {ds.rows}")
     with atomic_path(out_index, ".faiss") as tmp:
         faiss.write_index(index, str(tmp))
-    meta = {"manifest_sha256": ds.hash, "factory": desc, "ntotal": int(index.ntotal),
-            "nprobe": cfg.get("nprobe"), "exact": desc == "Flat", "build_seconds": time.time() - t0}
+    meta = {
+        "manifest_sha256": ds.hash,
+        "factory": desc,
+        "ntotal": int(index.ntotal),
+        "nprobe": cfg.get("nprobe"),
+        "exact": desc == "Flat",
+        "build_seconds": time.time() - t0,
+    }
     write_json(out_meta, meta)
     return meta
 
@@ -70,7 +76,9 @@ def load_index(index_path, meta_path, ds: Datastore, nprobe: int | None = None):
     try:
         index = faiss.read_index(str(index_path))
     except RuntimeError as e:
-        raise ArtifactError(f"{index_path}: unreadable FAISS index ({e}); delete it and rerun build_index") from e
+        raise ArtifactError(
+            f"{index_path}: unreadable FAISS index ({e}); delete it and rerun build_index"
+        ) from e
     if index.ntotal != ds.rows or index.d != ds.dim:
         raise ArtifactError(f"{index_path}: {index.ntotal} x {index.d}, datastore has {ds.rows} x {ds.dim}")
     if nprobe is not None and hasattr(index, "nprobe"):

@@ -91,7 +91,14 @@ def sweep(dists, vals, targets, lm_logprob, lambdas, ks, sigmas) -> list[dict]:
         per_k = knn_target_logprobs(dists, vals, targets, ks, sigma)
         for k in ks:
             for lam in lambdas:
-                rows.append({"lambda": float(lam), "k": int(k), "sigma": float(sigma),
-                             "ppl": perplexity(interpolate(lm_logprob, per_k[int(k)], lam)),
-                             "base_ppl": base, "n_tokens": int(len(targets))})
+                rows.append(
+                    {
+                        "lambda": float(lam),
+                        "k": int(k),
+                        "sigma": float(sigma),
+                        "ppl": perplexity(interpolate(lm_logprob, per_k[int(k)], lam)),
+                        "base_ppl": base,
+                        "n_tokens": int(len(targets)),
+                    }
+                )
     return rows

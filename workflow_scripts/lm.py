@@ -44,8 +44,12 @@ def train_tokenizer(train_parquet, vocab_size: int, outdir) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
     _save_dir_atomically(outdir, fast.save_pretrained)
@@ -101,12 +105,16 @@ def load_model(identity_or_spec: dict, device: str = "auto", dtype: str = "float
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = identity_or_spec["path"]
-    kw = {"revision": identity_or_spec.get("revision"),
-          "trust_remote_code": bool(identity_or_spec.get("trust_remote_code", False))}
+    kw = {
+        "revision": identity_or_spec.get("revision"),
+        "trust_remote_code": bool(identity_or_spec.get("trust_remote_code", False)),
+    }
     if identity_or_spec.get("source") == "local" and not Path(path).is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True, **kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), use_safetensors=True, **kw
+    )
     model.to(pick_device(device)).eval()
     return model, tokenizer
 
@@ -114,11 +122,18 @@ def load_model(identity_or_spec: dict, device: str = "auto", dtype: str = "float
 def describe(model, tokenizer, spec: dict) -> dict:
     """The identity record written to ``model.json``."""
     hook = find_hook_point(model)
-    return {"source": spec["source"], "path": str(spec["path"]), "revision": spec.get("revision"),
-            "trust_remote_code": bool(spec.get("trust_remote_code", False)),
-            "architecture": type(model).__name__, "model_sha256": weights_hash(model),
-            "tokenizer_sha256": tokenizer_hash(tokenizer), "hook_point": hook,
-            "dim": int(model.config.hidden_size), "vocab_size": int(model.get_output_embeddings().weight.shape[0])}
+    return {
+        "source": spec["source"],
+        "path": str(spec["path"]),
+        "revision": spec.get("revision"),
+        "trust_remote_code": bool(spec.get("trust_remote_code", False)),
+        "architecture": type(model).__name__,
+        "model_sha256": weights_hash(model),
+        "tokenizer_sha256": tokenizer_hash(tokenizer),
+        "hook_point": hook,
+        "dim": int(model.config.hidden_size),
+        "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
+    }
 
 
 def load_identity(path) -> dict:
@@ -132,12 +147,16 @@ def load_identity(path) -> dict:
 def load_checked(identity_path, device="auto", dtype="float32"):
     """Load the model a ``model.json`` describes and refuse it if its weights or tokenizer changed since."""
     ident = load_identity(identity_path)
-    model, tok = load_model(ident, device=device, dtype=dtype if pick_device(device).type == "cuda" else "float32")
+    model, tok = load_model(
+        ident, device=device, dtype=dtype if pick_device(device).type == "cuda" else "float32"
+    )
     if dtype == "float32" or pick_device(device).type == "cpu":
         got = weights_hash(model)
         if got != ident["model_sha256"]:
-            raise ArtifactError(f"{ident['path']}: weights hash {got[:12]} differs from {identity_path} "
-                                f"({ident['model_sha256'][:12]}); rerun the model stage")
+            raise ArtifactError(
+                f"{ident['path']}: weights hash {got[:12]} differs from {identity_path} "
+                f"({ident['model_sha256'][:12]}); rerun the model stage"
+            )
     if tokenizer_hash(tok) != ident["tokenizer_sha256"]:
         raise ArtifactError(f"{ident['path']}: tokenizer differs from the one recorded in {identity_path}")
     return model, tok, ident
@@ -169,12 +188,22 @@ def train_lm(train_npy, valid_npy, tokenizer_dir, cfg: dict, seed: int, outdir, 
     B, T = cfg["batch_size"], cfg["block_size"]
     if train.size <= T + 1:
         raise ValueError(f"{train_npy}: {train.size} tokens, fewer than one block of {T + 1}")
-    config = GPT2Config(vocab_size=len(tok), n_positions=T, n_embd=cfg["n_embd"], n_layer=cfg["n_layer"],
-                        n_head=cfg["n_head"], bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                        resid_pdrop=cfg["dropout"], embd_pdrop=cfg["dropout"], attn_pdrop=cfg["dropout"])
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=T,
+        n_embd=cfg["n_embd"],
+        n_layer=cfg["n_layer"],
+        n_head=cfg["n_head"],
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        resid_pdrop=cfg["dropout"],
+        embd_pdrop=cfg["dropout"],
+        attn_pdrop=cfg["dropout"],
+    )
     model = GPT2LMHeadModel(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                            betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95)
+    )
     steps, warmup = cfg["steps"], max(1, int(cfg["warmup_fraction"] * cfg["steps"]))
 
     def lr_at(step):
@@ -201,19 +230,44 @@ def train_lm(train_npy, valid_npy, tokenizer_dir, cfg: dict, seed: int, outdir, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % cfg["log_every"] == 0 or step == steps - 1:
-            rows.append({"step": step, "tokens": (step + 1) * B * T, "train_loss": float(loss),
-                         "lr": lr_at(step), "seconds": time.time() - t0})
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            rows.append(
+                {
+                    "step": step,
+                    "tokens": (step + 1) * B * T,
+                    "train_loss": loss.item(),
+                    "lr": lr_at(step),
+                    "seconds": time.time() - t0,
+                }
+            )
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     with torch.inference_mode():
-        vb = torch.from_numpy(np.stack([valid[s : s + T + 1] for s in
-                                        range(0, max(1, valid.size - T - 1), T)][:64]).astype(np.int64))
+        vb = torch.from_numpy(
+            np.stack([valid[s : s + T + 1] for s in range(0, max(1, valid.size - T - 1), T)][:64]).astype(
+                np.int64
+            )
+        )
         logits = model(input_ids=vb[:, :-1]).logits
-        vloss = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), vb[:, 1:].reshape(-1)))
-    rows.append({"step": steps, "tokens": steps * B * T, "train_loss": float("nan"), "lr": 0.0,
-                 "seconds": time.time() - t0, "valid_loss": vloss})
-    log.info("trained %d steps in %.0fs; valid loss %.3f (ppl %.2f)", steps, time.time() - t0, vloss,
-             math.exp(vloss))
+        vloss = float(
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), vb[:, 1:].reshape(-1))
+        )
+    rows.append(
+        {
+            "step": steps,
+            "tokens": steps * B * T,
+            "train_loss": float("nan"),
+            "lr": 0.0,
+            "seconds": time.time() - t0,
+            "valid_loss": vloss,
+        }
+    )
+    log.info(
+        "trained %d steps in %.0fs; valid loss %.3f (ppl %.2f)",
+        steps,
+        time.time() - t0,
+        vloss,
+        math.exp(vloss),
+    )
     write_table(pl.DataFrame(rows, infer_schema_length=None), Path(loss_log).with_suffix(""))
 
     def save(tmp):
@@ -229,4 +283,3 @@ def write_identity(spec: dict, out_json, device="auto") -> dict:
     ident = describe(model, tok, spec)
     write_json(out_json, ident)
     return ident
-

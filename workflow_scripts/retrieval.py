@@ -17,13 +17,27 @@ import numpy as np
 from tqdm import tqdm
 
 from . import lm
-from .artifacts import ArtifactError, atomic_path, load_npy, open_npy_for_writing, read_json, sha256_file, write_json
+from .artifacts import (
+    ArtifactError,
+    atomic_path,
+    load_npy,
+    open_npy_for_writing,
+    read_json,
+    sha256_file,
+    write_json,
+)
 from .datastore import Datastore, run_model
 from .index import load_index
 
 log = logging.getLogger(__name__)
-CACHE_FILES = {"targets": (np.int32, 1), "lm_logprob": (np.float32, 1), "dists": (np.float32, 2),
-               "vals": (np.int32, 2), "ids": (np.int64, 2), "queries": (np.float16, 2)}
+CACHE_FILES = {
+    "targets": (np.int32, 1),
+    "lm_logprob": (np.float32, 1),
+    "dists": (np.float32, 2),
+    "vals": (np.int32, 2),
+    "ids": (np.int64, 2),
+    "queries": (np.float16, 2),
+}
 
 
 def exact_sq_l2(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -41,8 +55,10 @@ def search(index, ds: Datastore, queries: np.ndarray, K: int, exact: bool, batch
         q = queries[a : a + batch]
         d, i = index.search(q, K)
         if (i < 0).any():
-            raise ArtifactError(f"the index returned fewer than K={K} neighbours for some queries; "
-                                f"raise index.nprobe or lower the largest k")
+            raise ArtifactError(
+                f"the index returned fewer than K={K} neighbours for some queries; "
+                f"raise index.nprobe or lower the largest k"
+            )
         if not exact:
             d = exact_sq_l2(q, ds.gather_keys(i))
             order = np.argsort(d, axis=1, kind="stable")
@@ -52,8 +68,9 @@ def search(index, ds: Datastore, queries: np.ndarray, K: int, exact: bool, batch
     return dists, ids
 
 
-def retrieve(identity_json, manifest_json, index_path, index_meta, tokens_npy, cfg: dict, outdir,
-             threads: int = 1) -> dict:
+def retrieve(
+    identity_json, manifest_json, index_path, index_meta, tokens_npy, cfg: dict, outdir, threads: int = 1
+) -> dict:
     """Run the datastore's model over an eval token stream, search, and write the cache to ``outdir``."""
     faiss.omp_set_num_threads(threads)
     outdir = Path(outdir)
@@ -69,26 +86,39 @@ def retrieve(identity_json, manifest_json, index_path, index_meta, tokens_npy, c
     t0 = time.time()
     queries = np.empty((n, ds.dim), np.float16)
     lm_logprob = np.empty(n, np.float32)
-    for first, keys, lp in run_model(model, ident["hook_point"], tokens, 0, n, cfg["block_size"],
-                                     cfg["batch_size"], True, desc="queries"):
+    for first, keys, lp in run_model(
+        model, ident["hook_point"], tokens, 0, n, cfg["block_size"], cfg["batch_size"], True, desc="queries"
+    ):
         queries[first : first + len(keys)] = keys.astype(np.float16)
         lm_logprob[first : first + len(keys)] = lp
     t_model = time.time() - t0
     # search with the float16-rounded queries so that the cache is self-consistent
     dists, ids = search(index, ds, queries.astype(np.float32), K, exact=imeta["exact"])
     t_search = time.time() - t0 - t_model
-    arrays = {"targets": tokens[1 : n + 1].astype(np.int32), "lm_logprob": lm_logprob, "dists": dists,
-              "vals": ds.gather_vals(ids), "ids": ids, "queries": queries}
+    arrays = {
+        "targets": tokens[1 : n + 1].astype(np.int32),
+        "lm_logprob": lm_logprob,
+        "dists": dists,
+        "vals": ds.gather_vals(ids),
+        "ids": ids,
+        "queries": queries,
+    }
     for name, arr in arrays.items():
         with atomic_path(outdir / f"{name}.npy", ".npy") as tmp:
             out = open_npy_for_writing(tmp, CACHE_FILES[name][0], arr.shape)
             out[:] = arr
             out.flush()
             del out
-    meta = {"manifest_sha256": ds.hash, "model_sha256": ident["model_sha256"], "K": K, "n_tokens": int(n),
-            "tokens_sha256": sha256_file(tokens_npy), "index": imeta["factory"],
-            "distances": "faiss" if imeta["exact"] else "recomputed from keys",
-            "seconds": {"model": round(t_model, 2), "search": round(t_search, 2)}}
+    meta = {
+        "manifest_sha256": ds.hash,
+        "model_sha256": ident["model_sha256"],
+        "K": K,
+        "n_tokens": int(n),
+        "tokens_sha256": sha256_file(tokens_npy),
+        "index": imeta["factory"],
+        "distances": "faiss" if imeta["exact"] else "recomputed from keys",
+        "seconds": {"model": round(t_model, 2), "search": round(t_search, 2)},
+    }
     write_json(outdir / "meta.json", meta)
     log.info("retrieved %d x %d neighbours (model %.1fs, search %.1fs)", n, K, t_model, t_search)
     return meta
@@ -98,17 +128,23 @@ def load_cache(cache_dir, manifest_json=None, mmap: bool = True) -> dict:
     """Load and check a retrieval cache; with ``manifest_json``, refuse a cache built from another datastore."""
     cache_dir = Path(cache_dir)
     meta = read_json(cache_dir / "meta.json")
-    out = {name: load_npy(cache_dir / f"{name}.npy", mmap=mmap, dtype=dt, ndim=nd)
-           for name, (dt, nd) in CACHE_FILES.items()}
+    out = {
+        name: load_npy(cache_dir / f"{name}.npy", mmap=mmap, dtype=dt, ndim=nd)
+        for name, (dt, nd) in CACHE_FILES.items()
+    }
     n, K = meta["n_tokens"], meta["K"]
     for name, arr in out.items():
         if arr.shape[0] != n or (arr.ndim == 2 and name != "queries" and arr.shape[1] != K):
-            raise ArtifactError(f"{cache_dir / (name + '.npy')}: shape {arr.shape}, meta.json says N={n}, K={K}; "
-                                f"delete {cache_dir} and rerun retrieve")
+            raise ArtifactError(
+                f"{cache_dir / (name + '.npy')}: shape {arr.shape}, meta.json says N={n}, K={K}; "
+                f"delete {cache_dir} and rerun retrieve"
+            )
     if manifest_json is not None:
         from .datastore import manifest_hash
 
         if manifest_hash(manifest_json) != meta["manifest_sha256"]:
-            raise ArtifactError(f"{cache_dir} was built from another version of {manifest_json}; rerun retrieve")
+            raise ArtifactError(
+                f"{cache_dir} was built from another version of {manifest_json}; rerun retrieve"
+            )
     out["meta"] = meta
     return out

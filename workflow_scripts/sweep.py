@@ -20,8 +20,9 @@ def run_sweep(cache_dir, manifest_json, grid: dict, out_stem) -> pl.DataFrame:
     too_big = [k for k in grid["ks"] if k > c["meta"]["K"]]
     if too_big:
         raise ValueError(f"sweep.ks {too_big} exceed the {c['meta']['K']} neighbours cached in {cache_dir}")
-    rows = knnlm.sweep(c["dists"], c["vals"], c["targets"], c["lm_logprob"], grid["lambdas"], grid["ks"],
-                       grid["sigmas"])
+    rows = knnlm.sweep(
+        c["dists"], c["vals"], c["targets"], c["lm_logprob"], grid["lambdas"], grid["ks"], grid["sigmas"]
+    )
     df = pl.DataFrame(rows).select(COLUMNS).sort(["lambda", "k", "sigma"])
     write_table(df, out_stem)
     return df
@@ -34,14 +35,31 @@ def summarize(sweeps: dict[tuple[str, str], str], select_on: str, out_stem) -> p
     for (evalset, datastore), df in frames.items():
         best = df.sort(["ppl", "lambda", "k", "sigma"]).row(0, named=True)
         sel_df = frames.get((select_on, datastore))
-        chosen = sel_df.sort(["ppl", "lambda", "k", "sigma"]).row(0, named=True) if sel_df is not None else best
-        at = df.filter((pl.col("lambda") == chosen["lambda"]) & (pl.col("k") == chosen["k"])
-                       & (pl.col("sigma") == chosen["sigma"])).row(0, named=True)
-        rows.append({"eval_set": evalset, "datastore": datastore, "n_tokens": best["n_tokens"],
-                     "base_ppl": best["base_ppl"], "knn_ppl": at["ppl"], "lambda": at["lambda"], "k": at["k"],
-                     "sigma": at["sigma"], "chosen_on": select_on if sel_df is not None else evalset,
-                     "oracle_ppl": best["ppl"], "oracle_lambda": best["lambda"], "oracle_k": best["k"],
-                     "oracle_sigma": best["sigma"]})
+        chosen = (
+            sel_df.sort(["ppl", "lambda", "k", "sigma"]).row(0, named=True) if sel_df is not None else best
+        )
+        at = df.filter(
+            (pl.col("lambda") == chosen["lambda"])
+            & (pl.col("k") == chosen["k"])
+            & (pl.col("sigma") == chosen["sigma"])
+        ).row(0, named=True)
+        rows.append(
+            {
+                "eval_set": evalset,
+                "datastore": datastore,
+                "n_tokens": best["n_tokens"],
+                "base_ppl": best["base_ppl"],
+                "knn_ppl": at["ppl"],
+                "lambda": at["lambda"],
+                "k": at["k"],
+                "sigma": at["sigma"],
+                "chosen_on": select_on if sel_df is not None else evalset,
+                "oracle_ppl": best["ppl"],
+                "oracle_lambda": best["lambda"],
+                "oracle_k": best["k"],
+                "oracle_sigma": best["sigma"],
+            }
+        )
     df = pl.DataFrame(rows).sort(["datastore", "eval_set"])
     write_table(df, out_stem)
     return df

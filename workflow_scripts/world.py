@@ -11,17 +11,82 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-_ONSETS = ["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z",
-           "br", "ch", "dr", "gr", "kr", "pr", "sh", "st", "th", "tr"]
+_ONSETS = [
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "h",
+    "j",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "w",
+    "z",
+    "br",
+    "ch",
+    "dr",
+    "gr",
+    "kr",
+    "pr",
+    "sh",
+    "st",
+    "th",
+    "tr",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "io", "ou"]
 _CODAS = ["", "", "", "n", "r", "l", "s", "th", "nd", "m", "x"]
 
-OCCUPATIONS = ["painter", "chemist", "engineer", "poet", "historian", "architect", "surgeon", "composer",
-               "astronomer", "botanist", "economist", "sculptor", "linguist", "physicist", "novelist"]
-FIELDS = ["mathematics", "medicine", "music", "law", "biology", "history", "physics", "poetry",
-          "engineering", "philosophy", "chemistry", "geology"]
-INDUSTRIES = ["shipping", "textiles", "mining", "publishing", "railways", "banking", "glassmaking",
-              "brewing", "printing", "steel"]
+OCCUPATIONS = [
+    "painter",
+    "chemist",
+    "engineer",
+    "poet",
+    "historian",
+    "architect",
+    "surgeon",
+    "composer",
+    "astronomer",
+    "botanist",
+    "economist",
+    "sculptor",
+    "linguist",
+    "physicist",
+    "novelist",
+]
+FIELDS = [
+    "mathematics",
+    "medicine",
+    "music",
+    "law",
+    "biology",
+    "history",
+    "physics",
+    "poetry",
+    "engineering",
+    "philosophy",
+    "chemistry",
+    "geology",
+]
+INDUSTRIES = [
+    "shipping",
+    "textiles",
+    "mining",
+    "publishing",
+    "railways",
+    "banking",
+    "glassmaking",
+    "brewing",
+    "printing",
+    "steel",
+]
 TERRAINS = ["river", "mountain", "coastal", "desert", "lake", "valley"]
 
 
@@ -47,21 +112,29 @@ class World:
     universities: list[dict]
 
     def to_dict(self) -> dict:
-        return {"people": self.people, "cities": self.cities, "companies": self.companies,
-                "universities": self.universities}
+        return {
+            "people": self.people,
+            "cities": self.cities,
+            "companies": self.companies,
+            "universities": self.universities,
+        }
 
 
 def make_world(seed: int, n_people: int, n_cities: int, n_companies: int, n_universities: int) -> World:
     rng = random.Random(seed)
     taken: set[str] = set()
     city_names = _names(rng, n_cities, (2, 3), taken)
-    cities = [{"name": c, "country": None, "terrain": rng.choice(TERRAINS),
-               "founded": rng.randint(1100, 1800)} for c in city_names]
+    cities = [
+        {"name": c, "country": None, "terrain": rng.choice(TERRAINS), "founded": rng.randint(1100, 1800)}
+        for c in city_names
+    ]
     countries = _names(rng, max(3, n_cities // 8), (2, 3), taken)
     for c in cities:
         c["country"] = rng.choice(countries)
-    universities = [{"name": f"University of {u}", "city": rng.choice(city_names),
-                     "field": rng.choice(FIELDS)} for u in _names(rng, n_universities, (2, 3), taken)]
+    universities = [
+        {"name": f"University of {u}", "city": rng.choice(city_names), "field": rng.choice(FIELDS)}
+        for u in _names(rng, n_universities, (2, 3), taken)
+    ]
     given = _names(rng, max(50, n_people // 3), (1, 2), taken)
     surnames = _names(rng, max(50, n_people // 3), (2, 3), taken)
     full: set[str] = set()
@@ -72,16 +145,30 @@ def make_world(seed: int, n_people: int, n_cities: int, n_companies: int, n_univ
             continue
         full.add(name)
         born = rng.randint(1850, 1990)
-        people.append({"name": name, "born": born, "birth_city": rng.choice(city_names),
-                       "living_city": rng.choice(city_names), "occupation": rng.choice(OCCUPATIONS),
-                       "university": rng.choice(universities)["name"], "employer": None,
-                       "friend": None})
+        people.append(
+            {
+                "name": name,
+                "born": born,
+                "birth_city": rng.choice(city_names),
+                "living_city": rng.choice(city_names),
+                "occupation": rng.choice(OCCUPATIONS),
+                "university": rng.choice(universities)["name"],
+                "employer": None,
+                "friend": None,
+            }
+        )
     companies = []
     for cname in _names(rng, n_companies, (2, 3), taken):
         founder = rng.choice(people)
-        companies.append({"name": f"{cname} {rng.choice(['Works', 'Company', 'Group', 'Trading'])}",
-                          "founder": founder["name"], "city": rng.choice(city_names),
-                          "industry": rng.choice(INDUSTRIES), "founded": founder["born"] + rng.randint(20, 45)})
+        companies.append(
+            {
+                "name": f"{cname} {rng.choice(['Works', 'Company', 'Group', 'Trading'])}",
+                "founder": founder["name"],
+                "city": rng.choice(city_names),
+                "industry": rng.choice(INDUSTRIES),
+                "founded": founder["born"] + rng.randint(20, 45),
+            }
+        )
     for p in people:
         p["employer"] = rng.choice(companies)["name"]
         p["friend"] = rng.choice(people)["name"]

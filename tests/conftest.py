@@ -1,0 +1,29 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def snakemake(workdir, *args, check=True, timeout=900):
+    """Run the project's Snakefile in ``workdir`` with this interpreter's environment."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory):
+    """One finished run of tests/micro.yaml, shared by the end-to-end tests."""
+    work = tmp_path_factory.mktemp("micro")
+    shutil.copy(ROOT / "tests" / "micro.yaml", work / "config.yaml")
+    snakemake(work, "--configfile", str(work / "config.yaml"))
+    return work

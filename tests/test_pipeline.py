@@ -1,0 +1,131 @@
+"""End-to-end: the micro config through Snakemake, then the artifact contracts checked against each other."""
+
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+from conftest import ROOT, snakemake
+
+from workflow_scripts.artifacts import sha256_file
+
+pytestmark = pytest.mark.slow
+DS, EVAL_SETS = "micro", ("valid", "test")
+
+
+def test_manifest_matches_shards(micro_run):
+    d = micro_run / "results/datastores" / DS
+    m = json.loads((d / "manifest.json").read_text())
+    ident = json.loads((micro_run / "results/models/micro-gpt2/model.json").read_text())
+    assert len(m["shards"]) == 2
+    assert m["hook_point"] == ident["hook_point"] == "transformer.h.1.mlp"
+    assert (m["model_sha256"], m["tokenizer_sha256"]) == (ident["model_sha256"], ident["tokenizer_sha256"])
+    assert m["dtype"] == "float16" and m["dim"] == 32
+    tokens = np.load(micro_run / "results/tokens/micro-gpt2/micro/train.npy")
+    assert m["rows"] == sum(s["rows"] for s in m["shards"]) == tokens.size - 1
+    vals = []
+    for s in m["shards"]:
+        for kind in ("keys", "values"):
+            f = d / s[kind]
+            assert f.stat().st_size == s[f"{kind}_bytes"]
+            assert sha256_file(f) == s[f"{kind}_sha256"]
+        keys = np.load(d / s["keys"], allow_pickle=False)
+        assert keys.dtype == np.float16 and keys.shape == (s["rows"], m["dim"])
+        vals.append(np.load(d / s["values"], allow_pickle=False))
+    # values are the next tokens of the training stream, shards concatenated in manifest order
+    np.testing.assert_array_equal(np.concatenate(vals), tokens[1:])
+
+
+@pytest.mark.parametrize("evalset", EVAL_SETS)
+def test_retrieval_cache_contract(micro_run, evalset):
+    c = micro_run / "results/retrieval" / evalset / DS
+    meta = json.loads((c / "meta.json").read_text())
+    manifest_bytes = (micro_run / "results/datastores" / DS / "manifest.json").read_text()
+    assert meta["manifest_sha256"] == __import__("hashlib").sha256(
+        json.dumps(json.loads(manifest_bytes), sort_keys=True).encode()).hexdigest()
+    arr = {n: np.load(c / f"{n}.npy", allow_pickle=False)
+           for n in ("targets", "lm_logprob", "dists", "vals", "ids", "queries")}
+    N, K = meta["n_tokens"], meta["K"]
+    assert K == 32 and N == 300
+    assert arr["dists"].shape == arr["vals"].shape == arr["ids"].shape == (N, K)
+    assert arr["dists"].dtype == np.float32 and arr["vals"].dtype == np.int32 and arr["ids"].dtype == np.int64
+    assert arr["queries"].dtype == np.float16 and arr["queries"].shape == (N, 32)
+    assert arr["lm_logprob"].dtype == np.float32 and (arr["lm_logprob"] <= 0).all()
+    assert (np.diff(arr["dists"], axis=1) >= 0).all()
+    tokens = np.load(micro_run / f"results/tokens/micro-gpt2/micro/{evalset}.npy")
+    np.testing.assert_array_equal(arr["targets"], tokens[1 : N + 1])
+    # neighbour ids point at keys whose distance to the query is the cached distance, and at their values
+    m = json.loads(manifest_bytes)
+    d = micro_run / "results/datastores" / DS
+    keys = np.concatenate([np.load(d / s["keys"]) for s in m["shards"]]).astype(np.float32)
+    vals = np.concatenate([np.load(d / s["values"]) for s in m["shards"]])
+    q = arr["queries"].astype(np.float32)
+    brute = ((keys[arr["ids"]] - q[:, None, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(arr["dists"], brute, rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(arr["vals"], vals[arr["ids"]])
+    # the nearest neighbour really is the nearest key (exact Flat index)
+    np.testing.assert_allclose(arr["dists"][:, 0], ((keys[None] - q[:, None]) ** 2).sum(-1).min(1), rtol=1e-3,
+                               atol=1e-3)
+
+
+@pytest.mark.parametrize("evalset", EVAL_SETS)
+def test_sweep_table(micro_run, evalset):
+    stem = micro_run / "results/sweeps" / evalset / DS / "perplexity"
+    df = pl.read_parquet(f"{stem}.parquet")
+    assert df.columns == ["lambda", "k", "sigma", "ppl", "base_ppl", "n_tokens"]
+    assert pl.read_csv(f"{stem}.csv").shape == df.shape == (3 * 3 * 2, 6)
+    lp = np.load(micro_run / "results/retrieval" / evalset / DS / "lm_logprob.npy")
+    assert df["base_ppl"][0] == pytest.approx(math.exp(-lp.astype(np.float64).mean()), rel=1e-12)
+    at0 = df.filter(pl.col("lambda") == 0.0)
+    assert (at0["ppl"] == at0["base_ppl"]).all()  # λ = 0 is exactly the base LM
+
+
+def test_summary_figures_and_noop_rerun(micro_run):
+    s = pl.read_csv(micro_run / "results/tables/perplexity_summary.csv")
+    assert sorted(s["eval_set"]) == ["test", "valid"]
+    assert (s["chosen_on"] == "valid").all()
+    assert (s["oracle_ppl"] <= s["knn_ppl"] + 1e-12).all()
+    for e in EVAL_SETS:
+        png = micro_run / f"results/figures/perplexity_vs_lambda/{e}__{DS}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (micro_run / "results/models/micro-gpt2/loss.csv").exists()
+    dry = snakemake(micro_run, "-n", "--configfile", str(micro_run / "config.yaml"))
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def _bad_config(tmp_path, mutate):
+    cfg = yaml.safe_load((ROOT / "tests" / "micro.yaml").read_text())
+    mutate(cfg)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return snakemake(tmp_path, "-n", "--configfile", str(path), check=False)
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda c: c.update(lamdas=[0.1]), "lamdas"),
+    (lambda c: c["sweep"].update(ks="many"), "sweep.ks"),
+    (lambda c: c["models"]["micro-gpt2"]["train"].update(steps=2.5), "models.micro-gpt2.train.steps"),
+    (lambda c: c["sweep"].update(sigmas=[0]), "sweep.sigmas.0"),
+])
+def test_bad_config_fails_before_any_job(tmp_path, mutate, expected):
+    proc = _bad_config(tmp_path, mutate)
+    assert proc.returncode != 0
+    assert expected in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_empty_corpus_file_fails_before_any_job(tmp_path):
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.txt").write_text("" if split == "train" else "some text\n")
+
+    def local(c):
+        c["corpora"]["micro"] = {"source": "local", "local": {
+            "format": "text", "files": {s: str(tmp_path / f"{s}.txt") for s in ("train", "valid", "test")}}}
+
+    proc = _bad_config(tmp_path, local)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "corpora.micro.local.files.train" in out and str(tmp_path / "train.txt") in out
+    assert not (tmp_path / "results").exists()
