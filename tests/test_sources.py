@@ -1,0 +1,332 @@
+"""Every corpus source (generate, local, hf) and model source (train, local, hub), offline and in seconds."""
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants as hf_constants
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from workflow_scripts import lm
+from workflow_scripts.artifacts import ArtifactError
+from workflow_scripts.corpus import SPLITS, CorpusError, load_corpus, write_corpus
+
+GEN = {"n_people": 50, "n_cities": 8, "n_companies": 6, "n_universities": 3, "n_documents": 200,
+       "eval_fraction": 0.1}
+TEXTS = ["Ada Lovelace was born in London .", "The city of Paris lies in France .",
+         "Alan Turing studied at the University of Cambridge .", "Grace Hopper works for the Navy ."] * 5
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path_factory):
+    """No test may reach the network, and the datasets cache goes to a temporary directory."""
+    cache = tmp_path_factory.mktemp("hf_datasets_cache")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+
+
+def texts(ds) -> list[str]:
+    return list(ds["text"])
+
+
+# --------------------------------------------------------------------------------------------- generate
+def gen_spec(**over) -> dict:
+    return {"source": "generate", "generate": {**GEN, **over}}
+
+
+def test_generate_splits_deterministic_and_seeded():
+    a, world = load_corpus(gen_spec(), seed=3)
+    b, _ = load_corpus(gen_spec(), seed=3)
+    c, _ = load_corpus(gen_spec(), seed=4)
+    assert set(a) == set(SPLITS)
+    for s in SPLITS:
+        assert len(a[s]) > 0 and a[s].column_names == ["text"]
+        assert all(t.strip() for t in texts(a[s]))
+        assert texts(a[s]) == texts(b[s])
+    assert len(a["valid"]) == len(a["test"]) == 20 and len(a["train"]) == 160
+    assert texts(a["train"]) != texts(c["train"])
+    assert len(world["people"]) == 50 and len(world["cities"]) == 8
+
+
+def test_generate_facts_recur_in_training_documents():
+    dd, world = load_corpus(gen_spec(), seed=0)
+    train = texts(dd["train"])
+    sentences_per_doc = [re.split(r"(?<= \.) ", d) for d in train]
+
+    def docs_stating_birth_city(p):
+        return sum(any(p["name"] in s and p["birth_city"] in s and "born" in s.lower() for s in sents)
+                   for sents in sentences_per_doc)
+
+    counts = [docs_stating_birth_city(p) for p in world["people"]]
+    assert max(counts) >= 2, "no person's birth city is stated in more than one training document"
+    assert sum(c >= 2 for c in counts) >= 5
+
+
+def test_write_corpus_writes_splits_and_world(tmp_path):
+    write_corpus(gen_spec(), 0, tmp_path / "c")
+    dd, world = load_corpus(gen_spec(), 0)
+    for s in SPLITS:
+        assert pl.read_parquet(tmp_path / "c" / f"{s}.parquet")["text"].to_list() == texts(dd[s])
+    assert json.loads((tmp_path / "c" / "world.json").read_text()) == world
+    assert not [p.name for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]
+
+
+# --------------------------------------------------------------------------------------------- local
+def local_spec(fmt, files, **extra) -> dict:
+    return {"source": "local", "local": {"format": fmt, "files": files, **extra}}
+
+
+def test_local_text_skips_empty_lines(tmp_path, caplog):
+    for s in SPLITS:
+        (tmp_path / f"{s}.txt").write_text(f"first {s} doc\n\n   \nsecond {s} doc\n")
+    files = {s: str(tmp_path / f"{s}.txt") for s in SPLITS}
+    with caplog.at_level(logging.WARNING):
+        dd, world = load_corpus(local_spec("text", files), seed=0)
+    assert world is None
+    for s in SPLITS:
+        assert texts(dd[s]) == [f"first {s} doc", f"second {s} doc"]
+    assert "skipped 2 empty documents of 4" in caplog.text
+
+
+def test_local_text_list_of_files(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "b.txt").write_text("beta\ngamma\n")
+    files = {"train": [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], "valid": str(tmp_path / "a.txt"),
+             "test": str(tmp_path / "b.txt")}
+    dd, _ = load_corpus(local_spec("text", files), seed=0)
+    assert texts(dd["train"]) == ["alpha", "beta", "gamma"]
+    assert texts(dd["test"]) == ["beta", "gamma"]
+
+
+def test_local_jsonl_custom_text_field(tmp_path):
+    for s in SPLITS:
+        rows = [{"id": 1, "body": f"{s} one"}, {"id": 2, "body": ""}, {"id": 3, "body": f"{s} three"}]
+        (tmp_path / f"{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = {s: str(tmp_path / f"{s}.jsonl") for s in SPLITS}
+    dd, _ = load_corpus(local_spec("jsonl", files, text_field="body"), seed=0)
+    for s in SPLITS:
+        assert dd[s].column_names == ["text"]
+        assert texts(dd[s]) == [f"{s} one", f"{s} three"]
+
+
+def test_local_missing_text_field_names_it(tmp_path):
+    for s in SPLITS:
+        (tmp_path / f"{s}.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    files = {s: str(tmp_path / f"{s}.jsonl") for s in SPLITS}
+    with pytest.raises(CorpusError, match="'content'"):
+        load_corpus(local_spec("jsonl", files, text_field="content"), seed=0)
+
+
+def test_local_parquet(tmp_path):
+    for s in SPLITS:
+        frame = pl.DataFrame({"text": [f"{s} a", None, f"{s} b"], "n": [1, 2, 3]})
+        frame.write_parquet(tmp_path / f"{s}.parquet")
+    files = {s: str(tmp_path / f"{s}.parquet") for s in SPLITS}
+    dd, _ = load_corpus(local_spec("parquet", files), seed=0)
+    for s in SPLITS:
+        assert dd[s].column_names == ["text"]
+        assert texts(dd[s]) == [f"{s} a", f"{s} b"]
+
+
+def test_local_split_of_only_empty_documents_raises(tmp_path):
+    for s in SPLITS:
+        (tmp_path / f"{s}.txt").write_text("doc\n" if s != "valid" else "\n \n")
+    files = {s: str(tmp_path / f"{s}.txt") for s in SPLITS}
+    with pytest.raises(CorpusError, match="valid split has no non-empty documents"):
+        load_corpus(local_spec("text", files), seed=0)
+
+
+@pytest.mark.parametrize("problem", ["empty", "missing"])
+def test_local_bad_file_raises_naming_it(tmp_path, problem):
+    for s in SPLITS:
+        (tmp_path / f"{s}.txt").write_text("doc\n")
+    bad = tmp_path / "broken_valid.txt"
+    if problem == "empty":
+        bad.write_text("")
+    files = {"train": str(tmp_path / "train.txt"), "valid": str(bad), "test": str(tmp_path / "test.txt")}
+    with pytest.raises(CorpusError, match=re.escape(str(bad))) as e:
+        load_corpus(local_spec("text", files), seed=0)
+    assert ("empty" if problem == "empty" else "does not exist") in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------- hf
+def test_hf_saved_dataset_dict(tmp_path):
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"content": [f"{s} x", "", f"{s} y"],
+                                                              "id": [0, 1, 2]}) for s in SPLITS})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    spec = {"source": "hf", "hf": {"path": str(tmp_path / "saved"), "text_field": "content"}}
+    got, world = load_corpus(spec, 0)
+    assert world is None
+    for s in SPLITS:
+        assert got[s].column_names == ["text"]
+        assert texts(got[s]) == [f"{s} x", f"{s} y"]
+
+
+def make_parquet_dataset_dir(root: Path) -> Path:
+    d = root / "pq_dataset"
+    (d / "data").mkdir(parents=True)
+    for theirs in ("train", "validation", "test"):
+        frame = pl.DataFrame({"text": [f"{theirs} doc {i}" for i in range(3)]})
+        frame.write_parquet(d / "data" / f"{theirs}.parquet")
+    return d
+
+
+def test_hf_parquet_directory_with_split_mapping(tmp_path):
+    d = make_parquet_dataset_dir(tmp_path)
+    spec = {"source": "hf", "hf": {"path": str(d), "splits": {"train": "train", "valid": "validation",
+                                                              "test": "test"}}}
+    dd, _ = load_corpus(spec, 0)
+    assert set(dd) == set(SPLITS)
+    assert texts(dd["valid"]) == [f"validation doc {i}" for i in range(3)]
+    assert texts(dd["train"]) == [f"train doc {i}" for i in range(3)]
+    assert texts(dd["test"]) == [f"test doc {i}" for i in range(3)]
+
+
+def test_hf_wrong_split_name_raises(tmp_path):
+    d = make_parquet_dataset_dir(tmp_path)
+    splits = {"train": "train", "valid": "dev", "test": "test"}
+    spec = {"source": "hf", "hf": {"path": str(d), "splits": splits}}
+    with pytest.raises(CorpusError, match="dev"):
+        load_corpus(spec, 0)
+    # without a mapping, our split names are looked up as they are: the dataset has no 'valid'
+    with pytest.raises(CorpusError, match="valid"):
+        load_corpus({"source": "hf", "hf": {"path": str(d)}}, 0)
+
+
+def test_unknown_corpus_source():
+    with pytest.raises(CorpusError, match="unknown corpus source"):
+        load_corpus({"source": "ftp"}, 0)
+
+
+# --------------------------------------------------------------------------------------------- models
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    pl.DataFrame({"text": TEXTS}).write_parquet(d / "train.parquet")
+    lm.train_tokenizer(d / "train.parquet", 300, d / "tokenizer")
+    return d / "tokenizer"
+
+
+def test_train_tokenizer_and_tokenize_split(tokenizer_dir, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    assert tok.eos_token == lm.EOS and tok.eos_token_id is not None
+    assert 256 < len(tok) <= 300
+    docs = ["Ada Lovelace was born in London .", "Grace Hopper works for the Navy .", "unseen wörds ü"]
+    pl.DataFrame({"text": docs}).write_parquet(tmp_path / "x.parquet")
+    n = lm.tokenize_split(tok, tmp_path / "x.parquet", tmp_path / "x.npy", batch=2)
+    stream = np.load(tmp_path / "x.npy", allow_pickle=False)
+    assert stream.dtype == np.int32 and stream.ndim == 1 and stream.size == n
+    eos_at = np.flatnonzero(stream == tok.eos_token_id)
+    assert len(eos_at) == len(docs) and eos_at[-1] == stream.size - 1
+    pieces = np.split(stream, eos_at[:-1] + 1)
+    assert [tok.decode(p[:-1].tolist()) for p in pieces] == docs
+    assert all(p[-1] == tok.eos_token_id and (p[:-1] != tok.eos_token_id).all() for p in pieces)
+
+
+@pytest.fixture(scope="module")
+def saved_model_dir(tokenizer_dir, tmp_path_factory):
+    """A tiny randomly initialised GPT-2 and its tokenizer, saved as a Hugging Face model directory."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    d = tmp_path_factory.mktemp("model") / "tiny"
+    GPT2LMHeadModel(cfg).save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_local_model_identity_and_weight_change(saved_model_dir, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    d = tmp_path / "m"
+    shutil.copytree(saved_model_dir, d)
+    ident = lm.write_identity({"source": "local", "path": str(d)}, tmp_path / "model.json", device="cpu")
+    assert json.loads((tmp_path / "model.json").read_text()) == ident
+    assert ident["hook_point"] == "transformer.h.1.mlp" and ident["dim"] == 32
+    assert ident["architecture"] == "GPT2LMHeadModel"
+    model, tok, ident2 = lm.load_checked(tmp_path / "model.json", device="cpu")
+    assert ident2 == ident and lm.weights_hash(model) == ident["model_sha256"]
+    assert lm.tokenizer_hash(tok) == ident["tokenizer_sha256"]
+
+    changed = GPT2LMHeadModel.from_pretrained(d)
+    with torch.no_grad():
+        changed.transformer.h[0].mlp.c_fc.weight[0, 0] += 1.0
+    changed.save_pretrained(d, safe_serialization=True)
+    with pytest.raises(ArtifactError, match="weights hash") as e:
+        lm.load_checked(tmp_path / "model.json", device="cpu")
+    assert str(d) in str(e.value) and ident["model_sha256"][:12] in str(e.value)
+
+
+def test_local_model_tokenizer_change_detected(saved_model_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(saved_model_dir, d)
+    lm.write_identity({"source": "local", "path": str(d)}, tmp_path / "model.json", device="cpu")
+    tj = json.loads((d / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    by_id = {i: t for t, i in vocab.items()}
+    a, b = by_id[100], by_id[101]
+    vocab[a], vocab[b] = 101, 100
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ArtifactError, match="tokenizer differs"):
+        lm.load_checked(tmp_path / "model.json", device="cpu")
+
+
+def test_local_model_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        lm.load_model({"source": "local", "path": str(tmp_path / "nowhere")}, device="cpu")
+
+
+@pytest.fixture
+def fake_hub_cache(saved_model_dir, tmp_path, monkeypatch):
+    """An offline hub cache holding ``testorg/tiny`` at one commit, as huggingface_hub lays it out."""
+    home, cache = tmp_path / "hf_home", tmp_path / "hf_home" / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--testorg--tiny"
+    shutil.copytree(saved_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    # the environment is read when huggingface_hub is imported, so patch its constants as well
+    for var, val in {"HF_HOME": home, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}.items():
+        monkeypatch.setenv(var, str(val))
+    monkeypatch.setattr(hf_constants, "HF_HOME", str(home))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    return {"cache": cache, "commit": commit, "source_dir": saved_model_dir}
+
+
+def test_hub_model_loads_from_offline_cache(fake_hub_cache, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    model, tok = lm.load_model({"source": "hub", "path": "testorg/tiny"}, device="cpu")
+    assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_embd == 32
+    ref_tok = PreTrainedTokenizerFast.from_pretrained(fake_hub_cache["source_dir"])
+    assert lm.tokenizer_hash(tok) == lm.tokenizer_hash(ref_tok)
+    hub_spec = {"source": "hub", "path": "testorg/tiny"}
+    ident = lm.write_identity(hub_spec, tmp_path / "model.json", device="cpu")
+    lspec = {"source": "local", "path": str(fake_hub_cache["source_dir"])}
+    local = lm.write_identity(lspec, tmp_path / "l.json", device="cpu")
+    assert ident["model_sha256"] == local["model_sha256"] and ident["source"] == "hub"
+    model2, _, _ = lm.load_checked(tmp_path / "model.json", device="cpu")
+    assert lm.weights_hash(model2) == ident["model_sha256"]
+    # a pinned revision that is not in the cache cannot be fetched offline
+    with pytest.raises(OSError):
+        lm.load_model({"source": "hub", "path": "testorg/tiny", "revision": "f" * 40}, device="cpu")
+
+
+def test_hub_model_not_in_cache_fails_offline(fake_hub_cache):
+    with pytest.raises(OSError):
+        lm.load_model({"source": "hub", "path": "testorg/absent"}, device="cpu")
