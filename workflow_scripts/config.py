@@ -5,6 +5,8 @@ Errors name the key path and what was expected, and are raised before any job ru
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 
 import jsonschema
@@ -27,17 +29,28 @@ def _with_defaults(validator_cls):
                     instance[key] = sub["default"]
         yield from validate_props(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
+    # YAML gives floats such as 2048.0 (an "integer" to draft 2020-12, but not usable as a count) and .nan/.inf
+    # (which pass every minimum/maximum, as comparisons with NaN are false): refuse both as the wrong type
+    types = validator_cls.TYPE_CHECKER.redefine_many({
+        "integer": lambda _, x: isinstance(x, int) and not isinstance(x, bool),
+        "number": lambda _, x: (isinstance(x, int) and not isinstance(x, bool))
+        or (isinstance(x, float) and math.isfinite(x)),
+    })
+    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults}, type_checker=types)
 
 
 def _path(error) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
+@functools.cache
+def _validator():
+    return _with_defaults(jsonschema.Draft202012Validator)(yaml.safe_load(SCHEMA_PATH.read_text()))
+
+
 def validate(config: dict) -> dict:
     """Validate ``config`` in place (filling defaults) and return it; raise ``ConfigError`` naming the key."""
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    validator = _validator()
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), _path(e)))
     if errors:
         lines = []

@@ -31,7 +31,7 @@ def knn_target_logprobs(dists, vals, targets, ks: Iterable[int], sigma: float, c
     ks = sorted(set(int(k) for k in ks))
     for k in ks:
         _check(dists, vals, k)
-    if sigma <= 0:
+    if not sigma > 0:
         raise ValueError(f"sigma = {sigma} must be > 0")
     kmax = ks[-1]
     n = dists.shape[0]
@@ -55,11 +55,17 @@ def knn_target_logprobs(dists, vals, targets, ks: Iterable[int], sigma: float, c
 def knn_distribution(dists, vals, k: int, sigma: float, vocab_size: int) -> np.ndarray:
     """The full p_knn [N, V] (float64) for the first k neighbours; for small N (tasks, analyses, tests)."""
     _check(dists, vals, k)
+    if not sigma > 0:
+        raise ValueError(f"sigma = {sigma} must be > 0")
     d = np.asarray(dists[:, :k], dtype=np.float64)
+    if np.any(np.diff(d, axis=1) < 0):
+        raise ValueError("neighbour distances must be sorted ascending per row")
     logits = -d / sigma
-    w = np.exp(logits - logits.max(axis=1, keepdims=True))
     v = np.asarray(vals[:, :k])
     valid = v >= 0
+    # shift by the nearest real neighbour: a missing one (-1) must not make the real weights underflow
+    top = np.where(valid, logits, -np.inf).max(axis=1, keepdims=True)
+    w = np.exp(np.where(valid, logits - top, -np.inf))
     p = np.zeros((d.shape[0], vocab_size))
     rows = np.broadcast_to(np.arange(d.shape[0])[:, None], v.shape)
     np.add.at(p, (rows[valid], v[valid]), w[valid])

@@ -1,0 +1,269 @@
+"""Config validation: the shipped config passes with defaults; every invalid one fails naming its key path."""
+
+import copy
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workflow_scripts.config import ConfigError, load, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+VALID = load(ROOT / "config.yaml")
+UNKNOWN = "zz_unknown"
+
+
+def fresh() -> dict:
+    return copy.deepcopy(VALID)
+
+
+def set_at(config, path, value):
+    node = config
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+
+
+def rejects(config, *fragments) -> str:
+    """Validation raises ConfigError whose message contains every fragment (key paths, mostly)."""
+    with pytest.raises(ConfigError) as err:
+        validate(config)
+    msg = str(err.value)
+    for f in fragments:
+        assert f in msg, f"{f!r} not in: {msg}"
+    return msg
+
+
+# ------------------------------------------------------------------------------------------- valid
+
+
+def test_shipped_config_validates_with_defaults():
+    c = load(ROOT / "config.yaml")
+    assert c["sweep"]["k_max"] == max(c["sweep"]["ks"]) == 2048
+    assert c["models"]["tiny-gpt2"]["trust_remote_code"] is False
+    assert c["index"]["type"] == "Flat" and c["index"]["nprobe"] == 32
+    assert set(c) == {"seed", "corpora", "models", "datastores", "eval_sets", "extraction", "index", "sweep"}
+    again = validate(copy.deepcopy(c))  # idempotent on an already-validated config
+    assert again == c
+
+
+def test_micro_config_validates():
+    c = load(ROOT / "tests" / "micro.yaml")
+    assert c["sweep"]["k_max"] == 32
+    assert c["models"]["micro-gpt2"]["train"]["warmup_fraction"] == 0.05
+
+
+def test_omitted_keys_get_schema_defaults():
+    c = fresh()
+    c["extraction"] = {}
+    c["datastores"]["synthwiki"] = {"model": "tiny-gpt2", "corpus": "synthwiki"}
+    c["index"] = {"type": "IVFPQ"}
+    for k in ("warmup_fraction", "weight_decay", "dropout", "log_every"):
+        del c["models"]["tiny-gpt2"]["train"][k]
+    c["sweep"]["k_max"] = None
+    out = validate(c)
+    assert out is c
+    assert c["extraction"] == {"block_size": 128, "batch_size": 32, "device": "auto"}
+    assert c["datastores"]["synthwiki"]["split"] == "train" and c["datastores"]["synthwiki"]["shards"] == 1
+    assert c["index"] == {"type": "IVFPQ", "nlist": 1024, "m": 32, "nbits": 8, "nprobe": 32, "train_sample": 200000}
+    assert c["models"]["tiny-gpt2"]["train"]["log_every"] == 25
+    assert c["sweep"]["k_max"] == 2048
+
+
+def test_k_max_larger_than_max_k_is_kept():
+    c = fresh()
+    c["sweep"]["k_max"] = 4096
+    assert validate(c)["sweep"]["k_max"] == 4096
+
+
+# ------------------------------------------------------------------------------------------ invalid
+
+
+def test_unknown_keys_are_rejected_naming_where():
+    c = fresh()
+    c["bogus"] = 1
+    rejects(c, "<top level>", "bogus", "allowed keys")
+    c = fresh()
+    c["sweep"]["bogus"] = 1
+    rejects(c, "config key sweep:", "bogus", "lambdas")
+    c = fresh()
+    c["models"]["tiny-gpt2"]["train"]["n_layers"] = 4  # a typo of n_layer
+    rejects(c, "config key models.tiny-gpt2.train:", "n_layers")
+    c = fresh()
+    c["corpora"]["synthwiki"]["generate"]["n_peoples"] = 4
+    rejects(c, "config key corpora.synthwiki.generate:", "n_peoples")
+
+
+@pytest.mark.parametrize(("path", "value", "where"), [
+    (("seed",), "zero", "seed"),
+    (("seed",), -1, "seed"),
+    (("seed",), True, "seed"),
+    (("sweep", "ks"), "16", "sweep.ks"),
+    (("sweep", "ks"), [], "sweep.ks"),
+    (("sweep", "ks"), [16, 16], "sweep.ks"),
+    (("sweep", "ks", 0), -16, "sweep.ks.0"),
+    (("sweep", "ks", 2), 0, "sweep.ks.2"),
+    (("sweep", "ks", 1), 2.5, "sweep.ks.1"),
+    (("sweep", "lambdas", 1), 1.5, "sweep.lambdas.1"),
+    (("sweep", "lambdas", 0), -0.1, "sweep.lambdas.0"),
+    (("sweep", "lambdas", 2), "0.3", "sweep.lambdas.2"),
+    (("sweep", "sigmas", 0), 0, "sweep.sigmas.0"),
+    (("sweep", "sigmas", 3), -2.0, "sweep.sigmas.3"),
+    (("sweep", "k_max"), 0, "sweep.k_max"),
+    (("sweep", "k_max"), 100, "sweep.k_max"),
+    (("index", "type"), "HNSW", "index.type"),
+    (("index", "nbits"), 17, "index.nbits"),
+    (("index", "nprobe"), "32", "index.nprobe"),
+    (("extraction", "device"), "gpu", "extraction.device"),
+    (("extraction", "block_size"), 1, "extraction.block_size"),
+    (("extraction", "block_size"), 256, "extraction.block_size"),  # exceeds the model's context
+    (("datastores", "synthwiki", "model"), "gpt-9", "datastores.synthwiki.model"),
+    (("datastores", "synthwiki", "corpus"), "wikitext", "datastores.synthwiki.corpus"),
+    (("datastores", "synthwiki", "split"), "dev", "datastores.synthwiki.split"),
+    (("datastores", "synthwiki", "shards"), 0, "datastores.synthwiki.shards"),
+    (("eval_sets", "valid", "corpus"), "wikitext", "eval_sets.valid.corpus"),
+    (("eval_sets", "test", "max_tokens"), 0, "eval_sets.test.max_tokens"),
+    (("models", "tiny-gpt2", "train", "corpus"), "wikitext", "models.tiny-gpt2.train.corpus"),
+    (("models", "tiny-gpt2", "train", "n_head"), 3, "models.tiny-gpt2.train.n_head"),
+    (("models", "tiny-gpt2", "train", "lr"), 0, "models.tiny-gpt2.train.lr"),
+    (("models", "tiny-gpt2", "train", "dropout"), 1.5, "models.tiny-gpt2.train.dropout"),
+    (("models", "tiny-gpt2", "source"), "hub", "models.tiny-gpt2"),  # then `path` is required
+    (("corpora", "synthwiki", "source"), "local", "corpora.synthwiki"),  # then `local` is required
+    (("corpora", "synthwiki", "generate", "eval_fraction"), 0.5, "corpora.synthwiki.generate.eval_fraction"),
+    (("datastores",), {}, "datastores"),
+    (("datastores", "bad name"), {"model": "tiny-gpt2", "corpus": "synthwiki"}, "datastores"),
+])
+def test_invalid_value_names_its_key_path(path, value, where):
+    c = fresh()
+    set_at(c, path, value)
+    rejects(c, f"config key {where}")
+
+
+def test_missing_required_key_is_named():
+    c = fresh()
+    del c["sweep"]
+    rejects(c, "<top level>", "'sweep' is a required property")
+    c = fresh()
+    del c["sweep"]["sigmas"]
+    rejects(c, "config key sweep:", "'sigmas'")
+    c = fresh()
+    del c["datastores"]["synthwiki"]["model"]
+    rejects(c, "config key datastores.synthwiki:", "'model'")
+
+
+@pytest.mark.parametrize(("path", "value", "where"), [
+    (("sweep", "sigmas", 0), float("nan"), "sweep.sigmas.0"),
+    (("sweep", "lambdas", 1), float("nan"), "sweep.lambdas.1"),
+    (("sweep", "sigmas", 2), float("inf"), "sweep.sigmas.2"),
+    (("models", "tiny-gpt2", "train", "lr"), float("nan"), "models.tiny-gpt2.train.lr"),
+    (("sweep", "k_max"), 2048.0, "sweep.k_max"),
+    (("sweep", "ks", 0), 16.0, "sweep.ks.0"),
+    (("datastores", "synthwiki", "shards"), 2.0, "datastores.synthwiki.shards"),
+])
+def test_non_finite_numbers_and_integral_floats_are_rejected(path, value, where):
+    """NaN passes every JSON-schema bound (all comparisons are false) and 2048.0 counts as an integer in
+    draft 2020-12; either would crash or silently poison a later stage, so validation refuses them."""
+    c = fresh()
+    set_at(c, path, value)
+    rejects(c, f"config key {where}")
+
+
+def test_local_corpus_files_are_checked(tmp_path):
+    c = fresh()
+    good = tmp_path / "train.txt"
+    good.write_text("some text\n")
+    empty = tmp_path / "valid.txt"
+    empty.write_text("")
+    c["corpora"]["mine"] = {"source": "local", "local": {"format": "text", "files": {
+        "train": str(good), "valid": [str(good), str(empty)], "test": str(tmp_path / "missing.txt")}}}
+    rejects(c, "config key corpora.mine.local.files.valid", "empty")
+    c["corpora"]["mine"]["local"]["files"]["valid"] = [str(good)]
+    rejects(c, "config key corpora.mine.local.files.test", "does not exist")
+    c["corpora"]["mine"]["local"]["files"]["test"] = str(good)
+    validate(c)
+    assert c["corpora"]["mine"]["local"]["files"]["test"] == str(good)
+
+
+def test_load_rejects_missing_unparsable_and_non_mapping_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sweep: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(bad)
+    seq = tmp_path / "seq.yaml"
+    seq.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load(seq)
+
+
+# ------------------------------------------------------------------------- generated invalid configs
+
+
+def _nodes(node, path=()):
+    """(path, value) for every leaf, and (path, dict) for every mapping (a place to add an unknown key)."""
+    if isinstance(node, dict):
+        yield path, node
+        for k, v in node.items():
+            yield from _nodes(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _nodes(v, (*path, i))
+    else:
+        yield path, node
+
+
+NODES = list(_nodes(VALID))
+
+
+@st.composite
+def invalid_configs(draw):
+    """The valid config with one leaf made invalid (wrong type / out of range) or one unknown key added.
+
+    Every leaf of the shipped config is constrained so that these replacements are invalid whatever the leaf:
+    numbers all have a lower bound >= 0, strings are enums or names that must exist, flags are booleans.
+    """
+    path, value = draw(st.sampled_from(NODES))
+    c = fresh()
+    if isinstance(value, dict):
+        extra = draw(st.sampled_from([UNKNOWN, f"{UNKNOWN}_2"]))
+        bad = draw(st.one_of(st.integers(), st.text(max_size=3), st.none(), st.booleans()))
+        set_at(c, (*path, extra), bad)
+        return c, path, extra
+    if isinstance(value, bool):
+        bad = draw(st.one_of(st.sampled_from(["yes", "true", 0, 1, None]), st.lists(st.booleans(), max_size=2)))
+    elif isinstance(value, int):
+        bad = draw(st.one_of(st.integers(max_value=-1), st.text(max_size=4), st.lists(st.integers(), max_size=2),
+                             st.booleans(), st.just(float("nan")), st.floats(-1e6, -1e-9)))
+    elif isinstance(value, float):
+        bad = draw(st.one_of(st.floats(max_value=-1e-9), st.text(max_size=4), st.booleans(), st.none(),
+                             st.just(float("nan")), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1)))
+    else:
+        assert isinstance(value, str)
+        bad = draw(st.one_of(st.integers(), st.none(), st.booleans(), st.lists(st.text(max_size=2), max_size=2),
+                             st.text(max_size=8).map(lambda s: f"zz-not-a-name-{s}")))
+    set_at(c, path, bad)
+    return c, path, None
+
+
+@settings(max_examples=60, deadline=None)
+@given(invalid_configs())
+def test_generated_invalid_configs_are_rejected_naming_a_key_path(case):
+    config, path, extra = case
+    where = ".".join(str(p) for p in path) or "<top level>"
+    msg = rejects(config, f"config key {where}")
+    if extra is not None:
+        assert extra in msg
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.sampled_from([p for p, v in NODES if not isinstance(v, dict)]))
+def test_rewriting_a_leaf_with_its_own_value_stays_valid(path):
+    """The control for the test above: the mutation machinery alone does not make a config invalid."""
+    c = fresh()
+    node = VALID
+    for p in path:
+        node = node[p]
+    set_at(c, path, copy.deepcopy(node))
+    assert validate(c) == VALID
