@@ -1,6 +1,8 @@
 # Config validation and the small helpers that turn config entries into rule params and inputs.
+import hashlib
 import json
 import re
+from pathlib import Path
 
 from workflow_scripts import config as _config
 
@@ -12,6 +14,16 @@ EVAL_SETS = config["eval_sets"]
 TRAINED = [m for m, spec in MODELS.items() if spec["source"] == "train"]
 # GPU stages ask the scheduler for a GPU only when the config says the device is cuda.
 GPU = 1 if config["extraction"]["device"] == "cuda" else 0
+
+
+def code(*modules):
+    """A hash of the workflow_scripts modules a step runs, passed as a param: with the `params` rerun trigger,
+    editing one reruns exactly the rules that list it (shared helpers in artifacts.py and config.py are left
+    out, so editing them reruns nothing)."""
+    h = hashlib.sha256()
+    for m in modules:
+        h.update(Path(workflow.basedir, "workflow_scripts", f"{m}.py").read_bytes())
+    return h.hexdigest()[:16]
 
 
 def names_regex(names):
@@ -91,7 +103,7 @@ def select_on():
 
 
 # every (eval set, datastore) pair: one retrieval cache, one sweep, one figure each
-SWEEPS = [(e, d) for d in DATASTORES for e in EVAL_SETS]
+SWEEPS = sorted((e, d) for d in DATASTORES for e in EVAL_SETS)
 
 
 def all_outputs():
@@ -107,3 +119,11 @@ wildcard_constraints:
     evalset=names_regex(EVAL_SETS),
     split="train|valid|test",
     shard=r"\d{3}",
+
+
+# Cheap aggregation jobs run on the submitting host, not as cluster jobs.
+localrules:
+    all,
+    figures,
+    summarize,
+    figure_sweep,

@@ -15,6 +15,7 @@ rule corpus:
         mem_mb=4000,
         runtime=60,
     params:
+        code=code("corpus", "world"),
         p=lambda w: as_json(
             {"spec": config["corpora"][w.corpus], "seed": config["seed"]}
         ),

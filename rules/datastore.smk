@@ -23,6 +23,7 @@ rule extract_keys:
         runtime=12 * 60,
         gpu=GPU,
     params:
+        code=code("datastore", "lm"),
         p=extraction_params,
     shell:
         "python -m workflow_scripts extract-keys --params {params.p:q} --threads {threads} --model-json {input.model_json}"
@@ -60,6 +61,8 @@ rule datastore_manifest:
     resources:
         mem_mb=2000,
         runtime=120,
+    params:
+        code=code("datastore"),
     shell:
         "python -m workflow_scripts manifest --model-json {input.model_json} --tokens {input.tokens} --keys {input.key_shards}"
         " --vals {input.vals} --meta {input.meta} --out {output} 2> {log}"

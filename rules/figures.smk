@@ -4,7 +4,7 @@
 # Makes the perplexity-vs-λ figure of one (eval set, datastore).
 rule figure_sweep:
     input:
-        "results/sweeps/{evalset}/{ds}/perplexity.parquet",
+        sweep="results/sweeps/{evalset}/{ds}/perplexity.parquet",
     output:
         png=report(
             "results/figures/perplexity_vs_lambda/{evalset}__{ds}.png",
@@ -18,9 +18,10 @@ rule figure_sweep:
     conda:
         "../envs/plotting.yaml"
     params:
+        code=code("figures"),
         p=lambda w: as_json({"title": f"{w.evalset} set, datastore {w.ds}"}),
     shell:
-        "python -m workflow_scripts figure-sweep --params {params.p:q} --sweep {input} --png {output.png} --pdf {output.pdf} 2> {log}"
+        "python -m workflow_scripts figure-sweep --params {params.p:q} --sweep {input.sweep} --png {output.png} --pdf {output.pdf} 2> {log}"
 
 
 # Redraws every figure from the cached tables.

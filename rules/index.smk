@@ -19,6 +19,7 @@ rule build_index:
         mem_mb=16000,
         runtime=12 * 60,
     params:
+        code=code("index"),
         p=lambda w: as_json({"index": config["index"], "seed": config["seed"]}),
     shell:
         "python -m workflow_scripts build-index --params {params.p:q} --threads {threads} --manifest {input.manifest}"

@@ -21,6 +21,7 @@ rule train_tokenizer:
         mem_mb=4000,
         runtime=60,
     params:
+        code=code("lm"),
         p=lambda w: as_json({"vocab_size": MODELS[w.model]["train"]["vocab_size"]}),
     shell:
         "python -m workflow_scripts tokenizer --params {params.p:q} --train {input.train} --outdir {output} 2> {log}"
@@ -43,6 +44,7 @@ rule tokenize:
         mem_mb=8000,
         runtime=120,
     params:
+        code=code("lm"),
         tok=tokenizer_arg,
     shell:
         "python -m workflow_scripts tokenize {params.tok} --parquet {input.parquet} --out {output} 2> {log}"
@@ -77,6 +79,7 @@ rule train_lm:
         runtime=24 * 60,
         gpu=GPU,
     params:
+        code=code("lm"),
         p=lambda w: as_json({"train": MODELS[w.model]["train"], "seed": config["seed"]}),
     shell:
         "python -m workflow_scripts train-lm --params {params.p:q} --threads {threads} --train {input.train} --valid {input.valid}"
@@ -100,6 +103,7 @@ rule model_identity:
         mem_mb=32000,
         runtime=120,
     params:
+        code=code("lm"),
         p=lambda w: as_json({"spec": MODELS[w.model]}),
     shell:
         "python -m workflow_scripts model-identity --params {params.p:q} --model-json {output} 2> {log}"

@@ -26,6 +26,7 @@ rule retrieve:
         runtime=12 * 60,
         gpu=GPU,
     params:
+        code=code("retrieval", "datastore", "index", "lm"),
         p=retrieval_params,
     shell:
         "python -m workflow_scripts retrieve --params {params.p:q} --threads {threads} --model-json {input.model_json}"

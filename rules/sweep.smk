@@ -24,6 +24,7 @@ rule sweep:
         mem_mb=4000,
         runtime=60,
     params:
+        code=code("sweep", "knnlm"),
         p=lambda w: as_json(
             {k: config["sweep"][k] for k in ("lambdas", "ks", "sigmas")}
         ),
@@ -36,7 +37,7 @@ rule sweep:
 # Makes the perplexity summary: base LM and kNN-LM per (eval set, datastore), (λ, k, σ) chosen on valid.
 rule summarize:
     input:
-        [f"results/sweeps/{e}/{d}/perplexity.parquet" for e, d in SWEEPS],
+        sweeps=[f"results/sweeps/{e}/{d}/perplexity.parquet" for e, d in SWEEPS],
     output:
         csv=report(
             "results/tables/perplexity_summary.csv",
@@ -49,7 +50,8 @@ rule summarize:
     conda:
         "../envs/pipeline.yaml"
     params:
+        code=code("sweep"),
         p=as_json({"keys": SWEEPS, "select_on": select_on()}),
     shell:
-        "python -m workflow_scripts summarize --params {params.p:q} --sweeps {input} --out-stem results/tables/perplexity_summary"
+        "python -m workflow_scripts summarize --params {params.p:q} --sweeps {input.sweeps} --out-stem results/tables/perplexity_summary"
         " 2> {log}"

@@ -17,6 +17,10 @@ from pathlib import Path
 import numpy as np
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class ArtifactError(RuntimeError):
     """A file on disk is missing, corrupt or does not match what its consumer expects."""
 
@@ -31,6 +35,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the result the usual permissions
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -1,0 +1,359 @@
+"""Performance benchmarks of the kNN-LM pipeline: ``python benchmarks/run.py [--quick]`` from the project root.
+
+Everything runs on synthetic inputs built here, in a temporary directory: a randomly initialised GPT-2 of the
+default shape, Zipf-distributed token streams, datastores written by ``extract_shard`` + ``write_manifest``.
+Each target is a ratio of two timings taken in the same run (both warmed up once), so a slower or busier
+machine moves both sides. Wall time and peak memory per stage come from subprocesses (this file, ``--child``),
+whose peak RSS is reset (``/proc/self/clear_refs``) after setup so that it covers the timed stage only.
+Results: a table on stdout, ``benchmarks/results.csv`` and ``benchmarks/scale.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from workflow_scripts import datastore, index, knnlm, lm, retrieval  # noqa: E402
+from workflow_scripts.artifacts import atomic_path, open_npy_for_writing, save_npy, write_json  # noqa: E402
+
+THREADS, VOCAB, BLOCK, BATCH, K, SHARDS = 2, 2048, 128, 32, 2048, 2
+GRID = {"lambdas": [0.1, 0.2, 0.3], "ks": [1600, 2048], "sigmas": [1, 3, 5, 10]}  # paper 1: 24 points
+MODES = {  # datastore sizes in tokens (each twice the last), eval queries, tokens for measure 2, IVF lists
+    "full": {"sizes": [100_000, 200_000, 400_000], "queries": 2048, "recall_queries": 512, "extract": 65_536,
+             "nlist": 256},
+    "quick": {"sizes": [8_192, 16_384, 32_768], "queries": 256, "recall_queries": 128, "extract": 8_192,
+              "nlist": 32},
+}
+OUT = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def perf(fn, *args, repeat: int = 1, **kw):
+    """(best wall time over ``repeat`` calls, last result)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn(*args, **kw)
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def proc_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> float:
+    """Reset this process's peak RSS (VmHWM) to its current RSS; return that RSS in MiB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # then the peak also covers the setup before the timed stage
+    return proc_mb("VmRSS")
+
+
+def row(measure, value, target="", ok=None):
+    status = "info" if ok is None else ("pass" if ok else "FAIL")
+    return {"measure": measure, "value": f"{value:.3g}" if isinstance(value, float) else value,
+            "target": target, "status": status}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def ivfpq_cfg(nlist: int, train_sample: int) -> dict:
+    return {"type": "IVFPQ", "nlist": nlist, "m": 16, "nbits": 8, "nprobe": 16, "train_sample": train_sample}
+
+
+def search_and_write(idx, ds, queries, exact: bool, outdir: Path, extra: dict) -> None:
+    """retrieval.search, then the cache arrays written as ``retrieval.retrieve`` writes them."""
+    dists, ids = retrieval.search(idx, ds, queries, K, exact=exact)
+    arrays = {**extra, "dists": dists, "vals": ds.gather_vals(ids), "ids": ids}
+    for name, arr in arrays.items():
+        with atomic_path(outdir / f"{name}.npy", ".npy") as tmp:
+            out = open_npy_for_writing(tmp, retrieval.CACHE_FILES[name][0], arr.shape)
+            out[:] = arr
+            out.flush()
+            del out
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def make_model(tmp: Path):
+    """A random GPT-2 (4 layers, n_embd 128, 4 heads, vocab 2048, block 128) saved with a word-level tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    vocab = {lm.EOS: 0, **{f"t{i}": i for i in range(1, VOCAB)}}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=lm.EOS)),
+                                  eos_token=lm.EOS, bos_token=lm.EOS, unk_token=lm.EOS)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=BLOCK, n_embd=128, n_layer=4, n_head=4,
+                        bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    path = tmp / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    ident = lm.describe(model, tok, {"source": "local", "path": str(path)})
+    write_json(tmp / "model.json", ident)
+    return model, ident
+
+
+def zipf_tokens(n: int, seed: int) -> np.ndarray:
+    p = 1.0 / (np.arange(VOCAB) + 10.0) ** 1.1
+    return np.random.default_rng(seed).choice(VOCAB, size=n, p=p / p.sum()).astype(np.int32)
+
+
+def make_queries(model, ident, n: int, tmp: Path) -> dict:
+    """Queries (float16-rounded, as retrieve caches them), targets and log p_lm over an eval stream."""
+    tokens = zipf_tokens(n + 1, seed=1)
+    q, lp = np.empty((n, ident["dim"]), np.float16), np.empty(n, np.float32)
+    for first, keys, p in datastore.run_model(model, ident["hook_point"], tokens, 0, n, BLOCK, BATCH, True):
+        q[first : first + len(keys)], lp[first : first + len(keys)] = keys, p
+    save_npy(tmp / "queries.npy", q)
+    return {"queries": q, "targets": tokens[1:], "lm_logprob": lp}
+
+
+# ------------------------------------------------------------------------------------------------ children
+def child(args: dict) -> dict:
+    """One pipeline stage in a fresh process: setup, warm-up, then the timed stage with its peak RSS."""
+    torch.set_num_threads(THREADS)
+    faiss.omp_set_num_threads(THREADS)
+    d, stage = Path(args["dir"]), args["stage"]
+    if stage == "extract":
+        model, _, ident = lm.load_checked(args["model_json"], device="cpu")
+        tokens = np.load(d / "tokens.npy")
+        for _ in datastore.run_model(model, ident["hook_point"], tokens, 0, BLOCK * BATCH, BLOCK, BATCH, False):
+            pass  # warm-up
+        files = [(d / f"keys_{s}.npy", d / f"vals_{s}.npy", d / f"shard_{s}.json") for s in range(SHARDS)]
+
+        def run():
+            for s, (k, v, m) in enumerate(files):
+                datastore.extract_shard(model, ident, d / "tokens.npy", s, SHARDS, BLOCK, BATCH, k, v, m)
+    elif stage == "build":
+        def run():
+            index.build_index(d / "manifest.json", args["cfg"], 0, d / "ivfpq.faiss", d / "ivfpq.json", THREADS)
+    else:  # search-Flat | search-IVFPQ: retrieval.search + cache writing for the eval queries
+        ds = datastore.Datastore(d / "manifest.json")
+        queries = np.load(args["queries"]).astype(np.float32)
+        if stage == "search-Flat":
+            idx, exact = faiss.IndexFlatL2(ds.dim), True
+            for keys in ds.keys:
+                idx.add(np.asarray(keys, np.float32))
+        else:
+            idx, exact = index.load_index(d / "ivfpq.faiss", d / "ivfpq.json", ds, args["cfg"]["nprobe"])[0], False
+        retrieval.search(idx, ds, queries[:16], K, exact=exact)  # warm-up
+
+        def run():
+            search_and_write(idx, ds, queries, exact, d / f"cache-{stage}", {})
+    base = reset_peak()
+    seconds, _ = perf(run)
+    return {"seconds": seconds, "peak_mb": proc_mb("VmHWM"), "base_mb": base}
+
+
+def spawn(**args) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(args, default=str)],
+                          capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"child {args['stage']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ measures
+def scale_curve(tmp: Path, ident: dict, m: dict) -> list[dict]:
+    """5. Wall time and peak RSS of extraction, IVFPQ build and retrieval (Flat, IVFPQ) at 3 datastore sizes."""
+    stream = zipf_tokens(m["sizes"][-1] + 1, seed=0)
+    rows = []
+    for n in m["sizes"]:
+        d = tmp / f"ds{n}"
+        save_npy(d / "tokens.npy", stream[: n + 1])
+        cfg = ivfpq_cfg(m["nlist"], min(n, 100_000))
+        for stage in ("extract", "build", "search-Flat", "search-IVFPQ"):
+            r = spawn(stage=stage, dir=d, model_json=tmp / "model.json", queries=tmp / "queries.npy", cfg=cfg)
+            if stage == "extract":
+                shards = [(str(d / f"keys_{s}.npy"), str(d / f"vals_{s}.npy"), str(d / f"shard_{s}.json"))
+                          for s in range(SHARDS)]
+                datastore.write_manifest(ident, d / "tokens.npy", shards, d / "manifest.json")
+            items = m["queries"] if stage.startswith("search") else n
+            rows.append({"stage": stage, "datastore_tokens": n, "seconds": round(r["seconds"], 2),
+                         "items_per_s": round(items / r["seconds"]), "peak_rss_mb": round(r["peak_mb"]),
+                         "rss_before_mb": round(r["base_mb"])})
+            log(f"scale {stage:13s} {n:>8d} tokens: {r['seconds']:7.2f} s, peak RSS {r['peak_mb']:.0f} MiB")
+    return rows
+
+
+def extraction(model, ident, tmp: Path, n: int, scale: list[dict], sizes: list[int]) -> list[dict]:
+    """2. extract_shard throughput vs a plain batched forward pass; peak RSS at datastore sizes S and 2S."""
+    d = tmp / "extract"
+    save_npy(d / "tokens.npy", zipf_tokens(n + 1, seed=2))
+    tokens = np.load(d / "tokens.npy")
+    wins = datastore.windows(0, n, BLOCK)  # n is a multiple of BLOCK: every batch is BATCH x BLOCK
+    xs = [torch.from_numpy(np.stack([tokens[a:b] for a, b in wins[i : i + BATCH]]).astype(np.int64))
+          for i in range(0, len(wins), BATCH)]
+
+    def forward():
+        with torch.inference_mode():
+            for x in xs:
+                model(input_ids=x)
+
+    def extract():
+        datastore.extract_shard(model, ident, d / "tokens.npy", 0, 1, BLOCK, BATCH,
+                                d / "keys.npy", d / "vals.npy", d / "shard.json")
+
+    def hook_only():  # run_model alone: the same early-stopping forward, without the shard writing
+        for _ in datastore.run_model(model, ident["hook_point"], tokens, 0, n, BLOCK, BATCH, False):
+            pass
+
+    with torch.inference_mode():
+        model(input_ids=xs[0])  # warm-up
+    t_fwd, _ = perf(forward, repeat=2)
+    t_ext, _ = perf(extract, repeat=2)
+    t_hook, _ = perf(hook_only, repeat=2)
+    peak = {r["datastore_tokens"]: r["peak_rss_mb"] for r in scale if r["stage"] == "extract"}
+    s1, s2 = sizes[-2], sizes[-1]
+    change = peak[s2] / peak[s1] - 1
+    return [
+        row("extract: forward tokens/s (plain model, inference_mode)", n / t_fwd),
+        row("extract: extract_shard tokens/s", n / t_ext),
+        row("extract: extract_shard / forward throughput", t_fwd / t_ext, ">= 0.9", t_fwd / t_ext >= 0.9),
+        row("extract: run_model alone / extract_shard time (shard-writing share)", t_hook / t_ext),
+        row(f"extract: peak RSS MiB at {s1} / {s2} tokens", f"{peak[s1]} / {peak[s2]}"),
+        row("extract: peak RSS change from S to 2S", change, "< 0.10", change < 0.10),
+    ]
+
+
+def index_compare(tmp: Path, ds_dir: Path, qs: np.ndarray, nlist: int) -> tuple[list[dict], object, object]:
+    """4. IVFPQ vs exact Flat on the same model-extracted keys: recall of the exact top-64, build time, bytes."""
+    manifest = ds_dir / "manifest.json"
+    ds = datastore.Datastore(manifest)
+    cfg = ivfpq_cfg(nlist, min(ds.rows, 100_000))
+    t_flat, _ = perf(index.build_index, manifest, {"type": "Flat"}, 0, tmp / "flat.faiss", tmp / "flat.json",
+                     THREADS)
+    t_ivf, _ = perf(index.build_index, manifest, cfg, 0, tmp / "ivf.faiss", tmp / "ivf.json", THREADS)
+    flat = index.load_index(tmp / "flat.faiss", tmp / "flat.json", ds)[0]
+    ivf = index.load_index(tmp / "ivf.faiss", tmp / "ivf.json", ds, cfg["nprobe"])[0]
+
+    def exact_d(ids):  # exact squared L2 from the stored keys; missing neighbours (-1) count as misses
+        d = retrieval.exact_sq_l2(qs, ds.gather_keys(np.maximum(ids, 0)))
+        return np.where(ids < 0, np.inf, d)
+
+    kth = exact_d(flat.search(qs, 64)[1]).max(axis=1, keepdims=True) * (1 + 1e-5)  # ties count as hits
+    recall_pq = np.mean(exact_d(ivf.search(qs, 64)[1]) <= kth)
+    recall_rr = np.mean(retrieval.search(ivf, ds, qs, K, exact=False)[0][:, :64] <= kth)
+    keys_b = sum(s["keys_bytes"] for s in ds.manifest["shards"])
+    flat_b, ivf_b = (tmp / "flat.faiss").stat().st_size, (tmp / "ivf.faiss").stat().st_size
+    f = index.factory_string(cfg, ds.dim)
+    rows = [
+        row(f"index: {f} nprobe {cfg['nprobe']} recall@64 (PQ order, {len(qs)} queries)", recall_pq),
+        row(f"index: {f} recall@64 after exact re-rank of K={K} (retrieval.search)", recall_rr),
+        row(f"index: build s Flat / {f} ({ds.rows} keys)", f"{t_flat:.2f} / {t_ivf:.2f}"),
+        row("index: Flat bytes / fp16 keys bytes", flat_b / keys_b),
+        row(f"index: {f} bytes / fp16 keys bytes", ivf_b / keys_b),
+    ]
+    return rows, flat, ds
+
+
+def sweep_vs_search(flat, ds, q: dict) -> tuple[list[dict], float]:
+    """1. knnlm.sweep over the 24-point grid vs one exact retrieval pass for the same queries (and vs 24 passes)."""
+    queries = q["queries"].astype(np.float32)
+    retrieval.search(flat, ds, queries[:64], K, exact=True)  # warm-up
+    t_search, (dists, ids) = perf(retrieval.search, flat, ds, queries, K, exact=True, repeat=2)
+    vals, args = ds.gather_vals(ids), (q["targets"], q["lm_logprob"])
+    knnlm.sweep(dists[:64], vals[:64], args[0][:64], args[1][:64], **GRID)  # warm-up
+    t_sweep, rows = perf(knnlm.sweep, dists, vals, *args, **GRID, repeat=2)
+    assert len(rows) == 24
+    r = t_sweep / t_search
+    return [
+        row(f"sweep: seconds for 24 points, N={len(queries)} K={K}", t_sweep),
+        row(f"sweep: seconds for one Flat retrieval pass over {ds.rows} keys", t_search),
+        row("sweep: sweep / one retrieval pass", r, "<= 1.2", r <= 1.2),
+        row("sweep: speed-up vs naive (24 x measured search)", 24 / r, ">= 10", 24 / r >= 10),
+    ], t_search
+
+
+def retrieval_vs_faiss(flat, ds, q: dict, tmp: Path) -> list[dict]:
+    """3. retrieval.search + writing the cache vs raw faiss index.search, same index, queries and K."""
+    queries = q["queries"].astype(np.float32)
+    extra = {"targets": q["targets"], "lm_logprob": q["lm_logprob"], "queries": q["queries"]}
+    flat.search(queries[:64], K)  # warm-up
+    t_raw, _ = perf(flat.search, queries, K, repeat=2)
+    t_e2e, _ = perf(search_and_write, flat, ds, queries, True, tmp / "cache", extra, repeat=2)
+    r = t_raw / t_e2e
+    return [
+        row("retrieval: raw faiss queries/s", len(queries) / t_raw),
+        row("retrieval: search + cache write queries/s", len(queries) / t_e2e),
+        row("retrieval: end-to-end / raw faiss throughput", r, ">= 0.8", r >= 0.8),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ main
+def print_table(rows: list[dict]) -> None:
+    cols = list(rows[0])
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(width[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(width[c]) for c in cols))
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return
+    torch.set_num_threads(THREADS)
+    faiss.omp_set_num_threads(THREADS)
+    mode = "quick" if a.quick else "full"
+    m, t0, load0 = MODES[mode], time.perf_counter(), os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="knnlm-bench-") as tmp:
+        tmp = Path(tmp)
+        model, ident = make_model(tmp)
+        q = make_queries(model, ident, m["queries"], tmp)
+        log(f"{mode} mode: datastores of {m['sizes']} tokens, {m['queries']} queries, K={K}")
+        scale = scale_curve(tmp, ident, m)
+        rows = extraction(model, ident, tmp, m["extract"], scale, m["sizes"])
+        log("extraction done")
+        index_rows, flat, ds = index_compare(tmp, tmp / f"ds{m['sizes'][-1]}", q["queries"][: m["recall_queries"]]
+                                             .astype(np.float32), m["nlist"])
+        log("index done")
+        sweep_rows, _ = sweep_vs_search(flat, ds, q)
+        log("sweep done")
+        rows = sweep_rows + rows + retrieval_vs_faiss(flat, ds, q, tmp) + index_rows
+    rows.append(row("run: mode / wall s / load avg (1 min) start, end",
+                    f"{mode} / {time.perf_counter() - t0:.0f} / {load0:.1f}, {os.getloadavg()[0]:.1f}"))
+    print("\nScale curve (per stage, subprocess; items = tokens for extract/build, queries for search)")
+    print_table(scale)
+    print(f"\nBenchmarks ({mode})")
+    print_table(rows)
+    write_csv(rows, OUT / "results.csv")
+    write_csv(scale, OUT / "scale.csv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Incremental reruns on a finished micro run: each change reruns exactly what depends on it."""
+
+import copy
+import os
+import re
+import shutil
+
+import pytest
+import yaml
+from conftest import ROOT, snakemake
+
+from workflow_scripts.artifacts import sha256_file
+
+pytestmark = pytest.mark.slow
+UPSTREAM = {"corpus", "train_tokenizer", "tokenize", "train_lm"}
+DATASTORE = {"extract_keys", "datastore_manifest", "build_index", "retrieve"}
+AGGREGATE = {"sweep", "summarize", "figure_sweep", "all"}
+
+
+def planned(workdir, cfg: dict) -> dict[str, int]:
+    """Rule -> job count that `snakemake -n` would run with ``cfg``."""
+    path = workdir / "planned.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = snakemake(workdir, "-n", "--configfile", str(path)).stdout
+    if "Nothing to be done" in out:
+        return {}
+    table = out[out.index("Job stats:") :].split("\n\n")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\S+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+@pytest.fixture
+def cfg(micro_run):
+    return yaml.safe_load((micro_run / "config.yaml").read_text())
+
+
+def test_grid_change_reruns_only_the_sweep_and_after(micro_run, cfg):
+    c = copy.deepcopy(cfg)
+    c["sweep"].update(lambdas=[0.0, 0.1, 0.5], sigmas=[1, 3], ks=[1, 4, 32])  # same K_max = 32
+    jobs = planned(micro_run, c)
+    assert set(jobs) == AGGREGATE and jobs["sweep"] == 2 and jobs["figure_sweep"] == 2
+
+
+def test_larger_k_max_reruns_retrieval_but_not_extraction(micro_run, cfg):
+    c = copy.deepcopy(cfg)
+    c["sweep"]["ks"] = [1, 8, 64]
+    assert set(planned(micro_run, c)) == {"retrieve"} | AGGREGATE
+
+
+def test_model_change_reruns_downstream_not_upstream(micro_run, cfg):
+    c = copy.deepcopy(cfg)
+    c["models"]["micro-gpt2"]["train"]["steps"] = 31
+    assert set(planned(micro_run, c)) == {"train_lm"} | DATASTORE | AGGREGATE
+
+
+def test_corpus_change_reruns_everything(micro_run, cfg):
+    c = copy.deepcopy(cfg)
+    c["corpora"]["micro"]["generate"]["n_documents"] = 401
+    assert set(planned(micro_run, c)) == UPSTREAM | DATASTORE | AGGREGATE
+
+
+@pytest.mark.parametrize("module, rules", [("figures", {"figure_sweep", "all"}),
+                                           ("knnlm", {"sweep", "summarize", "figure_sweep", "all"}),
+                                           ("index", {"build_index", "retrieve"} | AGGREGATE)])
+def test_code_change_reruns_only_the_rules_that_use_it(micro_run, cfg, module, rules):
+    path = ROOT / "workflow_scripts" / f"{module}.py"
+    text, st = path.read_text(), path.stat()
+    try:
+        path.write_text(text + "\n# an edit\n")
+        assert set(planned(micro_run, cfg)) == rules
+    finally:
+        path.write_text(text)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert planned(micro_run, cfg) == {}
+
+
+def test_new_datastore_builds_only_its_own_jobs(micro_run, cfg, tmp_path):
+    work = tmp_path / "run"
+    shutil.copytree(micro_run, work, symlinks=True)  # copy2 keeps mtimes and .snakemake metadata
+    c = copy.deepcopy(cfg)
+    c["corpora"]["micro2"] = copy.deepcopy(c["corpora"]["micro"])
+    c["corpora"]["micro2"]["generate"]["n_documents"] = 300
+    c["datastores"]["micro2"] = {"model": "micro-gpt2", "corpus": "micro2", "split": "train", "shards": 2}
+    jobs = planned(work, c)
+    assert jobs == {"corpus": 1, "tokenize": 1, "extract_keys": 2, "datastore_manifest": 1, "build_index": 1,
+                    "retrieve": 2, "sweep": 2, "summarize": 1, "figure_sweep": 2, "all": 1}
+    first = [p for d in ("datastores/micro", "retrieval/valid/micro", "retrieval/test/micro", "sweeps")
+             for p in sorted((work / "results" / d).rglob("*")) if p.is_file() and "micro2" not in str(p)]
+    before = {p: (p.stat().st_mtime_ns, sha256_file(p)) for p in first}
+    snakemake(work, "--configfile", str(work / "planned.yaml"))
+    assert {p: (p.stat().st_mtime_ns, sha256_file(p)) for p in first} == before
+    assert (work / "results/sweeps/test/micro2/perplexity.csv").exists()
+    assert planned(work, c) == {}
