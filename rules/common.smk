@@ -109,6 +109,7 @@ SWEEPS = sorted((e, d) for d in DATASTORES for e in EVAL_SETS)
 def all_outputs():
     return [
         "results/tables/perplexity_summary.csv",
+        "results/tables/stage_times.csv",
         *[f"results/figures/perplexity_vs_lambda/{e}__{d}.png" for e, d in SWEEPS],
         *expand("results/models/{model}/loss.csv", model=TRAINED),
     ]
@@ -127,3 +128,4 @@ localrules:
     figures,
     summarize,
     figure_sweep,
+    stage_times,

@@ -28,3 +28,27 @@ rule figure_sweep:
 rule figures:
     input:
         [p for p in all_outputs() if p.startswith("results/figures/")],
+
+
+# Makes the per-stage time and memory table from every job's benchmark file (run last).
+rule stage_times:
+    input:
+        summary="results/tables/perplexity_summary.csv",
+        figures=[
+            f"results/figures/perplexity_vs_lambda/{e}__{d}.png" for e, d in SWEEPS
+        ],
+    output:
+        csv=report(
+            "results/tables/stage_times.csv",
+            caption="../report/stage_times.rst",
+            category="Pipeline",
+        ),
+        parquet="results/tables/stage_times.parquet",
+    log:
+        "results/logs/stage_times/stage_times.log",
+    conda:
+        "../envs/plotting.yaml"
+    params:
+        code=code("stages"),
+    shell:
+        "python -m workflow_scripts stage-times --outdir results/benchmarks --out-stem results/tables/stage_times 2> {log}"

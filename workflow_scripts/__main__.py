@@ -117,6 +117,12 @@ def figure_sweep(a, p):
     perplexity_vs_lambda(a.sweep, p["title"], a.png, a.pdf)
 
 
+def stage_times(a, p):
+    from .stages import stage_times as run
+
+    run(a.outdir, a.out_stem)
+
+
 STEPS = {
     f.__name__.replace("_", "-"): f
     for f in (
@@ -132,6 +138,7 @@ STEPS = {
         sweep,
         summarize,
         figure_sweep,
+        stage_times,
     )
 }
 PATH_ARGS = [

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

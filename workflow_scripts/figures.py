@@ -50,6 +50,6 @@ def perplexity_vs_lambda(sweep_parquet, title: str, png, pdf) -> None:
     ax.set_xlabel("λ (weight of the kNN distribution)")
     ax.set_ylabel("perplexity")
     ax.set_title(title)
-    ax.legend(fontsize=6, ncol=max(1, len(ks) // 2), loc="best")
+    ax.legend(fontsize=6, ncol=1 + len(ks) * len(sigmas) // 16, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(alpha=0.3)
     save(fig, png, pdf)
