@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,14 @@ def snakemake(workdir, *args, check=True, timeout=900):
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def job_stats(output: str) -> dict[str, int]:
+    """Rule -> job count from the "Job stats" table Snakemake prints; {} when there is nothing to do."""
+    if "Nothing to be done" in output:
+        return {}
+    table = output[output.index("Job stats:") :].split("\n\n")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\S+)\s+(\d+)$", table, re.M) if m[1] != "total"}
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,11 @@
 
 import copy
 import os
-import re
 import shutil
 
 import pytest
 import yaml
-from conftest import ROOT, snakemake
+from conftest import ROOT, job_stats, snakemake
 
 from workflow_scripts.artifacts import sha256_file
 
@@ -21,11 +20,7 @@ def planned(workdir, cfg: dict) -> dict[str, int]:
     """Rule -> job count that `snakemake -n` would run with ``cfg``."""
     path = workdir / "planned.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    out = snakemake(workdir, "-n", "--configfile", str(path)).stdout
-    if "Nothing to be done" in out:
-        return {}
-    table = out[out.index("Job stats:") :].split("\n\n")[0]
-    return {m[1]: int(m[2]) for m in re.finditer(r"^(\S+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+    return job_stats(snakemake(workdir, "-n", "--configfile", str(path)).stdout)
 
 
 @pytest.fixture

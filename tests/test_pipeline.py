@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-from conftest import ROOT, snakemake
+from conftest import ROOT, job_stats, snakemake
 
 from workflow_scripts.artifacts import sha256_file
 
@@ -129,3 +129,11 @@ def test_empty_corpus_file_fails_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "corpora.micro.local.files.train" in out and str(tmp_path / "train.txt") in out
     assert not (tmp_path / "results").exists()
+
+
+def test_paper_scale_preset_builds_its_dag_offline(tmp_path):
+    """The WikiText-103 preset's whole DAG is built without network: 32 extraction jobs, one per shard."""
+    proc = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "experiments/wikitext103-gpt2.yaml"))
+    jobs = job_stats(proc.stdout)
+    assert jobs["extract_keys"] == 32 and jobs["model_identity"] == 1 and jobs["retrieve"] == 2
+    assert "train_lm" not in jobs and "train_tokenizer" not in jobs
