@@ -13,7 +13,7 @@ from workflow_scripts.artifacts import sha256_file
 pytestmark = pytest.mark.slow
 UPSTREAM = {"corpus", "train_tokenizer", "tokenize", "train_lm"}
 DATASTORE = {"extract_keys", "datastore_manifest", "build_index", "retrieve"}
-AGGREGATE = {"sweep", "summarize", "figure_sweep", "all"}
+AGGREGATE = {"sweep", "summarize", "figure_sweep", "stage_times", "all"}
 
 
 def planned(workdir, cfg: dict) -> dict[str, int]:
@@ -53,8 +53,8 @@ def test_corpus_change_reruns_everything(micro_run, cfg):
     assert set(planned(micro_run, c)) == UPSTREAM | DATASTORE | AGGREGATE
 
 
-@pytest.mark.parametrize("module, rules", [("figures", {"figure_sweep", "all"}),
-                                           ("knnlm", {"sweep", "summarize", "figure_sweep", "all"}),
+@pytest.mark.parametrize("module, rules", [("figures", {"figure_sweep", "stage_times", "all"}),
+                                           ("knnlm", AGGREGATE),
                                            ("index", {"build_index", "retrieve"} | AGGREGATE)])
 def test_code_change_reruns_only_the_rules_that_use_it(micro_run, cfg, module, rules):
     path = ROOT / "workflow_scripts" / f"{module}.py"
@@ -77,7 +77,7 @@ def test_new_datastore_builds_only_its_own_jobs(micro_run, cfg, tmp_path):
     c["datastores"]["micro2"] = {"model": "micro-gpt2", "corpus": "micro2", "split": "train", "shards": 2}
     jobs = planned(work, c)
     assert jobs == {"corpus": 1, "tokenize": 1, "extract_keys": 2, "datastore_manifest": 1, "build_index": 1,
-                    "retrieve": 2, "sweep": 2, "summarize": 1, "figure_sweep": 2, "all": 1}
+                    "retrieve": 2, "sweep": 2, "summarize": 1, "figure_sweep": 2, "stage_times": 1, "all": 1}
     first = [p for d in ("datastores/micro", "retrieval/valid/micro", "retrieval/test/micro", "sweeps")
              for p in sorted((work / "results" / d).rglob("*")) if p.is_file() and "micro2" not in str(p)]
     before = {p: (p.stat().st_mtime_ns, sha256_file(p)) for p in first}
