@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import polars as pl
@@ -137,3 +138,27 @@ def test_paper_scale_preset_builds_its_dag_offline(tmp_path):
     jobs = job_stats(proc.stdout)
     assert jobs["extract_keys"] == 32 and jobs["model_identity"] == 1 and jobs["retrieve"] == 2
     assert "train_lm" not in jobs and "train_tokenizer" not in jobs
+
+
+def test_ivfpq_index_reruns_only_index_and_after_with_exact_distances(micro_run, tmp_path):
+    """Switching to an approximate index rebuilds only the index and what reads it; cached distances are still
+    exact squared L2 to the stored keys, ascending."""
+    work = tmp_path / "run"
+    shutil.copytree(micro_run, work, symlinks=True)
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["index"] = {"type": "IVFPQ", "nlist": 8, "m": 8, "nbits": 4, "nprobe": 4, "train_sample": 5000}
+    (work / "ivfpq.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(work, "--configfile", str(work / "ivfpq.yaml"))
+    jobs = job_stats(proc.stdout + proc.stderr)
+    assert {"build_index", "retrieve", "sweep"} <= set(jobs) and "extract_keys" not in jobs
+    meta = json.loads((work / "results/datastores/micro/index.json").read_text())
+    assert meta["factory"] == "IVF8,PQ8x4" and not meta["exact"]
+    c = work / "results/retrieval/test/micro"
+    assert json.loads((c / "meta.json").read_text())["distances"] == "recomputed from keys"
+    d = work / "results/datastores/micro"
+    m = json.loads((d / "manifest.json").read_text())
+    keys = np.concatenate([np.load(d / s["keys"]) for s in m["shards"]]).astype(np.float32)
+    ids, dists = np.load(c / "ids.npy"), np.load(c / "dists.npy")
+    q = np.load(c / "queries.npy").astype(np.float32)
+    np.testing.assert_allclose(dists, ((keys[ids] - q[:, None, :]) ** 2).sum(-1), rtol=1e-5, atol=1e-4)
+    assert (np.diff(dists, axis=1) >= 0).all()
