@@ -10,12 +10,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def project_env() -> dict:
+    """The environment the rules run with: this interpreter first on PATH, the project on PYTHONPATH."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+
+
+def snakemake_cmd(workdir, *args) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+            "--cores", "2", *args]
+
+
 def snakemake(workdir, *args, check=True, timeout=900):
     """Run the project's Snakefile in ``workdir`` with this interpreter's environment."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(snakemake_cmd(workdir, *args), env=project_env(), capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

@@ -7,9 +7,12 @@ so an interrupted job never leaves a file that looks finished.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +27,23 @@ class ArtifactError(RuntimeError):
     """A file on disk is missing, corrupt or does not match what its consumer expects."""
 
 
+def _remove_stale_temps(path: Path, suffix: str) -> None:
+    """Delete the temp files of ``path`` that a killed writer left behind (a killed job never reaches the
+    ``finally`` below; its temp file, as large as the output, would stay forever). Only one job writes an
+    output at a time (Snakemake locks outputs), so any earlier temp file of this very name is stale."""
+    stale = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp{re.escape(suffix)}")
+    for f in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(suffix)}"):
+        if stale.fullmatch(f.name):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path, suffix)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -64,8 +79,23 @@ def save_npy(path, array: np.ndarray) -> None:
 
 
 def open_npy_for_writing(path, dtype, shape):
-    """A writable memory map for a ``.npy`` file of known shape, at a temporary name (see ``atomic_path``)."""
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    """A writable memory map for a ``.npy`` file of known shape, at a temporary name (see ``atomic_path``).
+
+    The file's blocks are reserved before it is returned: writing into a sparse memory-mapped file on a full
+    disk kills the process with SIGBUS (no exception, temp file left behind); reserving raises ``OSError``.
+    """
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        size = os.path.getsize(path)
+        try:
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                del arr
+                raise OSError(e.errno, f"{e.strerror} (reserving {size} bytes)", str(path)) from e
+            # the file system cannot reserve space (e.g. EOPNOTSUPP): write into the sparse file as before
+    return arr
 
 
 def load_npy(path, *, mmap: bool = False, dtype=None, ndim: int | None = None) -> np.ndarray:

@@ -6,6 +6,7 @@ column, which is checked and written as ``results/corpus/<corpus>/<split>.parque
 
 from __future__ import annotations
 
+import codecs
 import logging
 import random
 from pathlib import Path
@@ -22,6 +23,30 @@ log = logging.getLogger(__name__)
 
 class CorpusError(ValueError):
     pass
+
+
+def _check_utf8(path, split: str, chunk: int = 1 << 22) -> None:
+    """Refuse a text/JSON corpus file that is not valid UTF-8, naming it and the byte offset.
+
+    ``datasets`` reports such a file as a bare ``DatasetGenerationError`` (text) or fails later, in the
+    empty-document filter (jsonl), without naming the file.
+    """
+    dec = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            pending = len(dec.getstate()[0])
+            try:
+                dec.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise CorpusError(
+                    f"corpus file {path} (split {split!r}) is not valid UTF-8: byte {offset - pending + e.start} "
+                    f"is {e.object[e.start:e.start + 1]!r} ({e.reason})"
+                ) from e
+            if not block:
+                return
+            offset += len(block)
 
 
 def _generate(spec: dict, seed: int) -> tuple[datasets.DatasetDict, dict]:
@@ -53,6 +78,8 @@ def _local(spec: dict) -> datasets.DatasetDict:
                 raise CorpusError(f"corpus file {p} (split {split!r}) does not exist")
             if Path(p).stat().st_size == 0:
                 raise CorpusError(f"corpus file {p} (split {split!r}) is empty")
+            if fmt != "parquet":
+                _check_utf8(p, split)
         files[split] = paths
     try:
         return datasets.load_dataset(LOCAL_BUILDERS[fmt], data_files=files)

@@ -149,8 +149,11 @@ def extract_shard(
         keys.flush()
         vals.flush()
         del keys, vals
+        # hashed as written, so that the manifest can refuse a shard altered between extraction and manifest
+        digests = {"keys_sha256": sha256_file(ktmp), "values_sha256": sha256_file(vtmp)}
     write_json(
-        meta_out, {"shard": shard, "start": a, "end": b, "rows": n, **{k: ident[k] for k in IDENTITY_KEYS}}
+        meta_out,
+        {"shard": shard, "start": a, "end": b, "rows": n, **digests, **{k: ident[k] for k in IDENTITY_KEYS}},
     )
     return n
 
@@ -172,6 +175,13 @@ def write_manifest(ident: dict, tokens_npy, shard_files: list[tuple[str, str, st
             raise ArtifactError(
                 f"{keys_p}: shape {keys.shape}/{vals.shape}, expected ({meta['rows']}, {ident['dim']})"
             )
+        digests = {"keys_sha256": sha256_file(keys_p), "values_sha256": sha256_file(vals_p)}
+        for kind, path in (("keys", keys_p), ("values", vals_p)):
+            if digests[f"{kind}_sha256"] != meta[f"{kind}_sha256"]:
+                raise ArtifactError(
+                    f"{path}: sha256 differs from the one recorded at extraction in {meta_p} (altered since); "
+                    f"delete it and rerun extract_keys"
+                )
         shards.append(
             {
                 "keys": str(Path(keys_p).relative_to(out.parent)),
@@ -181,8 +191,7 @@ def write_manifest(ident: dict, tokens_npy, shard_files: list[tuple[str, str, st
                 "end": meta["end"],
                 "keys_bytes": Path(keys_p).stat().st_size,
                 "values_bytes": Path(vals_p).stat().st_size,
-                "keys_sha256": sha256_file(keys_p),
-                "values_sha256": sha256_file(vals_p),
+                **digests,
             }
         )
         rows += meta["rows"]

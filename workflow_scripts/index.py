@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from .artifacts import ArtifactError, atomic_path, read_json, write_json
+from .artifacts import ArtifactError, atomic_path, read_json, sha256_file, write_json
 from .datastore import Datastore
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,10 @@ def build_index(manifest_path, cfg: dict, seed: int, out_index, out_meta, thread
         raise ArtifactError(f"index holds {index.ntotal} vectors, datastore {manifest_path} has {ds.rows}")
     with atomic_path(out_index, ".faiss") as tmp:
         faiss.write_index(index, str(tmp))
+        index_sha256 = sha256_file(tmp)
     meta = {
         "manifest_sha256": ds.hash,
+        "index_sha256": index_sha256,
         "factory": desc,
         "ntotal": int(index.ntotal),
         "nprobe": cfg.get("nprobe"),
@@ -73,6 +75,8 @@ def load_index(index_path, meta_path, ds: Datastore, nprobe: int | None = None):
     meta = read_json(meta_path)
     if meta["manifest_sha256"] != ds.hash:
         raise ArtifactError(f"{index_path} was built from another version of {ds.path}; rerun build_index")
+    if sha256_file(index_path) != meta["index_sha256"]:
+        raise ArtifactError(f"{index_path}: sha256 differs from {meta_path} (altered); delete it and rerun build_index")
     try:
         index = faiss.read_index(str(index_path))
     except RuntimeError as e:

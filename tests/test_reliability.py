@@ -1,0 +1,608 @@
+"""Reliability: interrupted runs, corrupted artifacts, model mismatch, bad corpora, safe loading, a full disk.
+
+The end-to-end tests work on copies of the shared ``micro_run`` (never on it) or on a fresh run of its config.
+"""
+
+import ast
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from conftest import ROOT, job_stats, project_env, snakemake, snakemake_cmd
+
+from workflow_scripts.artifacts import ArtifactError, save_npy, write_json
+from workflow_scripts.corpus import SPLITS, CorpusError, _check_utf8, load_corpus, write_corpus
+from workflow_scripts.datastore import Datastore, extract_shard, shard_ranges, write_manifest
+from workflow_scripts.index import load_index
+from workflow_scripts.retrieval import load_cache
+from workflow_scripts.sweep import run_sweep
+
+DS = "results/datastores/micro"
+SHARDS = f"{DS}/shards"
+MODEL_DIR = "results/models/micro-gpt2"
+SWEEPS = [f"results/sweeps/{e}/micro/perplexity.csv" for e in ("valid", "test")]
+UPSTREAM = {"corpus", "train_tokenizer", "tokenize", "train_lm"}
+# the retrieval params the micro config gives the rule (see rules/common.smk retrieval_params)
+RETRIEVAL_PARAMS = {"k_max": 32, "max_tokens": 300, "block_size": 32, "batch_size": 8, "device": "cpu",
+                    "nprobe": None}
+SWEEP_PARAMS = {"lambdas": [0.0, 0.25, 0.5], "ks": [1, 8, 32], "sigmas": [1, 10]}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _cli(*args, cwd, timeout=300, **env) -> subprocess.CompletedProcess:
+    """``python -m workflow_scripts ...`` as the rules run it."""
+    return subprocess.run([sys.executable, "-m", "workflow_scripts", *args], cwd=cwd, env={**project_env(), **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _copy_run(micro_run, dest) -> Path:
+    shutil.copytree(micro_run, dest, symlinks=True)
+    return Path(dest)
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Pids of live (non-zombie) processes in process group ``pgid``."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def _run_and_kill(workdir, args, ready, log_path, timeout=900) -> str:
+    """Start Snakemake in its own process group, SIGKILL the whole group once ``ready()`` is true."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(snakemake_cmd(workdir, *args), env=project_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while not ready():
+                if proc.poll() is not None:
+                    raise AssertionError(f"snakemake ended (rc {proc.returncode}) before the kill point:\n"
+                                         f"{Path(log_path).read_text()[-4000:]}")
+                if time.monotonic() > deadline:
+                    raise AssertionError("kill point not reached in time")
+                time.sleep(0.01)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    for _ in range(100):  # the jobs must die with it, or they could finish behind our back
+        if not _group_alive(proc.pid):
+            break
+        time.sleep(0.05)
+    assert not _group_alive(proc.pid), "jobs of the killed run survived"
+    return Path(log_path).read_text()
+
+
+def _final_files_complete(results: Path) -> int:
+    """Every file under ``results`` with a final name (not a hidden temp file) is complete; returns the count."""
+    n = 0
+    for f in results.rglob("*"):
+        if not f.is_file() or f.name.startswith(".") or f.relative_to(results).parts[0] in ("logs", "benchmarks"):
+            continue
+        if f.suffix == ".npy":
+            np.load(f, allow_pickle=False)  # a truncated .npy raises here
+        elif f.suffix == ".json":
+            json.loads(f.read_text())
+        elif f.suffix == ".parquet":
+            pl.read_parquet(f)
+        n += 1
+    return n
+
+
+def _mtimes(root: Path, *subdirs) -> dict[str, int]:
+    return {str(f.relative_to(root)): f.stat().st_mtime_ns
+            for d in subdirs for f in (root / d).rglob("*") if f.is_file()}
+
+
+def _flip_byte_keep_mtime(path: Path, offset: int) -> None:
+    """Bit rot: one byte changes, the size and the mtime do not (so Snakemake sees nothing)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+# --------------------------------------------------------------------------------------------- 1. interrupted runs
+@pytest.mark.slow
+def test_killed_runs_leave_no_partial_files_and_resume_to_the_same_results(micro_run, tmp_path):
+    work = tmp_path / "run"
+    work.mkdir()
+    shutil.copy(micro_run / "config.yaml", work / "config.yaml")
+    cfg = ("--configfile", str(work / "config.yaml"))
+    shards = work / SHARDS
+
+    # kill 1: while an extract_keys job writes its shard (a temp file with data in it), or just after
+    def extracting():
+        for f in shards.iterdir() if shards.exists() else ():
+            try:
+                if f.name.startswith("keys_") or f.name.startswith(".") and f.stat().st_size > 0:
+                    return True
+            except FileNotFoundError:  # renamed while we looked
+                return True
+        return False
+
+    out1 = _run_and_kill(work, cfg, extracting, tmp_path / "run1.out")
+    assert job_stats(out1)["extract_keys"] == 2
+    assert not (work / DS / "manifest.json").exists()
+    assert _final_files_complete(work / "results") > 0
+
+    # a killed run leaves Snakemake's lock behind: the next run refuses until --unlock
+    locked = snakemake(work, *cfg, "--rerun-incomplete", check=False)
+    assert locked.returncode != 0 and "Directory cannot be locked" in locked.stdout + locked.stderr
+    snakemake(work, *cfg, "--unlock")
+
+    # kill 2: while a retrieve job writes its cache
+    retrieval = work / "results/retrieval"
+
+    def retrieving():
+        return retrieval.exists() and any(f.is_file() for f in retrieval.rglob("*"))
+
+    out2 = _run_and_kill(work, (*cfg, "--rerun-incomplete"), retrieving, tmp_path / "run2.out")
+    jobs2 = job_stats(out2)
+    assert jobs2["extract_keys"] == 2 and not UPSTREAM & set(jobs2), jobs2  # finished before kill 1: not rerun
+    _final_files_complete(work / "results")
+    assert not all((work / s).exists() for s in SWEEPS)
+
+    snakemake(work, *cfg, "--unlock")
+    proc3 = snakemake(work, *cfg, "--rerun-incomplete")
+    out3 = proc3.stdout + proc3.stderr
+    jobs3 = job_stats(out3)
+    assert jobs3["retrieve"] >= 1, jobs3
+    assert not (UPSTREAM | {"extract_keys", "datastore_manifest", "build_index"}) & set(jobs3), jobs3
+    _final_files_complete(work / "results")
+    # the temp files the killed jobs left were removed when their outputs were rewritten
+    assert sorted(str(f.relative_to(work)) for f in (work / "results").rglob(".*.tmp*")) == []
+    for rel in (f"{DS}/manifest.json", *SWEEPS, "results/tables/perplexity_summary.csv"):
+        assert (work / rel).read_bytes() == (micro_run / rel).read_bytes(), rel
+    assert "Nothing to be done" in snakemake(work, *cfg, "-n").stdout
+
+
+def test_a_killed_writers_temp_files_are_removed_by_the_next_write(tmp_path):
+    stale = [tmp_path / ".keys_000.npy.k1ll3d_x.tmp.npy", tmp_path / ".meta.json.abcdefgh.tmp"]
+    kept = [tmp_path / ".keys_0001.npy.abcdefgh.tmp.npy", tmp_path / ".keys_000.npy.short.tmp.npy",
+            tmp_path / "notes.txt"]
+    for f in stale + kept:
+        f.write_bytes(b"partial")
+    save_npy(tmp_path / "keys_000.npy", np.arange(3, dtype=np.int32))
+    write_json(tmp_path / "meta.json", {"K": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f.name for f in kept] + ["keys_000.npy", "meta.json"])
+
+
+# --------------------------------------------------------------------------------------------- 2. corruption
+@pytest.fixture
+def damaged(micro_run, tmp_path):
+    """A copy of the micro run to damage."""
+    return _copy_run(micro_run, tmp_path / "copy")
+
+
+@pytest.mark.parametrize("keep", [0, 7, 0.5, -1])
+def test_truncated_index_refused(damaged, keep):
+    index = damaged / DS / "index.faiss"
+    data = index.read_bytes()
+    index.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep % len(data)])
+    ds = Datastore(damaged / DS / "manifest.json")
+    with pytest.raises(ArtifactError) as e:
+        load_index(index, damaged / DS / "index.json", ds)
+    msg = str(e.value)
+    assert str(index) in msg and "sha256 differs" in msg and "rerun build_index" in msg
+
+
+def test_same_size_bit_flip_in_index_refused(damaged):
+    index = damaged / DS / "index.faiss"
+    _flip_byte_keep_mtime(index, index.stat().st_size // 2)
+    with pytest.raises(ArtifactError, match=r"index\.faiss: sha256 differs from .*index\.json \(altered\)"):
+        load_index(index, damaged / DS / "index.json", Datastore(damaged / DS / "manifest.json"))
+
+
+def test_shard_altered_between_extraction_and_manifest_refused(damaged):
+    """The manifest step re-hashes every shard against the digest recorded when the shard was written."""
+    shards = damaged / DS / "shards"
+    _flip_byte_keep_mtime(shards / "vals_001.npy", 200)
+    ident = json.loads((damaged / "results/models/micro-gpt2/model.json").read_text())
+    files = [tuple(str(shards / f"{kind}_{i:03d}.{ext}") for kind, ext in (("keys", "npy"), ("vals", "npy"),
+                                                                           ("shard", "json"))) for i in range(2)]
+    out = damaged / DS / "manifest_new.json"
+    with pytest.raises(ArtifactError, match=r"vals_001\.npy: sha256 differs from the one recorded at extraction"):
+        write_manifest(ident, damaged / "results/tokens/micro-gpt2/micro/train.npy", files, out)
+    assert not out.exists()
+
+
+def test_index_from_another_datastore_version_refused(damaged):
+    meta = damaged / DS / "index.json"
+    m = json.loads(meta.read_text())
+    m["manifest_sha256"] = "0" * 64
+    meta.write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=r"index\.faiss was built from another version of .*manifest\.json; "
+                                            r"rerun build_index"):
+        load_index(damaged / DS / "index.faiss", meta, Datastore(damaged / DS / "manifest.json"))
+
+
+@pytest.mark.parametrize("name", ["targets", "dists", "queries", "ids"])
+@pytest.mark.parametrize("cut", ["tail", "header"])
+def test_truncated_retrieval_cache_refused(damaged, name, cut, tmp_path):
+    cache = damaged / "results/retrieval/valid/micro"
+    f = cache / f"{name}.npy"
+    data = f.read_bytes()
+    f.write_bytes(data[:-4] if cut == "tail" else data[:60])
+    with pytest.raises(ArtifactError, match=re.escape(str(f)) + r": unreadable or truncated \.npy"):
+        load_cache(cache, damaged / DS / "manifest.json")
+    with pytest.raises(ArtifactError, match=re.escape(str(f))):
+        run_sweep(cache, damaged / DS / "manifest.json", SWEEP_PARAMS, tmp_path / "sweep/perplexity")
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("new, expected", [
+    ('"K": 33', r"dists\.npy: shape \(300, 32\), meta\.json says N=300, K=33; delete .* and rerun retrieve"),
+    ('"K": 3x', r"meta\.json: not valid JSON"),
+])
+def test_altered_cache_meta_refused(damaged, new, expected, tmp_path):
+    meta = damaged / "results/retrieval/test/micro/meta.json"
+    text = meta.read_text()
+    assert '"K": 32' in text
+    meta.write_text(text.replace('"K": 32', new))
+    with pytest.raises(ArtifactError, match=expected) as e:
+        load_cache(meta.parent)
+    assert str(meta.parent) in str(e.value)
+    with pytest.raises(ArtifactError, match=expected):
+        run_sweep(meta.parent, damaged / DS / "manifest.json", SWEEP_PARAMS, tmp_path / "sweep/perplexity")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_cli_on_truncated_cache_reports_the_file(damaged, tmp_path):
+    cache = damaged / "results/retrieval/test/micro"
+    (cache / "lm_logprob.npy").write_bytes((cache / "lm_logprob.npy").read_bytes()[:-1])
+    out_stem = tmp_path / "out/perplexity"
+    proc = _cli("sweep", "--params", json.dumps(SWEEP_PARAMS), "--cache", str(cache),
+                "--manifest", str(damaged / DS / "manifest.json"), "--out-stem", str(out_stem), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert f"error: sweep: {cache / 'lm_logprob.npy'}: unreadable or truncated .npy" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out_stem.parent.exists()
+
+
+@pytest.mark.slow
+def test_bit_rot_in_a_key_shard_stops_the_rerun_and_touches_nothing_downstream(damaged):
+    shard = damaged / SHARDS / "keys_001.npy"
+    before = _mtimes(damaged, "results/retrieval", "results/sweeps", "results/tables", "results/figures")
+    index_before = {n: (damaged / DS / n).stat().st_mtime_ns for n in ("index.faiss", "index.json")}
+    manifest = (damaged / DS / "manifest.json").read_bytes()
+    _flip_byte_keep_mtime(shard, shard.stat().st_size // 2)
+    proc = snakemake(damaged, "--configfile", str(damaged / "config.yaml"), "--forcerun", "build_index",
+                     check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"error: build-index: {SHARDS}/keys_001.npy: sha256 differs from manifest {DS}/manifest.json " \
+           "(altered); delete it and rerun extract_keys" in out
+    assert "localrule retrieve:" not in out and "localrule sweep:" not in out
+    assert _mtimes(damaged, "results/retrieval", "results/sweeps", "results/tables", "results/figures") == before
+    # Snakemake deletes the failed job's outputs; none may be left (or rewritten) looking valid
+    for name, mtime in index_before.items():
+        f = damaged / DS / name
+        assert not f.exists() or f.stat().st_mtime_ns == mtime, name
+    assert (damaged / DS / "manifest.json").read_bytes() == manifest  # the damage was not re-blessed
+
+
+# --------------------------------------------------------------------------------------------- 3. mismatch
+def test_retrieve_refuses_a_model_that_did_not_build_the_datastore(micro_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workflow_scripts.lm import write_identity
+
+    src = micro_run / MODEL_DIR / "hf"
+    model, tok = AutoModelForCausalLM.from_pretrained(src), AutoTokenizer.from_pretrained(src)
+    with torch.no_grad():
+        model.transformer.ln_f.bias.add_(0.01)  # same shape, tokenizer and hook point; other weights
+    other = tmp_path / "other-model"
+    model.save_pretrained(other)
+    tok.save_pretrained(other)
+    model_json = tmp_path / "model.json"
+    ident = write_identity({"source": "local", "path": str(other)}, model_json, device="cpu")
+    manifest_path = micro_run / DS / "manifest.json"
+    built_with = json.loads(manifest_path.read_text())["model_sha256"]
+    assert ident["model_sha256"] != built_with
+
+    outdir = tmp_path / "cache"
+    proc = _cli("retrieve", "--params", json.dumps(RETRIEVAL_PARAMS), "--model-json", str(model_json),
+                "--manifest", str(manifest_path), "--index", str(micro_run / DS / "index.faiss"),
+                "--index-meta", str(micro_run / DS / "index.json"),
+                "--tokens", str(micro_run / "results/tokens/micro-gpt2/micro/test.npy"), "--outdir", str(outdir),
+                cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = proc.stderr
+    assert f"error: retrieve: datastore {manifest_path} was built with model_sha256={built_with}, but " \
+           f"{model_json} has model_sha256={ident['model_sha256']}; rebuild the datastore or use its model" in err
+    assert "Traceback" not in err
+    assert not outdir.exists()
+
+
+# --------------------------------------------------------------------------------------------- 4. bad corpora
+@pytest.fixture
+def datasets_cache(monkeypatch, tmp_path_factory):
+    """Offline, and the datasets cache in a temporary directory (as in test_sources.py)."""
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
+
+
+def _local_spec(fmt: str, files: dict) -> dict:
+    return {"source": "local", "local": {"format": fmt, "files": files}}
+
+
+def _good_files(d: Path, fmt: str) -> dict:
+    files = {}
+    for s in SPLITS:
+        f = d / f"{s}.{fmt}"
+        f.write_text(json.dumps({"text": f"{s} doc"}) + "\n" if fmt == "jsonl" else f"{s} doc one\n{s} doc two\n")
+        files[s] = str(f)
+    return files
+
+
+@pytest.mark.parametrize("fmt, content, offset", [
+    ("text", b"good line\nbad \xff\xfe line\n", 14),
+    ("text", "caf\u00e9 ok\n".encode() + b"cut \xc3", 13),  # a multi-byte character cut off at the end
+    ("jsonl", b'{"text": "ok"}\n{"text": "bad \xc3\x28"}\n', 29),
+])
+def test_non_utf8_local_corpus_names_the_file(datasets_cache, tmp_path, fmt, content, offset):
+    files = _good_files(tmp_path, fmt)
+    bad = tmp_path / f"broken.{fmt}"
+    bad.write_bytes(content)
+    files["valid"] = str(bad)
+    with pytest.raises(CorpusError) as e:
+        load_corpus(_local_spec(fmt, files), seed=0)
+    assert str(e.value).startswith(f"corpus file {bad} (split 'valid') is not valid UTF-8: byte {offset} ")
+
+
+def test_utf8_check_is_exact_across_read_chunks(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_bytes("ééé€€€😀\n".encode() * 50)
+    _check_utf8(f, "train", chunk=3)  # multi-byte characters straddle every chunk boundary: still valid
+    f.write_bytes("ééé€€€😀\n".encode() * 50 + b"x\x80")
+    with pytest.raises(CorpusError, match=f"byte {f.stat().st_size - 1} "):
+        _check_utf8(f, "train", chunk=3)
+
+
+def test_corpus_cli_on_non_utf8_file_prints_an_error_not_a_traceback(tmp_path):
+    files = _good_files(tmp_path, "txt")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("na\u00efve caf\u00e9\n".encode("latin-1"))
+    files["train"] = str(bad)
+    outdir = tmp_path / "corpus"
+    proc = _cli("corpus", "--params", json.dumps({"spec": _local_spec("text", files), "seed": 0}),
+                "--outdir", str(outdir), cwd=tmp_path, HF_DATASETS_OFFLINE="1",
+                HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"))
+    assert proc.returncode == 1
+    assert f"error: corpus: corpus file {bad} (split 'train') is not valid UTF-8: byte 2 is b'\\xef'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not outdir.exists()
+
+
+def test_a_two_megabyte_line_loads_and_tokenizes(datasets_cache, micro_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    from workflow_scripts.lm import tokenize_split
+
+    rng = np.random.default_rng(0)
+    words = np.array(["Ada", "Lovelace", "was", "born", "in", "London", "café", "."])
+    line = " ".join(rng.choice(words, size=400_000))[:2_000_000].strip()
+    files = _good_files(tmp_path, "txt")
+    (tmp_path / "long.txt").write_text(f"short doc\n{line}\nlast doc\n")
+    files["train"] = str(tmp_path / "long.txt")
+    write_corpus(_local_spec("text", files), 0, tmp_path / "corpus")
+    texts = pl.read_parquet(tmp_path / "corpus/train.parquet")["text"].to_list()
+    assert texts == ["short doc", line, "last doc"]
+    tok = AutoTokenizer.from_pretrained(micro_run / MODEL_DIR / "tokenizer")
+    n = tokenize_split(tok, tmp_path / "corpus/train.parquet", tmp_path / "train.npy")
+    stream = np.load(tmp_path / "train.npy", allow_pickle=False)
+    assert n == stream.size > 100_000
+    eos = np.flatnonzero(stream == tok.eos_token_id)
+    assert eos.size == 3
+    assert tok.decode(stream[eos[0] + 1 : eos[1]].tolist(), clean_up_tokenization_spaces=False) == line
+
+
+def test_too_few_tokens_for_the_shards_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="^5 tokens cannot fill 8 shards$"):
+        shard_ranges(5, 8, 32)
+    with pytest.raises(ValueError, match="^40 tokens make 2 blocks of 32, fewer than 3 shards$"):
+        shard_ranges(40, 3, 32)
+    with pytest.raises(ValueError, match="^1 tokens cannot fill 1 shards$"):
+        shard_ranges(1, 1, 32)
+    # through extract_shard: refused before any file is written
+    model, ident = _tiny_gpt2(dim=32)
+    save_npy(tmp_path / "tokens.npy", np.arange(40, dtype=np.int32) % 50)
+    out = tmp_path / "shards"
+    with pytest.raises(ValueError, match="fewer than 3 shards"):
+        extract_shard(model, ident, tmp_path / "tokens.npy", 0, 3, 32, 4, out / "k.npy", out / "v.npy",
+                      out / "m.json")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_corpus_shorter_than_the_context_window_is_a_clear_error(micro_run, tmp_path):
+    from workflow_scripts.lm import train_lm
+
+    save_npy(tmp_path / "train.npy", np.arange(20, dtype=np.int32))
+    save_npy(tmp_path / "valid.npy", np.arange(20, dtype=np.int32))
+    cfg = {"batch_size": 2, "block_size": 32, "n_embd": 16, "n_layer": 1, "n_head": 2, "dropout": 0.0,
+           "lr": 1e-3, "weight_decay": 0.0, "steps": 2, "warmup_fraction": 0.1, "log_every": 1}
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'train.npy'}: 20 tokens, fewer than one "
+                                                   "block of 33")):
+        train_lm(tmp_path / "train.npy", tmp_path / "valid.npy", micro_run / MODEL_DIR / "tokenizer", cfg, 0,
+                 tmp_path / "hf", tmp_path / "loss.csv")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "loss.csv").exists()
+
+
+# --------------------------------------------------------------------------------------------- 5. safe loading
+def _unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
+    """Unsafe deserialisation in ``source``: np.load without allow_pickle=False, torch.load without
+    weights_only=True, any use of pickle (or its relatives), trust_remote_code=True hard-coded."""
+    found = []
+
+    def where(node):
+        return f"{filename}:{node.lineno}"
+
+    def kwarg(call, name):
+        return next((k.value for k in call.keywords if k.arg == name), None)
+
+    def is_const(node, value):
+        return isinstance(node, ast.Constant) and node.value is value
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
+            if name == "load" and owner in ("np", "numpy") and not is_const(kwarg(node, "allow_pickle"), False):
+                found.append(f"{where(node)}: np.load without allow_pickle=False")
+            if name == "load" and owner == "torch" and not is_const(kwarg(node, "weights_only"), True):
+                found.append(f"{where(node)}: torch.load without weights_only=True")
+            if name in ("read_pickle", "load_pickle"):
+                found.append(f"{where(node)}: {name}")
+            if is_const(kwarg(node, "trust_remote_code"), True):
+                found.append(f"{where(node)}: trust_remote_code=True")
+            if is_const(kwarg(node, "allow_pickle"), True):
+                found.append(f"{where(node)}: allow_pickle=True")
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            mods = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+            for m in mods:
+                if m and m.split(".")[0] in ("pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib",
+                                             "shelve", "marshal"):
+                    found.append(f"{where(node)}: imports {m}")
+            if isinstance(node, ast.ImportFrom) and node.module in ("numpy", "torch") and any(
+                    a.name == "load" for a in node.names):
+                found.append(f"{where(node)}: imports {node.module}.load (its call could not be checked)")
+        elif isinstance(node, ast.Dict):
+            for k, v in zip(node.keys, node.values, strict=True):
+                if isinstance(k, ast.Constant) and k.value == "trust_remote_code" and is_const(v, True):
+                    found.append(f"{where(node)}: trust_remote_code=True")
+    return found
+
+
+@pytest.mark.parametrize("snippet", [
+    "import numpy as np\nnp.load('x.npy')",
+    "import numpy\nnumpy.load('x.npy', allow_pickle=True)",
+    "import numpy as np\nnp.load('x.npy', mmap_mode='r', allow_pickle=flag)",
+    "import torch\ntorch.load('x.pt')",
+    "import torch\ntorch.load('x.pt', weights_only=False)",
+    "import pickle\npickle.loads(b'')",
+    "from joblib import load",
+    "from numpy import load\nload('x.npy', allow_pickle=False)",
+    "import polars as pl\nimport pandas as pd\npd.read_pickle('x')",
+    "AutoModel.from_pretrained(p, trust_remote_code=True)",
+    "kw = {'trust_remote_code': True}",
+])
+def test_safe_loading_scanner_flags_unsafe_code(snippet):
+    assert _unsafe_calls(snippet)
+
+
+def test_workflow_scripts_load_nothing_unsafely():
+    files = sorted((ROOT / "workflow_scripts").glob("*.py"))
+    assert len(files) >= 10
+    problems = [p for f in files for p in _unsafe_calls(f.read_text(), f.name)]
+    assert problems == []
+    assert not _unsafe_calls("import numpy as np\nnp.load('x.npy', mmap_mode='r', allow_pickle=False)\n"
+                             "import torch\ntorch.load('x.pt', weights_only=True)\n"
+                             "f(trust_remote_code=bool(spec.get('trust_remote_code', False)))")
+
+
+# --------------------------------------------------------------------------------------------- 6. a full disk
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs, or a skip saying why one cannot be mounted here."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _tiny_gpt2(dim: int):
+    import transformers as tf
+
+    from workflow_scripts.lm import find_hook_point, weights_hash
+
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=50, n_positions=32, n_embd=dim, n_layer=1, n_head=2)).eval()
+    hook = find_hook_point(model)
+    ident = {"source": "local", "path": "/nowhere/tiny", "revision": None, "architecture": type(model).__name__,
+             "model_sha256": weights_hash(model), "tokenizer_sha256": "ab" * 32, "hook_point": hook, "dim": dim,
+             "vocab_size": 50}
+    return model, ident
+
+
+def _disk_full_scenario(mnt: str, scratch: str) -> dict:
+    """Run in a child process (a SIGBUS must not take pytest down): a small shard fits on ``mnt``, a big one
+    does not."""
+    mnt, scratch = Path(mnt), Path(scratch)
+    model, ident = _tiny_gpt2(dim=128)  # 256 bytes of float16 keys per row
+    rng = np.random.default_rng(0)
+    save_npy(scratch / "small.npy", rng.integers(0, 50, 257).astype(np.int32))  # 256 rows: 64 KiB of keys
+    save_npy(scratch / "big.npy", rng.integers(0, 50, 12_001).astype(np.int32))  # 12000 rows: 3 MiB of keys
+    small = [str(mnt / n) for n in ("keys_small.npy", "vals_small.npy", "shard_small.json")]
+    extract_shard(model, ident, scratch / "small.npy", 0, 1, 32, 8, *small)
+    write_manifest(ident, scratch / "small.npy", [tuple(small)], mnt / "manifest.json")
+    result = {"error": None}
+    try:
+        extract_shard(model, ident, scratch / "big.npy", 0, 1, 32, 8, mnt / "keys_big.npy", mnt / "vals_big.npy",
+                      mnt / "shard_big.json")
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which asserts on it
+        result["error"] = {"type": type(e).__name__, "errno": getattr(e, "errno", None), "message": str(e),
+                           "is_oserror": isinstance(e, OSError)}
+    result["files"] = sorted(os.listdir(mnt))
+    ds = Datastore(mnt / "manifest.json")  # deep: sizes and sha256 of the small shard
+    result["small_rows"] = ds.rows
+    return result
+
+
+def test_full_disk_during_extraction_raises_and_leaves_earlier_shard_intact(small_tmpfs, tmp_path):
+    code = ("import json, sys; import test_reliability as t; "
+            "print('RESULT ' + json.dumps(t._disk_full_scenario(sys.argv[1], sys.argv[2])))")
+    env = dict(project_env(), PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    proc = subprocess.run([sys.executable, "-c", code, str(small_tmpfs), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != -signal.SIGBUS, "extraction was killed by SIGBUS writing a memory map on a full disk"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    err = result["error"]
+    assert err is not None, "a 3 MiB shard was written to a 2 MiB file system"
+    assert err["is_oserror"] and err["errno"] == 28 and "No space left on device" in err["message"], err
+    assert str(small_tmpfs) in err["message"]
+    # no final-named (or temp) file of the failed shard; the earlier shard and its manifest still verify
+    assert result["files"] == ["keys_small.npy", "manifest.json", "shard_small.json", "vals_small.npy"]
+    assert result["small_rows"] == 256
+
+
+def test_full_disk_in_the_extract_keys_step_prints_an_error(micro_run, small_tmpfs):
+    params = {"shard": 0, "shards": 1, "block_size": 32, "batch_size": 8, "device": "cpu"}  # 5 MB of keys
+    proc = _cli("extract-keys", "--params", json.dumps(params), "--model-json", f"{MODEL_DIR}/model.json",
+                "--tokens", "results/tokens/micro-gpt2/micro/train.npy", "--keys", str(small_tmpfs / "keys_000.npy"),
+                "--vals", str(small_tmpfs / "vals_000.npy"), "--meta", str(small_tmpfs / "shard_000.json"),
+                cwd=micro_run)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert re.search(r"^error: extract-keys: \[Errno 28\] No space left on device \(reserving \d+ bytes\): "
+                     + re.escape(f"'{small_tmpfs}/.keys_000.npy."), proc.stderr, re.M), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert os.listdir(small_tmpfs) == []
