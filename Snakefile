@@ -19,6 +19,7 @@ include: "rules/index.smk"
 include: "rules/retrieval.smk"
 include: "rules/sweep.smk"
 include: "rules/figures.smk"
+include: "rules/tasks.smk"
 
 
 rule all:

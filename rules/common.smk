@@ -106,12 +106,104 @@ def select_on():
 SWEEPS = sorted((e, d) for d in DATASTORES for e in EVAL_SETS)
 
 
+# ----------------------------------------------------------------------------- tasks (paper 1)
+from workflow_scripts import tasks as _tasks
+
+TASKS = config.get("tasks") or _tasks.default_tasks_config(config)
+TASK_REGISTRY = _tasks.registry(TASKS.get("custom"))
+# one scoring job per (datastore, task); the datastore names its model
+TASK_RUNS = sorted((d, t) for d, names in TASKS["evaluate"].items() for t in names)
+TASK_NAMES = sorted({t for _, t in TASK_RUNS})
+TASK_DATASTORES = sorted({d for d, _ in TASK_RUNS})
+SYNTHETIC = [t for t in TASK_NAMES if TASK_REGISTRY[t]["source"]["type"] == "synthetic"]
+
+
+def task_entry(task):
+    """The registry entry as scored: a synthetic source becomes the suite's jsonl file, a local one stays."""
+    e = dict(TASK_REGISTRY[task])
+    if e["source"]["type"] == "synthetic":
+        e["source"] = {"type": "local", "path": f"results/task_suite/{task}.jsonl"}
+    return e
+
+
+def task_source_files(wildcards):
+    src = task_entry(wildcards.task)["source"]
+    return [src["path"]] if src["type"] == "local" else []
+
+
+def task_score_params(wildcards):
+    """What a task's scoring depends on: the entry, K_max, the window, and for generate tasks the decoding (and
+    the grid, when every grid point is decoded)."""
+    ex, sw = config["extraction"], config["sweep"]
+    e = task_entry(wildcards.task)
+    p = {
+        "task": wildcards.task,
+        "entry": e,
+        "datastore": wildcards.ds,
+        "k_max": sw["k_max"],
+        "block_size": ex["block_size"],
+        "batch_size": TASKS.get("batch_size", 32),
+        "device": ex["device"],
+        "nprobe": (
+            config["index"]["nprobe"] if config["index"]["type"] != "Flat" else None
+        ),
+    }
+    if e["kind"] == "generate":
+        p["generate"] = {
+            "points": "chosen",
+            "max_new_tokens": 16,
+            **TASKS.get("generate", {}),
+        }
+        if p["generate"]["points"] == "grid":
+            p["grid"] = {k: sw[k] for k in ("lambdas", "ks", "sigmas")}
+    return as_json(p)
+
+
+def task_sweep_params(wildcards):
+    """What a task's sweep depends on: the entry and the λ/k/σ grid (the chosen point is an input file)."""
+    return as_json(
+        {
+            "task": wildcards.task,
+            "entry": task_entry(wildcards.task),
+            "datastore": wildcards.ds,
+            "model": DATASTORES[wildcards.ds]["model"],
+            "grid": {k: config["sweep"][k] for k in ("lambdas", "ks", "sigmas")},
+        }
+    )
+
+
+def task_summary_input(wildcards):
+    """Generate tasks decode at the point chosen on perplexity, so they wait for the perplexity summary."""
+    if TASK_REGISTRY[wildcards.task]["kind"] == "generate":
+        return {"summary": "results/tables/perplexity_summary.csv"}
+    return {}
+
+
+def task_outputs():
+    if not TASK_RUNS:
+        return []
+    return [
+        "results/tables/task_summary.csv",
+        *[f"results/figures/task_delta/{d}.png" for d in TASK_DATASTORES],
+        *[
+            f"results/tables/task_examples/{d}.csv"
+            for d in TASK_DATASTORES
+            if any(
+                TASK_REGISTRY[t]["category"] == "reasoning"
+                for e, t in TASK_RUNS
+                if e == d
+            )
+        ],
+    ]
+
+
 def all_outputs():
     return [
         "results/tables/perplexity_summary.csv",
         "results/tables/stage_times.csv",
         *[f"results/figures/perplexity_vs_lambda/{e}__{d}.png" for e, d in SWEEPS],
         *expand("results/models/{model}/loss.csv", model=TRAINED),
+        *task_outputs(),
     ]
 
 
@@ -120,6 +212,7 @@ wildcard_constraints:
     evalset=names_regex(EVAL_SETS),
     split="train|valid|test",
     shard=r"\d{3}",
+    task=names_regex(TASK_NAMES),
 
 
 # Cheap aggregation jobs run on the submitting host, not as cluster jobs.
@@ -129,3 +222,5 @@ localrules:
     summarize,
     figure_sweep,
     stage_times,
+    task_summary,
+    figure_tasks,

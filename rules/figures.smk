@@ -37,6 +37,7 @@ rule stage_times:
         figures=[
             f"results/figures/perplexity_vs_lambda/{e}__{d}.png" for e, d in SWEEPS
         ],
+        tasks=task_outputs(),
     output:
         csv=report(
             "results/tables/stage_times.csv",

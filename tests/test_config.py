@@ -43,7 +43,7 @@ def test_shipped_config_validates_with_defaults():
     assert c["sweep"]["k_max"] == max(c["sweep"]["ks"]) == 2048
     assert c["models"]["tiny-gpt2"]["trust_remote_code"] is False
     assert c["index"]["type"] == "Flat" and c["index"]["nprobe"] == 32
-    assert set(c) == {"seed", "corpora", "models", "datastores", "eval_sets", "extraction", "index", "sweep"}
+    assert set(c) == {"seed", "corpora", "models", "datastores", "eval_sets", "extraction", "index", "sweep", "tasks"}
     again = validate(copy.deepcopy(c))  # idempotent on an already-validated config
     assert again == c
 

@@ -123,6 +123,49 @@ def stage_times(a, p):
     run(a.outdir, a.out_stem)
 
 
+def task_suite(a, p):
+    from .task_suite import write_suite
+
+    write_suite(a.train, p["generators"], p["n_items"], p["seed"], a.outdir)
+
+
+def load_task(a, p):
+    from .tasks import load_task as run
+
+    run(p["entry"], p.get("max_items"), p["seed"], a.out)
+
+
+def score_task(a, p):
+    from .task_eval import score_task as run
+
+    _threads(a.threads)
+    run(a.model_json, a.manifest, a.index, a.index_meta, a.parquet, p, a.outdir, a.sweep, threads=a.threads)
+
+
+def task_sweep(a, p):
+    from .task_eval import task_sweep as run
+
+    run(a.cache, a.parquet, p, a.sweep, a.out_stem)
+
+
+def task_summary(a, p):
+    from .task_eval import task_summary as run
+
+    run(a.sweeps, a.out_stem)
+
+
+def figure_tasks(a, p):
+    from .task_eval import figure_tasks as run
+
+    run(a.sweeps, p["title"], a.png, a.pdf, p.get("seed", 0))
+
+
+def task_examples(a, p):
+    from .task_eval import task_examples as run
+
+    run(a.sweeps, a.tokens, a.model_json, p, a.out_stem)
+
+
 STEPS = {
     f.__name__.replace("_", "-"): f
     for f in (
@@ -139,6 +182,13 @@ STEPS = {
         summarize,
         figure_sweep,
         stage_times,
+        task_suite,
+        load_task,
+        score_task,
+        task_sweep,
+        task_summary,
+        figure_tasks,
+        task_examples,
     )
 }
 PATH_ARGS = [
@@ -184,7 +234,7 @@ def main(argv=None) -> int:
         parser.error(f"--params is not valid JSON: {e}")
     try:
         STEPS[args.step](args, params)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: also a full disk, not only a missing file
         logging.getLogger("workflow_scripts").error("%s failed: %s", args.step, e)
         print(f"error: {args.step}: {e}", file=sys.stderr)
         return 1

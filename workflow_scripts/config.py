@@ -103,6 +103,43 @@ def _cross_check(c: dict) -> None:
             f"config key sweep.k_max: {sw['k_max']} is smaller than the largest k in sweep.ks "
             f"({max(sw['ks'])}); retrieval must fetch at least max(ks) neighbours"
         )
+    if "tasks" in c:
+        _cross_check_tasks(c)
+
+
+def _cross_check_tasks(c: dict) -> None:
+    """Task names exist (registry or tasks.custom), datastores exist, the synthetic suite has a generated corpus."""
+    from .tasks import TaskError, check_entry, registry
+
+    t = c["tasks"]
+    for name, entry in t.get("custom", {}).items():
+        try:
+            check_entry(name, entry, where=f"config key tasks.custom.{name}")
+        except (TaskError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"config key tasks.custom.{name}: {e}") from e
+    reg = registry(t.get("custom"))
+    synthetic = False
+    for ds, names in t["evaluate"].items():
+        if ds not in c["datastores"]:
+            raise ConfigError(
+                f"config key tasks.evaluate.{ds}: not one of the datastores ({', '.join(c['datastores'])})"
+            )
+        for i, name in enumerate(names):
+            if name not in reg:
+                raise ConfigError(
+                    f"config key tasks.evaluate.{ds}.{i}: {name!r} is not a task of the registry or tasks.custom"
+                )
+            synthetic |= reg[name]["source"]["type"] == "synthetic"
+    syn = t.get("synthetic")
+    if syn is not None:
+        corpus = c["corpora"].get(syn["corpus"])
+        if corpus is None or corpus["source"] != "generate":
+            raise ConfigError(
+                f"config key tasks.synthetic.corpus: {syn['corpus']!r} is not a generated corpus "
+                f"(generated: {', '.join(n for n, s in c['corpora'].items() if s['source'] == 'generate') or 'none'})"
+            )
+    elif synthetic:
+        raise ConfigError("config key tasks.synthetic: synthetic tasks are evaluated, name the corpus they come from")
 
 
 def load(path) -> dict:

@@ -1,0 +1,224 @@
+# Tasks (paper 1): memory- vs reasoning-intensive tasks, base LM vs kNN-LM. Entries in
+# workflow_scripts/task_registry.yaml (+ tasks.custom); one scoring job per (datastore, task), the datastore
+# naming its model; every (λ, k, σ) is a rescoring of the task's retrieval cache.
+
+
+# Makes the offline synthetic task suite from the world and training split of the synthetic corpus.
+rule task_suite:
+    input:
+        train=lambda w: f"results/corpus/{TASKS['synthetic']['corpus']}/train.parquet",
+        world=lambda w: f"results/corpus/{TASKS['synthetic']['corpus']}/world.json",
+    output:
+        [f"results/task_suite/{t}.jsonl" for t in SYNTHETIC],
+    log:
+        "results/logs/task_suite/task_suite.log",
+    benchmark:
+        "results/benchmarks/task_suite/task_suite.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        code=code("task_suite"),
+        p=lambda w: as_json(
+            {
+                "generators": {
+                    t: TASK_REGISTRY[t]["source"]["generator"] for t in SYNTHETIC
+                },
+                "n_items": TASKS.get("synthetic", {}).get("n_items", 200),
+                "seed": config["seed"],
+            }
+        ),
+    shell:
+        "python -m workflow_scripts task-suite --params {params.p:q} --train {input.train} --outdir results/task_suite 2> {log}"
+
+
+# Makes a task's items (the entry applied to its dataset rows) from the hub, a local file or the suite.
+rule load_task:
+    input:
+        task_source_files,
+    output:
+        "results/task_data/{task}.parquet",
+    log:
+        "results/logs/load_task/{task}.log",
+    benchmark:
+        "results/benchmarks/load_task/{task}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        code=code("tasks"),
+        p=lambda w: as_json(
+            {
+                "entry": task_entry(w.task),
+                "max_items": TASKS.get("max_items"),
+                "seed": config["seed"],
+            }
+        ),
+    shell:
+        "python -m workflow_scripts load-task --params {params.p:q} --out {output} 2> {log}"
+
+
+# Makes a task's retrieval cache (teacher-forced kinds) or its decoded answers (generate) on a datastore.
+rule score_task:
+    input:
+        unpack(task_summary_input),
+        model_json=lambda w: model_json(DATASTORES[w.ds]["model"]),
+        manifest="results/datastores/{ds}/manifest.json",
+        index="results/datastores/{ds}/index.faiss",
+        index_meta="results/datastores/{ds}/index.json",
+        task_items="results/task_data/{task}.parquet",
+    output:
+        npz="results/tasks/{ds}/{task}/scored.npz",
+        json="results/tasks/{ds}/{task}/scored.json",
+    log:
+        "results/logs/score_task/{ds}/{task}.log",
+    benchmark:
+        "results/benchmarks/score_task/{ds}/{task}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=12 * 60,
+        gpu=GPU,
+    params:
+        code=code(
+            "task_eval",
+            "scoring",
+            "tasks",
+            "knnlm",
+            "retrieval",
+            "datastore",
+            "index",
+            "lm",
+        ),
+        p=task_score_params,
+        summary=lambda w, input: (
+            f"--sweep {input.summary}" if "summary" in input.keys() else ""
+        ),
+    shell:
+        "python -m workflow_scripts score-task --params {params.p:q} --threads {threads} --model-json {input.model_json}"
+        " --manifest {input.manifest} --index {input.index} --index-meta {input.index_meta} --parquet {input.task_items}"
+        " {params.summary} --outdir results/tasks/{wildcards.ds}/{wildcards.task} 2> {log}"
+
+
+# Makes a task's metric over the λ/k/σ grid, its per-item predictions and its one-row summary.
+rule task_sweep:
+    input:
+        scored=rules.score_task.output,
+        task_items="results/task_data/{task}.parquet",
+        summary="results/tables/perplexity_summary.csv",
+    output:
+        csv=report(
+            "results/tasks/{ds}/{task}/sweep.csv",
+            caption="../report/task_sweep.rst",
+            category="Tasks (paper 1)",
+            subcategory="Sweeps",
+        ),
+        parquet="results/tasks/{ds}/{task}/sweep.parquet",
+        predictions="results/tasks/{ds}/{task}/predictions.parquet",
+        summary="results/tasks/{ds}/{task}/summary.json",
+    log:
+        "results/logs/task_sweep/{ds}/{task}.log",
+    benchmark:
+        "results/benchmarks/task_sweep/{ds}/{task}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        code=code("task_eval", "scoring", "knnlm", "tasks"),
+        p=task_sweep_params,
+    shell:
+        "python -m workflow_scripts task-sweep --params {params.p:q} --cache results/tasks/{wildcards.ds}/{wildcards.task}"
+        " --parquet {input.task_items} --sweep {input.summary} --out-stem results/tasks/{wildcards.ds}/{wildcards.task}/sweep"
+        " 2> {log}"
+
+
+# Makes the task table: base LM vs kNN-LM per (datastore, task), at the perplexity-chosen and the best point.
+rule task_summary:
+    input:
+        [f"results/tasks/{d}/{t}/summary.json" for d, t in TASK_RUNS],
+    output:
+        csv=report(
+            "results/tables/task_summary.csv",
+            caption="../report/task_summary.rst",
+            category="Tasks (paper 1)",
+        ),
+        parquet="results/tables/task_summary.parquet",
+    log:
+        "results/logs/task_summary/task_summary.log",
+    conda:
+        "../envs/pipeline.yaml"
+    params:
+        code=code("task_eval"),
+    shell:
+        "python -m workflow_scripts task-summary --sweeps {input} --out-stem results/tables/task_summary 2> {log}"
+
+
+# Makes the figure of Δ = kNN-LM − base LM per task, grouped by category, with bootstrap intervals.
+rule figure_tasks:
+    input:
+        lambda w: [
+            f"results/tasks/{w.ds}/{t}/predictions.parquet"
+            for d, t in TASK_RUNS
+            if d == w.ds
+        ],
+    output:
+        png=report(
+            "results/figures/task_delta/{ds}.png",
+            caption="../report/task_delta.rst",
+            category="Tasks (paper 1)",
+        ),
+        pdf="results/figures/task_delta/{ds}.pdf",
+    log:
+        "results/logs/figure_tasks/{ds}.log",
+    conda:
+        "../envs/plotting.yaml"
+    params:
+        code=code("task_eval", "figures"),
+        p=lambda w: as_json(
+            {
+                "title": f"datastore {w.ds} (model {DATASTORES[w.ds]['model']})",
+                "seed": config["seed"],
+            }
+        ),
+    shell:
+        "python -m workflow_scripts figure-tasks --params {params.p:q} --sweeps {input} --png {output.png} --pdf {output.pdf} 2> {log}"
+
+
+# Makes the qualitative table: reasoning items the kNN-LM got right and the base LM did not, with neighbours.
+rule task_examples:
+    input:
+        predictions=lambda w: [
+            f"results/tasks/{w.ds}/{t}/predictions.parquet"
+            for d, t in TASK_RUNS
+            if d == w.ds and TASK_REGISTRY[t]["category"] == "reasoning"
+        ],
+        tokens=lambda w: ds_tokens(w.ds),
+        model_json=lambda w: model_json(DATASTORES[w.ds]["model"]),
+    output:
+        csv=report(
+            "results/tables/task_examples/{ds}.csv",
+            caption="../report/task_examples.rst",
+            category="Tasks (paper 1)",
+        ),
+        parquet="results/tables/task_examples/{ds}.parquet",
+    log:
+        "results/logs/task_examples/{ds}.log",
+    conda:
+        "../envs/pipeline.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        code=code("task_eval"),
+        p=as_json({"window": 24, "items_per_task": 5, "neighbours": 4}),
+    shell:
+        "python -m workflow_scripts task-examples --params {params.p:q} --sweeps {input.predictions} --tokens {input.tokens}"
+        " --model-json {input.model_json} --out-stem results/tables/task_examples/{wildcards.ds} 2> {log}"

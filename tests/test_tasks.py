@@ -1,0 +1,442 @@
+"""Paper 1's task evaluation: registry and loaders (offline fixtures), scoring kinds on a toy model whose
+probabilities we set, metrics, the synthetic suite's invariants, and the task stages end to end on micro."""
+
+import copy
+import json
+import math
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import yaml
+from conftest import ROOT, job_stats, snakemake
+
+from workflow_scripts import knnlm, scoring, task_eval, task_suite, tasks
+from workflow_scripts.config import ConfigError, validate
+
+FIXTURES = ROOT / "tests" / "fixtures" / "tasks"
+REG = tasks.registry()
+PAPER = [n for n, e in REG.items() if e["source"]["type"] == "hf"]
+
+
+# ------------------------------------------------------------------------------------------- registry
+def test_registry_has_the_twenty_paper_tasks_in_their_categories():
+    memory = {"sst2", "rotten_tomatoes", "mr", "cr", "hyp", "agn", "yahoo", "rte", "cb"}
+    choice = {"openbookqa", "arc_easy", "arc_challenge", "mmlu", "hellaswag", "winogrande"}
+    generate = {"nq_open", "hotpotqa", "drop", "gsm8k", "bbh"}
+    assert set(PAPER) == memory | choice | generate and len(PAPER) == 20
+    assert all(REG[t]["category"] == "memory" and REG[t]["kind"] == "classify" and REG[t]["pmi"] for t in memory)
+    assert all(REG[t]["category"] == "reasoning" and REG[t]["kind"] == "choice" for t in choice)
+    assert all(REG[t]["category"] == "reasoning" and REG[t]["kind"] == "generate" for t in generate)
+
+
+def test_a_bad_entry_is_refused_naming_its_field():
+    e = copy.deepcopy(REG["sst2"])
+    e["metric"] = "em"
+    with pytest.raises(tasks.TaskError, match="metric"):
+        tasks.check_entry("x", e)
+    e = copy.deepcopy(REG["arc_easy"])
+    del e["gold"]["match_field"]
+    with pytest.raises(tasks.TaskError, match="gold"):
+        tasks.check_entry("x", e)
+
+
+# one fixture per paper task, in that dataset's own column layout; (expected gold answer of row 0, n options)
+EXPECTED = {
+    "sst2": ("1", 2), "rotten_tomatoes": ("0", 2), "mr": ("1", 2), "cr": ("0", 2), "hyp": ("True", 2),
+    "agn": ("2", 4), "yahoo": ("4", 10), "rte": ("0", 2), "cb": ("2", 3),
+    "openbookqa": ("the sun", 4), "arc_easy": ("oxygen", 4), "arc_challenge": ("mass", 3),
+    "mmlu": ("4", 4), "hellaswag": ("puts the dough in the oven.", 4), "winogrande": ("the ball", 2),
+    "nq_open": ("Paris | paris", None), "hotpotqa": ("yes", None), "drop": ("12 | twelve", None),
+    "gsm8k": ("42", None), "bbh": ("True", None),
+}
+
+
+@pytest.mark.parametrize("task", sorted(EXPECTED))
+def test_each_paper_task_loads_offline_from_a_fixture_in_its_column_layout(task):
+    items = tasks.load_items(REG[task], data_files=str(FIXTURES / f"{task}.jsonl"))
+    assert len(items) >= 2
+    it = items[0]
+    answer, n_options = EXPECTED[task]
+    assert it["answer"] == answer
+    if n_options is None:
+        assert it["context"] and it["answers"]
+    else:
+        assert len(it["options"]) == n_options and 0 <= it["gold"] < n_options
+        assert (it["domain"] is not None) == bool(REG[task].get("pmi"))
+        for opt in it["options"]:
+            assert all(ctx and cont for ctx, cont in opt)
+
+
+def test_winogrande_scores_the_rest_of_the_sentence_after_the_filled_blank():
+    it = tasks.load_items(REG["winogrande"], data_files=str(FIXTURES / "winogrande.jsonl"))[0]
+    (c0, t0), (c1, t1) = it["options"][0][0], it["options"][1][0]
+    assert t0 == t1 and "_" not in c0 + c1 and c0.endswith("the ball") and c1.endswith("the window")
+
+
+def test_user_task_from_a_local_jsonl_file(tmp_path):
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"q": "2 + 2 =", "a": "4"}\n{"q": "3 + 3 =", "a": "6"}\n{"q": "1 + 1 =", "a": "2"}\n')
+    entry = {"category": "reasoning", "kind": "generate", "metric": "em", "source": {"type": "local", "path": str(f)},
+             "prompt": "{q}", "answers": {"field": "a"}}
+    tasks.check_entry("mine", entry)
+    items = tasks.load_items(entry, max_items=2, seed=0)
+    assert len(items) == 2 and all(it["answers"][0] in "462" for it in items)
+    assert items == tasks.load_items(entry, max_items=2, seed=0)  # seeded subsample
+
+
+def test_config_names_a_missing_task_and_a_bad_custom_entry():
+    c = yaml.safe_load((ROOT / "config.yaml").read_text())
+    c["tasks"] = {"evaluate": {"synthwiki": ["synth_recall", "nope"]}, "synthetic": {"corpus": "synthwiki"}}
+    with pytest.raises(ConfigError, match=r"tasks\.evaluate\.synthwiki\.1"):
+        validate(copy.deepcopy(c))
+    c["tasks"]["evaluate"]["synthwiki"] = ["mine"]
+    c["tasks"]["custom"] = {"mine": {"category": "memory", "kind": "generate", "metric": "accuracy"}}
+    with pytest.raises(ConfigError, match=r"tasks\.custom\.mine"):
+        validate(copy.deepcopy(c))
+    c["tasks"] = {"evaluate": {"synthwiki": ["synth_recall"]}}
+    with pytest.raises(ConfigError, match=r"tasks\.synthetic"):
+        validate(copy.deepcopy(c))
+
+
+# ------------------------------------------------------------------------------------------- metrics
+@pytest.mark.parametrize("pred, golds, em, f1", [
+    ("The Eiffel Tower!", ["eiffel tower"], 1.0, 1.0),
+    ("  Paris,  France ", ["paris france"], 1.0, 1.0),
+    ("a cat sat", ["the dog sat"], 0.0, 0.5),
+    ("Barack Obama", ["Obama", "Barack Hussein Obama"], 0.0, 0.8),
+    ("", ["x"], 0.0, 0.0),
+    ("An apple", ["apple", "pear"], 1.0, 1.0),
+])
+def test_em_and_f1_with_squad_normalisation(pred, golds, em, f1):
+    assert tasks.normalize_answer("The  Cat, a DOG.") == "cat dog"
+    assert tasks.exact_match(pred, golds) == em
+    assert tasks.token_f1(pred, golds) == pytest.approx(f1)
+
+
+def test_gsm8k_answer_extraction_on_real_format_answers():
+    sol = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether "
+           "in April and May.\n#### 72")
+    assert tasks.gsm8k_gold(sol) == "72"
+    assert tasks.gsm8k_gold("... so she pays 1,200 dollars.\n#### 1,200") == "1200"
+    with pytest.raises(tasks.TaskError):
+        tasks.gsm8k_gold("no marker 5")
+    assert tasks.final_number("She has 3 apples, then 5 more, so 8 apples.") == "8"
+    assert tasks.final_number("#### 42\nQuestion: 7") == "42"
+    assert tasks.number_match("so the answer is 1,200.", ["1200"]) == 1.0
+    assert tasks.number_match("The answer is 41", ["42"]) == 0.0
+    assert tasks.number_match("no number", ["42"]) == 0.0
+
+
+# ------------------------------------------------------------------------------------------- toy model
+class _Block(torch.nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.mlp = torch.nn.Identity()
+        self.emb = torch.nn.Embedding(vocab, vocab)
+        self.emb.weight.data = torch.eye(vocab)
+
+
+class _Out:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class ToyLM(torch.nn.Module):
+    """A bigram LM: p(next | ..., x) = table[x]; the hooked 'mlp' input (the key) is one_hot(x)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.as_tensor(np.log(table), dtype=torch.float32)
+        self.h = torch.nn.ModuleList([_Block(len(table))])
+
+    def forward(self, input_ids, attention_mask=None):
+        keys = self.h[0].emb(input_ids)
+        self.h[0].mlp(keys)
+        return _Out(self.table[input_ids])
+
+
+V = 5  # tokens: 0 bos, 1 "a", 2 "b", 3 "c", 4 "d"
+WORDS = {"a": 1, "b": 2, "c": 3, "d": 4}
+TABLE = np.array([
+    [0.1, 0.1, 0.2, 0.4, 0.2],    # after bos
+    [0.1, 0.1, 0.5, 0.2, 0.1],    # after a
+    [0.2, 0.2, 0.2, 0.2, 0.2],    # after b
+    [0.1, 0.6, 0.1, 0.1, 0.1],    # after c
+    [0.25, 0.25, 0.25, 0.15, 0.1],  # after d
+])
+
+
+def encode(s):
+    return [WORDS[w] for w in s.split()]
+
+
+def toy_search(stored_keys, stored_vals, dist_offsets):
+    """Exact neighbours over a tiny datastore, as retrieval.search + gather_vals return them."""
+    def fn(q):
+        d = ((q[:, None, :] - stored_keys[None]) ** 2).sum(-1) + dist_offsets[None]
+        order = np.argsort(d, axis=1, kind="stable")
+        return np.take_along_axis(d, order, 1).astype(np.float32), stored_vals[order].astype(np.int32), order
+    return fn
+
+
+# a datastore of 3 keys: two after "a" whose value is "d", one after "b" whose value is "c"
+DS_KEYS = np.eye(V, dtype=np.float32)[[1, 1, 2]]
+DS_VALS = np.array([4, 4, 3])
+SEARCH = toy_search(DS_KEYS, DS_VALS, np.array([0.0, 1.0, 0.0]))
+
+
+def _cache(items):
+    seqs, starts, struct = scoring.build_pairs(items, encode, 0, 16)
+    cache = scoring.score_cache(ToyLM(TABLE), "h.0.mlp", seqs, starts, SEARCH, batch=2)
+    cache["pair_len"] = np.asarray([len(s) - st for s, st in zip(seqs, starts, strict=True)])
+    return cache, struct
+
+
+def _pair_lp(cache, lam, k, sigma):
+    d, v = cache["q_dists"][cache["t_row"]], cache["q_vals"][cache["t_row"]]
+    knn = knnlm.knn_target_logprobs(d, v, cache["t_target"], [k], sigma)[k]
+    return scoring.pair_logprobs(knnlm.interpolate(cache["t_lm"], knn, lam), cache["t_pair"], len(cache["pair_len"]))
+
+
+def test_choice_sum_and_length_normalised_by_hand():
+    # context "a": option 0 = "b b" (p = .5 * .2 = .10, mean log = log .1 / 2), option 1 = "c" (p = .2)
+    items = [{"options": [[["a", "b b"]], [["a", "c"]]], "domain": None, "gold": 0}]
+    cache, struct = _cache(items)
+    lp = scoring.pair_logprobs(cache["t_lm"], cache["t_pair"], 2)
+    np.testing.assert_allclose(lp, [math.log(0.5 * 0.2), math.log(0.2)], rtol=1e-6)
+    assert scoring.score_choice(struct, lp, cache["pair_len"])[0] == 1  # sum: .2 > .1
+    assert scoring.score_choice(struct, lp, cache["pair_len"], normalize=True)[0] == 0  # mean: log .1/2 > log .2
+    # the first token of both options is predicted from the same prefix: one query, not two
+    assert len(cache["q_dists"]) == 2 and sorted(cache["t_pair"].tolist()) == [0, 0, 1]
+
+
+def test_classify_with_fuzzy_sets_and_domain_pmi_by_hand():
+    # item 1, context "a": label 0 = {"b", "d"} (.5 + .1 = .6), label 1 = {"c"} (.2); under the domain premise
+    # "c": label 0 = .1 + .1 = .2, label 1 = .1 -> PMI log 3 vs log 2: label 0 either way.
+    items = [
+        {"options": [[["a", "b"], ["a", "d"]], [["a", "c"]]], "domain": [[["c", "b"], ["c", "d"]], [["c", "c"]]],
+         "gold": 0},
+        {"options": [[["d", "a"], ["d", "d"]], [["d", "c"]]], "domain": [[["c", "a"], ["c", "d"]], [["c", "c"]]],
+         "gold": 1},
+    ]
+    cache, struct = _cache(items)
+    lp = scoring.pair_logprobs(cache["t_lm"], cache["t_pair"], len(cache["pair_len"]))
+    s0 = scoring.option_scores(struct[0]["options"], lp, cache["pair_len"])
+    np.testing.assert_allclose(np.exp(s0), [0.6, 0.2], rtol=1e-6)
+    # item 2 without PMI: .25 + .1 = .35 vs .15 -> 0; with PMI under "c": (.6 + .1 = .7) vs .1 -> log(.5) < log(1.5)
+    assert scoring.score_classify(struct, lp, cache["pair_len"], pmi=False).tolist() == [0, 0]
+    assert scoring.score_classify(struct, lp, cache["pair_len"], pmi=True).tolist() == [0, 1]
+
+
+def test_knn_mixture_is_applied_at_every_scored_token_by_hand():
+    # context "a", option "d": p_lm = .1; neighbours of key one_hot(a): rows 0, 1 (value d, d = 0, 1), row 2 (c, d = 2)
+    items = [{"options": [[["a", "d"]], [["a", "c"]]], "domain": None, "gold": 0}]
+    cache, struct = _cache(items)
+    lam, sigma = 0.5, 1.0
+    w = np.exp(-np.array([0.0, 1.0, 2.0]) / sigma)
+    p_knn_d, p_knn_c = (w[0] + w[1]) / w.sum(), w[2] / w.sum()
+    lp = _pair_lp(cache, lam, 3, sigma)
+    np.testing.assert_allclose(np.exp(lp), [lam * p_knn_d + (1 - lam) * 0.1, lam * p_knn_c + (1 - lam) * 0.2],
+                               rtol=1e-6)
+    assert scoring.score_choice(struct, lp, cache["pair_len"])[0] == 0  # the kNN-LM picks "d"
+    base = scoring.pair_logprobs(cache["t_lm"], cache["t_pair"], 2)
+    assert scoring.score_choice(struct, base, cache["pair_len"])[0] == 1  # the base LM picks "c"
+
+
+def test_lambda_zero_gives_the_base_lm_scores_everywhere():
+    items = [{"options": [[["a", "d b"], ["a", "c"]], [["a", "b"]]], "domain": [[["c", "d b"], ["c", "c"]],
+                                                                               [["c", "b"]]], "gold": 1},
+             {"options": [[["b", "a"]], [["b", "c d"]]], "domain": None, "gold": 0}]
+    cache, struct = _cache(items)
+    base = scoring.pair_logprobs(cache["t_lm"], cache["t_pair"], len(cache["pair_len"]))
+    for (lam, _k, _sigma), tlp in scoring.token_logprobs_over_grid(cache, [0.0, 0.5], [1, 3], [1.0, 5.0]):
+        lp = scoring.pair_logprobs(tlp, cache["t_pair"], len(cache["pair_len"]))
+        if lam == 0.0:
+            np.testing.assert_array_equal(lp, base)
+            assert (scoring.score_classify(struct, lp, cache["pair_len"]) ==
+                    scoring.score_classify(struct, base, cache["pair_len"])).all()
+        else:
+            assert not np.allclose(lp, base)
+
+
+def test_greedy_generate_with_the_mixture_at_every_step_by_hand():
+    model = ToyLM(TABLE)
+    prompts = [[0, 1]]  # bos a
+    # base: after a -> b (.5), after b -> tie (.2 each) -> argmax picks token 0 (bos)... stop at 2 tokens
+    # kNN (λ = .9, k = 3, σ = 1): after a, p(d) = .9 * (1 + e^-1)/(1 + e^-1 + e^-2) + .1 * .1 > p(b) -> d;
+    # after d the key is one_hot(d): its neighbours are all at distance 2 (+ offsets), values d, d, c
+    res = scoring.greedy_generate(model, "h.0.mlp", prompts, [None, (0.9, 3, 1.0), (0.0, 3, 1.0)], SEARCH, V,
+                                  max_new_tokens=2, is_done=lambda ids: False, batch=4)
+    out = res["outputs"]
+    assert out[None][0][0] == 2 and out[(0.0, 3, 1.0)] == out[None]  # λ = 0 decodes exactly the base LM
+    assert out[(0.9, 3, 1.0)][0][0] == 4
+    assert res["neighbours"][(0.9, 3, 1.0)][0][:3] == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------- synthetic suite
+@pytest.fixture(scope="module")
+def world_and_docs():
+    from workflow_scripts import world
+
+    w = world.make_world(5, 1500, 60, 80, 12)
+    docs = world.generate_documents(5, 5000, w)
+    return w.to_dict(), docs
+
+
+@pytest.mark.parametrize("gen", ["recall", "occupation", "twohop", "arithmetic"])
+def test_synthetic_suite_has_200_seeded_items(world_and_docs, gen):
+    w, docs = world_and_docs
+    rows = task_suite.build(w, docs, gen, 200, seed=1)
+    assert len(rows) == 200 and len({r["prompt"] for r in rows}) == 200
+    assert rows == task_suite.build(w, docs, gen, 200, seed=1)
+    assert rows != task_suite.build(w, docs, gen, 200, seed=2)
+
+
+def test_memory_items_are_answerable_from_one_training_sentence(world_and_docs):
+    w, docs = world_and_docs
+    sents = set(task_suite.sentences(docs))
+    for r in task_suite.build(w, docs, "recall", 200, seed=1):
+        name, answer = r["prompt"].split(" ( born ")[0], r["choices"][r["gold"]]
+        assert any(name in s and answer in s and "born" in s for s in r["evidence"])
+        assert all(s in sents for s in r["evidence"])
+        assert w["people"][[p["name"] for p in w["people"]].index(name)]["birth_city"] == answer
+    for r in task_suite.build(w, docs, "occupation", 200, seed=1):
+        name = r["prompt"][: -len(" is a")]
+        assert any(name in s and r["label"] in s for s in r["evidence"]) and all(s in sents for s in r["evidence"])
+
+
+def test_two_hop_items_are_never_stated_in_a_single_sentence(world_and_docs):
+    w, docs = world_and_docs
+    sents = task_suite.sentences(docs)
+    people = {p["name"]: p for p in w["people"]}
+    companies = {c["name"]: c for c in w["companies"]}
+    rows = task_suite.build(w, docs, "twohop", 200, seed=1)
+    assert len(rows) == 200
+    for r in rows:
+        name = r["prompt"][: -len(" works for a company based in")]
+        answer = r["choices"][r["gold"]]
+        assert companies[people[name]["employer"]]["city"] == answer
+        # checked against every training sentence, not only the ones the generator looked at
+        assert not any(name in s and answer in s for s in sents)
+        hop1, hop2 = r["evidence"]
+        assert name in hop1 and people[name]["employer"] in hop1 and hop1 in sents
+        assert people[name]["employer"] in hop2 and answer in hop2 and hop2 in sents
+
+
+def test_arithmetic_items_add_the_offset_to_a_stated_year(world_and_docs):
+    w, docs = world_and_docs
+    for r in task_suite.build(w, docs, "arithmetic", 200, seed=1):
+        born, n = int(r["prompt"].split(" was born in ")[1][:4]), int(r["prompt"].split(" . ")[1].split()[0])
+        assert int(r["choices"][r["gold"]]) == born + n and len(set(r["choices"])) == 4
+        assert str(born) in r["evidence"][0]
+
+
+# ------------------------------------------------------------------------------------------- report pieces
+def test_bootstrap_interval_covers_the_mean_and_is_seeded():
+    base = np.r_[np.zeros(50), np.ones(50)]
+    knn = np.r_[np.ones(80), np.zeros(20)]
+    m, lo, hi = task_eval.bootstrap_delta(base, knn, seed=3)
+    assert m == pytest.approx(0.3) and lo < m < hi
+    assert (m, lo, hi) == task_eval.bootstrap_delta(base, knn, seed=3)
+    assert task_eval.bootstrap_delta(base, base) == (0.0, 0.0, 0.0)
+
+
+def test_chosen_point_is_the_valid_set_choice(tmp_path):
+    f = tmp_path / "s.csv"
+    pl.DataFrame({"eval_set": ["test", "valid"], "datastore": ["d", "d"], "lambda": [0.2, 0.2], "k": [64, 64],
+                  "sigma": [3.0, 3.0], "chosen_on": ["valid", "valid"]}).write_csv(f)
+    assert task_eval.chosen_point(f, "d") == ((0.2, 64, 3.0), "perplexity on valid")
+    assert task_eval.chosen_point(f, "other") == (None, None)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def test_default_tasks_are_the_synthetic_suite_on_generated_datastores():
+    c = yaml.safe_load((ROOT / "config.yaml").read_text())
+    d = tasks.default_tasks_config(validate(c))
+    assert d["evaluate"] == {"synthwiki": tasks.synthetic_tasks()} and d["synthetic"]["corpus"] == "synthwiki"
+    c["tasks"] = d
+    validate(c)  # the defaults are a valid tasks section
+
+
+@pytest.fixture(scope="module")
+def task_run(micro_run, tmp_path_factory):
+    """The micro run copied, then only its task stages: the synthetic suite on the micro datastore."""
+    work = tmp_path_factory.mktemp("tasks") / "run"
+    shutil.copytree(micro_run, work, symlinks=True)
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["tasks"] = {"evaluate": {"micro": tasks.synthetic_tasks()}, "synthetic": {"corpus": "micro", "n_items": 40}}
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(work, "--configfile", str(work / "config.yaml"))
+    return work, job_stats(proc.stderr if "Job stats:" in proc.stderr else proc.stdout)
+
+
+def test_task_stages_run_one_job_per_datastore_and_task(task_run):
+    work, jobs = task_run
+    n = len(tasks.synthetic_tasks())
+    assert jobs["score_task"] == jobs["task_sweep"] == jobs["load_task"] == n
+    assert jobs["task_suite"] == 1 and jobs["task_summary"] == 1 and jobs["figure_tasks"] == 1
+    assert not {"train_lm", "extract_keys", "retrieve", "sweep"} & set(jobs)  # the backbone is reused
+
+
+def test_task_table_and_lambda_zero_equals_base(task_run):
+    work, _ = task_run
+    s = pl.read_csv(work / "results/tables/task_summary.csv")
+    assert sorted(s["task"]) == sorted(tasks.synthetic_tasks())
+    assert set(s["category"]) == {"memory", "reasoning"} and (s["n"] > 10).all()
+    assert ((s["delta"] - (s["knn"] - s["base"])).abs() < 1e-12).all()
+    assert (s["best"] >= s["knn"] - 1e-12).all() and (s["chosen_on"] == "perplexity on valid").all()
+    ppl = pl.read_csv(work / "results/tables/perplexity_summary.csv").row(0, named=True)
+    assert (s["lambda"] == ppl["lambda"]).all() and (s["k"] == ppl["k"]).all()
+    for t in tasks.synthetic_tasks():
+        sw = pl.read_parquet(work / f"results/tasks/micro/{t}/sweep.parquet")
+        assert sw.height == 3 * 3 * 2  # the micro grid
+        at0 = sw.filter(pl.col("lambda") == 0.0)
+        assert (at0["score"] == at0["base"]).all()
+        preds = pl.read_parquet(work / f"results/tasks/micro/{t}/predictions.parquet")
+        row = s.filter(pl.col("task") == t).row(0, named=True)
+        assert preds["base_score"].mean() == pytest.approx(row["base"])
+        assert preds["knn_score"].mean() == pytest.approx(row["knn"])
+
+
+def test_task_figure_and_qualitative_table(task_run):
+    work, _ = task_run
+    assert (work / "results/figures/task_delta/micro.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ex = pl.read_csv(work / "results/tables/task_examples/micro.csv")
+    assert ex.columns == list(task_eval.EXAMPLE_COLUMNS)
+    preds = pl.concat([pl.read_parquet(work / f"results/tasks/micro/{t}/predictions.parquet")
+                       for t in ("synth_twohop", "synth_arithmetic")])
+    wins = preds.filter(pl.col("knn_score") > pl.col("base_score"))
+    expected = sum(min(wins.filter(pl.col("task") == t).height, 5) for t in ("synth_twohop", "synth_arithmetic"))
+    assert ex.select(["task", "id"]).unique().height == expected
+    assert ex.height == expected * 4 and sorted(set(ex["rank"])) == ([1, 2, 3, 4] if expected else [])
+    tokens = np.load(work / "results/tokens/micro-gpt2/micro/train.npy")
+    assert ((ex["row"] >= 0) & (ex["row"] < tokens.size - 1)).all()
+    assert set(ex["id"]) <= set(wins["id"])
+    dry = snakemake(work, "-n", "--configfile", str(work / "config.yaml"))
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def test_paper1_preset_builds_its_whole_dag_offline(tmp_path):
+    proc = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "experiments/paper1.yaml"))
+    jobs = job_stats(proc.stdout)
+    cfg = yaml.safe_load((ROOT / "experiments/paper1.yaml").read_text())
+    n_shards = sum(d["shards"] for d in cfg["datastores"].values())
+    runs = sum(len(v) for v in cfg["tasks"]["evaluate"].values())
+    assert jobs["model_identity"] == 3 and jobs["extract_keys"] == n_shards
+    assert jobs["score_task"] == jobs["task_sweep"] == runs == 6 * 20
+    assert jobs["load_task"] == 20 and jobs["figure_tasks"] == 6
+    assert "train_lm" not in jobs and "task_suite" not in jobs
+
+
+def test_scored_cache_is_consistent_with_the_datastore(task_run):
+    work, _ = task_run
+    d = work / "results/tasks/micro/synth_recall"
+    z = np.load(d / "scored.npz")
+    meta = json.loads((d / "scored.json").read_text())["meta"]
+    assert z["q_dists"].shape[1] == 32 and (np.diff(z["q_dists"], axis=1) >= 0).all()
+    assert meta["n_queries"] == len(z["q_dists"]) <= meta["n_tokens"] == z["t_pair"].size
+    vals = np.load(work / "results/tokens/micro-gpt2/micro/train.npy")[1:]
+    np.testing.assert_array_equal(z["q_vals"][:, : z["q_ids"].shape[1]], vals[z["q_ids"]])

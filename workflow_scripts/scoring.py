@@ -1,0 +1,273 @@
+"""Task scoring: the three scoring kinds, each one function shared by the base LM and the kNN-LM.
+
+The kNN distribution is applied at every scored token, with the backbone's pieces: the model loaded and
+checked by ``lm.load_checked``, keys captured by ``datastore.capture_keys`` (the same hook point as the
+datastore), neighbours from ``retrieval.search``, and the mixture from ``knnlm`` (the only kNN-LM math).
+
+* classify / choice (teacher-forced): every (context, continuation) pair is forwarded once; each scored token
+  position's query is retrieved once with K_max (a position shared by several continuations — the first token
+  of every label word after the same context — is one query); every (λ, k, σ) is then a rescoring of that
+  cache, exactly as the perplexity sweep. A pair's log-probability is the sum over its tokens of
+  ``log(λ·p_knn + (1−λ)·p_lm)``; an option's score is the log of the summed probabilities of its pairs (a fuzzy
+  verbalizer), divided by token count for ``accuracy_norm``, minus the same under the domain premise with PMI.
+* generate: greedy decoding with the mixture at every step; one retrieval per step for the whole batch of
+  examples (shared across grid points while their prefixes agree).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import knnlm
+from .datastore import capture_keys
+
+log = logging.getLogger(__name__)
+N_NEIGHBOURS_KEPT = 16  # neighbour ids kept per query for the qualitative table
+
+
+# --------------------------------------------------------------------------------------------- scoring kinds
+def _logsumexp(x: np.ndarray) -> float:
+    m = np.max(x)
+    return float(m + np.log(np.sum(np.exp(x - m)))) if np.isfinite(m) else float(m)
+
+
+def option_scores(options, pair_logprob, pair_len, normalize: bool = False) -> np.ndarray:
+    """log Σ_{pairs of the option} p(continuation | context) (per-token mean log-probability if ``normalize``)."""
+    out = np.empty(len(options))
+    for j, pairs in enumerate(options):
+        lp = np.asarray([pair_logprob[p] / (pair_len[p] if normalize else 1) for p in pairs], dtype=np.float64)
+        out[j] = _logsumexp(lp)
+    return out
+
+
+def score_classify(items: Sequence[dict], pair_logprob, pair_len, pmi: bool = True) -> np.ndarray:
+    """Predicted label per item: the label whose verbalizer set is most probable as the continuation; with
+    ``pmi``, domain-conditional PMI (score under the input minus score under the domain premise)."""
+    preds = np.empty(len(items), np.int64)
+    for i, it in enumerate(items):
+        s = option_scores(it["options"], pair_logprob, pair_len)
+        if pmi and it.get("domain"):
+            s = s - option_scores(it["domain"], pair_logprob, pair_len)
+        preds[i] = int(np.argmax(s))
+    return preds
+
+
+def score_choice(items: Sequence[dict], pair_logprob, pair_len, pmi: bool = False, normalize: bool = False):
+    """Predicted candidate per item by its log-likelihood as continuation (sum, or per-token mean when
+    ``normalize``); with ``pmi``, minus its log-likelihood under the domain premise."""
+    preds = np.empty(len(items), np.int64)
+    for i, it in enumerate(items):
+        s = option_scores(it["options"], pair_logprob, pair_len, normalize)
+        if pmi and it.get("domain"):
+            s = s - option_scores(it["domain"], pair_logprob, pair_len, normalize)
+        preds[i] = int(np.argmax(s))
+    return preds
+
+
+def predict(entry: dict, items, pair_logprob, pair_len) -> np.ndarray:
+    if entry["kind"] == "classify":
+        return score_classify(items, pair_logprob, pair_len, pmi=bool(entry.get("pmi")))
+    return score_choice(
+        items, pair_logprob, pair_len, pmi=bool(entry.get("pmi")), normalize=entry["metric"] == "accuracy_norm"
+    )
+
+
+def pair_logprobs(token_logprob, token_pair, n_pairs: int) -> np.ndarray:
+    """Sum the scored tokens' log-probabilities per (context, continuation) pair."""
+    return np.bincount(token_pair, weights=np.asarray(token_logprob, np.float64), minlength=n_pairs)
+
+
+# --------------------------------------------------------------------------------------------- pairs
+def build_pairs(items, encode: Callable[[str], list], bos: int | None, max_len: int):
+    """Unique (context, continuation) pairs of all items, tokenised; items' options rewritten as pair ids.
+
+    Returns (seqs, starts, items_with_pair_ids): ``seqs[p]`` = [bos] + context + continuation (context cut from
+    the left to fit ``max_len``); tokens ``seqs[p][starts[p]:]`` are the scored ones.
+    """
+    cache: dict[str, list] = {}
+
+    def enc(s):
+        if s not in cache:
+            cache[s] = list(encode(s)) if s else []
+        return cache[s]
+
+    index: dict[tuple, int] = {}
+    seqs, starts = [], []
+
+    def pid(ctx, cont):
+        key = (ctx, cont)
+        if key not in index:
+            c, t = enc(ctx), enc(cont)
+            if not t:
+                raise ValueError(f"continuation {cont!r} encodes to no tokens")
+            head = ([bos] if bos is not None else []) + c
+            if len(head) + len(t) > max_len:
+                keep = max_len - len(t)
+                if keep < 1:
+                    raise ValueError(f"continuation {cont!r} is longer than the window of {max_len} tokens")
+                head = head[-keep:]
+            index[key] = len(seqs)
+            seqs.append(head + t)
+            starts.append(len(head))
+        return index[key]
+
+    out = []
+    for it in items:
+        new = dict(it)
+        new["options"] = [[pid(c, t) for c, t in opt] for opt in it["options"]]
+        new["domain"] = [[pid(c, t) for c, t in opt] for opt in it["domain"]] if it.get("domain") else None
+        out.append(new)
+    return seqs, starts, out
+
+
+def forward_scored(model, hook_point: str, seqs, starts, batch: int, desc: str = ""):
+    """Forward every sequence once (right-padded batches of similar length) and yield, per sequence, the
+    keys at its scored positions [n, d] (float32) and log p_lm of each scored token [n]."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    chunks = [order[a : a + batch] for a in range(0, len(order), batch)]
+    with torch.inference_mode(), capture_keys(model, hook_point) as box:
+        for chunk in tqdm(chunks, desc=desc or "score", mininterval=10, disable=not desc):
+            L = max(len(seqs[i]) for i in chunk)
+            x = torch.zeros((len(chunk), L), dtype=torch.long)
+            mask = torch.zeros((len(chunk), L), dtype=torch.long)
+            for b, i in enumerate(chunk):
+                x[b, : len(seqs[i])] = torch.as_tensor(seqs[i])
+                mask[b, : len(seqs[i])] = 1
+            out = model(input_ids=x.to(device), attention_mask=mask.to(device))
+            keys = box["keys"]
+            for b, i in enumerate(chunk):
+                pos = torch.arange(starts[i] - 1, len(seqs[i]) - 1, device=device)
+                tgt = torch.as_tensor(seqs[i][starts[i] :], device=device)
+                logp = torch.log_softmax(out.logits[b, pos].float(), dim=-1)
+                lp = logp.gather(-1, tgt[:, None])[:, 0]
+                yield i, keys[b, pos].float().cpu().numpy(), lp.cpu().numpy()
+
+
+def score_cache(model, hook_point, seqs, starts, search_fn, batch: int = 16, desc: str = "") -> dict:
+    """The task's retrieval cache: one query per distinct scored position (its prefix), K_max neighbours each.
+
+    Returns arrays ``t_pair, t_row, t_target, t_lm`` (one per scored token) and ``q_dists, q_vals, q_ids``
+    (one row per distinct query; ``q_ids`` keeps the first ``N_NEIGHBOURS_KEPT`` columns)."""
+    rows: dict[bytes, int] = {}
+    queries: list[np.ndarray] = []
+    t_pair, t_row, t_target, t_lm = [], [], [], []
+    for i, keys, lp in forward_scored(model, hook_point, seqs, starts, batch, desc):
+        seq = np.asarray(seqs[i], np.int64)
+        for j, pos in enumerate(range(starts[i] - 1, len(seqs[i]) - 1)):
+            key = seq[: pos + 1].tobytes()
+            if key not in rows:
+                rows[key] = len(queries)
+                queries.append(keys[j])
+            t_pair.append(i)
+            t_row.append(rows[key])
+            t_target.append(seqs[i][pos + 1])
+            t_lm.append(lp[j])
+    q = np.stack(queries).astype(np.float16).astype(np.float32)  # the precision of the datastore's keys
+    dists, vals, ids = search_fn(q)
+    log.info("%d scored tokens, %d distinct queries, K = %d", len(t_pair), len(q), dists.shape[1])
+    return {
+        "t_pair": np.asarray(t_pair, np.int64),
+        "t_row": np.asarray(t_row, np.int64),
+        "t_target": np.asarray(t_target, np.int32),
+        "t_lm": np.asarray(t_lm, np.float32),
+        "q_dists": dists.astype(np.float32),
+        "q_vals": vals.astype(np.int32),
+        "q_ids": ids[:, :N_NEIGHBOURS_KEPT].astype(np.int64),
+    }
+
+
+def token_logprobs_over_grid(cache: dict, lambdas, ks, sigmas):
+    """Yield ((λ, k, σ), log p of every scored token under the kNN-LM): rescoring of the cache."""
+    d = cache["q_dists"][cache["t_row"]]
+    v = cache["q_vals"][cache["t_row"]]
+    for sigma in sigmas:
+        per_k = knnlm.knn_target_logprobs(d, v, cache["t_target"], ks, sigma)
+        for k in ks:
+            for lam in lambdas:
+                yield (float(lam), int(k), float(sigma)), knnlm.interpolate(cache["t_lm"], per_k[int(k)], lam)
+
+
+# --------------------------------------------------------------------------------------------- generate
+def greedy_generate(
+    model,
+    hook_point: str,
+    prompts: list[list[int]],
+    points: list[tuple | None],
+    search_fn,
+    vocab_size: int,
+    max_new_tokens: int,
+    is_done: Callable[[list[int]], bool],
+    batch: int = 16,
+) -> dict:
+    """Greedy decoding of every prompt at every point: ``None`` (the base LM) or (λ, k, σ), where each step's
+    next-token distribution is ``λ·p_knn + (1−λ)·p_lm`` from the step's K_max neighbours.
+
+    Retrieval runs once per step for the batch, on the prefixes not yet searched (prefixes agree across grid
+    points until their tokens differ, so early steps are shared). Returns {"outputs": {point: [ids]},
+    "neighbours": {point: [first-step neighbour ids per prompt]}}.
+    """
+    device = next(model.parameters()).device
+    searched: dict[bytes, tuple] = {}
+    outputs, neighbours = {}, {}
+    with torch.inference_mode(), capture_keys(model, hook_point) as box:
+        for point in points:
+            gen = [[] for _ in prompts]
+            first_ids: list = [None] * len(prompts)
+            active = list(range(len(prompts)))
+            for _step in range(max_new_tokens):
+                if not active:
+                    break
+                still = []
+                for a in range(0, len(active), batch):
+                    chunk = active[a : a + batch]
+                    seqs = [prompts[i] + gen[i] for i in chunk]
+                    L = max(len(s) for s in seqs)
+                    x = torch.zeros((len(chunk), L), dtype=torch.long)
+                    mask = torch.zeros((len(chunk), L), dtype=torch.long)
+                    for b, s in enumerate(seqs):
+                        x[b, : len(s)] = torch.as_tensor(s)
+                        mask[b, : len(s)] = 1
+                    out = model(input_ids=x.to(device), attention_mask=mask.to(device))
+                    last = torch.as_tensor([len(s) - 1 for s in seqs], device=device)
+                    rows = torch.arange(len(chunk), device=device)
+                    logp = torch.log_softmax(out.logits[rows, last].float(), -1).cpu().numpy().astype(np.float64)
+                    logp = logp[:, :vocab_size]
+                    if point is not None:
+                        lam, k, sigma = point
+                        keys = box["keys"][rows, last].float().cpu().numpy().astype(np.float16).astype(np.float32)
+                        prefixes = [np.asarray(s, np.int64).tobytes() for s in seqs]
+                        todo = [b for b, p in enumerate(prefixes) if p not in searched]
+                        if todo:
+                            d, v, ids = search_fn(keys[todo])
+                            for j, b in enumerate(todo):
+                                searched[prefixes[b]] = (d[j], v[j], ids[j, :N_NEIGHBOURS_KEPT])
+                        d = np.stack([searched[p][0] for p in prefixes])
+                        v = np.stack([searched[p][1] for p in prefixes])
+                        p_knn = knnlm.knn_distribution(d, v, k, sigma, vocab_size)
+                        with np.errstate(divide="ignore"):
+                            logp = knnlm.interpolate(logp, np.log(p_knn), lam)
+                        for b, i in enumerate(chunk):
+                            if first_ids[i] is None:
+                                first_ids[i] = searched[prefixes[b]][2].tolist()
+                    nxt = np.argmax(logp, axis=1)
+                    for b, i in enumerate(chunk):
+                        gen[i].append(int(nxt[b]))
+                        if not is_done(gen[i]):
+                            still.append(i)
+                active = still
+            outputs[point] = gen
+            neighbours[point] = first_ids
+    return {"outputs": outputs, "neighbours": neighbours}
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    for s in stops:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text.strip()

@@ -1,0 +1,351 @@
+"""Task registry and loading (paper 1's downstream evaluation): every task is a declarative entry, not code.
+
+The entries live in ``task_registry.yaml`` beside this module (the twenty paper tasks and the offline synthetic
+suite); a config can add its own under ``tasks.custom`` (e.g. a local jsonl file). Every source (``hf``,
+``local``, ``synthetic``) is read through ``datasets`` and turned, by the entry alone, into items of one form:
+
+* classify / choice: ``options`` — per answer option a list of (context, continuation) pairs (a fuzzy
+  verbalizer has several; a choice one), ``domain`` — the same under the domain premise (for PMI), ``gold``.
+* generate: ``context`` and ``answers`` (a list of acceptable strings).
+
+Items are written as ``results/task_data/<task>.parquet`` (columns ``id, question, answer, item`` with ``item``
+the JSON of the item), so scoring never looks at a dataset's own column layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import re
+import string
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import yaml
+
+from .artifacts import atomic_path
+
+REGISTRY_PATH = Path(__file__).with_name("task_registry.yaml")
+KINDS = ("classify", "choice", "generate")
+CATEGORIES = ("memory", "reasoning")
+METRICS = {
+    "classify": ("accuracy",),
+    "choice": ("accuracy", "accuracy_norm"),
+    "generate": ("em", "f1", "number"),
+}
+SOURCE_TYPES = ("hf", "local", "synthetic")
+GENERATORS = ("recall", "occupation", "twohop", "arithmetic")
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+log = logging.getLogger(__name__)
+
+
+class TaskError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- registry
+@functools.cache
+def _shipped() -> dict:
+    return yaml.safe_load(REGISTRY_PATH.read_text())
+
+
+def registry(custom: dict | None = None) -> dict:
+    """The shipped entries plus ``custom`` ones (a custom entry of the same name replaces a shipped one)."""
+    entries = copy.deepcopy(_shipped())
+    for name, entry in (custom or {}).items():
+        entries[name] = copy.deepcopy(entry)
+    for name, entry in entries.items():
+        check_entry(name, entry)
+    return entries
+
+
+def check_entry(name: str, e: dict, where: str | None = None) -> None:
+    """Refuse an entry that scoring could not run, naming the field."""
+    where = where or f"task {name!r}"
+
+    def need(field, ok, expected):
+        if not ok:
+            raise TaskError(f"{where}: field {field!r} = {e.get(field)!r}, expected {expected}")
+
+    need("category", e.get("category") in CATEGORIES, f"one of {CATEGORIES}")
+    need("kind", e.get("kind") in KINDS, f"one of {KINDS}")
+    need("metric", e.get("metric") in METRICS[e["kind"]], f"one of {METRICS[e['kind']]} for kind {e['kind']}")
+    src = e.get("source")
+    need("source", isinstance(src, dict) and src.get("type") in SOURCE_TYPES, f"a mapping with type {SOURCE_TYPES}")
+    if src["type"] in ("hf", "local"):
+        need("source", isinstance(src.get("path"), str), "a mapping with a path")
+    if src["type"] == "synthetic":
+        need("source", src.get("generator") in GENERATORS, f"a synthetic generator in {GENERATORS}")
+    need("prompt", isinstance(e.get("prompt"), str), "a format string")
+    if e["kind"] == "classify":
+        need("label_field", isinstance(e.get("label_field"), str), "the column holding the label")
+        labels = e.get("labels")
+        need(
+            "labels",
+            isinstance(labels, dict)
+            and len(labels) >= 2
+            and all(isinstance(v, list) and v and all(isinstance(w, str) for w in v) for v in labels.values()),
+            "{label value: [continuation, ...]} with at least two labels",
+        )
+    if e["kind"] == "choice":
+        ch = e.get("choices")
+        need("choices", isinstance(ch, dict) and ("field" in ch or "fields" in ch), "{field: ...} or {fields: [...]}")
+        gold = e.get("gold")
+        need(
+            "gold",
+            isinstance(gold, dict) and gold.get("type") in ("index", "index1", "letter", "match") and "field" in gold,
+            "{field, type: index | index1 | letter | match}",
+        )
+        if gold["type"] == "match":
+            need("gold", "match_field" in gold, "a match_field for type match")
+    if e["kind"] == "generate":
+        ans = e.get("answers")
+        need("answers", isinstance(ans, dict) and "field" in ans, "{field, extract}")
+        need("answers", ans.get("extract", "none") in ("none", "gsm8k"), "extract none | gsm8k")
+    if e.get("pmi"):
+        need("domain", isinstance(e.get("domain"), str), "a domain premise (format string) when pmi is on")
+
+
+# --------------------------------------------------------------------------------------------- loading
+def get_path(row: dict, path: str):
+    """``row['a']['b']`` for ``'a.b'``."""
+    obj = row
+    for part in path.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            raise TaskError(f"row has no field {path!r} (fields: {sorted(row)})")
+        obj = obj[part]
+    return obj
+
+
+class _Row(dict):
+    def __missing__(self, key):
+        raise TaskError(f"prompt names field {{{key}}}, row has {sorted(self)}")
+
+
+def fill(template: str, row: dict, **extra) -> str:
+    return template.format_map(_Row({**row, **extra}))
+
+
+def load_rows(source: dict, data_files: str | None = None):
+    """A ``datasets.Dataset`` for a source entry. ``data_files`` (a local file in the dataset's own column
+    layout) replaces a hub download: the same path downstream, used by the offline tests."""
+    import datasets
+
+    if data_files is not None or source["type"] in ("local", "synthetic"):
+        path = Path(data_files or source["path"])
+        if not path.is_file():
+            raise TaskError(f"task data file {path} does not exist")
+        builder = LOCAL_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise TaskError(f"{path}: unknown task file type (use one of {sorted(LOCAL_BUILDERS)})")
+        return datasets.load_dataset(builder, data_files={"data": str(path)}, split="data")
+    path = source["path"]
+    if Path(path).joinpath("dataset_dict.json").exists():
+        return datasets.load_from_disk(path)[source.get("split", "test")]
+    names = source.get("name")
+    parts = []
+    for name in names if isinstance(names, list) else [names]:
+        ds = datasets.load_dataset(path, name, split=source.get("split", "test"), revision=source.get("revision"))
+        if isinstance(names, list):
+            ds = ds.add_column("subset", [name] * len(ds))
+        parts.append(ds)
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _label_key(v) -> str:
+    return str(v).lower()
+
+
+def _gold_index(e: dict, row: dict, n: int) -> int:
+    g = e["gold"]
+    v = get_path(row, g["field"])
+    if g["type"] == "index":
+        i = int(v)
+    elif g["type"] == "index1":
+        i = int(v) - 1
+    elif g["type"] == "letter":
+        i = string.ascii_uppercase.index(str(v).strip().upper())
+    else:
+        labels = [str(x) for x in get_path(row, g["match_field"])]
+        if str(v) not in labels:
+            raise TaskError(f"gold {v!r} not among {labels}")
+        i = labels.index(str(v))
+    if not 0 <= i < n:
+        raise TaskError(f"gold index {i} outside {n} choices")
+    return i
+
+
+def gsm8k_gold(answer: str) -> str:
+    """The final number of a GSM8K solution (after ``####``), without thousands separators."""
+    if "####" not in answer:
+        raise TaskError(f"GSM8K answer has no '####': {answer[-60:]!r}")
+    return answer.split("####")[-1].strip().replace(",", "").rstrip(".")
+
+
+def make_item(e: dict, row: dict, idx: int) -> dict:
+    """One row of a dataset -> one item, by the entry alone."""
+    context = fill(e["prompt"], row)
+    domain = fill(e["domain"], row) if e.get("pmi") else None
+    item = {"id": str(row.get("id", idx)), "kind": e["kind"], "question": context}
+    if e["kind"] == "classify":
+        labels = {_label_key(k): (str(k), v) for k, v in e["labels"].items()}
+        key = _label_key(get_path(row, e["label_field"]))
+        if key not in labels:
+            raise TaskError(f"label {key!r} not in the verbalizer's labels {sorted(labels)}")
+        names = [name for name, _ in labels.values()]
+        item.update(
+            options=[[[context, w] for w in words] for _, words in labels.values()],
+            domain=[[[domain, w] for w in words] for _, words in labels.values()] if domain is not None else None,
+            gold=list(labels).index(key),
+            labels=names,
+            answer=names[list(labels).index(key)],
+        )
+    elif e["kind"] == "choice":
+        ch = e["choices"]
+        choices = [str(get_path(row, f)) for f in ch["fields"]] if "fields" in ch else list(get_path(row, ch["field"]))
+        choices = [str(c) for c in choices]
+        gold = _gold_index(e, row, len(choices))
+        if e.get("blank"):  # Winogrande: the choice fills the blank; score the rest of the sentence
+            text = context
+            if e["blank"] not in text:
+                raise TaskError(f"prompt {text!r} has no blank {e['blank']!r}")
+            head, tail = text.split(e["blank"], 1)
+            options = [[[(head + c).rstrip(), " " + tail.strip()]] for c in choices]
+            dom = [[[domain or "", " " + tail.strip()]] for _ in choices] if domain is not None else None
+        else:
+            cont = e.get("continuation", " {choice}")
+            options = [[[context, fill(cont, row, choice=c)]] for c in choices]
+            dom = [[[domain, fill(cont, row, choice=c)]] for c in choices] if domain is not None else None
+        item.update(options=options, domain=dom, gold=gold, labels=choices, answer=choices[gold])
+    else:
+        ans = get_path(row, e["answers"]["field"])
+        answers = [str(a) for a in ans] if isinstance(ans, list) else [str(ans)]
+        if e["answers"].get("extract", "none") == "gsm8k":
+            answers = [gsm8k_gold(a) for a in answers]
+        item.update(context=context, answers=answers, answer=" | ".join(answers))
+    return item
+
+
+def load_items(entry: dict, max_items: int | None = None, seed: int = 0, data_files: str | None = None) -> list:
+    """Items of a task; ``max_items`` draws a seeded subsample (kept in dataset order)."""
+    ds = load_rows(entry["source"], data_files)
+    n = len(ds)
+    if n == 0:
+        raise TaskError(f"task source {entry['source']} has no rows")
+    idx = np.arange(n)
+    if max_items is not None and n > max_items:
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=max_items, replace=False))
+    return [make_item(entry, ds[int(i)], int(i)) for i in idx]
+
+
+def write_items(items: list, out) -> None:
+    df = pl.DataFrame(
+        {
+            "id": [it["id"] for it in items],
+            "question": [it["question"] for it in items],
+            "answer": [it["answer"] for it in items],
+            "item": [json.dumps(it, sort_keys=True) for it in items],
+        },
+        schema={"id": pl.Utf8, "question": pl.Utf8, "answer": pl.Utf8, "item": pl.Utf8},
+    )
+    with atomic_path(out, ".parquet") as tmp:
+        df.write_parquet(tmp)
+
+
+def read_items(path) -> list:
+    return [json.loads(s) for s in pl.read_parquet(path)["item"].to_list()]
+
+
+def load_task(entry: dict, max_items, seed: int, out) -> int:
+    items = load_items(entry, max_items, seed)
+    write_items(items, out)
+    log.info("%d items", len(items))
+    return len(items)
+
+
+# --------------------------------------------------------------------------------------------- metrics
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def exact_match(pred: str, golds: list[str]) -> float:
+    return float(any(normalize_answer(pred) == normalize_answer(g) for g in golds))
+
+
+def token_f1(pred: str, golds: list[str]) -> float:
+    """SQuAD token F1, the best over the gold answers."""
+    best = 0.0
+    p = normalize_answer(pred).split()
+    for g in golds:
+        t = normalize_answer(g).split()
+        if not p or not t:
+            best = max(best, float(p == t))
+            continue
+        common = sum(min(p.count(w), t.count(w)) for w in set(p) & set(t))
+        if common:
+            prec, rec = common / len(p), common / len(t)
+            best = max(best, 2 * prec * rec / (prec + rec))
+    return best
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> str | None:
+    """The answer number of a generation: after ``####`` if present, else the last number in the text."""
+    marked = "####" in text
+    if marked:
+        text = text.split("####")[-1]
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    return found[0 if marked else -1].replace(",", "")
+
+
+def number_match(pred: str, golds: list[str]) -> float:
+    got = final_number(pred)
+    if got is None:
+        return 0.0
+    for g in golds:
+        try:
+            if abs(float(got) - float(g.replace(",", ""))) < 1e-6:
+                return 1.0
+        except ValueError:
+            continue
+    return 0.0
+
+
+TEXT_METRICS = {"em": exact_match, "f1": token_f1, "number": number_match}
+
+
+# --------------------------------------------------------------------------------------------- config
+def synthetic_tasks() -> list[str]:
+    return [n for n, e in _shipped().items() if e["source"]["type"] == "synthetic"]
+
+
+def default_tasks_config(config: dict) -> dict:
+    """The task evaluation when the config has no ``tasks`` section: the synthetic suite, built from the first
+    generated corpus that a datastore is built on, evaluated on every datastore built from that corpus.
+    Nothing when no datastore is built from a generated corpus (a hub or local corpus needs explicit tasks)."""
+    generated = [
+        d for d, spec in config["datastores"].items() if config["corpora"][spec["corpus"]]["source"] == "generate"
+    ]
+    if not generated:
+        return {"evaluate": {}}
+    corpus = config["datastores"][generated[0]]["corpus"]
+    return {
+        "evaluate": {d: synthetic_tasks() for d in generated if config["datastores"][d]["corpus"] == corpus},
+        "synthetic": {"corpus": corpus, "n_items": 200},
+        "max_items": None,
+        "batch_size": 32,
+        "generate": {"points": "chosen", "max_new_tokens": 16},
+    }
