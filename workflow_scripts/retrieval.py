@@ -68,19 +68,29 @@ def search(index, ds: Datastore, queries: np.ndarray, K: int, exact: bool, batch
     return dists, ids
 
 
+def open_retriever(identity_json, manifest_json, index_path, index_meta, cfg: dict, threads: int = 1):
+    """(model, tokenizer, identity, datastore, index, index meta), every piece checked against the others:
+    the model is the one that built the datastore, the index was built from this version of it, and it holds
+    at least ``cfg['k_max']`` keys."""
+    faiss.omp_set_num_threads(threads)
+    model, tok, ident = lm.load_checked(identity_json, device=cfg.get("device", "auto"))
+    ds = Datastore(manifest_json)
+    ds.check_model(ident, identity_json)
+    if cfg["k_max"] > ds.rows:
+        raise ValueError(f"k_max = {cfg['k_max']} exceeds the {ds.rows} keys of datastore {manifest_json}")
+    index, imeta = load_index(index_path, index_meta, ds, cfg.get("nprobe"))
+    return model, tok, ident, ds, index, imeta
+
+
 def retrieve(
     identity_json, manifest_json, index_path, index_meta, tokens_npy, cfg: dict, outdir, threads: int = 1
 ) -> dict:
     """Run the datastore's model over an eval token stream, search, and write the cache to ``outdir``."""
-    faiss.omp_set_num_threads(threads)
     outdir = Path(outdir)
-    model, _, ident = lm.load_checked(identity_json, device=cfg.get("device", "auto"))
-    ds = Datastore(manifest_json)
-    ds.check_model(ident, identity_json)
+    model, _, ident, ds, index, imeta = open_retriever(
+        identity_json, manifest_json, index_path, index_meta, cfg, threads
+    )
     K = cfg["k_max"]
-    if K > ds.rows:
-        raise ValueError(f"k_max = {K} exceeds the {ds.rows} keys of datastore {manifest_json}")
-    index, imeta = load_index(index_path, index_meta, ds, cfg.get("nprobe"))
     tokens = load_npy(tokens_npy, dtype=np.int32, ndim=1)
     n = min(tokens.size - 1, cfg.get("max_tokens") or tokens.size)
     t0 = time.time()
@@ -143,8 +153,6 @@ def load_cache(cache_dir, manifest_json=None, mmap: bool = True) -> dict:
         from .datastore import manifest_hash
 
         if manifest_hash(manifest_json) != meta["manifest_sha256"]:
-            raise ArtifactError(
-                f"{cache_dir} was built from another version of {manifest_json}; rerun retrieve"
-            )
+            raise ArtifactError(f"{cache_dir} was built from another version of {manifest_json}; rerun retrieve")
     out["meta"] = meta
     return out

@@ -49,21 +49,14 @@ def score_task(
     identity_json, manifest_json, index_path, index_meta, items_parquet, p: dict, outdir, summary_csv=None, threads=1
 ) -> dict:
     """Run the datastore's model over a task, retrieving at every scored position; write the task's cache."""
-    import faiss
+    from .retrieval import open_retriever
 
-    from .datastore import Datastore
-    from .index import load_index
-
-    faiss.omp_set_num_threads(threads)
     outdir = Path(outdir)
     entry, t0 = p["entry"], time.time()
-    model, tok, ident = lm.load_checked(identity_json, device=p.get("device", "auto"))
-    ds = Datastore(manifest_json)
-    ds.check_model(ident, identity_json)
+    model, tok, ident, ds, index, imeta = open_retriever(
+        identity_json, manifest_json, index_path, index_meta, p, threads
+    )
     K = p["k_max"]
-    if K > ds.rows:
-        raise ValueError(f"k_max = {K} exceeds the {ds.rows} keys of datastore {manifest_json}")
-    index, imeta = load_index(index_path, index_meta, ds, p.get("nprobe"))
     search_fn = _search(index, ds, K, imeta["exact"])
     items = read_items(items_parquet)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
