@@ -239,6 +239,8 @@ def invalid_configs(draw):
     elif isinstance(value, float):
         bad = draw(st.one_of(st.floats(max_value=-1e-9), st.text(max_size=4), st.booleans(), st.none(),
                              st.just(float("nan")), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1)))
+    elif value is None:  # an optional integer left at its null default (e.g. tasks.max_items)
+        bad = draw(st.one_of(st.integers(max_value=0), st.text(max_size=4), st.booleans()))
     else:
         assert isinstance(value, str)
         bad = draw(st.one_of(st.integers(), st.none(), st.booleans(), st.lists(st.text(max_size=2), max_size=2),
