@@ -112,9 +112,7 @@ def load_model(identity_or_spec: dict, device: str = "auto", dtype: str = "float
     if identity_or_spec.get("source") == "local" and not Path(path).is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), use_safetensors=True, **kw
-    )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True, **kw)
     model.to(pick_device(device)).eval()
     return model, tokenizer
 
@@ -147,9 +145,7 @@ def load_identity(path) -> dict:
 def load_checked(identity_path, device="auto", dtype="float32"):
     """Load the model a ``model.json`` describes and refuse it if its weights or tokenizer changed since."""
     ident = load_identity(identity_path)
-    model, tok = load_model(
-        ident, device=device, dtype=dtype if pick_device(device).type == "cuda" else "float32"
-    )
+    model, tok = load_model(ident, device=device, dtype=dtype if pick_device(device).type == "cuda" else "float32")
     if dtype == "float32" or pick_device(device).type == "cpu":
         got = weights_hash(model)
         if got != ident["model_sha256"]:
@@ -176,21 +172,71 @@ def _save_dir_atomically(outdir, save_fn) -> None:
             shutil.rmtree(tmp)
 
 
-def train_lm(train_npy, valid_npy, tokenizer_dir, cfg: dict, seed: int, outdir, loss_log) -> dict:
-    """Train a GPT-2-shaped causal LM from scratch on a token stream; nanoGPT-style loop."""
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+def lr_schedule(lr: float, steps: int, warmup_fraction: float, kind: str = "cosine"):
+    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine (nanoGPT) or linear (HF Trainer) decay."""
+    warmup = max(1, int(warmup_fraction * steps))
 
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    train = load_npy(train_npy, dtype=np.int32, ndim=1)
-    valid = load_npy(valid_npy, dtype=np.int32, ndim=1)
-    B, T = cfg["batch_size"], cfg["block_size"]
-    if train.size <= T + 1:
-        raise ValueError(f"{train_npy}: {train.size} tokens, fewer than one block of {T + 1}")
-    config = GPT2Config(
+    def at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        frac = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.5 * (1 + math.cos(math.pi * frac)) if kind == "cosine" else 1 - frac)
+
+    return at
+
+
+def fit(model, next_batch, cfg: dict, desc: str, on_log=None) -> list[dict]:
+    """The one training loop: AdamW, warm-up + decay, gradient clipping at 1.0.
+
+    ``next_batch(step)`` returns ``(input_ids, targets)`` or ``(input_ids, targets, attention_mask)``, targets
+    aligned with the inputs and -100 where no loss is taken. ``cfg``: steps, lr, warmup_fraction, weight_decay,
+    log_every, optional betas and schedule. Every ``log_every`` steps (and at the last) a row with the step,
+    tokens seen, train loss, lr and seconds is logged; ``on_log(step, model)`` may add columns to it.
+    """
+    steps = cfg["steps"]
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg["lr"],
+        weight_decay=cfg["weight_decay"],
+        betas=tuple(cfg.get("betas", (0.9, 0.95))),
+    )
+    lr_at = lr_schedule(cfg["lr"], steps, cfg["warmup_fraction"], cfg.get("schedule", "cosine"))
+    rows, t0, seen = [], time.time(), 0
+    model.train()
+    bar = tqdm(range(steps), desc=desc, mininterval=10)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        x, y, *mask = next_batch(step)
+        logits = model(input_ids=x, attention_mask=mask[0] if mask else None).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        seen += int((y != -100).sum())
+        if step % cfg["log_every"] == 0 or step == steps - 1:
+            row = {"step": step, "tokens": seen, "train_loss": loss.item(), "lr": lr_at(step), "seconds": 0.0}
+            if on_log is not None:
+                model.eval()
+                row.update(on_log(step, model))
+                model.train()
+            row["seconds"] = time.time() - t0
+            rows.append(row)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return rows
+
+
+def gpt2_config(tok, cfg: dict, n_positions: int):
+    """A GPT-2 configuration of the config's shape for tokenizer ``tok``."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
         vocab_size=len(tok),
-        n_positions=T,
+        n_positions=n_positions,
         n_embd=cfg["n_embd"],
         n_layer=cfg["n_layer"],
         n_head=cfg["n_head"],
@@ -200,57 +246,53 @@ def train_lm(train_npy, valid_npy, tokenizer_dir, cfg: dict, seed: int, outdir, 
         embd_pdrop=cfg["dropout"],
         attn_pdrop=cfg["dropout"],
     )
-    model = GPT2LMHeadModel(config)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95)
-    )
-    steps, warmup = cfg["steps"], max(1, int(cfg["warmup_fraction"] * cfg["steps"]))
 
-    def lr_at(step):
-        if step < warmup:
-            return cfg["lr"] * (step + 1) / warmup
-        return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
-    def batch(stream, n):
-        starts = rng.integers(0, stream.size - T - 1, size=n)
-        x = np.stack([stream[s : s + T + 1] for s in starts]).astype(np.int64)
-        return torch.from_numpy(x)
+def stream_batches(stream: np.ndarray, batch: int, block: int, rng):
+    """``next_batch`` for ``fit``: random windows of ``block`` + 1 tokens from a token stream."""
 
-    rows, t0 = [], time.time()
-    model.train()
-    bar = tqdm(range(steps), desc="train_lm", mininterval=10)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        x = batch(train, B)
-        logits = model(input_ids=x[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % cfg["log_every"] == 0 or step == steps - 1:
-            rows.append(
-                {
-                    "step": step,
-                    "tokens": (step + 1) * B * T,
-                    "train_loss": loss.item(),
-                    "lr": lr_at(step),
-                    "seconds": time.time() - t0,
-                }
-            )
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+    def next_batch(_step):
+        starts = rng.integers(0, stream.size - block - 1, size=batch)
+        x = torch.from_numpy(np.stack([stream[s : s + block + 1] for s in starts]).astype(np.int64))
+        return x[:, :-1], x[:, 1:]
+
+    return next_batch
+
+
+def stream_loss(model, stream: np.ndarray, block: int, max_windows: int = 64) -> float:
+    """Mean next-token cross-entropy over the first ``max_windows`` non-overlapping windows of a stream."""
+    starts = list(range(0, max(1, stream.size - block - 1), block))[:max_windows]
+    x = torch.from_numpy(np.stack([stream[s : s + block + 1] for s in starts]).astype(np.int64))
     with torch.inference_mode():
-        vb = torch.from_numpy(
-            np.stack([valid[s : s + T + 1] for s in range(0, max(1, valid.size - T - 1), T)][:64]).astype(
-                np.int64
-            )
-        )
-        logits = model(input_ids=vb[:, :-1]).logits
-        vloss = float(
-            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), vb[:, 1:].reshape(-1))
-        )
+        logits = model(input_ids=x[:, :-1]).logits
+        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)))
+
+
+def save_model(model, tok, outdir) -> None:
+    def save(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    _save_dir_atomically(outdir, save)
+
+
+def train_lm(train_npy, valid_npy, tokenizer_dir, cfg: dict, seed: int, outdir, loss_log) -> dict:
+    """Train a GPT-2-shaped causal LM from scratch on a token stream; nanoGPT-style loop."""
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    train = load_npy(train_npy, dtype=np.int32, ndim=1)
+    valid = load_npy(valid_npy, dtype=np.int32, ndim=1)
+    B, T = cfg["batch_size"], cfg["block_size"]
+    if train.size <= T + 1:
+        raise ValueError(f"{train_npy}: {train.size} tokens, fewer than one block of {T + 1}")
+    model = GPT2LMHeadModel(gpt2_config(tok, cfg, T))
+    t0 = time.time()
+    rows = fit(model, stream_batches(train, B, T, rng), cfg, "train_lm")
+    vloss = stream_loss(model, valid, T)
+    steps = cfg["steps"]
     rows.append(
         {
             "step": steps,
@@ -261,20 +303,9 @@ def train_lm(train_npy, valid_npy, tokenizer_dir, cfg: dict, seed: int, outdir, 
             "valid_loss": vloss,
         }
     )
-    log.info(
-        "trained %d steps in %.0fs; valid loss %.3f (ppl %.2f)",
-        steps,
-        time.time() - t0,
-        vloss,
-        math.exp(vloss),
-    )
+    log.info("trained %d steps in %.0fs; valid loss %.3f (ppl %.2f)", steps, time.time() - t0, vloss, math.exp(vloss))
     write_table(pl.DataFrame(rows, infer_schema_length=None), Path(loss_log).with_suffix(""))
-
-    def save(tmp):
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-
-    _save_dir_atomically(outdir, save)
+    save_model(model, tok, outdir)
     return {"valid_loss": vloss}
 
 
