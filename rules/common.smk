@@ -56,6 +56,48 @@ def tokenizer_arg(wildcards, input):
     return f"--model-json {input.model_json}"
 
 
+# Training in chunks (models.<m>.train.chunk_steps): chunks 1..n-1 are `train_lm_chunk` jobs, each resuming the
+# previous chunk's checkpoint (weights, optimizer and RNG states; temporary files); the last chunk is `train_lm`,
+# which writes the same outputs as one uninterrupted run. Every training job asks for train.runtime minutes.
+from workflow_scripts.lm import CHUNK_KEYS, chunk_bounds
+
+
+def train_spec(model):
+    """The training config as the outputs depend on it: how it is split into jobs is left out."""
+    return {k: v for k, v in MODELS[model]["train"].items() if k not in CHUNK_KEYS}
+
+
+def train_chunks(model):
+    t = MODELS[model]["train"]
+    return chunk_bounds(t["steps"], t.get("chunk_steps"))
+
+
+def chunk_ckpt(model, i):
+    return f"results/models/{model}/chunks/chunk_{i:03d}.pt"
+
+
+def train_inputs(wildcards):
+    """Tokenizer and token streams; when resuming, the previous chunk's checkpoint."""
+    m = wildcards.model
+    corpus = MODELS[m]["train"]["corpus"]
+    i = int(wildcards.chunk) if "chunk" in wildcards.keys() else len(train_chunks(m))
+    inputs = {
+        "tokenizer_dir": f"results/models/{m}/tokenizer",
+        "train": f"results/tokens/{m}/{corpus}/train.npy",
+        "valid": f"results/tokens/{m}/{corpus}/valid.npy",
+    }
+    if i > 1:
+        inputs["resume"] = chunk_ckpt(m, i - 1)
+    return inputs
+
+
+def resume_arg(wildcards, input):
+    return f"--resume {input.resume}" if "resume" in input.keys() else ""
+
+
+CHUNKED = [m for m in TRAINED if len(train_chunks(m)) > 1]
+
+
 def ds_tokens(ds):
     spec = DATASTORES[ds]
     return f"results/tokens/{spec['model']}/{spec['corpus']}/{spec['split']}.npy"

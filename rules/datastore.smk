@@ -20,7 +20,7 @@ rule extract_keys:
     threads: 1
     resources:
         mem_mb=8000,
-        runtime=12 * 60,
+        runtime=12 * 60,  # paper 1: about 20 min per shard of 9.5M tokens (README)
         gpu=GPU,
     params:
         code=code("datastore", "lm"),
@@ -60,7 +60,7 @@ rule datastore_manifest:
         "../envs/pipeline.yaml"
     resources:
         mem_mb=2000,
-        runtime=120,
+        runtime=6 * 60,  # re-hashes every shard: about 2 h for paper 1's 5 TB (README)
     params:
         code=code("datastore"),
     shell:

@@ -50,12 +50,45 @@ rule tokenize:
         "python -m workflow_scripts tokenize {params.tok} --parquet {input.parquet} --out {output} 2> {log}"
 
 
-# Trains the LM from scratch; writes weights (safetensors), its loss log and its identity.
+# Trains one chunk (1..n-1) of a model trained in chunks: its steps, from the previous chunk's checkpoint.
+rule train_lm_chunk:
+    input:
+        unpack(train_inputs),
+    output:
+        ckpt=temp("results/models/{model}/chunks/chunk_{chunk}.pt"),
+    log:
+        "results/logs/train_lm_chunk/{model}/{chunk}.log",
+    benchmark:
+        "results/benchmarks/train_lm_chunk/{model}/{chunk}.tsv"
+    wildcard_constraints:
+        model=names_regex(CHUNKED),
+        chunk=r"\d{3}",
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=lambda w: MODELS[w.model]["train"]["runtime"],
+        gpu=GPU,
+    params:
+        code=code("lm"),
+        p=lambda w: as_json(
+            {
+                "train": train_spec(w.model),
+                "seed": config["seed"],
+                "stop": train_chunks(w.model)[int(w.chunk) - 1][1],
+            }
+        ),
+        resume=resume_arg,
+    shell:
+        "python -m workflow_scripts train-lm --params {params.p:q} --threads {threads} --train {input.train} --valid {input.valid}"
+        " --tokenizer-dir {input.tokenizer_dir} {params.resume} --checkpoint {output.ckpt} 2> {log}"
+
+
+# Trains the LM from scratch (or its last chunk); writes weights (safetensors), its loss log and its identity.
 rule train_lm:
     input:
-        tokenizer_dir="results/models/{model}/tokenizer",
-        train=lambda w: f"results/tokens/{w.model}/{MODELS[w.model]['train']['corpus']}/train.npy",
-        valid=lambda w: f"results/tokens/{w.model}/{MODELS[w.model]['train']['corpus']}/valid.npy",
+        unpack(train_inputs),
     output:
         hf=directory("results/models/{model}/hf"),
         model_json="results/models/{model}/model.json",
@@ -76,14 +109,15 @@ rule train_lm:
     threads: 2
     resources:
         mem_mb=8000,
-        runtime=24 * 60,
+        runtime=lambda w: MODELS[w.model]["train"]["runtime"],
         gpu=GPU,
     params:
         code=code("lm"),
-        p=lambda w: as_json({"train": MODELS[w.model]["train"], "seed": config["seed"]}),
+        p=lambda w: as_json({"train": train_spec(w.model), "seed": config["seed"]}),
+        resume=resume_arg,
     shell:
         "python -m workflow_scripts train-lm --params {params.p:q} --threads {threads} --train {input.train} --valid {input.valid}"
-        " --tokenizer-dir {input.tokenizer_dir} --outdir {output.hf} --model-json {output.model_json}"
+        " --tokenizer-dir {input.tokenizer_dir} {params.resume} --outdir {output.hf} --model-json {output.model_json}"
         " --loss-log {output.loss} 2> {log}"
 
 

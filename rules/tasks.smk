@@ -83,7 +83,7 @@ rule score_task:
     threads: 2
     resources:
         mem_mb=16000,
-        runtime=12 * 60,
+        runtime=20 * 60,  # paper 1: up to about 12 h (HellaSwag) per task (README)
         gpu=GPU,
     params:
         code=code(

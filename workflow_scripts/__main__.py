@@ -53,8 +53,21 @@ def train_lm(a, p):
     from .lm import write_identity
 
     _threads(a.threads)
-    train(a.train, a.valid, a.tokenizer_dir, p["train"], p["seed"], a.outdir, a.loss_log)
-    write_identity({"source": "train", "path": a.outdir}, a.model_json, device="cpu")
+    stop = p.get("stop")  # a training chunk: stop there and write a.checkpoint (the last chunk has none)
+    train(
+        a.train,
+        a.valid,
+        a.tokenizer_dir,
+        p["train"],
+        p["seed"],
+        a.outdir,
+        a.loss_log,
+        resume=a.resume,
+        stop=stop,
+        checkpoint=a.checkpoint,
+    )
+    if stop is None or stop >= p["train"]["steps"]:
+        write_identity({"source": "train", "path": a.outdir}, a.model_json, device="cpu")
 
 
 def model_identity(a, p):
@@ -200,6 +213,8 @@ PATH_ARGS = [
     "tokenizer_dir",
     "model_json",
     "loss_log",
+    "resume",
+    "checkpoint",
     "tokens",
     "manifest",
     "index",

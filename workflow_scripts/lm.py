@@ -7,6 +7,7 @@ from, and the hashes of its weights and tokenizer that every datastore and retri
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -20,9 +21,11 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from .artifacts import ArtifactError, load_npy, read_json, save_npy, write_json, write_table
+from .artifacts import ArtifactError, atomic_path, load_npy, read_json, save_npy, write_json, write_table
 
 EOS = "<|endoftext|>"
+# models.<m>.train keys that say how training is split into jobs, not what it computes
+CHUNK_KEYS = ("chunk_steps", "runtime")
 log = logging.getLogger(__name__)
 
 # Where the last transformer block lives in Hugging Face causal LMs: GPT-2, Llama/Mistral/Qwen, GPT-NeoX, OPT.
@@ -185,25 +188,47 @@ def lr_schedule(lr: float, steps: int, warmup_fraction: float, kind: str = "cosi
     return at
 
 
-def fit(model, next_batch, cfg: dict, desc: str, on_log=None) -> list[dict]:
+def fit(
+    model,
+    next_batch,
+    cfg: dict,
+    desc: str,
+    on_log=None,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    state: dict | None = None,
+) -> list[dict]:
     """The one training loop: AdamW, warm-up + decay, gradient clipping at 1.0.
 
     ``next_batch(step)`` returns ``(input_ids, targets)`` or ``(input_ids, targets, attention_mask)``, targets
     aligned with the inputs and -100 where no loss is taken. ``cfg``: steps, lr, warmup_fraction, weight_decay,
     log_every, optional betas and schedule. Every ``log_every`` steps (and at the last) a row with the step,
     tokens seen, train loss, lr and seconds is logged; ``on_log(step, model)`` may add columns to it.
+
+    Training in chunks: ``start``/``stop`` run only steps ``[start, stop)`` of the ``cfg["steps"]`` schedule, and
+    ``state`` (a dict carried from one chunk to the next) holds the optimizer state, the tokens seen and the
+    seconds spent: it is read when it has them and updated at the end. The caller restores the weights and
+    the RNG states; then chunks give exactly the weights of one uninterrupted run.
     """
     steps = cfg["steps"]
+    stop = steps if stop is None else stop
+    if not 0 <= start <= stop <= steps:
+        raise ValueError(f"fit: chunk [{start}, {stop}) is not within the {steps} steps")
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg["lr"],
         weight_decay=cfg["weight_decay"],
         betas=tuple(cfg.get("betas", (0.9, 0.95))),
     )
+    state = {} if state is None else state
+    if state.get("optimizer") is not None:
+        opt.load_state_dict(state["optimizer"])
     lr_at = lr_schedule(cfg["lr"], steps, cfg["warmup_fraction"], cfg.get("schedule", "cosine"))
-    rows, t0, seen = [], time.time(), 0
+    rows, seen = [], int(state.get("tokens", 0))
+    t0 = time.time() - float(state.get("seconds", 0.0))
     model.train()
-    bar = tqdm(range(steps), desc=desc, mininterval=10)
+    bar = tqdm(range(start, stop), desc=desc, mininterval=10)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -226,6 +251,7 @@ def fit(model, next_batch, cfg: dict, desc: str, on_log=None) -> list[dict]:
             row["seconds"] = time.time() - t0
             rows.append(row)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    state.update(optimizer=opt.state_dict(), tokens=seen, seconds=time.time() - t0, step=stop)
     model.eval()
     return rows
 
@@ -276,8 +302,81 @@ def save_model(model, tok, outdir) -> None:
     _save_dir_atomically(outdir, save)
 
 
-def train_lm(train_npy, valid_npy, tokenizer_dir, cfg: dict, seed: int, outdir, loss_log) -> dict:
-    """Train a GPT-2-shaped causal LM from scratch on a token stream; nanoGPT-style loop."""
+def _rng_states(rng) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": json.dumps(rng.bit_generator.state),
+    }
+
+
+def _set_rng_states(rng, states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    rng.bit_generator.state = json.loads(states["numpy"])
+
+
+def _chunk_identity(cfg: dict, seed: int) -> str:
+    """What a checkpoint must agree on with the chunk that resumes it (the chunking itself may differ)."""
+    return json.dumps({"train": {k: v for k, v in cfg.items() if k not in CHUNK_KEYS}, "seed": seed}, sort_keys=True)
+
+
+def save_checkpoint(path, model, state: dict, rows: list[dict], rng, cfg: dict, seed: int) -> None:
+    """Everything the next chunk needs: weights, optimizer state, RNG states, step, tokens, seconds, loss rows."""
+    ckpt = {
+        "identity": _chunk_identity(cfg, seed),
+        "step": int(state["step"]),
+        "tokens": int(state["tokens"]),
+        "seconds": float(state["seconds"]),
+        "model": model.state_dict(),
+        "optimizer": state["optimizer"],
+        "rng": _rng_states(rng),
+        "rows": json.dumps(rows),
+    }
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_checkpoint(path, cfg: dict, seed: int) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing; rerun the previous training chunk")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ArtifactError(f"{path}: not a training checkpoint ({e}); delete it and rerun its chunk") from e
+    if ckpt.get("identity") != _chunk_identity(cfg, seed):
+        raise ArtifactError(f"{path}: written for another training config or seed; delete it and rerun its chunk")
+    return ckpt
+
+
+def chunk_bounds(steps: int, chunk_steps: int | None) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` steps of each training job: one job, or ``chunk_steps`` steps each."""
+    if not chunk_steps or chunk_steps >= steps:
+        return [(0, steps)]
+    return [(s, min(s + chunk_steps, steps)) for s in range(0, steps, chunk_steps)]
+
+
+def train_lm(
+    train_npy,
+    valid_npy,
+    tokenizer_dir,
+    cfg: dict,
+    seed: int,
+    outdir,
+    loss_log,
+    *,
+    resume=None,
+    stop: int | None = None,
+    checkpoint=None,
+) -> dict:
+    """Train a GPT-2-shaped causal LM from scratch on a token stream; nanoGPT-style loop.
+
+    In one go by default. In chunks: ``resume`` is the previous chunk's checkpoint (none for the first);
+    a chunk that ends before ``cfg["steps"]`` (``stop``) writes ``checkpoint`` and nothing else, the last one
+    writes the model and the loss log, exactly as one uninterrupted run would.
+    """
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
@@ -286,13 +385,28 @@ def train_lm(train_npy, valid_npy, tokenizer_dir, cfg: dict, seed: int, outdir, 
     train = load_npy(train_npy, dtype=np.int32, ndim=1)
     valid = load_npy(valid_npy, dtype=np.int32, ndim=1)
     B, T = cfg["batch_size"], cfg["block_size"]
+    steps = cfg["steps"]
+    stop = steps if stop is None else stop
     if train.size <= T + 1:
         raise ValueError(f"{train_npy}: {train.size} tokens, fewer than one block of {T + 1}")
+    if stop < steps and checkpoint is None:
+        raise ValueError(f"train_lm: a chunk that stops at step {stop} of {steps} needs a checkpoint path")
     model = GPT2LMHeadModel(gpt2_config(tok, cfg, T))
-    t0 = time.time()
-    rows = fit(model, stream_batches(train, B, T, rng), cfg, "train_lm")
+    state, rows, start = {}, [], 0
+    if resume is not None:
+        ckpt = load_checkpoint(resume, cfg, seed)
+        model.load_state_dict(ckpt["model"])
+        _set_rng_states(rng, ckpt["rng"])
+        state = {k: ckpt[k] for k in ("optimizer", "tokens", "seconds")}
+        rows, start = json.loads(ckpt["rows"]), int(ckpt["step"])
+        log.info("resuming %s at step %d", resume, start)
+    t0 = time.time() - float(state.get("seconds", 0.0))
+    rows += fit(model, stream_batches(train, B, T, rng), cfg, "train_lm", start=start, stop=stop, state=state)
+    if stop < steps:
+        save_checkpoint(checkpoint, model, state, rows, rng, cfg, seed)
+        log.info("trained steps %d-%d of %d in %.0fs; checkpoint %s", start, stop, steps, time.time() - t0, checkpoint)
+        return {"step": stop}
     vloss = stream_loss(model, valid, T)
-    steps = cfg["steps"]
     rows.append(
         {
             "step": steps,
