@@ -20,6 +20,7 @@ include: "rules/retrieval.smk"
 include: "rules/sweep.smk"
 include: "rules/figures.smk"
 include: "rules/tasks.smk"
+include: "rules/analyses.smk"
 
 
 rule all:

@@ -246,11 +246,13 @@ def all_outputs():
         *[f"results/figures/perplexity_vs_lambda/{e}__{d}.png" for e, d in SWEEPS],
         *expand("results/models/{model}/loss.csv", model=TRAINED),
         *task_outputs(),
+        *analyses_outputs(),
     ]
 
 
 wildcard_constraints:
     ds=names_regex(DATASTORES),
+    seed=r"\d+",
     evalset=names_regex(EVAL_SETS),
     split="train|valid|test",
     shard=r"\d{3}",
@@ -266,3 +268,98 @@ localrules:
     stage_times,
     task_summary,
     figure_tasks,
+    macondo_table,
+    hurdle_table,
+    paper2_figure,
+    paper2_comparison,
+
+
+# ----------------------------------------------------------------------------- analyses (paper 2)
+ANALYSES = config.get("analyses") or {}
+MACONDO = ANALYSES.get("macondo")
+HURDLE = ANALYSES.get("hurdle")
+PROJECTION = ANALYSES.get("projection")
+MLP = ANALYSES.get("mlp")
+HURDLE_VARIANTS = ["full", "no_last_mlp"]
+
+
+def macondo_dir(seed):
+    return f"results/macondo/{MACONDO['model']}/seed{seed}"
+
+
+def hurdle_params(wildcards):
+    """What one hurdle run depends on: the data kind, the variant, the seed, the model's shape, the run config."""
+    shape = MODELS[HURDLE["model"]]["train"]
+    return as_json(
+        {
+            "data": wildcards.data,
+            "variant": wildcards.variant,
+            "seed": int(wildcards.seed),
+            "shape": {k: shape[k] for k in ("n_layer", "n_embd", "n_head")},
+            "run": HURDLE[wildcards.data],
+        }
+    )
+
+
+def hurdle_data(wildcards):
+    m = HURDLE["model"]
+    if wildcards.data == "macondo":
+        seed = (MACONDO or {"seeds": [0]})["seeds"][0]
+        return {"parquet": f"results/macondo/{m}/seed{seed}/data/test.parquet"}
+    return {"tokens": f"results/tokens/{m}/{MODELS[m]['train']['corpus']}/train.npy"}
+
+
+def paper2_setups():
+    """One line per analysis saying what our numbers come from."""
+    out = {}
+    if MACONDO:
+        f = MACONDO["finetune"]
+        out["macondo"] = (
+            f"{MACONDO['model']} fine-tuned {f['epochs']} epochs, lr {f['lr']:g}, batch {f['batch_size']}; "
+            f"{len(MACONDO['seeds'])} seeds; kNN k={MACONDO['knn']['k']}, λ={MACONDO['knn']['lambda']:g}, "
+            f"σ={MACONDO['knn']['sigma']:g}"
+        )
+    if PROJECTION:
+        out["projection"] = (
+            f"datastore {PROJECTION['datastore']}, {PROJECTION['eval_set']} set, "
+            f"first {PROJECTION['max_positions']} positions"
+        )
+    if MLP:
+        t = MLP["train"]
+        out["mlp"] = (
+            f"datastore {MLP['datastore']}, hidden {t['hidden']}, {t['epochs']} epochs, lr {t['lr']:g}, "
+            f"{t['max_pairs'] or 'all'} pairs"
+        )
+    if HURDLE:
+        out["hurdle"] = f"shape of {HURDLE['model']}, {len(HURDLE['seeds'])} seed(s)"
+    return out
+
+
+def paper2_inputs():
+    """The analyses' tables that the side-by-side comparison reads, by keyword."""
+    out = {}
+    if PROJECTION:
+        out["projection"] = "results/tables/projection.parquet"
+    if MLP:
+        out["mlp"] = "results/tables/mlp_lm.parquet"
+    if MACONDO:
+        out["macondo"] = "results/tables/macondo.parquet"
+    if HURDLE:
+        out["hurdle_macondo"] = "results/tables/hurdle_macondo.parquet"
+        out["hurdle_corpus"] = "results/tables/hurdle_corpus.parquet"
+    return out
+
+
+def analyses_outputs():
+    if not ANALYSES:
+        return []
+    figs = {
+        "projection": "projection",
+        "mlp": "mlp_lm",
+        "macondo": "macondo",
+    }
+    out = ["results/tables/paper2_comparison.csv"]
+    out += [f"results/figures/{figs[k]}.png" for k in figs if ANALYSES.get(k)]
+    if HURDLE:
+        out += [f"results/figures/hurdle_{d}.png" for d in ("macondo", "corpus")]
+    return out

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def _threads(n: int) -> None:
@@ -85,9 +86,7 @@ def extract_keys(a, p):
         a.model_json, device=p["device"], dtype="float16" if p["device"] != "cpu" else "float32"
     )
     (keys,), (vals,), (meta,) = a.keys, a.vals, a.meta
-    extract_shard(
-        model, ident, a.tokens, p["shard"], p["shards"], p["block_size"], p["batch_size"], keys, vals, meta
-    )
+    extract_shard(model, ident, a.tokens, p["shard"], p["shards"], p["block_size"], p["batch_size"], keys, vals, meta)
 
 
 def manifest(a, p):
@@ -179,6 +178,114 @@ def task_examples(a, p):
     run(a.sweeps, a.tokens, a.model_json, p, a.out_stem)
 
 
+# ----------------------------------------------------------------------------- paper 2
+def _tokenizer_of(model_json):
+    from transformers import AutoTokenizer
+
+    from .lm import load_identity
+
+    ident = load_identity(model_json)
+    return AutoTokenizer.from_pretrained(
+        ident["path"], revision=ident.get("revision"), trust_remote_code=ident.get("trust_remote_code", False)
+    )
+
+
+def macondo_data(a, p):
+    from .macondo import generate, write
+
+    write(generate(p["generate"], p["seed"], _tokenizer_of(a.model_json)), a.outdir)
+
+
+def macondo_finetune(a, p):
+    from .macondo_lm import finetune
+
+    finetune(a.model_json, a.train, p["finetune"], p["seed"], a.outdir, a.out, a.out_stem, a.threads)
+
+
+def macondo_datastore(a, p):
+    from .macondo_lm import build_datastore
+
+    build_datastore(a.model_json, a.train, a.outdir, a.threads)
+
+
+def train_mlp(a, p):
+    from .mlp_lm import train_on_datastore
+
+    train_on_datastore(a.model_json, a.manifest, p["mlp"], p["seed"], a.out, a.out_json, a.out_stem, a.threads)
+
+
+def macondo_eval(a, p):
+    from .macondo_lm import evaluate
+
+    _threads(a.threads)
+    evaluate(a.model_json, Path(a.manifest).parent, a.parquet, a.mlp, a.out_json, p, a.out_stem, a.threads)
+
+
+def macondo_table(a, p):
+    from .paper2 import macondo_table as run
+
+    run(a.scores, a.out_stem, a.png, a.pdf)
+
+
+def projection(a, p):
+    from .projection import run
+    from .task_eval import chosen_point
+
+    point = p["point"]
+    if point == "chosen":
+        chosen, _ = chosen_point(a.sweep, p["datastore"])
+        if chosen is None:
+            raise ValueError(f"{a.sweep}: no chosen (lambda, k, sigma) for datastore {p['datastore']}")
+        point = dict(zip(("lambda", "k", "sigma"), chosen, strict=True))
+    run(a.model_json, a.tokens, a.cache, a.manifest, point, p, a.out_stem, a.threads)
+
+
+def mlp_eval(a, p):
+    from .mlp_lm import evaluate
+    from .task_eval import chosen_point
+
+    chosen, _ = chosen_point(a.sweep, p["datastore"])
+    caches = dict(zip(p["eval_sets"], a.caches, strict=True))
+    evaluate(
+        a.model_json,
+        a.out,
+        a.out_json,
+        caches,
+        p["choose_on"],
+        p["lambdas"],
+        a.out_stem,
+        {e: chosen for e in caches} if chosen else None,
+    )
+
+
+def hurdle(a, p):
+    from . import hurdle as h
+
+    _threads(a.threads)
+    if p["data"] == "macondo":
+        h.train_macondo(a.tokenizer_dir, a.parquet, p["shape"], p["run"], p["variant"], p["seed"], a.out_stem)
+    else:
+        h.train_corpus(a.tokenizer_dir, a.tokens, p["shape"], p["run"], p["variant"], p["seed"], a.out_stem)
+
+
+def paper2_figure(a, p):
+    from . import paper2
+
+    if p["kind"] == "projection":
+        paper2.projection_figure(a.parquet, a.png, a.pdf)
+    elif p["kind"] == "mlp":
+        paper2.mlp_figure(a.parquet, a.png, a.pdf)
+    else:
+        paper2.hurdle_table(a.scores, p["column"], a.out_stem, a.png, a.pdf, p["title"])
+
+
+def paper2_comparison(a, p):
+    from .paper2 import comparison
+
+    files = dict(zip(p["inputs"], a.scores, strict=True))
+    comparison(a.out_stem, setups=p["setups"], **files)
+
+
 STEPS = {
     f.__name__.replace("_", "-"): f
     for f in (
@@ -202,6 +309,17 @@ STEPS = {
         task_summary,
         figure_tasks,
         task_examples,
+        macondo_data,
+        macondo_finetune,
+        macondo_datastore,
+        train_mlp,
+        macondo_eval,
+        macondo_table,
+        projection,
+        mlp_eval,
+        hurdle,
+        paper2_figure,
+        paper2_comparison,
     )
 }
 PATH_ARGS = [
@@ -224,8 +342,10 @@ PATH_ARGS = [
     "sweep",
     "png",
     "pdf",
+    "out_json",
+    "mlp",
 ]
-MULTI_ARGS = ["keys", "vals", "meta", "sweeps"]
+MULTI_ARGS = ["keys", "vals", "meta", "sweeps", "scores", "caches"]
 
 
 def main(argv=None) -> int:

@@ -31,11 +31,14 @@ def _with_defaults(validator_cls):
 
     # YAML gives floats such as 2048.0 (an "integer" to draft 2020-12, but not usable as a count) and .nan/.inf
     # (which pass every minimum/maximum, as comparisons with NaN are false): refuse both as the wrong type
-    types = validator_cls.TYPE_CHECKER.redefine_many({
-        "integer": lambda _, x: isinstance(x, int) and not isinstance(x, bool),
-        "number": lambda _, x: (isinstance(x, int) and not isinstance(x, bool))
-        or (isinstance(x, float) and math.isfinite(x)),
-    })
+    types = validator_cls.TYPE_CHECKER.redefine_many(
+        {
+            "integer": lambda _, x: isinstance(x, int) and not isinstance(x, bool),
+            "number": lambda _, x: (
+                (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, float) and math.isfinite(x))
+            ),
+        }
+    )
     return jsonschema.validators.extend(validator_cls, {"properties": set_defaults}, type_checker=types)
 
 
@@ -85,9 +88,7 @@ def _cross_check(c: dict) -> None:
             for split, files in spec["local"]["files"].items():
                 for f in [files] if isinstance(files, str) else files:
                     if not Path(f).is_file():
-                        raise ConfigError(
-                            f"config key corpora.{name}.local.files.{split}: file {f} does not exist"
-                        )
+                        raise ConfigError(f"config key corpora.{name}.local.files.{split}: file {f} does not exist")
                     if Path(f).stat().st_size == 0:
                         raise ConfigError(f"config key corpora.{name}.local.files.{split}: file {f} is empty")
     for d, spec in c["datastores"].items():
@@ -105,6 +106,17 @@ def _cross_check(c: dict) -> None:
         )
     if "tasks" in c:
         _cross_check_tasks(c)
+    a = c.get("analyses") or {}
+    for key in ("macondo", "hurdle"):
+        if key in a:
+            need("models", a[key]["model"], f"analyses.{key}.model")
+    if "hurdle" in a and c["models"][a["hurdle"]["model"]]["source"] != "train":
+        raise ConfigError("config key analyses.hurdle.model: must be a model trained here (source: train): its shape")
+    for key in ("projection", "mlp"):
+        if key in a:
+            need("datastores", a[key]["datastore"], f"analyses.{key}.datastore")
+    if "projection" in a:
+        need("eval_sets", a["projection"]["eval_set"], "analyses.projection.eval_set")
 
 
 def _cross_check_tasks(c: dict) -> None:

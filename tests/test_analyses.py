@@ -1,0 +1,254 @@
+"""Paper 2's analyses: the Eq. 2 projection on cases with a known optimum, the last-layers decomposition of a real
+model, the MLP-LM (λ = 0 equals the LM, it learns a learnable map), the hurdle's MLP removal, the sentence batches,
+and the analyses stages end to end on a copy of the micro run."""
+
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import transformers as tf
+import yaml
+from conftest import job_stats, snakemake
+
+from workflow_scripts import datastore, hurdle, knnlm, macondo_lm, mlp_lm, projection
+from workflow_scripts.artifacts import save_npy, write_json
+
+
+# ------------------------------------------------------------------------------------------ projection
+def test_projection_reaches_a_reachable_target():
+    """The target is f(z_true) for a random z_true: the optimum has KL = 0, and Adam gets there from a start
+    nearby (as the model's own representation is near the kNN-LM's)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(50, 8, generator=g) / 2
+
+    def f(z):
+        return z @ W.T
+
+    z_true = torch.randn(16, 8, generator=g)
+    target = torch.log_softmax(f(z_true), -1)
+    z0 = z_true + torch.randn(16, 8, generator=g)
+    kl0 = (torch.softmax(f(z0), -1) * (torch.log_softmax(f(z0), -1) - target)).sum(-1)
+    z, kl, steps = projection.project(f, z0, target, lr=0.1, tol=0.0, max_steps=600)
+    assert (kl0 > 0.05).all() and (kl < 1e-4).all()
+    assert (steps == 600).all()
+
+
+def test_projection_stops_each_position_on_its_own_and_holds_it():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(30, 4, generator=g)
+    target = torch.log_softmax(torch.randn(6, 4, generator=g) @ W.T, -1)
+    z0 = torch.randn(6, 4, generator=g)
+    z0[0] = 0  # a start far from its own target
+    z, kl, steps = projection.project(lambda z: z @ W.T, z0, target, lr=0.05, tol=1e-3, max_steps=400)
+    assert steps.min() < steps.max()  # positions stopped at different steps
+    # a stopped row is held: rerunning that row alone for its own step count gives the same point
+    for i in range(6):
+        zi, _, _ = projection.project(lambda z: z @ W.T, z0[i : i + 1], target[i : i + 1], 0.05, 0.0, int(steps[i]))
+        assert torch.allclose(zi[0], z[i], atol=1e-5)
+
+
+def test_projection_of_the_lm_itself_needs_no_step():
+    """Projecting p_lm (λ = 0) onto f from the model's own representation starts at KL = 0."""
+    W = torch.randn(20, 5)
+    z0 = torch.randn(3, 5)
+    target = torch.log_softmax(z0 @ W.T, -1)
+    _, kl, steps = projection.project(lambda z: z @ W.T, z0, target, 0.1, 1e-3, 50)
+    assert (kl.abs() < 1e-6).all()  # the start is kept: Adam's first normalised step only moves away
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    torch.manual_seed(0)
+    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=2, n_head=2)).eval()
+
+
+def test_last_layers_reproduce_the_model_logits(gpt2):
+    """f∘g applied to the residual entering the last MLP, and f to the final-normed output, give the logits."""
+    hook = "transformer.h.1.mlp"
+    norm_path, f, fg, final_norm = projection.last_layers(gpt2, hook)
+    assert norm_path == "transformer.h.1.ln_2"
+    tokens = np.random.default_rng(0).integers(0, 64, 41).astype(np.int32)
+    (first, h, _), *_ = list(datastore.run_model(gpt2, norm_path, tokens, 0, 40, 40, 4, False))
+    (_, keys, lp), *_ = list(datastore.run_model(gpt2, hook, tokens, 0, 40, 40, 4, True))
+    with torch.no_grad():
+        logits = gpt2(input_ids=torch.as_tensor(tokens[None, :40], dtype=torch.long)).logits[0]
+        h = torch.from_numpy(h)
+        assert torch.allclose(fg(h), logits, atol=1e-4)
+        assert torch.allclose(gpt2.get_submodule(norm_path)(h), torch.from_numpy(keys), atol=1e-5)  # the kNN key
+        z_f = final_norm(h + gpt2.get_submodule(hook)(gpt2.get_submodule(norm_path)(h)))
+        assert torch.allclose(f(z_f), logits, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ MLP-LM
+def test_mlp_learns_a_learnable_map_and_sums_to_one():
+    rng = np.random.default_rng(0)
+    W = torch.randn(12, 16)  # full rank: every class can be the argmax
+    centres = rng.normal(size=(12, 16)).astype(np.float32) * 3
+    vals = rng.integers(0, 12, 3000)
+    keys = (centres[vals] + 0.1 * rng.normal(size=(3000, 16))).astype(np.float16)
+    p = {"hidden": 64, "lr": 3e-3, "epochs": 8, "batch_size": 64, "log_every": 10}
+    model, rows = mlp_lm.train(keys, vals, W, p, seed=0, desc="")
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.from_numpy(keys[:50].astype(np.float32))), -1)
+    assert torch.allclose(probs.sum(-1), torch.ones(50), atol=1e-5)
+    acc = np.mean(np.argmax(probs.numpy(), 1) == vals[:50])
+    assert acc > 0.9
+    assert not any(n == "W" for n, _ in model.named_parameters())  # the LM's layer is not trained or stored
+
+
+def _fake_cache(d, n, K, dim, vocab, rng):
+    arrays = {
+        "targets": rng.integers(0, vocab, n).astype(np.int32),
+        "lm_logprob": np.log(rng.uniform(0.01, 0.9, n)).astype(np.float32),
+        "dists": np.sort(rng.uniform(0, 5, (n, K)), 1).astype(np.float32),
+        "vals": rng.integers(0, vocab, (n, K)).astype(np.int32),
+        "ids": rng.integers(0, 1000, (n, K)).astype(np.int64),
+        "queries": rng.normal(size=(n, dim)).astype(np.float16),
+    }
+    for name, a in arrays.items():
+        save_npy(d / f"{name}.npy", a)
+    write_json(d / "meta.json", {"n_tokens": n, "K": K, "manifest_sha256": "x"})
+    return arrays
+
+
+def test_mlp_lm_lambda_zero_is_the_lm_and_lambda_is_chosen_on_valid(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    W = torch.randn(20, 8)
+    monkeypatch.setattr(mlp_lm, "output_weight", lambda _: W)
+    model, _ = mlp_lm.train(
+        rng.normal(size=(200, 8)).astype(np.float16),
+        rng.integers(0, 20, 200),
+        W,
+        {"hidden": 16, "lr": 1e-3, "epochs": 1, "batch_size": 50, "log_every": 1},
+        0,
+        "",
+    )
+    mlp_lm.save(model, {"dim": 8, "hidden": 16, "storage_ratio": 0.01}, tmp_path / "m.pt", tmp_path / "m.json")
+    caches = {}
+    for ev in ("valid", "test"):
+        (tmp_path / ev).mkdir()
+        arrays = _fake_cache(tmp_path / ev, 40, 4, 8, 20, rng)
+        caches[ev] = tmp_path / ev
+    df = mlp_lm.evaluate(
+        "unused",
+        tmp_path / "m.pt",
+        tmp_path / "m.json",
+        caches,
+        "valid",
+        [0.0, 0.3, 0.6],
+        tmp_path / "out",
+        {"valid": (0.5, 4, 1.0), "test": (0.5, 4, 1.0)},
+    )
+    test = df.filter(pl.col("eval_set") == "test")
+    lm = test.filter(pl.col("model") == "LM")["ppl"][0]
+    assert lm == pytest.approx(knnlm.perplexity(arrays["lm_logprob"]), rel=1e-12)
+    assert test.filter((pl.col("model") == "MLP-LM") & (pl.col("lambda") == 0.0))["ppl"][0] == lm
+    valid_mlp = df.filter((pl.col("eval_set") == "valid") & (pl.col("model") == "MLP-LM"))
+    best = valid_mlp.sort("ppl")["lambda"][0]
+    assert df.filter(pl.col("chosen") & (pl.col("model") == "MLP-LM"))["lambda"].unique().to_list() == [best]
+    knn = test.filter(pl.col("model").str.starts_with("kNN-LM"))["ppl"][0]
+    lp = knnlm.knn_target_logprobs(arrays["dists"], arrays["vals"], arrays["targets"], [4], 1.0)[4]
+    assert knn == pytest.approx(knnlm.perplexity(knnlm.interpolate(arrays["lm_logprob"], lp, 0.5)))
+
+
+# ------------------------------------------------------------------------------------------ hurdle, batches
+def test_removing_the_last_mlp_equals_zeroing_its_output(gpt2):
+    import copy
+
+    a, b = copy.deepcopy(gpt2), copy.deepcopy(gpt2)
+    hurdle.remove_last_mlp(a)
+    with torch.no_grad():
+        b.transformer.h[1].mlp.c_proj.weight.zero_()
+        b.transformer.h[1].mlp.c_proj.bias.zero_()
+        x = torch.randint(0, 64, (2, 10))
+        assert torch.allclose(a(input_ids=x).logits, b(input_ids=x).logits, atol=1e-6)
+        assert not torch.allclose(a(input_ids=x).logits, gpt2(input_ids=x).logits, atol=1e-3)
+    assert sum(p.numel() for p in a.parameters()) < sum(p.numel() for p in gpt2.parameters())
+
+
+def test_sentence_batches_cover_every_sentence_and_mask_padding():
+    seqs = [[1, 5, 6, 2], [1, 7, 2], [1, 8, 9, 10, 11, 2], [1, 3, 2], [1, 4, 4, 2]]
+    nb = macondo_lm.sentence_batches(seqs, 2, pad=0, rng=np.random.default_rng(0))
+    seen = []
+    for step in range(5):  # two epochs of five sentences, two at a time
+        x, y, mask = nb(step)
+        for row in range(len(x)):
+            m = int((y[row] != -100).sum())  # targets: every token after the first
+            seen.append(tuple(x[row, :m].tolist()) + (int(y[row, m - 1]),))
+            assert (y[row, m:] == -100).all() and (y[row, :m] != -100).all()
+            assert (y[row, : m - 1] == x[row, 1:m]).all() and (mask[row, :m] == 1).all()
+    assert sorted(set(seen)) == sorted(tuple(s) for s in seqs) and len(seen) == 10
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def analyses_run(micro_run, tmp_path_factory):
+    """The micro run copied, then the paper-2 analyses at toy size."""
+    work = tmp_path_factory.mktemp("analyses") / "run"
+    shutil.copytree(micro_run, work, symlinks=True)
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["analyses"] = {
+        "macondo": {
+            "model": "micro-gpt2",
+            "seeds": [0],
+            "generate": {"n_villagers": 30, "n_parents": 6, "max_children": 3, "n_train": 60, "child_names": "vocab"},
+            "finetune": {"epochs": 2, "lr": 1e-3, "batch_size": 8},
+            "knn": {"k": 16},
+            "mlp": {"hidden": 16, "lr": 1e-3, "epochs": 1, "batch_size": 64},
+        },
+        "projection": {
+            "datastore": "micro",
+            "eval_set": "test",
+            "max_positions": 64,
+            "runs": [{"lr": 0.1, "tol": 0.001, "max_steps": 50}],
+        },
+        "mlp": {
+            "datastore": "micro",
+            "train": {"hidden": 16, "lr": 1e-3, "epochs": 1, "batch_size": 256},
+            "lambdas": [0.0, 0.25],
+        },
+        "hurdle": {
+            "model": "micro-gpt2",
+            "macondo": {"steps": 6, "log_every": 3, "batch_size": 4},
+            "corpus": {"steps": 6, "log_every": 3, "batch_size": 2, "block_size": 32},
+        },
+    }
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    proc = snakemake(work, "--configfile", str(work / "config.yaml"))
+    return work, job_stats(proc.stderr if "Job stats:" in proc.stderr else proc.stdout)
+
+
+def test_analyses_run_on_the_backbone_without_rebuilding_it(analyses_run):
+    work, jobs = analyses_run
+    assert not {"train_lm", "extract_keys", "build_index", "retrieve"} & set(jobs)
+    for rule in ("macondo_data", "macondo_finetune", "macondo_datastore", "macondo_mlp", "macondo_eval"):
+        assert jobs[rule] == 1
+    assert jobs["hurdle"] == 4 and jobs["hurdle_table"] == 2 and jobs["projection"] == 1 and jobs["mlp_eval"] == 1
+    again = snakemake(work, "-n", "--configfile", str(work / "config.yaml"))
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_analyses_tables(analyses_run):
+    work, _ = analyses_run
+    scores = pl.read_parquet(work / "results/macondo/micro-gpt2/seed0/scores.parquet")
+    assert (scores["lm"] <= 0).all() and (scores["knn_lm"] <= 0).all() and (scores["n_tokens"] == 1).all()
+    mac = pl.read_csv(work / "results/tables/macondo.csv")
+    assert mac.filter(pl.col("children") == "average")["lm"][0] == pytest.approx(scores["lm"].mean())
+    proj = pl.read_csv(work / "results/tables/projection.csv")
+    ppl = {(r["run"], r["space"]): r["ppl"] for r in proj.iter_rows(named=True)}
+    assert ppl[("kNN-LM", "-")] < ppl[("LM", "-")]
+    assert (proj.filter(pl.col("space") != "-")["kl"] < proj.filter(pl.col("run") == "LM")["kl"][0] + 1e-9).all()
+    mlp = pl.read_csv(work / "results/tables/mlp_lm.csv")
+    lm = mlp.filter((pl.col("model") == "LM") & (pl.col("eval_set") == "test"))["ppl"][0]
+    assert mlp.filter((pl.col("model") == "MLP-LM") & (pl.col("lambda") == 0.0) & (pl.col("eval_set") == "test"))[
+        "ppl"
+    ][0] == pytest.approx(lm, rel=1e-12)
+    assert 0 < mlp["storage_ratio"][0] < 1
+    comp = pl.read_csv(work / "results/tables/paper2_comparison.csv")
+    assert set(comp["experiment"]) == {"projection", "MLP replacement", "Macondo", "MLP hurdle"}
+    assert comp.filter(pl.col("quantity") == "perplexity: kNN-LM")["paper"][0] == 16.92
+    for name in ("macondo", "projection", "mlp_lm", "hurdle_macondo", "hurdle_corpus"):
+        assert (work / f"results/figures/{name}.png").stat().st_size > 1000

@@ -1,0 +1,156 @@
+"""Paper 2, §4 and App. C: fine-tune an LM on Macondo's over-specified sentences, then score the children's
+names on the test sentences (no description) with the LM, the kNN-LM and the MLP-LM (Table 5 / Fig. 1 analogue).
+
+Every sentence is its own sequence (``[bos] sentence [eos]``, right-padded in batches), in fine-tuning, in the
+datastore and at test time: a test prefix never sees another sentence. The datastore is the backbone's format
+(one shard, manifest with sha256) built from the fine-tuned model's keys over the training sentences, indexed by
+``index.build_index`` and searched by ``retrieval.search``; scores go through ``scoring.forward_scored`` and
+``knnlm`` — the same code as the perplexity and task paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from . import index, knnlm, lm, mlp_lm, scoring
+from .artifacts import atomic_path, open_npy_for_writing, save_npy, sha256_file, write_json, write_table
+from .datastore import IDENTITY_KEYS, KEY_DTYPE, VAL_DTYPE, write_manifest
+from .retrieval import open_retriever, search
+
+log = logging.getLogger(__name__)
+
+
+def _bos(tok) -> int:
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+
+def encode_sentences(tok, texts) -> list[list[int]]:
+    """``[bos] + tokens + [eos]`` per sentence."""
+    ids = tok(list(texts), add_special_tokens=False)["input_ids"]
+    return [[_bos(tok), *s, tok.eos_token_id] for s in ids]
+
+
+def sentence_batches(seqs: list[list[int]], batch: int, pad: int, rng):
+    """``next_batch`` for ``lm.fit``: epochs of shuffled sentences, right-padded; no loss on padding."""
+    order: list[int] = []
+
+    def next_batch(_step):
+        nonlocal order
+        if len(order) < batch:
+            order = order + list(rng.permutation(len(seqs)))
+        chunk, order = order[:batch], order[batch:]
+        L = max(len(seqs[i]) for i in chunk)
+        x = torch.full((len(chunk), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), L), dtype=torch.long)
+        for b, i in enumerate(chunk):
+            x[b, : len(seqs[i])] = torch.as_tensor(seqs[i])
+            mask[b, : len(seqs[i])] = 1
+        y = x[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        return x[:, :-1], y, mask[:, :-1]
+
+    return next_batch
+
+
+def finetune(identity_json, train_parquet, p: dict, seed: int, outdir, model_json, loss_stem, threads: int = 1):
+    """Fine-tune the model of ``identity_json`` on the training sentences (epochs, lr, batch, warm-up from ``p``)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model, tok, _ = lm.load_checked(identity_json, device="cpu")
+    seqs = encode_sentences(tok, pl.read_parquet(train_parquet)["text"].to_list())
+    steps = p["epochs"] * math.ceil(len(seqs) / p["batch_size"])
+    cfg = {**p, "steps": steps, "log_every": max(1, steps // 50)}
+    rows = lm.fit(
+        model,
+        sentence_batches(seqs, p["batch_size"], tok.eos_token_id, np.random.default_rng(seed)),
+        cfg,
+        f"finetune seed {seed}",
+    )
+    write_table(pl.DataFrame(rows), loss_stem)
+    lm.save_model(model, tok, outdir)
+    ident = lm.write_identity({"source": "local", "path": str(Path(outdir))}, model_json, device="cpu")
+    log.info("fine-tuned %d steps on %d sentences; last loss %.3f", steps, len(seqs), rows[-1]["train_loss"])
+    return ident
+
+
+def build_datastore(identity_json, train_parquet, outdir, threads: int = 1, batch: int = 32) -> dict:
+    """Keys and values of every training-sentence position, one shard, manifest and a Flat index."""
+    torch.set_num_threads(threads)
+    outdir = Path(outdir)
+    model, tok, ident = lm.load_checked(identity_json, device="cpu")
+    seqs = encode_sentences(tok, pl.read_parquet(train_parquet)["text"].to_list())
+    n = sum(len(s) - 1 for s in seqs)
+    save_npy(outdir / "tokens.npy", np.concatenate([np.asarray(s, np.int32) for s in seqs]))
+    offsets = np.cumsum([0] + [len(s) - 1 for s in seqs])
+    keys_p, vals_p, meta_p = outdir / "keys_000.npy", outdir / "vals_000.npy", outdir / "shard_000.json"
+    with atomic_path(keys_p, ".npy") as ktmp, atomic_path(vals_p, ".npy") as vtmp:
+        keys = open_npy_for_writing(ktmp, KEY_DTYPE, (n, ident["dim"]))
+        vals = open_npy_for_writing(vtmp, VAL_DTYPE, (n,))
+        for i, k, _ in scoring.forward_scored(model, ident["hook_point"], seqs, [1] * len(seqs), batch):
+            keys[offsets[i] : offsets[i + 1]] = k.astype(KEY_DTYPE)
+            vals[offsets[i] : offsets[i + 1]] = seqs[i][1:]
+        keys.flush()
+        vals.flush()
+        del keys, vals
+        digests = {"keys_sha256": sha256_file(ktmp), "values_sha256": sha256_file(vtmp)}
+    write_json(meta_p, {"shard": 0, "start": 0, "end": n, "rows": n, **digests, **{k: ident[k] for k in IDENTITY_KEYS}})
+    manifest = write_manifest(ident, outdir / "tokens.npy", [(keys_p, vals_p, meta_p)], outdir / "manifest.json")
+    index.build_index(
+        outdir / "manifest.json", {"type": "Flat"}, 0, outdir / "index.faiss", outdir / "index.json", threads
+    )
+    return manifest
+
+
+def evaluate(identity_json, ds_dir, test_parquet, mlp_pt, mlp_json, p: dict, out_stem, threads: int = 1):
+    """log p(child | "[villager], is the parent of") per test item under the LM, kNN-LM and MLP-LM."""
+    ds_dir = Path(ds_dir)
+    k, lam, sigma = p["knn"]["k"], p["knn"]["lambda"], p["knn"]["sigma"]
+    model, tok, ident, ds, idx, imeta = open_retriever(
+        identity_json,
+        ds_dir / "manifest.json",
+        ds_dir / "index.faiss",
+        ds_dir / "index.json",
+        {"k_max": min(k, 1 << 30), "device": "cpu"},
+        threads,
+    )
+    test = pl.read_parquet(test_parquet)
+    items = [{"options": [[(c, t)]]} for c, t in zip(test["context"], test["continuation"], strict=True)]
+    seqs, starts, _ = scoring.build_pairs(
+        items, lambda s: tok(s, add_special_tokens=False)["input_ids"], _bos(tok), 1 << 20
+    )
+    tok_item, keys, lm_lp, targets = [], [], [], []
+    for i, kk, lp in scoring.forward_scored(model, ident["hook_point"], seqs, starts, 32):
+        tok_item += [i] * len(lp)
+        keys.append(kk)
+        lm_lp.append(lp)
+        targets += seqs[i][starts[i] :]
+    q = np.concatenate(keys).astype(np.float16).astype(np.float32)  # the datastore's precision
+    dists, ids = search(idx, ds, q, k, imeta["exact"])
+    lm_lp, targets = np.concatenate(lm_lp).astype(np.float64), np.asarray(targets)
+    knn = knnlm.knn_target_logprobs(dists, ds.gather_vals(ids), targets, [k], sigma)[k]
+    mlp = mlp_lm.load(mlp_pt, mlp_json, mlp_lm.output_weight(identity_json))
+    lp_mlp = mlp_lm.logprobs(mlp, q, targets)
+    tok_item = np.asarray(tok_item)
+
+    def per_item(lp):
+        return np.bincount(tok_item, weights=lp, minlength=len(seqs))
+
+    df = test.select("villager", "child", "n_children").with_columns(
+        pl.Series("lm", per_item(lm_lp)),
+        pl.Series("knn_lm", per_item(knnlm.interpolate(lm_lp, knn, lam))),
+        pl.Series("mlp_lm", per_item(knnlm.interpolate(lm_lp, lp_mlp, p["mlp_lambda"]))),
+        pl.Series("n_tokens", np.bincount(tok_item, minlength=len(seqs))),
+    )
+    write_table(df, out_stem)
+    log.info(
+        "mean log-likelihood: LM %.3f, kNN-LM %.3f, MLP-LM %.3f",
+        df["lm"].mean(),
+        df["knn_lm"].mean(),
+        df["mlp_lm"].mean(),
+    )
+    return df

@@ -1,0 +1,173 @@
+"""Paper 2, §5 and App. D: an MLP trained on the datastore's (key, next token) pairs in place of kNN retrieval.
+
+``logits = W(z + LN(MLP(z)))`` with ``W`` the LM's output layer (frozen, shared with the LM, so not counted as
+storage), one hidden layer (paper: 4096) and a layer norm; trained with cross-entropy on every datastore pair
+for a few epochs (paper: lr 1e-5, 10 epochs on Macondo, 2 on WikiText, batches of 3 × 3072 tokens). The MLP-LM
+is ``λ·p_mlp + (1−λ)·p_lm``, mixed by ``knnlm.interpolate`` exactly like the kNN part; λ is chosen on one eval
+set and applied to the other. Storage ratio: the MLP's bytes over the datastore's (keys + values) bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from . import knnlm, lm
+from .artifacts import atomic_path, read_json, write_json, write_table
+from .datastore import Datastore
+from .retrieval import load_cache
+
+log = logging.getLogger(__name__)
+
+
+class KeyMLP(torch.nn.Module):
+    """``logits = W(z + LN(MLP(z)))``; ``W`` is a frozen copy of the LM's output layer weights."""
+
+    def __init__(self, dim: int, hidden: int, out_weight: torch.Tensor):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, dim))
+        self.ln = torch.nn.LayerNorm(dim)
+        self.register_buffer("W", out_weight.detach().float().clone(), persistent=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return (z + self.ln(self.mlp(z))) @ self.W.T
+
+    def own_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+def output_weight(identity_json) -> torch.Tensor:
+    model, _, _ = lm.load_checked(identity_json, device="cpu")
+    return model.get_output_embeddings().weight.detach().float()
+
+
+def train(keys, vals, W: torch.Tensor, p: dict, seed: int, desc: str = "train mlp"):
+    """Fit a ``KeyMLP`` on (keys [n, d] array-like, vals [n]) for ``p['epochs']`` epochs; (model, loss rows)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n, d = keys.shape
+    model = KeyMLP(d, p["hidden"], W)
+    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p.get("weight_decay", 0.0))
+    B = p["batch_size"]
+    rows, t0, step = [], time.time(), 0
+    n_steps = p["epochs"] * -(-n // B)
+    bar = tqdm(total=n_steps, desc=desc, mininterval=10)
+    for epoch in range(p["epochs"]):
+        order = rng.permutation(n)
+        for a in range(0, n, B):
+            ids = np.sort(order[a : a + B])
+            z = torch.from_numpy(np.asarray(keys[ids], np.float32))
+            y = torch.from_numpy(np.asarray(vals[ids], np.int64))
+            loss = torch.nn.functional.cross_entropy(model(z), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % p["log_every"] == 0 or step == n_steps - 1:
+                rows.append({"epoch": epoch, "step": step, "loss": loss.item(), "seconds": time.time() - t0})
+            step += 1
+            bar.update()
+    bar.close()
+    model.eval()
+    return model, rows
+
+
+def logprobs(model: KeyMLP, z, targets, batch: int = 4096) -> np.ndarray:
+    """log p_mlp(target | z) for every row."""
+    out = np.empty(len(targets), np.float64)
+    with torch.inference_mode():
+        for a in range(0, len(targets), batch):
+            lp = torch.log_softmax(model(torch.from_numpy(np.asarray(z[a : a + batch], np.float32))), -1)
+            t = torch.from_numpy(np.asarray(targets[a : a + batch], np.int64))
+            out[a : a + batch] = lp.gather(-1, t[:, None])[:, 0].double().numpy()
+    return out
+
+
+def save(model: KeyMLP, meta: dict, out_pt, out_json) -> None:
+    with atomic_path(out_pt, ".pt") as tmp:
+        torch.save(model.state_dict(), tmp)
+    write_json(out_json, meta)
+
+
+def load(pt, meta_json, W: torch.Tensor) -> KeyMLP:
+    meta = read_json(meta_json)
+    model = KeyMLP(meta["dim"], meta["hidden"], W)
+    model.load_state_dict(torch.load(pt, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def storage(model: KeyMLP, ds_bytes: int) -> dict:
+    b = model.own_bytes()
+    return {"mlp_bytes": b, "datastore_bytes": int(ds_bytes), "storage_ratio": b / ds_bytes}
+
+
+def train_on_datastore(identity_json, manifest_json, p: dict, seed: int, out_pt, out_json, loss_stem, threads=1):
+    """Train the MLP on every (key, value) pair of a backbone datastore."""
+    torch.set_num_threads(threads)
+    ds = Datastore(manifest_json)
+    ds.check_model(lm.load_identity(identity_json), identity_json)
+    if p.get("max_pairs") and p["max_pairs"] < ds.rows:  # a seeded subsample, gathered shard by shard
+        ids = np.sort(np.random.default_rng(seed).choice(ds.rows, size=p["max_pairs"], replace=False))
+        keys, vals = ds.gather_keys(ids), ds.gather_vals(ids)
+    else:
+        keys = np.concatenate([np.asarray(k) for k in ds.keys])
+        vals = np.concatenate([np.asarray(v) for v in ds.vals])
+    W = output_weight(identity_json)
+    t0 = time.time()
+    model, rows = train(keys, vals, W, p, seed)
+    ds_bytes = sum(s["keys_bytes"] + s["values_bytes"] for s in ds.manifest["shards"])
+    meta = {
+        "dim": ds.dim,
+        "hidden": p["hidden"],
+        "pairs": len(vals),
+        "datastore_rows": ds.rows,
+        "manifest_sha256": ds.hash,
+        "seconds": round(time.time() - t0, 2),
+        **storage(model, ds_bytes),
+        "params": p,
+    }
+    save(model, meta, out_pt, out_json)
+    write_table(pl.DataFrame(rows), loss_stem)
+    log.info("MLP on %d pairs in %.0fs; storage %.4f of the datastore", ds.rows, meta["seconds"], meta["storage_ratio"])
+    return meta
+
+
+def evaluate(identity_json, mlp_pt, mlp_json, caches: dict, choose_on: str, lambdas, out_stem, knn_points=None):
+    """Perplexity of LM, MLP-LM (every λ) and kNN-LM (at ``knn_points[evalset]``) on each eval set's cache;
+    λ of the MLP-LM chosen on ``choose_on``."""
+    W = output_weight(identity_json)
+    model = load(mlp_pt, mlp_json, W)
+    meta = read_json(mlp_json)
+    rows = []
+    for evalset, cdir in caches.items():
+        c = load_cache(cdir)
+        lp_mlp = logprobs(model, c["queries"], c["targets"])
+        base = {"eval_set": evalset, "n_tokens": int(len(c["targets"]))}
+        rows.append({**base, "model": "LM", "lambda": 0.0, "ppl": knnlm.perplexity(c["lm_logprob"])})
+        for lam in lambdas:
+            ppl = knnlm.perplexity(knnlm.interpolate(c["lm_logprob"], lp_mlp, float(lam)))
+            rows.append({**base, "model": "MLP-LM", "lambda": float(lam), "ppl": ppl})
+        if knn_points and knn_points.get(evalset):
+            lam, k, sigma = knn_points[evalset]
+            knn = knnlm.knn_target_logprobs(c["dists"], c["vals"], c["targets"], [k], sigma)[k]
+            rows.append(
+                {
+                    **base,
+                    "model": f"kNN-LM (k={k}, σ={sigma:g})",
+                    "lambda": lam,
+                    "ppl": knnlm.perplexity(knnlm.interpolate(c["lm_logprob"], knn, lam)),
+                }
+            )
+    df = pl.DataFrame(rows).with_columns(pl.lit(meta["storage_ratio"]).alias("storage_ratio"))
+    mlp = df.filter((pl.col("model") == "MLP-LM") & (pl.col("eval_set") == choose_on))
+    best = float(mlp.sort(["ppl", "lambda"]).row(0, named=True)["lambda"]) if not mlp.is_empty() else None
+    df = df.with_columns(
+        ((pl.col("model") != "MLP-LM") | (pl.col("lambda") == best)).alias("chosen"),
+        pl.lit(choose_on).alias("chosen_on"),
+    )
+    write_table(df, out_stem)
+    return df
