@@ -252,3 +252,14 @@ def test_analyses_tables(analyses_run):
     assert comp.filter(pl.col("quantity") == "perplexity: kNN-LM")["paper"][0] == 16.92
     for name in ("macondo", "projection", "mlp_lm", "hurdle_macondo", "hurdle_corpus"):
         assert (work / f"results/figures/{name}.png").stat().st_size > 1000
+
+
+def test_paper2_preset_builds_its_dag_offline(tmp_path):
+    """The paper-scale preset: WikiText-103 + a 16-layer LM trained in chunks, GPT-2 XL on Macondo, 5 seeds."""
+    from conftest import ROOT
+
+    proc = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "experiments/paper2.yaml"))
+    jobs = job_stats(proc.stdout)
+    assert jobs["macondo_finetune"] == jobs["macondo_eval"] == 5 and jobs["hurdle"] == 20
+    assert jobs["train_lm_chunk"] == 7 and jobs["train_lm"] == 1 and jobs["extract_keys"] == 32
+    assert jobs["projection"] == jobs["train_mlp"] == jobs["mlp_eval"] == jobs["paper2_comparison"] == 1

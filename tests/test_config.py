@@ -1,9 +1,11 @@
 """Config validation: the shipped config passes with defaults; every invalid one fails naming its key path."""
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,9 +45,30 @@ def test_shipped_config_validates_with_defaults():
     assert c["sweep"]["k_max"] == max(c["sweep"]["ks"]) == 2048
     assert c["models"]["tiny-gpt2"]["trust_remote_code"] is False
     assert c["index"]["type"] == "Flat" and c["index"]["nprobe"] == 32
-    assert set(c) == {"seed", "corpora", "models", "datastores", "eval_sets", "extraction", "index", "sweep", "tasks"}
+    assert set(c) == {
+        "seed", "corpora", "models", "datastores", "eval_sets", "extraction", "index", "sweep", "tasks", "analyses"
+    }
+    a = c["analyses"]  # paper 2's values filled in where the config leaves them
+    assert a["macondo"]["knn"] == {"k": 1024, "lambda": 0.25, "sigma": 1.0}
+    assert a["macondo"]["generate"]["n_villagers"] == 500 and a["macondo"]["generate"]["n_train"] == 1500
     again = validate(copy.deepcopy(c))  # idempotent on an already-validated config
     assert again == c
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("macondo", {"model": "nope"}, "analyses.macondo.model: 'nope' is not one of the models"),
+        ("projection", {"datastore": "synthwiki", "eval_set": "dev"}, "analyses.projection.eval_set"),
+        ("mlp", {"datastore": "nope"}, "analyses.mlp.datastore"),
+        ("macondo", {"model": "tiny-gpt2", "knn": {"k": 0}}, "analyses.macondo.knn.k"),
+    ],
+)
+def test_bad_analyses_entries_name_the_key(key, value, message):
+    c = yaml.safe_load((ROOT / "config.yaml").read_text())
+    c["analyses"] = {key: value}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(c)
 
 
 def test_micro_config_validates():

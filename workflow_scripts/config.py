@@ -112,6 +112,13 @@ def _cross_check(c: dict) -> None:
             need("models", a[key]["model"], f"analyses.{key}.model")
     if "hurdle" in a and c["models"][a["hurdle"]["model"]]["source"] != "train":
         raise ConfigError("config key analyses.hurdle.model: must be a model trained here (source: train): its shape")
+    if "macondo" in a:
+        for name, spec in a["macondo"]["generate"].items():
+            if name in ("given_names", "surnames", "cities", "universities", "companies", "child_names"):
+                if spec not in ("shipped", "vocab") and not Path(spec).is_file():
+                    raise ConfigError(f"config key analyses.macondo.generate.{name}: file {spec} does not exist")
+                if spec == "vocab" and name != "child_names":
+                    raise ConfigError(f"config key analyses.macondo.generate.{name}: 'vocab' is for child_names only")
     for key in ("projection", "mlp"):
         if key in a:
             need("datastores", a[key]["datastore"], f"analyses.{key}.datastore")
