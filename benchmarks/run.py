@@ -33,11 +33,30 @@ from workflow_scripts.artifacts import atomic_path, open_npy_for_writing, save_n
 
 THREADS, VOCAB, BLOCK, BATCH, K, SHARDS = 2, 2048, 128, 32, 2048, 2
 GRID = {"lambdas": [0.1, 0.2, 0.3], "ks": [1600, 2048], "sigmas": [1, 3, 5, 10]}  # paper 1: 24 points
-MODES = {  # datastore sizes in tokens (each twice the last), eval queries, tokens for measure 2, IVF lists
-    "full": {"sizes": [100_000, 200_000, 400_000], "queries": 2048, "recall_queries": 512, "extract": 65_536,
-             "nlist": 256},
-    "quick": {"sizes": [8_192, 16_384, 32_768], "queries": 256, "recall_queries": 128, "extract": 8_192,
-              "nlist": 32},
+# sizes: datastore sizes in tokens for the scale curve (5; the last two are S and 2S for measure 2);
+# ratio_size: the datastore (one of sizes) that measures 1, 3 and 4 use; queries: eval queries for measures
+# 1, 3 and the IVFPQ perplexity; scale_queries: queries per search stage of the scale curve (exact search
+# costs O(N) per query); recall_queries: queries for the recall of measure 4; extract: tokens for measure 2;
+# ivfpq: the IVFPQ index's shape. Full mode takes about 25 minutes on 2 busy cores.
+MODES = {
+    "full": {
+        "sizes": [250_000, 1_000_000, 2_000_000],
+        "ratio_size": 1_000_000,
+        "queries": 512,
+        "scale_queries": 256,
+        "recall_queries": 512,
+        "extract": 32_768,
+        "ivfpq": {"nlist": 256, "m": 16, "nbits": 8, "nprobe": 16, "train_sample": 20_000},
+    },
+    "quick": {
+        "sizes": [8_192, 16_384, 32_768],
+        "ratio_size": 32_768,
+        "queries": 256,
+        "scale_queries": 256,
+        "recall_queries": 128,
+        "extract": 8_192,
+        "ivfpq": {"nlist": 32, "m": 16, "nbits": 6, "nprobe": 16, "train_sample": 4_096},
+    },
 }
 OUT = Path(__file__).resolve().parent
 
@@ -51,6 +70,18 @@ def perf(fn, *args, repeat: int = 1, **kw):
         out = fn(*args, **kw)
         best = min(best, time.perf_counter() - t)
     return best, out
+
+
+def best_of(fns: dict, repeat: int = 3) -> dict:
+    """Best wall time of each function, the calls interleaved round-robin so that a change in the machine's
+    load during the measure hits every function alike."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
 
 
 def proc_mb(field: str) -> float:
@@ -71,16 +102,16 @@ def reset_peak() -> float:
 
 def row(measure, value, target="", ok=None):
     status = "info" if ok is None else ("pass" if ok else "FAIL")
-    return {"measure": measure, "value": f"{value:.3g}" if isinstance(value, float) else value,
-            "target": target, "status": status}
+    return {
+        "measure": measure,
+        "value": f"{value:.3g}" if isinstance(value, float) else value,
+        "target": target,
+        "status": status,
+    }
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def ivfpq_cfg(nlist: int, train_sample: int) -> dict:
-    return {"type": "IVFPQ", "nlist": nlist, "m": 16, "nbits": 8, "nprobe": 16, "train_sample": train_sample}
 
 
 def search_and_write(idx, ds, queries, exact: bool, outdir: Path, extra: dict) -> None:
@@ -103,10 +134,15 @@ def make_model(tmp: Path):
 
     torch.manual_seed(0)
     vocab = {lm.EOS: 0, **{f"t{i}": i for i in range(1, VOCAB)}}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=lm.EOS)),
-                                  eos_token=lm.EOS, bos_token=lm.EOS, unk_token=lm.EOS)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=BLOCK, n_embd=128, n_layer=4, n_head=4,
-                        bos_token_id=0, eos_token_id=0)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=lm.EOS)),
+        eos_token=lm.EOS,
+        bos_token=lm.EOS,
+        unk_token=lm.EOS,
+    )
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=BLOCK, n_embd=128, n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0
+    )
     model = GPT2LMHeadModel(config).eval()
     path = tmp / "model"
     model.save_pretrained(path)
@@ -148,11 +184,12 @@ def child(args: dict) -> dict:
             for s, (k, v, m) in enumerate(files):
                 datastore.extract_shard(model, ident, d / "tokens.npy", s, SHARDS, BLOCK, BATCH, k, v, m)
     elif stage == "build":
+
         def run():
             index.build_index(d / "manifest.json", args["cfg"], 0, d / "ivfpq.faiss", d / "ivfpq.json", THREADS)
     else:  # search-Flat | search-IVFPQ: retrieval.search + cache writing for the eval queries
         ds = datastore.Datastore(d / "manifest.json")
-        queries = np.load(args["queries"]).astype(np.float32)
+        queries = np.load(args["queries"])[: args["n_queries"]].astype(np.float32)
         if stage == "search-Flat":
             idx, exact = faiss.IndexFlatL2(ds.dim), True
             for keys in ds.keys:
@@ -163,14 +200,16 @@ def child(args: dict) -> dict:
 
         def run():
             search_and_write(idx, ds, queries, exact, d / f"cache-{stage}", {})
+
     base = reset_peak()
     seconds, _ = perf(run)
     return {"seconds": seconds, "peak_mb": proc_mb("VmHWM"), "base_mb": base}
 
 
 def spawn(**args) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(args, default=str)],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(args, default=str)], capture_output=True, text=True, cwd=ROOT
+    )
     if proc.returncode:
         raise RuntimeError(f"child {args['stage']} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -184,17 +223,33 @@ def scale_curve(tmp: Path, ident: dict, m: dict) -> list[dict]:
     for n in m["sizes"]:
         d = tmp / f"ds{n}"
         save_npy(d / "tokens.npy", stream[: n + 1])
-        cfg = ivfpq_cfg(m["nlist"], min(n, 100_000))
+        cfg = {"type": "IVFPQ", **m["ivfpq"]}
         for stage in ("extract", "build", "search-Flat", "search-IVFPQ"):
-            r = spawn(stage=stage, dir=d, model_json=tmp / "model.json", queries=tmp / "queries.npy", cfg=cfg)
+            r = spawn(
+                stage=stage,
+                dir=d,
+                model_json=tmp / "model.json",
+                queries=tmp / "queries.npy",
+                n_queries=m["scale_queries"],
+                cfg=cfg,
+            )
             if stage == "extract":
-                shards = [(str(d / f"keys_{s}.npy"), str(d / f"vals_{s}.npy"), str(d / f"shard_{s}.json"))
-                          for s in range(SHARDS)]
+                shards = [
+                    (str(d / f"keys_{s}.npy"), str(d / f"vals_{s}.npy"), str(d / f"shard_{s}.json"))
+                    for s in range(SHARDS)
+                ]
                 datastore.write_manifest(ident, d / "tokens.npy", shards, d / "manifest.json")
-            items = m["queries"] if stage.startswith("search") else n
-            rows.append({"stage": stage, "datastore_tokens": n, "seconds": round(r["seconds"], 2),
-                         "items_per_s": round(items / r["seconds"]), "peak_rss_mb": round(r["peak_mb"]),
-                         "rss_before_mb": round(r["base_mb"])})
+            items = m["scale_queries"] if stage.startswith("search") else n
+            rows.append(
+                {
+                    "stage": stage,
+                    "datastore_tokens": n,
+                    "seconds": round(r["seconds"], 2),
+                    "items_per_s": round(items / r["seconds"]),
+                    "peak_rss_mb": round(r["peak_mb"]),
+                    "rss_before_mb": round(r["base_mb"]),
+                }
+            )
             log(f"scale {stage:13s} {n:>8d} tokens: {r['seconds']:7.2f} s, peak RSS {r['peak_mb']:.0f} MiB")
     return rows
 
@@ -205,8 +260,10 @@ def extraction(model, ident, tmp: Path, n: int, scale: list[dict], sizes: list[i
     save_npy(d / "tokens.npy", zipf_tokens(n + 1, seed=2))
     tokens = np.load(d / "tokens.npy")
     wins = datastore.windows(0, n, BLOCK)  # n is a multiple of BLOCK: every batch is BATCH x BLOCK
-    xs = [torch.from_numpy(np.stack([tokens[a:b] for a, b in wins[i : i + BATCH]]).astype(np.int64))
-          for i in range(0, len(wins), BATCH)]
+    xs = [
+        torch.from_numpy(np.stack([tokens[a:b] for a, b in wins[i : i + BATCH]]).astype(np.int64))
+        for i in range(0, len(wins), BATCH)
+    ]
 
     def forward():
         with torch.inference_mode():
@@ -214,8 +271,9 @@ def extraction(model, ident, tmp: Path, n: int, scale: list[dict], sizes: list[i
                 model(input_ids=x)
 
     def extract():
-        datastore.extract_shard(model, ident, d / "tokens.npy", 0, 1, BLOCK, BATCH,
-                                d / "keys.npy", d / "vals.npy", d / "shard.json")
+        datastore.extract_shard(
+            model, ident, d / "tokens.npy", 0, 1, BLOCK, BATCH, d / "keys.npy", d / "vals.npy", d / "shard.json"
+        )
 
     def hook_only():  # run_model alone: the same early-stopping forward, without the shard writing
         for _ in datastore.run_model(model, ident["hook_point"], tokens, 0, n, BLOCK, BATCH, False):
@@ -223,9 +281,8 @@ def extraction(model, ident, tmp: Path, n: int, scale: list[dict], sizes: list[i
 
     with torch.inference_mode():
         model(input_ids=xs[0])  # warm-up
-    t_fwd, _ = perf(forward, repeat=2)
-    t_ext, _ = perf(extract, repeat=2)
-    t_hook, _ = perf(hook_only, repeat=2)
+    t = best_of({"forward": forward, "extract": extract, "hook": hook_only})
+    t_fwd, t_ext, t_hook = t["forward"], t["extract"], t["hook"]
     peak = {r["datastore_tokens"]: r["peak_rss_mb"] for r in scale if r["stage"] == "extract"}
     s1, s2 = sizes[-2], sizes[-1]
     change = peak[s2] / peak[s1] - 1
@@ -233,22 +290,34 @@ def extraction(model, ident, tmp: Path, n: int, scale: list[dict], sizes: list[i
         row("extract: forward tokens/s (plain model, inference_mode)", n / t_fwd),
         row("extract: extract_shard tokens/s", n / t_ext),
         row("extract: extract_shard / forward throughput", t_fwd / t_ext, ">= 0.9", t_fwd / t_ext >= 0.9),
-        row("extract: run_model alone / extract_shard time (shard-writing share)", t_hook / t_ext),
+        row("extract: extract_shard time / run_model alone - 1 (fp16 cast + shard writes)", t_ext / t_hook - 1),
         row(f"extract: peak RSS MiB at {s1} / {s2} tokens", f"{peak[s1]} / {peak[s2]}"),
-        row("extract: peak RSS change from S to 2S", change, "< 0.10", change < 0.10),
+        row(f"extract: peak RSS change from S to {s2 / s1:g}S", change, "< 0.10", change < 0.10),
     ]
 
 
-def index_compare(tmp: Path, ds_dir: Path, qs: np.ndarray, nlist: int) -> tuple[list[dict], object, object]:
-    """4. IVFPQ vs exact Flat on the same model-extracted keys: recall of the exact top-64, build time, bytes."""
+def build_without_polysemous(ds, cfg: dict, seed: int = 0):
+    """What build_index does, with the factory string's ``np`` suffix (no polysemous training of the PQ)."""
+    idx = faiss.index_factory(ds.dim, index.factory_string(cfg, ds.dim) + "np", faiss.METRIC_L2)
+    n = min(ds.rows, cfg["train_sample"])
+    idx.train(ds.gather_keys(np.sort(np.random.default_rng(seed).choice(ds.rows, size=n, replace=False))))
+    for keys in ds.keys:
+        idx.add(np.asarray(keys, np.float32))
+    return idx
+
+
+def index_compare(tmp: Path, ds_dir: Path, qs: np.ndarray, ivfpq: dict, t_ivf: float):
+    """4. IVFPQ vs exact Flat on the same model-extracted keys: recall of the exact top-64, build time, bytes.
+
+    The IVFPQ index is the one the scale curve built in ``ds_dir`` (``build_index``, in ``t_ivf`` seconds).
+    Returns (rows, Flat index, IVFPQ index, datastore)."""
     manifest = ds_dir / "manifest.json"
     ds = datastore.Datastore(manifest)
-    cfg = ivfpq_cfg(nlist, min(ds.rows, 100_000))
-    t_flat, _ = perf(index.build_index, manifest, {"type": "Flat"}, 0, tmp / "flat.faiss", tmp / "flat.json",
-                     THREADS)
-    t_ivf, _ = perf(index.build_index, manifest, cfg, 0, tmp / "ivf.faiss", tmp / "ivf.json", THREADS)
+    cfg, f = {"type": "IVFPQ", **ivfpq}, index.factory_string({"type": "IVFPQ", **ivfpq}, ds.dim)
+    t_flat, _ = perf(index.build_index, manifest, {"type": "Flat"}, 0, tmp / "flat.faiss", tmp / "flat.json", THREADS)
+    t_np, _ = perf(build_without_polysemous, ds, cfg)
     flat = index.load_index(tmp / "flat.faiss", tmp / "flat.json", ds)[0]
-    ivf = index.load_index(tmp / "ivf.faiss", tmp / "ivf.json", ds, cfg["nprobe"])[0]
+    ivf = index.load_index(ds_dir / "ivfpq.faiss", ds_dir / "ivfpq.json", ds, cfg["nprobe"])[0]
 
     def exact_d(ids):  # exact squared L2 from the stored keys; missing neighbours (-1) count as misses
         d = retrieval.exact_sq_l2(qs, ds.gather_keys(np.maximum(ids, 0)))
@@ -258,19 +327,20 @@ def index_compare(tmp: Path, ds_dir: Path, qs: np.ndarray, nlist: int) -> tuple[
     recall_pq = np.mean(exact_d(ivf.search(qs, 64)[1]) <= kth)
     recall_rr = np.mean(retrieval.search(ivf, ds, qs, K, exact=False)[0][:, :64] <= kth)
     keys_b = sum(s["keys_bytes"] for s in ds.manifest["shards"])
-    flat_b, ivf_b = (tmp / "flat.faiss").stat().st_size, (tmp / "ivf.faiss").stat().st_size
-    f = index.factory_string(cfg, ds.dim)
+    flat_b, ivf_b = (tmp / "flat.faiss").stat().st_size, (ds_dir / "ivfpq.faiss").stat().st_size
     rows = [
         row(f"index: {f} nprobe {cfg['nprobe']} recall@64 (PQ order, {len(qs)} queries)", recall_pq),
         row(f"index: {f} recall@64 after exact re-rank of K={K} (retrieval.search)", recall_rr),
-        row(f"index: build s Flat / {f} ({ds.rows} keys)", f"{t_flat:.2f} / {t_ivf:.2f}"),
+        row(f"index: build s Flat / {f} ({ds.rows} keys, build_index)", f"{t_flat:.2f} / {t_ivf:.2f}"),
+        row(f"index: build s {f}np (no polysemous training)", t_np),
+        row(f"index: build time {f} / {f}np", t_ivf / t_np),
         row("index: Flat bytes / fp16 keys bytes", flat_b / keys_b),
         row(f"index: {f} bytes / fp16 keys bytes", ivf_b / keys_b),
     ]
-    return rows, flat, ds
+    return rows, flat, ivf, ds
 
 
-def sweep_vs_search(flat, ds, q: dict) -> tuple[list[dict], float]:
+def sweep_vs_search(flat, ds, q: dict) -> tuple[list[dict], list[dict]]:
     """1. knnlm.sweep over the 24-point grid vs one exact retrieval pass for the same queries (and vs 24 passes)."""
     queries = q["queries"].astype(np.float32)
     retrieval.search(flat, ds, queries[:64], K, exact=True)  # warm-up
@@ -285,7 +355,24 @@ def sweep_vs_search(flat, ds, q: dict) -> tuple[list[dict], float]:
         row(f"sweep: seconds for one Flat retrieval pass over {ds.rows} keys", t_search),
         row("sweep: sweep / one retrieval pass", r, "<= 1.2", r <= 1.2),
         row("sweep: speed-up vs naive (24 x measured search)", 24 / r, ">= 10", 24 / r >= 10),
-    ], t_search
+    ], rows
+
+
+def ppl_ivfpq_vs_flat(ivf, ds, q: dict, flat_grid: list[dict], name: str) -> list[dict]:
+    """4b. The 24-point sweep on an IVFPQ cache (approximate search, exact re-rank) vs on the exact Flat cache:
+    best perplexity over the grid. The model is random and the tokens Zipf, so only the difference means much."""
+    dists, ids = retrieval.search(ivf, ds, q["queries"].astype(np.float32), K, exact=False)
+    grid = knnlm.sweep(dists, ds.gather_vals(ids), q["targets"], q["lm_logprob"], **GRID)
+    best_f, best_i = min(r["ppl"] for r in flat_grid), min(r["ppl"] for r in grid)
+    worst = max(abs(a["ppl"] / b["ppl"] - 1) for a, b in zip(grid, flat_grid, strict=True))
+    return [
+        row(
+            f"index: best-grid ppl Flat / {name} (base ppl {flat_grid[0]['base_ppl']:.4g})",
+            f"{best_f:.5g} / {best_i:.5g}",
+        ),
+        row(f"index: best-grid ppl {name} / Flat - 1", best_i / best_f - 1),
+        row(f"index: largest |ppl {name} / Flat - 1| over the 24 points", worst),
+    ]
 
 
 def retrieval_vs_faiss(flat, ds, q: dict, tmp: Path) -> list[dict]:
@@ -293,8 +380,14 @@ def retrieval_vs_faiss(flat, ds, q: dict, tmp: Path) -> list[dict]:
     queries = q["queries"].astype(np.float32)
     extra = {"targets": q["targets"], "lm_logprob": q["lm_logprob"], "queries": q["queries"]}
     flat.search(queries[:64], K)  # warm-up
-    t_raw, _ = perf(flat.search, queries, K, repeat=2)
-    t_e2e, _ = perf(search_and_write, flat, ds, queries, True, tmp / "cache", extra, repeat=2)
+    t = best_of(
+        {
+            "raw": lambda: flat.search(queries, K),
+            "e2e": lambda: search_and_write(flat, ds, queries, True, tmp / "cache", extra),
+        },
+        repeat=2,
+    )
+    t_raw, t_e2e = t["raw"], t["e2e"]
     r = t_raw / t_e2e
     return [
         row("retrieval: raw faiss queries/s", len(queries) / t_raw),
@@ -339,14 +432,21 @@ def main() -> None:
         scale = scale_curve(tmp, ident, m)
         rows = extraction(model, ident, tmp, m["extract"], scale, m["sizes"])
         log("extraction done")
-        index_rows, flat, ds = index_compare(tmp, tmp / f"ds{m['sizes'][-1]}", q["queries"][: m["recall_queries"]]
-                                             .astype(np.float32), m["nlist"])
+        n = m["ratio_size"]
+        t_ivf = next(r["seconds"] for r in scale if r["stage"] == "build" and r["datastore_tokens"] == n)
+        qs = q["queries"][: m["recall_queries"]].astype(np.float32)
+        index_rows, flat, ivf, ds = index_compare(tmp, tmp / f"ds{n}", qs, m["ivfpq"], t_ivf)
         log("index done")
-        sweep_rows, _ = sweep_vs_search(flat, ds, q)
+        sweep_rows, grid = sweep_vs_search(flat, ds, q)
         log("sweep done")
+        index_rows += ppl_ivfpq_vs_flat(ivf, ds, q, grid, index.factory_string({"type": "IVFPQ", **m["ivfpq"]}, ds.dim))
         rows = sweep_rows + rows + retrieval_vs_faiss(flat, ds, q, tmp) + index_rows
-    rows.append(row("run: mode / wall s / load avg (1 min) start, end",
-                    f"{mode} / {time.perf_counter() - t0:.0f} / {load0:.1f}, {os.getloadavg()[0]:.1f}"))
+    rows.append(
+        row(
+            "run: mode / wall s / load avg (1 min) start, end",
+            f"{mode} / {time.perf_counter() - t0:.0f} / {load0:.1f}, {os.getloadavg()[0]:.1f}",
+        )
+    )
     print("\nScale curve (per stage, subprocess; items = tokens for extract/build, queries for search)")
     print_table(scale)
     print(f"\nBenchmarks ({mode})")
