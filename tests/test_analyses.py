@@ -169,6 +169,18 @@ def test_removing_the_last_mlp_equals_zeroing_its_output(gpt2):
     assert sum(p.numel() for p in a.parameters()) < sum(p.numel() for p in gpt2.parameters())
 
 
+def test_a_sentence_longer_than_the_model_is_refused_by_name():
+    class Tok:
+        bos_token_id = eos_token_id = 0
+
+        def __call__(self, texts, **_):
+            return {"input_ids": [[1] * len(t.split()) for t in texts]}
+
+    assert macondo_lm.encode_sentences(Tok(), ["a b"], 4) == [[0, 1, 1, 0]]
+    with pytest.raises(ValueError, match="'a b c d' is 6 tokens"):
+        macondo_lm.encode_sentences(Tok(), ["a b", "a b c d"], 5)
+
+
 def test_sentence_batches_cover_every_sentence_and_mask_padding():
     seqs = [[1, 5, 6, 2], [1, 7, 2], [1, 8, 9, 10, 11, 2], [1, 3, 2], [1, 4, 4, 2]]
     nb = macondo_lm.sentence_batches(seqs, 2, pad=0, rng=np.random.default_rng(0))
@@ -190,11 +202,16 @@ def analyses_run(micro_run, tmp_path_factory):
     work = tmp_path_factory.mktemp("analyses") / "run"
     shutil.copytree(micro_run, work, symlinks=True)
     cfg = yaml.safe_load((work / "config.yaml").read_text())
+    # Macondo's sentences need more than micro-gpt2's 32 positions: a second tiny model with 96
+    cfg["models"]["micro-long"] = {
+        "source": "train",
+        "train": {**cfg["models"]["micro-gpt2"]["train"], "block_size": 96},
+    }
     cfg["analyses"] = {
         "macondo": {
-            "model": "micro-gpt2",
+            "model": "micro-long",
             "seeds": [0],
-            "generate": {"n_villagers": 30, "n_parents": 6, "max_children": 3, "n_train": 60, "child_names": "vocab"},
+            "generate": {"n_villagers": 30, "n_parents": 3, "max_children": 2, "n_train": 40, "child_names": "vocab"},
             "finetune": {"epochs": 2, "lr": 1e-3, "batch_size": 8},
             "knn": {"k": 16},
             "mlp": {"hidden": 16, "lr": 1e-3, "epochs": 1, "batch_size": 64},
@@ -223,9 +240,11 @@ def analyses_run(micro_run, tmp_path_factory):
 
 def test_analyses_run_on_the_backbone_without_rebuilding_it(analyses_run):
     work, jobs = analyses_run
-    assert not {"train_lm", "extract_keys", "build_index", "retrieve"} & set(jobs)
-    for rule in ("macondo_data", "macondo_finetune", "macondo_datastore", "macondo_mlp", "macondo_eval"):
+    assert jobs["train_lm"] == 1  # micro-long only: the backbone's model, datastore and caches are reused
+    assert not {"extract_keys", "build_index", "retrieve"} & set(jobs)
+    for rule in ("macondo_finetune", "macondo_datastore", "macondo_mlp", "macondo_eval"):
         assert jobs[rule] == 1
+    assert jobs["macondo_data"] == 2  # the hurdle (micro-gpt2) gets Macondo in its own tokenizer
     assert jobs["hurdle"] == 4 and jobs["hurdle_table"] == 2 and jobs["projection"] == 1 and jobs["mlp_eval"] == 1
     again = snakemake(work, "-n", "--configfile", str(work / "config.yaml"))
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -233,7 +252,7 @@ def test_analyses_run_on_the_backbone_without_rebuilding_it(analyses_run):
 
 def test_analyses_tables(analyses_run):
     work, _ = analyses_run
-    scores = pl.read_parquet(work / "results/macondo/micro-gpt2/seed0/scores.parquet")
+    scores = pl.read_parquet(work / "results/macondo/micro-long/seed0/scores.parquet")
     assert (scores["lm"] <= 0).all() and (scores["knn_lm"] <= 0).all() and (scores["n_tokens"] == 1).all()
     mac = pl.read_csv(work / "results/tables/macondo.csv")
     assert mac.filter(pl.col("children") == "average")["lm"][0] == pytest.approx(scores["lm"].mean())

@@ -238,7 +238,12 @@ def generate(cfg: dict, seed: int, tokenizer) -> dict:
         raise MacondoError(
             f"macondo needs {need} distinct single-token child names for {len(parents)} parents, but {source} "
             f"only {len(single)} single-token names for this tokenizer (vocab size {len(tokenizer)}), "
-            f"{len(pool)} of them not used elsewhere in the dataset; use child_names: vocab or a larger list"
+            f"{len(pool)} of them not used elsewhere in the dataset; "
+            + (
+                "use fewer parents or children, or a tokenizer with a larger vocabulary"
+                if cfg.get("child_names") == "vocab"
+                else "use child_names: vocab or a larger list"
+            )
         )
     child_names = rng.sample(pool, need)
     pairs = []

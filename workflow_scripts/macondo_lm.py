@@ -30,10 +30,22 @@ def _bos(tok) -> int:
     return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
 
-def encode_sentences(tok, texts) -> list[list[int]]:
-    """``[bos] + tokens + [eos]`` per sentence."""
-    ids = tok(list(texts), add_special_tokens=False)["input_ids"]
-    return [[_bos(tok), *s, tok.eos_token_id] for s in ids]
+def encode_sentences(tok, texts, max_len: int | None = None) -> list[list[int]]:
+    """``[bos] + tokens + [eos]`` per sentence; refuse one longer than the model's ``max_len`` positions."""
+    texts = list(texts)
+    out = [[_bos(tok), *s, tok.eos_token_id] for s in tok(texts, add_special_tokens=False)["input_ids"]]
+    longest = max(range(len(out)), key=lambda i: len(out[i]), default=None)
+    if max_len is not None and longest is not None and len(out[longest]) > max_len:
+        raise ValueError(
+            f"sentence {texts[longest]!r} is {len(out[longest])} tokens with bos/eos, more than the model's "
+            f"{max_len} positions; use a model with a longer context"
+        )
+    return out
+
+
+def _positions(model) -> int | None:
+    c = model.config
+    return getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
 
 
 def sentence_batches(seqs: list[list[int]], batch: int, pad: int, rng):
@@ -62,7 +74,7 @@ def finetune(identity_json, train_parquet, p: dict, seed: int, outdir, model_jso
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model, tok, _ = lm.load_checked(identity_json, device="cpu")
-    seqs = encode_sentences(tok, pl.read_parquet(train_parquet)["text"].to_list())
+    seqs = encode_sentences(tok, pl.read_parquet(train_parquet)["text"].to_list(), _positions(model))
     steps = p["epochs"] * math.ceil(len(seqs) / p["batch_size"])
     cfg = {**p, "steps": steps, "log_every": max(1, steps // 50)}
     rows = lm.fit(
@@ -83,7 +95,7 @@ def build_datastore(identity_json, train_parquet, outdir, threads: int = 1, batc
     torch.set_num_threads(threads)
     outdir = Path(outdir)
     model, tok, ident = lm.load_checked(identity_json, device="cpu")
-    seqs = encode_sentences(tok, pl.read_parquet(train_parquet)["text"].to_list())
+    seqs = encode_sentences(tok, pl.read_parquet(train_parquet)["text"].to_list(), _positions(model))
     n = sum(len(s) - 1 for s in seqs)
     save_npy(outdir / "tokens.npy", np.concatenate([np.asarray(s, np.int32) for s in seqs]))
     offsets = np.cumsum([0] + [len(s) - 1 for s in seqs])
