@@ -38,6 +38,7 @@ rule stage_times:
             f"results/figures/perplexity_vs_lambda/{e}__{d}.png" for e, d in SWEEPS
         ],
         tasks=task_outputs(),
+        analyses=analyses_outputs(),
     output:
         csv=report(
             "results/tables/stage_times.csv",

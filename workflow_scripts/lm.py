@@ -39,11 +39,11 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
-def train_tokenizer(train_parquet, vocab_size: int, outdir) -> None:
+def bpe_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE (GPT-2 style, EOS as the only special token) trained on ``texts``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = pl.read_parquet(train_parquet)["text"].to_list()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -54,7 +54,11 @@ def train_tokenizer(train_parquet, vocab_size: int, outdir) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+
+
+def train_tokenizer(train_parquet, vocab_size: int, outdir) -> None:
+    fast = bpe_tokenizer(pl.read_parquet(train_parquet)["text"].to_list(), vocab_size)
     _save_dir_atomically(outdir, fast.save_pretrained)
 
 
