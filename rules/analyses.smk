@@ -371,7 +371,7 @@ rule paper2_figure:
     output:
         png=report(
             "results/figures/{name}.png",
-            caption="../report/{name}.rst",
+            caption="../report/paper2_figures.rst",
             category="Paper 2",
             subcategory="Figures",
         ),

@@ -282,3 +282,11 @@ def test_paper2_preset_builds_its_dag_offline(tmp_path):
     assert jobs["macondo_finetune"] == jobs["macondo_eval"] == 5 and jobs["hurdle"] == 20
     assert jobs["train_lm_chunk"] == 7 and jobs["train_lm"] == 1 and jobs["extract_keys"] == 32
     assert jobs["projection"] == jobs["train_mlp"] == jobs["mlp_eval"] == jobs["paper2_comparison"] == 1
+
+
+def test_report_holds_the_paper2_tables_and_figures(analyses_run):
+    work, _ = analyses_run
+    snakemake(work, "--configfile", str(work / "config.yaml"), "--report", str(work / "report.html"))
+    html = (work / "report.html").read_text(errors="replace")
+    for name in ("paper2_comparison.csv", "macondo.png", "projection.png", "mlp_lm.png", "hurdle_corpus.png"):
+        assert name in html
