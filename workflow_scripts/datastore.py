@@ -149,13 +149,23 @@ def extract_shard(
         keys.flush()
         vals.flush()
         del keys, vals
-        # hashed as written, so that the manifest can refuse a shard altered between extraction and manifest
-        digests = {"keys_sha256": sha256_file(ktmp), "values_sha256": sha256_file(vtmp)}
+        digests = shard_digests(ktmp, vtmp)
+    write_shard_meta(meta_out, ident, shard, a, b, digests)
+    return n
+
+
+def shard_digests(keys_path, vals_path) -> dict:
+    """Hashed as written, so that the manifest can refuse a shard altered between extraction and manifest."""
+    return {"keys_sha256": sha256_file(keys_path), "values_sha256": sha256_file(vals_path)}
+
+
+def write_shard_meta(meta_out, ident: dict, shard: int, start: int, end: int, digests: dict) -> None:
+    """The shard's json: its position range, digests and the identity of the model that made it."""
     write_json(
         meta_out,
-        {"shard": shard, "start": a, "end": b, "rows": n, **digests, **{k: ident[k] for k in IDENTITY_KEYS}},
+        {"shard": shard, "start": start, "end": end, "rows": end - start, **digests,
+         **{k: ident[k] for k in IDENTITY_KEYS}},
     )
-    return n
 
 
 def write_manifest(ident: dict, tokens_npy, shard_files: list[tuple[str, str, str]], out) -> dict:

@@ -43,8 +43,7 @@ def new_model(tok, shape: dict, variant: str, n_positions: int, seed: int):
 
 def children_loglik(model, seqs, starts) -> float:
     """Mean over test items of log p(child tokens | "[villager], is the parent of")."""
-    total = [float(lp.sum()) for _, _, lp in sorted(_scored(model, seqs, starts), key=lambda r: r[0])]
-    return float(np.mean(total))
+    return float(np.mean([float(lp.sum()) for _, _, lp in _scored(model, seqs, starts)]))
 
 
 def _scored(model, seqs, starts):

@@ -19,8 +19,8 @@ import polars as pl
 import torch
 
 from . import index, knnlm, lm, mlp_lm, scoring
-from .artifacts import atomic_path, open_npy_for_writing, save_npy, sha256_file, write_json, write_table
-from .datastore import IDENTITY_KEYS, KEY_DTYPE, VAL_DTYPE, write_manifest
+from .artifacts import atomic_path, open_npy_for_writing, save_npy, write_table
+from .datastore import KEY_DTYPE, VAL_DTYPE, shard_digests, write_manifest, write_shard_meta
 from .retrieval import open_retriever, search
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,8 @@ def build_datastore(identity_json, train_parquet, outdir, threads: int = 1, batc
         keys.flush()
         vals.flush()
         del keys, vals
-        digests = {"keys_sha256": sha256_file(ktmp), "values_sha256": sha256_file(vtmp)}
-    write_json(meta_p, {"shard": 0, "start": 0, "end": n, "rows": n, **digests, **{k: ident[k] for k in IDENTITY_KEYS}})
+        digests = shard_digests(ktmp, vtmp)
+    write_shard_meta(meta_p, ident, 0, 0, n, digests)
     manifest = write_manifest(ident, outdir / "tokens.npy", [(keys_p, vals_p, meta_p)], outdir / "manifest.json")
     index.build_index(
         outdir / "manifest.json", {"type": "Flat"}, 0, outdir / "index.faiss", outdir / "index.json", threads
@@ -127,7 +127,7 @@ def evaluate(identity_json, ds_dir, test_parquet, mlp_pt, mlp_json, p: dict, out
         ds_dir / "manifest.json",
         ds_dir / "index.faiss",
         ds_dir / "index.json",
-        {"k_max": min(k, 1 << 30), "device": "cpu"},
+        {"k_max": k, "device": "cpu"},
         threads,
     )
     test = pl.read_parquet(test_parquet)
@@ -145,7 +145,7 @@ def evaluate(identity_json, ds_dir, test_parquet, mlp_pt, mlp_json, p: dict, out
     dists, ids = search(idx, ds, q, k, imeta["exact"])
     lm_lp, targets = np.concatenate(lm_lp).astype(np.float64), np.asarray(targets)
     knn = knnlm.knn_target_logprobs(dists, ds.gather_vals(ids), targets, [k], sigma)[k]
-    mlp = mlp_lm.load(mlp_pt, mlp_json, mlp_lm.output_weight(identity_json))
+    mlp = mlp_lm.load(mlp_pt, mlp_json, model.get_output_embeddings().weight.detach().float())  # loaded once
     lp_mlp = mlp_lm.logprobs(mlp, q, targets)
     tok_item = np.asarray(tok_item)
 

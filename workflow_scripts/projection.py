@@ -29,7 +29,7 @@ from .datastore import run_model
 from .retrieval import load_cache
 
 log = logging.getLogger(__name__)
-_PRE_MLP_NORMS = ("ln_2", "post_attention_layernorm", "post_attention_layernorm", "final_layer_norm")
+_PRE_MLP_NORMS = ("ln_2", "post_attention_layernorm", "final_layer_norm")
 _FINAL_NORMS = ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
 
 
@@ -61,6 +61,11 @@ def _has(model, path: str) -> bool:
         return False
 
 
+def kl_rows(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL[q || p] per row, from log-probabilities."""
+    return (logq.exp() * (logq - logp)).sum(-1)
+
+
 def project(fn, z0: torch.Tensor, target_logp: torch.Tensor, lr: float, tol: float, max_steps: int):
     """Adam on ``z`` (rows optimised independently) to minimise KL[softmax(fn(z)) || exp(target_logp)].
 
@@ -74,8 +79,7 @@ def project(fn, z0: torch.Tensor, target_logp: torch.Tensor, lr: float, tol: flo
     best_z, best_kl, prev = z0.clone(), torch.full((len(z0),), float("inf")), None
 
     def kl_of(zz):
-        logq = torch.log_softmax(fn(zz).float(), dim=-1)
-        return (logq.exp() * (logq - target_logp)).sum(-1)
+        return kl_rows(torch.log_softmax(fn(zz).float(), dim=-1), target_logp)
 
     for _ in range(max_steps + 1):
         kl = kl_of(z)
@@ -134,7 +138,9 @@ def run(identity_json, tokens_npy, cache_dir, manifest_json, point: dict, p: dic
     knnlm_t = target.numpy()[np.arange(n), targets]
     rows = []
     base = {"n_positions": n, "lambda": lam, "k": k, "sigma": sigma}
-    rows.append({"run": "LM", "space": "-", **base, "ppl": knnlm.perplexity(lm_t), "kl": _kl(lm_logp, target)})
+    rows.append(
+        {"run": "LM", "space": "-", **base, "ppl": knnlm.perplexity(lm_t), "kl": float(kl_rows(lm_logp, target).mean())}
+    )
     rows.append({"run": "kNN-LM", "space": "-", **base, "ppl": knnlm.perplexity(knnlm_t), "kl": 0.0})
     idx = torch.arange(n)
     for r in p["runs"]:
@@ -170,7 +176,3 @@ def run(identity_json, tokens_npy, cache_dir, manifest_json, point: dict, p: dic
     write_table(df, out_stem)
     write_json(f"{out_stem}.json", {"seconds": round(time.time() - t0, 2), "point": point, "n_positions": n})
     return df
-
-
-def _kl(logq: torch.Tensor, logp: torch.Tensor) -> float:
-    return float((logq.exp() * (logq - logp)).sum(-1).mean())
