@@ -1,5 +1,5 @@
 # knnlm-limits: the limits of kNN-augmented language models, from corpus to tables, figures and report.
-# Read README.md for the commands and DESIGN.md (in shared/) for the architecture and artifact contracts.
+# README.md has the commands and the map from rule files to modules; docs/ the rest.
 from snakemake.utils import min_version
 
 min_version("8.20")
@@ -11,6 +11,7 @@ configfile: "config.yaml"
 report: "report/workflow.rst"
 
 
+# the backbone: corpus -> tokens -> LM -> datastore -> index -> retrieval -> sweep -> tables and figures
 include: "rules/common.smk"
 include: "rules/corpus.smk"
 include: "rules/lm.smk"
@@ -19,8 +20,17 @@ include: "rules/index.smk"
 include: "rules/retrieval.smk"
 include: "rules/sweep.smk"
 include: "rules/figures.smk"
+# paper 1's evaluation (workflow_scripts/tasks/)
 include: "rules/tasks.smk"
-include: "rules/analyses.smk"
+# paper 2's analyses (workflow_scripts/analyses/)
+include: "rules/macondo.smk"
+include: "rules/projection.smk"
+include: "rules/mlp.smk"
+include: "rules/hurdle.smk"
+include: "rules/compare.smk"
+
+
+track_code(workflow.rules)
 
 
 rule all:

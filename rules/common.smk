@@ -1,12 +1,16 @@
-# Config validation and the small helpers that turn config entries into rule params and inputs.
-import hashlib
+# Config validation and the small helpers that turn config entries into rule params and inputs. Building the
+# DAG imports no step module (no torch): config, cli (the steps and their code, read with ast) and the task
+# registry.
 import json
 import re
-from pathlib import Path
 
+from workflow_scripts import cli as _cli
 from workflow_scripts import config as _config
+from workflow_scripts.config import CHUNK_KEYS, chunk_bounds
+from workflow_scripts.tasks import registry as _tasks
 
 _config.validate(config)
+_tasks.check_config(config)
 
 MODELS = config["models"]
 DATASTORES = config["datastores"]
@@ -16,14 +20,17 @@ TRAINED = [m for m, spec in MODELS.items() if spec["source"] == "train"]
 GPU = 1 if config["extraction"]["device"] == "cuda" else 0
 
 
-def code(*modules):
-    """A hash of the workflow_scripts modules a step runs, passed as a param: with the `params` rerun trigger,
-    editing one reruns exactly the rules that list it (shared helpers in artifacts.py and config.py are left
-    out, so editing them reruns nothing)."""
-    h = hashlib.sha256()
-    for m in modules:
-        h.update(Path(workflow.basedir, "workflow_scripts", f"{m}.py").read_bytes())
-    return h.hexdigest()[:16]
+def track_code(rules):
+    """A `code` param for each of the rules running a step (`python -m workflow_scripts <step>`), the hash of
+    the step's import closure (workflow_scripts/cli.py). With the `params` rerun trigger, editing a module
+    reruns exactly the rules whose step imports it, directly or not."""
+    for r in rules:
+        m = re.search(r"python -m workflow_scripts (\S+)", r.shellcmd or "")
+        if m:
+            r.set_params(code=_cli.code_hash(m[1]))
+
+
+BENCHMARKS = "results/benchmarks"  # every rule's benchmark file lies under it; stage_times reads them all
 
 
 def names_regex(names):
@@ -56,10 +63,17 @@ def tokenizer_arg(wildcards, input):
     return f"--model-json {input.model_json}"
 
 
+def optional_arg(name, flag=None):
+    """A shell argument for an input that only some jobs have (`--flag PATH`), or nothing."""
+    flag = flag or f"--{name.replace('_', '-')}"
+    return lambda wildcards, input: (
+        f"{flag} {input[name]}" if name in input.keys() else ""
+    )
+
+
 # Training in chunks (models.<m>.train.chunk_steps): chunks 1..n-1 are `train_lm_chunk` jobs, each resuming the
 # previous chunk's checkpoint (weights, optimizer and RNG states; temporary files); the last chunk is `train_lm`,
 # which writes the same outputs as one uninterrupted run. Every training job asks for train.runtime minutes.
-from workflow_scripts.lm import CHUNK_KEYS, chunk_bounds
 
 
 def train_spec(model):
@@ -89,10 +103,6 @@ def train_inputs(wildcards):
     if i > 1:
         inputs["resume"] = chunk_ckpt(m, i - 1)
     return inputs
-
-
-def resume_arg(wildcards, input):
-    return f"--resume {input.resume}" if "resume" in input.keys() else ""
 
 
 CHUNKED = [m for m in TRAINED if len(train_chunks(m)) > 1]
@@ -149,8 +159,6 @@ SWEEPS = sorted((e, d) for d in DATASTORES for e in EVAL_SETS)
 
 
 # ----------------------------------------------------------------------------- tasks (paper 1)
-from workflow_scripts import tasks as _tasks
-
 TASKS = config.get("tasks") or _tasks.default_tasks_config(config)
 TASK_REGISTRY = _tasks.registry(TASKS.get("custom"))
 # one scoring job per (datastore, task); the datastore names its model
@@ -168,9 +176,10 @@ def task_entry(task):
     return e
 
 
-def task_source_files(wildcards):
+def task_source(wildcards):
+    """The local file a task reads (a suite file for synthetic tasks); none for a hub dataset."""
     src = task_entry(wildcards.task)["source"]
-    return [src["path"]] if src["type"] == "local" else []
+    return {"source": src["path"]} if src["type"] == "local" else {}
 
 
 def task_score_params(wildcards):
@@ -270,7 +279,8 @@ localrules:
     figure_tasks,
     macondo_table,
     hurdle_table,
-    paper2_figure,
+    figure_projection,
+    figure_mlp,
     paper2_comparison,
 
 
@@ -280,11 +290,28 @@ MACONDO = ANALYSES.get("macondo")
 HURDLE = ANALYSES.get("hurdle")
 PROJECTION = ANALYSES.get("projection")
 MLP = ANALYSES.get("mlp")
-HURDLE_VARIANTS = ["full", "no_last_mlp"]
+
+
+def analyses_outputs():
+    if not ANALYSES:
+        return []
+    figs = {
+        "projection": "projection",
+        "mlp": "mlp_lm",
+        "macondo": "macondo",
+    }
+    out = ["results/tables/paper2_comparison.csv"]
+    out += [f"results/figures/{figs[k]}.png" for k in figs if ANALYSES.get(k)]
+    if HURDLE:
+        out += [f"results/figures/hurdle_{d}.png" for d in ("macondo", "corpus")]
+    return out
 
 
 def macondo_dir(seed):
     return f"results/macondo/{MACONDO['model']}/seed{seed}"
+
+
+HURDLE_VARIANTS = ["full", "no_last_mlp"]
 
 
 def hurdle_params(wildcards):
@@ -305,7 +332,7 @@ def hurdle_data(wildcards):
     m = HURDLE["model"]
     if wildcards.data == "macondo":
         seed = (MACONDO or {"seeds": [0]})["seeds"][0]
-        return {"parquet": f"results/macondo/{m}/seed{seed}/data/test.parquet"}
+        return {"test": f"results/macondo/{m}/seed{seed}/data/test.parquet"}
     return {"tokens": f"results/tokens/{m}/{MODELS[m]['train']['corpus']}/train.npy"}
 
 
@@ -336,7 +363,7 @@ def paper2_setups():
 
 
 def paper2_inputs():
-    """The analyses' tables that the side-by-side comparison reads, by keyword."""
+    """The analyses' tables that the side-by-side comparison reads, by keyword (its step's argument names)."""
     out = {}
     if PROJECTION:
         out["projection"] = "results/tables/projection.parquet"
@@ -350,16 +377,5 @@ def paper2_inputs():
     return out
 
 
-def analyses_outputs():
-    if not ANALYSES:
-        return []
-    figs = {
-        "projection": "projection",
-        "mlp": "mlp_lm",
-        "macondo": "macondo",
-    }
-    out = ["results/tables/paper2_comparison.csv"]
-    out += [f"results/figures/{figs[k]}.png" for k in figs if ANALYSES.get(k)]
-    if HURDLE:
-        out += [f"results/figures/hurdle_{d}.png" for d in ("macondo", "corpus")]
-    return out
+def comparison_args(wildcards, input):
+    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in paper2_inputs())

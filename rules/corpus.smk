@@ -15,9 +15,9 @@ rule corpus:
         mem_mb=4000,
         runtime=60,
     params:
-        code=code("corpus", "world"),
         p=lambda w: as_json(
             {"spec": config["corpora"][w.corpus], "seed": config["seed"]}
         ),
     shell:
-        "python -m workflow_scripts corpus --params {params.p:q} --outdir results/corpus/{wildcards.corpus} 2> {log}"
+        "python -m workflow_scripts corpus --params {params.p:q} --train {output.train} --valid {output.valid}"
+        " --test {output.test} --world {output.world} 2> {log}"

@@ -23,7 +23,6 @@ rule extract_keys:
         runtime=12 * 60,  # paper 1: about 20 min per shard of 9.5M tokens (README)
         gpu=GPU,
     params:
-        code=code("datastore", "lm"),
         p=extraction_params,
     shell:
         "python -m workflow_scripts extract-keys --params {params.p:q} --threads {threads} --model-json {input.model_json}"
@@ -61,8 +60,6 @@ rule datastore_manifest:
     resources:
         mem_mb=2000,
         runtime=6 * 60,  # re-hashes every shard: about 2 h for paper 1's 5 TB (README)
-    params:
-        code=code("datastore"),
     shell:
         "python -m workflow_scripts manifest --model-json {input.model_json} --tokens {input.tokens} --keys {input.key_shards}"
         " --vals {input.vals} --meta {input.meta} --out {output} 2> {log}"

@@ -18,10 +18,49 @@ rule figure_sweep:
     conda:
         "../envs/plotting.yaml"
     params:
-        code=code("figures"),
         p=lambda w: as_json({"title": f"{w.evalset} set, datastore {w.ds}"}),
     shell:
         "python -m workflow_scripts figure-sweep --params {params.p:q} --sweep {input.sweep} --png {output.png} --pdf {output.pdf} 2> {log}"
+
+
+# Draws the projection figure (paper 2, Eq. 2) from its table.
+rule figure_projection:
+    input:
+        table="results/tables/projection.parquet",
+    output:
+        png=report(
+            "results/figures/projection.png",
+            caption="../report/paper2_figures.rst",
+            category="Paper 2",
+            subcategory="Figures",
+        ),
+        pdf="results/figures/projection.pdf",
+    log:
+        "results/logs/figure_projection/projection.log",
+    conda:
+        "../envs/plotting.yaml"
+    shell:
+        "python -m workflow_scripts figure-projection --table {input.table} --png {output.png} --pdf {output.pdf} 2> {log}"
+
+
+# Draws the MLP-LM figure (paper 2, §5) from its table.
+rule figure_mlp:
+    input:
+        table="results/tables/mlp_lm.parquet",
+    output:
+        png=report(
+            "results/figures/mlp_lm.png",
+            caption="../report/paper2_figures.rst",
+            category="Paper 2",
+            subcategory="Figures",
+        ),
+        pdf="results/figures/mlp_lm.pdf",
+    log:
+        "results/logs/figure_mlp/mlp_lm.log",
+    conda:
+        "../envs/plotting.yaml"
+    shell:
+        "python -m workflow_scripts figure-mlp --table {input.table} --png {output.png} --pdf {output.pdf} 2> {log}"
 
 
 # Redraws every figure from the cached tables.
@@ -51,6 +90,7 @@ rule stage_times:
     conda:
         "../envs/plotting.yaml"
     params:
-        code=code("stages"),
+        benchmarks=BENCHMARKS,
     shell:
-        "python -m workflow_scripts stage-times --outdir results/benchmarks --out-stem results/tables/stage_times 2> {log}"
+        "python -m workflow_scripts stage-times --benchmarks {params.benchmarks} --csv {output.csv} --parquet {output.parquet}"
+        " 2> {log}"

@@ -19,7 +19,6 @@ rule build_index:
         mem_mb=16000,
         runtime=23 * 60,  # paper 1: about 11 h with 32 threads (README); 2 threads by default
     params:
-        code=code("index"),
         p=lambda w: as_json({"index": config["index"], "seed": config["seed"]}),
     shell:
         "python -m workflow_scripts build-index --params {params.p:q} --threads {threads} --manifest {input.manifest}"

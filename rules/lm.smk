@@ -21,10 +21,9 @@ rule train_tokenizer:
         mem_mb=4000,
         runtime=60,
     params:
-        code=code("lm"),
         p=lambda w: as_json({"vocab_size": MODELS[w.model]["train"]["vocab_size"]}),
     shell:
-        "python -m workflow_scripts tokenizer --params {params.p:q} --train {input.train} --outdir {output} 2> {log}"
+        "python -m workflow_scripts tokenizer --params {params.p:q} --train {input.train} --tokenizer-dir {output} 2> {log}"
 
 
 # Makes one int32 token stream per (model, corpus, split); documents are joined by EOS.
@@ -44,7 +43,6 @@ rule tokenize:
         mem_mb=8000,
         runtime=120,
     params:
-        code=code("lm"),
         tok=tokenizer_arg,
     shell:
         "python -m workflow_scripts tokenize {params.tok} --parquet {input.parquet} --out {output} 2> {log}"
@@ -71,7 +69,6 @@ rule train_lm_chunk:
         runtime=lambda w: MODELS[w.model]["train"]["runtime"],
         gpu=GPU,
     params:
-        code=code("lm"),
         p=lambda w: as_json(
             {
                 "train": train_spec(w.model),
@@ -79,7 +76,7 @@ rule train_lm_chunk:
                 "stop": train_chunks(w.model)[int(w.chunk) - 1][1],
             }
         ),
-        resume=resume_arg,
+        resume=optional_arg("resume"),
     shell:
         "python -m workflow_scripts train-lm --params {params.p:q} --threads {threads} --train {input.train} --valid {input.valid}"
         " --tokenizer-dir {input.tokenizer_dir} {params.resume} --checkpoint {output.ckpt} 2> {log}"
@@ -112,13 +109,12 @@ rule train_lm:
         runtime=lambda w: MODELS[w.model]["train"]["runtime"],
         gpu=GPU,
     params:
-        code=code("lm"),
         p=lambda w: as_json({"train": train_spec(w.model), "seed": config["seed"]}),
-        resume=resume_arg,
+        resume=optional_arg("resume"),
     shell:
         "python -m workflow_scripts train-lm --params {params.p:q} --threads {threads} --train {input.train} --valid {input.valid}"
-        " --tokenizer-dir {input.tokenizer_dir} {params.resume} --outdir {output.hf} --model-json {output.model_json}"
-        " --loss-log {output.loss} 2> {log}"
+        " --tokenizer-dir {input.tokenizer_dir} {params.resume} --hf {output.hf} --model-json {output.model_json}"
+        " --loss-csv {output.loss} --loss-parquet {output.loss_parquet} 2> {log}"
 
 
 # Describes a local or hub model: where it loads from, weights and tokenizer hashes, hook point.
@@ -137,7 +133,6 @@ rule model_identity:
         mem_mb=32000,
         runtime=120,
     params:
-        code=code("lm"),
         p=lambda w: as_json({"spec": MODELS[w.model]}),
     shell:
         "python -m workflow_scripts model-identity --params {params.p:q} --model-json {output} 2> {log}"

@@ -26,9 +26,8 @@ rule retrieve:
         runtime=20 * 60,  # paper 1: about 15 h per eval set of 1M tokens (README)
         gpu=GPU,
     params:
-        code=code("retrieval", "datastore", "index", "lm"),
         p=retrieval_params,
     shell:
         "python -m workflow_scripts retrieve --params {params.p:q} --threads {threads} --model-json {input.model_json}"
         " --manifest {input.manifest} --index {input.index} --index-meta {input.index_meta}"
-        " --tokens {input.tokens} --outdir results/retrieval/{wildcards.evalset}/{wildcards.ds} 2> {log}"
+        " --tokens {input.tokens} --meta {output.meta} 2> {log}"

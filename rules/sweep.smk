@@ -5,6 +5,7 @@
 rule sweep:
     input:
         cache=rules.retrieve.output,
+        cache_meta=rules.retrieve.output.meta,
         manifest="results/datastores/{ds}/manifest.json",
     output:
         csv=report(
@@ -24,14 +25,12 @@ rule sweep:
         mem_mb=4000,
         runtime=60,
     params:
-        code=code("sweep", "knnlm"),
         p=lambda w: as_json(
             {k: config["sweep"][k] for k in ("lambdas", "ks", "sigmas")}
         ),
     shell:
-        "python -m workflow_scripts sweep --params {params.p:q} --cache results/retrieval/{wildcards.evalset}/{wildcards.ds}"
-        " --manifest {input.manifest} --out-stem results/sweeps/{wildcards.evalset}/{wildcards.ds}/perplexity"
-        " 2> {log}"
+        "python -m workflow_scripts sweep --params {params.p:q} --cache {input.cache_meta} --manifest {input.manifest}"
+        " --csv {output.csv} --parquet {output.parquet} 2> {log}"
 
 
 # Makes the perplexity summary: base LM and kNN-LM per (eval set, datastore), (λ, k, σ) chosen on valid.
@@ -50,8 +49,7 @@ rule summarize:
     conda:
         "../envs/pipeline.yaml"
     params:
-        code=code("sweep"),
         p=as_json({"keys": SWEEPS, "select_on": select_on()}),
     shell:
-        "python -m workflow_scripts summarize --params {params.p:q} --sweeps {input.sweeps} --out-stem results/tables/perplexity_summary"
-        " 2> {log}"
+        "python -m workflow_scripts summarize --params {params.p:q} --sweeps {input.sweeps} --csv {output.csv}"
+        " --parquet {output.parquet} 2> {log}"

@@ -1,5 +1,5 @@
 # Tasks (paper 1): memory- vs reasoning-intensive tasks, base LM vs kNN-LM. Entries in
-# workflow_scripts/task_registry.yaml (+ tasks.custom); one scoring job per (datastore, task), the datastore
+# workflow_scripts/tasks/registry.yaml (+ tasks.custom); one scoring job per (datastore, task), the datastore
 # naming its model; every (λ, k, σ) is a rescoring of the task's retrieval cache.
 
 
@@ -20,7 +20,6 @@ rule task_suite:
         mem_mb=4000,
         runtime=30,
     params:
-        code=code("task_suite"),
         p=lambda w: as_json(
             {
                 "generators": {
@@ -31,13 +30,14 @@ rule task_suite:
             }
         ),
     shell:
-        "python -m workflow_scripts task-suite --params {params.p:q} --train {input.train} --outdir results/task_suite 2> {log}"
+        "python -m workflow_scripts task-suite --params {params.p:q} --train {input.train} --world {input.world} --out {output}"
+        " 2> {log}"
 
 
 # Makes a task's items (the entry applied to its dataset rows) from the hub, a local file or the suite.
 rule load_task:
     input:
-        task_source_files,
+        unpack(task_source),
     output:
         "results/task_data/{task}.parquet",
     log:
@@ -50,7 +50,7 @@ rule load_task:
         mem_mb=4000,
         runtime=60,
     params:
-        code=code("tasks"),
+        source=optional_arg("source"),
         p=lambda w: as_json(
             {
                 "entry": task_entry(w.task),
@@ -59,7 +59,7 @@ rule load_task:
             }
         ),
     shell:
-        "python -m workflow_scripts load-task --params {params.p:q} --out {output} 2> {log}"
+        "python -m workflow_scripts load-task --params {params.p:q} {params.source} --out {output} 2> {log}"
 
 
 # Makes a task's retrieval cache (teacher-forced kinds) or its decoded answers (generate) on a datastore.
@@ -86,30 +86,19 @@ rule score_task:
         runtime=20 * 60,  # paper 1: up to about 12 h (HellaSwag) per task (README)
         gpu=GPU,
     params:
-        code=code(
-            "task_eval",
-            "scoring",
-            "tasks",
-            "knnlm",
-            "retrieval",
-            "datastore",
-            "index",
-            "lm",
-        ),
         p=task_score_params,
-        summary=lambda w, input: (
-            f"--sweep {input.summary}" if "summary" in input.keys() else ""
-        ),
+        summary=optional_arg("summary"),
     shell:
         "python -m workflow_scripts score-task --params {params.p:q} --threads {threads} --model-json {input.model_json}"
-        " --manifest {input.manifest} --index {input.index} --index-meta {input.index_meta} --parquet {input.task_items}"
-        " {params.summary} --outdir results/tasks/{wildcards.ds}/{wildcards.task} 2> {log}"
+        " --manifest {input.manifest} --index {input.index} --index-meta {input.index_meta} --items {input.task_items}"
+        " {params.summary} --npz {output.npz} --scored-json {output.json} 2> {log}"
 
 
 # Makes a task's metric over the λ/k/σ grid, its per-item predictions and its one-row summary.
 rule task_sweep:
     input:
-        scored=rules.score_task.output,
+        npz=rules.score_task.output.npz,
+        scored_json=rules.score_task.output.json,
         task_items="results/task_data/{task}.parquet",
         summary="results/tables/perplexity_summary.csv",
     output:
@@ -132,12 +121,11 @@ rule task_sweep:
         mem_mb=4000,
         runtime=60,
     params:
-        code=code("task_eval", "scoring", "knnlm", "tasks"),
         p=task_sweep_params,
     shell:
-        "python -m workflow_scripts task-sweep --params {params.p:q} --cache results/tasks/{wildcards.ds}/{wildcards.task}"
-        " --parquet {input.task_items} --sweep {input.summary} --out-stem results/tasks/{wildcards.ds}/{wildcards.task}/sweep"
-        " 2> {log}"
+        "python -m workflow_scripts task-sweep --params {params.p:q} --npz {input.npz} --scored-json {input.scored_json}"
+        " --items {input.task_items} --summary {input.summary} --csv {output.csv} --parquet {output.parquet}"
+        " --predictions {output.predictions} --summary-json {output.summary} 2> {log}"
 
 
 # Makes the task table: base LM vs kNN-LM per (datastore, task), at the perplexity-chosen and the best point.
@@ -155,10 +143,8 @@ rule task_summary:
         "results/logs/task_summary/task_summary.log",
     conda:
         "../envs/pipeline.yaml"
-    params:
-        code=code("task_eval"),
     shell:
-        "python -m workflow_scripts task-summary --sweeps {input} --out-stem results/tables/task_summary 2> {log}"
+        "python -m workflow_scripts task-summary --summaries {input} --csv {output.csv} --parquet {output.parquet} 2> {log}"
 
 
 # Makes the figure of Δ = kNN-LM − base LM per task, grouped by category, with bootstrap intervals.
@@ -181,7 +167,6 @@ rule figure_tasks:
     conda:
         "../envs/plotting.yaml"
     params:
-        code=code("task_eval", "figures"),
         p=lambda w: as_json(
             {
                 "title": f"datastore {w.ds} (model {DATASTORES[w.ds]['model']})",
@@ -189,7 +174,8 @@ rule figure_tasks:
             }
         ),
     shell:
-        "python -m workflow_scripts figure-tasks --params {params.p:q} --sweeps {input} --png {output.png} --pdf {output.pdf} 2> {log}"
+        "python -m workflow_scripts figure-tasks --params {params.p:q} --predictions {input} --png {output.png} --pdf {output.pdf}"
+        " 2> {log}"
 
 
 # Makes the qualitative table: reasoning items the kNN-LM got right and the base LM did not, with neighbours.
@@ -217,8 +203,7 @@ rule task_examples:
         mem_mb=4000,
         runtime=30,
     params:
-        code=code("task_eval"),
         p=as_json({"window": 24, "items_per_task": 5, "neighbours": 4}),
     shell:
-        "python -m workflow_scripts task-examples --params {params.p:q} --sweeps {input.predictions} --tokens {input.tokens}"
-        " --model-json {input.model_json} --out-stem results/tables/task_examples/{wildcards.ds} 2> {log}"
+        "python -m workflow_scripts task-examples --params {params.p:q} --predictions {input.predictions} --tokens {input.tokens}"
+        " --model-json {input.model_json} --csv {output.csv} --parquet {output.parquet} 2> {log}"

@@ -11,10 +11,10 @@ import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from workflow_scripts.macondo import DESCS, LISTS, MacondoError, generate, load_list, single_token, vocab_names
 
 from workflow_scripts import macondo
 from workflow_scripts.artifacts import read_json
-from workflow_scripts.macondo import DESCS, LISTS, MacondoError, generate, load_list, single_token, vocab_names
 
 EOS = "<|endoftext|>"
 TRAIN_RE = re.compile(r"(?P<villager>[^,]+), who (?P<desc>.+), is the parent of (?P<child>\S+)")

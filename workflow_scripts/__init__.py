@@ -1,5 +1,6 @@
 """knnlm-limits: the importable logic behind the Snakemake workflow.
 
-Each stage is a function in its own module plus a small CLI registered in ``__main__`` so that every step
-runs without Snakemake: ``python -m workflow_scripts <step> --help``.
+Three wings: the backbone (this package's modules: corpus to perplexity tables), ``tasks`` (paper 1's
+evaluation) and ``analyses`` (paper 2). The backbone imports neither wing; ``tasks`` does not import
+``analyses``. Every step runs without Snakemake: ``python -m workflow_scripts <step> --help``.
 """

@@ -126,10 +126,9 @@ def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def write_table(df, stem) -> None:
-    """Write a polars frame as ``<stem>.csv`` and ``<stem>.parquet``, each atomically."""
-    stem = Path(str(stem))
-    with atomic_path(stem.with_suffix(".csv")) as tmp:
+def write_table(df, csv, parquet) -> None:
+    """Write a polars frame to ``csv`` and to ``parquet``, each atomically."""
+    with atomic_path(csv) as tmp:
         df.write_csv(tmp)
-    with atomic_path(stem.with_suffix(".parquet")) as tmp:
+    with atomic_path(parquet) as tmp:
         df.write_parquet(tmp)

@@ -13,6 +13,7 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+CHUNK_KEYS = ("chunk_steps", "runtime")  # how training is split into jobs: the trained weights do not depend on it
 
 
 class ConfigError(ValueError):
@@ -104,8 +105,6 @@ def _cross_check(c: dict) -> None:
             f"config key sweep.k_max: {sw['k_max']} is smaller than the largest k in sweep.ks "
             f"({max(sw['ks'])}); retrieval must fetch at least max(ks) neighbours"
         )
-    if "tasks" in c:
-        _cross_check_tasks(c)
     a = c.get("analyses") or {}
     for key in ("macondo", "hurdle"):
         if key in a:
@@ -126,39 +125,11 @@ def _cross_check(c: dict) -> None:
         need("eval_sets", a["projection"]["eval_set"], "analyses.projection.eval_set")
 
 
-def _cross_check_tasks(c: dict) -> None:
-    """Task names exist (registry or tasks.custom), datastores exist, the synthetic suite has a generated corpus."""
-    from .tasks import TaskError, check_entry, registry
-
-    t = c["tasks"]
-    for name, entry in t.get("custom", {}).items():
-        try:
-            check_entry(name, entry, where=f"config key tasks.custom.{name}")
-        except (TaskError, KeyError, TypeError, AttributeError) as e:
-            raise ConfigError(f"config key tasks.custom.{name}: {e}") from e
-    reg = registry(t.get("custom"))
-    synthetic = False
-    for ds, names in t["evaluate"].items():
-        if ds not in c["datastores"]:
-            raise ConfigError(
-                f"config key tasks.evaluate.{ds}: not one of the datastores ({', '.join(c['datastores'])})"
-            )
-        for i, name in enumerate(names):
-            if name not in reg:
-                raise ConfigError(
-                    f"config key tasks.evaluate.{ds}.{i}: {name!r} is not a task of the registry or tasks.custom"
-                )
-            synthetic |= reg[name]["source"]["type"] == "synthetic"
-    syn = t.get("synthetic")
-    if syn is not None:
-        corpus = c["corpora"].get(syn["corpus"])
-        if corpus is None or corpus["source"] != "generate":
-            raise ConfigError(
-                f"config key tasks.synthetic.corpus: {syn['corpus']!r} is not a generated corpus "
-                f"(generated: {', '.join(n for n, s in c['corpora'].items() if s['source'] == 'generate') or 'none'})"
-            )
-    elif synthetic:
-        raise ConfigError("config key tasks.synthetic: synthetic tasks are evaluated, name the corpus they come from")
+def chunk_bounds(steps: int, chunk_steps: int | None) -> list[tuple[int, int]]:
+    """The (start, stop) steps of each training job: one job unless ``chunk_steps`` splits the run."""
+    if not chunk_steps or chunk_steps >= steps:
+        return [(0, steps)]
+    return [(s, min(s + chunk_steps, steps)) for s in range(0, steps, chunk_steps)]
 
 
 def load(path) -> dict:

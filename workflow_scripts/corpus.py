@@ -15,6 +15,7 @@ import datasets
 
 from . import world as world_mod
 from .artifacts import atomic_path, write_json
+from .cli import step
 
 SPLITS = ("train", "valid", "test")
 LOCAL_BUILDERS = {"text": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}
@@ -136,11 +137,17 @@ def load_corpus(spec: dict, seed: int) -> tuple[datasets.DatasetDict, dict | Non
     return datasets.DatasetDict(out), world
 
 
-def write_corpus(spec: dict, seed: int, outdir) -> None:
-    outdir = Path(outdir)
+def write_corpus(spec: dict, seed: int, splits: dict, world_json) -> None:
+    """Write each split's documents to ``splits[split]`` (parquet) and the generated world (or {})."""
     dd, world = load_corpus(spec, seed)
     for split, ds in dd.items():
-        with atomic_path(outdir / f"{split}.parquet") as tmp:
+        with atomic_path(splits[split]) as tmp:
             ds.to_parquet(str(tmp))
         log.info("%s: %d documents", split, len(ds))
-    write_json(outdir / "world.json", world or {})
+    write_json(world_json, world or {})
+
+
+@step
+def corpus(params: dict, train: Path, valid: Path, test: Path, world: Path) -> None:
+    """Generate a corpus, or load local files or a Hugging Face dataset, into train/valid/test parquet files."""
+    write_corpus(params["spec"], params["seed"], {"train": train, "valid": valid, "test": test}, world)

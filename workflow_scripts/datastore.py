@@ -24,6 +24,7 @@ from .artifacts import (
     sha256_json,
     write_json,
 )
+from .cli import step
 
 log = logging.getLogger(__name__)
 KEY_DTYPE, VAL_DTYPE = np.float16, np.int32
@@ -283,3 +284,28 @@ class Datastore:
 
     def gather_vals(self, ids: np.ndarray) -> np.ndarray:
         return self._gather(self.vals, ids, np.empty(ids.size, np.int32)).reshape(ids.shape)
+
+
+# --------------------------------------------------------------------------------------------- steps
+@step
+def extract_keys(
+    params: dict, model_json: Path, tokens: Path, keys: Path, vals: Path, meta: Path, threads: int = 1
+) -> None:
+    """Extract one key/value shard of a datastore, streamed to disk."""
+    from .lm import load_checked, torch_threads
+
+    torch_threads(threads)
+    device = params["device"]
+    model, _, ident = load_checked(model_json, device=device, dtype="float16" if device != "cpu" else "float32")
+    extract_shard(
+        model, ident, tokens, params["shard"], params["shards"], params["block_size"], params["batch_size"],
+        keys, vals, meta,
+    )
+
+
+@step
+def manifest(model_json: Path, tokens: Path, keys: list[Path], vals: list[Path], meta: list[Path], out: Path) -> None:
+    """Write a datastore's manifest from its shards (sizes, sha256, model identity), checking each shard."""
+    from .lm import load_identity
+
+    write_manifest(load_identity(model_json), tokens, list(zip(keys, vals, meta, strict=True)), out)

@@ -1,4 +1,8 @@
-"""Figures: matplotlib PNG + PDF, each registered in the Snakemake report with a caption."""
+"""Figures: every plot of the pipeline, drawn with matplotlib to PNG + PDF (the one module that imports it).
+
+The numbers come from tables (or rows) the stages computed; nothing here computes a result. Figures whose
+table is a rule's own output are steps here; the others are drawn by the step that computes their rows.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from .artifacts import atomic_path  # noqa: E402
+from .cli import step  # noqa: E402
 
 
 def save(fig, png, pdf=None) -> None:
@@ -21,35 +27,129 @@ def save(fig, png, pdf=None) -> None:
 
 
 def perplexity_vs_lambda(sweep_parquet, title: str, png, pdf) -> None:
-    """Perplexity against λ, one line per (k, σ): colour by k, line style by σ; base LM dashed grey."""
+    """Small multiples: one panel per σ, perplexity against λ with k as colour; the base LM dashed grey."""
     df = pl.read_parquet(sweep_parquet)
     ks, sigmas = sorted(df["k"].unique()), sorted(df["sigma"].unique())
+    lambdas = [0.0] + sorted(df["lambda"].unique())
+    base = df["base_ppl"][0]
     cmap = plt.get_cmap("viridis", max(2, len(ks)))
-    styles = ["-", "--", "-.", ":", (0, (1, 3)), (0, (5, 1))]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(
-        [0] + sorted(df["lambda"].unique()),
-        [df["base_ppl"][0]] * (1 + df["lambda"].n_unique()),
-        color="grey",
-        lw=2,
-        ls=(0, (4, 2)),
-        label=f"base LM ({df['base_ppl'][0]:.2f})",
-    )
-    for i, k in enumerate(ks):
-        for j, s in enumerate(sigmas):
+    ncol = min(4, len(sigmas))
+    nrow = -(-len(sigmas) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol + 1.4, 3.0 * nrow), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax in axes.flat[len(sigmas):]:
+        ax.set_visible(False)
+    for ax, s in zip(axes.flat, sigmas, strict=False):
+        ax.plot(lambdas, [base] * len(lambdas), color="grey", lw=1.5, ls=(0, (4, 2)), label=f"base LM ({base:.2f})")
+        for i, k in enumerate(ks):
             sub = df.filter((pl.col("k") == k) & (pl.col("sigma") == s)).sort("lambda")
-            ax.plot(
-                [0.0] + sub["lambda"].to_list(),
-                [df["base_ppl"][0]] + sub["ppl"].to_list(),
-                marker="o",
-                ms=3,
-                color=cmap(i),
-                ls=styles[j % len(styles)],
-                label=f"k={k}, σ={s:g}",
-            )
-    ax.set_xlabel("λ (weight of the kNN distribution)")
-    ax.set_ylabel("perplexity")
+            ax.plot([0.0] + sub["lambda"].to_list(), [base] + sub["ppl"].to_list(), marker="o", ms=3,
+                    color=cmap(i), label=f"k={k}")
+        ax.set_title(f"σ = {s:g}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("λ (weight of the kNN distribution)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("perplexity")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.suptitle(title)
+    fig.tight_layout()
+    save(fig, png, pdf)
+
+
+def task_delta(rows, title: str, png, pdf) -> None:
+    """Δ = kNN-LM − base LM per task with its interval; ``rows``: (category, task, mean, lo, hi)."""
+    colors = {"memory": "tab:blue", "reasoning": "tab:red"}
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.5))
+    y = np.arange(len(rows))[::-1]
+    for yi, (cat, _task, m, lo, hi) in zip(y, rows, strict=True):
+        ax.errorbar(m, yi, xerr=[[m - lo], [hi - m]], fmt="o", color=colors.get(cat, "grey"), capsize=3)
+    ax.set_yticks(y, [f"{t} ({c})" for c, t, *_ in rows])
+    ax.axvline(0, color="grey", lw=1, ls="--")
+    ax.set_xlabel("Δ = kNN-LM − base LM (task metric; 95% bootstrap CI over items)")
     ax.set_title(title)
-    ax.legend(fontsize=6, ncol=1 + len(ks) * len(sigmas) // 16, loc="upper left", bbox_to_anchor=(1.01, 1))
+    for cat, col in colors.items():
+        ax.plot([], [], "o", color=col, label=cat)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.grid(alpha=0.3, axis="x")
+    save(fig, png, pdf)
+
+
+def macondo(table: pl.DataFrame, methods: dict, png, pdf) -> None:
+    """Log-likelihood of the child's name by number of children (mean ± std over seeds), perfect log(1/n)."""
+    rows = table.filter(pl.col("n_children") > 0)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = rows["n_children"].to_numpy()
+    for (c, name), style in zip(methods.items(), ("-o", ":s", "--^"), strict=True):
+        ax.errorbar(
+            x, rows[c].to_numpy(), yerr=np.nan_to_num(rows[f"{c}_std"].to_numpy()), fmt=style, capsize=3, label=name
+        )
+    ax.plot(x, rows["perfect"].to_numpy(), "k_", ms=20, mew=2, label="perfect: log(1/#children)")
+    ax.set_xlabel("number of children of the villager")
+    ax.set_ylabel("log-likelihood of the child's name")
+    ax.set_title(f"Macondo test set (mean ± std over {int(table['seeds'].max())} seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, png, pdf)
+
+
+def hurdle(table: pl.DataFrame, column: str, title: str, png, pdf) -> None:
+    """The with / without last-MLP curves of one hurdle table."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for v, style in (("full", "-o"), ("no_last_mlp", "--s")):
+        sub = table.filter(pl.col("variant") == v)
+        ax.plot(sub["step"], sub[column], style, ms=3, label=v.replace("_", " "))
+    ax.set_xlabel("training step")
+    ax.set_ylabel(column.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, png, pdf)
+
+
+# --------------------------------------------------------------------------------------------- steps
+@step
+def figure_sweep(params: dict, sweep: Path, png: Path, pdf: Path) -> None:
+    """Draw the perplexity-vs-λ figure of one (eval set, datastore) from its sweep table."""
+    perplexity_vs_lambda(sweep, params["title"], png, pdf)
+
+
+@step
+def figure_projection(table: Path, png: Path, pdf: Path) -> None:
+    """Draw the Eq. 2 projection figure from its table."""
+    df = pl.read_parquet(table)
+    labels = [f"{r['run']}\n{r['space']}" if r["space"] != "-" else r["run"] for r in df.iter_rows(named=True)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
+    bars = ax.bar(range(len(labels)), df["ppl"].to_list(), color=["grey", "C0"] + ["C2"] * (len(labels) - 2))
+    for b, kl in zip(bars, df["kl"].to_list(), strict=True):
+        ax.annotate(
+            f"KL {kl:.3f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7
+        )
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylabel("perplexity")
+    r = df.row(0, named=True)
+    ax.set_title(
+        f"Eq. 2 projection of p_knnlm (λ={r['lambda']:g}, k={r['k']}, σ={r['sigma']:g}), {r['n_positions']} positions"
+    )
+    save(fig, png, pdf)
+
+
+@step
+def figure_mlp(table: Path, png: Path, pdf: Path) -> None:
+    """Draw the MLP-LM perplexity against λ beside the LM and the kNN-LM, from its table."""
+    df = pl.read_parquet(table)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (ev,) in enumerate(df.select("eval_set").unique(maintain_order=True).iter_rows()):
+        sub = df.filter(pl.col("eval_set") == ev)
+        mlp = sub.filter(pl.col("model") == "MLP-LM").sort("lambda")
+        ax.plot(mlp["lambda"], mlp["ppl"], "-o", color=f"C{i}", label=f"MLP-LM ({ev})")
+        for r in sub.filter(pl.col("model") != "MLP-LM").iter_rows(named=True):
+            ls = "--" if r["model"] == "LM" else ":"
+            ax.axhline(r["ppl"], color=f"C{i}", ls=ls, lw=1, label=f"{r['model']} ({ev}) {r['ppl']:.3f}")
+    ax.set_xlabel("λ (weight of the MLP part)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"MLP in place of kNN retrieval; storage {df['storage_ratio'][0]:.2%} of the datastore")
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     save(fig, png, pdf)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
 from tqdm import tqdm
 
 from .artifacts import ArtifactError, atomic_path, read_json, sha256_file, write_json
+from .cli import step
 from .datastore import Datastore
 
 log = logging.getLogger(__name__)
@@ -90,3 +92,9 @@ def load_index(index_path, meta_path, ds: Datastore, nprobe: int | None = None):
     if gpu_available():
         index = faiss.index_cpu_to_all_gpus(index)
     return index, meta
+
+
+@step(name="build-index")
+def build_index_step(params: dict, manifest: Path, index: Path, index_meta: Path, threads: int = 1) -> None:
+    """Build the FAISS index of a datastore (Flat, or IVFPQ trained on a sample), adding keys shard by shard."""
+    build_index(manifest, params["index"], params["seed"], index, index_meta, threads=threads)

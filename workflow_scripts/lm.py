@@ -22,14 +22,19 @@ import torch
 from tqdm import tqdm
 
 from .artifacts import ArtifactError, atomic_path, load_npy, read_json, save_npy, write_json, write_table
+from .cli import step
+from .config import CHUNK_KEYS
 
 EOS = "<|endoftext|>"
 # models.<m>.train keys that say how training is split into jobs, not what it computes
-CHUNK_KEYS = ("chunk_steps", "runtime")
 log = logging.getLogger(__name__)
 
 # Where the last transformer block lives in Hugging Face causal LMs: GPT-2, Llama/Mistral/Qwen, GPT-NeoX, OPT.
 _BLOCK_LISTS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers")
+
+
+def torch_threads(n: int) -> None:
+    torch.set_num_threads(max(1, n))
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -233,10 +238,10 @@ def fit(
     t0 = time.time() - float(state.get("seconds", 0.0))
     model.train()
     bar = tqdm(range(start, stop), desc=desc, mininterval=10)
-    for step in bar:
+    for it in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        x, y, *mask = next_batch(step)
+            g["lr"] = lr_at(it)
+        x, y, *mask = next_batch(it)
         logits = model(input_ids=x, attention_mask=mask[0] if mask else None).logits
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100
@@ -246,11 +251,11 @@ def fit(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         seen += int((y != -100).sum())
-        if step % cfg["log_every"] == 0 or step == steps - 1:
-            row = {"step": step, "tokens": seen, "train_loss": loss.item(), "lr": lr_at(step), "seconds": 0.0}
+        if it % cfg["log_every"] == 0 or it == steps - 1:
+            row = {"step": it, "tokens": seen, "train_loss": loss.item(), "lr": lr_at(it), "seconds": 0.0}
             if on_log is not None:
                 model.eval()
-                row.update(on_log(step, model))
+                row.update(on_log(it, model))
                 model.train()
             row["seconds"] = time.time() - t0
             rows.append(row)
@@ -355,21 +360,15 @@ def load_checkpoint(path, cfg: dict, seed: int) -> dict:
     return ckpt
 
 
-def chunk_bounds(steps: int, chunk_steps: int | None) -> list[tuple[int, int]]:
-    """The ``[start, stop)`` steps of each training job: one job, or ``chunk_steps`` steps each."""
-    if not chunk_steps or chunk_steps >= steps:
-        return [(0, steps)]
-    return [(s, min(s + chunk_steps, steps)) for s in range(0, steps, chunk_steps)]
-
-
-def train_lm(
+def train_from_scratch(
     train_npy,
     valid_npy,
     tokenizer_dir,
     cfg: dict,
     seed: int,
     outdir,
-    loss_log,
+    loss_csv,
+    loss_parquet,
     *,
     resume=None,
     stop: int | None = None,
@@ -422,7 +421,7 @@ def train_lm(
         }
     )
     log.info("trained %d steps in %.0fs; valid loss %.3f (ppl %.2f)", steps, time.time() - t0, vloss, math.exp(vloss))
-    write_table(pl.DataFrame(rows, infer_schema_length=None), Path(loss_log).with_suffix(""))
+    write_table(pl.DataFrame(rows, infer_schema_length=None), loss_csv, loss_parquet)
     save_model(model, tok, outdir)
     return {"valid_loss": vloss}
 
@@ -432,3 +431,64 @@ def write_identity(spec: dict, out_json, device="auto") -> dict:
     ident = describe(model, tok, spec)
     write_json(out_json, ident)
     return ident
+
+
+def load_tokenizer(ident: dict):
+    """The tokenizer of the model an identity describes."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        ident["path"], revision=ident.get("revision"), trust_remote_code=ident.get("trust_remote_code", False)
+    )
+
+
+# --------------------------------------------------------------------------------------------- steps
+@step
+def tokenizer(params: dict, train: Path, tokenizer_dir: Path) -> None:
+    """Train the BPE tokenizer of a model trained here, on its training corpus."""
+    train_tokenizer(train, params["vocab_size"], tokenizer_dir)
+
+
+@step
+def tokenize(parquet: Path, out: Path, tokenizer_dir: Path | None = None, model_json: Path | None = None) -> None:
+    """Encode a corpus split into one int32 token stream (documents joined by EOS), with the tokenizer trained
+    here (--tokenizer-dir) or the one of the model a model.json describes."""
+    from transformers import AutoTokenizer
+
+    if (tokenizer_dir is None) == (model_json is None):
+        raise ValueError("tokenize: give exactly one of --tokenizer-dir and --model-json")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else load_tokenizer(load_identity(model_json))
+    tokenize_split(tok, parquet, out)
+
+
+@step
+def train_lm(
+    params: dict,
+    train: Path,
+    valid: Path,
+    tokenizer_dir: Path,
+    resume: Path | None = None,
+    checkpoint: Path | None = None,
+    hf: Path | None = None,
+    model_json: Path | None = None,
+    loss_csv: Path | None = None,
+    loss_parquet: Path | None = None,
+    threads: int = 1,
+) -> None:
+    """Train the LM from scratch, in one job or in chunks (a chunk ends in --checkpoint, the last one writes
+    the weights, the loss log and model.json)."""
+    torch_threads(threads)
+    stop = params.get("stop")
+    last = stop is None or stop >= params["train"]["steps"]
+    if last and None in (hf, model_json, loss_csv, loss_parquet):
+        raise ValueError("train-lm: the last chunk needs --hf, --model-json, --loss-csv and --loss-parquet")
+    train_from_scratch(train, valid, tokenizer_dir, params["train"], params["seed"], hf, loss_csv, loss_parquet,
+             resume=resume, stop=stop, checkpoint=checkpoint)
+    if last:
+        write_identity({"source": "train", "path": str(hf)}, model_json, device="cpu")
+
+
+@step
+def model_identity(params: dict, model_json: Path) -> None:
+    """Describe a local or hub model: where it loads from, weights and tokenizer hashes, hook point."""
+    write_identity(params["spec"], model_json)

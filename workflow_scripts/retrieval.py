@@ -26,6 +26,7 @@ from .artifacts import (
     sha256_file,
     write_json,
 )
+from .cli import step
 from .datastore import Datastore, run_model
 from .index import load_index
 
@@ -156,3 +157,14 @@ def load_cache(cache_dir, manifest_json=None, mmap: bool = True) -> dict:
             raise ArtifactError(f"{cache_dir} was built from another version of {manifest_json}; rerun retrieve")
     out["meta"] = meta
     return out
+
+
+@step(name="retrieve")
+def retrieve_step(
+    params: dict, model_json: Path, manifest: Path, index: Path, index_meta: Path, tokens: Path, meta: Path,
+    threads: int = 1,
+) -> None:
+    """Retrieve K_max neighbours for every scored token of an eval set; write the cache (its arrays beside
+    --meta, the cache's meta.json)."""
+    lm.torch_threads(threads)
+    retrieve(model_json, manifest, index, index_meta, tokens, params, meta.parent, threads=threads)

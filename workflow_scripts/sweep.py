@@ -6,16 +6,19 @@ oracle best point per eval set is reported beside it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 
 from . import knnlm
 from .artifacts import write_table
+from .cli import step
 from .retrieval import load_cache
 
 COLUMNS = ["lambda", "k", "sigma", "ppl", "base_ppl", "n_tokens"]
 
 
-def run_sweep(cache_dir, manifest_json, grid: dict, out_stem) -> pl.DataFrame:
+def run_sweep(cache_dir, manifest_json, grid: dict, csv, parquet) -> pl.DataFrame:
     c = load_cache(cache_dir, manifest_json)
     too_big = [k for k in grid["ks"] if k > c["meta"]["K"]]
     if too_big:
@@ -24,11 +27,11 @@ def run_sweep(cache_dir, manifest_json, grid: dict, out_stem) -> pl.DataFrame:
         c["dists"], c["vals"], c["targets"], c["lm_logprob"], grid["lambdas"], grid["ks"], grid["sigmas"]
     )
     df = pl.DataFrame(rows).select(COLUMNS).sort(["lambda", "k", "sigma"])
-    write_table(df, out_stem)
+    write_table(df, csv, parquet)
     return df
 
 
-def summarize(sweeps: dict[tuple[str, str], str], select_on: str, out_stem) -> pl.DataFrame:
+def summarize_sweeps(sweeps: dict[tuple[str, str], str], select_on: str, csv, parquet) -> pl.DataFrame:
     """One row per (eval set, datastore): base ppl, the kNN-LM at the point chosen on ``select_on``, the oracle."""
     frames = {key: pl.read_parquet(path) for key, path in sweeps.items()}
     rows = []
@@ -61,5 +64,31 @@ def summarize(sweeps: dict[tuple[str, str], str], select_on: str, out_stem) -> p
             }
         )
     df = pl.DataFrame(rows).sort(["datastore", "eval_set"])
-    write_table(df, out_stem)
+    write_table(df, csv, parquet)
     return df
+
+
+def chosen_point(summary_csv, datastore: str):
+    """(λ, k, σ) chosen on perplexity for ``datastore`` (the valid-set choice of perplexity_summary.csv)."""
+    if not summary_csv or not Path(summary_csv).exists():
+        return None, None
+    df = pl.read_csv(summary_csv).filter(pl.col("datastore") == datastore)
+    if df.is_empty():
+        return None, None
+    picked = df.filter(pl.col("chosen_on") != pl.col("eval_set"))
+    r = (picked if not picked.is_empty() else df).row(0, named=True)
+    return (float(r["lambda"]), int(r["k"]), float(r["sigma"])), f"perplexity on {r['chosen_on']}"
+
+
+# --------------------------------------------------------------------------------------------- steps
+@step
+def sweep(params: dict, cache: Path, manifest: Path, csv: Path, parquet: Path) -> None:
+    """Perplexity at every (λ, k, σ) of the grid by rescoring one retrieval cache (--cache: its meta.json)."""
+    run_sweep(cache.parent, manifest, params, csv, parquet)
+
+
+@step
+def summarize(params: dict, sweeps: list[Path], csv: Path, parquet: Path) -> None:
+    """The perplexity summary: base LM and kNN-LM per (eval set, datastore), (λ, k, σ) chosen on valid."""
+    keys = [tuple(k) for k in params["keys"]]
+    summarize_sweeps(dict(zip(keys, sweeps, strict=True)), params["select_on"], csv, parquet)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import polars as pl
 
-from .artifacts import atomic_path, read_json
+from ..artifacts import atomic_path, read_json
+from ..cli import step
 
 log = logging.getLogger(__name__)
 _SENT = re.compile(r"(?<= \.)\s+")
@@ -129,19 +130,29 @@ def build(world: dict, train_docs: list[str], generator: str, n_items: int, seed
     return rows
 
 
-def write_suite(train_parquet, generators: dict[str, str], n_items: int, seed: int, outdir) -> dict[str, int]:
-    """One jsonl per task (``{task: generator}``) from the world beside ``train_parquet``."""
-    world = read_json(Path(train_parquet).parent / "world.json")
+def write_suite(train_parquet, world_json, generators: dict[str, str], n_items: int, seed: int, outs: dict) -> dict:
+    """One jsonl per task (``{task: generator}``, written to ``outs[task]``) from the world and training split."""
+    world = read_json(world_json)
     if not world.get("people"):
-        raise ValueError(f"{Path(train_parquet).parent / 'world.json'} has no synthetic world (corpus not generated)")
+        raise ValueError(f"{world_json} has no synthetic world (corpus not generated)")
     docs = pl.read_parquet(train_parquet)["text"].to_list()
     counts = {}
     for task, gen in generators.items():
         rows = build(world, docs, gen, n_items, seed)
         if not rows:
             raise ValueError(f"synthetic task {task}: no eligible items in this world")
-        with atomic_path(Path(outdir) / f"{task}.jsonl", ".jsonl") as tmp:
+        with atomic_path(outs[task], ".jsonl") as tmp:
             tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         counts[task] = len(rows)
         log.info("%s (%s): %d items", task, gen, len(rows))
     return counts
+
+
+@step
+def task_suite(params: dict, train: Path, world: Path, out: list[Path]) -> None:
+    """The offline synthetic task suite from the generated corpus's world and training split; --out: one
+    <task>.jsonl per task of params.generators."""
+    outs = {p.name.removesuffix(".jsonl"): p for p in out}
+    if sorted(outs) != sorted(params["generators"]):
+        raise ValueError(f"task-suite: --out names {sorted(outs)}, params.generators {sorted(params['generators'])}")
+    write_suite(train, world, params["generators"], params["n_items"], params["seed"], outs)

@@ -17,14 +17,20 @@ datastore), neighbours from ``retrieval.search``, and the mixture from ``knnlm``
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import knnlm
-from .datastore import capture_keys
+from .. import knnlm
+from ..artifacts import atomic_path, write_json
+from ..cli import step
+from ..datastore import capture_keys
+from ..sweep import chosen_point
+from .registry import read_items
 
 log = logging.getLogger(__name__)
 N_NEIGHBOURS_KEPT = 16  # neighbour ids kept per query for the qualitative table
@@ -271,3 +277,104 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
         if s and s in text:
             text = text[: text.index(s)]
     return text.strip()
+
+
+# --------------------------------------------------------------------------------------------- the task's cache
+def _search(index, ds, K: int, exact: bool):
+    from ..retrieval import search
+
+    def fn(q):
+        d, i = search(index, ds, np.ascontiguousarray(q, dtype=np.float32), K, exact)
+        return d, ds.gather_vals(i), i
+
+    return fn
+
+
+def score(
+    identity_json, manifest_json, index_path, index_meta, items_parquet, p: dict, out_npz, out_json,
+    summary_csv=None, threads=1,
+) -> dict:
+    """Run the datastore's model over a task, retrieving at every scored position; write the task's cache."""
+    from ..retrieval import open_retriever
+
+    entry, t0 = p["entry"], time.time()
+    model, tok, ident, ds, index, imeta = open_retriever(
+        identity_json, manifest_json, index_path, index_meta, p, threads
+    )
+    K = p["k_max"]
+    search_fn = _search(index, ds, K, imeta["exact"])
+    items = read_items(items_parquet)
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def encode(s):
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    meta = {"task": p["task"], "kind": entry["kind"], "K": K, "n_items": len(items), "manifest_sha256": ds.hash}
+    if entry["kind"] in ("classify", "choice"):
+        seqs, starts, struct = build_pairs(items, encode, bos, p["block_size"])
+        cache = score_cache(model, ident["hook_point"], seqs, starts, search_fn, p["batch_size"], "score")
+        cache["pair_len"] = np.asarray([len(s) - st for s, st in zip(seqs, starts, strict=True)], np.int64)
+        meta.update(n_pairs=len(seqs), n_tokens=int(cache["t_pair"].size), n_queries=int(len(cache["q_dists"])))
+        record = {"meta": meta, "items": [{k: it[k] for k in ("options", "domain", "gold")} for it in struct]}
+    else:
+        gcfg = p["generate"]
+        max_new = int(entry.get("max_new_tokens", gcfg["max_new_tokens"]))
+        stops = entry.get("stop", ["\n"])
+        prompts = [([bos] + encode(it["context"]))[-(p["block_size"] - max_new) :] for it in items]
+        chosen, _ = chosen_point(summary_csv, p["datastore"])
+        points = [None]
+        if gcfg["points"] == "grid":
+            g = p["grid"]
+            points += [(float(lam), int(k), float(s)) for s in g["sigmas"] for k in g["ks"] for lam in g["lambdas"]]
+        if chosen is not None and chosen not in points:
+            points.append(chosen)
+        eos = tok.eos_token_id
+
+        def done(ids):
+            return (eos is not None and ids[-1] == eos) or any(s in tok.decode(ids) for s in stops)
+
+        res = greedy_generate(
+            model,
+            ident["hook_point"],
+            prompts,
+            points,
+            search_fn,
+            ident["vocab_size"],
+            max_new,
+            done,
+            p["batch_size"],
+        )
+        record = {
+            "meta": meta,
+            "points": [
+                {
+                    "lambda": 0.0 if pt is None else pt[0],
+                    "k": None if pt is None else pt[1],
+                    "sigma": None if pt is None else pt[2],
+                    "texts": [cut_at_stop(tok.decode(ids, skip_special_tokens=True), stops) for ids in out],
+                    "neighbours": res["neighbours"][pt],
+                }
+                for pt, out in res["outputs"].items()
+            ],
+        }
+        cache = {"generated_points": np.asarray([len(record["points"])])}
+    meta["seconds"] = round(time.time() - t0, 2)
+    with atomic_path(out_npz, ".npz") as tmp:
+        np.savez(tmp, **cache)
+    write_json(out_json, record)
+    log.info("scored %s in %.1fs", p["task"], time.time() - t0)
+    return meta
+
+
+
+@step
+def score_task(
+    params: dict, model_json: Path, manifest: Path, index: Path, index_meta: Path, items: Path, npz: Path,
+    scored_json: Path, summary: Path | None = None, threads: int = 1,
+) -> None:
+    """Score a task against a datastore: its retrieval cache (teacher-forced kinds) or its decoded answers
+    (generate, at the base LM and the point chosen on perplexity in --summary)."""
+    from ..lm import torch_threads
+
+    torch_threads(threads)
+    score(model_json, manifest, index, index_meta, items, params, npz, scored_json, summary, threads)

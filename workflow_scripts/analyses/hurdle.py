@@ -7,13 +7,17 @@ MLP removed (its output replaced by zeros, so the residual passes through), trai
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 
-from . import lm, macondo_lm
-from .artifacts import load_npy, write_table
+from .. import figures, lm
+from ..artifacts import load_npy, write_table
+from ..cli import step
+from ..tasks.scoring import build_pairs, forward_scored
+from . import macondo
 
 log = logging.getLogger(__name__)
 
@@ -47,39 +51,35 @@ def children_loglik(model, seqs, starts) -> float:
 
 
 def _scored(model, seqs, starts):
-    from .scoring import forward_scored
-
     return forward_scored(model, lm.find_hook_point(model), seqs, starts, 64)
 
 
-def train_macondo(tokenizer_dir, test_parquet, shape: dict, p: dict, variant: str, seed: int, out_stem):
+def train_macondo(tokenizer_dir, test_parquet, shape: dict, p: dict, variant: str, seed: int, csv, parquet):
     """Train on the Macondo test sentences; log children's log-likelihood every ``log_every`` steps."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     test = pl.read_parquet(test_parquet)
-    seqs_train = macondo_lm.encode_sentences(tok, test["text"].to_list())
+    seqs_train = macondo.encode_sentences(tok, test["text"].to_list())
     items = [{"options": [[(c, t)]]} for c, t in zip(test["context"], test["continuation"], strict=True)]
-    from .scoring import build_pairs
-
     seqs, starts, _ = build_pairs(
-        items, lambda s: tok(s, add_special_tokens=False)["input_ids"], macondo_lm._bos(tok), 1 << 20
+        items, lambda s: tok(s, add_special_tokens=False)["input_ids"], macondo.bos_id(tok), 1 << 20
     )
     model = new_model(tok, shape, variant, max(len(s) for s in seqs_train) + 1, seed)
     rng = np.random.default_rng(seed)
     rows = lm.fit(
         model,
-        macondo_lm.sentence_batches(seqs_train, p["batch_size"], tok.eos_token_id, rng),
+        macondo.sentence_batches(seqs_train, p["batch_size"], tok.eos_token_id, rng),
         p,
         f"hurdle macondo {variant}",
         on_log=lambda step, m: {"children_loglik": children_loglik(m, seqs, starts)},
     )
     df = pl.DataFrame(rows).with_columns(pl.lit(variant).alias("variant"), pl.lit(seed).alias("seed"))
-    write_table(df, out_stem)
+    write_table(df, csv, parquet)
     return df
 
 
-def train_corpus(tokenizer_dir, train_npy, shape: dict, p: dict, variant: str, seed: int, out_stem):
+def train_corpus(tokenizer_dir, train_npy, shape: dict, p: dict, variant: str, seed: int, csv, parquet):
     """Train on the corpus token stream; log the training loss every ``log_every`` steps."""
     from transformers import AutoTokenizer
 
@@ -93,5 +93,43 @@ def train_corpus(tokenizer_dir, train_npy, shape: dict, p: dict, variant: str, s
         f"hurdle corpus {variant}",
     )
     df = pl.DataFrame(rows).with_columns(pl.lit(variant).alias("variant"), pl.lit(seed).alias("seed"))
-    write_table(df, out_stem)
+    write_table(df, csv, parquet)
     return df
+
+
+def table(files, column: str) -> pl.DataFrame:
+    """Mean and std over seeds of ``column`` per (variant, step)."""
+    df = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+    return (
+        df.group_by("variant", "step")
+        .agg(pl.col(column).mean().alias(column), pl.col(column).std().alias("std"), pl.len().alias("seeds"))
+        .sort("variant", "step")
+    )
+
+
+# --------------------------------------------------------------------------------------------- steps
+@step
+def hurdle(
+    params: dict, tokenizer_dir: Path, csv: Path, parquet: Path, test: Path | None = None,
+    tokens: Path | None = None, threads: int = 1,
+) -> None:
+    """Train one randomly initialised LM, with or without its last MLP, logging the children's log-likelihood
+    on the Macondo test sentences (--test) or the training loss on a corpus token stream (--tokens)."""
+    lm.torch_threads(threads)
+    args = (params["shape"], params["run"], params["variant"], params["seed"], csv, parquet)
+    if params["data"] == "macondo":
+        if test is None:
+            raise ValueError("hurdle: Macondo data needs --test")
+        train_macondo(tokenizer_dir, test, *args)
+    else:
+        if tokens is None:
+            raise ValueError("hurdle: corpus data needs --tokens")
+        train_corpus(tokenizer_dir, tokens, *args)
+
+
+@step
+def hurdle_table(params: dict, scores: list[Path], csv: Path, parquet: Path, png: Path, pdf: Path) -> None:
+    """The hurdle curves (Fig. 4 / Fig. 5 analogues) and their table, over seeds."""
+    out = table(scores, params["column"])
+    write_table(out, csv, parquet)
+    figures.hurdle(out, params["column"], params["title"], png, pdf)

@@ -9,116 +9,20 @@ the metric at every point, the per-item predictions and a one-row summary.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from . import lm, scoring
-from .artifacts import ArtifactError, atomic_path, load_npy, read_json, write_json, write_table
-from .tasks import TEXT_METRICS, read_items
+from .. import figures, lm
+from ..artifacts import ArtifactError, atomic_path, load_npy, read_json, write_json, write_table
+from ..cli import step
+from ..sweep import chosen_point
+from . import scoring
+from .registry import TEXT_METRICS, read_items
 
 log = logging.getLogger(__name__)
 N_SHOWN = 8  # neighbour ids kept per item in predictions.parquet
-
-
-def chosen_point(summary_csv, datastore: str):
-    """(λ, k, σ) chosen on perplexity for ``datastore`` (the valid-set choice of perplexity_summary.csv)."""
-    if not summary_csv or not Path(summary_csv).exists():
-        return None, None
-    df = pl.read_csv(summary_csv).filter(pl.col("datastore") == datastore)
-    if df.is_empty():
-        return None, None
-    picked = df.filter(pl.col("chosen_on") != pl.col("eval_set"))
-    r = (picked if not picked.is_empty() else df).row(0, named=True)
-    return (float(r["lambda"]), int(r["k"]), float(r["sigma"])), f"perplexity on {r['chosen_on']}"
-
-
-def _search(index, ds, K: int, exact: bool):
-    from .retrieval import search
-
-    def fn(q):
-        d, i = search(index, ds, np.ascontiguousarray(q, dtype=np.float32), K, exact)
-        return d, ds.gather_vals(i), i
-
-    return fn
-
-
-def score_task(
-    identity_json, manifest_json, index_path, index_meta, items_parquet, p: dict, outdir, summary_csv=None, threads=1
-) -> dict:
-    """Run the datastore's model over a task, retrieving at every scored position; write the task's cache."""
-    from .retrieval import open_retriever
-
-    outdir = Path(outdir)
-    entry, t0 = p["entry"], time.time()
-    model, tok, ident, ds, index, imeta = open_retriever(
-        identity_json, manifest_json, index_path, index_meta, p, threads
-    )
-    K = p["k_max"]
-    search_fn = _search(index, ds, K, imeta["exact"])
-    items = read_items(items_parquet)
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-
-    def encode(s):
-        return tok(s, add_special_tokens=False)["input_ids"]
-
-    meta = {"task": p["task"], "kind": entry["kind"], "K": K, "n_items": len(items), "manifest_sha256": ds.hash}
-    if entry["kind"] in ("classify", "choice"):
-        seqs, starts, struct = scoring.build_pairs(items, encode, bos, p["block_size"])
-        cache = scoring.score_cache(model, ident["hook_point"], seqs, starts, search_fn, p["batch_size"], "score")
-        cache["pair_len"] = np.asarray([len(s) - st for s, st in zip(seqs, starts, strict=True)], np.int64)
-        meta.update(n_pairs=len(seqs), n_tokens=int(cache["t_pair"].size), n_queries=int(len(cache["q_dists"])))
-        record = {"meta": meta, "items": [{k: it[k] for k in ("options", "domain", "gold")} for it in struct]}
-    else:
-        gcfg = p["generate"]
-        max_new = int(entry.get("max_new_tokens", gcfg["max_new_tokens"]))
-        stops = entry.get("stop", ["\n"])
-        prompts = [([bos] + encode(it["context"]))[-(p["block_size"] - max_new) :] for it in items]
-        chosen, _ = chosen_point(summary_csv, p["datastore"])
-        points = [None]
-        if gcfg["points"] == "grid":
-            g = p["grid"]
-            points += [(float(lam), int(k), float(s)) for s in g["sigmas"] for k in g["ks"] for lam in g["lambdas"]]
-        if chosen is not None and chosen not in points:
-            points.append(chosen)
-        eos = tok.eos_token_id
-
-        def done(ids):
-            return (eos is not None and ids[-1] == eos) or any(s in tok.decode(ids) for s in stops)
-
-        res = scoring.greedy_generate(
-            model,
-            ident["hook_point"],
-            prompts,
-            points,
-            search_fn,
-            ident["vocab_size"],
-            max_new,
-            done,
-            p["batch_size"],
-        )
-        record = {
-            "meta": meta,
-            "points": [
-                {
-                    "lambda": 0.0 if pt is None else pt[0],
-                    "k": None if pt is None else pt[1],
-                    "sigma": None if pt is None else pt[2],
-                    "texts": [scoring.cut_at_stop(tok.decode(ids, skip_special_tokens=True), stops) for ids in out],
-                    "neighbours": res["neighbours"][pt],
-                }
-                for pt, out in res["outputs"].items()
-            ],
-        }
-        cache = {"generated_points": np.asarray([len(record["points"])])}
-    meta["seconds"] = round(time.time() - t0, 2)
-    with atomic_path(outdir / "scored.npz", ".npz") as tmp:
-        np.savez(tmp, **cache)
-    write_json(outdir / "scored.json", record)
-    log.info("scored %s in %.1fs", p["task"], time.time() - t0)
-    return meta
 
 
 # --------------------------------------------------------------------------------------------- sweep
@@ -126,17 +30,21 @@ def _order(r):
     return (-r["score"], r["lambda"], r["k"], r["sigma"])
 
 
-def task_sweep(scored_dir, items_parquet, p: dict, summary_csv, out_stem) -> dict:
+def sweep_task(
+    scored_npz, scored_json, items_parquet, p: dict, summary_csv, csv, parquet, predictions, summary_json
+) -> dict:
     """The task's metric at every (λ, k, σ), the base LM, the best point and the point chosen on perplexity."""
-    entry, scored_dir, out_stem = p["entry"], Path(scored_dir), Path(out_stem)
-    record = read_json(scored_dir / "scored.json")
+    entry = p["entry"]
+    record = read_json(scored_json)
     items = read_items(items_parquet)
     if len(items) != record["meta"]["n_items"]:
-        raise ArtifactError(f"{scored_dir}: scored {record['meta']['n_items']} items, {items_parquet} has {len(items)}")
+        raise ArtifactError(
+            f"{scored_json}: scored {record['meta']['n_items']} items, {items_parquet} has {len(items)}"
+        )
     chosen, chosen_on = chosen_point(summary_csv, p["datastore"])
     rows, per_item = [], {}
     if entry["kind"] in ("classify", "choice"):
-        with np.load(scored_dir / "scored.npz", allow_pickle=False) as z:
+        with np.load(scored_npz, allow_pickle=False) as z:
             cache = {k: z[k] for k in z.files}
         struct = record["items"]
         gold = np.asarray([it["gold"] for it in struct])
@@ -197,7 +105,7 @@ def task_sweep(scored_dir, items_parquet, p: dict, summary_csv, out_stem) -> dic
         .select(["task", "metric", "lambda", "k", "sigma", "score", "base", "n"])
         .sort(["lambda", "k", "sigma"])
     )
-    write_table(sweep, out_stem)
+    write_table(sweep, csv, parquet)
     preds = pl.DataFrame(
         {
             "task": [p["task"]] * n,
@@ -213,7 +121,7 @@ def task_sweep(scored_dir, items_parquet, p: dict, summary_csv, out_stem) -> dic
         },
         schema_overrides={"neighbours": pl.List(pl.Int64)},
     )
-    with atomic_path(out_stem.parent / "predictions.parquet", ".parquet") as tmp:
+    with atomic_path(predictions, ".parquet") as tmp:
         preds.write_parquet(tmp)
     summary = {
         "model": p["model"],
@@ -234,7 +142,7 @@ def task_sweep(scored_dir, items_parquet, p: dict, summary_csv, out_stem) -> dic
         "best_k": best["k"],
         "best_sigma": best["sigma"],
     }
-    write_json(out_stem.parent / "summary.json", summary)
+    write_json(summary_json, summary)
     return summary
 
 
@@ -260,12 +168,12 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def task_summary(summary_jsons, out_stem) -> pl.DataFrame:
+def summarize_tasks(summary_jsons, csv, parquet) -> pl.DataFrame:
     """One row per (datastore, task): base LM, kNN-LM at the perplexity-chosen point, the best grid point."""
     rows = [read_json(f) for f in summary_jsons]
     df = pl.DataFrame(rows, infer_schema_length=None).with_columns((pl.col("knn") - pl.col("base")).alias("delta"))
     df = df.select(SUMMARY_COLUMNS).sort(["datastore", "category", "task"])
-    write_table(df, out_stem)
+    write_table(df, csv, parquet)
     return df
 
 
@@ -279,30 +187,14 @@ def bootstrap_delta(base, knn, n_boot: int = 1000, seed: int = 0, level: float =
     return float(diff.mean()), float(lo), float(hi)
 
 
-def figure_tasks(prediction_files, title: str, png, pdf, seed: int = 0) -> None:
-    """Δ = kNN-LM − base LM per task (at the perplexity-chosen point), grouped by category, 95% bootstrap CIs."""
-    from .figures import plt, save
-
+def delta_rows(prediction_files, seed: int = 0) -> list[tuple]:
+    """(category, task, mean Δ, lo, hi) per task at the perplexity-chosen point, 95% paired bootstrap CIs."""
     df = pl.concat([pl.read_parquet(f) for f in prediction_files], how="vertical_relaxed")
     rows = []
     for (task, category), g in df.group_by(["task", "category"], maintain_order=True):
         m, lo, hi = bootstrap_delta(g["base_score"].to_numpy(), g["knn_score"].to_numpy(), seed=seed)
         rows.append((category, task, m, lo, hi))
-    rows.sort(key=lambda r: (r[0], r[1]))
-    colors = {"memory": "tab:blue", "reasoning": "tab:red"}
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.5))
-    y = np.arange(len(rows))[::-1]
-    for yi, (cat, _task, m, lo, hi) in zip(y, rows, strict=True):
-        ax.errorbar(m, yi, xerr=[[m - lo], [hi - m]], fmt="o", color=colors.get(cat, "grey"), capsize=3)
-    ax.set_yticks(y, [f"{t} ({c})" for c, t, *_ in rows])
-    ax.axvline(0, color="grey", lw=1, ls="--")
-    ax.set_xlabel("Δ = kNN-LM − base LM (task metric; 95% bootstrap CI over items)")
-    ax.set_title(title)
-    for cat, col in colors.items():
-        ax.plot([], [], "o", color=col, label=cat)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    ax.grid(alpha=0.3, axis="x")
-    save(fig, png, pdf)
+    return sorted(rows, key=lambda r: (r[0], r[1]))
 
 
 EXAMPLE_COLUMNS = {
@@ -319,16 +211,11 @@ EXAMPLE_COLUMNS = {
 }
 
 
-def task_examples(prediction_files, tokens_npy, identity_json, p: dict, out_stem) -> pl.DataFrame:
+def examples(prediction_files, tokens_npy, identity_json, p: dict, csv, parquet) -> pl.DataFrame:
     """Reasoning items the kNN-LM got right and the base LM did not, with their top retrieved neighbours: the
     datastore text up to the neighbour's row (global row r is the key at position r of the training token
     stream, whose value is token r + 1)."""
-    from transformers import AutoTokenizer
-
-    ident = lm.load_identity(identity_json)
-    tok = AutoTokenizer.from_pretrained(
-        ident["path"], revision=ident.get("revision"), trust_remote_code=ident.get("trust_remote_code", False)
-    )
+    tok = lm.load_tokenizer(lm.load_identity(identity_json))
     tokens = load_npy(tokens_npy, mmap=True, dtype=np.int32, ndim=1)
     window, per_task, n_neigh = p.get("window", 24), p.get("items_per_task", 5), p.get("neighbours", 4)
     rows = []
@@ -351,5 +238,33 @@ def task_examples(prediction_files, tokens_npy, identity_json, p: dict, out_stem
                     }
                 )
     df = pl.DataFrame(rows, schema=EXAMPLE_COLUMNS)
-    write_table(df, out_stem)
+    write_table(df, csv, parquet)
     return df
+
+
+# --------------------------------------------------------------------------------------------- steps
+@step
+def task_sweep(
+    params: dict, npz: Path, scored_json: Path, items: Path, summary: Path, csv: Path, parquet: Path,
+    predictions: Path, summary_json: Path,
+) -> None:
+    """A task's metric over the λ/k/σ grid, its per-item predictions and its one-row summary."""
+    sweep_task(npz, scored_json, items, params, summary, csv, parquet, predictions, summary_json)
+
+
+@step
+def task_summary(summaries: list[Path], csv: Path, parquet: Path) -> None:
+    """The task table: base LM vs kNN-LM per (datastore, task), at the perplexity-chosen and the best point."""
+    summarize_tasks(summaries, csv, parquet)
+
+
+@step
+def figure_tasks(params: dict, predictions: list[Path], png: Path, pdf: Path) -> None:
+    """The figure of Δ = kNN-LM − base LM per task, grouped by category, with bootstrap intervals."""
+    figures.task_delta(delta_rows(predictions, params.get("seed", 0)), params["title"], png, pdf)
+
+
+@step
+def task_examples(params: dict, predictions: list[Path], tokens: Path, model_json: Path, csv: Path, parquet: Path):
+    """Reasoning items the kNN-LM got right and the base LM did not, with their retrieved neighbours."""
+    examples(predictions, tokens, model_json, params, csv, parquet)

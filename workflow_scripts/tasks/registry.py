@@ -26,9 +26,11 @@ import numpy as np
 import polars as pl
 import yaml
 
-from .artifacts import atomic_path
+from ..artifacts import atomic_path
+from ..cli import step
+from ..config import ConfigError
 
-REGISTRY_PATH = Path(__file__).with_name("task_registry.yaml")
+REGISTRY_PATH = Path(__file__).with_name("registry.yaml")
 KINDS = ("classify", "choice", "generate")
 CATEGORIES = ("memory", "reasoning")
 METRICS = {
@@ -259,8 +261,11 @@ def read_items(path) -> list:
     return [json.loads(s) for s in pl.read_parquet(path)["item"].to_list()]
 
 
-def load_task(entry: dict, max_items, seed: int, out) -> int:
-    items = load_items(entry, max_items, seed)
+@step
+def load_task(params: dict, out: Path, source: Path | None = None) -> int:
+    """A task's items (the registry entry applied to its dataset rows) from the hub, or from --source: the
+    local file (or suite file) the entry names."""
+    items = load_items(params["entry"], params.get("max_items"), params["seed"], str(source) if source else None)
     write_items(items, out)
     log.info("%d items", len(items))
     return len(items)
@@ -349,3 +354,38 @@ def default_tasks_config(config: dict) -> dict:
         "batch_size": 32,
         "generate": {"points": "chosen", "max_new_tokens": 16},
     }
+
+
+def check_config(c: dict) -> None:
+    """Task names exist (registry or tasks.custom), datastores exist, the synthetic suite has a generated corpus."""
+    if "tasks" not in c:
+        return
+    t = c["tasks"]
+    for name, entry in t.get("custom", {}).items():
+        try:
+            check_entry(name, entry, where=f"config key tasks.custom.{name}")
+        except (TaskError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"config key tasks.custom.{name}: {e}") from e
+    reg = registry(t.get("custom"))
+    synthetic = False
+    for ds, names in t["evaluate"].items():
+        if ds not in c["datastores"]:
+            raise ConfigError(
+                f"config key tasks.evaluate.{ds}: not one of the datastores ({', '.join(c['datastores'])})"
+            )
+        for i, name in enumerate(names):
+            if name not in reg:
+                raise ConfigError(
+                    f"config key tasks.evaluate.{ds}.{i}: {name!r} is not a task of the registry or tasks.custom"
+                )
+            synthetic |= reg[name]["source"]["type"] == "synthetic"
+    syn = t.get("synthetic")
+    if syn is not None:
+        corpus = c["corpora"].get(syn["corpus"])
+        if corpus is None or corpus["source"] != "generate":
+            raise ConfigError(
+                f"config key tasks.synthetic.corpus: {syn['corpus']!r} is not a generated corpus "
+                f"(generated: {', '.join(n for n, s in c['corpora'].items() if s['source'] == 'generate') or 'none'})"
+            )
+    elif synthetic:
+        raise ConfigError("config key tasks.synthetic: synthetic tasks are evaluated, name the corpus they come from")

@@ -18,22 +18,26 @@ import numpy as np
 import polars as pl
 import torch
 
-from . import index, knnlm, lm, mlp_lm, scoring
-from .artifacts import atomic_path, open_npy_for_writing, save_npy, write_table
-from .datastore import KEY_DTYPE, VAL_DTYPE, shard_digests, write_manifest, write_shard_meta
-from .retrieval import open_retriever, search
+from .. import figures, index, knnlm, lm
+from ..artifacts import atomic_path, open_npy_for_writing, save_npy, write_table
+from ..cli import step
+from ..datastore import KEY_DTYPE, VAL_DTYPE, shard_digests, write_manifest, write_shard_meta
+from ..retrieval import open_retriever, search
+from ..tasks import scoring
+from . import mlp as mlp_lm
 
 log = logging.getLogger(__name__)
+METHODS = {"lm": "LM", "knn_lm": "kNN-LM", "mlp_lm": "MLP-LM"}  # the score columns and their names
 
 
-def _bos(tok) -> int:
+def bos_id(tok) -> int:
     return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
 
 def encode_sentences(tok, texts, max_len: int | None = None) -> list[list[int]]:
     """``[bos] + tokens + [eos]`` per sentence; refuse one longer than the model's ``max_len`` positions."""
     texts = list(texts)
-    out = [[_bos(tok), *s, tok.eos_token_id] for s in tok(texts, add_special_tokens=False)["input_ids"]]
+    out = [[bos_id(tok), *s, tok.eos_token_id] for s in tok(texts, add_special_tokens=False)["input_ids"]]
     longest = max(range(len(out)), key=lambda i: len(out[i]), default=None)
     if max_len is not None and longest is not None and len(out[longest]) > max_len:
         raise ValueError(
@@ -43,7 +47,7 @@ def encode_sentences(tok, texts, max_len: int | None = None) -> list[list[int]]:
     return out
 
 
-def _positions(model) -> int | None:
+def max_positions(model) -> int | None:
     c = model.config
     return getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
 
@@ -69,12 +73,12 @@ def sentence_batches(seqs: list[list[int]], batch: int, pad: int, rng):
     return next_batch
 
 
-def finetune(identity_json, train_parquet, p: dict, seed: int, outdir, model_json, loss_stem, threads: int = 1):
+def finetune(identity_json, train_parquet, p: dict, seed: int, outdir, model_json, loss_csv, loss_parquet, threads=1):
     """Fine-tune the model of ``identity_json`` on the training sentences (epochs, lr, batch, warm-up from ``p``)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model, tok, _ = lm.load_checked(identity_json, device="cpu")
-    seqs = encode_sentences(tok, pl.read_parquet(train_parquet)["text"].to_list(), _positions(model))
+    seqs = encode_sentences(tok, pl.read_parquet(train_parquet)["text"].to_list(), max_positions(model))
     steps = p["epochs"] * math.ceil(len(seqs) / p["batch_size"])
     cfg = {**p, "steps": steps, "log_every": max(1, steps // 50)}
     rows = lm.fit(
@@ -83,19 +87,19 @@ def finetune(identity_json, train_parquet, p: dict, seed: int, outdir, model_jso
         cfg,
         f"finetune seed {seed}",
     )
-    write_table(pl.DataFrame(rows), loss_stem)
+    write_table(pl.DataFrame(rows), loss_csv, loss_parquet)
     lm.save_model(model, tok, outdir)
     ident = lm.write_identity({"source": "local", "path": str(Path(outdir))}, model_json, device="cpu")
     log.info("fine-tuned %d steps on %d sentences; last loss %.3f", steps, len(seqs), rows[-1]["train_loss"])
     return ident
 
 
-def build_datastore(identity_json, train_parquet, outdir, threads: int = 1, batch: int = 32) -> dict:
-    """Keys and values of every training-sentence position, one shard, manifest and a Flat index."""
+def build_datastore(identity_json, train_parquet, manifest, index_path, index_meta, threads=1, batch=32) -> dict:
+    """Keys and values of every training-sentence position, one shard (beside ``manifest``), and a Flat index."""
     torch.set_num_threads(threads)
-    outdir = Path(outdir)
+    outdir = Path(manifest).parent
     model, tok, ident = lm.load_checked(identity_json, device="cpu")
-    seqs = encode_sentences(tok, pl.read_parquet(train_parquet)["text"].to_list(), _positions(model))
+    seqs = encode_sentences(tok, pl.read_parquet(train_parquet)["text"].to_list(), max_positions(model))
     n = sum(len(s) - 1 for s in seqs)
     save_npy(outdir / "tokens.npy", np.concatenate([np.asarray(s, np.int32) for s in seqs]))
     offsets = np.cumsum([0] + [len(s) - 1 for s in seqs])
@@ -111,29 +115,27 @@ def build_datastore(identity_json, train_parquet, outdir, threads: int = 1, batc
         del keys, vals
         digests = shard_digests(ktmp, vtmp)
     write_shard_meta(meta_p, ident, 0, 0, n, digests)
-    manifest = write_manifest(ident, outdir / "tokens.npy", [(keys_p, vals_p, meta_p)], outdir / "manifest.json")
-    index.build_index(
-        outdir / "manifest.json", {"type": "Flat"}, 0, outdir / "index.faiss", outdir / "index.json", threads
-    )
-    return manifest
+    written = write_manifest(ident, outdir / "tokens.npy", [(keys_p, vals_p, meta_p)], manifest)
+    index.build_index(manifest, {"type": "Flat"}, 0, index_path, index_meta, threads)
+    return written
 
 
-def evaluate(identity_json, ds_dir, test_parquet, mlp_pt, mlp_json, p: dict, out_stem, threads: int = 1):
+def evaluate(identity_json, manifest, index_path, index_meta, test_parquet, mlp_pt, mlp_json, p: dict, csv, parquet,
+             threads: int = 1):
     """log p(child | "[villager], is the parent of") per test item under the LM, kNN-LM and MLP-LM."""
-    ds_dir = Path(ds_dir)
     k, lam, sigma = p["knn"]["k"], p["knn"]["lambda"], p["knn"]["sigma"]
     model, tok, ident, ds, idx, imeta = open_retriever(
         identity_json,
-        ds_dir / "manifest.json",
-        ds_dir / "index.faiss",
-        ds_dir / "index.json",
+        manifest,
+        index_path,
+        index_meta,
         {"k_max": k, "device": "cpu"},
         threads,
     )
     test = pl.read_parquet(test_parquet)
     items = [{"options": [[(c, t)]]} for c, t in zip(test["context"], test["continuation"], strict=True)]
     seqs, starts, _ = scoring.build_pairs(
-        items, lambda s: tok(s, add_special_tokens=False)["input_ids"], _bos(tok), 1 << 20
+        items, lambda s: tok(s, add_special_tokens=False)["input_ids"], bos_id(tok), 1 << 20
     )
     tok_item, keys, lm_lp, targets = [], [], [], []
     for i, kk, lp in scoring.forward_scored(model, ident["hook_point"], seqs, starts, 32):
@@ -158,7 +160,7 @@ def evaluate(identity_json, ds_dir, test_parquet, mlp_pt, mlp_json, p: dict, out
         pl.Series("mlp_lm", per_item(knnlm.interpolate(lm_lp, lp_mlp, p["mlp_lambda"]))),
         pl.Series("n_tokens", np.bincount(tok_item, minlength=len(seqs))),
     )
-    write_table(df, out_stem)
+    write_table(df, csv, parquet)
     log.info(
         "mean log-likelihood: LM %.3f, kNN-LM %.3f, MLP-LM %.3f",
         df["lm"].mean(),
@@ -166,3 +168,74 @@ def evaluate(identity_json, ds_dir, test_parquet, mlp_pt, mlp_json, p: dict, out
         df["mlp_lm"].mean(),
     )
     return df
+
+
+def table(score_files) -> pl.DataFrame:
+    """Mean log-likelihood of the children's names by number of children: mean and std over seeds (the seed
+    is read from each file's folder, ``seed<N>``); n_children 0 is the mean over items."""
+    per_seed = []
+    for f in score_files:
+        df = pl.read_parquet(f)
+        seed = int(Path(f).parent.name.removeprefix("seed"))
+        g = df.group_by("n_children").agg([pl.col(c).mean() for c in METHODS])
+        avg = df.select(pl.lit(0).alias("n_children"), *[pl.col(c).mean() for c in METHODS])
+        per_seed.append(
+            pl.concat([g.sort("n_children"), avg], how="vertical_relaxed").with_columns(pl.lit(seed).alias("seed"))
+        )
+    allseeds = pl.concat(per_seed)
+    return (
+        allseeds.group_by("n_children")
+        .agg(
+            *[pl.col(c).mean().alias(c) for c in METHODS],
+            *[pl.col(c).std().alias(f"{c}_std") for c in METHODS],
+            pl.len().alias("seeds"),
+        )
+        .sort("n_children")
+        .with_columns(
+            pl.when(pl.col("n_children") > 0)
+            .then(-(pl.col("n_children").cast(pl.Float64).log()))
+            .otherwise(None)
+            .alias("perfect"),
+            pl.when(pl.col("n_children") > 0)
+            .then(pl.col("n_children").cast(pl.Utf8))
+            .otherwise(pl.lit("average"))
+            .alias("children"),
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------- steps
+@step
+def macondo_finetune(
+    params: dict, model_json: Path, train: Path, hf: Path, out_model_json: Path, loss_csv: Path,
+    loss_parquet: Path, threads: int = 1,
+) -> None:
+    """Fine-tune the model on one seed's training sentences (over-specified: with a description)."""
+    finetune(model_json, train, params["finetune"], params["seed"], hf, out_model_json, loss_csv, loss_parquet,
+             threads)
+
+
+@step
+def macondo_datastore(
+    model_json: Path, train: Path, manifest: Path, index: Path, index_meta: Path, threads: int = 1
+) -> None:
+    """The fine-tuned model's datastore over the training sentences (its shard beside --manifest), Flat index."""
+    build_datastore(model_json, train, manifest, index, index_meta, threads)
+
+
+@step
+def macondo_eval(
+    params: dict, model_json: Path, manifest: Path, index: Path, index_meta: Path, test: Path, mlp: Path,
+    mlp_json: Path, csv: Path, parquet: Path, threads: int = 1,
+) -> None:
+    """Score the children's names on the test sentences with the LM, the kNN-LM and the MLP-LM."""
+    lm.torch_threads(threads)
+    evaluate(model_json, manifest, index, index_meta, test, mlp, mlp_json, params, csv, parquet, threads)
+
+
+@step
+def macondo_table(scores: list[Path], csv: Path, parquet: Path, png: Path, pdf: Path) -> None:
+    """The Table 5 / Figure 1 analogue: log-likelihood by number of children, over seeds."""
+    out = table(scores)
+    write_table(out, csv, parquet)
+    figures.macondo(out, METHODS, png, pdf)

@@ -7,9 +7,10 @@ from pathlib import Path
 import polars as pl
 
 from .artifacts import write_table
+from .cli import step
 
 
-def stage_times(bench_dir, out_stem) -> pl.DataFrame:
+def collect(bench_dir, csv, parquet) -> pl.DataFrame:
     """One row per job (rule, wildcards) and one total row per rule: seconds and peak RSS in MB."""
     bench_dir = Path(bench_dir)
     rows = []
@@ -33,5 +34,11 @@ def stage_times(bench_dir, out_stem) -> pl.DataFrame:
         .select(jobs.columns)
     )
     df = pl.concat([jobs, totals]).sort(["rule", "job"])
-    write_table(df, out_stem)
+    write_table(df, csv, parquet)
     return df
+
+
+@step
+def stage_times(benchmarks: Path, csv: Path, parquet: Path) -> None:
+    """Per-stage wall time and peak memory from every job's benchmark file (run last)."""
+    collect(benchmarks, csv, parquet)

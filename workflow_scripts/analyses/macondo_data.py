@@ -32,10 +32,11 @@ from pathlib import Path
 
 import polars as pl
 
-from .artifacts import atomic_path, write_json
+from ..artifacts import atomic_path, write_json
+from ..cli import step
 
 LISTS = ("given_names", "surnames", "cities", "universities", "companies")
-DATA_DIR = Path(__file__).resolve().parent / "data" / "macondo"
+DATA_DIR = Path(__file__).resolve().parent / "macondo_names"
 
 # attribute -> the relative clause that states it (App. B.1); ``{}`` is the attribute's value
 DESCS = {
@@ -285,17 +286,24 @@ def generate(cfg: dict, seed: int, tokenizer) -> dict:
 TEST_COLUMNS = ("villager", "child", "n_children", "context", "continuation", "text")
 
 
-def write(data: dict, outdir) -> None:
-    """Write ``train.parquet`` (column ``text``), ``test.parquet`` (``TEST_COLUMNS``) and ``macondo.json``
-    (villagers and meta) under ``outdir``, each atomically."""
-    outdir = Path(outdir)
+def write(data: dict, train_parquet, test_parquet, world_json) -> None:
+    """Write the training sentences (column ``text``), the test items (``TEST_COLUMNS``) and the villagers with
+    the generation's meta, each atomically."""
     train = pl.DataFrame({"text": data["train"]}, schema={"text": pl.String})
     test = pl.DataFrame(
         {c: [t[c] for t in data["test"]] for c in TEST_COLUMNS},
         schema={c: pl.Int64 if c == "n_children" else pl.String for c in TEST_COLUMNS},
     )
-    with atomic_path(outdir / "train.parquet", suffix=".parquet") as tmp:
+    with atomic_path(train_parquet, suffix=".parquet") as tmp:
         train.write_parquet(tmp)
-    with atomic_path(outdir / "test.parquet", suffix=".parquet") as tmp:
+    with atomic_path(test_parquet, suffix=".parquet") as tmp:
         test.write_parquet(tmp)
-    write_json(outdir / "macondo.json", {"villagers": data["villagers"], "meta": data["meta"]})
+    write_json(world_json, {"villagers": data["villagers"], "meta": data["meta"]})
+
+
+@step
+def macondo_data(params: dict, model_json: Path, train: Path, test: Path, world: Path) -> None:
+    """One seed's Macondo dataset; children's names checked to be single tokens for the model's tokenizer."""
+    from ..lm import load_identity, load_tokenizer
+
+    write(generate(params["generate"], params["seed"], load_tokenizer(load_identity(model_json))), train, test, world)

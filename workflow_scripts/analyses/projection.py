@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 
-from . import knnlm, lm
-from .artifacts import ArtifactError, load_npy, write_json, write_table
-from .datastore import run_model
-from .retrieval import load_cache
+from .. import knnlm, lm
+from ..artifacts import ArtifactError, load_npy, write_json, write_table
+from ..cli import step
+from ..datastore import run_model
+from ..retrieval import load_cache
+from ..sweep import chosen_point
 
 log = logging.getLogger(__name__)
 _PRE_MLP_NORMS = ("ln_2", "post_attention_layernorm", "final_layer_norm")
@@ -102,7 +105,7 @@ def project(fn, z0: torch.Tensor, target_logp: torch.Tensor, lr: float, tol: flo
     return best_z, best_kl, steps
 
 
-def run(identity_json, tokens_npy, cache_dir, manifest_json, point: dict, p: dict, out_stem, threads: int = 1):
+def run(identity_json, tokens_npy, cache_dir, manifest_json, point: dict, p: dict, csv, parquet, meta_json, threads=1):
     """Project ``p_knnlm`` at the first ``max_positions`` eval positions for every run in ``p['runs']``."""
     torch.set_num_threads(threads)
     t0 = time.time()
@@ -173,6 +176,22 @@ def run(identity_json, tokens_npy, cache_dir, manifest_json, point: dict, p: dic
             )
             log.info("%s %s: ppl %.3f, KL %.4f", rows[-1]["run"], space, rows[-1]["ppl"], rows[-1]["kl"])
     df = pl.DataFrame(rows, infer_schema_length=None)
-    write_table(df, out_stem)
-    write_json(f"{out_stem}.json", {"seconds": round(time.time() - t0, 2), "point": point, "n_positions": n})
+    write_table(df, csv, parquet)
+    write_json(meta_json, {"seconds": round(time.time() - t0, 2), "point": point, "n_positions": n})
     return df
+
+
+@step
+def projection(
+    params: dict, model_json: Path, manifest: Path, tokens: Path, cache: Path, summary: Path, csv: Path,
+    parquet: Path, meta: Path, threads: int = 1,
+) -> None:
+    """Solve Eq. 2 (projection of p_knnlm onto the output space of f and of f∘g) at the eval positions
+    (--cache: the retrieval cache's meta.json; params.point: a (λ, k, σ) or "chosen" on perplexity)."""
+    point = params["point"]
+    if point == "chosen":
+        chosen, _ = chosen_point(summary, params["datastore"])
+        if chosen is None:
+            raise ValueError(f"{summary}: no chosen (lambda, k, sigma) for datastore {params['datastore']}")
+        point = dict(zip(("lambda", "k", "sigma"), chosen, strict=True))
+    run(model_json, tokens, cache.parent, manifest, point, params, csv, parquet, meta, threads)

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 from tqdm import tqdm
 
-from . import knnlm, lm
-from .artifacts import atomic_path, read_json, write_json, write_table
-from .datastore import Datastore
-from .retrieval import load_cache
+from .. import knnlm, lm
+from ..artifacts import atomic_path, read_json, write_json, write_table
+from ..cli import step
+from ..datastore import Datastore
+from ..retrieval import load_cache
+from ..sweep import chosen_point
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,8 @@ def storage(model: KeyMLP, ds_bytes: int) -> dict:
     return {"mlp_bytes": b, "datastore_bytes": int(ds_bytes), "storage_ratio": b / ds_bytes}
 
 
-def train_on_datastore(identity_json, manifest_json, p: dict, seed: int, out_pt, out_json, loss_stem, threads=1):
+def train_on_datastore(identity_json, manifest_json, p: dict, seed: int, out_pt, out_json, loss_csv, loss_parquet,
+                       threads=1):
     """Train the MLP on every (key, value) pair of a backbone datastore."""
     torch.set_num_threads(threads)
     ds = Datastore(manifest_json)
@@ -131,12 +135,12 @@ def train_on_datastore(identity_json, manifest_json, p: dict, seed: int, out_pt,
         "params": p,
     }
     save(model, meta, out_pt, out_json)
-    write_table(pl.DataFrame(rows), loss_stem)
+    write_table(pl.DataFrame(rows), loss_csv, loss_parquet)
     log.info("MLP on %d pairs in %.0fs; storage %.4f of the datastore", ds.rows, meta["seconds"], meta["storage_ratio"])
     return meta
 
 
-def evaluate(identity_json, mlp_pt, mlp_json, caches: dict, choose_on: str, lambdas, out_stem, knn_points=None):
+def evaluate(identity_json, mlp_pt, mlp_json, caches: dict, choose_on: str, lambdas, csv, parquet, knn_points=None):
     """Perplexity of LM, MLP-LM (every λ) and kNN-LM (at ``knn_points[evalset]``) on each eval set's cache;
     λ of the MLP-LM chosen on ``choose_on``."""
     W = output_weight(identity_json)
@@ -169,5 +173,29 @@ def evaluate(identity_json, mlp_pt, mlp_json, caches: dict, choose_on: str, lamb
         ((pl.col("model") != "MLP-LM") | (pl.col("lambda") == best)).alias("chosen"),
         pl.lit(choose_on).alias("chosen_on"),
     )
-    write_table(df, out_stem)
+    write_table(df, csv, parquet)
     return df
+
+
+# --------------------------------------------------------------------------------------------- steps
+@step
+def train_mlp(
+    params: dict, model_json: Path, manifest: Path, mlp: Path, mlp_json: Path, loss_csv: Path, loss_parquet: Path,
+    threads: int = 1,
+) -> None:
+    """Train the MLP that maps a datastore's keys to its values (paper 2, §5 and App. D)."""
+    train_on_datastore(model_json, manifest, params["mlp"], params["seed"], mlp, mlp_json, loss_csv, loss_parquet,
+                       threads)
+
+
+@step
+def mlp_eval(
+    params: dict, model_json: Path, mlp: Path, mlp_json: Path, caches: list[Path], summary: Path, csv: Path,
+    parquet: Path,
+) -> None:
+    """Perplexity of the MLP-LM at every λ beside the LM and the kNN-LM at the point chosen on perplexity
+    (--caches: the eval sets' retrieval caches, by their meta.json, in the order of params.eval_sets)."""
+    chosen, _ = chosen_point(summary, params["datastore"])
+    by_set = {e: c.parent for e, c in zip(params["eval_sets"], caches, strict=True)}
+    evaluate(model_json, mlp, mlp_json, by_set, params["choose_on"], params["lambdas"], csv, parquet,
+             {e: chosen for e in by_set} if chosen else None)
