@@ -28,6 +28,8 @@ include: "rules/projection.smk"
 include: "rules/mlp.smk"
 include: "rules/hurdle.smk"
 include: "rules/compare.smk"
+# docs/results.md from the tables
+include: "rules/docs.smk"
 
 
 track_code(workflow.rules)

@@ -6,4 +6,6 @@ cd "$(dirname "$0")"
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+# PYTHONWARNINGS: setuptools warns on every editable install that a folder named like the package shadows it
+# (that folder is the package itself, by design here)
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e ".[test]"

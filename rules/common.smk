@@ -2,6 +2,7 @@
 # DAG imports no step module (no torch): config, cli (the steps and their code, read with ast) and the task
 # registry.
 import json
+import os
 import re
 
 from workflow_scripts import cli as _cli
@@ -281,6 +282,9 @@ localrules:
     hurdle_table,
     figure_projection,
     figure_mlp,
+    figure_macondo,
+    figure_hurdle,
+    task_delta,
     paper2_comparison,
 
 
@@ -312,6 +316,12 @@ def macondo_dir(seed):
 
 
 HURDLE_VARIANTS = ["full", "no_last_mlp"]
+# what a hurdle run logs, and the figure's title, by data kind
+HURDLE_COLUMNS = {"macondo": "children_loglik", "corpus": "train_loss"}
+HURDLE_TITLES = {
+    "macondo": "Macondo test set: children's log-likelihood while training from scratch",
+    "corpus": "Default corpus: training loss from scratch",
+}
 
 
 def hurdle_params(wildcards):
@@ -379,3 +389,20 @@ def paper2_inputs():
 
 def comparison_args(wildcards, input):
     return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in paper2_inputs())
+
+
+def configfile_names():
+    """The config files of this run, relative to the working directory, once each."""
+    return list(dict.fromkeys(os.path.relpath(c) for c in workflow.configfiles))
+
+
+def results_doc_inputs(wildcards):
+    """The tables docs/results.md shows, those this config makes, by the results-doc step's argument names."""
+    out = {"perplexity": "results/tables/perplexity_summary.csv"}
+    if TASK_RUNS:
+        out["tasks"] = "results/tables/task_summary.csv"
+    tables = {"macondo": "macondo", "projection": "projection", "mlp": "mlp_lm"}
+    out |= {k: f"results/tables/{t}.csv" for k, t in tables.items() if ANALYSES.get(k)}
+    if ANALYSES:
+        out["comparison"] = "results/tables/paper2_comparison.csv"
+    return out

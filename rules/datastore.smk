@@ -20,7 +20,7 @@ rule extract_keys:
     threads: 1
     resources:
         mem_mb=8000,
-        runtime=12 * 60,  # paper 1: about 20 min per shard of 9.5M tokens (README)
+        runtime=12 * 60,  # paper 1: about 20 min per shard of 9.5M tokens (docs/cluster.md)
         gpu=GPU,
     params:
         p=extraction_params,
@@ -59,7 +59,7 @@ rule datastore_manifest:
         "../envs/pipeline.yaml"
     resources:
         mem_mb=2000,
-        runtime=6 * 60,  # re-hashes every shard: about 2 h for paper 1's 5 TB (README)
+        runtime=6 * 60,  # re-hashes every shard: about 2 h for paper 1's 5 TB (docs/cluster.md)
     shell:
         "python -m workflow_scripts manifest --model-json {input.model_json} --tokens {input.tokens} --keys {input.key_shards}"
         " --vals {input.vals} --meta {input.meta} --out {output} 2> {log}"

@@ -23,6 +23,77 @@ rule figure_sweep:
         "python -m workflow_scripts figure-sweep --params {params.p:q} --sweep {input.sweep} --png {output.png} --pdf {output.pdf} 2> {log}"
 
 
+# Draws the figure of Δ = kNN-LM − base LM per task, grouped by category, with bootstrap intervals.
+rule figure_tasks:
+    input:
+        table="results/tables/task_delta/{ds}.parquet",
+    output:
+        png=report(
+            "results/figures/task_delta/{ds}.png",
+            caption="../report/task_delta.rst",
+            category="Tasks (paper 1)",
+        ),
+        pdf="results/figures/task_delta/{ds}.pdf",
+    log:
+        "results/logs/figure_tasks/{ds}.log",
+    conda:
+        "../envs/plotting.yaml"
+    params:
+        p=lambda w: as_json(
+            {"title": f"datastore {w.ds} (model {DATASTORES[w.ds]['model']})"}
+        ),
+    shell:
+        "python -m workflow_scripts figure-tasks --params {params.p:q} --table {input.table} --png {output.png}"
+        " --pdf {output.pdf} 2> {log}"
+
+
+# Draws the Figure 1 analogue (paper 2, Macondo): log-likelihood by number of children, perfect log(1/n).
+rule figure_macondo:
+    input:
+        table="results/tables/macondo.parquet",
+    output:
+        png=report(
+            "results/figures/macondo.png",
+            caption="../report/macondo.rst",
+            category="Paper 2",
+            subcategory="Macondo",
+        ),
+        pdf="results/figures/macondo.pdf",
+    log:
+        "results/logs/figure_macondo/macondo.log",
+    conda:
+        "../envs/plotting.yaml"
+    shell:
+        "python -m workflow_scripts figure-macondo --table {input.table} --png {output.png} --pdf {output.pdf} 2> {log}"
+
+
+# Draws the hurdle curves (paper 2, Fig. 4 / Fig. 5 analogues) from their table.
+rule figure_hurdle:
+    input:
+        table="results/tables/hurdle_{data}.parquet",
+    output:
+        png=report(
+            "results/figures/hurdle_{data}.png",
+            caption="../report/hurdle.rst",
+            category="Paper 2",
+            subcategory="MLP hurdle",
+        ),
+        pdf="results/figures/hurdle_{data}.pdf",
+    log:
+        "results/logs/figure_hurdle/{data}.log",
+    wildcard_constraints:
+        data="macondo|corpus",
+    conda:
+        "../envs/plotting.yaml"
+    params:
+        p=lambda w: as_json(
+            {"column": HURDLE_COLUMNS[w.data], "title": HURDLE_TITLES[w.data]}
+        ),
+    shell:
+        "python -m workflow_scripts figure-hurdle --params {params.p:q} --table {input.table} --png {output.png}"
+        " --pdf {output.pdf} 2> {log}"
+
+
 # Draws the projection figure (paper 2, Eq. 2) from its table.
 rule figure_projection:
     input:

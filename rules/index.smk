@@ -17,7 +17,7 @@ rule build_index:
     threads: 2
     resources:
         mem_mb=16000,
-        runtime=23 * 60,  # paper 1: about 11 h with 32 threads (README); 2 threads by default
+        runtime=23 * 60,  # paper 1: about 12 h with 32 threads (docs/cluster.md); 2 threads by default
     params:
         p=lambda w: as_json({"index": config["index"], "seed": config["seed"]}),
     shell:

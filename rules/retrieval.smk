@@ -23,7 +23,7 @@ rule retrieve:
     threads: 2
     resources:
         mem_mb=16000,
-        runtime=20 * 60,  # paper 1: about 15 h per eval set of 1M tokens (README)
+        runtime=20 * 60,  # paper 1: about 15 h per eval set of 1M tokens (docs/cluster.md)
         gpu=GPU,
     params:
         p=retrieval_params,

@@ -83,7 +83,7 @@ rule score_task:
     threads: 2
     resources:
         mem_mb=16000,
-        runtime=20 * 60,  # paper 1: up to about 12 h (HellaSwag) per task (README)
+        runtime=20 * 60,  # paper 1: up to about 12 h (HellaSwag) per task (docs/cluster.md)
         gpu=GPU,
     params:
         p=task_score_params,
@@ -147,8 +147,8 @@ rule task_summary:
         "python -m workflow_scripts task-summary --summaries {input} --csv {output.csv} --parquet {output.parquet} 2> {log}"
 
 
-# Makes the figure of Δ = kNN-LM − base LM per task, grouped by category, with bootstrap intervals.
-rule figure_tasks:
+# Makes the table of Δ = kNN-LM − base LM per task, with 95% bootstrap intervals over items.
+rule task_delta:
     input:
         lambda w: [
             f"results/tasks/{w.ds}/{t}/predictions.parquet"
@@ -156,26 +156,21 @@ rule figure_tasks:
             if d == w.ds
         ],
     output:
-        png=report(
-            "results/figures/task_delta/{ds}.png",
+        csv=report(
+            "results/tables/task_delta/{ds}.csv",
             caption="../report/task_delta.rst",
             category="Tasks (paper 1)",
         ),
-        pdf="results/figures/task_delta/{ds}.pdf",
+        parquet="results/tables/task_delta/{ds}.parquet",
     log:
-        "results/logs/figure_tasks/{ds}.log",
+        "results/logs/task_delta/{ds}.log",
     conda:
-        "../envs/plotting.yaml"
+        "../envs/pipeline.yaml"
     params:
-        p=lambda w: as_json(
-            {
-                "title": f"datastore {w.ds} (model {DATASTORES[w.ds]['model']})",
-                "seed": config["seed"],
-            }
-        ),
+        p=as_json({"seed": config["seed"]}),
     shell:
-        "python -m workflow_scripts figure-tasks --params {params.p:q} --predictions {input} --png {output.png} --pdf {output.pdf}"
-        " 2> {log}"
+        "python -m workflow_scripts task-delta --params {params.p:q} --predictions {input} --csv {output.csv}"
+        " --parquet {output.parquet} 2> {log}"
 
 
 # Makes the qualitative table: reasoning items the kNN-LM got right and the base LM did not, with neighbours.

@@ -133,6 +133,7 @@ def code_closure(step_name: str, root: Path = PACKAGE) -> tuple[Path, ...]:
         if m in seen or m not in mods:
             continue
         seen.add(m)
+        todo += [".".join(m.split(".")[:i]) for i in range(len(m.split(".")))]  # importing a.b runs a/__init__
         for node in ast.walk(_tree(mods[m])):
             if isinstance(node, ast.Import | ast.ImportFrom):
                 todo += _resolve(m, node, mods)
@@ -164,7 +165,10 @@ def _option(parser: argparse.ArgumentParser, p: inspect.Parameter, hint) -> None
             help="JSON object: the slice of the config this step's outputs depend on",
         )
     elif origin in (list, tuple):
-        parser.add_argument(flag, nargs="+" if required else "*", type=Path, required=required, metavar="PATH")
+        parser.add_argument(
+            flag, nargs="+" if required else "*", type=Path, required=required, default=None if required else p.default,
+            metavar="PATH",
+        )
     elif hint is Path:
         parser.add_argument(flag, type=Path, required=required, default=None if required else p.default, metavar="PATH")
     elif hint in (int, float, str):

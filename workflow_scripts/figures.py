@@ -1,7 +1,7 @@
 """Figures: every plot of the pipeline, drawn with matplotlib to PNG + PDF (the one module that imports it).
 
-The numbers come from tables (or rows) the stages computed; nothing here computes a result. Figures whose
-table is a rule's own output are steps here; the others are drawn by the step that computes their rows.
+The numbers come from the tables the stages wrote; nothing here computes a result. Each figure is a step that
+reads one table, so editing this module reruns the figure rules only.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import polars as pl  # noqa: E402
 
 from .artifacts import atomic_path  # noqa: E402
 from .cli import step  # noqa: E402
+from .knnlm import VARIANTS  # noqa: E402
 
 
 def save(fig, png, pdf=None) -> None:
@@ -58,8 +59,9 @@ def perplexity_vs_lambda(sweep_parquet, title: str, png, pdf) -> None:
     save(fig, png, pdf)
 
 
-def task_delta(rows, title: str, png, pdf) -> None:
-    """Δ = kNN-LM − base LM per task with its interval; ``rows``: (category, task, mean, lo, hi)."""
+def task_delta(table, title: str, png, pdf) -> None:
+    """Δ = kNN-LM − base LM per task with its interval, from the task-delta table (category, task, delta, lo, hi)."""
+    rows = pl.read_parquet(table).select("category", "task", "delta", "lo", "hi").rows()
     colors = {"memory": "tab:blue", "reasoning": "tab:red"}
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.5))
     y = np.arange(len(rows))[::-1]
@@ -76,12 +78,13 @@ def task_delta(rows, title: str, png, pdf) -> None:
     save(fig, png, pdf)
 
 
-def macondo(table: pl.DataFrame, methods: dict, png, pdf) -> None:
+def macondo(table, png, pdf) -> None:
     """Log-likelihood of the child's name by number of children (mean ± std over seeds), perfect log(1/n)."""
+    table = pl.read_parquet(table)
     rows = table.filter(pl.col("n_children") > 0)
     fig, ax = plt.subplots(figsize=(6, 4))
     x = rows["n_children"].to_numpy()
-    for (c, name), style in zip(methods.items(), ("-o", ":s", "--^"), strict=True):
+    for (c, name), style in zip(VARIANTS.items(), ("-o", ":s", "--^"), strict=True):
         ax.errorbar(
             x, rows[c].to_numpy(), yerr=np.nan_to_num(rows[f"{c}_std"].to_numpy()), fmt=style, capsize=3, label=name
         )
@@ -94,8 +97,9 @@ def macondo(table: pl.DataFrame, methods: dict, png, pdf) -> None:
     save(fig, png, pdf)
 
 
-def hurdle(table: pl.DataFrame, column: str, title: str, png, pdf) -> None:
+def hurdle(table, column: str, title: str, png, pdf) -> None:
     """The with / without last-MLP curves of one hurdle table."""
+    table = pl.read_parquet(table)
     fig, ax = plt.subplots(figsize=(6, 4))
     for v, style in (("full", "-o"), ("no_last_mlp", "--s")):
         sub = table.filter(pl.col("variant") == v)
@@ -113,6 +117,24 @@ def hurdle(table: pl.DataFrame, column: str, title: str, png, pdf) -> None:
 def figure_sweep(params: dict, sweep: Path, png: Path, pdf: Path) -> None:
     """Draw the perplexity-vs-λ figure of one (eval set, datastore) from its sweep table."""
     perplexity_vs_lambda(sweep, params["title"], png, pdf)
+
+
+@step
+def figure_tasks(params: dict, table: Path, png: Path, pdf: Path) -> None:
+    """Draw Δ = kNN-LM − base LM per task, grouped by category, with bootstrap intervals, from its table."""
+    task_delta(table, params["title"], png, pdf)
+
+
+@step
+def figure_macondo(table: Path, png: Path, pdf: Path) -> None:
+    """Draw the Figure 1 analogue (log-likelihood by number of children, perfect log(1/n)) from its table."""
+    macondo(table, png, pdf)
+
+
+@step
+def figure_hurdle(params: dict, table: Path, png: Path, pdf: Path) -> None:
+    """Draw the hurdle curves (Fig. 4 / Fig. 5 analogues) from their table."""
+    hurdle(table, params["column"], params["title"], png, pdf)
 
 
 @step

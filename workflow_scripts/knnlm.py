@@ -13,6 +13,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+# the LM variants paper 2 scores side by side: column name -> name in tables and figures
+VARIANTS = {"lm": "LM", "knn_lm": "kNN-LM", "mlp_lm": "MLP-LM"}
+
 
 def _check(dists: np.ndarray, vals: np.ndarray, k: int) -> None:
     if dists.shape != vals.shape or dists.ndim != 2:

@@ -14,7 +14,7 @@ import yaml
 
 from ..artifacts import write_table
 from ..cli import step
-from .macondo import METHODS
+from ..knnlm import VARIANTS
 
 PAPER = Path(__file__).with_name("paper2_numbers.yaml")
 
@@ -105,7 +105,7 @@ def comparison(
         s, ps = setups.get("macondo", ""), P["macondo"]["setup"]
         for r in df.iter_rows(named=True):
             ref = P["macondo"]["by_children"].get("average" if r["n_children"] == 0 else r["n_children"], {})
-            for c, name in METHODS.items():
+            for c, name in VARIANTS.items():
                 add("Macondo", f"log-likelihood, {r['children']} children: {name}", r[c], s, ref.get(name), ps)
             if r["n_children"]:
                 add(
@@ -121,10 +121,10 @@ def comparison(
             for c in ("lm", "knn_lm", "mlp_lm"):  # Table 2's Macondo perplexity is of an unstated unit
                 add(
                     "Macondo",
-                    f"perplexity of the child's name: {METHODS[c]}",
+                    f"perplexity of the child's name: {VARIANTS[c]}",
                     math.exp(-avg[c][0]),
                     s,
-                    P["mlp"]["macondo"].get(METHODS[c]),
+                    P["mlp"]["macondo"].get(VARIANTS[c]),
                     "Table 2 (Macondo; the paper does not say over which tokens)",
                 )
     for kind, f, col in (("macondo", hurdle_macondo, "children_loglik"), ("corpus", hurdle_corpus, "train_loss")):

@@ -18,7 +18,7 @@ distinct across the dataset, so a test item scores exactly one next token.
 ``text``), ``test.parquet`` and ``macondo.json`` (villagers and meta data). All random choices come from one
 ``random.Random(seed)``, so a seed and a tokenizer fix the dataset.
 
-Name lists ship under ``workflow_scripts/data/macondo/`` (given names and surnames from the US Census 1990 files,
+Name lists ship under ``analyses/macondo_names/`` (given names and surnames from the US Census 1990 files,
 public domain; cities, universities and Californian companies written for this project); the paper's lists
 (Kantrowitz's name corpus, simplemaps' world cities, ...) are replaced by these. Any list can be replaced by a
 path to a text file, one entry per line.
@@ -71,7 +71,7 @@ class MacondoError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ name lists
 def load_list(spec: str, name: str) -> list[str]:
-    """The entries of list ``name``: ``spec`` "shipped" reads ``data/macondo/<name>.txt``, anything else is a path.
+    """The entries of list ``name``: ``spec`` "shipped" reads ``macondo_names/<name>.txt``, anything else is a path.
 
     One entry per line, surrounding white space stripped; blank lines and lines starting with '#' are ignored,
     duplicates removed keeping the first occurrence.

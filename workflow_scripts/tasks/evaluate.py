@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .. import figures, lm
+from .. import lm
 from ..artifacts import ArtifactError, atomic_path, load_npy, read_json, write_json, write_table
 from ..cli import step
 from ..sweep import chosen_point
@@ -187,14 +187,14 @@ def bootstrap_delta(base, knn, n_boot: int = 1000, seed: int = 0, level: float =
     return float(diff.mean()), float(lo), float(hi)
 
 
-def delta_rows(prediction_files, seed: int = 0) -> list[tuple]:
-    """(category, task, mean Δ, lo, hi) per task at the perplexity-chosen point, 95% paired bootstrap CIs."""
+def delta_table(prediction_files, seed: int = 0) -> pl.DataFrame:
+    """Per task, Δ = kNN-LM − base LM at the perplexity-chosen point with its 95% paired bootstrap interval."""
     df = pl.concat([pl.read_parquet(f) for f in prediction_files], how="vertical_relaxed")
     rows = []
     for (task, category), g in df.group_by(["task", "category"], maintain_order=True):
         m, lo, hi = bootstrap_delta(g["base_score"].to_numpy(), g["knn_score"].to_numpy(), seed=seed)
-        rows.append((category, task, m, lo, hi))
-    return sorted(rows, key=lambda r: (r[0], r[1]))
+        rows.append({"category": category, "task": task, "delta": m, "lo": lo, "hi": hi, "n": g.height})
+    return pl.DataFrame(rows).sort("category", "task")
 
 
 EXAMPLE_COLUMNS = {
@@ -259,9 +259,9 @@ def task_summary(summaries: list[Path], csv: Path, parquet: Path) -> None:
 
 
 @step
-def figure_tasks(params: dict, predictions: list[Path], png: Path, pdf: Path) -> None:
-    """The figure of Δ = kNN-LM − base LM per task, grouped by category, with bootstrap intervals."""
-    figures.task_delta(delta_rows(predictions, params.get("seed", 0)), params["title"], png, pdf)
+def task_delta(params: dict, predictions: list[Path], csv: Path, parquet: Path) -> None:
+    """The table of Δ = kNN-LM − base LM per task with 95% bootstrap intervals over items (the figure's rows)."""
+    write_table(delta_table(predictions, params["seed"]), csv, parquet)
 
 
 @step

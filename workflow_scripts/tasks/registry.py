@@ -1,6 +1,6 @@
 """Task registry and loading (paper 1's downstream evaluation): every task is a declarative entry, not code.
 
-The entries live in ``task_registry.yaml`` beside this module (the twenty paper tasks and the offline synthetic
+The entries live in ``registry.yaml`` beside this module (the twenty paper tasks and the offline synthetic
 suite); a config can add its own under ``tasks.custom`` (e.g. a local jsonl file). Every source (``hf``,
 ``local``, ``synthetic``) is read through ``datasets`` and turned, by the entry alone, into items of one form:
 

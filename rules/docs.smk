@@ -1,0 +1,22 @@
+# docs/results.md (workflow_scripts/results_doc.py): the result tables the docs quote, written from the run's
+# tables. Not part of `all` (it writes a tracked file): `snakemake --cores 1 results_doc` after a run.
+
+
+# Writes docs/results.md from the tables of this run.
+rule results_doc:
+    input:
+        unpack(results_doc_inputs),
+    output:
+        "docs/results.md",
+    log:
+        "results/logs/results_doc/results_doc.log",
+    conda:
+        "../envs/plotting.yaml"
+    params:
+        p=lambda w: as_json({"config": ", ".join(configfile_names())}),
+        tables=lambda w, input: " ".join(
+            f"--{k} {input[k]}" for k in results_doc_inputs(w) if k != "perplexity"
+        ),
+    shell:
+        "python -m workflow_scripts results-doc --params {params.p:q} --perplexity {input.perplexity} {params.tables}"
+        " --out {output} 2> {log}"

@@ -1,0 +1,171 @@
+"""The command line and the code tracking (workflow_scripts/cli.py): steps found from the sources, arguments from
+signatures, import closures followed through the package, and the three wings' import rules."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, project_env
+
+from workflow_scripts import cli
+
+PACKAGE = ROOT / "workflow_scripts"
+
+
+def _write(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(textwrap.dedent(text))
+    return root
+
+
+@pytest.fixture
+def toy(tmp_path):
+    """A package shaped like ours: __main__, cli, a backbone module, a wing importing it in a function."""
+    return _write(
+        tmp_path / "pkg",
+        {
+            "__init__.py": "",
+            "__main__.py": "from .cli import main\n",
+            "cli.py": "def step(fn=None, name=None):\n    return fn\n",
+            "base.py": (
+                "import numpy\nfrom .cli import step\n\n@step\ndef first(params: dict):\n"
+                "    '''One.\n\n    More.'''\n"
+            ),
+            "other.py": "from . import base\n",
+            "lonely.py": "x = 1\n",
+            "wing/__init__.py": "",
+            "wing/a.py": (
+                "from ..cli import step\n\n@step(name='second-one')\ndef second():\n"
+                "    from ..other import x  # inside a function\n"
+            ),
+            "wing/b.py": "from .a import second\n",
+        },
+    )
+
+
+def test_find_steps_reads_decorators_and_names(toy):
+    steps = cli.find_steps(toy)
+    assert steps == {"first": ("base", "first", "One."), "second-one": ("wing.a", "second", "")}
+
+
+def test_closure_follows_relative_imports_in_functions_and_parents(toy):
+    rel = {str(p.relative_to(toy)) for p in cli.code_closure("second-one", toy)}
+    # wing.a imports ..other (inside a function), which imports base; a wing's __init__ runs on import
+    assert rel == {"__init__.py", "__main__.py", "cli.py", "wing/__init__.py", "wing/a.py", "other.py", "base.py"}
+    rel = {str(p.relative_to(toy)) for p in cli.code_closure("first", toy)}
+    assert rel == {"__init__.py", "__main__.py", "cli.py", "base.py"}  # not other.py, not lonely.py
+
+
+def test_code_hash_changes_only_with_the_closure(toy):
+    before = {s: cli.code_hash(s, toy) for s in ("first", "second-one")}
+    cli.code_closure.cache_clear()
+    (toy / "lonely.py").write_text("x = 2\n")
+    assert {s: cli.code_hash(s, toy) for s in before} == before
+    (toy / "other.py").write_text("from . import base  # edited\n")
+    cli._tree.cache_clear()
+    after = {s: cli.code_hash(s, toy) for s in before}
+    assert after["first"] == before["first"] and after["second-one"] != before["second-one"]
+
+
+def test_a_step_defined_twice_is_refused(toy):
+    (toy / "dup.py").write_text("from .cli import step\n\n@step\ndef first():\n    pass\n")
+    with pytest.raises(RuntimeError, match="step first is defined twice"):
+        cli.find_steps(toy)
+
+
+def test_unknown_step_has_no_closure():
+    with pytest.raises(KeyError, match="no step 'nope'"):
+        cli.code_closure("nope")
+
+
+def test_parser_from_signature():
+    def fn(params: dict, a: Path, many: list[Path], opt: Path | None = None, few: list[Path] = (), n: int = 3):
+        """Doc."""
+
+    fn = cli.step(fn)
+    p = cli.parser_for(fn)
+    args = vars(p.parse_args(["--params", "{}", "--a", "x", "--many", "y", "z", "--n", "5"]))
+    assert args == {"params": "{}", "a": Path("x"), "many": [Path("y"), Path("z")], "opt": None, "few": (), "n": 5}
+    with pytest.raises(SystemExit):
+        p.parse_args(["--params", "{}", "--many", "y"])  # --a is required
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "workflow_scripts", *args], cwd=ROOT, env=project_env(), capture_output=True, text=True
+    )
+
+
+def test_every_step_has_help_and_the_list_names_them():
+    out = _run("--help")
+    assert out.returncode == 0
+    for name in cli.find_steps():
+        assert name in out.stdout
+    sweep = _run("sweep", "--help")
+    assert sweep.returncode == 0 and "--cache PATH" in sweep.stdout and "--csv PATH" in sweep.stdout
+
+
+def test_bad_params_and_unknown_step_are_refused_by_name():
+    bad = _run("summarize", "--params", "{oops", "--sweeps", "a", "--csv", "b", "--parquet", "c")
+    assert bad.returncode == 2 and "--params is not valid JSON" in bad.stderr
+    unknown = _run("no-such-step")
+    assert unknown.returncode == 2 and "no-such-step" in unknown.stderr
+
+
+def _imports(module: str) -> set[str]:
+    mods = cli._modules(PACKAGE)
+    import ast
+
+    out = set()
+    for node in ast.walk(cli._tree(mods[module])):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            out |= cli._resolve(module, node, mods)
+    return out - {module}
+
+
+def test_wings_import_rules_and_no_cycles():
+    """The backbone never imports tasks/ or analyses/, tasks/ never imports analyses/; no import cycles."""
+    mods = sorted(cli._modules(PACKAGE))
+    graph = {m: _imports(m) for m in mods}
+    wing = {m: m.split(".")[0] if m.split(".")[0] in ("tasks", "analyses") else "backbone" for m in mods}
+    for m, deps in graph.items():
+        for d in deps:
+            if wing[m] == "backbone":
+                assert wing[d] == "backbone", f"{m} (backbone) imports {d}"
+            if wing[m] == "tasks":
+                assert wing[d] != "analyses", f"{m} (tasks) imports {d}"
+    # a wing's package __init__ is imported implicitly by its modules: leave those edges out of the cycle check
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        state[m] = 1
+        for d in graph[m]:
+            if d in ("", "tasks", "analyses"):
+                continue
+            assert state.get(d) != 1, f"import cycle: {' -> '.join([*path, m, d])}"
+            if d not in state:
+                visit(d, [*path, m])
+        state[m] = 2
+
+    for m in mods:
+        if m not in state:
+            visit(m, [])
+
+
+def test_building_the_dag_imports_no_torch():
+    """common.smk imports config, cli and the task registry only: none of them pulls torch in."""
+    code = (
+        "import sys\n"
+        "import workflow_scripts.cli, workflow_scripts.config, workflow_scripts.tasks.registry\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert 'faiss' not in sys.modules, 'faiss imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=project_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    smk = (ROOT / "rules" / "common.smk").read_text()
+    imported = {line.split()[1] for line in smk.splitlines() if line.startswith(("from workflow_scripts", "import "))}
+    assert imported <= {"json", "os", "re", "workflow_scripts", "workflow_scripts.config", "workflow_scripts.tasks"}
