@@ -6,32 +6,70 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
+# The configs the end-to-end tests run, one file each (its header says which tests use it and how to run it by hand).
+CONFIGS = ROOT / "tests" / "configs"
 # CI runs the same hypothesis examples every time, so a red run can be reproduced; locally they vary.
 settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
-def project_env() -> dict:
+def project_env(root: Path = ROOT) -> dict:
     """The environment the rules run with: this interpreter first on PATH, the project on PYTHONPATH."""
-    return dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    return dict(os.environ, PYTHONPATH=str(root), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
 
 
-def snakemake_cmd(workdir, *args) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+def snakemake_cmd(workdir, *args, root: Path = ROOT) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(root / "Snakefile"), "--directory", str(workdir),
             "--cores", "2", *args]
 
 
-def snakemake(workdir, *args, check=True, timeout=900):
-    """Run the project's Snakefile in ``workdir`` with this interpreter's environment."""
-    proc = subprocess.run(snakemake_cmd(workdir, *args), env=project_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def snakemake(workdir, *args, check=True, timeout=900, root: Path = ROOT):
+    """Run the project's Snakefile in ``workdir`` with this interpreter's environment (``root``: a copy of the
+    project to run instead, for tests that edit its code). It starts in ``root``: `python -m` puts its start
+    directory first on sys.path, ahead of PYTHONPATH, so the Snakefile imports ``root``'s package."""
+    proc = subprocess.run(snakemake_cmd(workdir, *args, root=root), env=project_env(root), cwd=root,
+                          capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+# what running the workflow needs: the Snakefile and what it includes, the package, the workflow profile
+PROJECT_FILES = ("Snakefile", "rules", "workflow_scripts", "profiles", "report", "envs")
+
+
+def copy_project(dest: Path) -> Path:
+    """A copy of the project's workflow and code, to edit without touching the checkout."""
+    dest.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def config_path(name: str) -> Path:
+    """tests/configs/<name>.yaml."""
+    return CONFIGS / f"{name}.yaml"
+
+
+def load_test_config(name: str) -> dict:
+    """tests/configs/<name>.yaml as a dict, as written (no schema defaults filled in)."""
+    return yaml.safe_load(config_path(name).read_text())
+
+
+def rerun_with(workdir, name: str):
+    """Install tests/configs/<name>.yaml as ``workdir``'s config.yaml and run it there; (proc, rule -> job count)."""
+    shutil.copy(config_path(name), workdir / "config.yaml")
+    proc = snakemake(workdir, "--configfile", str(workdir / "config.yaml"))
+    return proc, job_stats(proc.stderr if "Job stats:" in proc.stderr else proc.stdout)
 
 
 def job_stats(output: str) -> dict[str, int]:
@@ -44,8 +82,42 @@ def job_stats(output: str) -> dict[str, int]:
 
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory):
-    """One finished run of tests/micro.yaml, shared by the end-to-end tests."""
+    """One finished run of tests/configs/micro.yaml, shared by the end-to-end tests."""
     work = tmp_path_factory.mktemp("micro")
-    shutil.copy(ROOT / "tests" / "micro.yaml", work / "config.yaml")
-    snakemake(work, "--configfile", str(work / "config.yaml"))
+    rerun_with(work, "micro")
     return work
+
+
+def _rerun_copy(source: Path, tmp_path_factory, name: str):
+    work = tmp_path_factory.mktemp(name) / "run"
+    shutil.copytree(source, work, symlinks=True)
+    _, jobs = rerun_with(work, name)
+    return work, jobs
+
+
+@pytest.fixture(scope="session")
+def task_run(micro_run, tmp_path_factory):
+    """The micro run copied, then rerun with tests/configs/tasks.yaml (micro.yaml plus its task section), so only
+    the task stages run: the synthetic suite on the micro datastore. (work dir, rule -> job count)."""
+    return _rerun_copy(micro_run, tmp_path_factory, "tasks")
+
+
+@pytest.fixture(scope="session")
+def analyses_run(micro_run, tmp_path_factory):
+    """The micro run copied, then rerun with tests/configs/analyses.yaml: the paper-2 analyses at toy size."""
+    return _rerun_copy(micro_run, tmp_path_factory, "analyses")
+
+
+@pytest.fixture(scope="session")
+def full_run(analyses_run, tmp_path_factory):
+    """The analyses run copied, then rerun with tests/configs/full.yaml: the task stages added, so every rule of
+    the workflow has a finished job."""
+    return _rerun_copy(analyses_run[0], tmp_path_factory, "full")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep `pytest -m "not slow"` a fast lane: a test that needs the micro run (directly or through a fixture
+    built on it) must be marked slow, or the first such test would start the whole end-to-end run."""
+    unmarked = [i.nodeid for i in items if "micro_run" in i.fixturenames and i.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that use micro_run must be marked @pytest.mark.slow: " + ", ".join(unmarked))

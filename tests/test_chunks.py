@@ -1,5 +1,6 @@
 """Training in chunks (models.<m>.train.chunk_steps): the same weights as one job, the expected chain of jobs,
-per-chunk runtime from the config; and the conda envs pin what pyproject.toml pins."""
+per-chunk runtime from the config; and the conda envs pin what pyproject.toml pins, whose package data holds the
+files the code reads."""
 
 import json
 import re
@@ -8,11 +9,12 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-from conftest import ROOT, job_stats, snakemake
+from conftest import ROOT, job_stats, load_test_config, snakemake
 
 from workflow_scripts.__main__ import main
 from workflow_scripts.artifacts import ArtifactError, save_npy
-from workflow_scripts.lm import chunk_bounds, train_lm, train_tokenizer
+from workflow_scripts.config import chunk_bounds
+from workflow_scripts.lm import train_from_scratch, train_tokenizer
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -47,16 +49,16 @@ def test_chunk_bounds():
 def test_three_chunks_give_the_weights_and_loss_log_of_one_job(data, tmp_path):
     """With dropout on, so the torch RNG state must travel too; through the CLI the rules run."""
     one, chunked = tmp_path / "one", tmp_path / "chunked"
-    _cli(data, one, CFG, "--outdir", str(one / "hf"), "--model-json", str(one / "model.json"),
-         "--loss-log", str(one / "loss.csv"))
+    _cli(data, one, CFG, "--hf", str(one / "hf"), "--model-json", str(one / "model.json"),
+         "--loss-csv", str(one / "loss.csv"), "--loss-parquet", str(one / "loss.parquet"))
     prev = []
     for i, (_, stop) in enumerate(chunk_bounds(CFG["steps"], 3)[:-1], start=1):
         ckpt = chunked / f"chunk_{i:03d}.pt"
         _cli(data, chunked, CFG, *prev, "--checkpoint", str(ckpt), stop=stop)
         assert ckpt.exists() and not (chunked / "hf").exists() and not (chunked / "model.json").exists()
         prev = ["--resume", str(ckpt)]
-    _cli(data, chunked, CFG, *prev, "--outdir", str(chunked / "hf"), "--model-json", str(chunked / "model.json"),
-         "--loss-log", str(chunked / "loss.csv"))
+    _cli(data, chunked, CFG, *prev, "--hf", str(chunked / "hf"), "--model-json", str(chunked / "model.json"),
+         "--loss-csv", str(chunked / "loss.csv"), "--loss-parquet", str(chunked / "loss.parquet"))
 
     a, b = (json.loads((d / "model.json").read_text()) for d in (one, chunked))
     assert a["model_sha256"] == b["model_sha256"]
@@ -66,25 +68,25 @@ def test_three_chunks_give_the_weights_and_loss_log_of_one_job(data, tmp_path):
 
 
 def test_a_checkpoint_from_another_config_is_refused(data, tmp_path):
-    train_lm(data / "train.npy", data / "valid.npy", data / "tok", CFG, 5, None, None, stop=3,
-             checkpoint=tmp_path / "c.pt")
+    train_from_scratch(data / "train.npy", data / "valid.npy", data / "tok", CFG, 5, None, None, None, stop=3,
+                       checkpoint=tmp_path / "c.pt")
     # the chunking itself may change between chunks; what is computed may not
-    train_lm(data / "train.npy", data / "valid.npy", data / "tok", {**CFG, "chunk_steps": 3, "runtime": 5}, 5,
-             None, None, resume=tmp_path / "c.pt", stop=6, checkpoint=tmp_path / "c2.pt")
+    train_from_scratch(data / "train.npy", data / "valid.npy", data / "tok", {**CFG, "chunk_steps": 3, "runtime": 5},
+                       5, None, None, None, resume=tmp_path / "c.pt", stop=6, checkpoint=tmp_path / "c2.pt")
     with pytest.raises(ArtifactError, match="another training config or seed"):
-        train_lm(data / "train.npy", data / "valid.npy", data / "tok", {**CFG, "lr": 1e-3}, 5, None, None,
-                 resume=tmp_path / "c.pt", stop=6, checkpoint=tmp_path / "c3.pt")
+        train_from_scratch(data / "train.npy", data / "valid.npy", data / "tok", {**CFG, "lr": 1e-3}, 5, None, None,
+                           None, resume=tmp_path / "c.pt", stop=6, checkpoint=tmp_path / "c3.pt")
     with pytest.raises(ArtifactError, match="not a training checkpoint"):
         (tmp_path / "bad.pt").write_bytes(b"truncated")
-        train_lm(data / "train.npy", data / "valid.npy", data / "tok", CFG, 5, None, None,
-                 resume=tmp_path / "bad.pt", stop=6, checkpoint=tmp_path / "c4.pt")
+        train_from_scratch(data / "train.npy", data / "valid.npy", data / "tok", CFG, 5, None, None, None,
+                           resume=tmp_path / "bad.pt", stop=6, checkpoint=tmp_path / "c4.pt")
 
 
 def test_dag_has_one_train_lm_chunk_job_per_chunk_but_the_last(tmp_path):
     """30 steps in chunks of 7: chunks 1-4 are train_lm_chunk jobs, each asking for train.runtime minutes; the
     fifth is train_lm. The training params the jobs carry leave the chunking out, so the default run's train_lm
     params are those of before chunking existed."""
-    cfg = yaml.safe_load((ROOT / "tests" / "micro.yaml").read_text())
+    cfg = load_test_config("micro")
     cfg["models"]["micro-gpt2"]["train"].update(chunk_steps=7, runtime=90)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     out = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "config.yaml"), "--",
@@ -94,7 +96,7 @@ def test_dag_has_one_train_lm_chunk_job_per_chunk_but_the_last(tmp_path):
     assert sorted(train_jobs) == [("train_lm", "90")] + [("train_lm_chunk", "90")] * 4
     stops = sorted(int(s) for s in re.findall(r'"stop": (\d+)', out))
     assert stops == [7, 14, 21, 28]
-    assert "--resume results/models/micro-gpt2/chunks/chunk_004.pt --outdir" in out
+    assert "--resume results/models/micro-gpt2/chunks/chunk_004.pt --hf" in out
     assert "chunk_steps" not in out and '"runtime"' not in out
 
 
@@ -113,3 +115,20 @@ def test_conda_envs_pin_the_ranges_of_pyproject():
     pipeline = yaml.safe_load((ROOT / "envs" / "pipeline.yaml").read_text())["dependencies"]
     names = set(_ranges([s for s in pipeline if isinstance(s, str)] + pipeline[-1]["pip"]))
     assert set(deps) - names == {"snakemake", "snakemake-executor-plugin-slurm"}  # the runner, not a step's need
+
+
+def test_package_data_holds_the_files_the_code_reads():
+    """A non-editable install ships only pyproject's package-data: the task registry, the Macondo name lists and
+    paper 2's numbers at their places in the tasks/ and analyses/ wings, and the config schema."""
+    from workflow_scripts import config
+    from workflow_scripts.analyses import compare, macondo_data
+    from workflow_scripts.tasks import registry
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {f for pkg, globs in data.items() for g in globs for f in (ROOT / pkg.replace(".", "/")).glob(g)}
+    needed = {registry.REGISTRY_PATH, compare.PAPER, config.SCHEMA_PATH}
+    needed |= {macondo_data.DATA_DIR / f"{name}.txt" for name in macondo_data.LISTS}
+    assert all(f.is_file() for f in needed)
+    assert needed <= shipped, sorted(str(f.relative_to(ROOT)) for f in needed - shipped)
+    assert registry.REGISTRY_PATH == ROOT / "workflow_scripts/tasks/registry.yaml"
+    assert macondo_data.DATA_DIR == ROOT / "workflow_scripts/analyses/macondo_names"

@@ -10,8 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workflow_scripts.config import ConfigError, load, validate
+from workflow_scripts.tasks.registry import check_config, synthetic_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "tests" / "configs"
 VALID = load(ROOT / "config.yaml")
 UNKNOWN = "zz_unknown"
 
@@ -27,10 +29,18 @@ def set_at(config, path, value):
     node[path[-1]] = value
 
 
+def check(config) -> dict:
+    """Validate as the workflow does before building its DAG (rules/common.smk): the schema and cross-checks
+    (config.validate), then the task section against the task registry (tasks.registry.check_config)."""
+    validate(config)
+    check_config(config)
+    return config
+
+
 def rejects(config, *fragments) -> str:
     """Validation raises ConfigError whose message contains every fragment (key paths, mostly)."""
     with pytest.raises(ConfigError) as err:
-        validate(config)
+        check(config)
     msg = str(err.value)
     for f in fragments:
         assert f in msg, f"{f!r} not in: {msg}"
@@ -62,6 +72,7 @@ def test_shipped_config_validates_with_defaults():
         ("projection", {"datastore": "synthwiki", "eval_set": "dev"}, "analyses.projection.eval_set"),
         ("mlp", {"datastore": "nope"}, "analyses.mlp.datastore"),
         ("macondo", {"model": "tiny-gpt2", "knn": {"k": 0}}, "analyses.macondo.knn.k"),
+        ("hurdle", {"model": "tiny-gpt2"}, "analyses.hurdle: needs analyses.macondo too"),
     ],
 )
 def test_bad_analyses_entries_name_the_key(key, value, message):
@@ -72,9 +83,43 @@ def test_bad_analyses_entries_name_the_key(key, value, message):
 
 
 def test_micro_config_validates():
-    c = load(ROOT / "tests" / "micro.yaml")
+    c = check(load(CONFIGS / "micro.yaml"))
     assert c["sweep"]["k_max"] == 32
     assert c["models"]["micro-gpt2"]["train"]["warmup_fraction"] == 0.05
+
+
+def _raw(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+
+
+def test_every_test_config_validates_and_says_how_it_is_used():
+    names = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+    assert names == ["analyses", "full", "micro", "tasks"]
+    for name in names:
+        check(load(CONFIGS / f"{name}.yaml"))
+        header = (CONFIGS / f"{name}.yaml").read_text().split("\n\n")[0]
+        assert "Used by:" in header and f"snakemake --cores 2 --configfile tests/configs/{name}.yaml" in header
+
+
+def analyses_raw() -> dict:
+    return _raw("analyses")
+
+
+def test_tasks_and_analyses_configs_are_the_micro_config_plus_their_own_stages():
+    """Their runs start from a copy of the micro run: every backbone setting must be micro's, or the backbone
+    would be rebuilt (and the tests that count jobs would fail for a reason that is not theirs)."""
+    micro = _raw("micro")
+    tasks = _raw("tasks")
+    assert {k: v for k, v in tasks.items() if k != "tasks"} == {k: v for k, v in micro.items() if k != "tasks"}
+    assert tasks["tasks"]["evaluate"] == {"micro": synthetic_tasks()}  # the whole synthetic suite
+    analyses = _raw("analyses")
+    long = analyses["models"].pop("micro-long")
+    assert long == {"source": "train", "train": {**micro["models"]["micro-gpt2"]["train"], "block_size": 96}}
+    assert {k: v for k, v in analyses.items() if k != "analyses"} == micro
+    assert set(analyses["analyses"]) == {"macondo", "projection", "mlp", "hurdle"}
+    full = _raw("full")  # the analyses config with the task stages: its run starts from the analyses run
+    assert {k: v for k, v in full.items() if k != "tasks"} == {k: v for k, v in analyses_raw().items() if k != "tasks"}
+    assert full["tasks"] == tasks["tasks"]
 
 
 def test_omitted_keys_get_schema_defaults():

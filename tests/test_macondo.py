@@ -11,9 +11,17 @@ import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from workflow_scripts.macondo import DESCS, LISTS, MacondoError, generate, load_list, single_token, vocab_names
 
-from workflow_scripts import macondo
+from workflow_scripts.analyses import macondo_data as macondo
+from workflow_scripts.analyses.macondo_data import (
+    DESCS,
+    LISTS,
+    MacondoError,
+    generate,
+    load_list,
+    single_token,
+    vocab_names,
+)
 from workflow_scripts.artifacts import read_json
 
 EOS = "<|endoftext|>"
@@ -148,7 +156,8 @@ def test_small_configs_keep_invariants(tok, n_villagers, parent_frac, children, 
 
 
 def test_write(paper, tmp_path):
-    macondo.write(paper, tmp_path / "out")
+    out = tmp_path / "out"
+    macondo.write(paper, out / "train.parquet", out / "test.parquet", out / "macondo.json")
     train = pl.read_parquet(tmp_path / "out" / "train.parquet")
     test = pl.read_parquet(tmp_path / "out" / "test.parquet")
     assert train.columns == ["text"] and train["text"].to_list() == paper["train"]

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-from conftest import ROOT, job_stats, snakemake
+from conftest import ROOT, job_stats, load_test_config, snakemake
 
 from workflow_scripts.artifacts import sha256_file
 
@@ -97,7 +97,7 @@ def test_summary_figures_and_noop_rerun(micro_run):
 
 
 def _bad_config(tmp_path, mutate):
-    cfg = yaml.safe_load((ROOT / "tests" / "micro.yaml").read_text())
+    cfg = load_test_config("micro")
     mutate(cfg)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))

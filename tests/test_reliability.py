@@ -39,6 +39,11 @@ SWEEP_PARAMS = {"lambdas": [0.0, 0.25, 0.5], "ks": [1, 8, 32], "sigmas": [1, 10]
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def _sweep_outputs(d: Path) -> tuple[Path, Path]:
+    """The sweep's two output tables (csv, parquet), as the sweep rule declares them."""
+    return d / "sweep/perplexity.csv", d / "sweep/perplexity.parquet"
+
+
 def _cli(*args, cwd, timeout=300, **env) -> subprocess.CompletedProcess:
     """``python -m workflow_scripts ...`` as the rules run it."""
     return subprocess.run([sys.executable, "-m", "workflow_scripts", *args], cwd=cwd, env={**project_env(), **env},
@@ -194,6 +199,7 @@ def damaged(micro_run, tmp_path):
     return _copy_run(micro_run, tmp_path / "copy")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", [0, 7, 0.5, -1])
 def test_truncated_index_refused(damaged, keep):
     index = damaged / DS / "index.faiss"
@@ -206,6 +212,7 @@ def test_truncated_index_refused(damaged, keep):
     assert str(index) in msg and "sha256 differs" in msg and "rerun build_index" in msg
 
 
+@pytest.mark.slow
 def test_same_size_bit_flip_in_index_refused(damaged):
     index = damaged / DS / "index.faiss"
     _flip_byte_keep_mtime(index, index.stat().st_size // 2)
@@ -213,6 +220,7 @@ def test_same_size_bit_flip_in_index_refused(damaged):
         load_index(index, damaged / DS / "index.json", Datastore(damaged / DS / "manifest.json"))
 
 
+@pytest.mark.slow
 def test_shard_altered_between_extraction_and_manifest_refused(damaged):
     """The manifest step re-hashes every shard against the digest recorded when the shard was written."""
     shards = damaged / DS / "shards"
@@ -226,6 +234,7 @@ def test_shard_altered_between_extraction_and_manifest_refused(damaged):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_index_from_another_datastore_version_refused(damaged):
     meta = damaged / DS / "index.json"
     m = json.loads(meta.read_text())
@@ -236,6 +245,7 @@ def test_index_from_another_datastore_version_refused(damaged):
         load_index(damaged / DS / "index.faiss", meta, Datastore(damaged / DS / "manifest.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["targets", "dists", "queries", "ids"])
 @pytest.mark.parametrize("cut", ["tail", "header"])
 def test_truncated_retrieval_cache_refused(damaged, name, cut, tmp_path):
@@ -246,10 +256,11 @@ def test_truncated_retrieval_cache_refused(damaged, name, cut, tmp_path):
     with pytest.raises(ArtifactError, match=re.escape(str(f)) + r": unreadable or truncated \.npy"):
         load_cache(cache, damaged / DS / "manifest.json")
     with pytest.raises(ArtifactError, match=re.escape(str(f))):
-        run_sweep(cache, damaged / DS / "manifest.json", SWEEP_PARAMS, tmp_path / "sweep/perplexity")
+        run_sweep(cache, damaged / DS / "manifest.json", SWEEP_PARAMS, *_sweep_outputs(tmp_path))
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("new, expected", [
     ('"K": 33', r"dists\.npy: shape \(300, 32\), meta\.json says N=300, K=33; delete .* and rerun retrieve"),
     ('"K": 3x', r"meta\.json: not valid JSON"),
@@ -263,20 +274,22 @@ def test_altered_cache_meta_refused(damaged, new, expected, tmp_path):
         load_cache(meta.parent)
     assert str(meta.parent) in str(e.value)
     with pytest.raises(ArtifactError, match=expected):
-        run_sweep(meta.parent, damaged / DS / "manifest.json", SWEEP_PARAMS, tmp_path / "sweep/perplexity")
+        run_sweep(meta.parent, damaged / DS / "manifest.json", SWEEP_PARAMS, *_sweep_outputs(tmp_path))
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_sweep_cli_on_truncated_cache_reports_the_file(damaged, tmp_path):
     cache = damaged / "results/retrieval/test/micro"
     (cache / "lm_logprob.npy").write_bytes((cache / "lm_logprob.npy").read_bytes()[:-1])
-    out_stem = tmp_path / "out/perplexity"
-    proc = _cli("sweep", "--params", json.dumps(SWEEP_PARAMS), "--cache", str(cache),
-                "--manifest", str(damaged / DS / "manifest.json"), "--out-stem", str(out_stem), cwd=tmp_path)
+    csv, parquet = _sweep_outputs(tmp_path / "out")
+    proc = _cli("sweep", "--params", json.dumps(SWEEP_PARAMS), "--cache", str(cache / "meta.json"),
+                "--manifest", str(damaged / DS / "manifest.json"), "--csv", str(csv), "--parquet", str(parquet),
+                cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert f"error: sweep: {cache / 'lm_logprob.npy'}: unreadable or truncated .npy" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not out_stem.parent.exists()
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
@@ -302,6 +315,7 @@ def test_bit_rot_in_a_key_shard_stops_the_rerun_and_touches_nothing_downstream(d
 
 
 # --------------------------------------------------------------------------------------------- 3. mismatch
+@pytest.mark.slow
 def test_retrieve_refuses_a_model_that_did_not_build_the_datastore(micro_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -324,8 +338,8 @@ def test_retrieve_refuses_a_model_that_did_not_build_the_datastore(micro_run, tm
     proc = _cli("retrieve", "--params", json.dumps(RETRIEVAL_PARAMS), "--model-json", str(model_json),
                 "--manifest", str(manifest_path), "--index", str(micro_run / DS / "index.faiss"),
                 "--index-meta", str(micro_run / DS / "index.json"),
-                "--tokens", str(micro_run / "results/tokens/micro-gpt2/micro/test.npy"), "--outdir", str(outdir),
-                cwd=tmp_path)
+                "--tokens", str(micro_run / "results/tokens/micro-gpt2/micro/test.npy"),
+                "--meta", str(outdir / "meta.json"), cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
     err = proc.stderr
     assert f"error: retrieve: datastore {manifest_path} was built with model_sha256={built_with}, but " \
@@ -387,8 +401,9 @@ def test_corpus_cli_on_non_utf8_file_prints_an_error_not_a_traceback(tmp_path):
     bad.write_bytes("na\u00efve caf\u00e9\n".encode("latin-1"))
     files["train"] = str(bad)
     outdir = tmp_path / "corpus"
+    outputs = [a for s in SPLITS for a in (f"--{s}", str(outdir / f"{s}.parquet"))]
     proc = _cli("corpus", "--params", json.dumps({"spec": _local_spec("text", files), "seed": 0}),
-                "--outdir", str(outdir), cwd=tmp_path, HF_DATASETS_OFFLINE="1",
+                *outputs, "--world", str(outdir / "world.json"), cwd=tmp_path, HF_DATASETS_OFFLINE="1",
                 HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"))
     assert proc.returncode == 1
     assert f"error: corpus: corpus file {bad} (split 'train') is not valid UTF-8: byte 2 is b'\\xef'" in proc.stderr
@@ -396,6 +411,7 @@ def test_corpus_cli_on_non_utf8_file_prints_an_error_not_a_traceback(tmp_path):
     assert not outdir.exists()
 
 
+@pytest.mark.slow
 def test_a_two_megabyte_line_loads_and_tokenizes(datasets_cache, micro_run, tmp_path):
     from transformers import AutoTokenizer
 
@@ -407,7 +423,8 @@ def test_a_two_megabyte_line_loads_and_tokenizes(datasets_cache, micro_run, tmp_
     files = _good_files(tmp_path, "txt")
     (tmp_path / "long.txt").write_text(f"short doc\n{line}\nlast doc\n")
     files["train"] = str(tmp_path / "long.txt")
-    write_corpus(_local_spec("text", files), 0, tmp_path / "corpus")
+    write_corpus(_local_spec("text", files), 0, {s: tmp_path / f"corpus/{s}.parquet" for s in SPLITS},
+                 tmp_path / "corpus/world.json")
     texts = pl.read_parquet(tmp_path / "corpus/train.parquet")["text"].to_list()
     assert texts == ["short doc", line, "last doc"]
     tok = AutoTokenizer.from_pretrained(micro_run / MODEL_DIR / "tokenizer")
@@ -436,8 +453,9 @@ def test_too_few_tokens_for_the_shards_is_a_clear_error(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_corpus_shorter_than_the_context_window_is_a_clear_error(micro_run, tmp_path):
-    from workflow_scripts.lm import train_lm
+    from workflow_scripts.lm import train_from_scratch
 
     save_npy(tmp_path / "train.npy", np.arange(20, dtype=np.int32))
     save_npy(tmp_path / "valid.npy", np.arange(20, dtype=np.int32))
@@ -445,9 +463,10 @@ def test_corpus_shorter_than_the_context_window_is_a_clear_error(micro_run, tmp_
            "lr": 1e-3, "weight_decay": 0.0, "steps": 2, "warmup_fraction": 0.1, "log_every": 1}
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'train.npy'}: 20 tokens, fewer than one "
                                                    "block of 33")):
-        train_lm(tmp_path / "train.npy", tmp_path / "valid.npy", micro_run / MODEL_DIR / "tokenizer", cfg, 0,
-                 tmp_path / "hf", tmp_path / "loss.csv")
+        train_from_scratch(tmp_path / "train.npy", tmp_path / "valid.npy", micro_run / MODEL_DIR / "tokenizer", cfg,
+                           0, tmp_path / "hf", tmp_path / "loss.csv", tmp_path / "loss.parquet")
     assert not (tmp_path / "hf").exists() and not (tmp_path / "loss.csv").exists()
+    assert not (tmp_path / "loss.parquet").exists()
 
 
 # --------------------------------------------------------------------------------------------- 5. safe loading
@@ -514,9 +533,10 @@ def test_safe_loading_scanner_flags_unsafe_code(snippet):
 
 
 def test_workflow_scripts_load_nothing_unsafely():
-    files = sorted((ROOT / "workflow_scripts").glob("*.py"))
+    files = sorted((ROOT / "workflow_scripts").rglob("*.py"))  # the tasks/ and analyses/ wings too
     assert len(files) >= 10
-    problems = [p for f in files for p in _unsafe_calls(f.read_text(), f.name)]
+    assert {"tasks/scoring.py", "analyses/mlp.py"} <= {str(f.relative_to(ROOT / "workflow_scripts")) for f in files}
+    problems = [p for f in files for p in _unsafe_calls(f.read_text(), str(f.relative_to(ROOT)))]
     assert problems == []
     assert not _unsafe_calls("import numpy as np\nnp.load('x.npy', mmap_mode='r', allow_pickle=False)\n"
                              "import torch\ntorch.load('x.pt', weights_only=True)\n"
@@ -577,6 +597,7 @@ def _disk_full_scenario(mnt: str, scratch: str) -> dict:
     return result
 
 
+@pytest.mark.slow  # about 5 s: a child process that imports torch and transformers
 def test_full_disk_during_extraction_raises_and_leaves_earlier_shard_intact(small_tmpfs, tmp_path):
     code = ("import json, sys; import test_reliability as t; "
             "print('RESULT ' + json.dumps(t._disk_full_scenario(sys.argv[1], sys.argv[2])))")
@@ -595,6 +616,7 @@ def test_full_disk_during_extraction_raises_and_leaves_earlier_shard_intact(smal
     assert result["small_rows"] == 256
 
 
+@pytest.mark.slow
 def test_full_disk_in_the_extract_keys_step_prints_an_error(micro_run, small_tmpfs):
     params = {"shard": 0, "shards": 1, "block_size": 32, "batch_size": 8, "device": "cpu"}  # 5 MB of keys
     proc = _cli("extract-keys", "--params", json.dumps(params), "--model-json", f"{MODEL_DIR}/model.json",

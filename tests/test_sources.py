@@ -72,7 +72,7 @@ def test_generate_facts_recur_in_training_documents():
 
 
 def test_write_corpus_writes_splits_and_world(tmp_path):
-    write_corpus(gen_spec(), 0, tmp_path / "c")
+    write_corpus(gen_spec(), 0, {s: tmp_path / "c" / f"{s}.parquet" for s in SPLITS}, tmp_path / "c" / "world.json")
     dd, world = load_corpus(gen_spec(), 0)
     for s in SPLITS:
         assert pl.read_parquet(tmp_path / "c" / f"{s}.parquet")["text"].to_list() == texts(dd[s])

@@ -4,7 +4,6 @@ probabilities we set, metrics, the synthetic suite's invariants, and the task st
 import copy
 import json
 import math
-import shutil
 
 import numpy as np
 import polars as pl
@@ -13,11 +12,13 @@ import torch
 import yaml
 from conftest import ROOT, job_stats, snakemake
 
-from workflow_scripts import knnlm, scoring, task_eval, task_suite, tasks
+from workflow_scripts import knnlm
 from workflow_scripts.config import ConfigError, validate
+from workflow_scripts.sweep import chosen_point
+from workflow_scripts.tasks import evaluate, registry, scoring, suite
 
 FIXTURES = ROOT / "tests" / "fixtures" / "tasks"
-REG = tasks.registry()
+REG = registry.registry()
 PAPER = [n for n, e in REG.items() if e["source"]["type"] == "hf"]
 
 
@@ -35,12 +36,12 @@ def test_registry_has_the_twenty_paper_tasks_in_their_categories():
 def test_a_bad_entry_is_refused_naming_its_field():
     e = copy.deepcopy(REG["sst2"])
     e["metric"] = "em"
-    with pytest.raises(tasks.TaskError, match="metric"):
-        tasks.check_entry("x", e)
+    with pytest.raises(registry.TaskError, match="metric"):
+        registry.check_entry("x", e)
     e = copy.deepcopy(REG["arc_easy"])
     del e["gold"]["match_field"]
-    with pytest.raises(tasks.TaskError, match="gold"):
-        tasks.check_entry("x", e)
+    with pytest.raises(registry.TaskError, match="gold"):
+        registry.check_entry("x", e)
 
 
 # one fixture per paper task, in that dataset's own column layout; (expected gold answer of row 0, n options)
@@ -56,7 +57,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("task", sorted(EXPECTED))
 def test_each_paper_task_loads_offline_from_a_fixture_in_its_column_layout(task):
-    items = tasks.load_items(REG[task], data_files=str(FIXTURES / f"{task}.jsonl"))
+    items = registry.load_items(REG[task], data_files=str(FIXTURES / f"{task}.jsonl"))
     assert len(items) >= 2
     it = items[0]
     answer, n_options = EXPECTED[task]
@@ -71,7 +72,7 @@ def test_each_paper_task_loads_offline_from_a_fixture_in_its_column_layout(task)
 
 
 def test_winogrande_scores_the_rest_of_the_sentence_after_the_filled_blank():
-    it = tasks.load_items(REG["winogrande"], data_files=str(FIXTURES / "winogrande.jsonl"))[0]
+    it = registry.load_items(REG["winogrande"], data_files=str(FIXTURES / "winogrande.jsonl"))[0]
     (c0, t0), (c1, t1) = it["options"][0][0], it["options"][1][0]
     assert t0 == t1 and "_" not in c0 + c1 and c0.endswith("the ball") and c1.endswith("the window")
 
@@ -81,24 +82,34 @@ def test_user_task_from_a_local_jsonl_file(tmp_path):
     f.write_text('{"q": "2 + 2 =", "a": "4"}\n{"q": "3 + 3 =", "a": "6"}\n{"q": "1 + 1 =", "a": "2"}\n')
     entry = {"category": "reasoning", "kind": "generate", "metric": "em", "source": {"type": "local", "path": str(f)},
              "prompt": "{q}", "answers": {"field": "a"}}
-    tasks.check_entry("mine", entry)
-    items = tasks.load_items(entry, max_items=2, seed=0)
+    registry.check_entry("mine", entry)
+    items = registry.load_items(entry, max_items=2, seed=0)
     assert len(items) == 2 and all(it["answers"][0] in "462" for it in items)
-    assert items == tasks.load_items(entry, max_items=2, seed=0)  # seeded subsample
+    assert items == registry.load_items(entry, max_items=2, seed=0)  # seeded subsample
+
+
+def check(c: dict) -> dict:
+    """The config as the workflow checks it (rules/common.smk): the schema, then the tasks against the registry."""
+    validate(c)
+    registry.check_config(c)
+    return c
 
 
 def test_config_names_a_missing_task_and_a_bad_custom_entry():
     c = yaml.safe_load((ROOT / "config.yaml").read_text())
     c["tasks"] = {"evaluate": {"synthwiki": ["synth_recall", "nope"]}, "synthetic": {"corpus": "synthwiki"}}
     with pytest.raises(ConfigError, match=r"tasks\.evaluate\.synthwiki\.1"):
-        validate(copy.deepcopy(c))
+        check(copy.deepcopy(c))
     c["tasks"]["evaluate"]["synthwiki"] = ["mine"]
     c["tasks"]["custom"] = {"mine": {"category": "memory", "kind": "generate", "metric": "accuracy"}}
     with pytest.raises(ConfigError, match=r"tasks\.custom\.mine"):
-        validate(copy.deepcopy(c))
+        check(copy.deepcopy(c))
     c["tasks"] = {"evaluate": {"synthwiki": ["synth_recall"]}}
     with pytest.raises(ConfigError, match=r"tasks\.synthetic"):
-        validate(copy.deepcopy(c))
+        check(copy.deepcopy(c))
+    c["tasks"] = {"evaluate": {"nope": ["synth_recall"]}, "synthetic": {"corpus": "synthwiki"}}
+    with pytest.raises(ConfigError, match=r"tasks\.evaluate\.nope: not one of the datastores"):
+        check(copy.deepcopy(c))
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -111,23 +122,23 @@ def test_config_names_a_missing_task_and_a_bad_custom_entry():
     ("An apple", ["apple", "pear"], 1.0, 1.0),
 ])
 def test_em_and_f1_with_squad_normalisation(pred, golds, em, f1):
-    assert tasks.normalize_answer("The  Cat, a DOG.") == "cat dog"
-    assert tasks.exact_match(pred, golds) == em
-    assert tasks.token_f1(pred, golds) == pytest.approx(f1)
+    assert registry.normalize_answer("The  Cat, a DOG.") == "cat dog"
+    assert registry.exact_match(pred, golds) == em
+    assert registry.token_f1(pred, golds) == pytest.approx(f1)
 
 
 def test_gsm8k_answer_extraction_on_real_format_answers():
     sol = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether "
            "in April and May.\n#### 72")
-    assert tasks.gsm8k_gold(sol) == "72"
-    assert tasks.gsm8k_gold("... so she pays 1,200 dollars.\n#### 1,200") == "1200"
-    with pytest.raises(tasks.TaskError):
-        tasks.gsm8k_gold("no marker 5")
-    assert tasks.final_number("She has 3 apples, then 5 more, so 8 apples.") == "8"
-    assert tasks.final_number("#### 42\nQuestion: 7") == "42"
-    assert tasks.number_match("so the answer is 1,200.", ["1200"]) == 1.0
-    assert tasks.number_match("The answer is 41", ["42"]) == 0.0
-    assert tasks.number_match("no number", ["42"]) == 0.0
+    assert registry.gsm8k_gold(sol) == "72"
+    assert registry.gsm8k_gold("... so she pays 1,200 dollars.\n#### 1,200") == "1200"
+    with pytest.raises(registry.TaskError):
+        registry.gsm8k_gold("no marker 5")
+    assert registry.final_number("She has 3 apples, then 5 more, so 8 apples.") == "8"
+    assert registry.final_number("#### 42\nQuestion: 7") == "42"
+    assert registry.number_match("so the answer is 1,200.", ["1200"]) == 1.0
+    assert registry.number_match("The answer is 41", ["42"]) == 0.0
+    assert registry.number_match("no number", ["42"]) == 0.0
 
 
 # ------------------------------------------------------------------------------------------- toy model
@@ -289,31 +300,31 @@ def world_and_docs():
 @pytest.mark.parametrize("gen", ["recall", "occupation", "twohop", "arithmetic"])
 def test_synthetic_suite_has_200_seeded_items(world_and_docs, gen):
     w, docs = world_and_docs
-    rows = task_suite.build(w, docs, gen, 200, seed=1)
+    rows = suite.build(w, docs, gen, 200, seed=1)
     assert len(rows) == 200 and len({r["prompt"] for r in rows}) == 200
-    assert rows == task_suite.build(w, docs, gen, 200, seed=1)
-    assert rows != task_suite.build(w, docs, gen, 200, seed=2)
+    assert rows == suite.build(w, docs, gen, 200, seed=1)
+    assert rows != suite.build(w, docs, gen, 200, seed=2)
 
 
 def test_memory_items_are_answerable_from_one_training_sentence(world_and_docs):
     w, docs = world_and_docs
-    sents = set(task_suite.sentences(docs))
-    for r in task_suite.build(w, docs, "recall", 200, seed=1):
+    sents = set(suite.sentences(docs))
+    for r in suite.build(w, docs, "recall", 200, seed=1):
         name, answer = r["prompt"].split(" ( born ")[0], r["choices"][r["gold"]]
         assert any(name in s and answer in s and "born" in s for s in r["evidence"])
         assert all(s in sents for s in r["evidence"])
         assert w["people"][[p["name"] for p in w["people"]].index(name)]["birth_city"] == answer
-    for r in task_suite.build(w, docs, "occupation", 200, seed=1):
+    for r in suite.build(w, docs, "occupation", 200, seed=1):
         name = r["prompt"][: -len(" is a")]
         assert any(name in s and r["label"] in s for s in r["evidence"]) and all(s in sents for s in r["evidence"])
 
 
 def test_two_hop_items_are_never_stated_in_a_single_sentence(world_and_docs):
     w, docs = world_and_docs
-    sents = task_suite.sentences(docs)
+    sents = suite.sentences(docs)
     people = {p["name"]: p for p in w["people"]}
     companies = {c["name"]: c for c in w["companies"]}
-    rows = task_suite.build(w, docs, "twohop", 200, seed=1)
+    rows = suite.build(w, docs, "twohop", 200, seed=1)
     assert len(rows) == 200
     for r in rows:
         name = r["prompt"][: -len(" works for a company based in")]
@@ -328,69 +339,77 @@ def test_two_hop_items_are_never_stated_in_a_single_sentence(world_and_docs):
 
 def test_arithmetic_items_add_the_offset_to_a_stated_year(world_and_docs):
     w, docs = world_and_docs
-    for r in task_suite.build(w, docs, "arithmetic", 200, seed=1):
+    for r in suite.build(w, docs, "arithmetic", 200, seed=1):
         born, n = int(r["prompt"].split(" was born in ")[1][:4]), int(r["prompt"].split(" . ")[1].split()[0])
         assert int(r["choices"][r["gold"]]) == born + n and len(set(r["choices"])) == 4
         assert str(born) in r["evidence"][0]
+
+
+def test_write_suite_writes_each_task_to_its_path_and_the_step_checks_the_names(world_and_docs, tmp_path):
+    w, docs = world_and_docs
+    pl.DataFrame({"text": docs}).write_parquet(tmp_path / "train.parquet")
+    (tmp_path / "world.json").write_text(json.dumps(w))
+    outs = {"mine_recall": tmp_path / "a/mine_recall.jsonl", "mine_job": tmp_path / "b/mine_job.jsonl"}
+    counts = suite.write_suite(tmp_path / "train.parquet", tmp_path / "world.json",
+                               {"mine_recall": "recall", "mine_job": "occupation"}, 30, 1, outs)
+    assert counts == {"mine_recall": 30, "mine_job": 30}
+    for task, gen in (("mine_recall", "recall"), ("mine_job", "occupation")):
+        rows = [json.loads(line) for line in outs[task].read_text().splitlines()]
+        assert rows == suite.build(w, docs, gen, 30, seed=1)
+    # the step names each task by its output file, and refuses outputs that are not the generators' tasks
+    params = {"generators": {"mine_recall": "recall"}, "n_items": 5, "seed": 1}
+    with pytest.raises(ValueError, match="--out names"):
+        suite.task_suite(params, tmp_path / "train.parquet", tmp_path / "world.json", [tmp_path / "c/other.jsonl"])
+    assert not (tmp_path / "c").exists()
 
 
 # ------------------------------------------------------------------------------------------- report pieces
 def test_bootstrap_interval_covers_the_mean_and_is_seeded():
     base = np.r_[np.zeros(50), np.ones(50)]
     knn = np.r_[np.ones(80), np.zeros(20)]
-    m, lo, hi = task_eval.bootstrap_delta(base, knn, seed=3)
+    m, lo, hi = evaluate.bootstrap_delta(base, knn, seed=3)
     assert m == pytest.approx(0.3) and lo < m < hi
-    assert (m, lo, hi) == task_eval.bootstrap_delta(base, knn, seed=3)
-    assert task_eval.bootstrap_delta(base, base) == (0.0, 0.0, 0.0)
+    assert (m, lo, hi) == evaluate.bootstrap_delta(base, knn, seed=3)
+    assert evaluate.bootstrap_delta(base, base) == (0.0, 0.0, 0.0)
 
 
 def test_chosen_point_is_the_valid_set_choice(tmp_path):
     f = tmp_path / "s.csv"
     pl.DataFrame({"eval_set": ["test", "valid"], "datastore": ["d", "d"], "lambda": [0.2, 0.2], "k": [64, 64],
                   "sigma": [3.0, 3.0], "chosen_on": ["valid", "valid"]}).write_csv(f)
-    assert task_eval.chosen_point(f, "d") == ((0.2, 64, 3.0), "perplexity on valid")
-    assert task_eval.chosen_point(f, "other") == (None, None)
+    assert chosen_point(f, "d") == ((0.2, 64, 3.0), "perplexity on valid")
+    assert chosen_point(f, "other") == (None, None)
 
 
 # ------------------------------------------------------------------------------------------- end to end
 def test_default_tasks_are_the_synthetic_suite_on_generated_datastores():
     c = yaml.safe_load((ROOT / "config.yaml").read_text())
-    d = tasks.default_tasks_config(validate(c))
-    assert d["evaluate"] == {"synthwiki": tasks.synthetic_tasks()} and d["synthetic"]["corpus"] == "synthwiki"
+    d = registry.default_tasks_config(check(c))
+    assert d["evaluate"] == {"synthwiki": registry.synthetic_tasks()} and d["synthetic"]["corpus"] == "synthwiki"
     c["tasks"] = d
-    validate(c)  # the defaults are a valid tasks section
+    check(c)  # the defaults are a valid tasks section
 
 
-@pytest.fixture(scope="module")
-def task_run(micro_run, tmp_path_factory):
-    """The micro run copied, then only its task stages: the synthetic suite on the micro datastore."""
-    work = tmp_path_factory.mktemp("tasks") / "run"
-    shutil.copytree(micro_run, work, symlinks=True)
-    cfg = yaml.safe_load((work / "config.yaml").read_text())
-    cfg["tasks"] = {"evaluate": {"micro": tasks.synthetic_tasks()}, "synthetic": {"corpus": "micro", "n_items": 40}}
-    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = snakemake(work, "--configfile", str(work / "config.yaml"))
-    return work, job_stats(proc.stderr if "Job stats:" in proc.stderr else proc.stdout)
-
-
+@pytest.mark.slow
 def test_task_stages_run_one_job_per_datastore_and_task(task_run):
     work, jobs = task_run
-    n = len(tasks.synthetic_tasks())
+    n = len(registry.synthetic_tasks())
     assert jobs["score_task"] == jobs["task_sweep"] == jobs["load_task"] == n
-    assert jobs["task_suite"] == 1 and jobs["task_summary"] == 1 and jobs["figure_tasks"] == 1
+    assert jobs["task_suite"] == 1 and jobs["task_summary"] == 1 and jobs["task_delta"] == jobs["figure_tasks"] == 1
     assert not {"train_lm", "extract_keys", "retrieve", "sweep"} & set(jobs)  # the backbone is reused
 
 
+@pytest.mark.slow
 def test_task_table_and_lambda_zero_equals_base(task_run):
     work, _ = task_run
     s = pl.read_csv(work / "results/tables/task_summary.csv")
-    assert sorted(s["task"]) == sorted(tasks.synthetic_tasks())
+    assert sorted(s["task"]) == sorted(registry.synthetic_tasks())
     assert set(s["category"]) == {"memory", "reasoning"} and (s["n"] > 10).all()
     assert ((s["delta"] - (s["knn"] - s["base"])).abs() < 1e-12).all()
     assert (s["best"] >= s["knn"] - 1e-12).all() and (s["chosen_on"] == "perplexity on valid").all()
     ppl = pl.read_csv(work / "results/tables/perplexity_summary.csv").row(0, named=True)
     assert (s["lambda"] == ppl["lambda"]).all() and (s["k"] == ppl["k"]).all()
-    for t in tasks.synthetic_tasks():
+    for t in registry.synthetic_tasks():
         sw = pl.read_parquet(work / f"results/tasks/micro/{t}/sweep.parquet")
         assert sw.height == 3 * 3 * 2  # the micro grid
         at0 = sw.filter(pl.col("lambda") == 0.0)
@@ -401,11 +420,19 @@ def test_task_table_and_lambda_zero_equals_base(task_run):
         assert preds["knn_score"].mean() == pytest.approx(row["knn"])
 
 
+@pytest.mark.slow
 def test_task_figure_and_qualitative_table(task_run):
     work, _ = task_run
     assert (work / "results/figures/task_delta/micro.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the figure's rows: Δ per task with its bootstrap interval, the summary's Δ at the chosen point
+    delta = pl.read_csv(work / "results/tables/task_delta/micro.csv")
+    summary = pl.read_csv(work / "results/tables/task_summary.csv")
+    assert sorted(delta["task"]) == sorted(registry.synthetic_tasks())
+    assert ((delta["lo"] <= delta["delta"] + 1e-12) & (delta["delta"] <= delta["hi"] + 1e-12)).all()
+    for r in delta.iter_rows(named=True):
+        assert r["delta"] == pytest.approx(summary.filter(pl.col("task") == r["task"])["delta"][0])
     ex = pl.read_csv(work / "results/tables/task_examples/micro.csv")
-    assert ex.columns == list(task_eval.EXAMPLE_COLUMNS)
+    assert ex.columns == list(evaluate.EXAMPLE_COLUMNS)
     preds = pl.concat([pl.read_parquet(work / f"results/tasks/micro/{t}/predictions.parquet")
                        for t in ("synth_twohop", "synth_arithmetic")])
     wins = preds.filter(pl.col("knn_score") > pl.col("base_score"))
@@ -427,10 +454,11 @@ def test_paper1_preset_builds_its_whole_dag_offline(tmp_path):
     runs = sum(len(v) for v in cfg["tasks"]["evaluate"].values())
     assert jobs["model_identity"] == 3 and jobs["extract_keys"] == n_shards
     assert jobs["score_task"] == jobs["task_sweep"] == runs == 6 * 20
-    assert jobs["load_task"] == 20 and jobs["figure_tasks"] == 6
+    assert jobs["load_task"] == 20 and jobs["task_delta"] == jobs["figure_tasks"] == 6
     assert "train_lm" not in jobs and "task_suite" not in jobs
 
 
+@pytest.mark.slow
 def test_scored_cache_is_consistent_with_the_datastore(task_run):
     work, _ = task_run
     d = work / "results/tasks/micro/synth_recall"

@@ -203,7 +203,7 @@ def _top_parser(steps) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="step", metavar="<step>", required=True)
     for name, (mod, _, doc) in sorted(steps.items()):
-        sub.add_parser(name, help=f"{doc} [{mod or NAME}]", add_help=False)
+        sub.add_parser(name, help=f"{doc} [{mod or NAME}]".replace("%", "%%"), add_help=False)
     return parser
 
 

@@ -1,0 +1,101 @@
+"""The rules and the steps agree: a dry run of a DAG with every rule prints each job's shell command, and each
+command parses with its step's own parser (workflow_scripts/cli.py), so every flag a rule passes is an argument
+of the step and no required argument is missing. Nothing runs; a few seconds."""
+
+import contextlib
+import copy
+import importlib
+import io
+import json
+import re
+import shlex
+
+import pytest
+import yaml
+from conftest import ROOT, job_stats, load_test_config, snakemake
+
+from workflow_scripts import cli
+from workflow_scripts.tasks import registry
+
+STEP_RULE = re.compile(
+    r"^rule (\w+):\n(?:(?:    .*)?\n)*?    shell:\n(?:        .*\n)*?\s+\"python -m workflow_scripts ", re.M
+)
+
+
+def _rules_running_steps() -> set[str]:
+    """The rules whose shell command runs a step, read from rules/*.smk."""
+    return {m[1] for f in sorted((ROOT / "rules").glob("*.smk")) for m in STEP_RULE.finditer(f.read_text())}
+
+
+def _everything_config(tmp_path) -> dict:
+    """tests/configs/analyses.yaml plus the synthetic task suite, a local generate task (scored with the
+    perplexity summary), a hub model (model_identity, tokenize with its model.json) with a datastore and a hub
+    task on it, and the micro model trained in chunks: every rule of the workflow gets a job."""
+    cfg = load_test_config("analyses")
+    local = tmp_path / "mine.jsonl"
+    local.write_text((ROOT / "tests/fixtures/tasks/gsm8k.jsonl").read_text())
+    mine = copy.deepcopy(registry.registry()["gsm8k"])
+    mine["source"] = {"type": "local", "path": str(local)}
+    cfg["tasks"] = {
+        "evaluate": {"micro": [*registry.synthetic_tasks(), "mine"], "hub": ["sst2"]},
+        "synthetic": {"corpus": "micro", "n_items": 40},
+        "custom": {"mine": mine},
+    }
+    cfg["models"]["hubby"] = {"source": "hub", "path": "gpt2"}
+    cfg["datastores"]["hub"] = {"model": "hubby", "corpus": "micro", "split": "train", "shards": 1}
+    cfg["models"]["micro-gpt2"]["train"]["chunk_steps"] = 10
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("rule_commands")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_everything_config(tmp_path)))
+    proc = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "config.yaml"), "--", "all",
+                     "results_doc")
+    return proc.stdout
+
+
+def _commands(output: str) -> list[list[str]]:
+    """Each printed `python -m workflow_scripts <step> ...` command as argv, without its `2> log`."""
+    out = []
+    for line in output.splitlines():
+        i = line.find("python -m workflow_scripts ")
+        if i >= 0:
+            argv = shlex.split(line[i:])
+            out.append(argv[: argv.index("2>")] if "2>" in argv else argv)
+    return out
+
+
+def test_the_dry_run_has_a_job_of_every_rule_that_runs_a_step(dry_run):
+    rules = _rules_running_steps()
+    assert {"corpus", "train_lm", "train_lm_chunk", "model_identity", "sweep", "score_task", "macondo_eval",
+            "hurdle", "figure_projection", "figure_mlp", "paper2_comparison"} <= rules
+    assert rules - set(job_stats(dry_run)) == set()
+
+
+def test_every_rule_command_parses_with_its_step(dry_run):
+    steps = cli.find_steps()
+    commands = _commands(dry_run)
+    assert len(commands) == sum(n for r, n in job_stats(dry_run).items() if r in _rules_running_steps())
+    problems, seen = [], set()
+    for argv in commands:
+        assert argv[:3] == ["python", "-m", "workflow_scripts"], argv
+        name = argv[3]
+        if name not in steps:
+            problems.append(f"{name}: no such step")
+            continue
+        mod, func, _ = steps[name]
+        fn = getattr(importlib.import_module(f"workflow_scripts.{mod}" if mod else "workflow_scripts"), func)
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                args = vars(cli.parser_for(fn).parse_args(argv[4:]))
+        except SystemExit:
+            problems.append(f"{name}: {err.getvalue().strip().splitlines()[-1]}\n    {shlex.join(argv)}")
+            continue
+        if "params" in args:
+            assert isinstance(json.loads(args["params"]), dict), argv
+        seen.add(name)
+    assert problems == []
+    assert {"train-lm", "tokenize", "load-task", "score-task", "task-suite", "results-doc"} <= seen
