@@ -107,6 +107,15 @@ def train_inputs(wildcards):
 
 
 CHUNKED = [m for m in TRAINED if len(train_chunks(m)) > 1]
+# every model trained here is trained, but one only the MLP hurdle names: it gives the hurdle its shape and
+# tokenizer (App. E trains its LMs from scratch)
+_analyses = config.get("analyses") or {}
+_hurdle_only = (
+    {(_analyses.get("hurdle") or {}).get("model")}
+    - {d["model"] for d in DATASTORES.values()}
+    - {(_analyses.get("macondo") or {}).get("model")}
+)
+TRAINED_AND_USED = [m for m in TRAINED if m not in _hurdle_only]
 
 
 def ds_tokens(ds):
@@ -254,7 +263,7 @@ def all_outputs():
         "results/tables/perplexity_summary.csv",
         "results/tables/stage_times.csv",
         *[f"results/figures/perplexity_vs_lambda/{e}__{d}.png" for e, d in SWEEPS],
-        *expand("results/models/{model}/loss.csv", model=TRAINED),
+        *expand("results/models/{model}/loss.csv", model=TRAINED_AND_USED),
         *task_outputs(),
         *analyses_outputs(),
     ]
@@ -263,6 +272,7 @@ def all_outputs():
 wildcard_constraints:
     ds=names_regex(DATASTORES),
     seed=r"\d+",
+    at=r"final|step\d+",
     evalset=names_regex(EVAL_SETS),
     split="train|valid|test",
     shard=r"\d{3}",
@@ -279,6 +289,8 @@ localrules:
     task_summary,
     figure_tasks,
     macondo_table,
+    macondo_curve,
+    figure_macondo_curve,
     hurdle_table,
     figure_projection,
     figure_mlp,
@@ -306,9 +318,16 @@ def analyses_outputs():
     }
     out = ["results/tables/paper2_comparison.csv"]
     out += [f"results/figures/{figs[k]}.png" for k in figs if ANALYSES.get(k)]
+    if MACONDO and MACONDO_CHECKPOINTS:
+        out.append("results/figures/macondo_curve.png")
     if HURDLE:
         out += [f"results/figures/hurdle_{d}.png" for d in ("macondo", "corpus")]
     return out
+
+
+MACONDO_CHECKPOINTS = sorted((MACONDO or {}).get("checkpoints", []))
+# what each Macondo seed is evaluated at: the fine-tuned model, and the checkpoints along its fine-tuning
+MACONDO_AT = ["final", *[f"step{s}" for s in MACONDO_CHECKPOINTS]]
 
 
 def macondo_dir(seed):
@@ -340,9 +359,10 @@ def hurdle_params(wildcards):
 
 def hurdle_data(wildcards):
     m = HURDLE["model"]
-    if wildcards.data == "macondo":
-        seed = (MACONDO or {"seeds": [0]})["seeds"][0]
-        return {"test": f"results/macondo/{m}/seed{seed}/data/test.parquet"}
+    if (
+        wildcards.data == "macondo"
+    ):  # each seed its own Macondo dataset (and its own initialisation)
+        return {"test": f"results/macondo/{m}/seed{wildcards.seed}/data/test.parquet"}
     return {"tokens": f"results/tokens/{m}/{MODELS[m]['train']['corpus']}/train.npy"}
 
 
@@ -403,6 +423,8 @@ def results_doc_inputs(wildcards):
         out["tasks"] = "results/tables/task_summary.csv"
     tables = {"macondo": "macondo", "projection": "projection", "mlp": "mlp_lm"}
     out |= {k: f"results/tables/{t}.csv" for k, t in tables.items() if ANALYSES.get(k)}
+    if MACONDO and MACONDO_CHECKPOINTS:
+        out["macondo_curve"] = "results/tables/macondo_curve.csv"
     if ANALYSES:
         out["comparison"] = "results/tables/paper2_comparison.csv"
     return out

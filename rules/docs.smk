@@ -15,7 +15,9 @@ rule results_doc:
     params:
         p=lambda w: as_json({"config": ", ".join(configfile_names())}),
         tables=lambda w, input: " ".join(
-            f"--{k} {input[k]}" for k in results_doc_inputs(w) if k != "perplexity"
+            f"--{k.replace('_', '-')} {input[k]}"
+            for k in results_doc_inputs(w)
+            if k != "perplexity"
         ),
     shell:
         "python -m workflow_scripts results-doc --params {params.p:q} --perplexity {input.perplexity} {params.tables}"

@@ -67,6 +67,27 @@ rule figure_macondo:
         "python -m workflow_scripts figure-macondo --table {input.table} --png {output.png} --pdf {output.pdf} 2> {log}"
 
 
+# Draws the Figure 1 analogue (paper 2, Macondo): log-likelihood over fine-tuning steps, perfect log(1/n).
+rule figure_macondo_curve:
+    input:
+        table="results/tables/macondo_curve.parquet",
+    output:
+        png=report(
+            "results/figures/macondo_curve.png",
+            caption="../report/macondo_curve.rst",
+            category="Paper 2",
+            subcategory="Macondo",
+        ),
+        pdf="results/figures/macondo_curve.pdf",
+    log:
+        "results/logs/figure_macondo_curve/macondo_curve.log",
+    conda:
+        "../envs/plotting.yaml"
+    shell:
+        "python -m workflow_scripts figure-macondo-curve --table {input.table} --png {output.png} --pdf {output.pdf}"
+        " 2> {log}"
+
+
 # Draws the hurdle curves (paper 2, Fig. 4 / Fig. 5 analogues) from their table.
 rule figure_hurdle:
     input:

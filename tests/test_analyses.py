@@ -10,7 +10,7 @@ import torch
 import transformers as tf
 from conftest import ROOT, job_stats, snakemake
 
-from workflow_scripts import datastore, knnlm
+from workflow_scripts import datastore, knnlm, lm
 from workflow_scripts.analyses import hurdle, projection
 from workflow_scripts.analyses import macondo as macondo_lm
 from workflow_scripts.analyses import mlp as mlp_lm
@@ -119,10 +119,34 @@ def _fake_cache(d, n, K, dim, vocab, rng):
     return arrays
 
 
+class WordTokenizer:
+    """A stand-in tokenizer: token i decodes to WORDS[i]; EOS (last id) ends a document."""
+
+    WORDS = ["The", " cat", " sat", ".", "\n", "A", " dog", " ran", "s", "<eos>"]
+    eos_token_id = len(WORDS) - 1
+
+    def decode(self, ids):
+        return "".join(self.WORDS[i] if i < len(self.WORDS) else f" w{i}" for i in ids)
+
+
+def test_word_count_and_word_level_perplexity_by_hand():
+    """"The cat sat." | EOS | "A dog ran" + "s" "\n" "\n": lines "The cat sat." (3 words) and "A dog rans" (3
+    words); the empty line counts nothing; one end-of-line token per line: 3 + 3 + 2 = 8 words."""
+    ids = [0, 1, 2, 3, 9, 5, 6, 7, 8, 4, 4]
+    assert lm.word_count(WordTokenizer(), ids) == 8
+    lp = np.log([0.5, 0.25, 0.125, 0.5, 0.9, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7])
+    assert knnlm.word_perplexity(lp, 8) == pytest.approx(np.exp(-lp.sum() / 8), rel=1e-12)
+    assert knnlm.word_perplexity(lp, len(lp)) == pytest.approx(knnlm.perplexity(lp), rel=1e-12)  # one word a token
+    with pytest.raises(ValueError, match="0 words"):
+        knnlm.word_perplexity(lp, 0)
+
+
 def test_mlp_lm_lambda_zero_is_the_lm_and_lambda_is_chosen_on_valid(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     W = torch.randn(20, 8)
     monkeypatch.setattr(mlp_lm, "output_weight", lambda _: W)
+    monkeypatch.setattr(mlp_lm.lm, "load_identity", lambda _: {})
+    monkeypatch.setattr(mlp_lm.lm, "load_tokenizer", lambda _: WordTokenizer())
     model, _ = mlp_lm.train(
         rng.normal(size=(200, 8)).astype(np.float16),
         rng.integers(0, 20, 200),
@@ -153,6 +177,11 @@ def test_mlp_lm_lambda_zero_is_the_lm_and_lambda_is_chosen_on_valid(tmp_path, mo
     test = df.filter(pl.col("eval_set") == "test")
     lm = test.filter(pl.col("model") == "LM")["ppl"][0]
     assert lm == pytest.approx(knnlm.perplexity(arrays["lm_logprob"]), rel=1e-12)
+    n_words = mlp_lm.lm.word_count(WordTokenizer(), arrays["targets"])
+    assert (test["n_words"] == n_words).all() and 0 < n_words
+    # word level: the same total NLL over the words, so word_ppl = ppl ** (tokens / words)
+    for r in test.iter_rows(named=True):
+        assert r["word_ppl"] == pytest.approx(r["ppl"] ** (r["n_tokens"] / n_words), rel=1e-9)
     assert test.filter((pl.col("model") == "MLP-LM") & (pl.col("lambda") == 0.0))["ppl"][0] == lm
     valid_mlp = df.filter((pl.col("eval_set") == "valid") & (pl.col("model") == "MLP-LM"))
     best = valid_mlp.sort("ppl")["lambda"][0]
@@ -209,12 +238,14 @@ def test_analyses_run_on_the_backbone_without_rebuilding_it(analyses_run):
     work, jobs = analyses_run
     assert jobs["train_lm"] == 1  # micro-long only: the backbone's model, datastore and caches are reused
     assert not {"extract_keys", "build_index", "retrieve"} & set(jobs)
-    for rule in ("macondo_finetune", "macondo_datastore", "macondo_mlp", "macondo_eval"):
-        assert jobs[rule] == 1
-    assert jobs["macondo_data"] == 2  # the hurdle (micro-gpt2) gets Macondo in its own tokenizer
-    assert jobs["hurdle"] == 4 and jobs["hurdle_table"] == 2 and jobs["projection"] == 1 and jobs["mlp_eval"] == 1
-    assert jobs["train_mlp"] == jobs["paper2_comparison"] == jobs["macondo_table"] == 1
-    assert jobs["figure_projection"] == jobs["figure_mlp"] == jobs["figure_macondo"] == 1 and jobs["figure_hurdle"] == 2
+    assert jobs["macondo_finetune"] == 1
+    for rule in ("macondo_datastore", "macondo_mlp", "macondo_eval"):
+        assert jobs[rule] == 3  # the fine-tuned model and checkpoints 0 and 5
+    assert jobs["macondo_data"] == 3  # the hurdle (micro-gpt2) gets Macondo in its own tokenizer, one per seed
+    assert jobs["hurdle"] == 8 and jobs["hurdle_table"] == 2 and jobs["projection"] == 1 and jobs["mlp_eval"] == 1
+    assert jobs["train_mlp"] == jobs["paper2_comparison"] == jobs["macondo_table"] == jobs["macondo_curve"] == 1
+    assert jobs["figure_projection"] == jobs["figure_mlp"] == jobs["figure_macondo"] == jobs["figure_hurdle"] / 2 == 1
+    assert jobs["figure_macondo_curve"] == 1
     again = snakemake(work, "-n", "--configfile", str(work / "config.yaml"))
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -222,14 +253,30 @@ def test_analyses_run_on_the_backbone_without_rebuilding_it(analyses_run):
 @pytest.mark.slow
 def test_analyses_tables(analyses_run):
     work, _ = analyses_run
-    scores = pl.read_parquet(work / "results/macondo/micro-long/seed0/scores.parquet")
+    scores = pl.read_parquet(work / "results/macondo/micro-long/seed0/final/scores.parquet")
     assert (scores["lm"] <= 0).all() and (scores["knn_lm"] <= 0).all() and (scores["n_tokens"] == 1).all()
     mac = pl.read_csv(work / "results/tables/macondo.csv")
-    assert mac.filter(pl.col("children") == "average")["lm"][0] == pytest.approx(scores["lm"].mean())
+    assert mac.filter(pl.col("children") == "item mean")["lm"][0] == pytest.approx(scores["lm"].mean())
+    groups = scores.group_by("n_children").agg(pl.col("lm").mean())["lm"]
+    assert mac.filter(pl.col("children") == "average")["lm"][0] == pytest.approx(groups.mean())
+    curve = pl.read_csv(work / "results/tables/macondo_curve.csv")
+    assert sorted(curve["step"].unique()) == [0, 5, 10]  # checkpoints 0 and 5 of 10 fine-tuning steps, the final
+    last = curve.filter((pl.col("step") == 10) & (pl.col("children") == "average"))["lm"][0]
+    assert last == pytest.approx(mac.filter(pl.col("children") == "average")["lm"][0])
+    step0 = pl.read_parquet(work / "results/macondo/micro-long/seed0/step0/scores.parquet")
+    assert not step0["lm"].equals(scores["lm"])  # the model before fine-tuning scores differently
     proj = pl.read_csv(work / "results/tables/projection.csv")
-    ppl = {(r["run"], r["space"]): r["ppl"] for r in proj.iter_rows(named=True)}
-    assert ppl[("kNN-LM", "-")] < ppl[("LM", "-")]
-    assert (proj.filter(pl.col("space") != "-")["kl"] < proj.filter(pl.col("run") == "LM")["kl"][0] + 1e-9).all()
+    assert proj["point"].unique(maintain_order=True).to_list()[0] == "given: λ=0.25, k=16, σ=1"
+    assert proj["point"].unique().str.starts_with("chosen on valid").sum() == 1
+    for _, sub in proj.group_by("point"):
+        ppl = {(r["run"], r["space"]): r["ppl"] for r in sub.iter_rows(named=True)}
+        assert ppl[("kNN-LM", "-")] < ppl[("LM", "-")]
+        assert (sub.filter(pl.col("space") != "-")["kl"] < sub.filter(pl.col("run") == "LM")["kl"][0] + 1e-9).all()
+    # the hurdle trains each seed on its own Macondo data
+    tests = [pl.read_parquet(work / f"results/macondo/micro-gpt2/seed{s}/data/test.parquet") for s in (0, 1)]
+    assert not tests[0].equals(tests[1])
+    h = [pl.read_parquet(work / f"results/analyses/hurdle/macondo/full_seed{s}.parquet") for s in (0, 1)]
+    assert not h[0]["children_loglik"].equals(h[1]["children_loglik"])
     mlp = pl.read_csv(work / "results/tables/mlp_lm.csv")
     lm = mlp.filter((pl.col("model") == "LM") & (pl.col("eval_set") == "test"))["ppl"][0]
     assert mlp.filter((pl.col("model") == "MLP-LM") & (pl.col("lambda") == 0.0) & (pl.col("eval_set") == "test"))[
@@ -238,16 +285,20 @@ def test_analyses_tables(analyses_run):
     assert 0 < mlp["storage_ratio"][0] < 1
     comp = pl.read_csv(work / "results/tables/paper2_comparison.csv")
     assert set(comp["experiment"]) == {"projection", "MLP replacement", "Macondo", "MLP hurdle"}
-    assert comp.filter(pl.col("quantity") == "perplexity: kNN-LM")["paper"][0] == 16.92
-    for name in ("macondo", "projection", "mlp_lm", "hurdle_macondo", "hurdle_corpus"):
+    knn = comp.filter(pl.col("quantity") == "word-level perplexity: kNN-LM")
+    assert knn["paper"].to_list() == [None, None]  # neither k 16 nor the chosen point is the paper's (k 1024)
+    for name in ("macondo", "macondo_curve", "projection", "mlp_lm", "hurdle_macondo", "hurdle_corpus"):
         assert (work / f"results/figures/{name}.png").stat().st_size > 1000
 
 
 def test_paper2_preset_builds_its_dag_offline(tmp_path):
-    """The paper-scale preset: WikiText-103 + a 16-layer LM trained in chunks, GPT-2 XL on Macondo, 5 seeds."""
+    """The paper-scale preset: WikiText-103 + a 16-layer LM trained in chunks, GPT-2 XL on Macondo, 5 seeds
+    evaluated at the fine-tuned model and Table 5's nine checkpoints, the hurdle in GPT-2 small's shape."""
     proc = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "experiments/paper2.yaml"))
     jobs = job_stats(proc.stdout)
-    assert jobs["macondo_finetune"] == jobs["macondo_eval"] == 5 and jobs["hurdle"] == 20
+    assert jobs["macondo_finetune"] == 5 and jobs["macondo_eval"] == jobs["macondo_mlp"] == 5 * 10
+    assert jobs["hurdle"] == 20 and jobs["macondo_data"] == 5 + 5  # GPT-2 XL's and the hurdle's tokenizer, per seed
+    assert jobs["train_tokenizer"] == 2  # wt103-16l and the hurdle's gpt2-small-shape, which is never trained
     assert jobs["train_lm_chunk"] == 7 and jobs["train_lm"] == 1 and jobs["extract_keys"] == 32
     assert jobs["projection"] == jobs["train_mlp"] == jobs["mlp_eval"] == jobs["paper2_comparison"] == 1
 
@@ -259,3 +310,121 @@ def test_report_holds_the_paper2_tables_and_figures(analyses_run):
     html = (work / "report.html").read_text(errors="replace")
     for name in ("paper2_comparison.csv", "macondo.png", "projection.png", "mlp_lm.png", "hurdle_corpus.png"):
         assert name in html
+
+
+# ------------------------------------------------------------------------------------------ Macondo tables
+def _scores(path, seed, at, rows):
+    """A scores file as macondo_eval writes it: one row per test item (n_children, lm, knn_lm, ...)."""
+    cols = {c: [r[1] + i for r in rows] for i, c in enumerate(("lm", "knn_lm", "knn_lm_literal", "mlp_lm"))}
+    df = pl.DataFrame({"villager": [f"v{i}" for i in range(len(rows))], "child": "c",
+                       "n_children": [r[0] for r in rows], "seed": seed, "at": at, **cols, "n_tokens": 1})
+    df.write_parquet(path)
+    return path
+
+
+def test_macondo_average_is_the_mean_of_the_group_means(tmp_path):
+    """Paper 2's Table 5 average is the plain mean of the five per-number-of-children means; the mean over
+    items weighs parents with more children more. Hand-computed on five groups of unequal size."""
+    rows = [(1, -1.0), (2, -2.0), (2, -4.0), (3, -3.0), (3, -3.0), (3, -6.0), (4, -4.0), (5, -5.0), (5, -7.0)]
+    f = _scores(tmp_path / "s0.parquet", 0, "final", rows)
+    t = macondo_lm.table([f])
+    group_means = [-1.0, -3.0, -4.0, -4.0, -6.0]
+    by = {r["children"]: r for r in t.iter_rows(named=True)}
+    assert [by[str(n)]["lm"] for n in range(1, 6)] == group_means
+    assert by["average"]["lm"] == pytest.approx(sum(group_means) / 5)  # -3.6
+    assert by["item mean"]["lm"] == pytest.approx(sum(v for _, v in rows) / len(rows))  # -35/9
+    assert by["average"]["knn_lm"] == pytest.approx(-3.6 + 1)  # every column the same way
+    assert by["average"]["perfect"] == pytest.approx(-np.mean(np.log([1, 2, 3, 4, 5])))
+    assert by["average"]["n_children"] is None and by["3"]["n_children"] == 3
+
+
+def test_macondo_table_over_seeds_and_curve_over_steps(tmp_path):
+    files = []
+    for seed in (0, 1):
+        for at, shift in (("step0", -5.0), ("step4", -2.0), ("final", 0.0)):
+            rows = [(1, shift - 1 - seed), (2, shift - 2 - seed), (2, shift - 2 - seed)]
+            files.append(_scores(tmp_path / f"{seed}_{at}.parquet", seed, at, rows))
+        pl.DataFrame({"step": [0, 5, 9], "train_loss": [3.0, 2.0, 1.0], "seed": seed}).write_parquet(
+            tmp_path / f"loss{seed}.parquet"
+        )
+    final = macondo_lm.table([f for f in files if "final" in f.name])
+    one = final.filter(pl.col("children") == "1").row(0, named=True)
+    assert one["lm"] == pytest.approx(-1.5) and one["lm_std"] == pytest.approx(np.std([-1, -2], ddof=1))
+    assert one["seeds"] == 2
+    curve = macondo_lm.curve(files, [tmp_path / "loss0.parquet", tmp_path / "loss1.parquet"])
+    assert sorted(curve["step"].unique()) == [0, 4, 10]  # "final" is the fine-tuning's step count: last logged + 1
+    at0 = curve.filter((pl.col("step") == 0) & (pl.col("children") == "average"))["lm"][0]
+    assert at0 == pytest.approx(np.mean([-5 - 1 - 0.5, -5 - 2 - 0.5]))  # mean over seeds of (g1 + g2) / 2
+    assert "item mean" not in curve["children"].to_list()
+
+
+def test_comparison_matches_each_projection_run_to_the_paper_setting_only(tmp_path):
+    from workflow_scripts.analyses import compare
+
+    def rows(point, lam, k, sigma):
+        base = {"point": point, "n_positions": 8, "n_words": 6, "lambda": lam, "k": k, "sigma": sigma}
+        out = [{"run": "LM", "space": "-", "ppl": 30.0, "word_ppl": 40.0, "kl": 0.5, **base},
+               {"run": "kNN-LM", "space": "-", "ppl": 20.0, "word_ppl": 25.0, "kl": 0.0, **base}]
+        for lr, tol, steps in ((0.1, 0.001, 1000), (0.1, 1e-5, 1000), (0.001, 0.0, 100)):
+            for space in ("f", "f∘g"):
+                out.append({"run": f"p_proj lr={lr:g} tol={tol:g}", "space": space, "ppl": 21.0, "word_ppl": 26.0,
+                            "kl": 0.01, "lr": lr, "tol": tol, "max_steps": steps, **base})
+        return out
+
+    df = pl.DataFrame(rows("paper", 0.25, 1024, 1.0) + rows("literal", 0.75, 1024, 1.0) + rows("chosen", 0.3, 256, 3.0),
+                      infer_schema_length=None)
+    df.write_parquet(tmp_path / "proj.parquet")
+    out = compare.comparison(tmp_path / "c.csv", tmp_path / "c.parquet", projection=tmp_path / "proj.parquet")
+    P = compare.paper()["projection"]
+
+    def paper_numbers(point):
+        sub = out.filter(pl.col("our_setup").str.contains(point))
+        return dict(zip(sub["quantity"], sub["paper"], strict=True))
+
+    for point in ("paper", "literal"):
+        got = paper_numbers(point)
+        assert got["word-level perplexity: LM"] == P["LM"] and got["word-level perplexity: kNN-LM"] == P["kNN-LM"]
+        assert got["word-level perplexity of p_proj: p_proj lr=0.1 tol=0.001, f"] == 16.76
+        assert got["word-level perplexity of p_proj: p_proj lr=0.001 tol=0, f∘g"] == 19.97
+        assert got["word-level perplexity of p_proj: p_proj lr=0.1 tol=1e-05, f"] is None  # no such run in the paper
+    assert "our reading" in out.filter(pl.col("our_setup").str.contains("paper"))["our_setup"][0]
+    assert "read literally" in out.filter(pl.col("our_setup").str.contains("literal"))["our_setup"][0]
+    assert all(v is None for v in paper_numbers("chosen").values())  # not the paper's point
+    ours = out.filter(pl.col("quantity") == "word-level perplexity: kNN-LM")["ours"].to_list()
+    assert ours == [25.0, 25.0, 25.0]  # word level, not the token-level 20.0
+
+
+def test_finetune_checkpoints_do_not_change_the_fine_tuned_model(tmp_path):
+    """Saving (and describing) checkpoints along the way leaves training's weights and RNG untouched: the final
+    model is the same with and without them, with dropout on so that any draw from the RNG would show."""
+    from workflow_scripts.lm import bpe_tokenizer, save_model, write_identity
+
+    texts = [f"Person{i}, who lived in Town{i % 3}, is the parent of Kid{i}" for i in range(12)]
+    tok = bpe_tokenizer(texts, 120)
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=len(tok), n_positions=96, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.3,
+                        embd_pdrop=0.3, attn_pdrop=0.3, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    save_model(tf.GPT2LMHeadModel(cfg), tok, tmp_path / "base")
+    write_identity({"source": "local", "path": str(tmp_path / "base")}, tmp_path / "base.json", device="cpu")
+    pl.DataFrame({"text": texts}).write_parquet(tmp_path / "train.parquet")
+    p = {"epochs": 2, "lr": 1e-3, "batch_size": 4, "warmup_fraction": 0.0, "weight_decay": 0.0}
+    idents = {}
+    for name, ckpts in (("plain", None), ("ckpt", {0: None, 3: None})):
+        d = tmp_path / name
+        ckpts = {s: (d / f"step{s}", d / f"step{s}.json") for s in ckpts} if ckpts else None
+        idents[name] = macondo_lm.finetune(tmp_path / "base.json", tmp_path / "train.parquet", p, 7, d / "hf",
+                                           d / "model.json", d / "loss.csv", d / "loss.parquet", 1, ckpts)
+    assert idents["plain"]["model_sha256"] == idents["ckpt"]["model_sha256"]
+    step0 = (tmp_path / "ckpt/step0.json").read_text()
+    assert read_json_sha(tmp_path / "ckpt/step0.json") == read_json_sha(tmp_path / "base.json")  # before any update
+    assert read_json_sha(tmp_path / "ckpt/step3.json") not in (idents["plain"]["model_sha256"], step0)
+    with pytest.raises(ValueError, match=r"checkpoints \[6\]: fine-tuning runs steps 0..5 only"):
+        macondo_lm.finetune(tmp_path / "base.json", tmp_path / "train.parquet", p, 7, tmp_path / "x/hf",
+                            tmp_path / "x/m.json", tmp_path / "x/l.csv", tmp_path / "x/l.parquet", 1,
+                            {6: (tmp_path / "x/s", tmp_path / "x/s.json")})
+
+
+def read_json_sha(path):
+    import json
+
+    return json.loads(path.read_text())["model_sha256"]

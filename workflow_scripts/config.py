@@ -128,6 +128,12 @@ def _cross_check(c: dict) -> None:
             need("datastores", a[key]["datastore"], f"analyses.{key}.datastore")
     if "projection" in a:
         need("eval_sets", a["projection"]["eval_set"], "analyses.projection.eval_set")
+        for i, point in enumerate(a["projection"]["points"]):
+            if point != "chosen" and point["k"] > sw["k_max"]:
+                raise ConfigError(
+                    f"config key analyses.projection.points.{i}.k: {point['k']} exceeds sweep.k_max = {sw['k_max']}, "
+                    "the neighbours retrieval caches"
+                )
 
 
 def chunk_bounds(steps: int, chunk_steps: int | None) -> list[tuple[int, int]]:

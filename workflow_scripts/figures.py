@@ -81,10 +81,10 @@ def task_delta(table, title: str, png, pdf) -> None:
 def macondo(table, png, pdf) -> None:
     """Log-likelihood of the child's name by number of children (mean ± std over seeds), perfect log(1/n)."""
     table = pl.read_parquet(table)
-    rows = table.filter(pl.col("n_children") > 0)
+    rows = table.filter(pl.col("n_children").is_not_null())
     fig, ax = plt.subplots(figsize=(6, 4))
     x = rows["n_children"].to_numpy()
-    for (c, name), style in zip(VARIANTS.items(), ("-o", ":s", "--^"), strict=True):
+    for (c, name), style in zip(VARIANTS.items(), ("-o", ":s", ":v", "--^"), strict=True):
         ax.errorbar(
             x, rows[c].to_numpy(), yerr=np.nan_to_num(rows[f"{c}_std"].to_numpy()), fmt=style, capsize=3, label=name
         )
@@ -94,6 +94,27 @@ def macondo(table, png, pdf) -> None:
     ax.set_title(f"Macondo test set (mean ± std over {int(table['seeds'].max())} seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    save(fig, png, pdf)
+
+
+def macondo_curve(table, png, pdf) -> None:
+    """Figure 1 analogue: log-likelihood of the child's name over fine-tuning steps, one line per number of
+    children, one panel per variant; the perfect log(1/n) as horizontal lines of the same colour."""
+    df = pl.read_parquet(table).filter(pl.col("n_children").is_not_null())
+    groups = sorted(df["n_children"].unique())
+    fig, axes = plt.subplots(1, len(VARIANTS), figsize=(3.6 * len(VARIANTS), 3.6), sharey=True)
+    for ax, (c, name) in zip(axes, VARIANTS.items(), strict=True):
+        for i, n in enumerate(groups):
+            sub = df.filter(pl.col("n_children") == n).sort("step")
+            ax.plot(sub["step"], sub[c], "-o", ms=3, color=f"C{i}", label=f"{n} children")
+            ax.axhline(sub["perfect"][0], color=f"C{i}", ls=":", lw=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("fine-tuning step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("log-likelihood of the child's name")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Macondo test set over fine-tuning (mean over {int(df['seeds'].max())} seeds; dotted: perfect)")
+    fig.tight_layout()
     save(fig, png, pdf)
 
 
@@ -132,6 +153,12 @@ def figure_macondo(table: Path, png: Path, pdf: Path) -> None:
 
 
 @step
+def figure_macondo_curve(table: Path, png: Path, pdf: Path) -> None:
+    """Draw the Figure 1 analogue (log-likelihood over fine-tuning steps, perfect log(1/n)) from its table."""
+    macondo_curve(table, png, pdf)
+
+
+@step
 def figure_hurdle(params: dict, table: Path, png: Path, pdf: Path) -> None:
     """Draw the hurdle curves (Fig. 4 / Fig. 5 analogues) from their table."""
     hurdle(table, params["column"], params["title"], png, pdf)
@@ -139,21 +166,24 @@ def figure_hurdle(params: dict, table: Path, png: Path, pdf: Path) -> None:
 
 @step
 def figure_projection(table: Path, png: Path, pdf: Path) -> None:
-    """Draw the Eq. 2 projection figure from its table."""
+    """Draw the Eq. 2 projection figure from its table: one panel per projected kNN-LM point."""
     df = pl.read_parquet(table)
-    labels = [f"{r['run']}\n{r['space']}" if r["space"] != "-" else r["run"] for r in df.iter_rows(named=True)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
-    bars = ax.bar(range(len(labels)), df["ppl"].to_list(), color=["grey", "C0"] + ["C2"] * (len(labels) - 2))
-    for b, kl in zip(bars, df["kl"].to_list(), strict=True):
-        ax.annotate(
-            f"KL {kl:.3f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7
-        )
-    ax.set_xticks(range(len(labels)), labels, fontsize=7)
-    ax.set_ylabel("perplexity")
-    r = df.row(0, named=True)
-    ax.set_title(
-        f"Eq. 2 projection of p_knnlm (λ={r['lambda']:g}, k={r['k']}, σ={r['sigma']:g}), {r['n_positions']} positions"
-    )
+    points = df["point"].unique(maintain_order=True).to_list()
+    n = df.filter(pl.col("point") == points[0]).height
+    fig, axes = plt.subplots(len(points), 1, figsize=(max(6, 1.1 * n), 3.2 * len(points)), squeeze=False)
+    for ax, point in zip(axes[:, 0], points, strict=True):
+        sub = df.filter(pl.col("point") == point)
+        labels = [f"{r['run']}\n{r['space']}" if r["space"] != "-" else r["run"] for r in sub.iter_rows(named=True)]
+        bars = ax.bar(range(len(labels)), sub["ppl"].to_list(), color=["grey", "C0"] + ["C2"] * (len(labels) - 2))
+        for b, kl in zip(bars, sub["kl"].to_list(), strict=True):
+            ax.annotate(
+                f"KL {kl:.3f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7
+            )
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_ylabel("perplexity (tokens)")
+        ax.set_title(f"p_knnlm at {point}; {sub['n_positions'][0]} positions", fontsize=9)
+    fig.suptitle("Eq. 2: projection of p_knnlm onto the output space of f and f∘g")
+    fig.tight_layout()
     save(fig, png, pdf)
 
 

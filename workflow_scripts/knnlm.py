@@ -13,8 +13,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
-# the LM variants paper 2 scores side by side: column name -> name in tables and figures
-VARIANTS = {"lm": "LM", "knn_lm": "kNN-LM", "mlp_lm": "MLP-LM"}
+# the LM variants paper 2 scores side by side: column name -> name in tables and figures. "knn_lm" weighs p_knn
+# by λ (our reading of paper 2's λ, the kNN-LM literature's); "knn_lm_literal" by 1 − λ (its Eq. 1 read literally,
+# λ on p_lm): both rescore the same neighbours.
+VARIANTS = {"lm": "LM", "knn_lm": "kNN-LM", "knn_lm_literal": "kNN-LM (λ on p_lm)", "mlp_lm": "MLP-LM"}
 
 
 def _check(dists: np.ndarray, vals: np.ndarray, k: int) -> None:
@@ -90,6 +92,14 @@ def interpolate(lm_logprob, knn_logprob, lam: float):
 
 def perplexity(logprobs) -> float:
     return float(np.exp(-np.mean(np.asarray(logprobs, dtype=np.float64))))
+
+
+def word_perplexity(logprobs, n_words: int) -> float:
+    """Word-level perplexity of token log-probabilities: the total NLL divided by the number of words the tokens
+    spell (``lm.word_count``), so that a BPE model's number can be set beside a word-level one (WikiText-103)."""
+    if n_words <= 0:
+        raise ValueError(f"word perplexity over {n_words} words")
+    return float(np.exp(-np.sum(np.asarray(logprobs, dtype=np.float64)) / n_words))
 
 
 def sweep(dists, vals, targets, lm_logprob, lambdas, ks, sigmas) -> list[dict]:

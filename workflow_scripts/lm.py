@@ -67,6 +67,23 @@ def train_tokenizer(train_parquet, vocab_size: int, outdir) -> None:
     _save_dir_atomically(outdir, fast.save_pretrained)
 
 
+def word_count(tokenizer, ids) -> int:
+    """The words the token ids spell, counted as word-level perplexity counts them on WikiText-103: the
+    whitespace-separated words of each non-empty line, plus one per line (its end-of-line token). The end of a
+    document (the EOS token) ends a line. On raw text this approximates the official word-level count, which
+    is over pre-tokenized text (where "high-quality" is three words)."""
+    eos, segments, cur = tokenizer.eos_token_id, [], []
+    for i in map(int, ids):
+        if i == eos:
+            segments.append(cur)
+            cur = []
+        else:
+            cur.append(i)
+    segments.append(cur)
+    lines = [line for seg in segments for line in tokenizer.decode(seg).split("\n") if line.strip()]
+    return sum(len(line.split()) for line in lines) + len(lines)
+
+
 def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
@@ -204,6 +221,7 @@ def fit(
     desc: str,
     on_log=None,
     *,
+    on_step=None,
     start: int = 0,
     stop: int | None = None,
     state: dict | None = None,
@@ -214,6 +232,8 @@ def fit(
     aligned with the inputs and -100 where no loss is taken. ``cfg``: steps, lr, warmup_fraction, weight_decay,
     log_every, optional betas and schedule. Every ``log_every`` steps (and at the last) a row with the step,
     tokens seen, train loss, lr and seconds is logged; ``on_log(step, model)`` may add columns to it.
+    ``on_step(step, model)`` is called before each step's update (step 0: the model as given), e.g. to save
+    checkpoints; it must not change the model or the random state.
 
     Training in chunks: ``start``/``stop`` run only steps ``[start, stop)`` of the ``cfg["steps"]`` schedule, and
     ``state`` (a dict carried from one chunk to the next) holds the optimizer state, the tokens seen and the
@@ -239,6 +259,8 @@ def fit(
     model.train()
     bar = tqdm(range(start, stop), desc=desc, mininterval=10)
     for it in bar:
+        if on_step is not None:
+            on_step(it, model)
         for g in opt.param_groups:
             g["lr"] = lr_at(it)
         x, y, *mask = next_batch(it)
@@ -442,6 +464,15 @@ def load_tokenizer(ident: dict):
     )
 
 
+def tokenizer_of(tokenizer_dir=None, model_json=None):
+    """A tokenizer trained here (its directory, before its model exists) or the one of a described model."""
+    from transformers import AutoTokenizer
+
+    if (tokenizer_dir is None) == (model_json is None):
+        raise ValueError("give exactly one of --tokenizer-dir and --model-json")
+    return AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else load_tokenizer(load_identity(model_json))
+
+
 # --------------------------------------------------------------------------------------------- steps
 @step
 def tokenizer(params: dict, train: Path, tokenizer_dir: Path) -> None:
@@ -453,12 +484,7 @@ def tokenizer(params: dict, train: Path, tokenizer_dir: Path) -> None:
 def tokenize(parquet: Path, out: Path, tokenizer_dir: Path | None = None, model_json: Path | None = None) -> None:
     """Encode a corpus split into one int32 token stream (documents joined by EOS), with the tokenizer trained
     here (--tokenizer-dir) or the one of the model a model.json describes."""
-    from transformers import AutoTokenizer
-
-    if (tokenizer_dir is None) == (model_json is None):
-        raise ValueError("tokenize: give exactly one of --tokenizer-dir and --model-json")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else load_tokenizer(load_identity(model_json))
-    tokenize_split(tok, parquet, out)
+    tokenize_split(tokenizer_of(tokenizer_dir, model_json), parquet, out)
 
 
 @step

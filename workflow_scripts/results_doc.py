@@ -47,15 +47,19 @@ SECTIONS = {
     ),
     "macondo": (
         "Paper 2: Macondo, mean log-likelihood of the child's name by number of children (mean over seeds)",
-        lambda df: df.select("children", "lm", "knn_lm", "mlp_lm", "perfect", "seeds"),
+        lambda df: df.select("children", "lm", "knn_lm", "knn_lm_literal", "mlp_lm", "perfect", "seeds"),
+    ),
+    "macondo_curve": (
+        "Paper 2: Macondo over fine-tuning steps (mean over seeds)",
+        lambda df: df.select("step", "children", "lm", "knn_lm", "knn_lm_literal", "mlp_lm", "perfect"),
     ),
     "projection": (
         "Paper 2: Eq. 2 projection",
-        lambda df: df.select("run", "space", "lambda", "k", "sigma", "n_positions", "ppl", "kl"),
+        lambda df: df.select("point", "run", "space", "n_positions", "ppl", "word_ppl", "kl"),
     ),
     "mlp": (
         "Paper 2: MLP in place of kNN retrieval (perplexity)",
-        lambda df: df.select("eval_set", "model", "lambda", "ppl", "chosen", "storage_ratio"),
+        lambda df: df.select("eval_set", "model", "lambda", "ppl", "word_ppl", "chosen", "storage_ratio"),
     ),
     "comparison": (
         "Paper 2: ours beside the paper's",
@@ -83,11 +87,13 @@ def results_doc(
     perplexity: Path,
     tasks: Path | None = None,
     macondo: Path | None = None,
+    macondo_curve: Path | None = None,
     projection: Path | None = None,
     mlp: Path | None = None,
     comparison: Path | None = None,
 ) -> None:
     """Write the markdown page of the run's result tables that the docs quote (docs/results.md)."""
-    given = {"perplexity": perplexity, "tasks": tasks, "macondo": macondo, "projection": projection, "mlp": mlp}
+    given = {"perplexity": perplexity, "tasks": tasks, "macondo": macondo, "macondo_curve": macondo_curve}
+    given |= {"projection": projection, "mlp": mlp}
     given["comparison"] = comparison
     write({k: v for k, v in given.items() if v is not None}, params.get("config", "config.yaml"), out)

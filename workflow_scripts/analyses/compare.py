@@ -23,6 +23,24 @@ def paper() -> dict:
     return yaml.safe_load(PAPER.read_text())
 
 
+def projection_reading(row: dict, paper_point: dict) -> str:
+    """Which reading of the paper's λ a projected point is, or "" when it is not the paper's (k, σ, λ)."""
+    if row["k"] != paper_point["k"] or not math.isclose(row["sigma"], paper_point["sigma"]):
+        return ""
+    if math.isclose(row["lambda"], paper_point["lambda"]):
+        return f"the paper's λ = {paper_point['lambda']:g} on p_knn: our reading"
+    if math.isclose(row["lambda"], 1 - paper_point["lambda"]):
+        return f"the paper's λ = {paper_point['lambda']:g} on p_lm: Eq. 1 read literally"
+    return ""
+
+
+def same_run(paper_run: dict, row: dict) -> bool:
+    """Our projection run has the paper's optimiser setting: lr and tol, and max_steps when tol is 0."""
+    if not (math.isclose(paper_run["lr"], row["lr"]) and math.isclose(paper_run["tol"], row["tol"])):
+        return False
+    return paper_run["tol"] > 0 or paper_run.get("max_steps") == row["max_steps"]
+
+
 # --------------------------------------------------------------------------------------------- side by side
 def comparison(
     csv,
@@ -51,31 +69,25 @@ def comparison(
 
     if projection:
         df = pl.read_parquet(projection)
-        get = {(r["run"], r["space"]): r for r in df.iter_rows(named=True)}
-        runs = [r for r in dict.fromkeys(df["run"]) if r.startswith("p_proj")]
-        s, ps = setups.get("projection", ""), P["projection"]["setup"]
-        add("projection", "perplexity: LM", get[("LM", "-")]["ppl"], s, P["projection"]["lr0.1"]["LM"], ps)
-        add("projection", "perplexity: kNN-LM", get[("kNN-LM", "-")]["ppl"], s, P["projection"]["lr0.1"]["kNN-LM"], ps)
-        for run in runs:
-            key = "lr0.001" if "lr=0.001" in run else "lr0.1" if "lr=0.1 " in run + " " else None
-            for space in ("f", "f∘g"):
-                ref = P["projection"].get(key, {}) if key else {}
-                add(
-                    "projection",
-                    f"perplexity of p_proj, {space}, {run}",
-                    get[(run, space)]["ppl"],
-                    s,
-                    ref.get(space),
-                    ps,
-                )
-                add(
-                    "projection",
-                    f"mean KL[p_proj || p_knnlm], {space}, {run}",
-                    get[(run, space)]["kl"],
-                    s,
-                    ref.get(f"kl_{space}"),
-                    ps,
-                )
+        s, PP = setups.get("projection", ""), P["projection"]
+        for point in df["point"].unique(maintain_order=True):
+            rows_p = df.filter(pl.col("point") == point)
+            r0 = rows_p.row(0, named=True)
+            reading = projection_reading(r0, PP["point"])
+            ps = PP["setup"] if reading else "not the paper's point: no paper number"
+            setup = f"{s}; {point}" + (f" ({reading})" if reading else "")
+            for r in rows_p.iter_rows(named=True):
+                if r["space"] == "-":
+                    theirs = PP.get(r["run"]) if reading else None
+                    add("projection", f"word-level perplexity: {r['run']}", r["word_ppl"], setup, theirs, ps)
+                    continue
+                ref = next((x for x in PP["runs"] if same_run(x, r)), None) if reading else None
+                their_setup = f"{PP['setup']}, {ref['table']}" if ref else "no paper number for this setting"
+                quantity = f"{r['run']}, {r['space']}"
+                add("projection", f"word-level perplexity of p_proj: {quantity}", r["word_ppl"], setup,
+                    (ref or {}).get(r["space"]), their_setup)
+                add("projection", f"mean KL[p_proj || p_knnlm]: {quantity}", r["kl"], setup,
+                    (ref or {}).get(f"kl_{r['space']}"), their_setup)
     if mlp:
         df = pl.read_parquet(mlp).filter(pl.col("chosen") & (pl.col("eval_set") != pl.col("chosen_on")))
         if df.is_empty():
@@ -85,9 +97,9 @@ def comparison(
             name = "MLP-LM" if r["model"] == "MLP-LM" else r["model"].split(" ")[0]
             add(
                 "MLP replacement",
-                f"perplexity ({r['eval_set']}): {r['model']}"
+                f"word-level perplexity ({r['eval_set']}): {r['model']}"
                 + (f" λ={r['lambda']:g}" if r["model"] == "MLP-LM" else ""),
-                r["ppl"],
+                r["word_ppl"],
                 s,
                 P["mlp"]["wikitext"].get(name),
                 ps,
@@ -103,26 +115,25 @@ def comparison(
     if macondo:
         df = pl.read_parquet(macondo)
         s, ps = setups.get("macondo", ""), P["macondo"]["setup"]
+        paper_name = {"lm": "LM", "knn_lm": "kNN-LM", "knn_lm_literal": "kNN-LM"}  # the paper has one kNN-LM row
+        reading = {"knn_lm": " (λ on p_knn: our reading)", "knn_lm_literal": " (λ on p_lm: Eq. 1 read literally)"}
         for r in df.iter_rows(named=True):
-            ref = P["macondo"]["by_children"].get("average" if r["n_children"] == 0 else r["n_children"], {})
+            key = r["n_children"] if r["n_children"] is not None else r["children"]
+            ref = P["macondo"]["by_children"].get(key, {})  # no paper number for the item mean
+            label = f"{r['children']} children" if r["n_children"] is not None else r["children"]
             for c, name in VARIANTS.items():
-                add("Macondo", f"log-likelihood, {r['children']} children: {name}", r[c], s, ref.get(name), ps)
-            if r["n_children"]:
-                add(
-                    "Macondo",
-                    f"log-likelihood, {r['children']} children: perfect",
-                    r["perfect"],
-                    "log(1/n)",
-                    -math.log(r["n_children"]),
-                    "log(1/n)",
-                )
-        avg = df.filter(pl.col("n_children") == 0)
-        if not avg.is_empty():
+                theirs = ref.get(paper_name.get(c, ""))
+                add("Macondo", f"log-likelihood, {label}: {name}", r[c], s + reading.get(c, ""), theirs, ps)
+            if r["n_children"] is not None:
+                add("Macondo", f"log-likelihood, {label}: perfect", r["perfect"], "log(1/n)",
+                    -math.log(r["n_children"]), "log(1/n)")
+        items = df.filter(pl.col("children") == "item mean")
+        if not items.is_empty():
             for c in ("lm", "knn_lm", "mlp_lm"):  # Table 2's Macondo perplexity is of an unstated unit
                 add(
                     "Macondo",
-                    f"perplexity of the child's name: {VARIANTS[c]}",
-                    math.exp(-avg[c][0]),
+                    f"perplexity of the child's name (exp of minus the item mean): {VARIANTS[c]}",
+                    math.exp(-items[c][0]),
                     s,
                     P["mlp"]["macondo"].get(VARIANTS[c]),
                     "Table 2 (Macondo; the paper does not say over which tokens)",

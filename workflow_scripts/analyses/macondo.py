@@ -72,21 +72,39 @@ def sentence_batches(seqs: list[list[int]], batch: int, pad: int, rng):
     return next_batch
 
 
-def finetune(identity_json, train_parquet, p: dict, seed: int, outdir, model_json, loss_csv, loss_parquet, threads=1):
-    """Fine-tune the model of ``identity_json`` on the training sentences (epochs, lr, batch, warm-up from ``p``)."""
+def finetune(
+    identity_json, train_parquet, p: dict, seed: int, outdir, model_json, loss_csv, loss_parquet, threads=1,
+    checkpoints: dict | None = None,
+):
+    """Fine-tune the model of ``identity_json`` on the training sentences (epochs, lr, batch, warm-up from ``p``).
+    ``checkpoints``: {step: (hf dir, model.json)}, the model saved before that step's update (0: as given)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model, tok, _ = lm.load_checked(identity_json, device="cpu")
     seqs = encode_sentences(tok, pl.read_parquet(train_parquet)["text"].to_list(), max_positions(model))
     steps = p["epochs"] * math.ceil(len(seqs) / p["batch_size"])
+    checkpoints = checkpoints or {}
+    late = sorted(s for s in checkpoints if not 0 <= s < steps)
+    if late:
+        raise ValueError(f"analyses.macondo.checkpoints {late}: fine-tuning runs steps 0..{steps - 1} only")
+
+    def save(step, m):
+        if step in checkpoints:
+            rng = torch.get_rng_state()  # loading the copy back to describe it must not move training's RNG
+            hf, ident_json = checkpoints[step]
+            lm.save_model(m, tok, hf)
+            lm.write_identity({"source": "local", "path": str(hf)}, ident_json, device="cpu")
+            torch.set_rng_state(rng)
+
     cfg = {**p, "steps": steps, "log_every": max(1, steps // 50)}
     rows = lm.fit(
         model,
         sentence_batches(seqs, p["batch_size"], tok.eos_token_id, np.random.default_rng(seed)),
         cfg,
         f"finetune seed {seed}",
+        on_step=save,
     )
-    write_table(pl.DataFrame(rows), loss_csv, loss_parquet)
+    write_table(pl.DataFrame(rows).with_columns(pl.lit(seed).alias("seed")), loss_csv, loss_parquet)
     lm.save_model(model, tok, outdir)
     ident = lm.write_identity({"source": "local", "path": str(Path(outdir))}, model_json, device="cpu")
     log.info("fine-tuned %d steps on %d sentences; last loss %.3f", steps, len(seqs), rows[-1]["train_loss"])
@@ -121,7 +139,8 @@ def build_datastore(identity_json, train_parquet, manifest, index_path, index_me
 
 def evaluate(identity_json, manifest, index_path, index_meta, test_parquet, mlp_pt, mlp_json, p: dict, csv, parquet,
              threads: int = 1):
-    """log p(child | "[villager], is the parent of") per test item under the LM, kNN-LM and MLP-LM."""
+    """log p(child | "[villager], is the parent of") per test item under the LM, the kNN-LM (λ = knn.lambda on
+    p_knn, and 1 − λ: paper 2's λ read on p_lm) and the MLP-LM."""
     k, lam, sigma = p["knn"]["k"], p["knn"]["lambda"], p["knn"]["sigma"]
     model, tok, ident, ds, idx, imeta = open_retriever(
         identity_json,
@@ -154,8 +173,11 @@ def evaluate(identity_json, manifest, index_path, index_meta, test_parquet, mlp_
         return np.bincount(tok_item, weights=lp, minlength=len(seqs))
 
     df = test.select("villager", "child", "n_children").with_columns(
+        pl.lit(p["seed"]).alias("seed"),
+        pl.lit(p["at"]).alias("at"),
         pl.Series("lm", per_item(lm_lp)),
         pl.Series("knn_lm", per_item(knnlm.interpolate(lm_lp, knn, lam))),
+        pl.Series("knn_lm_literal", per_item(knnlm.interpolate(lm_lp, knn, 1 - lam))),
         pl.Series("mlp_lm", per_item(knnlm.interpolate(lm_lp, lp_mlp, p["mlp_lambda"]))),
         pl.Series("n_tokens", np.bincount(tok_item, minlength=len(seqs))),
     )
@@ -170,48 +192,67 @@ def evaluate(identity_json, manifest, index_path, index_meta, test_parquet, mlp_
 
 
 def table(score_files) -> pl.DataFrame:
-    """Mean log-likelihood of the children's names by number of children: mean and std over seeds (the seed
-    is read from each file's folder, ``seed<N>``); n_children 0 is the mean over items."""
+    """Mean log-likelihood of the children's names by number of children, then two averages: "average", the
+    plain mean of the per-number-of-children means (paper 2's Table 5 average), and "item mean", the mean over
+    test items (weighted towards parents with more children). Each row is computed per seed (each file is one
+    seed's scores), then its mean and std over seeds are reported. ``perfect``: log(1/n), averaged the same way."""
+    scores = [*knnlm.VARIANTS, "perfect"]
     per_seed = []
     for f in score_files:
-        df = pl.read_parquet(f)
-        seed = int(Path(f).parent.name.removeprefix("seed"))
-        g = df.group_by("n_children").agg([pl.col(c).mean() for c in knnlm.VARIANTS])
-        avg = df.select(pl.lit(0).alias("n_children"), *[pl.col(c).mean() for c in knnlm.VARIANTS])
+        df = pl.read_parquet(f).with_columns(perfect=-(pl.col("n_children").cast(pl.Float64).log()))
+        seed = df["seed"][0]
+        groups = df.group_by("n_children").agg([pl.col(c).mean() for c in scores]).sort("n_children")
+        rows = groups.with_columns(pl.col("n_children").cast(pl.Utf8).alias("children"))
+        average = groups.select(pl.lit("average").alias("children"), *[pl.col(c).mean() for c in scores])
+        items = df.select(pl.lit("item mean").alias("children"), *[pl.col(c).mean() for c in scores])
         per_seed.append(
-            pl.concat([g.sort("n_children"), avg], how="vertical_relaxed").with_columns(pl.lit(seed).alias("seed"))
+            pl.concat([rows, average, items], how="diagonal_relaxed").with_columns(pl.lit(seed).alias("seed"))
         )
     allseeds = pl.concat(per_seed)
+    order = {c: i for i, c in enumerate(allseeds["children"].unique(maintain_order=True))}
     return (
-        allseeds.group_by("n_children")
+        allseeds.group_by("children", maintain_order=True)
         .agg(
-            *[pl.col(c).mean().alias(c) for c in knnlm.VARIANTS],
+            pl.col("n_children").first(),
+            *[pl.col(c).mean().alias(c) for c in scores],
             *[pl.col(c).std().alias(f"{c}_std") for c in knnlm.VARIANTS],
             pl.len().alias("seeds"),
         )
-        .sort("n_children")
-        .with_columns(
-            pl.when(pl.col("n_children") > 0)
-            .then(-(pl.col("n_children").cast(pl.Float64).log()))
-            .otherwise(None)
-            .alias("perfect"),
-            pl.when(pl.col("n_children") > 0)
-            .then(pl.col("n_children").cast(pl.Utf8))
-            .otherwise(pl.lit("average"))
-            .alias("children"),
-        )
+        .sort(pl.col("children").replace_strict(order))
+        .select("children", "n_children", *knnlm.VARIANTS, *[f"{c}_std" for c in knnlm.VARIANTS], "seeds", "perfect")
     )
+
+
+def curve(score_files, loss_files) -> pl.DataFrame:
+    """The Figure 1 / Table 5 curve: ``table`` at each fine-tuning step evaluated (each scores file's ``at``:
+    "step<N>", or "final", which is the step count of its seed's fine-tuning, read from its loss log)."""
+    total = {}
+    for f in loss_files:  # one per seed: the last logged step is the last update
+        total[int(pl.read_parquet(f)["seed"][0])] = int(pl.read_parquet(f)["step"].max()) + 1
+    by_step: dict[int, list] = {}
+    for f in score_files:
+        head = pl.read_parquet(f, columns=["seed", "at"]).row(0, named=True)
+        step = total[head["seed"]] if head["at"] == "final" else int(head["at"].removeprefix("step"))
+        by_step.setdefault(step, []).append(f)
+    parts = [table(files).with_columns(pl.lit(step).alias("step")) for step, files in sorted(by_step.items())]
+    return pl.concat(parts).filter(pl.col("children") != "item mean").select("step", pl.exclude("step"))
 
 
 # --------------------------------------------------------------------------------------------- steps
 @step
 def macondo_finetune(
     params: dict, model_json: Path, train: Path, hf: Path, out_model_json: Path, loss_csv: Path,
-    loss_parquet: Path, threads: int = 1,
+    loss_parquet: Path, checkpoint_hf: list[Path] = (), checkpoint_json: list[Path] = (), threads: int = 1,
 ) -> None:
-    """Fine-tune the model on one seed's training sentences (over-specified: with a description)."""
+    """Fine-tune the model on one seed's training sentences (over-specified: with a description); the model
+    is also saved before the update of each step of params.checkpoints (--checkpoint-hf and --checkpoint-json
+    in that order)."""
+    steps = params.get("checkpoints", [])
+    if not len(steps) == len(checkpoint_hf) == len(checkpoint_json):
+        raise ValueError(f"macondo-finetune: {len(steps)} checkpoint steps, {len(checkpoint_hf)} --checkpoint-hf, "
+                         f"{len(checkpoint_json)} --checkpoint-json")
     finetune(model_json, train, params["finetune"], params["seed"], hf, out_model_json, loss_csv, loss_parquet,
-             threads)
+             threads, dict(zip(steps, zip(checkpoint_hf, checkpoint_json, strict=True), strict=True)))
 
 
 @step
@@ -236,3 +277,9 @@ def macondo_eval(
 def macondo_table(scores: list[Path], csv: Path, parquet: Path) -> None:
     """The Table 5 analogue: log-likelihood of the child's name by number of children, over seeds."""
     write_table(table(scores), csv, parquet)
+
+
+@step
+def macondo_curve(scores: list[Path], losses: list[Path], csv: Path, parquet: Path) -> None:
+    """The log-likelihood by number of children over fine-tuning steps (Figure 1 / Table 5 analogue)."""
+    write_table(curve(scores, losses), csv, parquet)

@@ -302,8 +302,12 @@ def write(data: dict, train_parquet, test_parquet, world_json) -> None:
 
 
 @step
-def macondo_data(params: dict, model_json: Path, train: Path, test: Path, world: Path) -> None:
-    """One seed's Macondo dataset; children's names checked to be single tokens for the model's tokenizer."""
-    from ..lm import load_identity, load_tokenizer
+def macondo_data(
+    params: dict, train: Path, test: Path, world: Path, tokenizer_dir: Path | None = None,
+    model_json: Path | None = None,
+) -> None:
+    """One seed's Macondo dataset; children's names checked to be single tokens for the model's tokenizer
+    (--tokenizer-dir for a model trained here, --model-json for a local or hub model)."""
+    from ..lm import tokenizer_of
 
-    write(generate(params["generate"], params["seed"], load_tokenizer(load_identity(model_json))), train, test, world)
+    write(generate(params["generate"], params["seed"], tokenizer_of(tokenizer_dir, model_json)), train, test, world)

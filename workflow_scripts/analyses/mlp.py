@@ -146,15 +146,21 @@ def evaluate(identity_json, mlp_pt, mlp_json, caches: dict, choose_on: str, lamb
     W = output_weight(identity_json)
     model = load(mlp_pt, mlp_json, W)
     meta = read_json(mlp_json)
+    tok = lm.load_tokenizer(lm.load_identity(identity_json))
     rows = []
     for evalset, cdir in caches.items():
         c = load_cache(cdir)
         lp_mlp = logprobs(model, c["queries"], c["targets"])
-        base = {"eval_set": evalset, "n_tokens": int(len(c["targets"]))}
-        rows.append({**base, "model": "LM", "lambda": 0.0, "ppl": knnlm.perplexity(c["lm_logprob"])})
-        for lam in lambdas:
-            ppl = knnlm.perplexity(knnlm.interpolate(c["lm_logprob"], lp_mlp, float(lam)))
-            rows.append({**base, "model": "MLP-LM", "lambda": float(lam), "ppl": ppl})
+        n_words = lm.word_count(tok, c["targets"])
+        base = {"eval_set": evalset, "n_tokens": int(len(c["targets"])), "n_words": n_words}
+
+        def scores(lp, n_words=n_words):
+            return {"ppl": knnlm.perplexity(lp), "word_ppl": knnlm.word_perplexity(lp, n_words)}
+
+        rows.append({**base, "model": "LM", "lambda": 0.0, **scores(c["lm_logprob"])})
+        for lam in map(float, lambdas):
+            mixed = knnlm.interpolate(c["lm_logprob"], lp_mlp, lam)
+            rows.append({**base, "model": "MLP-LM", "lambda": lam, **scores(mixed)})
         if knn_points and knn_points.get(evalset):
             lam, k, sigma = knn_points[evalset]
             knn = knnlm.knn_target_logprobs(c["dists"], c["vals"], c["targets"], [k], sigma)[k]
@@ -163,7 +169,7 @@ def evaluate(identity_json, mlp_pt, mlp_json, caches: dict, choose_on: str, lamb
                     **base,
                     "model": f"kNN-LM (k={k}, σ={sigma:g})",
                     "lambda": lam,
-                    "ppl": knnlm.perplexity(knnlm.interpolate(c["lm_logprob"], knn, lam)),
+                    **scores(knnlm.interpolate(c["lm_logprob"], knn, lam)),
                 }
             )
     df = pl.DataFrame(rows).with_columns(pl.lit(meta["storage_ratio"]).alias("storage_ratio"))

@@ -105,11 +105,12 @@ def project(fn, z0: torch.Tensor, target_logp: torch.Tensor, lr: float, tol: flo
     return best_z, best_kl, steps
 
 
-def run(identity_json, tokens_npy, cache_dir, manifest_json, point: dict, p: dict, csv, parquet, meta_json, threads=1):
-    """Project ``p_knnlm`` at the first ``max_positions`` eval positions for every run in ``p['runs']``."""
+def run(identity_json, tokens_npy, cache_dir, manifest_json, points: list, p: dict, csv, parquet, meta_json, threads=1):
+    """Project ``p_knnlm`` at the first ``max_positions`` eval positions for every run in ``p['runs']``, at each
+    kNN-LM point of ``points`` ((label, {lambda, k, sigma}) pairs)."""
     torch.set_num_threads(threads)
     t0 = time.time()
-    model, _, ident = lm.load_checked(identity_json, device="cpu")
+    model, tok, ident = lm.load_checked(identity_json, device="cpu")
     for q in model.parameters():
         q.requires_grad_(False)
     cache = load_cache(cache_dir, manifest_json)
@@ -134,51 +135,62 @@ def run(identity_json, tokens_npy, cache_dir, manifest_json, point: dict, p: dic
             f"{cache_dir}: the model's queries or log-probabilities at the first {n} positions differ from the cache "
             f"(relative query error {err:.3g}); it was built with another model or block size — rerun retrieve"
         )
-    lam, k, sigma = point["lambda"], point["k"], point["sigma"]
-    p_knn = knnlm.knn_distribution(cache["dists"][:n], cache["vals"][:n], k, sigma, lm_logp.shape[1])
-    with np.errstate(divide="ignore"):
-        target = torch.from_numpy(knnlm.interpolate(lm_logp.numpy(), np.log(p_knn), lam)).float()
-    knnlm_t = target.numpy()[np.arange(n), targets]
+    n_words = lm.word_count(tok, targets)
     rows = []
-    base = {"n_positions": n, "lambda": lam, "k": k, "sigma": sigma}
-    rows.append(
-        {"run": "LM", "space": "-", **base, "ppl": knnlm.perplexity(lm_t), "kl": float(kl_rows(lm_logp, target).mean())}
-    )
-    rows.append({"run": "kNN-LM", "space": "-", **base, "ppl": knnlm.perplexity(knnlm_t), "kl": 0.0})
     idx = torch.arange(n)
-    for r in p["runs"]:
-        for space, fn, z0 in (("f", f, z_f), ("f∘g", fg, h)):
-            ts = time.time()
-            zs, kls, steps = [], [], []
-            for a in range(0, n, p["opt_batch"]):
-                z, kl, st = project(
-                    fn, z0[a : a + p["opt_batch"]], target[a : a + p["opt_batch"]], r["lr"], r["tol"], r["max_steps"]
+    for label, point in points:
+        lam, k, sigma = point["lambda"], point["k"], point["sigma"]
+        if k > cache["meta"]["K"]:
+            raise ValueError(f"projection point {label}: k = {k} exceeds the {cache['meta']['K']} cached neighbours")
+        p_knn = knnlm.knn_distribution(cache["dists"][:n], cache["vals"][:n], k, sigma, lm_logp.shape[1])
+        with np.errstate(divide="ignore"):
+            target = torch.from_numpy(knnlm.interpolate(lm_logp.numpy(), np.log(p_knn), lam)).float()
+        knnlm_t = target.numpy()[np.arange(n), targets]
+        base = {"point": label, "n_positions": n, "n_words": n_words, "lambda": lam, "k": k, "sigma": sigma}
+
+        def row(run, space, token_lp, kl, base=base, **extra):
+            return {"run": run, "space": space, **base, "ppl": knnlm.perplexity(token_lp),
+                    "word_ppl": knnlm.word_perplexity(token_lp, n_words), "kl": kl, **extra}
+
+        rows.append(row("LM", "-", lm_t, float(kl_rows(lm_logp, target).mean())))
+        rows.append(row("kNN-LM", "-", knnlm_t, 0.0))
+        for r in p["runs"]:
+            for space, fn, z0 in (("f", f, z_f), ("f∘g", fg, h)):
+                ts = time.time()
+                zs, kls, steps = [], [], []
+                for a in range(0, n, p["opt_batch"]):
+                    z, kl, st = project(
+                        fn, z0[a : a + p["opt_batch"]], target[a : a + p["opt_batch"]], r["lr"], r["tol"],
+                        r["max_steps"],
+                    )
+                    zs.append(z)
+                    kls.append(kl)
+                    steps.append(st)
+                with torch.no_grad():
+                    logq = torch.log_softmax(fn(torch.cat(zs)).float(), -1)
+                name = f"p_proj lr={r['lr']:g}" + (f" tol={r['tol']:g}" if r["tol"] > 0 else f" {r['max_steps']} steps")
+                rows.append(
+                    row(
+                        name,
+                        space,
+                        logq[idx, torch.from_numpy(targets)].numpy(),
+                        float(torch.cat(kls).mean()),
+                        lr=r["lr"],
+                        tol=r["tol"],
+                        max_steps=r["max_steps"],
+                        mean_steps=float(torch.cat(steps).float().mean()),
+                        seconds=round(time.time() - ts, 2),
+                    )
                 )
-                zs.append(z)
-                kls.append(kl)
-                steps.append(st)
-            with torch.no_grad():
-                logq = torch.log_softmax(fn(torch.cat(zs)).float(), -1)
-            rows.append(
-                {
-                    "run": f"p_proj lr={r['lr']:g}"
-                    + (f" tol={r['tol']:g}" if r["tol"] > 0 else f" {r['max_steps']} steps"),
-                    "space": space,
-                    **base,
-                    "ppl": knnlm.perplexity(logq[idx, torch.from_numpy(targets)].numpy()),
-                    "kl": float(torch.cat(kls).mean()),
-                    "lr": r["lr"],
-                    "tol": r["tol"],
-                    "max_steps": r["max_steps"],
-                    "mean_steps": float(torch.cat(steps).float().mean()),
-                    "seconds": round(time.time() - ts, 2),
-                }
-            )
-            log.info("%s %s: ppl %.3f, KL %.4f", rows[-1]["run"], space, rows[-1]["ppl"], rows[-1]["kl"])
+                log.info("%s, %s %s: ppl %.3f, KL %.4f", label, rows[-1]["run"], space, rows[-1]["ppl"], rows[-1]["kl"])
     df = pl.DataFrame(rows, infer_schema_length=None)
     write_table(df, csv, parquet)
-    write_json(meta_json, {"seconds": round(time.time() - t0, 2), "point": point, "n_positions": n})
+    write_json(meta_json, {"seconds": round(time.time() - t0, 2), "points": dict(points), "n_positions": n})
     return df
+
+
+def point_label(point: dict, how: str) -> str:
+    return f"{how}: λ={point['lambda']:g}, k={point['k']}, σ={point['sigma']:g}"
 
 
 @step
@@ -186,12 +198,17 @@ def projection(
     params: dict, model_json: Path, manifest: Path, tokens: Path, cache: Path, summary: Path, csv: Path,
     parquet: Path, meta: Path, threads: int = 1,
 ) -> None:
-    """Solve Eq. 2 (projection of p_knnlm onto the output space of f and of f∘g) at the eval positions
-    (--cache: the retrieval cache's meta.json; params.point: a (λ, k, σ) or "chosen" on perplexity)."""
-    point = params["point"]
-    if point == "chosen":
-        chosen, _ = chosen_point(summary, params["datastore"])
-        if chosen is None:
-            raise ValueError(f"{summary}: no chosen (lambda, k, sigma) for datastore {params['datastore']}")
-        point = dict(zip(("lambda", "k", "sigma"), chosen, strict=True))
-    run(model_json, tokens, cache.parent, manifest, point, params, csv, parquet, meta, threads)
+    """Solve Eq. 2 (projection of p_knnlm onto the output space of f and of f∘g) at the eval positions, for each
+    kNN-LM point of params.points: a (λ, k, σ), or "chosen" (the perplexity sweep's choice in --summary);
+    --cache: the retrieval cache's meta.json."""
+    points = []
+    for point in params["points"]:
+        if point == "chosen":
+            chosen, on = chosen_point(summary, params["datastore"])
+            if chosen is None:
+                raise ValueError(f"{summary}: no chosen (lambda, k, sigma) for datastore {params['datastore']}")
+            point = dict(zip(("lambda", "k", "sigma"), chosen, strict=True))
+            points.append((point_label(point, f"chosen on {on.removeprefix('perplexity on ')}"), point))
+        else:
+            points.append((point_label(point, "given"), point))
+    run(model_json, tokens, cache.parent, manifest, points, params, csv, parquet, meta, threads)
