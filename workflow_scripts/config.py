@@ -43,6 +43,14 @@ def _with_defaults(validator_cls):
     return jsonschema.validators.extend(validator_cls, {"properties": set_defaults}, type_checker=types)
 
 
+def _deepest(error):
+    """For a oneOf / anyOf failure, the error of the alternative that got furthest into the value (an object
+    with a bad field names the field, not the whole object); other errors as they are."""
+    while error.context:  # deepest first; at equal depth an alternative of the value's own type over a type mismatch
+        error = max(error.context, key=lambda e: (len(e.absolute_path), e.validator not in ("type", "const", "enum")))
+    return error
+
+
 def _path(error) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
@@ -55,7 +63,7 @@ def _validator():
 def validate(config: dict) -> dict:
     """Validate ``config`` in place (filling defaults) and return it; raise ``ConfigError`` naming the key."""
     validator = _validator()
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), _path(e)))
+    errors = sorted(map(_deepest, validator.iter_errors(config)), key=lambda e: (len(e.absolute_path), _path(e)))
     if errors:
         lines = []
         for e in errors[:10]:

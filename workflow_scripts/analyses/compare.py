@@ -98,7 +98,7 @@ def comparison(
             add(
                 "MLP replacement",
                 f"word-level perplexity ({r['eval_set']}): {r['model']}"
-                + (f" λ={r['lambda']:g}" if r["model"] == "MLP-LM" else ""),
+                + ("" if r["model"] == "LM" else f" λ={r['lambda']:g}"),
                 r["word_ppl"],
                 s,
                 P["mlp"]["wikitext"].get(name),
