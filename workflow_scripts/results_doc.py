@@ -63,7 +63,7 @@ SECTIONS = {
     ),
     "comparison": (
         "Paper 2: ours beside the paper's",
-        lambda df: df.select("experiment", "quantity", "ours", "paper"),
+        lambda df: df.select("experiment", "quantity", "ours", "paper", "our_setup"),
     ),
 }
 
