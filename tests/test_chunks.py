@@ -16,7 +16,10 @@ from workflow_scripts.artifacts import ArtifactError, save_npy
 from workflow_scripts.config import chunk_bounds
 from workflow_scripts.lm import train_from_scratch, train_tokenizer
 
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+try:
+    import tomllib  # Python 3.11+
+except ModuleNotFoundError:  # Python 3.10: the same parser, from the test extra
+    import tomli as tomllib
 
 CFG = {"corpus": "c", "vocab_size": 300, "batch_size": 4, "block_size": 16, "n_embd": 16, "n_layer": 2, "n_head": 2,
        "dropout": 0.1, "lr": 3e-3, "weight_decay": 0.1, "steps": 9, "warmup_fraction": 0.2, "log_every": 2}

@@ -1,8 +1,10 @@
 """The micro config through a real Slurm (`--profile slurm`), compared with the local run.
 
-Needs a running Slurm (CI starts one with `slurm/local-cluster.sh --install`); skips with the reason otherwise.
+Needs a running Slurm (CI starts one with `slurm/local-cluster.sh --install`); skips with the reason otherwise,
+except where KNNLM_REQUIRE_SLURM=1 (.ci/run sets it when it is root and started Slurm): there it fails instead.
 """
 
+import os
 import shutil
 import subprocess
 
@@ -28,6 +30,8 @@ def _slurm_up() -> str | None:
 
 def test_slurm_run_equals_local_run(micro_run, tmp_path):
     reason = _slurm_up()
+    if reason and os.environ.get("KNNLM_REQUIRE_SLURM") == "1":
+        pytest.fail(f"KNNLM_REQUIRE_SLURM=1 but {reason}")
     if reason:
         pytest.skip(reason)
     shutil.copy(micro_run / "config.yaml", tmp_path / "config.yaml")

@@ -1,0 +1,108 @@
+"""Selection and summary numbers that a wrong line would change silently: the (λ, k, σ) point is chosen on
+valid and applied to test (never chosen on test), the oracle is the best point, chosen_point reads the valid
+choice, and the bootstrap interval is the 95% percentile interval of the paired resampled means."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from workflow_scripts import sweep
+from workflow_scripts.tasks import evaluate
+
+
+def _grid(tmp_path, name: str, ppl: dict) -> str:
+    """A sweep table over a 2 x 2 x 1 grid with the given perplexity per (λ, k)."""
+    rows = [{"lambda": lam, "k": k, "sigma": 1.0, "ppl": p, "base_ppl": 10.0, "n_tokens": 100}
+            for (lam, k), p in ppl.items()]
+    path = tmp_path / f"{name}.parquet"
+    pl.DataFrame(rows).write_parquet(path)
+    return path
+
+
+@pytest.fixture
+def tables(tmp_path):
+    # valid prefers (0.2, 8); test's own best is (0.1, 4); the worst test point is (0.2, 4)
+    valid = _grid(tmp_path, "valid", {(0.1, 4): 5.0, (0.1, 8): 4.5, (0.2, 4): 6.0, (0.2, 8): 4.0})
+    test = _grid(tmp_path, "test", {(0.1, 4): 3.0, (0.1, 8): 3.5, (0.2, 4): 9.0, (0.2, 8): 3.8})
+    return tmp_path, {("valid", "d"): valid, ("test", "d"): test}
+
+
+def test_the_test_set_is_scored_at_the_point_chosen_on_valid(tables):
+    tmp_path, sweeps = tables
+    df = sweep.summarize_sweeps(sweeps, "valid", tmp_path / "s.csv", tmp_path / "s.parquet")
+    test = df.filter(pl.col("eval_set") == "test").row(0, named=True)
+    assert (test["lambda"], test["k"], test["knn_ppl"], test["chosen_on"]) == (0.2, 8, 3.8, "valid")
+    # the oracle is the test set's own best point, reported beside it and never used as the choice
+    assert (test["oracle_lambda"], test["oracle_k"], test["oracle_ppl"]) == (0.1, 4, 3.0)
+    valid = df.filter(pl.col("eval_set") == "valid").row(0, named=True)
+    assert (valid["lambda"], valid["k"], valid["knn_ppl"]) == (0.2, 8, 4.0) == (
+        valid["oracle_lambda"], valid["oracle_k"], valid["oracle_ppl"])
+    assert pl.read_csv(tmp_path / "s.csv").equals(df)
+
+
+def test_without_a_valid_set_each_set_is_chosen_on_itself(tables):
+    tmp_path, sweeps = tables
+    df = sweep.summarize_sweeps({("test", "d"): sweeps[("test", "d")]}, "", tmp_path / "s.csv", tmp_path / "s.parquet")
+    row = df.row(0, named=True)
+    assert (row["lambda"], row["k"], row["knn_ppl"], row["chosen_on"]) == (0.1, 4, 3.0, "test")
+
+
+def test_ties_break_towards_the_smaller_lambda_k_sigma(tmp_path):
+    t = _grid(tmp_path, "valid", {(0.1, 4): 4.0, (0.1, 8): 4.0, (0.2, 4): 4.0, (0.2, 8): 5.0})
+    df = sweep.summarize_sweeps({("valid", "d"): t}, "valid", tmp_path / "s.csv", tmp_path / "s.parquet")
+    assert (df["lambda"][0], df["k"][0]) == (0.1, 4)
+
+
+def test_chosen_point_reads_the_valid_choice_not_the_test_row(tmp_path):
+    """The test row of the summary carries the valid choice; the valid row too. A summary whose test row was
+    chosen on test (no valid set) is used only when nothing was chosen on another set."""
+    f = tmp_path / "s.csv"
+    pl.DataFrame({"eval_set": ["test", "valid"], "datastore": ["d", "d"], "lambda": [0.3, 0.2], "k": [16, 64],
+                  "sigma": [5.0, 3.0], "chosen_on": ["valid", "valid"]}).write_csv(f)
+    # rows where eval_set != chosen_on hold the choice applied elsewhere: the test row says (0.3, 16, 5) here
+    assert sweep.chosen_point(f, "d") == ((0.3, 16, 5.0), "perplexity on valid")
+    pl.DataFrame({"eval_set": ["test"], "datastore": ["d"], "lambda": [0.1], "k": [4], "sigma": [1.0],
+                  "chosen_on": ["test"]}).write_csv(f)
+    assert sweep.chosen_point(f, "d") == ((0.1, 4, 1.0), "perplexity on test")
+    assert sweep.chosen_point(tmp_path / "missing.csv", "d") == (None, None)
+
+
+def test_chosen_point_follows_the_summary_written_by_summarize(tables):
+    tmp_path, sweeps = tables
+    sweep.summarize_sweeps(sweeps, "valid", tmp_path / "s.csv", tmp_path / "s.parquet")
+    assert sweep.chosen_point(tmp_path / "s.csv", "d") == ((0.2, 8, 1.0), "perplexity on valid")
+
+
+def test_bootstrap_interval_is_the_95_percent_percentile_interval():
+    """An independent computation of the paired percentile bootstrap with the same draws."""
+    rng = np.random.default_rng(0)
+    base, knn = rng.uniform(size=50), rng.uniform(size=50) + 0.1
+    m, lo, hi = evaluate.bootstrap_delta(base, knn, n_boot=2000, seed=7)
+    diff = knn - base
+    draws = np.random.default_rng(7).integers(0, 50, size=(2000, 50))
+    means = np.array([diff[d].mean() for d in draws])
+    assert m == pytest.approx(diff.mean(), rel=1e-12)
+    assert lo == pytest.approx(np.percentile(means, 2.5), rel=1e-12)
+    assert hi == pytest.approx(np.percentile(means, 97.5), rel=1e-12)
+    assert means.min() < lo < m < hi < means.max()  # not the min/max of the resampled means
+    lo90 = evaluate.bootstrap_delta(base, knn, n_boot=2000, seed=7, level=0.9)[1]
+    assert lo90 == pytest.approx(np.percentile(means, 5), rel=1e-12)
+
+
+def test_mixtures_and_option_sums_stay_finite_far_below_exp_underflow():
+    """log-probabilities below about -745 underflow exp() to 0 in float64: the mixture and the sum over an
+    option's pairs must stay in log space (max shift / logaddexp), exact against a hand computation."""
+    from workflow_scripts import knnlm
+    from workflow_scripts.tasks import scoring
+
+    lm, knn = np.array([-1000.0, -2000.0, -5.0]), np.array([-1001.0, -1990.0, -np.inf])
+    got = knnlm.interpolate(lm, knn, 0.25)
+    want = [np.log(0.75) - 1000 + np.log1p(0.25 / 0.75 * np.exp(-1.0)),
+            np.log(0.25) - 1990 + np.log1p(0.75 / 0.25 * np.exp(-10.0)),
+            np.log(0.75) - 5.0]
+    assert np.allclose(got, want, rtol=0, atol=1e-9)
+    # an option made of two continuations (pairs) of log-probabilities -1000 and -1001
+    s = scoring.option_scores([[0, 1]], np.array([-1000.0, -1001.0]), np.array([1, 1]))
+    assert s[0] == pytest.approx(-1000 + np.log1p(np.exp(-1.0)), abs=1e-9)
+    s = scoring.option_scores([[0, 1]], np.array([-1000.0, -1001.0]), np.array([2, 4]), normalize=True)
+    assert s[0] == pytest.approx(np.logaddexp(-500.0, -250.25), abs=1e-9)
