@@ -106,3 +106,38 @@ def test_mixtures_and_option_sums_stay_finite_far_below_exp_underflow():
     assert s[0] == pytest.approx(-1000 + np.log1p(np.exp(-1.0)), abs=1e-9)
     s = scoring.option_scores([[0, 1]], np.array([-1000.0, -1001.0]), np.array([2, 4]), normalize=True)
     assert s[0] == pytest.approx(np.logaddexp(-500.0, -250.25), abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------- scoring rules
+def test_choice_pmi_subtracts_the_domain_score():
+    """Options' log-likelihoods -1, -2; under the domain premise -0.5, -3: PMI = -0.5, +1 picks option 1 (adding
+    the domain term, or ignoring it, picks option 0)."""
+    from workflow_scripts.tasks import scoring
+
+    items = [{"options": [[0], [1]], "domain": [[2], [3]]}]
+    lp, length = np.array([-1.0, -2.0, -0.5, -3.0]), np.ones(4, np.int64)
+    assert scoring.score_choice(items, lp, length, pmi=False).tolist() == [0]
+    assert scoring.score_choice(items, lp, length, pmi=True).tolist() == [1]
+    assert scoring.predict({"kind": "choice", "metric": "accuracy", "pmi": True}, items, lp, length).tolist() == [1]
+
+
+def test_predict_normalises_by_length_for_accuracy_norm_only():
+    """Option 0: one token at -2; option 1: six tokens summing to -3. Sum picks 0, per-token mean (-0.5) picks 1."""
+    from workflow_scripts.tasks import scoring
+
+    items = [{"options": [[0], [1]]}]
+    lp, length = np.array([-2.0, -3.0]), np.array([1, 6])
+    assert scoring.predict({"kind": "choice", "metric": "accuracy"}, items, lp, length).tolist() == [0]
+    assert scoring.predict({"kind": "choice", "metric": "accuracy_norm"}, items, lp, length).tolist() == [1]
+
+
+def test_classify_pmi_uses_the_whole_domain_continuation_not_its_per_token_mean():
+    """Labels' log-likelihoods -3, -4 (one token each); domain continuations -2 (one token) and -6 (three tokens).
+    Domain-conditional PMI with sums: -1, +2, label 1; normalising the domain side would give -1, -2, label 0."""
+    from workflow_scripts.tasks import scoring
+
+    items = [{"options": [[0], [1]], "domain": [[2], [3]]}]
+    lp, length = np.array([-3.0, -4.0, -2.0, -6.0]), np.array([1, 1, 1, 3])
+    assert scoring.score_classify(items, lp, length, pmi=True).tolist() == [1]
+    assert scoring.score_classify(items, lp, length, pmi=False).tolist() == [0]
+    assert scoring.predict({"kind": "classify", "metric": "accuracy", "pmi": True}, items, lp, length).tolist() == [1]
