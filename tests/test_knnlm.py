@@ -386,8 +386,8 @@ def test_larger_k_never_drops_a_neighbour(seed, n, d, k1, k2, dup):
         xb[n // 2 :] = xb[: n - n // 2]
     q = rng.standard_normal((25, d)).astype(np.float32)
     index = _flat(xb)
-    d1, i1 = index.search(q, k1)
-    d2, i2 = index.search(q, k2)
+    d1, i1 = search(index, None, q, k1, exact=True)  # the project's search, as retrieve and score_task call it
+    d2, i2 = search(index, None, q, k2, exact=True)
     assert (i1 >= 0).all() and (i2 >= 0).all()
     np.testing.assert_allclose(d2[:, :k1], d1, rtol=1e-6, atol=1e-5)
     for r in range(len(q)):
@@ -397,6 +397,14 @@ def test_larger_k_never_drops_a_neighbour(seed, n, d, k1, k2, dup):
             assert idx in kept or abs(d1[r, j] - d2[r, -1]) <= 1e-5 * (1 + abs(d2[r, -1]))
         if d1[r, -1] < d2[r, -1] - 1e-5 * (1 + abs(d2[r, -1])):
             assert set(i1[r].tolist()) <= kept  # no tie at the boundary: strictly a subset
+    # and the kNN-LM of the first k1 of the k2 cached neighbours is the kNN-LM of a search for k1 (rescoring a
+    # cache retrieved once at K_max is exact), wherever no tie straddles the k1-th neighbour
+    vals = rng.integers(0, 5, n).astype(np.int32)
+    targets = rng.integers(0, 5, len(q))
+    untied = np.array([d2[r, k1 - 1] < d2[r, k1] - 1e-5 if k1 < k2 else True for r in range(len(q))])
+    from_cache = knnlm.knn_target_logprobs(d2, vals[i2], targets, [k1], 1.0)[k1]
+    fresh = knnlm.knn_target_logprobs(d1, vals[i1], targets, [k1], 1.0)[k1]
+    np.testing.assert_allclose(from_cache[untied], fresh[untied], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch", [1024, 7])

@@ -265,10 +265,8 @@ def test_lambda_zero_gives_the_base_lm_scores_everywhere():
     base = scoring.pair_logprobs(cache["t_lm"], cache["t_pair"], len(cache["pair_len"]))
     for (lam, _k, _sigma), tlp in scoring.token_logprobs_over_grid(cache, [0.0, 0.5], [1, 3], [1.0, 5.0]):
         lp = scoring.pair_logprobs(tlp, cache["t_pair"], len(cache["pair_len"]))
-        if lam == 0.0:
+        if lam == 0.0:  # bit for bit the base LM's pair log-probabilities, so every prediction is the base LM's
             np.testing.assert_array_equal(lp, base)
-            assert (scoring.score_classify(struct, lp, cache["pair_len"]) ==
-                    scoring.score_classify(struct, base, cache["pair_len"])).all()
         else:
             assert not np.allclose(lp, base)
 
