@@ -17,6 +17,11 @@ MODELS = config["models"]
 DATASTORES = config["datastores"]
 EVAL_SETS = config["eval_sets"]
 TRAINED = [m for m, spec in MODELS.items() if spec["source"] == "train"]
+ANALYSES = config.get("analyses") or {}
+MACONDO = ANALYSES.get("macondo")
+HURDLE = ANALYSES.get("hurdle")
+PROJECTION = ANALYSES.get("projection")
+MLP = ANALYSES.get("mlp")
 # GPU stages ask the scheduler for a GPU only when the config says the device is cuda.
 GPU = 1 if config["extraction"]["device"] == "cuda" else 0
 
@@ -109,11 +114,10 @@ def train_inputs(wildcards):
 CHUNKED = [m for m in TRAINED if len(train_chunks(m)) > 1]
 # every model trained here is trained, but one only the MLP hurdle names: it gives the hurdle its shape and
 # tokenizer (App. E trains its LMs from scratch)
-_analyses = config.get("analyses") or {}
 _hurdle_only = (
-    {(_analyses.get("hurdle") or {}).get("model")}
+    {(HURDLE or {}).get("model")}
     - {d["model"] for d in DATASTORES.values()}
-    - {(_analyses.get("macondo") or {}).get("model")}
+    - {(MACONDO or {}).get("model")}
 )
 TRAINED_AND_USED = [m for m in TRAINED if m not in _hurdle_only]
 
@@ -301,13 +305,6 @@ localrules:
 
 
 # ----------------------------------------------------------------------------- analyses (paper 2)
-ANALYSES = config.get("analyses") or {}
-MACONDO = ANALYSES.get("macondo")
-HURDLE = ANALYSES.get("hurdle")
-PROJECTION = ANALYSES.get("projection")
-MLP = ANALYSES.get("mlp")
-
-
 def analyses_outputs():
     if not ANALYSES:
         return []
@@ -359,9 +356,8 @@ def hurdle_params(wildcards):
 
 def hurdle_data(wildcards):
     m = HURDLE["model"]
-    if (
-        wildcards.data == "macondo"
-    ):  # each seed its own Macondo dataset (and its own initialisation)
+    # each seed its own Macondo dataset (and its own initialisation)
+    if wildcards.data == "macondo":
         return {"test": f"results/macondo/{m}/seed{wildcards.seed}/data/test.parquet"}
     return {"tokens": f"results/tokens/{m}/{MODELS[m]['train']['corpus']}/train.npy"}
 
@@ -407,8 +403,9 @@ def paper2_inputs():
     return out
 
 
-def comparison_args(wildcards, input):
-    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in paper2_inputs())
+def input_args(wildcards, input):
+    """Every named input as `--name PATH`, for a step whose arguments are named like the rule's inputs."""
+    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in input.keys())
 
 
 def configfile_names():

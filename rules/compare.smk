@@ -18,7 +18,7 @@ rule paper2_comparison:
         "../envs/plotting.yaml"
     params:
         p=as_json({"setups": paper2_setups()}),
-        tables=comparison_args,
+        tables=input_args,
     shell:
         "python -m workflow_scripts paper2-comparison --params {params.p:q} {params.tables} --csv {output.csv}"
         " --parquet {output.parquet} 2> {log}"

@@ -14,11 +14,6 @@ rule results_doc:
         "../envs/plotting.yaml"
     params:
         p=lambda w: as_json({"config": ", ".join(configfile_names())}),
-        tables=lambda w, input: " ".join(
-            f"--{k.replace('_', '-')} {input[k]}"
-            for k in results_doc_inputs(w)
-            if k != "perplexity"
-        ),
+        tables=input_args,
     shell:
-        "python -m workflow_scripts results-doc --params {params.p:q} --perplexity {input.perplexity} {params.tables}"
-        " --out {output} 2> {log}"
+        "python -m workflow_scripts results-doc --params {params.p:q} {params.tables} --out {output} 2> {log}"

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def _option(parser: argparse.ArgumentParser, p: inspect.Parameter, hint) -> None
     flag = "--" + p.name.replace("_", "-")
     required = p.default is inspect.Parameter.empty
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):  # `Path | None`: an optional path
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if p.name == "params":

@@ -119,8 +119,8 @@ def _cross_check(c: dict) -> None:
             need("models", a[key]["model"], f"analyses.{key}.model")
     if "hurdle" in a and "macondo" not in a:
         raise ConfigError(
-            "config key analyses.hurdle: needs analyses.macondo too (its Macondo run trains on the Macondo test "
-            "sentences of the first seed)"
+            "config key analyses.hurdle: needs analyses.macondo too (its Macondo run trains on each seed's "
+            "Macondo test sentences, generated as analyses.macondo.generate says)"
         )
     if "hurdle" in a and c["models"][a["hurdle"]["model"]]["source"] != "train":
         raise ConfigError("config key analyses.hurdle.model: must be a model trained here (source: train): its shape")

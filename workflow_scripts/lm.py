@@ -26,7 +26,6 @@ from .cli import step
 from .config import CHUNK_KEYS
 
 EOS = "<|endoftext|>"
-# models.<m>.train keys that say how training is split into jobs, not what it computes
 log = logging.getLogger(__name__)
 
 # Where the last transformer block lives in Hugging Face causal LMs: GPT-2, Llama/Mistral/Qwen, GPT-NeoX, OPT.
@@ -508,8 +507,10 @@ def train_lm(
     last = stop is None or stop >= params["train"]["steps"]
     if last and None in (hf, model_json, loss_csv, loss_parquet):
         raise ValueError("train-lm: the last chunk needs --hf, --model-json, --loss-csv and --loss-parquet")
-    train_from_scratch(train, valid, tokenizer_dir, params["train"], params["seed"], hf, loss_csv, loss_parquet,
-             resume=resume, stop=stop, checkpoint=checkpoint)
+    train_from_scratch(
+        train, valid, tokenizer_dir, params["train"], params["seed"], hf, loss_csv, loss_parquet,
+        resume=resume, stop=stop, checkpoint=checkpoint,
+    )
     if last:
         write_identity({"source": "train", "path": str(hf)}, model_json, device="cpu")
 

@@ -93,7 +93,13 @@ def results_doc(
     comparison: Path | None = None,
 ) -> None:
     """Write the markdown page of the run's result tables that the docs quote (docs/results.md)."""
-    given = {"perplexity": perplexity, "tasks": tasks, "macondo": macondo, "macondo_curve": macondo_curve}
-    given |= {"projection": projection, "mlp": mlp}
-    given["comparison"] = comparison
+    given = {
+        "perplexity": perplexity,
+        "tasks": tasks,
+        "macondo": macondo,
+        "macondo_curve": macondo_curve,
+        "projection": projection,
+        "mlp": mlp,
+        "comparison": comparison,
+    }
     write({k: v for k, v in given.items() if v is not None}, params.get("config", "config.yaml"), out)

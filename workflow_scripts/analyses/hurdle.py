@@ -16,7 +16,7 @@ import torch
 from .. import lm
 from ..artifacts import load_npy, write_table
 from ..cli import step
-from ..tasks.scoring import build_pairs, forward_scored
+from ..tasks.scoring import forward_scored
 from . import macondo
 
 log = logging.getLogger(__name__)
@@ -56,15 +56,10 @@ def _scored(model, seqs, starts):
 
 def train_macondo(tokenizer_dir, test_parquet, shape: dict, p: dict, variant: str, seed: int, csv, parquet):
     """Train on the Macondo test sentences; log children's log-likelihood every ``log_every`` steps."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = lm.tokenizer_of(tokenizer_dir)
     test = pl.read_parquet(test_parquet)
     seqs_train = macondo.encode_sentences(tok, test["text"].to_list())
-    items = [{"options": [[(c, t)]]} for c, t in zip(test["context"], test["continuation"], strict=True)]
-    seqs, starts, _ = build_pairs(
-        items, lambda s: tok(s, add_special_tokens=False)["input_ids"], macondo.bos_id(tok), 1 << 20
-    )
+    seqs, starts = macondo.test_pairs(tok, test)
     model = new_model(tok, shape, variant, max(len(s) for s in seqs_train) + 1, seed)
     rng = np.random.default_rng(seed)
     rows = lm.fit(
@@ -81,9 +76,7 @@ def train_macondo(tokenizer_dir, test_parquet, shape: dict, p: dict, variant: st
 
 def train_corpus(tokenizer_dir, train_npy, shape: dict, p: dict, variant: str, seed: int, csv, parquet):
     """Train on the corpus token stream; log the training loss every ``log_every`` steps."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = lm.tokenizer_of(tokenizer_dir)
     stream = load_npy(train_npy, dtype=np.int32, ndim=1)
     model = new_model(tok, shape, variant, p["block_size"], seed)
     rows = lm.fit(

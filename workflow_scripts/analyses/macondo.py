@@ -51,6 +51,15 @@ def max_positions(model) -> int | None:
     return getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
 
 
+def test_pairs(tok, test: pl.DataFrame):
+    """The test items as scored sequences: ``[bos] context child`` and the position where the child starts."""
+    items = [{"options": [[(c, t)]]} for c, t in zip(test["context"], test["continuation"], strict=True)]
+    seqs, starts, _ = scoring.build_pairs(
+        items, lambda s: tok(s, add_special_tokens=False)["input_ids"], bos_id(tok), 1 << 20
+    )
+    return seqs, starts
+
+
 def sentence_batches(seqs: list[list[int]], batch: int, pad: int, rng):
     """``next_batch`` for ``lm.fit``: epochs of shuffled sentences, right-padded; no loss on padding."""
     order: list[int] = []
@@ -151,10 +160,7 @@ def evaluate(identity_json, manifest, index_path, index_meta, test_parquet, mlp_
         threads,
     )
     test = pl.read_parquet(test_parquet)
-    items = [{"options": [[(c, t)]]} for c, t in zip(test["context"], test["continuation"], strict=True)]
-    seqs, starts, _ = scoring.build_pairs(
-        items, lambda s: tok(s, add_special_tokens=False)["input_ids"], bos_id(tok), 1 << 20
-    )
+    seqs, starts = test_pairs(tok, test)
     tok_item, keys, lm_lp, targets = [], [], [], []
     for i, kk, lp in scoring.forward_scored(model, ident["hook_point"], seqs, starts, 32):
         tok_item += [i] * len(lp)
@@ -228,7 +234,8 @@ def curve(score_files, loss_files) -> pl.DataFrame:
     "step<N>", or "final", which is the step count of its seed's fine-tuning, read from its loss log)."""
     total = {}
     for f in loss_files:  # one per seed: the last logged step is the last update
-        total[int(pl.read_parquet(f)["seed"][0])] = int(pl.read_parquet(f)["step"].max()) + 1
+        loss = pl.read_parquet(f, columns=["seed", "step"])
+        total[int(loss["seed"][0])] = int(loss["step"].max()) + 1
     by_step: dict[int, list] = {}
     for f in score_files:
         head = pl.read_parquet(f, columns=["seed", "at"]).row(0, named=True)

@@ -1,6 +1,7 @@
-"""Task stages: score a task against a datastore, sweep the λ/k/σ grid, and the report's tables and figure.
+"""Task stages after scoring: sweep the λ/k/σ grid, the task table, the Δ table and the qualitative examples.
 
-Per (datastore, task) — the datastore names its model — ``score_task`` writes ``scored.npz`` + ``scored.json``
+Per (datastore, task) — the datastore names its model — ``score_task`` (``tasks/scoring.py``) writes
+``scored.npz`` + ``scored.json``
 (teacher-forced kinds: the task's retrieval cache; generate: the decoded answers at the base LM, at the point
 chosen on perplexity and, with ``tasks.generate.points: grid``, at every grid point), and ``task_sweep`` writes
 the metric at every point, the per-item predictions and a one-row summary.
