@@ -21,7 +21,13 @@ rule train_tokenizer:
         mem_mb=4000,
         runtime=60,
     params:
-        p=lambda w: as_json({"vocab_size": MODELS[w.model]["train"]["vocab_size"]}),
+        p=lambda w: as_json(
+            {
+                "vocab_size": MODELS[w.model]["train"]["vocab_size"],
+                # only when on, so that existing tokenizers keep their params
+                **({"start_token": True} if MODELS[w.model]["train"].get("start_token") else {}),
+            }
+        ),
     shell:
         "python -m workflow_scripts tokenizer --params {params.p:q} --train {input.train} --tokenizer-dir {output} 2> {log}"
 

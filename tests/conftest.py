@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import shutil
@@ -103,6 +104,22 @@ def task_run(micro_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def paper_run(micro_run, tmp_path_factory):
+    """The micro run copied, paper_data/ written into it from the micro corpus's test documents, then rerun with
+    tests/configs/paper_tasks.yaml: paper 1's memory tasks on a start-token twin of the micro model (and cr on
+    the micro model). (work dir, rule -> job count)."""
+    import polars as pl
+
+    work = tmp_path_factory.mktemp("paper") / "run"
+    shutil.copytree(micro_run, work, symlinks=True)
+    docs = pl.read_parquet(work / "results" / "corpus" / "micro" / "test.parquet")["text"].to_list()
+    sents = [s.strip() + " ." for d in docs for s in d.split(" . ") if len(s.split()) > 4]
+    write_paper_data(work / "paper_data", sents[:36])
+    _, jobs = rerun_with(work, "paper_tasks")
+    return work, jobs
+
+
+@pytest.fixture(scope="session")
 def analyses_run(micro_run, tmp_path_factory):
     """The micro run copied, then rerun with tests/configs/analyses.yaml: the paper-2 analyses at toy size."""
     return _rerun_copy(micro_run, tmp_path_factory, "analyses")
@@ -121,3 +138,52 @@ def pytest_collection_modifyitems(config, items):
     unmarked = [i.nodeid for i in items if "micro_run" in i.fixturenames and i.get_closest_marker("slow") is None]
     if unmarked:
         raise pytest.UsageError("tests that use micro_run must be marked @pytest.mark.slow: " + ", ".join(unmarked))
+
+
+# ------------------------------------------------------------------------------------------ paper 1's data layout
+# Label files in the layout of paper 1's data/ folder (kNN-Prompt's): one class a line, words joined by ", ",
+# classes of different lengths (the paper trims them to the shortest). Words are the micro corpus's.
+PAPER_LABELS = {
+    "label_names_sentidict.txt": ["painter, poet, sculptor, novelist, composer", "chemist, physicist, engineer"],
+    "sst2/label.txt": ["born, died, lived", "works, founded, based, city"],
+    "rotten_tomatoes/label.txt": ["company, university", "city, river, town"],
+    "agn/label_names_kb.txt": ["painter, poet", "chemist, surgeon, architect", "born, works", "city, company"],
+}
+
+
+def write_paper_data(root: Path, texts: list[str]) -> Path:
+    """A folder in the layout of paper 1's data/ (GSYfate/knnlm-limits): each memory task's file in that task's
+    own columns and label codings, rows made from ``texts`` (at least 12), labels in a fixed rotation."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, lines in PAPER_LABELS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("\n".join(lines) + "\n")
+
+    def rows(task, make):
+        (root / task).parent.mkdir(parents=True, exist_ok=True)
+        with open(root / task, "w") as f:
+            for i, t in enumerate(texts):
+                f.write(json.dumps(make(i, t)) + "\n")
+
+    rows("sst2/test.jsonl", lambda i, t: {"label": str(1 + i % 5), "text": t})  # SST-5 labels; 3 is dropped
+    rows("rotten_tomatoes/test.jsonl", lambda i, t: {"task": "rotten_tomatoes", "input": t,
+                                                     "output": ["negative", "positive"][i % 2],
+                                                     "options": ["negative", "positive"]})
+    rows("mr/test.jsonl", lambda i, t: {"label": str(i % 2), "text": t})
+    rows("cr/test.jsonl", lambda i, t: {"label": str((i // 2) % 2), "text": t})
+    rows("hyp/test.jsonl", lambda i, t: {"": str(i % 2), "text": f"  {t} \n"})
+    rows("agn/test.jsonl", lambda i, t: {"Class Index": str(1 + i % 4), "Title": t.split(" ")[0],
+                                         "Description": t})
+    rows("rte/val.jsonl", lambda i, t: {"premise": t, "hypothesis": t.split(" (")[0] + " works .",
+                                        "label": ["entailment", "not_entailment"][i % 2], "idx": i})
+    rows("cb/dev.jsonl", lambda i, t: {"premise": t, "hypothesis": t.split(" ")[0] + " is a painter",
+                                       "label": ["entailment", "contradiction", "neutral"][i % 3], "idx": i})
+    (root / "yahoo").mkdir(exist_ok=True)
+    (root / "yahoo" / "label.json").write_text(json.dumps({
+        "Society & Culture": ["society", "culture"], "Science & Mathematics": ["science", "mathematics"],
+        "Health": ["health", "medicine"], "Education & Reference": ["education", "reference"],
+        "Computers & Internet": ["computers", "internet"], "Sports": ["sports", "athletics"],
+        "Business & Finance": ["business", "finance"], "Entertainment & Music": ["entertainment", "music"],
+        "Family & Relationships": ["family", "relationships"], "Politics & Government": ["politics", "government"],
+    }))
+    return root

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_paper_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -92,10 +93,15 @@ def _raw(name: str) -> dict:
     return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
 
 
-def test_every_test_config_validates_and_says_how_it_is_used():
+def test_every_test_config_validates_and_says_how_it_is_used(tmp_path, monkeypatch):
     names = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-    assert names == ["analyses", "full", "micro", "tasks"]
+    assert names == ["analyses", "full", "micro", "paper_tasks", "tasks"]
     for name in names:
+        if name == "paper_tasks":  # its memory tasks read paper_data/, which its fixture writes into the run
+            with monkeypatch.context() as m:
+                m.chdir(write_paper_data(tmp_path / "paper_data", ["one two three four five ."] * 12).parent)
+                check(load(CONFIGS / f"{name}.yaml"))
+            continue
         check(load(CONFIGS / f"{name}.yaml"))
         header = (CONFIGS / f"{name}.yaml").read_text().split("\n\n")[0]
         assert "Used by:" in header and f"snakemake --cores 2 --configfile tests/configs/{name}.yaml" in header
@@ -117,6 +123,11 @@ def test_tasks_and_analyses_configs_are_the_micro_config_plus_their_own_stages()
     assert long == {"source": "train", "train": {**micro["models"]["micro-gpt2"]["train"], "block_size": 96}}
     assert {k: v for k, v in analyses.items() if k != "analyses"} == micro
     assert set(analyses["analyses"]) == {"macondo", "projection", "mlp", "hurdle"}
+    paper = _raw("paper_tasks")  # micro plus a start-token twin of its model, its datastore and the memory tasks
+    twin = paper["models"].pop("micro-bos")
+    assert twin == {"source": "train", "train": {**micro["models"]["micro-gpt2"]["train"], "start_token": True}}
+    assert paper["datastores"].pop("micro-bos") == {**micro["datastores"]["micro"], "model": "micro-bos"}
+    assert {k: v for k, v in paper.items() if k != "tasks"} == {k: v for k, v in micro.items() if k != "tasks"}
     full = _raw("full")  # the analyses config with the task stages: its run starts from the analyses run
     assert {k: v for k, v in full.items() if k != "tasks"} == {k: v for k, v in analyses_raw().items() if k != "tasks"}
     assert full["tasks"] == tasks["tasks"]

@@ -512,3 +512,21 @@ def test_windows_tile_the_range(start, length, block):
     assert [p for a, b in ws for p in range(a, b)] == list(range(start, end))
     assert all(0 < b - a <= block for a, b in ws)
     assert all((a - start) % block == 0 for a, _ in ws)
+
+
+@FAST
+@given(caches(allow_missing=True), st.data())
+def test_knn_probs_at_label_ids_are_the_full_distributions_columns(c, data):
+    """Paper 1's memory tasks read p_knn at a few label-word ids: the columns of the full distribution, for every
+    k at once, with repeated ids (two synonyms sharing a first subword) read twice and unseen ids at zero."""
+    dists, vals, _, _, k, sigma, V = c
+    assume((vals[:, :1] >= 0).all())  # every row has a real nearest neighbour
+    ids = data.draw(st.lists(st.integers(0, V + 2), min_size=1, max_size=8))
+    ks = sorted({k, dists.shape[1]})
+    got = knnlm.knn_probs_at(dists, vals, ids, ks, sigma)
+    for kk in ks:
+        for r in range(len(vals)):
+            # the brute force of the module's helper, with weights taken relative to the nearest real neighbour
+            d0 = min(float(dists[r, i]) for i in range(kk) if vals[r, i] >= 0)
+            full = brute_distribution(dists[r].astype(np.float64) - d0, vals[r], kk, sigma, V + 3)
+            np.testing.assert_allclose(got[kk][r], [full[i] for i in ids], rtol=1e-9, atol=1e-300)

@@ -12,7 +12,7 @@ import shlex
 
 import pytest
 import yaml
-from conftest import ROOT, job_stats, load_test_config, snakemake
+from conftest import ROOT, job_stats, load_test_config, snakemake, write_paper_data
 
 from workflow_scripts import cli
 from workflow_scripts.tasks import registry
@@ -40,6 +40,7 @@ def _everything_config(tmp_path) -> dict:
         "evaluate": {"micro": [*registry.synthetic_tasks(), "mine"], "hub": ["sst2"]},
         "synthetic": {"corpus": "micro", "n_items": 40},
         "custom": {"mine": mine},
+        "paper_data": str(write_paper_data(tmp_path / "paper_data", ["one two three four five ."] * 12)),
     }
     cfg["models"]["hubby"] = {"source": "hub", "path": "gpt2"}
     cfg["datastores"]["hub"] = {"model": "hubby", "corpus": "micro", "split": "train", "shards": 1}

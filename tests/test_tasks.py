@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from conftest import ROOT, job_stats, snakemake
+from conftest import ROOT, job_stats, snakemake, write_paper_data
 
 from workflow_scripts import knnlm
 from workflow_scripts.config import ConfigError, validate
@@ -19,7 +19,7 @@ from workflow_scripts.tasks import evaluate, registry, scoring, suite
 
 FIXTURES = ROOT / "tests" / "fixtures" / "tasks"
 REG = registry.registry()
-PAPER = [n for n, e in REG.items() if e["source"]["type"] == "hf"]
+PAPER = [n for n, e in REG.items() if e["source"]["type"] in ("hf", "paper")]
 
 
 # ------------------------------------------------------------------------------------------- registry
@@ -29,6 +29,8 @@ def test_registry_has_the_twenty_paper_tasks_in_their_categories():
     generate = {"nq_open", "hotpotqa", "drop", "gsm8k", "bbh"}
     assert set(PAPER) == memory | choice | generate and len(PAPER) == 20
     assert all(REG[t]["category"] == "memory" and REG[t]["kind"] == "classify" and REG[t]["pmi"] for t in memory)
+    # the memory tasks read paper 1's task files (tests/test_paper_memory.py), yahoo's rows come from the hub
+    assert {t for t in memory if REG[t]["source"]["type"] == "paper"} == memory - {"yahoo"}
     assert all(REG[t]["category"] == "reasoning" and REG[t]["kind"] == "choice" for t in choice)
     assert all(REG[t]["category"] == "reasoning" and REG[t]["kind"] == "generate" for t in generate)
 
@@ -38,16 +40,23 @@ def test_a_bad_entry_is_refused_naming_its_field():
     e["metric"] = "em"
     with pytest.raises(registry.TaskError, match="metric"):
         registry.check_entry("x", e)
+    e = copy.deepcopy(REG["sst2"])
+    e["label_map"] = {"1": 5}
+    with pytest.raises(registry.TaskError, match="label_map"):
+        registry.check_entry("x", e)
+    e = copy.deepcopy(REG["sst2"])
+    e["protocol"] = "first_token"
+    with pytest.raises(registry.TaskError, match="protocol"):
+        registry.check_entry("x", e)
     e = copy.deepcopy(REG["arc_easy"])
     del e["gold"]["match_field"]
     with pytest.raises(registry.TaskError, match="gold"):
         registry.check_entry("x", e)
 
 
-# one fixture per paper task, in that dataset's own column layout; (expected gold answer of row 0, n options)
+# one fixture per hub reasoning task, in that dataset's own column layout; (expected gold answer of row 0, n
+# options). The memory tasks read paper 1's files: tests/test_paper_memory.py.
 EXPECTED = {
-    "sst2": ("1", 2), "rotten_tomatoes": ("0", 2), "mr": ("1", 2), "cr": ("0", 2), "hyp": ("True", 2),
-    "agn": ("2", 4), "yahoo": ("4", 10), "rte": ("0", 2), "cb": ("2", 3),
     "openbookqa": ("the sun", 4), "arc_easy": ("oxygen", 4), "arc_challenge": ("mass", 3),
     "mmlu": ("4", 4), "hellaswag": ("puts the dough in the oven.", 4), "winogrande": ("the ball", 2),
     "nq_open": ("Paris | paris", None), "hotpotqa": ("yes", None), "drop": ("12 | twelve", None),
@@ -445,9 +454,10 @@ def test_task_figure_and_qualitative_table(task_run):
 
 
 def test_paper1_preset_builds_its_whole_dag_offline(tmp_path):
+    cfg = yaml.safe_load((ROOT / "experiments/paper1.yaml").read_text())
+    write_paper_data(tmp_path / cfg["tasks"]["paper_data"], ["one two three four five ."] * 12)
     proc = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "experiments/paper1.yaml"))
     jobs = job_stats(proc.stdout)
-    cfg = yaml.safe_load((ROOT / "experiments/paper1.yaml").read_text())
     n_shards = sum(d["shards"] for d in cfg["datastores"].values())
     runs = sum(len(v) for v in cfg["tasks"]["evaluate"].values())
     assert jobs["model_identity"] == 3 and jobs["extract_keys"] == n_shards

@@ -57,6 +57,41 @@ def knn_target_logprobs(dists, vals, targets, ks: Iterable[int], sigma: float, c
     return out
 
 
+def knn_probs_at(dists, vals, token_ids, ks: Iterable[int], sigma: float) -> dict:
+    """p_knn(w) for every w in ``token_ids`` [S] and every k in ``ks`` at one σ: {k: float64 [N, S]}.
+
+    The columns of ``knn_distribution`` at ``token_ids`` without building [N, V] (paper 1's memory tasks read
+    a few hundred label-word ids per query). Missing neighbours (value −1) carry no mass, as there.
+    """
+    ks = sorted(set(int(k) for k in ks))
+    for k in ks:
+        _check(dists, vals, k)
+    if not sigma > 0:
+        raise ValueError(f"sigma = {sigma} must be > 0")
+    token_ids = np.asarray(token_ids, np.int64)
+    kmax = ks[-1]
+    d = np.asarray(dists[:, :kmax], dtype=np.float64)
+    if np.any(np.diff(d, axis=1) < 0):
+        raise ValueError("neighbour distances must be sorted ascending per row")
+    v = np.asarray(vals[:, :kmax], np.int64)
+    valid = v >= 0
+    top = np.where(valid, -d, -np.inf).max(axis=1, keepdims=True)
+    w = np.where(valid, np.exp(np.where(valid, -d - top, 0.0) / sigma), 0.0)
+    # slot of each neighbour's value among token_ids (S = no slot); duplicates in token_ids share the first slot
+    uniq, first = np.unique(token_ids, return_index=True)
+    pos = np.searchsorted(uniq, v)
+    hit = valid & (pos < len(uniq)) & (uniq[np.minimum(pos, len(uniq) - 1)] == v)
+    slot = np.where(hit, first[np.minimum(pos, len(uniq) - 1)], len(token_ids))
+    n, S = d.shape[0], len(token_ids) + 1
+    flat = np.arange(n)[:, None] * S + slot
+    out = {}
+    for k in ks:
+        num = np.bincount(flat[:, :k].ravel(), weights=w[:, :k].ravel(), minlength=n * S).reshape(n, S)[:, :-1]
+        num = num[:, first[np.searchsorted(uniq, token_ids)]]  # duplicates read their first slot
+        out[k] = num / w[:, :k].sum(axis=1, keepdims=True)
+    return out
+
+
 def knn_distribution(dists, vals, k: int, sigma: float, vocab_size: int) -> np.ndarray:
     """The full p_knn [N, V] (float64) for the first k neighbours; for small N (tasks, analyses, tests)."""
     _check(dists, vals, k)

@@ -43,9 +43,11 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
-def bpe_tokenizer(texts, vocab_size: int):
-    """A byte-level BPE (GPT-2 style, EOS as the only special token) trained on ``texts``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def bpe_tokenizer(texts, vocab_size: int, start_token: bool = False):
+    """A byte-level BPE (GPT-2 style, EOS as the only special token) trained on ``texts``. With ``start_token``
+    the tokenizer puts EOS before a text when asked for its special tokens (as Llama's adds <s>); training and
+    extraction encode without special tokens, so only what asks for them (paper 1's memory tasks) sees it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -58,11 +60,16 @@ def bpe_tokenizer(texts, vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    if start_token:
+        eos = tok.token_to_id(EOS)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B", special_tokens=[(EOS, eos)]
+        )
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
 
 
-def train_tokenizer(train_parquet, vocab_size: int, outdir) -> None:
-    fast = bpe_tokenizer(pl.read_parquet(train_parquet)["text"].to_list(), vocab_size)
+def train_tokenizer(train_parquet, vocab_size: int, outdir, start_token: bool = False) -> None:
+    fast = bpe_tokenizer(pl.read_parquet(train_parquet)["text"].to_list(), vocab_size, start_token)
     _save_dir_atomically(outdir, fast.save_pretrained)
 
 
@@ -476,7 +483,7 @@ def tokenizer_of(tokenizer_dir=None, model_json=None):
 @step
 def tokenizer(params: dict, train: Path, tokenizer_dir: Path) -> None:
     """Train the BPE tokenizer of a model trained here, on its training corpus."""
-    train_tokenizer(train, params["vocab_size"], tokenizer_dir)
+    train_tokenizer(train, params["vocab_size"], tokenizer_dir, bool(params.get("start_token")))
 
 
 @step

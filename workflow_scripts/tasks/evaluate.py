@@ -44,7 +44,31 @@ def sweep_task(
         )
     chosen, chosen_on = chosen_point(summary_csv, p["datastore"])
     rows, per_item = [], {}
-    if entry["kind"] in ("classify", "choice"):
+    if entry.get("protocol") == "last_token":
+        with np.load(scored_npz, allow_pickle=False) as z:
+            cache = {k: z[k] for k in z.files}
+        struct, classes = record["items"], record["classes"]
+        q = np.asarray([it["q"] for it in struct], np.int64)
+        dq = np.asarray([it["dq"] for it in struct], np.int64)
+        gold = np.asarray([it["gold"] for it in struct])
+        pmi = bool(entry.get("pmi"))
+
+        def predict(logp):
+            return np.argmax(scoring.last_token_scores(logp, q, dq, classes, pmi), axis=1)
+
+        base_pred = predict(cache["q_lm"])
+        base = float(np.mean(base_pred == gold))
+        per_item[None] = (base_pred == gold).astype(float), base_pred
+        g = p["grid"]
+        for point, logp in scoring.last_token_logps_over_grid(cache, g["lambdas"], g["ks"], g["sigmas"]):
+            pred = predict(logp)
+            per_item[point] = (pred == gold).astype(float), pred
+            rows.append({"lambda": point[0], "k": point[1], "sigma": point[2], "score": float(np.mean(pred == gold))})
+        neigh = [cache["q_ids"][i][:N_SHOWN].tolist() for i in q]
+
+        def shown(pred):
+            return [items[i]["labels"][int(j)] for i, j in enumerate(pred)]
+    elif entry["kind"] in ("classify", "choice"):
         with np.load(scored_npz, allow_pickle=False) as z:
             cache = {k: z[k] for k in z.files}
         struct = record["items"]

@@ -38,7 +38,8 @@ METRICS = {
     "choice": ("accuracy", "accuracy_norm"),
     "generate": ("em", "f1", "number"),
 }
-SOURCE_TYPES = ("hf", "local", "synthetic")
+SOURCE_TYPES = ("hf", "local", "synthetic", "paper")
+PROTOCOLS = ("continuation", "last_token")
 GENERATORS = ("recall", "occupation", "twohop", "arithmetic")
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 log = logging.getLogger(__name__)
@@ -77,21 +78,37 @@ def check_entry(name: str, e: dict, where: str | None = None) -> None:
     need("metric", e.get("metric") in METRICS[e["kind"]], f"one of {METRICS[e['kind']]} for kind {e['kind']}")
     src = e.get("source")
     need("source", isinstance(src, dict) and src.get("type") in SOURCE_TYPES, f"a mapping with type {SOURCE_TYPES}")
-    if src["type"] in ("hf", "local"):
+    if src["type"] in ("hf", "local", "paper"):
         need("source", isinstance(src.get("path"), str), "a mapping with a path")
     if src["type"] == "synthetic":
         need("source", src.get("generator") in GENERATORS, f"a synthetic generator in {GENERATORS}")
     need("prompt", isinstance(e.get("prompt"), str), "a format string")
     if e["kind"] == "classify":
+        need("protocol", e.get("protocol", "continuation") in PROTOCOLS, f"one of {PROTOCOLS}")
         need("label_field", isinstance(e.get("label_field"), str), "the column holding the label")
-        labels = e.get("labels")
-        need(
-            "labels",
-            isinstance(labels, dict)
-            and len(labels) >= 2
-            and all(isinstance(v, list) and v and all(isinstance(w, str) for w in v) for v in labels.values()),
-            "{label value: [continuation, ...]} with at least two labels",
-        )
+        if "synonyms" in e:
+            classes, syn = e.get("classes"), e["synonyms"]
+            need("classes", isinstance(classes, list) and len(classes) >= 2, "the class names, at least two")
+            need(
+                "synonyms",
+                (isinstance(syn, dict) and isinstance(syn.get("file"), str))
+                or (isinstance(syn, list) and len(syn) == len(classes) and all(_words(w) for w in syn)),
+                "{file: ..., trim, keys} (a label file in tasks.paper_data) or one list of words per class",
+            )
+            lm = e.get("label_map")
+            need(
+                "label_map",
+                lm is None
+                or (isinstance(lm, dict) and all(v is None or v in range(len(classes)) for v in lm.values())),
+                f"{{label value: class index 0..{len(classes) - 1} or null (row dropped)}}",
+            )
+        else:
+            labels = e.get("labels")
+            need(
+                "labels",
+                isinstance(labels, dict) and len(labels) >= 2 and all(_words(v) for v in labels.values()),
+                "{label value: [continuation, ...]} with at least two labels",
+            )
     if e["kind"] == "choice":
         ch = e.get("choices")
         need("choices", isinstance(ch, dict) and ("field" in ch or "fields" in ch), "{field: ...} or {fields: [...]}")
@@ -109,6 +126,74 @@ def check_entry(name: str, e: dict, where: str | None = None) -> None:
         need("answers", ans.get("extract", "none") in ("none", "gsm8k"), "extract none | gsm8k")
     if e.get("pmi"):
         need("domain", isinstance(e.get("domain"), str), "a domain premise (format string) when pmi is on")
+    sample = e.get("sample")
+    need(
+        "sample",
+        sample is None or (isinstance(sample, dict) and {"n", "seed"} <= set(sample) and int(sample["n"]) > 0),
+        "{n, seed}: the paper's seeded draw of n rows",
+    )
+    need("strip", isinstance(e.get("strip", []), list), "a list of fields stripped of surrounding whitespace")
+
+
+def _words(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(w, str) and w for w in v)
+
+
+def read_synonyms(spec: dict, root: Path) -> list[list[str]]:
+    """Synonyms per class from a label file of paper 1's data folder (kNN-Prompt's): one class a line, words
+    separated by ", ", each scored as " word"; ``trim`` cuts every class to the shortest class's length (as
+    eval_fuzzy.py's load_label does). A ``.json`` file maps class names to word lists, read in ``keys`` order."""
+    path = root / spec["file"]
+    if not path.is_file():
+        raise TaskError(f"label file {path} does not exist (tasks.paper_data = {root})")
+    try:
+        if path.suffix == ".json":
+            table = json.loads(path.read_text())
+            keys = spec.get("keys") or list(table)
+            missing = [k for k in keys if k not in table]
+            if missing:
+                raise TaskError(f"label file {path} has no classes {missing} (it has {sorted(table)})")
+            words = [[" " + str(w) for w in table[k]] for k in keys]
+        else:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            words = [[" " + w for w in ln.split(", ")] for ln in lines]
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TaskError(f"label file {path} cannot be read: {err}") from err
+    if any(not w or any(not x.strip() for x in w) for w in words):
+        raise TaskError(f"label file {path}: a class without words or an empty word")
+    if spec.get("trim"):
+        n = min(len(w) for w in words)
+        words = [w[:n] for w in words]
+    return words
+
+
+def resolve_entry(entry: dict, paper_data: str | None, name: str = "") -> dict:
+    """The entry as loaded and scored: a ``paper`` source becomes the local file in ``paper_data`` (config
+    ``tasks.paper_data``, a copy of paper 1's ``data/`` folder) and a synonym file becomes its words, so that
+    the words are part of the rule's params (editing the file reruns the task)."""
+    e = copy.deepcopy(entry)
+    needs = e["source"]["type"] == "paper" or isinstance(e.get("synonyms"), dict)
+    if not needs:
+        return e
+    if not paper_data:
+        raise TaskError(
+            f"task {name!r} reads paper 1's task files: set config key tasks.paper_data to your copy of the paper's "
+            "data/ folder (GSYfate/knnlm-limits, data/<task>/...)"
+        )
+    root = Path(paper_data)
+    if e["source"]["type"] == "paper":
+        path = root / e["source"]["path"]
+        if not path.is_file():
+            raise TaskError(f"task {name!r}: {path} does not exist (tasks.paper_data = {root})")
+        e["source"] = {**e["source"], "type": "local", "path": str(path)}
+    if isinstance(e.get("synonyms"), dict):
+        e["synonyms"] = read_synonyms(e["synonyms"], root)
+        if len(e["synonyms"]) != len(e["classes"]):
+            raise TaskError(
+                f"task {name!r}: label file {root / entry['synonyms']['file']} has {len(e['synonyms'])} classes, "
+                f"the entry names {len(e['classes'])} ({e['classes']})"
+            )
+    return e
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -136,6 +221,8 @@ def load_rows(source: dict, data_files: str | None = None):
     layout) replaces a hub download: the same path downstream, used by the offline tests."""
     import datasets
 
+    if data_files is None and source["type"] == "paper":
+        raise TaskError(f"source {source} not resolved: the entry must go through resolve_entry")
     if data_files is not None or source["type"] in ("local", "synthetic"):
         path = Path(data_files or source["path"])
         if not path.is_file():
@@ -187,24 +274,52 @@ def gsm8k_gold(answer: str) -> str:
     return answer.split("####")[-1].strip().replace(",", "").rstrip(".")
 
 
-def make_item(e: dict, row: dict, idx: int) -> dict:
-    """One row of a dataset -> one item, by the entry alone."""
+def _classes(e: dict, row: dict) -> tuple[list[str], list[list[str]], int | None]:
+    """(class names, words per class, the row's class index or None when the entry drops the row)."""
+    value = get_path(row, e["label_field"])
+    if "synonyms" not in e:  # {label value: words}
+        labels = {_label_key(k): (str(k), v) for k, v in e["labels"].items()}
+        key = _label_key(value)
+        if key not in labels:
+            raise TaskError(f"label {key!r} not in the verbalizer's labels {sorted(labels)}")
+        return [n for n, _ in labels.values()], [w for _, w in labels.values()], list(labels).index(key)
+    if isinstance(e["synonyms"], dict):
+        raise TaskError(f"synonyms {e['synonyms']} not read: the entry must go through resolve_entry")
+    names, n = [str(c) for c in e["classes"]], len(e["classes"])
+    if e.get("label_map") is not None:
+        table = {_label_key(k): v for k, v in e["label_map"].items()}
+        key = _label_key(value)
+        if key not in table:
+            raise TaskError(f"label {value!r} of field {e['label_field']!r} not in label_map {sorted(table)}")
+        return names, e["synonyms"], table[key]
+    try:
+        gold = int(value)
+    except (TypeError, ValueError):
+        gold = -1
+    if not 0 <= gold < n:
+        raise TaskError(f"label {value!r} of field {e['label_field']!r} is not a class index 0..{n - 1}")
+    return names, e["synonyms"], gold
+
+
+def make_item(e: dict, row: dict, idx: int) -> dict | None:
+    """One row of a dataset -> one item, by the entry alone (None: a row the entry drops, e.g. SST-5's neutral)."""
+    if e.get("strip"):
+        row = {**row, **{f: str(get_path(row, f)).strip() for f in e["strip"]}}
     context = fill(e["prompt"], row)
     domain = fill(e["domain"], row) if e.get("pmi") else None
     item = {"id": str(row.get("id", idx)), "kind": e["kind"], "question": context}
     if e["kind"] == "classify":
-        labels = {_label_key(k): (str(k), v) for k, v in e["labels"].items()}
-        key = _label_key(get_path(row, e["label_field"]))
-        if key not in labels:
-            raise TaskError(f"label {key!r} not in the verbalizer's labels {sorted(labels)}")
-        names = [name for name, _ in labels.values()]
-        item.update(
-            options=[[[context, w] for w in words] for _, words in labels.values()],
-            domain=[[[domain, w] for w in words] for _, words in labels.values()] if domain is not None else None,
-            gold=list(labels).index(key),
-            labels=names,
-            answer=names[list(labels).index(key)],
-        )
+        names, words, gold = _classes(e, row)
+        if gold is None:
+            return None
+        item.update(gold=gold, labels=names, answer=names[gold])
+        if e.get("protocol") == "last_token":  # the synonyms live in the entry; one query per premise
+            item.update(premise=context, domain_premise=domain)
+        else:
+            item.update(
+                options=[[[context, w] for w in ws] for ws in words],
+                domain=[[[domain, w] for w in ws] for ws in words] if domain is not None else None,
+            )
     elif e["kind"] == "choice":
         ch = e["choices"]
         choices = [str(get_path(row, f)) for f in ch["fields"]] if "fields" in ch else list(get_path(row, ch["field"]))
@@ -232,15 +347,31 @@ def make_item(e: dict, row: dict, idx: int) -> dict:
 
 
 def load_items(entry: dict, max_items: int | None = None, seed: int = 0, data_files: str | None = None) -> list:
-    """Items of a task; ``max_items`` draws a seeded subsample (kept in dataset order)."""
+    """Items of a task. The entry's ``sample`` is the paper's draw (numpy's legacy generator, as eval_fuzzy.py's
+    ``np.random.seed(s); np.random.choice(n, size, replace=False)``); ``max_items`` then draws a seeded subsample
+    of the items (kept in dataset order)."""
     ds = load_rows(entry["source"], data_files)
     n = len(ds)
     if n == 0:
         raise TaskError(f"task source {entry['source']} has no rows")
     idx = np.arange(n)
-    if max_items is not None and n > max_items:
-        idx = np.sort(np.random.default_rng(seed).choice(n, size=max_items, replace=False))
-    return [make_item(entry, ds[int(i)], int(i)) for i in idx]
+    if entry.get("sample"):
+        size = min(n, int(entry["sample"]["n"]))
+        idx = np.sort(np.random.RandomState(int(entry["sample"]["seed"])).choice(n, size, replace=False))
+    items = []
+    for i in idx:
+        try:
+            it = make_item(entry, ds[int(i)], int(i))
+        except TaskError as err:
+            raise TaskError(f"row {int(i)} of {entry['source'].get('path')}: {err}") from err
+        if it is not None:
+            items.append(it)
+    if not items:
+        raise TaskError(f"task source {entry['source']} has no rows the entry keeps")
+    if max_items is not None and len(items) > max_items:
+        keep = np.sort(np.random.default_rng(seed).choice(len(items), size=max_items, replace=False))
+        items = [items[int(i)] for i in keep]
+    return items
 
 
 def write_items(items: list, out) -> None:
@@ -379,6 +510,10 @@ def check_config(c: dict) -> None:
                     f"config key tasks.evaluate.{ds}.{i}: {name!r} is not a task of the registry or tasks.custom"
                 )
             synthetic |= reg[name]["source"]["type"] == "synthetic"
+            try:
+                resolve_entry(reg[name], t.get("paper_data"), name)
+            except TaskError as e:
+                raise ConfigError(f"config key tasks.evaluate.{ds}.{i}: {e}") from e
     syn = t.get("synthetic")
     if syn is not None:
         corpus = c["corpora"].get(syn["corpus"])

@@ -10,6 +10,10 @@ datastore), neighbours from ``retrieval.search``, and the mixture from ``knnlm``
   cache, exactly as the perplexity sweep. A pair's log-probability is the sum over its tokens of
   ``log(λ·p_knn + (1−λ)·p_lm)``; an option's score is the log of the summed probabilities of its pairs (a fuzzy
   verbalizer), divided by token count for ``accuracy_norm``, minus the same under the domain premise with PMI.
+* classify with ``protocol: last_token`` (paper 1's memory tasks, eval_fuzzy.py): one forward pass and one
+  query per premise (and per distinct domain premise); the cache keeps log p_lm and the K_max neighbours at the
+  premise's last position only, and each (λ, k, σ) reads the mixture at the first subword of every synonym
+  (``knnlm.knn_probs_at``); the class score is DCPMI, Σ_synonyms log(p + 1e-10) − log(p_domain + 1e-10).
 * generate: greedy decoding with the mixture at every step; one retrieval per step for the whole batch of
   examples (shared across grid points while their prefixes agree).
 """
@@ -86,6 +90,110 @@ def predict(entry: dict, items, pair_logprob, pair_len) -> np.ndarray:
 def pair_logprobs(token_logprob, token_pair, n_pairs: int) -> np.ndarray:
     """Sum the scored tokens' log-probabilities per (context, continuation) pair."""
     return np.bincount(token_pair, weights=np.asarray(token_logprob, np.float64), minlength=n_pairs)
+
+
+# --------------------------------------------------------------------------------------------- last token
+PMI_EPS = 1e-10  # eval_fuzzy.py: log(p + 1e-10)
+
+
+def first_subword(tok, word: str) -> int:
+    """The id paper 1 reads for a synonym: the first piece of ``word`` (" great") as the tokenizer encodes it
+    with its special tokens, skipping start tokens and a lone space piece ("▁" of Llama-2's tokenizer, which
+    eval_fuzzy.py special-cases by model name): the first piece that spells a character of the word."""
+    enc = tok(word, add_special_tokens=True, return_offsets_mapping=bool(getattr(tok, "is_fast", False)))
+    ids = enc["input_ids"]
+    special = set(tok.all_special_ids)
+    spans = enc.get("offset_mapping")
+    for j, i in enumerate(ids):
+        if spans is not None:
+            a, b = spans[j]
+            if i in special and a == b or not word[a:b].strip():
+                continue
+        elif i in special or not tok.decode([i]).strip():
+            continue
+        return int(i)
+    raise ValueError(f"synonym {word!r} encodes to no piece that spells it: {ids}")
+
+
+def last_token_scores(lm_logp, premise_row, domain_row, class_slots, use_pmi: bool = True) -> np.ndarray:
+    """Class scores per item [n, C] from log p at the synonym slots [Q, S]: DCPMI (eval_fuzzy.py's ``dcpmi``),
+    or Σ p over the class's synonyms without PMI (its ``lm``). A synonym listed twice counts twice, as there."""
+    p = np.exp(np.asarray(lm_logp, np.float64))
+    out = np.empty((len(premise_row), len(class_slots)))
+    for c, slots in enumerate(class_slots):
+        if use_pmi:
+            log_p = np.log(p[:, slots] + PMI_EPS)
+            out[:, c] = (log_p[premise_row] - log_p[domain_row]).sum(axis=1)
+        else:
+            out[:, c] = p[premise_row][:, slots].sum(axis=1)
+    return out
+
+
+def last_token_cache(model, hook_point, texts: list[list[int]], slot_ids, search_fn, batch: int, desc: str = ""):
+    """Forward every text once; keep log p_lm at ``slot_ids`` and the K_max neighbours of its last position."""
+    seqs = [list(t) for t in texts]
+    lm_rows, keys = [None] * len(seqs), [None] * len(seqs)
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    ids_t = torch.as_tensor(np.asarray(slot_ids, np.int64), device=device)
+    with torch.inference_mode(), capture_keys(model, hook_point) as box:
+        for a in tqdm(range(0, len(order), batch), desc=desc or "score", mininterval=10, disable=not desc):
+            chunk = order[a : a + batch]
+            L = max(len(seqs[i]) for i in chunk)
+            x = torch.zeros((len(chunk), L), dtype=torch.long)
+            mask = torch.zeros((len(chunk), L), dtype=torch.long)
+            for b, i in enumerate(chunk):
+                x[b, : len(seqs[i])] = torch.as_tensor(seqs[i])
+                mask[b, : len(seqs[i])] = 1
+            out = model(input_ids=x.to(device), attention_mask=mask.to(device))
+            for b, i in enumerate(chunk):
+                last = len(seqs[i]) - 1  # the next-token distribution after the whole premise
+                logp = torch.log_softmax(out.logits[b, last].float(), dim=-1)
+                lm_rows[i] = logp[ids_t].cpu().numpy()
+                keys[i] = box["keys"][b, last].float().cpu().numpy()
+    q = np.stack(keys).astype(np.float16).astype(np.float32)  # the precision of the datastore's keys
+    dists, vals, ids = search_fn(q)
+    return {
+        "q_lm": np.stack(lm_rows).astype(np.float32),
+        "q_dists": dists.astype(np.float32),
+        "q_vals": vals.astype(np.int32),
+        "q_ids": ids[:, :N_NEIGHBOURS_KEPT].astype(np.int64),
+    }
+
+
+def last_token_logps_over_grid(cache: dict, lambdas, ks, sigmas):
+    """Yield ((λ, k, σ), log p [Q, S] of the kNN-LM at the synonym slots): rescoring of the cache."""
+    for sigma in sigmas:
+        per_k = knnlm.knn_probs_at(cache["q_dists"], cache["q_vals"], cache["slot_ids"], ks, sigma)
+        for k in ks:
+            with np.errstate(divide="ignore"):
+                knn = np.log(per_k[int(k)])
+            for lam in lambdas:
+                yield (float(lam), int(k), float(sigma)), knnlm.interpolate(cache["q_lm"], knn, lam)
+
+
+def score_last_token(model, tok, ident, entry, items, search_fn, block_size: int, batch: int):
+    """Paper 1's memory-task scoring: the task's cache and, per item, its premise and domain-premise rows."""
+    words = entry["synonyms"]
+    class_ids = [[first_subword(tok, w) for w in ws] for ws in words]
+    slot_ids = sorted({i for ids in class_ids for i in ids})
+    where = {i: j for j, i in enumerate(slot_ids)}
+    texts: dict[str, int] = {}
+    for it in items:
+        for t in (it["premise"], it.get("domain_premise")):
+            if t is not None:
+                texts.setdefault(t, len(texts))
+    # eval_fuzzy.py: encode_plus (the tokenizer's special tokens), cut from the left to the model's window
+    encoded = [tok(t, add_special_tokens=True)["input_ids"][-block_size:] for t in texts]
+    if any(not e for e in encoded):
+        raise ValueError(f"task {entry.get('name', '')}: a premise encodes to no tokens")
+    cache = last_token_cache(model, ident["hook_point"], encoded, slot_ids, search_fn, batch, "score")
+    cache["slot_ids"] = np.asarray(slot_ids, np.int64)
+    record_items = [
+        {"q": texts[it["premise"]], "dq": texts.get(it.get("domain_premise"), -1), "gold": it["gold"]} for it in items
+    ]
+    classes = [[where[i] for i in ids] for ids in class_ids]
+    return cache, record_items, classes
 
 
 # --------------------------------------------------------------------------------------------- pairs
@@ -310,7 +418,13 @@ def score(
         return tok(s, add_special_tokens=False)["input_ids"]
 
     meta = {"task": p["task"], "kind": entry["kind"], "K": K, "n_items": len(items), "manifest_sha256": ds.hash}
-    if entry["kind"] in ("classify", "choice"):
+    if entry.get("protocol") == "last_token":
+        cache, struct, classes = score_last_token(
+            model, tok, ident, entry, items, search_fn, p["block_size"], p["batch_size"]
+        )
+        meta.update(protocol="last_token", n_queries=int(len(cache["q_dists"])), n_slots=int(cache["slot_ids"].size))
+        record = {"meta": meta, "items": struct, "classes": classes}
+    elif entry["kind"] in ("classify", "choice"):
         seqs, starts, struct = build_pairs(items, encode, bos, p["block_size"])
         cache = score_cache(model, ident["hook_point"], seqs, starts, search_fn, p["batch_size"], "score")
         cache["pair_len"] = np.asarray([len(s) - st for s, st in zip(seqs, starts, strict=True)], np.int64)
