@@ -20,7 +20,7 @@ from ..artifacts import ArtifactError, atomic_path, load_npy, read_json, write_j
 from ..cli import step
 from ..sweep import chosen_point
 from . import scoring
-from .registry import TEXT_METRICS, read_items
+from .registry import TEXT_METRICS, aggregate, read_items
 
 log = logging.getLogger(__name__)
 N_SHOWN = 8  # neighbour ids kept per item in predictions.parquet
@@ -80,8 +80,9 @@ def sweep_task(
             per_item[point] = sc, pt["texts"]
             neigh_at[point] = pt["neighbours"]
             if point is not None:
-                rows.append({"lambda": point[0], "k": point[1], "sigma": point[2], "score": float(sc.mean())})
-        base = float(per_item[None][0].mean())
+                score = aggregate(entry, items, sc)
+                rows.append({"lambda": point[0], "k": point[1], "sigma": point[2], "score": score})
+        base = aggregate(entry, items, per_item[None][0])  # mean, or the macro average over subtasks (BBH)
 
         def shown(pred):
             return list(pred)
@@ -133,7 +134,7 @@ def sweep_task(
         "metric": entry["metric"],
         "n": n,
         "base": base,
-        "knn": float(knn_scores.mean()),
+        "knn": aggregate(entry, items, knn_scores),
         "lambda": None if chosen is None else chosen[0],
         "k": None if chosen is None else chosen[1],
         "sigma": None if chosen is None else chosen[2],
