@@ -357,3 +357,17 @@ def test_inline_fewshot_and_clean_are_generic(tmp_path):
     it = registry.make_item(e, {"q": "What", "a": "3"}, 0)
     assert it["context"] == "P\nQ: a?\nA: 1\n\nQ: b?\nA: 2\n\nQ: what?\nA:"
     assert np.isclose(registry.exact_match(" 3 ", it["answers"]), 1.0)
+
+
+def test_generation_keeps_the_prompt_within_the_models_window_not_the_datastores():
+    class Cfg:
+        max_position_embeddings = 4096
+
+    class Model:
+        config = Cfg()
+
+    # GSM8K: 512 new tokens; with block_size 1024 the 8 exemplars would be cut, the model's 4096 keeps them
+    assert scoring.generation_window(Model(), 1024, 512) == 3584
+    assert scoring.generation_window(object(), 1024, 15) == 1009  # no config: the datastore's window
+    with pytest.raises(ValueError, match="max_new_tokens 1024"):
+        scoring.generation_window(object(), 1024, 1024)

@@ -4,7 +4,8 @@ Per (datastore, task) — the datastore names its model — ``score_task`` (``ta
 ``scored.npz`` + ``scored.json``
 (teacher-forced kinds: the task's retrieval cache; generate: the decoded answers at the base LM, at the point
 chosen on perplexity and, with ``tasks.generate.points: grid``, at every grid point), and ``task_sweep`` writes
-the metric at every point, the per-item predictions and a one-row summary.
+the metric at every point, the per-item predictions and a one-row summary. A task's score is the mean of its
+per-item scores, or with ``aggregate: macro`` (BBH) the mean of its subtasks' means (``registry.aggregate``).
 """
 
 from __future__ import annotations
