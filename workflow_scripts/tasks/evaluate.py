@@ -4,7 +4,8 @@ Per (datastore, task) — the datastore names its model — ``score_task`` (``ta
 ``scored.npz`` + ``scored.json``
 (teacher-forced kinds: the task's retrieval cache; generate: the decoded answers at the base LM, at the point
 chosen on perplexity and, with ``tasks.generate.points: grid``, at every grid point), and ``task_sweep`` writes
-the metric at every point, the per-item predictions and a one-row summary.
+the metric at every point, the per-item predictions and a one-row summary. A task's score is the mean of its
+per-item scores, or with ``aggregate: macro`` (BBH) the mean of its subtasks' means (``registry.aggregate``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..artifacts import ArtifactError, atomic_path, load_npy, read_json, write_j
 from ..cli import step
 from ..sweep import chosen_point
 from . import scoring
-from .registry import TEXT_METRICS, read_items
+from .registry import TEXT_METRICS, aggregate, read_items
 
 log = logging.getLogger(__name__)
 N_SHOWN = 8  # neighbour ids kept per item in predictions.parquet
@@ -104,8 +105,9 @@ def sweep_task(
             per_item[point] = sc, pt["texts"]
             neigh_at[point] = pt["neighbours"]
             if point is not None:
-                rows.append({"lambda": point[0], "k": point[1], "sigma": point[2], "score": float(sc.mean())})
-        base = float(per_item[None][0].mean())
+                score = aggregate(entry, items, sc)
+                rows.append({"lambda": point[0], "k": point[1], "sigma": point[2], "score": score})
+        base = aggregate(entry, items, per_item[None][0])  # mean, or the macro average over subtasks (BBH)
 
         def shown(pred):
             return list(pred)
@@ -157,7 +159,7 @@ def sweep_task(
         "metric": entry["metric"],
         "n": n,
         "base": base,
-        "knn": float(knn_scores.mean()),
+        "knn": aggregate(entry, items, knn_scores),
         "lambda": None if chosen is None else chosen[0],
         "k": None if chosen is None else chosen[1],
         "sigma": None if chosen is None else chosen[2],

@@ -8,6 +8,10 @@ suite); a config can add its own under ``tasks.custom`` (e.g. a local jsonl file
   verbalizer has several; a choice one), ``domain`` — the same under the domain premise (for PMI), ``gold``.
 * generate: ``context`` and ``answers`` (a list of acceptable strings).
 
+Reasoning entries can also carry few-shot exemplars (``fewshot``: inline texts, or the first k rows of the dataset
+or of each subtask, which are then not scored), named text cleaners (``clean``), rows to leave out (``exclude``)
+and a macro average over subtasks (``group`` + ``aggregate: macro``); each mirrors paper 1's evaluation code.
+
 Items are written as ``results/task_data/<task>.parquet`` (columns ``id, question, answer, item`` with ``item``
 the JSON of the item), so scoring never looks at a dataset's own column layout.
 """
@@ -36,8 +40,11 @@ CATEGORIES = ("memory", "reasoning")
 METRICS = {
     "classify": ("accuracy",),
     "choice": ("accuracy", "accuracy_norm"),
-    "generate": ("em", "f1", "number"),
+    "generate": ("em", "f1", "number", "f1_qa", "f1_drop", "gsm8k", "prefix"),
 }
+EXTRACTS = ("none", "gsm8k", "gsm8k_raw")
+FEWSHOT_FROM = ("inline", "first")
+AGGREGATES = ("mean", "macro")
 SOURCE_TYPES = ("hf", "local", "synthetic", "paper")
 PROTOCOLS = ("continuation", "last_token")
 GENERATORS = ("recall", "occupation", "twohop", "arithmetic")
@@ -123,9 +130,43 @@ def check_entry(name: str, e: dict, where: str | None = None) -> None:
     if e["kind"] == "generate":
         ans = e.get("answers")
         need("answers", isinstance(ans, dict) and "field" in ans, "{field, extract}")
-        need("answers", ans.get("extract", "none") in ("none", "gsm8k"), "extract none | gsm8k")
+        need("answers", ans.get("extract", "none") in EXTRACTS, f"extract one of {EXTRACTS}")
+        need("max_new_tokens", _pos_int(e.get("max_new_tokens", 1)), "a positive integer")
+        stop = e.get("stop", [])
+        need("stop", isinstance(stop, list) and all(isinstance(x, str) and x for x in stop), "a list of strings")
     if e.get("pmi"):
         need("domain", isinstance(e.get("domain"), str), "a domain premise (format string) when pmi is on")
+    reasoning_only = [f for f in ("fewshot", "clean", "group", "aggregate") if f in e]
+    if e["kind"] == "classify" and reasoning_only:
+        need(reasoning_only[0], False, "absent for kind classify (choice and generate entries only)")
+    if "fewshot" in e:
+        _check_fewshot(e, need)
+    if "clean" in e:
+        c = e["clean"]
+        need(
+            "clean",
+            isinstance(c, dict)
+            and set(c) <= {"prompt", "choices", "fields"}
+            and all(c[k] in CLEANERS for k in ("prompt", "choices") if k in c)
+            and isinstance(c.get("fields", {}), dict)
+            and all(isinstance(f, str) and v in CLEANERS for f, v in c.get("fields", {}).items()),
+            f"{{prompt: cleaner, choices: cleaner, fields: {{field: cleaner}}}} with cleaners in {sorted(CLEANERS)}",
+        )
+    if "exclude" in e:
+        x = e["exclude"]
+        need(
+            "exclude",
+            isinstance(x, dict) and isinstance(x.get("field"), str) and isinstance(x.get("values"), list),
+            "{field, values: [...]} (rows whose field, or any element of it, is one of values are left out)",
+        )
+    if "group" in e:
+        need("group", isinstance(e["group"], str), "the row field naming an item's subtask")
+    if "aggregate" in e:
+        need("aggregate", e["aggregate"] in AGGREGATES, f"one of {AGGREGATES}")
+        if e["aggregate"] == "macro":
+            need("aggregate", e["kind"] == "generate", "macro only for kind generate")
+            need("group", isinstance(e.get("group"), str), "the row field naming the subtask for aggregate: macro")
+
     sample = e.get("sample")
     need(
         "sample",
@@ -133,6 +174,28 @@ def check_entry(name: str, e: dict, where: str | None = None) -> None:
         "{n, seed}: the paper's seeded draw of n rows",
     )
     need("strip", isinstance(e.get("strip", []), list), "a list of fields stripped of surrounding whitespace")
+
+
+def _pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_fewshot(e: dict, need) -> None:
+    f = e["fewshot"]
+    need("fewshot", isinstance(f, dict) and f.get("from") in FEWSHOT_FROM, f"a mapping with from: {FEWSHOT_FROM}")
+    for key in ("prefix", "join"):
+        need("fewshot", isinstance(f.get(key, ""), str), f"{key} a string")
+    if f["from"] == "inline":
+        ex = f.get("examples")
+        need(
+            "fewshot",
+            isinstance(ex, list) and ex and all(isinstance(x, str) for x in ex),
+            "examples: a non-empty list of exemplar texts for from: inline",
+        )
+    else:
+        need("fewshot", _pos_int(f.get("k")), "k: a positive number of shots for from: first")
+        need("fewshot", isinstance(f.get("template"), str), "template: a format string over a shot row")
+        need("fewshot", isinstance(f.get("per", ""), str), "per: the row field grouping the shots (a subtask)")
 
 
 def _words(v) -> bool:
@@ -274,6 +337,63 @@ def gsm8k_gold(answer: str) -> str:
     return answer.split("####")[-1].strip().replace(",", "").rstrip(".")
 
 
+def gsm8k_raw(answer: str) -> str:
+    """The text after ``####`` of a GSM8K solution as written (``1,200`` keeps its comma: metric ``gsm8k``
+    reads it as paper 1's check does)."""
+    if "####" not in answer:
+        raise TaskError(f"GSM8K answer has no '####': {answer[-60:]!r}")
+    return answer.split("####")[-1].strip()
+
+
+# --------------------------------------------------------------------------------------------- text cleaners
+def normalize_question(q: str) -> str:
+    """Paper 1's QA question form (eval_qa.py / eval_drop.py): a final '?' added if missing, first letter lower."""
+    if not q:
+        return q
+    if not q.endswith("?"):
+        q = q + "?"
+    return q[0].lower() + q[1:]
+
+
+def clean_hellaswag(text: str) -> str:
+    """Paper 1's HellaSwag preprocessing (eval_pmi.py): strip, ' [title]' -> '. ', drop WikiHow [brackets],
+    one pass of '  ' -> ' '."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+CLEANERS = {"question": normalize_question, "hellaswag": clean_hellaswag}
+
+
+def _cleaned(e: dict, row: dict) -> dict:
+    fields = e.get("clean", {}).get("fields", {})
+    if not fields:
+        return row
+    row = dict(row)
+    for f, name in fields.items():
+        row[f] = CLEANERS[name](str(get_path(row, f)))
+    return row
+
+
+def build_context(e: dict, row: dict, shots: list[dict] | None = None) -> str:
+    """The prompt of a row: ``fewshot.prefix`` + the shots, each followed by ``fewshot.join``, + the entry's prompt
+    (``clean.prompt`` applied to the filled prompt). Inline shots are the entry's exemplar texts; ``first`` shots
+    are ``shots`` (dataset rows) through ``fewshot.template``."""
+    body = fill(e["prompt"], row)
+    if e.get("clean", {}).get("prompt"):
+        body = CLEANERS[e["clean"]["prompt"]](body)
+    f = e.get("fewshot")
+    if not f:
+        return body
+    if f["from"] == "inline":
+        texts = list(f["examples"])
+    else:
+        texts = [fill(f["template"], _cleaned(e, s)) for s in shots or []]
+    join = f.get("join", "")
+    return f.get("prefix", "") + "".join(t + join for t in texts) + body
+
+
 def _classes(e: dict, row: dict) -> tuple[list[str], list[list[str]], int | None]:
     """(class names, words per class, the row's class index or None when the entry drops the row)."""
     value = get_path(row, e["label_field"])
@@ -301,13 +421,17 @@ def _classes(e: dict, row: dict) -> tuple[list[str], list[list[str]], int | None
     return names, e["synonyms"], gold
 
 
-def make_item(e: dict, row: dict, idx: int) -> dict | None:
-    """One row of a dataset -> one item, by the entry alone (None: a row the entry drops, e.g. SST-5's neutral)."""
+def make_item(e: dict, row: dict, idx: int, shots: list[dict] | None = None) -> dict | None:
+    """One row of a dataset -> one item, by the entry alone (``shots``: the rows of a ``fewshot: first`` entry;
+    None: a row the entry drops, e.g. SST-5's neutral)."""
     if e.get("strip"):
         row = {**row, **{f: str(get_path(row, f)).strip() for f in e["strip"]}}
-    context = fill(e["prompt"], row)
+    row = _cleaned(e, row)
+    context = build_context(e, row, shots)
     domain = fill(e["domain"], row) if e.get("pmi") else None
     item = {"id": str(row.get("id", idx)), "kind": e["kind"], "question": context}
+    if e.get("group"):
+        item["group"] = str(get_path(row, e["group"]))
     if e["kind"] == "classify":
         names, words, gold = _classes(e, row)
         if gold is None:
@@ -324,13 +448,15 @@ def make_item(e: dict, row: dict, idx: int) -> dict | None:
         ch = e["choices"]
         choices = [str(get_path(row, f)) for f in ch["fields"]] if "fields" in ch else list(get_path(row, ch["field"]))
         choices = [str(c) for c in choices]
+        if e.get("clean", {}).get("choices"):
+            choices = [CLEANERS[e["clean"]["choices"]](c) for c in choices]
         gold = _gold_index(e, row, len(choices))
-        if e.get("blank"):  # Winogrande: the choice fills the blank; score the rest of the sentence
+        if e.get("blank"):  # Winogrande (eval_winogrande.py): sentence up to the blank + the choice; score the rest
             text = context
             if e["blank"] not in text:
                 raise TaskError(f"prompt {text!r} has no blank {e['blank']!r}")
             head, tail = text.split(e["blank"], 1)
-            options = [[[(head + c).rstrip(), " " + tail.strip()]] for c in choices]
+            options = [[[head + c, " " + tail.strip()]] for c in choices]
             dom = [[[domain or "", " " + tail.strip()]] for _ in choices] if domain is not None else None
         else:
             cont = e.get("continuation", " {choice}")
@@ -340,16 +466,55 @@ def make_item(e: dict, row: dict, idx: int) -> dict | None:
     else:
         ans = get_path(row, e["answers"]["field"])
         answers = [str(a) for a in ans] if isinstance(ans, list) else [str(ans)]
-        if e["answers"].get("extract", "none") == "gsm8k":
+        extract = e["answers"].get("extract", "none")
+        if extract == "gsm8k":
             answers = [gsm8k_gold(a) for a in answers]
+        elif extract == "gsm8k_raw":
+            answers = [gsm8k_raw(a) for a in answers]
         item.update(context=context, answers=answers, answer=" | ".join(answers))
     return item
+
+
+def _excluded(e: dict, row: dict) -> bool:
+    x = e.get("exclude")
+    if not x:
+        return False
+    v = get_path(row, x["field"])
+    return any(a in x["values"] for a in (v if isinstance(v, list) else [v]))
+
+
+def _group_of(row: dict, per: str | None):
+    return str(get_path(row, per)) if per else None
+
+
+def split_shots(e: dict, rows: list[dict]) -> tuple[dict, list[int]]:
+    """For a ``fewshot: first`` entry: the first ``k`` rows of each ``per`` group (of all rows without ``per``) are
+    the group's shots and are not scored. Returns ({group: shot rows}, indices of the rows left to score)."""
+    f = e.get("fewshot") or {}
+    if f.get("from") != "first":
+        return {}, list(range(len(rows)))
+    per, k = f.get("per"), f["k"]
+    shots: dict = {}
+    scored: dict = {}
+    keep = []
+    for i, r in enumerate(rows):
+        g = _group_of(r, per)
+        if len(shots.setdefault(g, [])) < k:
+            shots[g].append(r)
+        else:
+            keep.append(i)
+            scored[g] = scored.get(g, 0) + 1
+    short = [g for g in shots if not scored.get(g)]
+    if short:
+        raise TaskError(f"fewshot: group(s) {short} have no row left to score after their {k} shots")
+    return shots, keep
 
 
 def load_items(entry: dict, max_items: int | None = None, seed: int = 0, data_files: str | None = None) -> list:
     """Items of a task. The entry's ``sample`` is the paper's draw (numpy's legacy generator, as eval_fuzzy.py's
     ``np.random.seed(s); np.random.choice(n, size, replace=False)``); ``max_items`` then draws a seeded subsample
-    of the items (kept in dataset order)."""
+    (kept in dataset order) of the rows left after ``exclude``, the shots of a ``fewshot: first`` entry and the
+    rows the entry drops."""
     ds = load_rows(entry["source"], data_files)
     n = len(ds)
     if n == 0:
@@ -358,10 +523,19 @@ def load_items(entry: dict, max_items: int | None = None, seed: int = 0, data_fi
     if entry.get("sample"):
         size = min(n, int(entry["sample"]["n"]))
         idx = np.sort(np.random.RandomState(int(entry["sample"]["seed"])).choice(n, size, replace=False))
+    if entry.get("exclude") or (entry.get("fewshot") or {}).get("from") == "first":
+        rows = {int(i): ds[int(i)] for i in idx}
+        kept = [int(i) for i in idx if not _excluded(entry, rows[int(i)])]
+        shots, keep = split_shots(entry, [rows[i] for i in kept])
+        idx = np.asarray([kept[j] for j in keep], dtype=np.int64)
+    else:
+        rows, shots = None, {}
+    per = (entry.get("fewshot") or {}).get("per")
     items = []
     for i in idx:
+        row = rows[int(i)] if rows is not None else ds[int(i)]
         try:
-            it = make_item(entry, ds[int(i)], int(i))
+            it = make_item(entry, row, int(i), shots.get(_group_of(row, per)) if shots else None)
         except TaskError as err:
             raise TaskError(f"row {int(i)} of {entry['source'].get('path')}: {err}") from err
         if it is not None:
@@ -460,7 +634,105 @@ def number_match(pred: str, golds: list[str]) -> float:
     return 0.0
 
 
-TEXT_METRICS = {"em": exact_match, "f1": token_f1, "number": number_match}
+def _overlap_f1(p: list[str], t: list[str]) -> float:
+    common = sum(min(p.count(w), t.count(w)) for w in set(p) & set(t))
+    if not common:
+        return 0.0
+    prec, rec = common / len(p), common / len(t)
+    return 2 * prec * rec / (prec + rec)
+
+
+def qa_f1(pred: str, golds: list[str]) -> float:
+    """Paper 1's NQ / HotpotQA F1 (eval_qa.py ``f1_score``), the best over the golds: a gold that normalises to
+    yes / no / noanswer scores 1 when it is a substring of the normalised prediction, else 0; otherwise token F1,
+    0 without common tokens (so an empty prediction or gold scores 0)."""
+    best = 0.0
+    p = normalize_answer(pred)
+    for g in golds:
+        t = normalize_answer(g)
+        if t in ("yes", "no", "noanswer"):
+            best = max(best, float(t in p))
+        else:
+            best = max(best, _overlap_f1(p.split(), t.split()))
+    return best
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def drop_f1(pred: str, golds: list[str]) -> float:
+    """Paper 1's DROP F1 (eval_drop.py ``f1_score``), the best over the golds: a gold that normalises to a number
+    scores 1 when it is one of the whole digit runs (``\\b\\d+\\b``) of the normalised prediction, else 0;
+    otherwise token F1 (0 without common tokens)."""
+    best = 0.0
+    p = normalize_answer(pred)
+    for g in golds:
+        t = normalize_answer(g)
+        if _is_float(t):
+            best = max(best, float(t in re.findall(r"\b\d+\b", p)))
+        else:
+            best = max(best, _overlap_f1(p.split(), t.split()))
+    return best
+
+
+_GSM8K_MARK = re.compile(r"#### ([0-9.,$]+)")
+
+
+def gsm8k_answer(text: str) -> float | None:
+    """Paper 1's GSM8K answer (eval_gsm8k.py ``extract_answer_and_chain``): the first '#### ' followed by digits,
+    '.', ',' or '$'; its first run of digits and dots ('1,200' reads 1, '$18' reads 18); 'a.b' -> a.b, one part ->
+    that number, no part or more than two -> 0. None without a marked answer ('The answer is 18.' has none)."""
+    m = _GSM8K_MARK.search(text)
+    if not m:
+        return None
+    num = re.search(r"[0-9.]+", m.group(1))
+    if num is None:
+        return None
+    parts = [x for x in num.group().split(".") if x]
+    if len(parts) == 1:
+        return float(parts[0])
+    if len(parts) == 2:
+        return float(f"{parts[0]}.{parts[1]}")
+    return 0
+
+
+def gsm8k_match(pred: str, golds: list[str]) -> float:
+    """Paper 1's GSM8K check (``check_answer``): the prediction's answer equals the gold's, both read by
+    ``gsm8k_answer`` (golds are the text after '####', as ``extract: gsm8k_raw`` gives them). As in the paper, no
+    marked answer on both sides compares equal (None == None)."""
+    got = gsm8k_answer(pred)
+    return float(any(got == gsm8k_answer("#### " + g) for g in golds))
+
+
+def prefix_match(pred: str, golds: list[str]) -> float:
+    """Paper 1's BBH check (eval_bbh.py): the stripped generation starts with the target."""
+    return float(any(pred.strip().startswith(g) for g in golds))
+
+
+TEXT_METRICS = {
+    "em": exact_match,
+    "f1": token_f1,
+    "number": number_match,
+    "f1_qa": qa_f1,
+    "f1_drop": drop_f1,
+    "gsm8k": gsm8k_match,
+    "prefix": prefix_match,
+}
+
+
+def aggregate(entry: dict, items: list[dict], scores) -> float:
+    """A task's score from its per-item scores: their mean, or with ``aggregate: macro`` the mean over the items'
+    groups (subtasks) of each group's mean (paper 1's BBH average)."""
+    scores = np.asarray(scores, np.float64)
+    if entry.get("aggregate", "mean") != "macro":
+        return float(scores.mean())
+    groups = [it["group"] for it in items]
+    return float(np.mean([scores[[g == h for h in groups]].mean() for g in dict.fromkeys(groups)]))
 
 
 # --------------------------------------------------------------------------------------------- config

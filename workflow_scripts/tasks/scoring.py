@@ -380,6 +380,16 @@ def greedy_generate(
     return {"outputs": outputs, "neighbours": neighbours}
 
 
+def generation_window(model, block_size: int, max_new: int) -> int:
+    """Tokens of prompt kept for a generate task: the model's own context (its ``max_position_embeddings``, as
+    paper 1 decodes with the whole model window; the GSM8K prompt is ~850 Llama tokens + 512 new) less
+    ``max_new``; ``block_size`` (the datastore's window) when the model does not say."""
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None) or block_size
+    if max_new >= window:
+        raise ValueError(f"max_new_tokens {max_new} leaves no room for the prompt in a window of {window} tokens")
+    return window - max_new
+
+
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     for s in stops:
         if s and s in text:
@@ -434,7 +444,8 @@ def score(
         gcfg = p["generate"]
         max_new = int(entry.get("max_new_tokens", gcfg["max_new_tokens"]))
         stops = entry.get("stop", ["\n"])
-        prompts = [([bos] + encode(it["context"]))[-(p["block_size"] - max_new) :] for it in items]
+        keep = generation_window(model, p["block_size"], max_new)
+        prompts = [([bos] + encode(it["context"]))[-keep:] for it in items]
         chosen, _ = chosen_point(summary_csv, p["datastore"])
         points = [None]
         if gcfg["points"] == "grid":
