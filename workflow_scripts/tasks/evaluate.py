@@ -9,6 +9,7 @@ the metric at every point, the per-item predictions and a one-row summary.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def sweep_task(
         raise ArtifactError(
             f"{scored_json}: scored {record['meta']['n_items']} items, {items_parquet} has {len(items)}"
         )
-    chosen, chosen_on = chosen_point(summary_csv, p["datastore"])
+    chosen, chosen_on = chosen_point(summary_csv, p["datastore"], p.get("point"))
     rows, per_item = [], {}
     if entry["kind"] in ("classify", "choice"):
         with np.load(scored_npz, allow_pickle=False) as z:
@@ -56,7 +57,11 @@ def sweep_task(
         base = float(np.mean(base_pred == gold))
         per_item[None] = (base_pred == gold).astype(float), base_pred
         g = p["grid"]
-        for point, tlp in scoring.token_logprobs_over_grid(cache, g["lambdas"], g["ks"], g["sigmas"]):
+        points = scoring.token_logprobs_over_grid(cache, g["lambdas"], g["ks"], g["sigmas"])
+        if chosen is not None and not (chosen[0] in g["lambdas"] and chosen[1] in g["ks"] and chosen[2] in g["sigmas"]):
+            # a pinned point off the grid is scored beside it (a row of the sweep like the grid's)
+            points = itertools.chain(points, scoring.token_logprobs_over_grid(cache, *([x] for x in chosen)))
+        for point, tlp in points:
             pred = scoring.predict(
                 entry, struct, scoring.pair_logprobs(tlp, cache["t_pair"], n_pairs), cache["pair_len"]
             )
