@@ -159,12 +159,26 @@ def retrieval_params(wildcards):
             "nprobe": (
                 config["index"]["nprobe"] if config["index"]["type"] != "Flat" else None
             ),
+            "distances": index_distances(),
         }
     )
 
 
-def select_on():
-    """The eval set on which (λ, k, σ) is chosen: 'valid' when it exists, else each set on itself."""
+def index_distances():
+    """IVFPQ: 'exact' (recomputed from the keys) or 'pq' (FAISS's own); a Flat index's are exact (None)."""
+    return config["index"]["distances"] if config["index"]["type"] != "Flat" else None
+
+
+def index_params():
+    """What the index itself depends on: index.distances only concerns retrieval and scoring."""
+    return {k: v for k, v in config["index"].items() if k != "distances"}
+
+
+def select_on(ds=None):
+    """The eval set on which (λ, k, σ) is chosen: the datastore's `select_on` when it has one; else 'valid' when
+    it exists, else each set on itself ('')."""
+    if ds is not None and "select_on" in DATASTORES[ds]:
+        return DATASTORES[ds]["select_on"]
     return "valid" if "valid" in EVAL_SETS else ""
 
 
@@ -179,6 +193,11 @@ TASK_REGISTRY = _tasks.registry(TASKS.get("custom"))
 TASK_RUNS = sorted((d, t) for d, names in TASKS["evaluate"].items() for t in names)
 TASK_NAMES = sorted({t for _, t in TASK_RUNS})
 TASK_DATASTORES = sorted({d for d, _ in TASK_RUNS})
+# datastore -> (λ, k, σ) its tasks use, pinned in the config instead of chosen on perplexity
+TASK_POINTS = {
+    d: [pt["lambda"], pt["k"], pt["sigma"]]
+    for d, pt in (TASKS.get("points") or {}).items()
+}
 SYNTHETIC = [t for t in TASK_NAMES if TASK_REGISTRY[t]["source"]["type"] == "synthetic"]
 
 
@@ -213,8 +232,11 @@ def task_score_params(wildcards):
         "nprobe": (
             config["index"]["nprobe"] if config["index"]["type"] != "Flat" else None
         ),
+        "distances": index_distances(),
     }
     if e["kind"] == "generate":
+        if wildcards.ds in TASK_POINTS:
+            p["point"] = TASK_POINTS[wildcards.ds]
         p["generate"] = {
             "points": "chosen",
             "max_new_tokens": 16,
@@ -226,16 +248,18 @@ def task_score_params(wildcards):
 
 
 def task_sweep_params(wildcards):
-    """What a task's sweep depends on: the entry and the λ/k/σ grid (the chosen point is an input file)."""
-    return as_json(
-        {
-            "task": wildcards.task,
-            "entry": task_entry(wildcards.task),
-            "datastore": wildcards.ds,
-            "model": DATASTORES[wildcards.ds]["model"],
-            "grid": {k: config["sweep"][k] for k in ("lambdas", "ks", "sigmas")},
-        }
-    )
+    """What a task's sweep depends on: the entry, the λ/k/σ grid and the pinned point, if any (a point chosen on
+    perplexity is an input file)."""
+    p = {
+        "task": wildcards.task,
+        "entry": task_entry(wildcards.task),
+        "datastore": wildcards.ds,
+        "model": DATASTORES[wildcards.ds]["model"],
+        "grid": {k: config["sweep"][k] for k in ("lambdas", "ks", "sigmas")},
+    }
+    if wildcards.ds in TASK_POINTS:
+        p["point"] = TASK_POINTS[wildcards.ds]
+    return as_json(p)
 
 
 def task_summary_input(wildcards):

@@ -19,7 +19,7 @@ rule build_index:
         mem_mb=16000,
         runtime=23 * 60,  # paper 1: about 12 h with 32 threads (docs/cluster.md); 2 threads by default
     params:
-        p=lambda w: as_json({"index": config["index"], "seed": config["seed"]}),
+        p=lambda w: as_json({"index": index_params(), "seed": config["seed"]}),
     shell:
         "python -m workflow_scripts build-index --params {params.p:q} --threads {threads} --manifest {input.manifest}"
         " --index {output.index} --index-meta {output.meta} 2> {log}"

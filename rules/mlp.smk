@@ -57,7 +57,7 @@ rule mlp_eval:
             {
                 "datastore": MLP["datastore"],
                 "eval_sets": list(EVAL_SETS),
-                "choose_on": select_on() or list(EVAL_SETS)[0],
+                "choose_on": select_on(MLP["datastore"]) or list(EVAL_SETS)[0],
                 "lambdas": MLP["lambdas"],
             }
         ),

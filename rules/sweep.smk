@@ -49,7 +49,7 @@ rule summarize:
     conda:
         "../envs/pipeline.yaml"
     params:
-        p=as_json({"keys": SWEEPS, "select_on": select_on()}),
+        p=as_json({"keys": SWEEPS, "select_on": {d: select_on(d) for d in DATASTORES}}),
     shell:
         "python -m workflow_scripts summarize --params {params.p:q} --sweeps {input.sweeps} --csv {output.csv}"
         " --parquet {output.parquet} 2> {log}"

@@ -145,7 +145,9 @@ def test_omitted_keys_get_schema_defaults():
     assert out is c
     assert c["extraction"] == {"block_size": 128, "batch_size": 32, "device": "auto"}
     assert c["datastores"]["synthwiki"]["split"] == "train" and c["datastores"]["synthwiki"]["shards"] == 1
-    assert c["index"] == {"type": "IVFPQ", "nlist": 1024, "m": 32, "nbits": 8, "nprobe": 32, "train_sample": 200000}
+    assert c["index"] == {"type": "IVFPQ", "nlist": 1024, "m": 32, "nbits": 8, "nprobe": 32, "train_sample": 200000,
+                          "distances": "exact"}
+    assert "select_on" not in c["datastores"]["synthwiki"]  # no default: 'valid' when it exists (rules/common.smk)
     assert c["models"]["tiny-gpt2"]["train"]["log_every"] == 25
     assert c["sweep"]["k_max"] == 2048
 
@@ -217,6 +219,77 @@ def test_invalid_value_names_its_key_path(path, value, where):
     c = fresh()
     set_at(c, path, value)
     rejects(c, f"config key {where}")
+
+
+@pytest.mark.parametrize(("edit", "where"), [
+    (lambda c: c["datastores"]["synthwiki"].update(select_on="dev"),
+     "config key datastores.synthwiki.select_on: 'dev' is not one of the eval_sets (valid, test)"),
+    (lambda c: c["datastores"]["synthwiki"].update(select_on=3), "config key datastores.synthwiki.select_on"),
+    (lambda c: c["tasks"].update(points={"synthwiki": {"lambda": 0.2, "k": 4096, "sigma": 5}}),
+     "config key tasks.points.synthwiki.k: 4096 exceeds sweep.k_max = 2048"),
+    (lambda c: c["tasks"].update(points={"wiki": {"lambda": 0.2, "k": 16, "sigma": 5}}),
+     "config key tasks.points.wiki: 'wiki' is not one of the datastores"),
+    (lambda c: c["tasks"].update(points={"synthwiki": {"lambda": 0.2, "k": 16}}),
+     "config key tasks.points.synthwiki: 'sigma' is a required property"),
+    (lambda c: c["tasks"].update(points={"synthwiki": {"lambda": 1.2, "k": 16, "sigma": 5}}),
+     "config key tasks.points.synthwiki.lambda"),
+    (lambda c: c["tasks"].update(points={"synthwiki": {"lambda": 0.2, "k": 16, "sigma": 0}}),
+     "config key tasks.points.synthwiki.sigma"),
+    (lambda c: c["tasks"].update(points={"synthwiki": {"lambda": 0.2, "k": 16, "sigma": 5, "temp": 1}}),
+     "config key tasks.points.synthwiki: Additional properties"),
+    (lambda c: c["index"].update(distances="pq"), "config key index.distances: pq keeps an IVFPQ index's"),
+    (lambda c: c["index"].update(type="IVFPQ", distances="approx"), "config key index.distances"),
+])
+def test_points_selection_sets_and_distances_are_checked_naming_the_key(edit, where):
+    c = fresh()
+    edit(c)
+    rejects(c, where)
+
+
+def test_a_pinned_point_and_a_selection_set_per_datastore_validate():
+    c = fresh()
+    c["eval_sets"]["math_valid"] = {"corpus": "synthwiki", "split": "valid"}
+    c["datastores"]["synthwiki"]["select_on"] = "math_valid"
+    c["tasks"]["points"] = {"synthwiki": {"lambda": 0.25, "k": 2048, "sigma": 7}}  # k = k_max, off the grid
+    c["index"] = {"type": "IVFPQ", "distances": "pq"}
+    check(c)
+    assert c["tasks"]["points"]["synthwiki"] == {"lambda": 0.25, "k": 2048, "sigma": 7}
+    assert c["index"]["distances"] == "pq"
+
+
+def check_preset(path, tmp_path, monkeypatch) -> dict:
+    """Check a preset as the workflow would in a run directory that holds its tasks.paper_data folder."""
+    c = load(path)
+    folder = (c.get("tasks") or {}).get("paper_data")
+    if folder:
+        write_paper_data(tmp_path / folder, ["one two three four five ."] * 12)
+        monkeypatch.chdir(tmp_path)
+    return check(c)
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml")))
+def test_every_experiment_preset_validates(preset, tmp_path, monkeypatch):
+    check_preset(ROOT / "experiments" / preset, tmp_path, monkeypatch)
+
+
+def test_paper1_preset_pins_the_papers_points_and_chooses_math_on_math(tmp_path, monkeypatch):
+    """script/evaluate_downstream_knn.sh of the paper's code: (λ, k, σ) per (model, datastore); perplexity on
+    WikiText-103's validation split (script/eval_perplexity.sh); σ on FAISS's PQ distances."""
+    c = check_preset(ROOT / "experiments/paper1.yaml", tmp_path, monkeypatch)
+    points = {d: (p["lambda"], p["k"], p["sigma"]) for d, p in c["tasks"]["points"].items()}
+    assert points == {
+        "llama2-wiki": (0.2, 2048, 5), "llama2-math": (0.2, 1600, 3),
+        "llama3-wiki": (0.1, 2048, 5), "llama3-math": (0.1, 2048, 3),
+        "mistral-wiki": (0.1, 2048, 10), "mistral-math": (0.1, 2048, 10),
+    }
+    for d, spec in c["datastores"].items():
+        sel = c["eval_sets"][spec["select_on"]]
+        assert (sel["corpus"], sel["split"]) == (("math", "valid") if spec["corpus"] == "math" else
+                                                 ("wikitext103", "valid")), d
+    hf = c["corpora"]["wikitext103"]["hf"]
+    assert (hf["path"], hf["name"], hf["splits"]["valid"]) == ("Salesforce/wikitext", "wikitext-103-raw-v1",
+                                                              "validation")
+    assert c["index"]["type"] == "IVFPQ" and c["index"]["distances"] == "pq"
 
 
 def test_missing_required_key_is_named():

@@ -463,6 +463,33 @@ def test_search_approximate_recomputes_exact_distances_and_resorts(kind):
         assert (raw_ids != ids).any()  # the PQ order really was wrong somewhere, so the re-sort mattered
 
 
+def test_search_pq_keeps_faiss_distances_and_order_exact_recomputes_them():
+    """index.distances: pq (paper 1's knnlm.py, recompute_dists=False) returns what the IVFPQ index returns;
+    exact (the default) the true squared L2 of the same neighbours, re-sorted. The two differ on this index."""
+    rng = np.random.default_rng(5)
+    d, n = 16, 1000
+    xb = (rng.standard_normal((n, d)) + 3 * rng.integers(0, 4, (n, 1))).astype(np.float32)
+    q = (xb[rng.integers(0, n, 30)] + 0.3 * rng.standard_normal((30, d))).astype(np.float32)
+    index = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, 8, 4, 4)
+    index.train(xb)
+    index.add(xb)
+    index.nprobe = 3
+    K = 12
+    raw_d, raw_i = index.search(q, K)
+    ds = KeyStore(xb)
+    pq_d, pq_i = search(index, ds, q, K, exact=False, batch=8, distances="pq")
+    assert ds.calls == 0  # no key is read back
+    np.testing.assert_array_equal(pq_i, raw_i)
+    np.testing.assert_array_equal(pq_d, raw_d)
+    ex_d, ex_i = search(index, ds, q, K, exact=False, batch=8, distances="exact")
+    np.testing.assert_allclose(ex_d, np.take_along_axis(_brute_sq_l2(q, xb), ex_i, 1), rtol=1e-5, atol=1e-4)
+    assert (np.sort(ex_i, axis=1) == np.sort(raw_i, axis=1)).all()
+    assert np.abs(ex_d - np.sort(exact_sq_l2(q, xb[raw_i]), axis=1)).max() < 1e-4
+    assert np.abs(pq_d - exact_sq_l2(q, xb[pq_i])).max() > 0.1  # PQ distances really are approximate here
+    with pytest.raises(ValueError, match="distances"):
+        search(index, ds, q, K, exact=False, distances="pqq")
+
+
 def test_search_refuses_missing_neighbours():
     xb = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
     with pytest.raises(ArtifactError, match="fewer than K"):

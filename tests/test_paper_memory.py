@@ -91,7 +91,8 @@ def test_yahoo_is_the_papers_seeded_draw_of_3000_rows(tmp_path, paper_data):
     np.random.seed(42)  # eval_fuzzy.py: np.random.seed(42); np.random.choice(len, 3000, replace=False)
     expected = sorted(np.random.choice(3100, 3000, replace=False).tolist())
     assert [int(it["id"]) for it in items] == expected
-    assert items[0]["premise"] == f"question: q{expected[0]}\nanswer: a{expected[0]}\nthe topic of the question and answer is"
+    topic = "the topic of the question and answer is"
+    assert items[0]["premise"] == f"question: q{expected[0]}\nanswer: a{expected[0]}\n{topic}"
 
 
 def test_paper_tasks_without_the_data_folder_or_with_a_bad_one_name_what_is_wrong(tmp_path, paper_data):

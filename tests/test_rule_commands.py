@@ -100,3 +100,44 @@ def test_every_rule_command_parses_with_its_step(dry_run):
         seen.add(name)
     assert problems == []
     assert {"train-lm", "tokenize", "load-task", "score-task", "task-suite", "results-doc"} <= seen
+
+
+def _params_by_step(tmp_path, cfg: dict) -> dict[str, list[dict]]:
+    """Dry-run ``cfg`` and return each step's --params, one dict per job."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "config.yaml")).stdout
+    by_step: dict[str, list[dict]] = {}
+    for argv in _commands(out):
+        if "--params" in argv:
+            by_step.setdefault(argv[3], []).append(json.loads(argv[argv.index("--params") + 1]))
+    return by_step
+
+
+def test_points_selection_sets_and_pq_distances_reach_the_rules_params(tmp_path):
+    """What Snakemake's params rerun trigger compares: index.distances is a param of retrieval and task scoring
+    (so changing it reruns them) but not of the index; a pinned point is a param of the task sweep (and of
+    the decoding of generate tasks); each datastore's selection set is a param of the summary."""
+    base = load_test_config("tasks")
+    base["index"] = {"type": "IVFPQ", "nlist": 4, "m": 4, "nbits": 4, "train_sample": 500}
+    local = tmp_path / "mine.jsonl"  # a generate task: decoded at the pinned point
+    local.write_text((ROOT / "tests/fixtures/tasks/gsm8k.jsonl").read_text())
+    mine = {**registry.registry()["gsm8k"], "source": {"type": "local", "path": str(local)}}
+    base["tasks"]["custom"] = {"mine": mine}
+    base["tasks"]["evaluate"]["micro"].append("mine")
+    exact = _params_by_step(tmp_path / "exact", base)
+    cfg = copy.deepcopy(base)
+    cfg["index"]["distances"] = "pq"
+    cfg["eval_sets"]["valid2"] = {"corpus": "micro", "split": "valid", "max_tokens": 100}
+    cfg["datastores"]["micro"]["select_on"] = "valid2"
+    cfg["tasks"]["points"] = {"micro": {"lambda": 0.3, "k": 32, "sigma": 7}}  # σ off the grid
+    pq = _params_by_step(tmp_path / "pq", cfg)
+    assert {p["distances"] for p in exact["retrieve"]} == {"exact"}
+    assert {p["distances"] for p in pq["retrieve"]} == {"pq"} and len(pq["retrieve"]) == 3
+    assert {p["distances"] for p in pq["score-task"]} == {"pq"} and len(pq["score-task"]) == 5
+    assert pq["build-index"] == exact["build-index"] and "distances" not in pq["build-index"][0]["index"]
+    assert [p["point"] for p in pq["task-sweep"]] == [[0.3, 32, 7]] * 5
+    assert [p.get("point") for p in pq["score-task"] if p["task"] == "mine"] == [[0.3, 32, 7]]
+    assert all("point" not in p for p in exact["task-sweep"])
+    assert pq["summarize"][0]["select_on"] == {"micro": "valid2"}
+    assert exact["summarize"][0]["select_on"] == {"micro": "valid"}

@@ -2,6 +2,8 @@
 valid and applied to test (never chosen on test), the oracle is the best point, chosen_point reads the valid
 choice, and the bootstrap interval is the 95% percentile interval of the paired resampled means."""
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -141,3 +143,107 @@ def test_classify_pmi_uses_the_whole_domain_continuation_not_its_per_token_mean(
     assert scoring.score_classify(items, lp, length, pmi=True).tolist() == [1]
     assert scoring.score_classify(items, lp, length, pmi=False).tolist() == [0]
     assert scoring.predict({"kind": "classify", "metric": "accuracy", "pmi": True}, items, lp, length).tolist() == [1]
+
+
+# ------------------------------------------------------------------------------- per-datastore selection, pins
+@pytest.fixture
+def two_datastores(tmp_path):
+    """A Wiki and a Math datastore, each swept on a Wiki and a Math validation set. On wiki_valid every datastore
+    prefers (0.1, 4); on math_valid every datastore prefers (0.2, 8)."""
+    wiki_pref = {(0.1, 4): 3.0, (0.1, 8): 3.5, (0.2, 4): 4.0, (0.2, 8): 4.5}
+    math_pref = {(0.1, 4): 7.0, (0.1, 8): 6.5, (0.2, 4): 6.8, (0.2, 8): 6.0}
+    sweeps = {}
+    for ds in ("wiki", "math"):
+        for evalset, ppl in (("wiki_valid", wiki_pref), ("math_valid", math_pref)):
+            sweeps[(evalset, ds)] = _grid(tmp_path, f"{evalset}__{ds}", ppl)
+    return tmp_path, sweeps
+
+
+def test_each_datastore_chooses_on_its_own_validation_set(two_datastores):
+    """With one selection set for all (the old behaviour) the Math datastore would be tuned on Wiki valid and
+    score math_valid at (0.1, 4) = 7.0; chosen on its own set it scores it at (0.2, 8) = 6.0."""
+    tmp_path, sweeps = two_datastores
+    df = sweep.summarize_sweeps(sweeps, {"wiki": "wiki_valid", "math": "math_valid"}, tmp_path / "s.csv",
+                                tmp_path / "s.parquet")
+    got = {(r["datastore"], r["eval_set"]): (r["lambda"], r["k"], r["knn_ppl"], r["chosen_on"])
+           for r in df.iter_rows(named=True)}
+    assert got == {
+        ("wiki", "wiki_valid"): (0.1, 4, 3.0, "wiki_valid"),
+        ("wiki", "math_valid"): (0.1, 4, 7.0, "wiki_valid"),
+        ("math", "wiki_valid"): (0.2, 8, 4.5, "math_valid"),
+        ("math", "math_valid"): (0.2, 8, 6.0, "math_valid"),
+    }
+    # the tasks read each datastore's own choice back
+    assert sweep.chosen_point(tmp_path / "s.csv", "wiki") == ((0.1, 4, 1.0), "perplexity on wiki_valid")
+    assert sweep.chosen_point(tmp_path / "s.csv", "math") == ((0.2, 8, 1.0), "perplexity on math_valid")
+
+
+def test_one_selection_set_for_every_datastore_is_the_old_table_byte_for_byte(two_datastores):
+    """The default (every datastore on the same set, given as a name or per datastore) writes the same files."""
+    tmp_path, sweeps = two_datastores
+    sweep.summarize_sweeps(sweeps, "wiki_valid", tmp_path / "a.csv", tmp_path / "a.parquet")
+    sweep.summarize_sweeps(sweeps, {"wiki": "wiki_valid", "math": "wiki_valid"}, tmp_path / "b.csv",
+                           tmp_path / "b.parquet")
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    a = pl.read_csv(tmp_path / "a.csv")
+    assert set(a["chosen_on"]) == {"wiki_valid"} and set(zip(a["lambda"], a["k"], strict=True)) == {(0.1, 4)}
+    # a datastore without a selection set is chosen on each eval set itself
+    df = sweep.summarize_sweeps(sweeps, {"wiki": "wiki_valid"}, tmp_path / "c.csv", tmp_path / "c.parquet")
+    row = df.filter((pl.col("datastore") == "math") & (pl.col("eval_set") == "math_valid")).row(0, named=True)
+    assert (row["lambda"], row["k"], row["chosen_on"]) == (0.2, 8, "math_valid")
+
+
+def test_a_pinned_point_overrides_the_perplexity_choice(tables):
+    tmp_path, sweeps = tables
+    sweep.summarize_sweeps(sweeps, "valid", tmp_path / "s.csv", tmp_path / "s.parquet")
+    assert sweep.chosen_point(tmp_path / "s.csv", "d", [0.3, 2048, 5]) == ((0.3, 2048, 5.0), "pinned in config")
+    assert sweep.chosen_point(None, "d", (0.1, 16, 3.0)) == ((0.1, 16, 3.0), "pinned in config")
+    assert sweep.chosen_point(tmp_path / "s.csv", "d", None) == ((0.2, 8, 1.0), "perplexity on valid")
+
+
+def _choice_task(tmp_path):
+    """One two-option choice item, gold option 0 ("A", token 0; "B", token 1), each option one scored token from
+    the same query. p_lm = (.4, .6): the base LM is wrong. Two neighbours at squared distances 0 and .1, values A
+    then B. k 2, σ 1, λ .1 (the only grid point): p(A) = .1 · .525 + .9 · .4 = .4125 < p(B): wrong. Pinned off
+    the grid at (λ .5, k 1, σ 1): p(A) = .5 · 1 + .5 · .4 = .7 > p(B) = .3: right."""
+    cache = {
+        "t_lm": np.log(np.array([0.4, 0.6])),
+        "t_pair": np.array([0, 1]),
+        "t_row": np.array([0, 0]),
+        "t_target": np.array([0, 1]),
+        "q_dists": np.array([[0.0, 0.1]], np.float32),
+        "q_vals": np.array([[0, 1]], np.int32),
+        "q_ids": np.array([[10, 11]], np.int64),
+        "pair_len": np.array([1, 1]),
+    }
+    np.savez(tmp_path / "scored.npz", **cache)
+    (tmp_path / "scored.json").write_text(json.dumps(
+        {"meta": {"n_items": 1}, "items": [{"options": [[0], [1]], "domain": None, "gold": 0}]}))
+    item = {"id": "0", "question": "q", "answer": "A", "labels": ["A", "B"]}
+    pl.DataFrame({"item": [json.dumps(item)]}).write_parquet(tmp_path / "items.parquet")
+    p = {"task": "t", "model": "m", "datastore": "d",
+         "entry": {"kind": "choice", "metric": "accuracy", "category": "reasoning"},
+         "grid": {"lambdas": [0.1], "ks": [2], "sigmas": [1.0]}}
+    return p
+
+
+def _sweep_task(tmp_path, p, summary=None):
+    return evaluate.sweep_task(tmp_path / "scored.npz", tmp_path / "scored.json", tmp_path / "items.parquet", p,
+                               summary, tmp_path / "sweep.csv", tmp_path / "sweep.parquet",
+                               tmp_path / "pred.parquet", tmp_path / "summary.json")
+
+
+def test_a_pinned_point_off_the_grid_is_scored_and_used(tmp_path):
+    p = _choice_task(tmp_path)
+    # a perplexity summary that chose the grid point: without the pin, the task is scored there (wrong answer)
+    pl.DataFrame({"eval_set": ["test"], "datastore": ["d"], "lambda": [0.1], "k": [2], "sigma": [1.0],
+                  "chosen_on": ["valid"]}).write_csv(tmp_path / "s.csv")
+    s = _sweep_task(tmp_path, p, tmp_path / "s.csv")
+    assert (s["base"], s["knn"], s["lambda"], s["k"], s["chosen_on"]) == (0.0, 0.0, 0.1, 2, "perplexity on valid")
+    s = _sweep_task(tmp_path, {**p, "point": [0.5, 1, 1]}, tmp_path / "s.csv")
+    assert (s["base"], s["knn"], s["lambda"], s["k"], s["sigma"]) == (0.0, 1.0, 0.5, 1, 1.0)
+    assert s["chosen_on"] == "pinned in config"
+    rows = {(r["lambda"], r["k"], r["sigma"]): r["score"] for r in pl.read_csv(tmp_path / "sweep.csv").iter_rows(
+        named=True)}
+    assert rows == {(0.1, 2, 1.0): 0.0, (0.5, 1, 1.0): 1.0}  # the grid, plus the pinned point beside it
+    assert pl.read_parquet(tmp_path / "pred.parquet")["knn_pred"].to_list() == ["A"]

@@ -100,11 +100,13 @@ def _cross_check(c: dict) -> None:
                         raise ConfigError(f"config key corpora.{name}.local.files.{split}: file {f} does not exist")
                     if Path(f).stat().st_size == 0:
                         raise ConfigError(f"config key corpora.{name}.local.files.{split}: file {f} is empty")
+    for e, spec in c["eval_sets"].items():
+        need("corpora", spec["corpus"], f"eval_sets.{e}.corpus")
     for d, spec in c["datastores"].items():
         need("models", spec["model"], f"datastores.{d}.model")
         need("corpora", spec["corpus"], f"datastores.{d}.corpus")
-    for e, spec in c["eval_sets"].items():
-        need("corpora", spec["corpus"], f"eval_sets.{e}.corpus")
+        if "select_on" in spec:
+            need("eval_sets", spec["select_on"], f"datastores.{d}.select_on")
     sw = c["sweep"]
     if sw.get("k_max") is None:
         sw["k_max"] = max(sw["ks"])
@@ -113,6 +115,18 @@ def _cross_check(c: dict) -> None:
             f"config key sweep.k_max: {sw['k_max']} is smaller than the largest k in sweep.ks "
             f"({max(sw['ks'])}); retrieval must fetch at least max(ks) neighbours"
         )
+    if c["index"]["type"] == "Flat" and c["index"].get("distances") == "pq":
+        raise ConfigError(
+            "config key index.distances: pq keeps an IVFPQ index's approximate distances; a Flat index's are exact "
+            "(use index.type IVFPQ, or distances exact)"
+        )
+    for d, point in ((c.get("tasks") or {}).get("points") or {}).items():
+        need("datastores", d, f"tasks.points.{d}")
+        if point["k"] > sw["k_max"]:
+            raise ConfigError(
+                f"config key tasks.points.{d}.k: {point['k']} exceeds sweep.k_max = {sw['k_max']}, the neighbours "
+                "retrieval caches (raise sweep.k_max to score this point)"
+            )
     a = c.get("analyses") or {}
     for key in ("macondo", "hurdle"):
         if key in a:

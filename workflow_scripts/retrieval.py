@@ -3,7 +3,8 @@
 The cache (one directory, readable with numpy alone) holds ``targets``, ``lm_logprob``, ``dists`` (squared L2,
 ascending), ``vals``, ``ids`` (global datastore rows), ``queries`` (float16) and ``meta.json``. Every
 (λ, k, σ) point is a rescoring of it. With an approximate index, distances are recomputed exactly from the
-stored keys and the neighbours re-sorted.
+stored keys and the neighbours re-sorted, unless ``index.distances`` is ``pq``: then FAISS's approximate PQ
+distances and order are kept, as paper 1's code does (``recompute_dists=False``).
 """
 
 from __future__ import annotations
@@ -47,8 +48,17 @@ def exact_sq_l2(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return np.einsum("nkd,nkd->nk", diff, diff)
 
 
-def search(index, ds: Datastore, queries: np.ndarray, K: int, exact: bool, batch: int = 1024):
-    """Neighbours of float32 ``queries``; distances recomputed from the stored keys unless ``exact``."""
+DISTANCES = {"exact": "recomputed from keys", "pq": "faiss PQ (approximate)"}  # retrieval meta, IVFPQ
+
+
+def search(
+    index, ds: Datastore, queries: np.ndarray, K: int, exact: bool, batch: int = 1024, distances: str = "exact"
+):
+    """Neighbours of float32 ``queries``, nearest first. ``exact`` (a Flat index) or ``distances='pq'``: FAISS's
+    distances and order as they are (clamped at 0); else distances recomputed from the stored keys, re-sorted."""
+    if distances not in DISTANCES:
+        raise ValueError(f"distances = {distances!r}: one of {', '.join(DISTANCES)}")
+    recompute = not exact and distances == "exact"
     n = len(queries)
     dists = np.empty((n, K), np.float32)
     ids = np.empty((n, K), np.int64)
@@ -60,7 +70,7 @@ def search(index, ds: Datastore, queries: np.ndarray, K: int, exact: bool, batch
                 f"the index returned fewer than K={K} neighbours for some queries; "
                 f"raise index.nprobe or lower the largest k"
             )
-        if not exact:
+        if recompute:
             d = exact_sq_l2(q, ds.gather_keys(i))
             order = np.argsort(d, axis=1, kind="stable")
             d, i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
@@ -104,7 +114,8 @@ def retrieve(
         lm_logprob[first : first + len(keys)] = lp
     t_model = time.time() - t0
     # search with the float16-rounded queries so that the cache is self-consistent
-    dists, ids = search(index, ds, queries.astype(np.float32), K, exact=imeta["exact"])
+    distances = cfg.get("distances") or "exact"
+    dists, ids = search(index, ds, queries.astype(np.float32), K, exact=imeta["exact"], distances=distances)
     t_search = time.time() - t0 - t_model
     arrays = {
         "targets": tokens[1 : n + 1].astype(np.int32),
@@ -127,7 +138,7 @@ def retrieve(
         "n_tokens": int(n),
         "tokens_sha256": sha256_file(tokens_npy),
         "index": imeta["factory"],
-        "distances": "faiss" if imeta["exact"] else "recomputed from keys",
+        "distances": "faiss" if imeta["exact"] else DISTANCES[distances],
         "seconds": {"model": round(t_model, 2), "search": round(t_search, 2)},
     }
     write_json(outdir / "meta.json", meta)

@@ -1,7 +1,8 @@
 """Sweep and tables: perplexity at every (λ, k, σ) from a retrieval cache, and the summary across eval sets.
 
 Protocol (paper 1): the (λ, k, σ) point is chosen on the validation set and applied to the test set; the
-oracle best point per eval set is reported beside it.
+oracle best point per eval set is reported beside it. Each datastore chooses on its own set
+(``datastores.<name>.select_on``: a Math datastore on Math valid); tasks may pin a point instead (``tasks.points``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .cli import step
 from .retrieval import load_cache
 
 COLUMNS = ["lambda", "k", "sigma", "ppl", "base_ppl", "n_tokens"]
+PINNED = "pinned in config"  # chosen_on of a point that tasks.points pins
 
 
 def run_sweep(cache_dir, manifest_json, grid: dict, csv, parquet) -> pl.DataFrame:
@@ -31,13 +33,18 @@ def run_sweep(cache_dir, manifest_json, grid: dict, csv, parquet) -> pl.DataFram
     return df
 
 
-def summarize_sweeps(sweeps: dict[tuple[str, str], str], select_on: str, csv, parquet) -> pl.DataFrame:
-    """One row per (eval set, datastore): base ppl, the kNN-LM at the point chosen on ``select_on``, the oracle."""
+def summarize_sweeps(
+    sweeps: dict[tuple[str, str], str], select_on: str | dict[str, str], csv, parquet
+) -> pl.DataFrame:
+    """One row per (eval set, datastore): base ppl, the kNN-LM at the point chosen on the datastore's selection
+    set, the oracle. ``select_on``: one eval set for every datastore, or datastore -> eval set; a datastore whose
+    set has no sweep ('' or absent) is chosen on each eval set itself."""
     frames = {key: pl.read_parquet(path) for key, path in sweeps.items()}
     rows = []
     for (evalset, datastore), df in frames.items():
         best = df.sort(["ppl", "lambda", "k", "sigma"]).row(0, named=True)
-        sel_df = frames.get((select_on, datastore))
+        on = select_on if isinstance(select_on, str) else select_on.get(datastore, "")
+        sel_df = frames.get((on, datastore))
         chosen = (
             sel_df.sort(["ppl", "lambda", "k", "sigma"]).row(0, named=True) if sel_df is not None else best
         )
@@ -56,7 +63,7 @@ def summarize_sweeps(sweeps: dict[tuple[str, str], str], select_on: str, csv, pa
                 "lambda": at["lambda"],
                 "k": at["k"],
                 "sigma": at["sigma"],
-                "chosen_on": select_on if sel_df is not None else evalset,
+                "chosen_on": on if sel_df is not None else evalset,
                 "oracle_ppl": best["ppl"],
                 "oracle_lambda": best["lambda"],
                 "oracle_k": best["k"],
@@ -68,8 +75,12 @@ def summarize_sweeps(sweeps: dict[tuple[str, str], str], select_on: str, csv, pa
     return df
 
 
-def chosen_point(summary_csv, datastore: str):
-    """(λ, k, σ) chosen on perplexity for ``datastore`` (the valid-set choice of perplexity_summary.csv)."""
+def chosen_point(summary_csv, datastore: str, pinned=None):
+    """(λ, k, σ) for ``datastore`` and where it comes from: ``pinned`` (tasks.points) when given, else the point
+    chosen on perplexity (on the datastore's selection set, as perplexity_summary.csv records it)."""
+    if pinned is not None:
+        lam, k, sigma = pinned
+        return (float(lam), int(k), float(sigma)), PINNED
     if not summary_csv or not Path(summary_csv).exists():
         return None, None
     df = pl.read_csv(summary_csv).filter(pl.col("datastore") == datastore)
@@ -89,6 +100,7 @@ def sweep(params: dict, cache: Path, manifest: Path, csv: Path, parquet: Path) -
 
 @step
 def summarize(params: dict, sweeps: list[Path], csv: Path, parquet: Path) -> None:
-    """The perplexity summary: base LM and kNN-LM per (eval set, datastore), (λ, k, σ) chosen on valid."""
+    """The perplexity summary: base LM and kNN-LM per (eval set, datastore), (λ, k, σ) chosen on each datastore's
+    selection set (params.select_on: datastore -> eval set)."""
     keys = [tuple(k) for k in params["keys"]]
     summarize_sweeps(dict(zip(keys, sweeps, strict=True)), params["select_on"], csv, parquet)

@@ -10,6 +10,7 @@ per-item scores, or with ``aggregate: macro`` (BBH) the mean of its subtasks' me
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -28,6 +29,14 @@ N_SHOWN = 8  # neighbour ids kept per item in predictions.parquet
 
 
 # --------------------------------------------------------------------------------------------- sweep
+def _grid_and_pin(over_grid, cache, g: dict, chosen):
+    """The grid's points, then a pinned point off the grid (a row of the sweep like the grid's)."""
+    points = over_grid(cache, g["lambdas"], g["ks"], g["sigmas"])
+    if chosen is not None and not (chosen[0] in g["lambdas"] and chosen[1] in g["ks"] and chosen[2] in g["sigmas"]):
+        points = itertools.chain(points, over_grid(cache, *([x] for x in chosen)))
+    return points
+
+
 def _order(r):
     return (-r["score"], r["lambda"], r["k"], r["sigma"])
 
@@ -43,7 +52,7 @@ def sweep_task(
         raise ArtifactError(
             f"{scored_json}: scored {record['meta']['n_items']} items, {items_parquet} has {len(items)}"
         )
-    chosen, chosen_on = chosen_point(summary_csv, p["datastore"])
+    chosen, chosen_on = chosen_point(summary_csv, p["datastore"], p.get("point"))
     rows, per_item = [], {}
     if entry.get("protocol") == "last_token":
         with np.load(scored_npz, allow_pickle=False) as z:
@@ -61,7 +70,7 @@ def sweep_task(
         base = float(np.mean(base_pred == gold))
         per_item[None] = (base_pred == gold).astype(float), base_pred
         g = p["grid"]
-        for point, logp in scoring.last_token_logps_over_grid(cache, g["lambdas"], g["ks"], g["sigmas"]):
+        for point, logp in _grid_and_pin(scoring.last_token_logps_over_grid, cache, g, chosen):
             pred = predict(logp)
             per_item[point] = (pred == gold).astype(float), pred
             rows.append({"lambda": point[0], "k": point[1], "sigma": point[2], "score": float(np.mean(pred == gold))})
@@ -81,7 +90,7 @@ def sweep_task(
         base = float(np.mean(base_pred == gold))
         per_item[None] = (base_pred == gold).astype(float), base_pred
         g = p["grid"]
-        for point, tlp in scoring.token_logprobs_over_grid(cache, g["lambdas"], g["ks"], g["sigmas"]):
+        for point, tlp in _grid_and_pin(scoring.token_logprobs_over_grid, cache, g, chosen):
             pred = scoring.predict(
                 entry, struct, scoring.pair_logprobs(tlp, cache["t_pair"], n_pairs), cache["pair_len"]
             )

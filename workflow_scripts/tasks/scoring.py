@@ -398,11 +398,11 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the task's cache
-def _search(index, ds, K: int, exact: bool):
+def _search(index, ds, K: int, exact: bool, distances: str = "exact"):
     from ..retrieval import search
 
     def fn(q):
-        d, i = search(index, ds, np.ascontiguousarray(q, dtype=np.float32), K, exact)
+        d, i = search(index, ds, np.ascontiguousarray(q, dtype=np.float32), K, exact, distances=distances)
         return d, ds.gather_vals(i), i
 
     return fn
@@ -420,7 +420,7 @@ def score(
         identity_json, manifest_json, index_path, index_meta, p, threads
     )
     K = p["k_max"]
-    search_fn = _search(index, ds, K, imeta["exact"])
+    search_fn = _search(index, ds, K, imeta["exact"], p.get("distances") or "exact")
     items = read_items(items_parquet)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
@@ -446,7 +446,7 @@ def score(
         stops = entry.get("stop", ["\n"])
         keep = generation_window(model, p["block_size"], max_new)
         prompts = [([bos] + encode(it["context"]))[-keep:] for it in items]
-        chosen, _ = chosen_point(summary_csv, p["datastore"])
+        chosen, _ = chosen_point(summary_csv, p["datastore"], p.get("point"))
         points = [None]
         if gcfg["points"] == "grid":
             g = p["grid"]
