@@ -47,6 +47,7 @@ MODES = {
         "recall_queries": 512,
         "extract": 32_768,
         "ivfpq": {"nlist": 256, "m": 16, "nbits": 8, "nprobe": 16, "train_sample": 20_000},
+        "task_items": 8,
     },
     "quick": {
         "sizes": [8_192, 16_384, 32_768],
@@ -56,6 +57,7 @@ MODES = {
         "recall_queries": 128,
         "extract": 8_192,
         "ivfpq": {"nlist": 32, "m": 16, "nbits": 6, "nprobe": 16, "train_sample": 4_096},
+        "task_items": 4,
     },
 }
 OUT = Path(__file__).resolve().parent
@@ -396,6 +398,41 @@ def retrieval_vs_faiss(flat, ds, q: dict, tmp: Path) -> list[dict]:
     ]
 
 
+def memory_task_scoring(model, ident, flat, ds, n_items: int) -> list[dict]:
+    """6. A CR-shaped memory task (448 synonyms of 1-2 tokens, premises of 32 tokens) scored the paper's way
+    (``protocol: last_token``: one forward and one query per premise) vs whole-word continuations (one
+    sequence per synonym, a query per distinct scored position). Items/s for the base LM (forward passes only)
+    and the kNN-LM (plus the searches), on the same model and Flat index."""
+    from workflow_scripts.tasks import scoring
+
+    rng = np.random.default_rng(7)
+    premises = [rng.integers(1, VOCAB, 32).tolist() for _ in range(n_items)]
+    synonyms = [rng.integers(1, VOCAB, int(rng.integers(1, 3))).tolist() for _ in range(448)]
+    slots = sorted({w[0] for w in synonyms})
+
+    search = scoring._search(flat, ds, K, True)  # what score_task searches with
+
+    def no_search(q):  # the base LM: forward passes only
+        z = np.zeros((len(q), K), np.float32)
+        return z, z.astype(np.int32), z.astype(np.int64)
+
+    seqs = [p + w for p in premises for w in synonyms]
+    starts = [len(p) for p in premises for _ in synonyms]
+    hook = ident["hook_point"]
+    fns = {
+        ("last_token", "base"): lambda: scoring.last_token_cache(model, hook, premises, slots, no_search, BATCH),
+        ("last_token", "kNN"): lambda: scoring.last_token_cache(model, hook, premises, slots, search, BATCH),
+        ("continuation", "base"): lambda: scoring.score_cache(model, hook, seqs, starts, no_search, BATCH),
+        ("continuation", "kNN"): lambda: scoring.score_cache(model, hook, seqs, starts, search, BATCH),
+    }
+    t = {key: perf(fn)[0] for key, fn in fns.items()}
+    out = [row(f"memory task: {p} items/s ({lm_})", n_items / t[(p, lm_)]) for p, lm_ in fns]
+    for lm_ in ("base", "kNN"):
+        r = t[("continuation", lm_)] / t[("last_token", lm_)]
+        out.append(row(f"memory task: last_token / continuation items/s ({lm_})", r, ">= 50", r >= 50))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ main
 def print_table(rows: list[dict]) -> None:
     cols = list(rows[0])
@@ -441,6 +478,8 @@ def main() -> None:
         log("sweep done")
         index_rows += ppl_ivfpq_vs_flat(ivf, ds, q, grid, index.factory_string({"type": "IVFPQ", **m["ivfpq"]}, ds.dim))
         rows = sweep_rows + rows + retrieval_vs_faiss(flat, ds, q, tmp) + index_rows
+        rows += memory_task_scoring(model, ident, flat, ds, m["task_items"])
+        log("memory task done")
     rows.append(
         row(
             "run: mode / wall s / load avg (1 min) start, end",

@@ -171,7 +171,7 @@ def write_paper_data(root: Path, texts: list[str]) -> Path:
                                                      "options": ["negative", "positive"]})
     rows("mr/test.jsonl", lambda i, t: {"label": str(i % 2), "text": t})
     rows("cr/test.jsonl", lambda i, t: {"label": str((i // 2) % 2), "text": t})
-    rows("hyp/test.jsonl", lambda i, t: {"": str(i % 2), "text": f"  {t} \n"})
+    rows("hyp/test.jsonl", lambda i, t: {"": str(i), "text": f"  {t} \n", "id": 1000 + i, "label": str(i % 2)})
     rows("agn/test.jsonl", lambda i, t: {"Class Index": str(1 + i % 4), "Title": t.split(" ")[0],
                                          "Description": t})
     rows("rte/val.jsonl", lambda i, t: {"premise": t, "hypothesis": t.split(" (")[0] + " works .",

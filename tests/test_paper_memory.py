@@ -46,6 +46,7 @@ def test_the_nine_memory_tasks_are_the_papers_last_token_protocol():
     ("mr", 24, 0, TEXTS[0] + " The sentence has a tone that is", "The sentence has a tone that is"),
     ("cr", 24, 0, TEXTS[0] + " It was", " It was"),
     ("hyp", 24, 0, TEXTS[0] + " neutral or partisan? Answer:", " neutral or partisan? Answer:"),  # text stripped
+    # (hyp's unnamed column is a row index, as in the paper's file; the label is `label`, as eval_fuzzy.py reads)
     ("agn", 24, 0, f"title: Name0\nsummary: {TEXTS[0]}\ntopic:", "topic:"),  # Class Index 1 -> class 0
     ("rte", 24, 0, f" {TEXTS[0]}\nquestion: Name0 works . true or false?\nanswer:", "true or false?\nanswer:"),
     ("cb", 24, 0, f"premise: {TEXTS[0]}\nhypothesis: Name0 is a painter\nanswer: The hypothesis is",
@@ -145,16 +146,26 @@ def _tokenizers():
 @pytest.mark.parametrize("word", [" great", " painter", " poet", " day"])
 def test_first_subword_of_a_synonym_for_each_kind_of_tokenizer(word):
     gpt2, start, spm = _tokenizers()
-    # GPT-2 style: the first piece; eval_fuzzy.py's index 1 assumes a start token, which this tokenizer lacks
+    # GPT-2 style, no start token: the first piece (eval_fuzzy.py's index 1 assumes a start token)
+    assert scoring.subword_index(gpt2) == 0
     assert scoring.first_subword(gpt2, word) == gpt2(word)["input_ids"][0]
-    # a start token: eval_fuzzy.py's word_idx = 1
-    assert start(word)["input_ids"][0] == start.eos_token_id
+    # a start token (Llama-3, Mistral): eval_fuzzy.py's word_idx = 1
+    assert start(word)["input_ids"][0] == start.eos_token_id and scoring.subword_index(start) == 1
     assert scoring.first_subword(start, word) == start(word)["input_ids"][1] == gpt2(word)["input_ids"][0]
     # Llama-2 style: [<s>, "▁", "▁word"]; eval_fuzzy.py's word_idx = 2 for Llama-2-7b-hf
     ids = spm(word)["input_ids"]
-    assert spm.convert_ids_to_tokens(ids[:2]) == ["<s>", "▁"]
+    assert spm.convert_ids_to_tokens(ids[:2]) == ["<s>", "▁"] and scoring.subword_index(spm) == 2
     assert scoring.first_subword(spm, word) == ids[2]
     assert spm.convert_ids_to_tokens([ids[2]])[0].startswith("▁" + word.strip()[0])
+
+
+def test_a_word_whose_leading_space_is_its_own_piece_reads_that_piece_as_the_paper_does():
+    """Byte-level BPE without the merge "Ġz": " zebra" is ["Ġ", "z", ...]. eval_fuzzy.py reads a fixed index (1
+    after the start token), so the space piece; the index is the tokenizer's, not the word's."""
+    _, start, _ = _tokenizers()
+    ids = start(" zebra")["input_ids"]
+    assert start.convert_ids_to_tokens(ids[:2]) == ["<|endoftext|>", "Ġ"]
+    assert scoring.first_subword(start, " zebra") == ids[1]
 
 
 # ------------------------------------------------------------------------------------------- DCPMI
@@ -210,7 +221,7 @@ def _paper_examples(task, data):
                 _load_label(data / "label_names_sentidict.txt"), prompt)
     if task == "hyp":
         prompt = " neutral or partisan? Answer:"
-        return ([r["text"].strip() + prompt for r in rows], [int(r[""]) for r in rows],
+        return ([r["text"].strip() + prompt for r in rows], [int(r["label"]) for r in rows],
                 {0: [" neutral", " fair", " objective"], 1: [" partisan", " biased", " unfair"]}, prompt)
     if task == "agn":
         prompt = "topic:"
@@ -279,10 +290,11 @@ class PaperScorer:
 
 
 @pytest.mark.slow
-def test_pipeline_predictions_equal_the_papers_scoring_on_every_task_and_grid_point(paper_run):
+def test_pipeline_predictions_equal_the_papers_scoring_on_every_task_and_grid_point(paper_run, monkeypatch):
     """On the same model, datastore and task files, the base and kNN-LM predictions of every item, at every
     grid point, are the ones eval_fuzzy.py's procedure gives (re-implemented above, brute-force kNN)."""
     work, jobs = paper_run
+    monkeypatch.chdir(work)  # model.json names its files relative to the run directory
     assert jobs.get("score_task") == 9 and jobs.get("train_lm") == 1  # the twin model only; micro is reused
     data = work / "paper_data"
     grid = [(lam, k, s) for lam in (0.25, 0.5) for k in (1, 8, 32) for s in (1.0, 10.0)]
@@ -310,8 +322,11 @@ def test_pipeline_predictions_equal_the_papers_scoring_on_every_task_and_grid_po
 
 
 @pytest.mark.slow
-def test_a_gpt2_style_tokenizer_scores_the_first_piece_and_agrees_with_the_start_token_twin_on_layout(paper_run):
+def test_a_gpt2_style_tokenizer_scores_the_first_piece_and_agrees_with_the_start_token_twin_on_layout(
+    paper_run, monkeypatch
+):
     work, _ = paper_run
+    monkeypatch.chdir(work)
     out = work / "results" / "tasks" / "micro" / "cr"
     record = json.loads((out / "scored.json").read_text())
     scorer = PaperScorer(work, "micro")

@@ -96,23 +96,33 @@ def pair_logprobs(token_logprob, token_pair, n_pairs: int) -> np.ndarray:
 PMI_EPS = 1e-10  # eval_fuzzy.py: log(p + 1e-10)
 
 
-def first_subword(tok, word: str) -> int:
-    """The id paper 1 reads for a synonym: the first piece of ``word`` (" great") as the tokenizer encodes it
-    with its special tokens, skipping start tokens and a lone space piece ("▁" of Llama-2's tokenizer, which
-    eval_fuzzy.py special-cases by model name): the first piece that spells a character of the word."""
-    enc = tok(word, add_special_tokens=True, return_offsets_mapping=bool(getattr(tok, "is_fast", False)))
-    ids = enc["input_ids"]
+SPACE_PROBES = ("the", "a", "of", "and", "to", "in")
+
+
+def subword_index(tok) -> int:
+    """Where a synonym's first subword sits in ``tok(" word")`` (special tokens included): eval_fuzzy.py's
+    ``word_idx``, which is 1 after the start token of Llama-3 / Mistral and 2 for Llama-2, whose tokenizer
+    puts a lone "▁" piece before every " word". Here it is read off the tokenizer: the start tokens it adds, plus
+    one when " w" encodes as a lone space piece followed by the pieces of "w" for every probe word."""
     special = set(tok.all_special_ids)
-    spans = enc.get("offset_mapping")
-    for j, i in enumerate(ids):
-        if spans is not None:
-            a, b = spans[j]
-            if i in special and a == b or not word[a:b].strip():
-                continue
-        elif i in special or not tok.decode([i]).strip():
-            continue
-        return int(i)
-    raise ValueError(f"synonym {word!r} encodes to no piece that spells it: {ids}")
+    start = next(j for j, i in enumerate(tok("x", add_special_tokens=True)["input_ids"]) if i not in special)
+
+    def split(w):
+        spaced = tok(" " + w, add_special_tokens=False)["input_ids"]
+        alone = tok(w, add_special_tokens=False)["input_ids"]
+        return len(spaced) >= 2 and not tok.decode(spaced[:1]).strip() and spaced[1:] == alone
+
+    return start + int(all(split(w) for w in SPACE_PROBES))
+
+
+def first_subword(tok, word: str, index: int | None = None) -> int:
+    """The id paper 1 reads for a synonym " word": ``tok(word)["input_ids"][subword_index(tok)]``. As in the
+    paper, a word whose leading space happens to be its own piece reads that piece."""
+    ids = tok(word, add_special_tokens=True)["input_ids"]
+    index = subword_index(tok) if index is None else index
+    if len(ids) <= index:
+        raise ValueError(f"synonym {word!r} encodes to {ids}: no piece at index {index}")
+    return int(ids[index])
 
 
 def last_token_scores(lm_logp, premise_row, domain_row, class_slots, use_pmi: bool = True) -> np.ndarray:
@@ -174,8 +184,8 @@ def last_token_logps_over_grid(cache: dict, lambdas, ks, sigmas):
 
 def score_last_token(model, tok, ident, entry, items, search_fn, block_size: int, batch: int):
     """Paper 1's memory-task scoring: the task's cache and, per item, its premise and domain-premise rows."""
-    words = entry["synonyms"]
-    class_ids = [[first_subword(tok, w) for w in ws] for ws in words]
+    words, index = entry["synonyms"], subword_index(tok)
+    class_ids = [[first_subword(tok, w, index) for w in ws] for ws in words]
     slot_ids = sorted({i for ids in class_ids for i in ids})
     where = {i: j for j, i in enumerate(slot_ids)}
     texts: dict[str, int] = {}
