@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import ROOT, job_stats, project_env, snakemake, snakemake_cmd
 
-from workflow_scripts.artifacts import ArtifactError, save_npy, write_json
+from workflow_scripts.artifacts import ArtifactError, load_npy, save_npy, write_json
 from workflow_scripts.corpus import SPLITS, CorpusError, _check_utf8, load_corpus, write_corpus
 from workflow_scripts.datastore import Datastore, extract_shard, shard_ranges, write_manifest
 from workflow_scripts.index import load_index
@@ -530,6 +530,46 @@ def _unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
 ])
 def test_safe_loading_scanner_flags_unsafe_code(snippet):
     assert _unsafe_calls(snippet)
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_payloads_in_artifacts_are_refused_without_running(tmp_path):
+    """A .npy holding pickled objects, a training checkpoint and an MLP state dict with a pickled payload: the
+    project's loaders refuse each, and the payload never runs (its marker file is never created)."""
+    from workflow_scripts import lm
+    from workflow_scripts.analyses import mlp
+
+    marker = tmp_path / "payload_ran"
+    npy = tmp_path / "vals.npy"
+    np.save(npy, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    with pytest.raises(ArtifactError, match="vals.npy"):
+        load_npy(npy)
+    ckpt = tmp_path / "chunk.pt"
+    torch.save({"identity": _Payload(marker)}, ckpt)
+    with pytest.raises(ArtifactError, match="not a training checkpoint"):
+        lm.load_checkpoint(ckpt, {}, 0)
+    with pytest.raises(Exception, match="(?i)weights only|unpickl|global"):
+        mlp.load(ckpt, _meta(tmp_path), torch.zeros(4, 2))
+    assert not marker.exists()
+    torch.load(ckpt, weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.exists()
+    # and the same files written without the payload load: the refusal is the pickle's, not the path's
+    np.save(npy, np.arange(3, dtype=np.int32))
+    assert load_npy(npy).tolist() == [0, 1, 2]
+
+
+def _meta(tmp_path):
+    write_json(tmp_path / "mlp.json", {"dim": 2, "hidden": 3})
+    return tmp_path / "mlp.json"
 
 
 def test_workflow_scripts_load_nothing_unsafely():

@@ -322,11 +322,11 @@ def test_hub_model_loads_from_offline_cache(fake_hub_cache, tmp_path):
     assert ident["model_sha256"] == local["model_sha256"] and ident["source"] == "hub"
     model2, _, _ = lm.load_checked(tmp_path / "model.json", device="cpu")
     assert lm.weights_hash(model2) == ident["model_sha256"]
-    # a pinned revision that is not in the cache cannot be fetched offline
-    with pytest.raises(OSError):
+    # a pinned revision that is not in the cache cannot be fetched offline (and says so, not a file error)
+    with pytest.raises(OSError, match="couldn't find them in the cached files"):
         lm.load_model({"source": "hub", "path": "testorg/tiny", "revision": "f" * 40}, device="cpu")
 
 
 def test_hub_model_not_in_cache_fails_offline(fake_hub_cache):
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="couldn't find them in the cached files"):
         lm.load_model({"source": "hub", "path": "testorg/absent"}, device="cpu")

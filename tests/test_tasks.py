@@ -280,18 +280,43 @@ def test_lambda_zero_gives_the_base_lm_scores_everywhere():
             assert not np.allclose(lp, base)
 
 
+def _greedy_by_hand(prompt, point, n, offsets=np.array([0.0, 1.0, 0.0])):
+    """Greedy decoding written out: p_lm = TABLE[last token]; with (λ, k, σ), the k nearest of the 3 stored keys to
+    one_hot(last) (squared L2 + offsets), weights exp(−d/σ), mixed λ·p_knn + (1−λ)·p_lm; the first argmax."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        p = TABLE[seq[-1]].copy()
+        if point is not None:
+            lam, k, sigma = point
+            d = ((DS_KEYS - np.eye(V)[seq[-1]]) ** 2).sum(1) + offsets
+            near = np.argsort(d, kind="stable")[:k]
+            w = np.exp(-(d[near] - d[near].min()) / sigma)
+            p_knn = np.zeros(V)
+            np.add.at(p_knn, DS_VALS[near], w / w.sum())
+            p = lam * p_knn + (1 - lam) * p
+        seq.append(int(np.argmax(p)))
+        out.append(seq[-1])
+    return out
+
+
 def test_greedy_generate_with_the_mixture_at_every_step_by_hand():
     model = ToyLM(TABLE)
-    prompts = [[0, 1]]  # bos a
-    # base: after a -> b (.5), after b -> tie (.2 each) -> argmax picks token 0 (bos)... stop at 2 tokens
-    # kNN (λ = .9, k = 3, σ = 1): after a, p(d) = .9 * (1 + e^-1)/(1 + e^-1 + e^-2) + .1 * .1 > p(b) -> d;
-    # after d the key is one_hot(d): its neighbours are all at distance 2 (+ offsets), values d, d, c
-    res = scoring.greedy_generate(model, "h.0.mlp", prompts, [None, (0.9, 3, 1.0), (0.0, 3, 1.0)], SEARCH, V,
-                                  max_new_tokens=2, is_done=lambda ids: False, batch=4)
+    prompts = [[0, 1], [0, 3], [0, 2, 4]]  # bos a / bos c / bos b d
+    points = [None, (0.9, 3, 1.0), (0.5, 2, 1.0), (0.3, 1, 10.0), (0.0, 3, 1.0)]
+    res = scoring.greedy_generate(model, "h.0.mlp", prompts, points, SEARCH, V, max_new_tokens=4,
+                                  is_done=lambda ids: False, batch=2)
     out = res["outputs"]
-    assert out[None][0][0] == 2 and out[(0.0, 3, 1.0)] == out[None]  # λ = 0 decodes exactly the base LM
-    assert out[(0.9, 3, 1.0)][0][0] == 4
+    for point in points:
+        assert out[point] == [_greedy_by_hand(p, point, 4) for p in prompts], point
+    assert out[(0.0, 3, 1.0)] == out[None]  # λ = 0 decodes exactly the base LM
+    assert out[(0.9, 3, 1.0)][0] != out[None][0]  # and the datastore changes the answer here
+    assert out[(0.9, 3, 1.0)][0][0] == 4  # after "a": p(d) = .9 (1 + e^-1)/(1 + e^-1 + e^-2) + .1 · .1 > p(b)
     assert res["neighbours"][(0.9, 3, 1.0)][0][:3] == [0, 1, 2]
+    # a stop condition ends each answer at its own length
+    stop = scoring.greedy_generate(model, "h.0.mlp", prompts, [None], SEARCH, V, max_new_tokens=4,
+                                   is_done=lambda ids: ids[-1] == 0, batch=2)["outputs"][None]
+    for got, full in zip(stop, out[None], strict=True):
+        assert got == (full[: full.index(0) + 1] if 0 in full else full)
 
 
 # ------------------------------------------------------------------------------------------- synthetic suite
