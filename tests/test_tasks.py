@@ -280,7 +280,10 @@ def test_lambda_zero_gives_the_base_lm_scores_everywhere():
             assert not np.allclose(lp, base)
 
 
-def _greedy_by_hand(prompt, point, n, offsets=np.array([0.0, 1.0, 0.0])):
+DS_OFFSETS = np.array([0.0, 1.0, 0.0])  # SEARCH's distance offsets
+
+
+def _greedy_by_hand(prompt, point, n):
     """Greedy decoding written out: p_lm = TABLE[last token]; with (λ, k, σ), the k nearest of the 3 stored keys to
     one_hot(last) (squared L2 + offsets), weights exp(−d/σ), mixed λ·p_knn + (1−λ)·p_lm; the first argmax."""
     seq, out = list(prompt), []
@@ -288,7 +291,7 @@ def _greedy_by_hand(prompt, point, n, offsets=np.array([0.0, 1.0, 0.0])):
         p = TABLE[seq[-1]].copy()
         if point is not None:
             lam, k, sigma = point
-            d = ((DS_KEYS - np.eye(V)[seq[-1]]) ** 2).sum(1) + offsets
+            d = ((DS_KEYS - np.eye(V)[seq[-1]]) ** 2).sum(1) + DS_OFFSETS
             near = np.argsort(d, kind="stable")[:k]
             w = np.exp(-(d[near] - d[near].min()) / sigma)
             p_knn = np.zeros(V)
