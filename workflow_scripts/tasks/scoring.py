@@ -92,6 +92,25 @@ def pair_logprobs(token_logprob, token_pair, n_pairs: int) -> np.ndarray:
     return np.bincount(token_pair, weights=np.asarray(token_logprob, np.float64), minlength=n_pairs)
 
 
+# --------------------------------------------------------------------------------------------- forward passes
+def forward_padded(model, seqs: list[list[int]]):
+    """One forward pass over right-padded sequences (the attention mask hides the padding)."""
+    device = next(model.parameters()).device
+    x = torch.zeros((len(seqs), max(len(s) for s in seqs)), dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for b, s in enumerate(seqs):
+        x[b, : len(s)] = torch.as_tensor(s)
+        mask[b, : len(s)] = 1
+    return model(input_ids=x.to(device), attention_mask=mask.to(device))
+
+
+def _length_batches(seqs, batch: int, desc: str = ""):
+    """Indices of ``seqs`` in batches of similar length, with a progress bar when ``desc`` is given."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    chunks = [order[a : a + batch] for a in range(0, len(order), batch)]
+    return tqdm(chunks, desc=desc or "score", mininterval=10, disable=not desc)
+
+
 # --------------------------------------------------------------------------------------------- last token
 PMI_EPS = 1e-10  # eval_fuzzy.py: log(p + 1e-10)
 
@@ -144,18 +163,10 @@ def last_token_cache(model, hook_point, texts: list[list[int]], slot_ids, search
     seqs = [list(t) for t in texts]
     lm_rows, keys = [None] * len(seqs), [None] * len(seqs)
     device = next(model.parameters()).device
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     ids_t = torch.as_tensor(np.asarray(slot_ids, np.int64), device=device)
     with torch.inference_mode(), capture_keys(model, hook_point) as box:
-        for a in tqdm(range(0, len(order), batch), desc=desc or "score", mininterval=10, disable=not desc):
-            chunk = order[a : a + batch]
-            L = max(len(seqs[i]) for i in chunk)
-            x = torch.zeros((len(chunk), L), dtype=torch.long)
-            mask = torch.zeros((len(chunk), L), dtype=torch.long)
-            for b, i in enumerate(chunk):
-                x[b, : len(seqs[i])] = torch.as_tensor(seqs[i])
-                mask[b, : len(seqs[i])] = 1
-            out = model(input_ids=x.to(device), attention_mask=mask.to(device))
+        for chunk in _length_batches(seqs, batch, desc):
+            out = forward_padded(model, [seqs[i] for i in chunk])
             for b, i in enumerate(chunk):
                 last = len(seqs[i]) - 1  # the next-token distribution after the whole premise
                 logp = torch.log_softmax(out.logits[b, last].float(), dim=-1)
@@ -253,17 +264,9 @@ def forward_scored(model, hook_point: str, seqs, starts, batch: int, desc: str =
     """Forward every sequence once (right-padded batches of similar length) and yield, per sequence, the
     keys at its scored positions [n, d] (float32) and log p_lm of each scored token [n]."""
     device = next(model.parameters()).device
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    chunks = [order[a : a + batch] for a in range(0, len(order), batch)]
     with torch.inference_mode(), capture_keys(model, hook_point) as box:
-        for chunk in tqdm(chunks, desc=desc or "score", mininterval=10, disable=not desc):
-            L = max(len(seqs[i]) for i in chunk)
-            x = torch.zeros((len(chunk), L), dtype=torch.long)
-            mask = torch.zeros((len(chunk), L), dtype=torch.long)
-            for b, i in enumerate(chunk):
-                x[b, : len(seqs[i])] = torch.as_tensor(seqs[i])
-                mask[b, : len(seqs[i])] = 1
-            out = model(input_ids=x.to(device), attention_mask=mask.to(device))
+        for chunk in _length_batches(seqs, batch, desc):
+            out = forward_padded(model, [seqs[i] for i in chunk])
             keys = box["keys"]
             for b, i in enumerate(chunk):
                 pos = torch.arange(starts[i] - 1, len(seqs[i]) - 1, device=device)
@@ -351,13 +354,7 @@ def greedy_generate(
                 for a in range(0, len(active), batch):
                     chunk = active[a : a + batch]
                     seqs = [prompts[i] + gen[i] for i in chunk]
-                    L = max(len(s) for s in seqs)
-                    x = torch.zeros((len(chunk), L), dtype=torch.long)
-                    mask = torch.zeros((len(chunk), L), dtype=torch.long)
-                    for b, s in enumerate(seqs):
-                        x[b, : len(s)] = torch.as_tensor(s)
-                        mask[b, : len(s)] = 1
-                    out = model(input_ids=x.to(device), attention_mask=mask.to(device))
+                    out = forward_padded(model, seqs)
                     last = torch.as_tensor([len(s) - 1 for s in seqs], device=device)
                     rows = torch.arange(len(chunk), device=device)
                     logp = torch.log_softmax(out.logits[rows, last].float(), -1).cpu().numpy().astype(np.float64)
