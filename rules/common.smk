@@ -203,7 +203,8 @@ SYNTHETIC = [t for t in TASK_NAMES if TASK_REGISTRY[t]["source"]["type"] == "syn
 
 def task_entry(task):
     """The registry entry as scored: a synthetic source becomes the suite's jsonl file, a local one stays, a
-    paper one becomes its file in tasks.paper_data (its label file read into the entry's words)."""
+    paper one becomes its file in tasks.paper_data (its label file read into the entry's words).
+    """
     e = _tasks.resolve_entry(TASK_REGISTRY[task], TASKS.get("paper_data"), task)
     if e["source"]["type"] == "synthetic":
         e["source"] = {"type": "local", "path": f"results/task_suite/{task}.jsonl"}

@@ -25,7 +25,11 @@ rule train_tokenizer:
             {
                 "vocab_size": MODELS[w.model]["train"]["vocab_size"],
                 # only when on, so that existing tokenizers keep their params
-                **({"start_token": True} if MODELS[w.model]["train"].get("start_token") else {}),
+                **(
+                    {"start_token": True}
+                    if MODELS[w.model]["train"].get("start_token")
+                    else {}
+                ),
             }
         ),
     shell:
