@@ -14,7 +14,7 @@ from workflow_scripts import datastore, knnlm, lm
 from workflow_scripts.analyses import hurdle, projection
 from workflow_scripts.analyses import macondo as macondo_lm
 from workflow_scripts.analyses import mlp as mlp_lm
-from workflow_scripts.artifacts import save_npy, write_json
+from workflow_scripts.artifacts import save_npy, sha256_file, write_json
 
 
 # ------------------------------------------------------------------------------------------ projection
@@ -115,7 +115,8 @@ def _fake_cache(d, n, K, dim, vocab, rng):
     }
     for name, a in arrays.items():
         save_npy(d / f"{name}.npy", a)
-    write_json(d / "meta.json", {"n_tokens": n, "K": K, "manifest_sha256": "x"})
+    digests = {f"{name}.npy": sha256_file(d / f"{name}.npy") for name in arrays}  # as retrieve records them
+    write_json(d / "meta.json", {"n_tokens": n, "K": K, "manifest_sha256": "x", "sha256": digests})
     return arrays
 
 

@@ -262,7 +262,8 @@ def test_truncated_retrieval_cache_refused(damaged, name, cut, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("new, expected", [
-    ('"K": 33', r"dists\.npy: shape \(300, 32\), meta\.json says N=300, K=33; delete .* and rerun retrieve"),
+    ('"K": 33', r"dists\.npy: shape \(300, 32\), .*meta\.json says N=300, K=33; the files match the sha256 recorded "
+                r"in it, so meta\.json is the altered one; rerun retrieve"),
     ('"K": 3x', r"meta\.json: not valid JSON"),
 ])
 def test_altered_cache_meta_refused(damaged, new, expected, tmp_path):

@@ -217,12 +217,50 @@ def write_manifest(ident: dict, tokens_npy, shard_files: list[tuple[str, str, st
         "rows": rows,
         "shards": shards,
     }
+    manifest[SELF_DIGEST] = self_digest(manifest)
     write_json(out, manifest)
     return manifest
 
 
 def manifest_hash(manifest_path) -> str:
     return sha256_json(read_json(manifest_path))
+
+
+SELF_DIGEST = "self_sha256"  # the manifest's own digest: a reader tells an edited manifest from an altered shard
+
+
+def self_digest(manifest: dict) -> str:
+    """sha256 of the manifest's JSON (sorted keys) without its ``self_sha256`` field."""
+    return sha256_json({k: v for k, v in manifest.items() if k != SELF_DIGEST})
+
+
+def shard_file(manifest_path: Path, i: int, kind: str, rel) -> Path:
+    """The file of shard ``i``'s ``kind`` ('keys' or 'values'), refused unless its manifest path is relative and
+    stays inside the datastore directory (the manifest's), through no symbolic link below that directory."""
+    base = manifest_path.parent
+    where = f"manifest {manifest_path}: shard {i} {kind} path {rel!r}"
+    fix = (
+        f"shard files are written by extract_keys inside {base}; the manifest was edited, rewrite it "
+        f"(rerun datastore_manifest: snakemake --forcerun {manifest_path})"
+    )
+    if not isinstance(rel, str) or not rel:
+        raise ArtifactError(f"{where} is not a file name; {fix}")
+    if Path(rel).is_absolute():
+        raise ArtifactError(f"{where} is absolute; {fix}")
+    parts = Path(rel).parts
+    if ".." in parts:
+        raise ArtifactError(f"{where} leads outside {base} ('..'); {fix}")
+    f = base
+    for part in parts:
+        f = f / part
+        if f.is_symlink():
+            raise ArtifactError(
+                f"{where} is a symbolic link (to {f.readlink()}) at {f}; a shard must be a file of its own "
+                f"datastore: rerun extract_keys for {base.name} (snakemake --forcerun {f})"
+            )
+    if not f.resolve().is_relative_to(base.resolve()):
+        raise ArtifactError(f"{where} leads outside {base}; {fix}")
+    return f
 
 
 class Datastore:
@@ -236,29 +274,51 @@ class Datastore:
         self.dim = self.manifest["dim"]
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.manifest["shards"]])
         self.keys, self.vals = [], []
-        for s in self.manifest["shards"]:
-            for kind, dtype, ndim in (("keys", KEY_DTYPE, 2), ("values", VAL_DTYPE, 1)):
-                f = self.path.parent / s[kind]
+        kinds = (("keys", KEY_DTYPE, 2), ("values", VAL_DTYPE, 1))
+        files = [  # every path checked before any file is opened
+            {kind: shard_file(self.path, i, kind, s.get(kind)) for kind, _, _ in kinds}
+            for i, s in enumerate(self.manifest["shards"])
+        ]
+        recorded = self.manifest.get(SELF_DIGEST)
+        if recorded is not None and recorded != self_digest(self.manifest):
+            raise ArtifactError(
+                f"manifest {self.path} was edited after it was written: its contents no longer match its own "
+                f"{SELF_DIGEST}, so its sizes and digests are no evidence against the shards; rewrite it (rerun "
+                f"datastore_manifest: snakemake --forcerun {self.path})"
+            )
+        for s, paths in zip(self.manifest["shards"], files, strict=True):
+            for kind, dtype, ndim in kinds:
+                f = paths[kind]
                 if not f.exists():
                     raise ArtifactError(
                         f"{f}: shard file missing; rerun extract_keys for {self.path.parent.name}"
                     )
                 size = f.stat().st_size
                 if size != s[f"{kind}_bytes"]:
-                    raise ArtifactError(
-                        f"{f}: {size} bytes, manifest {self.path} says {s[kind + '_bytes']} "
-                        f"(truncated or altered); delete it and rerun extract_keys"
-                    )
+                    raise ArtifactError(self._disagree(
+                        f, f"{size} bytes, manifest {self.path} says {s[kind + '_bytes']}", "truncated or altered",
+                        recorded is not None,
+                    ))
                 if deep and sha256_file(f) != s[f"{kind}_sha256"]:
-                    raise ArtifactError(
-                        f"{f}: sha256 differs from manifest {self.path} (altered); "
-                        f"delete it and rerun extract_keys"
-                    )
+                    raise ArtifactError(self._disagree(
+                        f, f"sha256 differs from manifest {self.path}", "altered", recorded is not None
+                    ))
                 arr = load_npy(f, mmap=True, dtype=dtype, ndim=ndim)
                 expect = (s["rows"], self.dim) if ndim == 2 else (s["rows"],)
                 if arr.shape != expect:
                     raise ArtifactError(f"{f}: shape {arr.shape}, manifest says {expect}")
                 (self.keys if kind == "keys" else self.vals).append(arr)
+
+    def _disagree(self, f: Path, what: str, verdict: str, intact: bool) -> str:
+        """A shard that disagrees with its manifest. The manifest is intact (its own digest checks out): the shard is
+        the altered file, delete it. No digest of its own (an older manifest): either may have been altered."""
+        if intact:
+            return f"{f}: {what} ({verdict}); delete it and rerun extract_keys"
+        return (
+            f"{f}: {what}: the manifest and the file disagree, and the manifest may be the altered one (it has no "
+            f"{SELF_DIGEST} of its own to tell); rerun extract_keys for {self.path.parent.name} "
+            f"(snakemake --forcerun {f})"
+        )
 
     def check_model(self, ident: dict, ident_path="model.json") -> None:
         """Refuse a model, tokenizer or hook point other than the one that built the datastore."""

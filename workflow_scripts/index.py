@@ -6,6 +6,7 @@ distances from the stored keys. A GPU is used for training and search when faiss
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -73,7 +74,15 @@ def build_index(manifest_path, cfg: dict, seed: int, out_index, out_meta, thread
     return meta
 
 
+def is_exact(index) -> bool:
+    """Whether FAISS returns true squared L2 distances and neighbours: a flat index with the L2 metric. Read off
+    the index itself (never off index.json); anything else (IVF, PQ, ...) is approximate."""
+    return isinstance(faiss.downcast_index(index), faiss.IndexFlat) and index.metric_type == faiss.METRIC_L2
+
+
 def load_index(index_path, meta_path, ds: Datastore, nprobe: int | None = None):
+    """(index, meta) of a datastore's index, checked against index.json and the datastore; ``meta['exact']``
+    is what the index is (``is_exact``), and an ``exact`` flag in index.json that says otherwise is refused."""
     meta = read_json(meta_path)
     if meta["manifest_sha256"] != ds.hash:
         raise ArtifactError(f"{index_path} was built from another version of {ds.path}; rerun build_index")
@@ -87,6 +96,15 @@ def load_index(index_path, meta_path, ds: Datastore, nprobe: int | None = None):
         ) from e
     if index.ntotal != ds.rows or index.d != ds.dim:
         raise ArtifactError(f"{index_path}: {index.ntotal} x {index.d}, datastore has {ds.rows} x {ds.dim}")
+    exact = is_exact(index)
+    if "exact" in meta and meta["exact"] is not exact:
+        kind = type(faiss.downcast_index(index)).__name__
+        raise ArtifactError(
+            f"{meta_path} says exact={json.dumps(meta['exact'])}, but {index_path} is a FAISS {kind} "
+            f"({'exact' if exact else 'approximate'}): index.json was altered, or belongs to another index; "
+            f"the index matches the sha256 recorded there; rerun build_index (snakemake --forcerun {meta_path})"
+        )
+    meta = {**meta, "exact": exact}
     if nprobe is not None and hasattr(index, "nprobe"):
         faiss.extract_index_ivf(index).nprobe = nprobe
     if gpu_available():

@@ -125,12 +125,14 @@ def retrieve(
         "ids": ids,
         "queries": queries,
     }
+    digests = {}
     for name, arr in arrays.items():
         with atomic_path(outdir / f"{name}.npy", ".npy") as tmp:
             out = open_npy_for_writing(tmp, CACHE_FILES[name][0], arr.shape)
             out[:] = arr
             out.flush()
             del out
+            digests[f"{name}.npy"] = sha256_file(tmp)  # as written: readers refuse a file altered since
     meta = {
         "manifest_sha256": ds.hash,
         "model_sha256": ident["model_sha256"],
@@ -140,6 +142,7 @@ def retrieve(
         "index": imeta["factory"],
         "distances": "faiss" if imeta["exact"] else DISTANCES[distances],
         "seconds": {"model": round(t_model, 2), "search": round(t_search, 2)},
+        "sha256": digests,
     }
     write_json(outdir / "meta.json", meta)
     log.info("retrieved %d x %d neighbours (model %.1fs, search %.1fs)", n, K, t_model, t_search)
@@ -147,20 +150,42 @@ def retrieve(
 
 
 def load_cache(cache_dir, manifest_json=None, mmap: bool = True) -> dict:
-    """Load and check a retrieval cache; with ``manifest_json``, refuse a cache built from another datastore."""
+    """Load and check a retrieval cache: each file's sha256 against the one ``meta.json`` recorded when it was
+    written, the shapes against ``meta.json``, the distances finite. With ``manifest_json``, refuse a cache built
+    from another datastore."""
     cache_dir = Path(cache_dir)
-    meta = read_json(cache_dir / "meta.json")
-    out = {
-        name: load_npy(cache_dir / f"{name}.npy", mmap=mmap, dtype=dt, ndim=nd)
-        for name, (dt, nd) in CACHE_FILES.items()
-    }
+    meta_json = cache_dir / "meta.json"
+    rerun = f"rerun retrieve for it (snakemake --forcerun {meta_json})"
+    meta = read_json(meta_json)
+    recorded = meta.get("sha256")
+    if not isinstance(recorded, dict):
+        raise ArtifactError(
+            f"{meta_json}: no sha256 record of the cache's files (written by an older version, or edited); {rerun}"
+        )
+    out = {}
+    for name, (dt, nd) in CACHE_FILES.items():
+        f = cache_dir / f"{name}.npy"
+        out[name] = load_npy(f, mmap=mmap, dtype=dt, ndim=nd)
+        if sha256_file(f) != recorded.get(f.name):
+            raise ArtifactError(
+                f"{f}: sha256 differs from the one recorded in {meta_json} when the cache was written "
+                f"(the file, or the record, was altered since); {rerun}"
+            )
     n, K = meta["n_tokens"], meta["K"]
     for name, arr in out.items():
         if arr.shape[0] != n or (arr.ndim == 2 and name != "queries" and arr.shape[1] != K):
             raise ArtifactError(
-                f"{cache_dir / (name + '.npy')}: shape {arr.shape}, meta.json says N={n}, K={K}; "
-                f"delete {cache_dir} and rerun retrieve"
+                f"{cache_dir / (name + '.npy')}: shape {arr.shape}, {meta_json} says N={n}, K={K}; the files "
+                f"match the sha256 recorded in it, so meta.json is the altered one; {rerun}"
             )
+    bad = ~np.isfinite(out["dists"])
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        r, c = int(rows[0]), int(np.argmax(bad[rows[0]]))
+        raise ArtifactError(
+            f"{cache_dir / 'dists.npy'}: non-finite distance ({out['dists'][r, c]}) at row {r}, column {c} "
+            f"({len(rows)} of {n} rows have one); the kNN-LM is undefined there; {rerun}"
+        )
     if manifest_json is not None:
         from .datastore import manifest_hash
 

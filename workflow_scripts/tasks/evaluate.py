@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 
 from .. import lm
-from ..artifacts import ArtifactError, atomic_path, load_npy, read_json, write_json, write_table
+from ..artifacts import ArtifactError, atomic_path, load_npy, read_json, sha256_file, write_json, write_table
 from ..cli import step
 from ..sweep import chosen_point
 from . import scoring
@@ -51,6 +51,12 @@ def sweep_task(
     if len(items) != record["meta"]["n_items"]:
         raise ArtifactError(
             f"{scored_json}: scored {record['meta']['n_items']} items, {items_parquet} has {len(items)}"
+        )
+    recorded = record["meta"].get("npz_sha256")  # written by score (none in a hand-made record)
+    if recorded is not None and sha256_file(scored_npz) != recorded:
+        raise ArtifactError(
+            f"{scored_npz}: sha256 differs from the one recorded in {scored_json} when it was written (the file, "
+            f"or the record, was altered since); rerun score_task for it (snakemake --forcerun {scored_json})"
         )
     chosen, chosen_on = chosen_point(summary_csv, p["datastore"], p.get("point"))
     rows, per_item = [], {}

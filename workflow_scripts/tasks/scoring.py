@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from .. import knnlm
-from ..artifacts import atomic_path, write_json
+from ..artifacts import atomic_path, sha256_file, write_json
 from ..cli import step
 from ..datastore import capture_keys
 from ..sweep import chosen_point
@@ -493,6 +493,7 @@ def score(
     meta["seconds"] = round(time.time() - t0, 2)
     with atomic_path(out_npz, ".npz") as tmp:
         np.savez(tmp, **cache)
+        meta["npz_sha256"] = sha256_file(tmp)  # task_sweep refuses an npz altered since
     write_json(out_json, record)
     log.info("scored %s in %.1fs", p["task"], time.time() - t0)
     return meta
