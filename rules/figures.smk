@@ -7,14 +7,15 @@ rule figure_sweep:
         sweep="results/sweeps/{evalset}/{ds}/perplexity.parquet",
     output:
         png=report(
-            "results/figures/perplexity_vs_lambda/{evalset}__{ds}.png",
+            "results/figures/perplexity_vs_lambda/{evalset}/{ds}.png",
             caption="../report/perplexity_vs_lambda.rst",
             category="Perplexity",
             subcategory="Figures",
+            labels={"eval set": "{evalset}", "datastore": "{ds}"},
         ),
-        pdf="results/figures/perplexity_vs_lambda/{evalset}__{ds}.pdf",
+        pdf="results/figures/perplexity_vs_lambda/{evalset}/{ds}.pdf",
     log:
-        "results/logs/figure_sweep/{evalset}__{ds}.log",
+        "results/logs/figure_sweep/{evalset}/{ds}.log",
     conda:
         "../envs/plotting.yaml"
     params:
@@ -165,9 +166,7 @@ rule figures:
 rule stage_times:
     input:
         summary="results/tables/perplexity_summary.csv",
-        figures=[
-            f"results/figures/perplexity_vs_lambda/{e}__{d}.png" for e, d in SWEEPS
-        ],
+        figures=[f"results/figures/perplexity_vs_lambda/{e}/{d}.png" for e, d in SWEEPS],
         tasks=task_outputs(),
         analyses=analyses_outputs(),
     output:

@@ -1,6 +1,7 @@
 """Config validation: the shipped config passes with defaults; every invalid one fails naming its key path."""
 
 import copy
+import logging
 import re
 from pathlib import Path
 
@@ -335,6 +336,80 @@ def test_local_corpus_files_are_checked(tmp_path):
     c["corpora"]["mine"]["local"]["files"]["test"] = str(good)
     validate(c)
     assert c["corpora"]["mine"]["local"]["files"]["test"] == str(good)
+
+
+def test_an_eval_set_on_a_datastores_own_text_is_refused_unless_allowed():
+    """Issue 18, item 2: a set scored against a datastore built from the same corpus split finds every target
+    among its neighbours (an "oracle" at k = 1); it is refused unless the set says it means it."""
+    c = fresh()
+    c["eval_sets"]["oracle"] = {"corpus": "synthwiki", "split": "train"}
+    rejects(c, "config key eval_sets.oracle: corpus synthwiki, split train is the text of datastores.synthwiki",
+            "datastores.synthwiki.split", "eval_sets.oracle.allow_datastore_overlap: true")
+    c["eval_sets"]["oracle"]["allow_datastore_overlap"] = True
+    check(c)
+    c = fresh()
+    c["datastores"]["synthwiki"]["split"] = "valid"  # a datastore over the valid split, the valid set beside it
+    rejects(c, "config key eval_sets.valid: corpus synthwiki, split valid is the text of datastores.synthwiki")
+    c = fresh()
+    c["eval_sets"]["valid"]["allow_datastore_overlap"] = "yes"
+    rejects(c, "config key eval_sets.valid.allow_datastore_overlap")
+    assert fresh()["eval_sets"]["valid"]["allow_datastore_overlap"] is False  # the default
+
+
+def test_a_local_corpus_listing_one_file_for_two_splits_warns(tmp_path, caplog):
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.txt").write_text(f"text of {name}\n")
+    (tmp_path / "sub").mkdir()
+    c = fresh()
+    c["corpora"]["mine"] = {"source": "local", "local": {"format": "text", "files": {
+        "train": [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], "valid": str(tmp_path / "c.txt"),
+        "test": str(tmp_path / "sub" / ".." / "b.txt")}}}  # b.txt again, spelt another way
+    with caplog.at_level(logging.WARNING, logger="workflow_scripts.config"):
+        check(c)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    assert "corpora.mine.local.files.train" in warned[0] and "corpora.mine.local.files.test" in warned[0]
+    assert str(tmp_path / "b.txt") in warned[0]
+    caplog.clear()
+    c["corpora"]["mine"]["local"]["files"] = {s: str(tmp_path / f"{n}.txt") for s, n in
+                                              (("train", "a"), ("valid", "b"), ("test", "c"))}
+    with caplog.at_level(logging.WARNING, logger="workflow_scripts.config"):
+        check(c)
+    assert caplog.records == []  # three files, one split each
+    c["corpora"]["hub"] = {"source": "hf", "hf": {"path": "someone/data", "splits": {
+        "train": "train", "valid": "validation", "test": "validation"}}}
+    with caplog.at_level(logging.WARNING, logger="workflow_scripts.config"):
+        check(c)
+    assert [r.getMessage() for r in caplog.records] == [
+        "config keys corpora.hub.hf.splits.valid, corpora.hub.hf.splits.test all name split 'validation': its text "
+        "is in each of these splits"]
+
+
+def _local_model_config(d: Path, **cfg) -> Path:
+    """A Hugging Face config.json as a local model directory holds it (the config check reads only that)."""
+    from transformers import GPT2Config
+
+    GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, **cfg).save_pretrained(d)
+    return d
+
+
+def test_block_size_beyond_a_local_models_context_is_refused(tmp_path):
+    """Issue 18, item 8: a window longer than the model's positions crashed extraction (IndexError)."""
+    c = fresh()  # extraction.block_size 128
+    c["models"]["tiny"] = {"source": "local", "path": str(_local_model_config(tmp_path / "tiny", n_positions=64))}
+    c["datastores"]["tiny"] = {"model": "tiny", "corpus": "synthwiki"}
+    rejects(c, "config key extraction.block_size: 128 exceeds the context of models.tiny (datastores.tiny)",
+            "n_positions = 64", str(tmp_path / "tiny" / "config.json"))
+    c["extraction"]["block_size"] = 64
+    check(c)
+    # a model no datastore uses is not extracted with, and a path that is not there yet is checked when its
+    # identity is known (the model_identity step; extraction, retrieval and task scoring refuse it then)
+    c = fresh()
+    c["models"]["tiny"] = {"source": "local", "path": str(_local_model_config(tmp_path / "t2", n_positions=16))}
+    check(c)
+    c["models"]["gone"] = {"source": "local", "path": str(tmp_path / "nowhere")}
+    c["datastores"]["gone"] = {"model": "gone", "corpus": "synthwiki"}
+    check(c)
 
 
 def test_load_rejects_missing_unparsable_and_non_mapping_files(tmp_path):

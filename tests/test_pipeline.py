@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -100,11 +101,19 @@ def test_summary_figures_and_noop_rerun(micro_run):
     from matplotlib.image import imread
 
     for e in EVAL_SETS:
-        img = imread(micro_run / f"results/figures/perplexity_vs_lambda/{e}__{DS}.png")
+        img = imread(micro_run / f"results/figures/perplexity_vs_lambda/{e}/{DS}.png")
         assert img.ndim == 3 and min(img.shape[:2]) > 200 and img[..., :3].std() > 0.05  # drawn, not blank
     assert (micro_run / "results/models/micro-gpt2/loss.csv").exists()
     dry = snakemake(micro_run, "-n", "--configfile", str(micro_run / "config.yaml"))
     assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def test_report_labels_each_sweep_figure_with_its_eval_set_and_datastore(micro_run, tmp_path):
+    proc = snakemake(micro_run, "--configfile", str(micro_run / "config.yaml"), "--report", str(tmp_path / "r.html"))
+    html = (tmp_path / "r.html").read_text(errors="replace")
+    assert "eval set" in html, proc.stderr[-2000:]
+    for e in EVAL_SETS:
+        assert f"perplexity_vs_lambda/{e}/{DS}.png" in html
 
 
 def _bad_config(tmp_path, mutate):
@@ -141,6 +150,43 @@ def test_empty_corpus_file_fails_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "corpora.micro.local.files.train" in out and str(tmp_path / "train.txt") in out
     assert not (tmp_path / "results").exists()
+
+
+def _dry_run(tmp_path, cfg):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return snakemake(tmp_path, "-n", "--configfile", str(path))
+
+
+def test_names_with_double_underscores_get_a_figure_each(tmp_path):
+    """Issue 18, item 5: figure paths joined eval set and datastore with '__', which names may contain. Eval sets
+    a__b and a, datastores c and b__c: (a__b, c) and (a, b__c) made one path, one figure drawn under one pair
+    and none for the other. Each pair has its own figure, made from its own sweep."""
+    cfg = load_test_config("micro")
+    ds = cfg["datastores"].pop("micro")
+    cfg["datastores"] = {"c": ds, "b__c": ds}
+    cfg["eval_sets"] = {"a__b": cfg["eval_sets"]["valid"], "a": cfg["eval_sets"]["test"]}
+    proc = _dry_run(tmp_path, cfg)
+    assert job_stats(proc.stdout)["figure_sweep"] == 4
+    jobs = [block for block in proc.stdout.split("\n\n") if "rule figure_sweep:" in block]
+    pairs = {tuple(v.split("=")[1] for v in re.search(r"wildcards: (.*)", b)[1].split(", ")) for b in jobs}
+    assert pairs == {("a__b", "c"), ("a__b", "b__c"), ("a", "c"), ("a", "b__c")}
+    for b in jobs:
+        e, d = re.search(r"wildcards: evalset=(.*), ds=(.*)", b).groups()
+        assert f"results/sweeps/{e}/{d}/perplexity.parquet" in b
+
+
+def test_a_local_corpus_listing_one_file_for_two_splits_warns_when_the_dag_is_built(tmp_path):
+    """Issue 18, item 2: a file in two splits of a local corpus is a warning (not an error) at DAG time."""
+    (tmp_path / "one.txt").write_text("some text\n")
+    cfg = load_test_config("micro")
+    cfg["corpora"]["mine"] = {"source": "local", "local": {
+        "format": "text", "files": {s: str(tmp_path / "one.txt") for s in ("train", "valid", "test")}}}
+    out = _dry_run(tmp_path, cfg)
+    out = out.stdout + out.stderr
+    assert re.search(r"corpora\.mine\.local\.files\.train, corpora\.mine\.local\.files\.valid, "
+                     r"corpora\.mine\.local\.files\.test all list " + re.escape(str(tmp_path / "one.txt")), out), \
+        out[-3000:]
 
 
 def test_paper_scale_preset_builds_its_dag_offline(tmp_path):

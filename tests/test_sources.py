@@ -330,3 +330,38 @@ def test_hub_model_loads_from_offline_cache(fake_hub_cache, tmp_path):
 def test_hub_model_not_in_cache_fails_offline(fake_hub_cache):
     with pytest.raises(OSError, match="couldn't find them in the cached files"):
         lm.load_model({"source": "hub", "path": "testorg/absent"}, device="cpu")
+
+
+@pytest.mark.parametrize("source", ["local", "hub"])
+def test_a_window_beyond_the_models_context_is_refused_naming_both(source, fake_hub_cache, tmp_path):
+    """Issue 18, item 8: extraction.block_size larger than the model's positions (n_positions 32 here) crashed
+    extraction with a bare IndexError. The identity records the context; every step that runs the model over
+    windows of extraction.block_size refuses a longer window before loading the model or reading its inputs."""
+    from workflow_scripts.datastore import extract_keys
+    from workflow_scripts.retrieval import retrieve_step
+    from workflow_scripts.tasks.scoring import score_task
+
+    path = str(fake_hub_cache["source_dir"]) if source == "local" else "testorg/tiny"
+    ident = lm.write_identity({"source": source, "path": path}, tmp_path / "model.json", device="cpu")
+    assert ident["context_length"] == 32 and ident["context_key"] == "n_positions"
+    np.save(tmp_path / "tokens.npy", np.arange(200, dtype=np.int32) % 100)
+    absent = tmp_path / "absent"
+    want = re.escape("extraction.block_size = 64 exceeds the context of the model in ") + ".*" + re.escape(
+        f"{tmp_path / 'model.json'} ({path}: n_positions = 32)")
+    with pytest.raises(ValueError, match=want):
+        extract_keys({"shard": 0, "shards": 1, "block_size": 64, "batch_size": 8, "device": "cpu"},
+                     tmp_path / "model.json", tmp_path / "tokens.npy", tmp_path / "k.npy", tmp_path / "v.npy",
+                     tmp_path / "m.json")
+    cfg = {"k_max": 4, "max_tokens": None, "block_size": 64, "batch_size": 8, "device": "cpu", "nprobe": None}
+    with pytest.raises(ValueError, match=want):
+        retrieve_step(cfg, tmp_path / "model.json", absent, absent, absent, tmp_path / "tokens.npy",
+                      tmp_path / "cache" / "meta.json")
+    with pytest.raises(ValueError, match=want):
+        score_task({**cfg, "task": "t", "entry": {"kind": "classify"}}, tmp_path / "model.json", absent, absent,
+                   absent, absent, tmp_path / "t.npz", tmp_path / "t.json")
+    assert not (tmp_path / "k.npy").exists() and not (tmp_path / "cache").exists()
+    # the window the model has is fine: extraction runs
+    extract_keys({"shard": 0, "shards": 1, "block_size": 32, "batch_size": 8, "device": "cpu"},
+                 tmp_path / "model.json", tmp_path / "tokens.npy", tmp_path / "k.npy", tmp_path / "v.npy",
+                 tmp_path / "m.json")
+    assert np.load(tmp_path / "k.npy").shape == (199, 32)

@@ -6,14 +6,21 @@ Errors name the key path and what was expected, and are raised before any job ru
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import math
 from pathlib import Path
 
 import jsonschema
 import yaml
 
+log = logging.getLogger(__name__)
+
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 CHUNK_KEYS = ("chunk_steps", "runtime")  # how training is split into jobs: the trained weights do not depend on it
+# the keys of a Hugging Face model config that give its context (its number of positions), first found wins: in
+# a local model's config.json at config time, and in the loaded model's config in its identity (lm.describe)
+CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
 
 
 class ConfigError(ValueError):
@@ -100,6 +107,15 @@ def _cross_check(c: dict) -> None:
                         raise ConfigError(f"config key corpora.{name}.local.files.{split}: file {f} does not exist")
                     if Path(f).stat().st_size == 0:
                         raise ConfigError(f"config key corpora.{name}.local.files.{split}: file {f} is empty")
+            _warn_shared_files(name, spec["local"]["files"])
+        if spec["source"] == "hf" and spec["hf"].get("splits"):
+            by_source: dict[str, list[str]] = {}
+            for split in ("train", "valid", "test"):
+                by_source.setdefault(spec["hf"]["splits"][split], []).append(split)
+            for source, listed in by_source.items():
+                if len(listed) > 1:
+                    keys = ", ".join(f"corpora.{name}.hf.splits.{s}" for s in listed)
+                    log.warning("config keys %s all name split %r: its text is in each of these splits", keys, source)
     for e, spec in c["eval_sets"].items():
         need("corpora", spec["corpus"], f"eval_sets.{e}.corpus")
     for d, spec in c["datastores"].items():
@@ -107,6 +123,21 @@ def _cross_check(c: dict) -> None:
         need("corpora", spec["corpus"], f"datastores.{d}.corpus")
         if "select_on" in spec:
             need("eval_sets", spec["select_on"], f"datastores.{d}.select_on")
+    # every eval set is retrieved and swept against every datastore (rules/common.smk SWEEPS)
+    for e, spec in c["eval_sets"].items():
+        for d, ds in c["datastores"].items():
+            if (spec["corpus"], spec["split"]) == (ds["corpus"], ds["split"]) and not spec["allow_datastore_overlap"]:
+                raise ConfigError(
+                    f"config key eval_sets.{e}: corpus {spec['corpus']}, split {spec['split']} is the text of "
+                    f"datastores.{d} (datastores.{d}.corpus = {ds['corpus']}, datastores.{d}.split = {ds['split']}), "
+                    f"which this set is scored against: every target is among its neighbours, so its perplexity "
+                    f"says nothing of held-out text. Use another split, or set eval_sets.{e}.allow_datastore_overlap: "
+                    "true if this is what you mean"
+                )
+    for d, ds in c["datastores"].items():
+        model = c["models"][ds["model"]]
+        if model["source"] == "local":
+            _check_local_context(c["extraction"]["block_size"], ds["model"], d, Path(model["path"]))
     sw = c["sweep"]
     if sw.get("k_max") is None:
         sw["k_max"] = max(sw["ks"])
@@ -156,6 +187,38 @@ def _cross_check(c: dict) -> None:
                     f"config key analyses.projection.points.{i}.k: {point['k']} exceeds sweep.k_max = {sw['k_max']}, "
                     "the neighbours retrieval caches"
                 )
+
+
+def _warn_shared_files(name: str, files: dict) -> None:
+    """A file listed for two splits of a local corpus: its text is in both (a datastore over one split and an
+    eval set on the other would overlap). A warning, not an error: a smoke test may mean it."""
+    splits: dict[Path, list[str]] = {}
+    for split in ("train", "valid", "test"):
+        fs = files[split]
+        for f in [fs] if isinstance(fs, str) else fs:
+            listed = splits.setdefault(Path(f).resolve(), [])
+            if split not in listed:
+                listed.append(split)
+    for f, listed in splits.items():
+        if len(listed) > 1:
+            keys = ", ".join(f"corpora.{name}.local.files.{s}" for s in listed)
+            log.warning("config keys %s all list %s: its text is in each of these splits", keys, f)
+
+
+def _check_local_context(block_size: int, model: str, ds: str, path: Path) -> None:
+    """extraction.block_size against the number of positions a local model's config.json gives, when there is
+    one to read (the model_identity step records it for every model, and the steps check it again)."""
+    cfg_file = path / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):
+        return
+    key = next((k for k in CONTEXT_KEYS if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)), None)
+    if key is not None and block_size > cfg[key]:
+        raise ConfigError(
+            f"config key extraction.block_size: {block_size} exceeds the context of models.{model} (datastores.{ds}"
+            f"): {key} = {cfg[key]} in {cfg_file}; set extraction.block_size to at most {cfg[key]}"
+        )
 
 
 def chunk_bounds(steps: int, chunk_steps: int | None) -> list[tuple[int, int]]:

@@ -356,7 +356,9 @@ def extract_keys(
 
     torch_threads(threads)
     device = params["device"]
-    model, _, ident = load_checked(model_json, device=device, dtype="float16" if device != "cpu" else "float32")
+    model, _, ident = load_checked(
+        model_json, device=device, dtype="float16" if device != "cpu" else "float32", block_size=params["block_size"]
+    )
     extract_shard(
         model, ident, tokens, params["shard"], params["shards"], params["block_size"], params["batch_size"],
         keys, vals, meta,

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .artifacts import ArtifactError, atomic_path, load_npy, read_json, save_npy, write_json, write_table
 from .cli import step
-from .config import CHUNK_KEYS
+from .config import CHUNK_KEYS, CONTEXT_KEYS
 
 EOS = "<|endoftext|>"
 log = logging.getLogger(__name__)
@@ -152,9 +152,20 @@ def load_model(identity_or_spec: dict, device: str = "auto", dtype: str = "float
     return model, tokenizer
 
 
+def context_length(model_config) -> tuple[int, str] | tuple[None, None]:
+    """(number of positions, the config key that gives it) of a Hugging Face model config; (None, None) when
+    it gives none."""
+    for key in CONTEXT_KEYS:
+        n = getattr(model_config, key, None)
+        if isinstance(n, int) and not isinstance(n, bool):
+            return n, key
+    return None, None
+
+
 def describe(model, tokenizer, spec: dict) -> dict:
     """The identity record written to ``model.json``."""
     hook = find_hook_point(model)
+    n_pos, n_pos_key = context_length(model.config)
     return {
         "source": spec["source"],
         "path": str(spec["path"]),
@@ -166,6 +177,8 @@ def describe(model, tokenizer, spec: dict) -> dict:
         "hook_point": hook,
         "dim": int(model.config.hidden_size),
         "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
+        "context_length": n_pos,  # the longest window the model takes (its config's n_positions or the like)
+        "context_key": n_pos_key,
     }
 
 
@@ -177,9 +190,24 @@ def load_identity(path) -> dict:
     return ident
 
 
-def load_checked(identity_path, device="auto", dtype="float32"):
-    """Load the model a ``model.json`` describes and refuse it if its weights or tokenizer changed since."""
+def check_window(ident: dict, block_size: int, identity_path) -> None:
+    """Refuse windows of ``block_size`` (extraction.block_size) longer than the model's context, which would
+    crash the forward pass (an IndexError in the position embeddings) or run it past what it was trained on."""
+    n = ident.get("context_length")
+    if n is not None and block_size > n:
+        raise ValueError(
+            f"extraction.block_size = {block_size} exceeds the context of the model in {identity_path} "
+            f"({ident['path']}: {ident.get('context_key') or 'context_length'} = {n}); set "
+            f"extraction.block_size to at most {n}"
+        )
+
+
+def load_checked(identity_path, device="auto", dtype="float32", block_size: int | None = None):
+    """Load the model a ``model.json`` describes and refuse it if its weights or tokenizer changed since, or
+    if ``block_size`` (the window it is to be run over) exceeds its context."""
     ident = load_identity(identity_path)
+    if block_size is not None:
+        check_window(ident, block_size, identity_path)
     model, tok = load_model(ident, device=device, dtype=dtype if pick_device(device).type == "cuda" else "float32")
     if dtype == "float32" or pick_device(device).type == "cpu":
         got = weights_hash(model)

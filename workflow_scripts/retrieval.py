@@ -82,9 +82,11 @@ def search(
 def open_retriever(identity_json, manifest_json, index_path, index_meta, cfg: dict, threads: int = 1):
     """(model, tokenizer, identity, datastore, index, index meta), every piece checked against the others:
     the model is the one that built the datastore, the index was built from this version of it, and it holds
-    at least ``cfg['k_max']`` keys."""
+    at least ``cfg['k_max']`` keys; the model takes windows of ``cfg['block_size']``, when given."""
     faiss.omp_set_num_threads(threads)
-    model, tok, ident = lm.load_checked(identity_json, device=cfg.get("device", "auto"))
+    model, tok, ident = lm.load_checked(
+        identity_json, device=cfg.get("device", "auto"), block_size=cfg.get("block_size")
+    )
     ds = Datastore(manifest_json)
     ds.check_model(ident, identity_json)
     if cfg["k_max"] > ds.rows:

@@ -110,7 +110,7 @@ def run(identity_json, tokens_npy, cache_dir, manifest_json, points: list, p: di
     kNN-LM point of ``points`` ((label, {lambda, k, sigma}) pairs)."""
     torch.set_num_threads(threads)
     t0 = time.time()
-    model, tok, ident = lm.load_checked(identity_json, device="cpu")
+    model, tok, ident = lm.load_checked(identity_json, device="cpu", block_size=p["block_size"])
     for q in model.parameters():
         q.requires_grad_(False)
     cache = load_cache(cache_dir, manifest_json)
