@@ -411,6 +411,24 @@ def test_corpus_cli_on_non_utf8_file_prints_an_error_not_a_traceback(tmp_path):
     assert not outdir.exists()
 
 
+def test_corpus_cli_on_a_jsonl_number_prints_one_line_naming_file_line_and_field(tmp_path):
+    # before: AttributeError: 'int' object has no attribute 'strip', a traceback naming no file
+    files = _good_files(tmp_path, "jsonl")
+    bad = tmp_path / "numbers.jsonl"
+    bad.write_text('{"text": "a doc"}\n{"text": 42}\n')
+    files["train"] = str(bad)
+    outdir = tmp_path / "corpus"
+    outputs = [a for s in SPLITS for a in (f"--{s}", str(outdir / f"{s}.parquet"))]
+    proc = _cli("corpus", "--params", json.dumps({"spec": _local_spec("jsonl", files), "seed": 0}),
+                *outputs, "--world", str(outdir / "world.json"), cwd=tmp_path, HF_DATASETS_OFFLINE="1",
+                HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"))
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: corpus: corpus file {bad} (split 'train') line 2: field 'text' holds int 42, not text"]
+    assert "Traceback" not in proc.stderr
+    assert not outdir.exists()
+
+
 @pytest.mark.slow
 def test_a_two_megabyte_line_loads_and_tokenizes(datasets_cache, micro_run, tmp_path):
     from transformers import AutoTokenizer

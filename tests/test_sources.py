@@ -126,6 +126,51 @@ def test_local_missing_text_field_names_it(tmp_path):
         load_corpus(local_spec("jsonl", files, text_field="content"), seed=0)
 
 
+@pytest.mark.parametrize("content, message", [
+    ('{"body": "a"}\n{"body": "b"}\n', "has no field 'text' in any of its 2 rows (fields: ['body'])"),
+    ('{"text": "a"}\n\n{"text": 5}\n', "line 3: field 'text' holds int 5, not text"),
+    ('{"text": true}\n{"text": false}\n', "line 1: field 'text' holds bool True, not text"),
+    ('{"text": "a"}\n{"text": ["x", "y"]}\n', "line 2: field 'text' holds list ['x', 'y'], not text"),
+    ('{"text": "a"}\n{"text": {"x": 1}}\n', "line 2: field 'text' holds dict {'x': 1}, not text"),
+    ('{"text": "a"}\n{"text": "b"\n{"text": "c"}\n', "line 2 is not valid JSON (Expecting ',' delimiter"),
+    ('{"text": "a"}\n["text", "b"]\n', "line 2 is a list, not a JSON object"),
+])
+def test_local_jsonl_bad_rows_name_the_file_line_and_field(tmp_path, content, message):
+    # before: a datasets traceback (DatasetGenerationError), AttributeError: 'int' object has no attribute 'strip',
+    # or, in a split after one holding text, a silent cast of the values to their JSON text
+    for s in SPLITS:
+        (tmp_path / f"{s}.jsonl").write_text('{"text": "fine doc"}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    files = {s: str(tmp_path / f"{s}.jsonl") for s in SPLITS} | {"valid": str(bad)}
+    with pytest.raises(CorpusError) as e:
+        load_corpus(local_spec("jsonl", files), seed=0)
+    assert str(e.value).startswith(f"corpus file {bad} (split 'valid') ")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_local_jsonl_rows_without_the_text_field_are_skipped_as_empty(tmp_path):
+    for s in SPLITS:
+        (tmp_path / f"{s}.jsonl").write_text('{"text": "one"}\n{"id": 2}\n{"text": null}\n{"text": "four"}\n')
+    dd, _ = load_corpus(local_spec("jsonl", {s: str(tmp_path / f"{s}.jsonl") for s in SPLITS}), seed=0)
+    assert texts(dd["train"]) == ["one", "four"]
+
+
+def test_local_parquet_text_column_that_is_not_text_is_refused(tmp_path):
+    for s in SPLITS:
+        pl.DataFrame({"text": [f"{s} a"]}).write_parquet(tmp_path / f"{s}.parquet")
+    pl.DataFrame({"text": [1, 2]}).write_parquet(tmp_path / "train.parquet")
+    files = {s: str(tmp_path / f"{s}.parquet") for s in SPLITS}
+    with pytest.raises(CorpusError, match=rf"^corpus file {tmp_path}/train.parquet \(split 'train'\): column 'text' "
+                                          r"holds int64 values, not text$"):
+        load_corpus(local_spec("parquet", files), seed=0)
+    for s in SPLITS:  # in every split: the same check after loading
+        pl.DataFrame({"text": [1, 2]}).write_parquet(tmp_path / f"{s}.parquet")
+    with pytest.raises(CorpusError, match=r"^train split: text field 'text' holds int64 values, not text$"):
+        load_corpus({"source": "hf", "hf": {"path": str(tmp_path), "splits": {"train": "train", "valid": "validation",
+                                                                      "test": "test"}}}, seed=0)
+
+
 def test_local_parquet(tmp_path):
     for s in SPLITS:
         frame = pl.DataFrame({"text": [f"{s} a", None, f"{s} b"], "n": [1, 2, 3]})
