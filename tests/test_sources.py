@@ -279,6 +279,79 @@ def test_train_tokenizer_and_tokenize_split(tokenizer_dir, tmp_path):
     assert all(p[-1] == tok.eos_token_id and (p[:-1] != tok.eos_token_id).all() for p in pieces)
 
 
+class _Spy:
+    """A tokenizer that records the longest text it was asked to encode."""
+
+    def __init__(self, tok):
+        self.tok, self.longest = tok, 0
+
+    def __call__(self, texts, **kw):
+        self.longest = max([self.longest, *map(len, texts)])
+        return self.tok(texts, **kw)
+
+    def __len__(self):
+        return len(self.tok)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def _long_doc(n_words: int, seed: int = 0) -> str:
+    """Words, numbers, punctuation, contractions, non-ASCII and runs of spaces, tabs and newlines."""
+    rng = np.random.default_rng(seed)
+    words = ["Ada", "Lovelace", "was", "born", "in", "London", "café", "1815", "'s", "don't", ".", ",", "(", ")",
+             "wörds", "ü", "Navy", "--", "3.14", "日本"]
+    seps = [" "] * 12 + ["  ", "\n", "\n\n", "\t", " \n", "   ", ""]
+    return "".join(str(rng.choice(words)) + str(rng.choice(seps)) for _ in range(n_words))
+
+
+def _stream_docs(path, eos) -> list[list[int]]:
+    stream = np.load(path, allow_pickle=False)
+    eos_at = np.flatnonzero(stream == eos)
+    return [p[:-1].tolist() for p in np.split(stream, eos_at[:-1] + 1)]
+
+
+def test_tokenize_split_encodes_long_documents_in_bounded_pieces_with_the_same_ids(tokenizer_dir, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    docs = [" " + _long_doc(6000, 1) + " ", "short doc", _long_doc(3000, 2), "  leading spaces"]
+    pl.DataFrame({"text": docs}).write_parquet(tmp_path / "x.parquet")
+    spy = _Spy(tok)
+    n = lm.tokenize_split(spy, tmp_path / "x.parquet", tmp_path / "x.npy", max_chars=300)
+    assert spy.longest <= 300 < len(docs[0]) // 50
+    got = _stream_docs(tmp_path / "x.npy", tok.eos_token_id)
+    assert got == [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    assert n == sum(map(len, got)) + len(docs)
+
+
+def test_tokenize_split_cuts_a_long_run_without_spaces_and_keeps_its_text(tokenizer_dir, tmp_path, caplog):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    docs = ["Ada " + "x" * 2000 + " was born", "ok"]
+    pl.DataFrame({"text": docs}).write_parquet(tmp_path / "x.parquet")
+    spy = _Spy(tok)
+    with caplog.at_level(logging.WARNING):
+        lm.tokenize_split(spy, tmp_path / "x.parquet", tmp_path / "x.npy", max_chars=300)
+    assert spy.longest <= 300
+    got = _stream_docs(tmp_path / "x.npy", tok.eos_token_id)
+    assert [tok.decode(ids) for ids in got] == docs
+    assert "cut 1 document(s) inside a run of 300 characters without a space" in caplog.text
+
+
+def test_tokenize_split_encodes_whole_documents_when_pieces_would_change_the_ids(tokenizer_dir, tmp_path):
+    from tokenizers import pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # each piece: a new space
+    doc = _long_doc(500)
+    pl.DataFrame({"text": [doc]}).write_parquet(tmp_path / "x.parquet")
+    lm.tokenize_split(tok, tmp_path / "x.parquet", tmp_path / "x.npy", max_chars=300)
+    assert _stream_docs(tmp_path / "x.npy", tok.eos_token_id) == [tok(doc, add_special_tokens=False)["input_ids"]]
+
+
 @pytest.fixture(scope="module")
 def saved_model_dir(tokenizer_dir, tmp_path_factory):
     """A tiny randomly initialised GPT-2 and its tokenizer, saved as a Hugging Face model directory."""
