@@ -36,7 +36,10 @@ rule train_tokenizer:
         "python -m workflow_scripts tokenizer --params {params.p:q} --train {input.train} --tokenizer-dir {output} 2> {log}"
 
 
-# Makes one int32 token stream per (model, corpus, split); documents are joined by EOS.
+# Makes one int32 token stream per (model, corpus, split); documents are joined by EOS. Documents are read in
+# batches and encoded in pieces of at most 1M characters (lm.tokenize_split): ~0.6 GB at peak for a 9 MB document,
+# ~0.8 GB for a 54 MB one. A tokenizer for which pieces would change the ids (e.g. SentencePiece-style, Llama 2)
+# encodes each document whole, ~200 bytes per character of the longest one: raise mem_mb with --set-resources.
 rule tokenize:
     input:
         unpack(tokenizer_inputs),
@@ -50,7 +53,7 @@ rule tokenize:
     conda:
         "../envs/pipeline.yaml"
     resources:
-        mem_mb=8000,
+        mem_mb=2000,
         runtime=120,
     params:
         tok=tokenizer_arg,

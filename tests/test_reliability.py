@@ -192,6 +192,36 @@ def test_a_killed_writers_temp_files_are_removed_by_the_next_write(tmp_path):
         [f.name for f in kept] + ["keys_000.npy", "meta.json"])
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_step_stopped_by_sigterm_removes_its_temp_file(tmp_path, sig):
+    # before: the process died at once, leaving .train.npy.XXXXXXXX.tmp.npy (with the ids so far) until the same
+    # output was written again
+    from workflow_scripts import lm
+
+    pl.DataFrame({"text": ["Ada Lovelace was born in London ."] * 20}).write_parquet(tmp_path / "tok.parquet")
+    lm.train_tokenizer(tmp_path / "tok.parquet", 300, tmp_path / "tokenizer")
+    words = np.array(["Ada", "Lovelace", "was", "born", "in", "London", "."])
+    doc = " ".join(np.random.default_rng(0).choice(words, size=3_000_000))  # ~15 MB: tens of seconds to encode
+    pl.DataFrame({"text": [doc]}).write_parquet(tmp_path / "train.parquet")
+    out = tmp_path / "tokens" / "train.npy"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workflow_scripts", "tokenize", "--parquet", str(tmp_path / "train.parquet"),
+         "--out", str(out), "--tokenizer-dir", str(tmp_path / "tokenizer")],
+        cwd=tmp_path, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not any(f.stat().st_size > 128 for f in out.parent.glob(".train.npy.*")):  # ids past the header
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err
+    assert f"error: tokenize: stopped by {signal.Signals(sig).name}" in err and "Traceback" not in err
+    assert list(out.parent.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------------- 2. corruption
 @pytest.fixture
 def damaged(micro_run, tmp_path):
@@ -408,6 +438,24 @@ def test_corpus_cli_on_non_utf8_file_prints_an_error_not_a_traceback(tmp_path):
                 HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"))
     assert proc.returncode == 1
     assert f"error: corpus: corpus file {bad} (split 'train') is not valid UTF-8: byte 2 is b'\\xef'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not outdir.exists()
+
+
+def test_corpus_cli_on_a_jsonl_number_prints_one_line_naming_file_line_and_field(tmp_path):
+    # before: AttributeError: 'int' object has no attribute 'strip', a traceback naming no file
+    files = _good_files(tmp_path, "jsonl")
+    bad = tmp_path / "numbers.jsonl"
+    bad.write_text('{"text": "a doc"}\n{"text": 42}\n')
+    files["train"] = str(bad)
+    outdir = tmp_path / "corpus"
+    outputs = [a for s in SPLITS for a in (f"--{s}", str(outdir / f"{s}.parquet"))]
+    proc = _cli("corpus", "--params", json.dumps({"spec": _local_spec("jsonl", files), "seed": 0}),
+                *outputs, "--world", str(outdir / "world.json"), cwd=tmp_path, HF_DATASETS_OFFLINE="1",
+                HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"))
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: corpus: corpus file {bad} (split 'train') line 2: field 'text' holds int 42, not text"]
     assert "Traceback" not in proc.stderr
     assert not outdir.exists()
 

@@ -126,6 +126,51 @@ def test_local_missing_text_field_names_it(tmp_path):
         load_corpus(local_spec("jsonl", files, text_field="content"), seed=0)
 
 
+@pytest.mark.parametrize("content, message", [
+    ('{"body": "a"}\n{"body": "b"}\n', "has no field 'text' in any of its 2 rows (fields: ['body'])"),
+    ('{"text": "a"}\n\n{"text": 5}\n', "line 3: field 'text' holds int 5, not text"),
+    ('{"text": true}\n{"text": false}\n', "line 1: field 'text' holds bool True, not text"),
+    ('{"text": "a"}\n{"text": ["x", "y"]}\n', "line 2: field 'text' holds list ['x', 'y'], not text"),
+    ('{"text": "a"}\n{"text": {"x": 1}}\n', "line 2: field 'text' holds dict {'x': 1}, not text"),
+    ('{"text": "a"}\n{"text": "b"\n{"text": "c"}\n', "line 2 is not valid JSON (Expecting ',' delimiter"),
+    ('{"text": "a"}\n["text", "b"]\n', "line 2 is a list, not a JSON object"),
+])
+def test_local_jsonl_bad_rows_name_the_file_line_and_field(tmp_path, content, message):
+    # before: a datasets traceback (DatasetGenerationError), AttributeError: 'int' object has no attribute 'strip',
+    # or, in a split after one holding text, a silent cast of the values to their JSON text
+    for s in SPLITS:
+        (tmp_path / f"{s}.jsonl").write_text('{"text": "fine doc"}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    files = {s: str(tmp_path / f"{s}.jsonl") for s in SPLITS} | {"valid": str(bad)}
+    with pytest.raises(CorpusError) as e:
+        load_corpus(local_spec("jsonl", files), seed=0)
+    assert str(e.value).startswith(f"corpus file {bad} (split 'valid') ")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_local_jsonl_rows_without_the_text_field_are_skipped_as_empty(tmp_path):
+    for s in SPLITS:
+        (tmp_path / f"{s}.jsonl").write_text('{"text": "one"}\n{"id": 2}\n{"text": null}\n{"text": "four"}\n')
+    dd, _ = load_corpus(local_spec("jsonl", {s: str(tmp_path / f"{s}.jsonl") for s in SPLITS}), seed=0)
+    assert texts(dd["train"]) == ["one", "four"]
+
+
+def test_local_parquet_text_column_that_is_not_text_is_refused(tmp_path):
+    for s in SPLITS:
+        pl.DataFrame({"text": [f"{s} a"]}).write_parquet(tmp_path / f"{s}.parquet")
+    pl.DataFrame({"text": [1, 2]}).write_parquet(tmp_path / "train.parquet")
+    files = {s: str(tmp_path / f"{s}.parquet") for s in SPLITS}
+    with pytest.raises(CorpusError, match=rf"^corpus file {tmp_path}/train.parquet \(split 'train'\): column 'text' "
+                                          r"holds int64 values, not text$"):
+        load_corpus(local_spec("parquet", files), seed=0)
+    for s in SPLITS:  # in every split: the same check after loading
+        pl.DataFrame({"text": [1, 2]}).write_parquet(tmp_path / f"{s}.parquet")
+    with pytest.raises(CorpusError, match=r"^train split: text field 'text' holds int64 values, not text$"):
+        load_corpus({"source": "hf", "hf": {"path": str(tmp_path), "splits": {"train": "train", "valid": "validation",
+                                                                      "test": "test"}}}, seed=0)
+
+
 def test_local_parquet(tmp_path):
     for s in SPLITS:
         frame = pl.DataFrame({"text": [f"{s} a", None, f"{s} b"], "n": [1, 2, 3]})
@@ -232,6 +277,79 @@ def test_train_tokenizer_and_tokenize_split(tokenizer_dir, tmp_path):
     pieces = np.split(stream, eos_at[:-1] + 1)
     assert [tok.decode(p[:-1].tolist()) for p in pieces] == docs
     assert all(p[-1] == tok.eos_token_id and (p[:-1] != tok.eos_token_id).all() for p in pieces)
+
+
+class _Spy:
+    """A tokenizer that records the longest text it was asked to encode."""
+
+    def __init__(self, tok):
+        self.tok, self.longest = tok, 0
+
+    def __call__(self, texts, **kw):
+        self.longest = max([self.longest, *map(len, texts)])
+        return self.tok(texts, **kw)
+
+    def __len__(self):
+        return len(self.tok)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def _long_doc(n_words: int, seed: int = 0) -> str:
+    """Words, numbers, punctuation, contractions, non-ASCII and runs of spaces, tabs and newlines."""
+    rng = np.random.default_rng(seed)
+    words = ["Ada", "Lovelace", "was", "born", "in", "London", "café", "1815", "'s", "don't", ".", ",", "(", ")",
+             "wörds", "ü", "Navy", "--", "3.14", "日本"]
+    seps = [" "] * 12 + ["  ", "\n", "\n\n", "\t", " \n", "   ", ""]
+    return "".join(str(rng.choice(words)) + str(rng.choice(seps)) for _ in range(n_words))
+
+
+def _stream_docs(path, eos) -> list[list[int]]:
+    stream = np.load(path, allow_pickle=False)
+    eos_at = np.flatnonzero(stream == eos)
+    return [p[:-1].tolist() for p in np.split(stream, eos_at[:-1] + 1)]
+
+
+def test_tokenize_split_encodes_long_documents_in_bounded_pieces_with_the_same_ids(tokenizer_dir, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    docs = [" " + _long_doc(6000, 1) + " ", "short doc", _long_doc(3000, 2), "  leading spaces"]
+    pl.DataFrame({"text": docs}).write_parquet(tmp_path / "x.parquet")
+    spy = _Spy(tok)
+    n = lm.tokenize_split(spy, tmp_path / "x.parquet", tmp_path / "x.npy", max_chars=300)
+    assert spy.longest <= 300 < len(docs[0]) // 50
+    got = _stream_docs(tmp_path / "x.npy", tok.eos_token_id)
+    assert got == [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    assert n == sum(map(len, got)) + len(docs)
+
+
+def test_tokenize_split_cuts_a_long_run_without_spaces_and_keeps_its_text(tokenizer_dir, tmp_path, caplog):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    docs = ["Ada " + "x" * 2000 + " was born", "ok"]
+    pl.DataFrame({"text": docs}).write_parquet(tmp_path / "x.parquet")
+    spy = _Spy(tok)
+    with caplog.at_level(logging.WARNING):
+        lm.tokenize_split(spy, tmp_path / "x.parquet", tmp_path / "x.npy", max_chars=300)
+    assert spy.longest <= 300
+    got = _stream_docs(tmp_path / "x.npy", tok.eos_token_id)
+    assert [tok.decode(ids) for ids in got] == docs
+    assert "cut 1 document(s) inside a run of 300 characters without a space" in caplog.text
+
+
+def test_tokenize_split_encodes_whole_documents_when_pieces_would_change_the_ids(tokenizer_dir, tmp_path):
+    from tokenizers import pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # each piece: a new space
+    doc = _long_doc(500)
+    pl.DataFrame({"text": [doc]}).write_parquet(tmp_path / "x.parquet")
+    lm.tokenize_split(tok, tmp_path / "x.parquet", tmp_path / "x.npy", max_chars=300)
+    assert _stream_docs(tmp_path / "x.npy", tok.eos_token_id) == [tok(doc, add_special_tokens=False)["input_ids"]]
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,78 @@ def test_user_task_from_a_local_jsonl_file(tmp_path):
     assert items == registry.load_items(entry, max_items=2, seed=0)  # seeded subsample
 
 
+def _local_task(tmp_path, rows: list[dict], **entry) -> dict:
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"category": "memory", "kind": "classify", "metric": "accuracy", "source": {"type": "local", "path": str(f)},
+            "prompt": "{text} It was", "label_field": "label", "labels": {"pos": [" great"], "neg": [" bad"]},
+            **entry}
+
+
+@pytest.mark.parametrize("kind", ["classify", "choice", "generate"])
+def test_a_custom_row_missing_a_field_is_refused_naming_task_row_and_field(tmp_path, kind):
+    # the datasets jsonl loader gives a key missing from one row as None in that row: it was scored as "None"
+    rows = [{"text": "good film", "label": "pos", "ch": ["a", "b"], "g": 0, "a": "x"},
+            {"label": "neg", "ch": ["a", "b"], "g": 1, "a": "y"},
+            {"text": "bad film", "label": "neg", "ch": ["a", "b"], "g": 0, "a": "z"}]
+    extra = {
+        "classify": {},
+        "choice": {"category": "reasoning", "kind": "choice", "choices": {"field": "ch"},
+                   "gold": {"field": "g", "type": "index"}},
+        "generate": {"category": "reasoning", "kind": "generate", "metric": "em", "answers": {"field": "a"}},
+    }[kind]
+    e = _local_task(tmp_path, rows, **extra)
+    e = {k: v for k, v in e.items() if kind == "classify" or k not in ("labels", "label_field")}
+    registry.check_entry("mine", e)
+    with pytest.raises(registry.TaskError, match=r"^task 'mine': row 1 of .*mine\.jsonl: field 'text' is missing"):
+        registry.load_items(e, name="mine")
+    # a missing label, choice, gold or answer is refused the same way
+    rows[1]["text"] = "ok"
+    for field in ("label", "ch", "g", "a"):
+        e = _local_task(tmp_path, [rows[0], {k: v for k, v in rows[1].items() if k != field}, rows[2]], **extra)
+        e = {k: v for k, v in e.items() if kind == "classify" or k not in ("labels", "label_field")}
+        used = {"classify": ("label",), "choice": ("ch", "g"), "generate": ("a",)}[kind]
+        if field in used:
+            with pytest.raises(registry.TaskError, match=rf"^task 'mine': row 1 of .*: field '{field}' is missing"):
+                registry.load_items(e, name="mine")
+        else:
+            assert len(registry.load_items(e, name="mine")) == 3
+
+
+def test_a_choice_row_with_fewer_than_two_choices_is_refused(tmp_path):
+    rows = [{"q": "x", "ch": ["a", "b"], "g": 0}, {"q": "y", "ch": ["a"], "g": 0}]
+    e = _local_task(tmp_path, rows, category="reasoning", kind="choice", prompt="{q}", choices={"field": "ch"},
+                    gold={"field": "g", "type": "index"})
+    del e["labels"], e["label_field"]
+    registry.check_entry("mine", e)
+    with pytest.raises(registry.TaskError, match=r"^task 'mine': row 1 of .*: field 'ch' has 1 choice"):
+        registry.load_items(e, name="mine")  # one choice always scored 1.0
+
+
+@pytest.mark.parametrize("labels, keys", [
+    ({"Pos": [" great"], "pos": [" good"], "neg": [" bad"]}, r"'Pos' and 'pos'"),
+    (yaml.safe_load("{yes: [' yes'], 'true': [' true'], no: [' no']}"), r"True and 'true'"),
+    ({1: [" one"], "1": [" uno"], "2": [" two"]}, r"1 and '1'"),
+])
+def test_label_keys_that_match_the_same_rows_are_refused(tmp_path, labels, keys):
+    e = _local_task(tmp_path, [{"text": "a", "label": "pos"}], labels=labels)
+    with pytest.raises(registry.TaskError, match=rf"task 'mine': field 'labels' .*{keys}"):
+        registry.check_entry("mine", e)
+    e = copy.deepcopy(REG["rte"])
+    e["label_map"] = {"Entailment": 0, "entailment": 1}
+    with pytest.raises(registry.TaskError, match=r"field 'label_map' .*'Entailment' and 'entailment'"):
+        registry.check_entry("rte", e)
+
+
+def test_yaml_booleans_as_label_keys_are_refused_with_a_hint_to_quote_them(tmp_path):
+    e = _local_task(tmp_path, [{"text": "a", "label": "yes"}], labels=yaml.safe_load("{yes: [' yes'], no: [' no']}"))
+    with pytest.raises(registry.TaskError, match=r"field 'labels' .*True.*quote"):
+        registry.check_entry("mine", e)
+    e["labels"] = {"yes": [" yes"], "no": [" no"]}
+    registry.check_entry("mine", e)
+    assert registry.load_items(e)[0]["answer"] == "yes"
+
+
 def check(c: dict) -> dict:
     """The config as the workflow checks it (rules/common.smk): the schema, then the tasks against the registry."""
     validate(c)

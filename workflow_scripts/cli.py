@@ -25,6 +25,7 @@ import inspect
 import json
 import logging
 import os
+import signal
 import sys
 import types
 import typing
@@ -208,6 +209,22 @@ def _top_parser(steps) -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP (a job killed by Snakemake or Slurm, a closed terminal), raised in the step so that its
+    ``finally`` blocks run: ``atomic_path`` removes the temp file of the output being written. (Python's default
+    for these signals ends the process at once, leaving a temp file as large as the output.)"""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a second signal must not interrupt the cleanup
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     steps = find_steps()
@@ -226,10 +243,16 @@ def main(argv=None) -> int:
         if not isinstance(args["params"], dict):
             parser.error("--params must be a JSON object")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
     try:
         fn(**args)
     except (ValueError, OSError, RuntimeError) as e:  # OSError: also a full disk, not only a missing file
         logging.getLogger(NAME).error("%s failed: %s", argv[0], e)
         print(f"error: {argv[0]}: {e}", file=sys.stderr)
         return 1
+    except Stopped as e:
+        name = signal.Signals(e.signum).name
+        print(f"error: {argv[0]}: stopped by {name}; its temp files were removed", file=sys.stderr)
+        return 128 + e.signum
     return 0

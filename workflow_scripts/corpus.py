@@ -7,6 +7,7 @@ column, which is checked and written as ``results/corpus/<corpus>/<split>.parque
 from __future__ import annotations
 
 import codecs
+import json
 import logging
 import random
 from pathlib import Path
@@ -50,6 +51,57 @@ def _check_utf8(path, split: str, chunk: int = 1 << 22) -> None:
             offset += len(block)
 
 
+def _check_jsonl(path, split: str, field: str) -> None:
+    """Refuse a jsonl corpus file whose lines ``datasets`` would fail on with a long traceback, or read wrongly,
+    naming the file, the line and the field: a line that is not a JSON object, a text field holding a number,
+    boolean, list or object (``datasets`` turns these into a cast error, an ``AttributeError`` in the empty-document
+    filter, or, when another split holds text, silently into their JSON text), and a field no row has. A row
+    without the field, or with null, is an empty document (skipped with a warning)."""
+    rows = with_field = 0
+    fields: set = set()
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"corpus file {path} (split {split!r}) line {n} is not valid JSON ({e})") from e
+            where = f"corpus file {path} (split {split!r}) line {n}"
+            if not isinstance(row, dict):
+                raise CorpusError(f"{where} is a {type(row).__name__}, not a JSON object")
+            rows += 1
+            if len(fields) < 50:
+                fields.update(row)
+            value = row.get(field)
+            if value is not None and not isinstance(value, str):
+                shown = repr(value)
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                raise CorpusError(f"{where}: field {field!r} holds {type(value).__name__} {shown}, not text")
+            with_field += field in row
+    if rows and not with_field:
+        raise CorpusError(
+            f"corpus file {path} (split {split!r}) has no field {field!r} in any of its {rows} rows "
+            f"(fields: {sorted(fields)}); set text_field to the field holding the text"
+        )
+
+
+def _check_parquet(path, split: str, field: str) -> None:
+    """Refuse a parquet corpus file whose text column is not text, naming the file (``datasets`` fails casting it
+    to the other splits' type, naming neither)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        raise CorpusError(f"corpus file {path} (split {split!r}) is not a readable parquet file ({e})") from e
+    if field in schema.names:
+        t = schema.field(field).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
+            raise CorpusError(f"corpus file {path} (split {split!r}): column {field!r} holds {t} values, not text")
+
+
 def _generate(spec: dict, seed: int) -> tuple[datasets.DatasetDict, dict]:
     g = spec["generate"]
     w = world_mod.make_world(seed, g["n_people"], g["n_cities"], g["n_companies"], g["n_universities"])
@@ -81,11 +133,18 @@ def _local(spec: dict) -> datasets.DatasetDict:
                 raise CorpusError(f"corpus file {p} (split {split!r}) is empty")
             if fmt != "parquet":
                 _check_utf8(p, split)
+            if fmt == "jsonl":
+                _check_jsonl(p, split, loc.get("text_field", "text"))
+            if fmt == "parquet":
+                _check_parquet(p, split, loc.get("text_field", "text"))
         files[split] = paths
     try:
         return datasets.load_dataset(LOCAL_BUILDERS[fmt], data_files=files)
     except UnicodeDecodeError as e:
         raise CorpusError(f"corpus files {files}: not valid UTF-8 ({e})") from e
+    except datasets.exceptions.DatasetGenerationError as e:  # its message names neither the file nor the cause
+        cause = " ".join(str(e.__cause__ or e).split())
+        raise CorpusError(f"corpus files {files} (format {fmt}) cannot be read: {cause[:500]}") from e
 
 
 def _hf(spec: dict) -> datasets.DatasetDict:
@@ -122,6 +181,10 @@ def load_corpus(spec: dict, seed: int) -> tuple[datasets.DatasetDict, dict | Non
         ds = dd[split]
         if field not in ds.column_names:
             raise CorpusError(f"{split} split has no text field {field!r} (columns: {ds.column_names})")
+        feature = ds.features[field]
+        dtype = getattr(feature, "dtype", type(feature).__name__)
+        if dtype not in ("string", "large_string", "null"):
+            raise CorpusError(f"{split} split: text field {field!r} holds {dtype} values, not text")
         ds = (
             ds.select_columns([field]).rename_column(field, "text")
             if field != "text"

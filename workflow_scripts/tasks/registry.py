@@ -109,6 +109,8 @@ def check_entry(name: str, e: dict, where: str | None = None) -> None:
                 or (isinstance(lm, dict) and all(v is None or v in range(len(classes)) for v in lm.values())),
                 f"{{label value: class index 0..{len(classes) - 1} or null (row dropped)}}",
             )
+            if lm is not None:
+                _check_label_keys("label_map", lm, need)
         else:
             labels = e.get("labels")
             need(
@@ -116,6 +118,7 @@ def check_entry(name: str, e: dict, where: str | None = None) -> None:
                 isinstance(labels, dict) and len(labels) >= 2 and all(_words(v) for v in labels.values()),
                 "{label value: [continuation, ...]} with at least two labels",
             )
+            _check_label_keys("labels", labels, need)
     if e["kind"] == "choice":
         ch = e.get("choices")
         need("choices", isinstance(ch, dict) and ("field" in ch or "fields" in ch), "{field: ...} or {fields: [...]}")
@@ -174,6 +177,19 @@ def check_entry(name: str, e: dict, where: str | None = None) -> None:
         "{n, seed}: the paper's seeded draw of n rows",
     )
     need("strip", isinstance(e.get("strip", []), list), "a list of fields stripped of surrounding whitespace")
+
+
+def _check_label_keys(field: str, table: dict, need) -> None:
+    """Label keys are matched to a row's label as lower-case text (``_label_key``): two keys that read the same
+    would silently become one label, and a YAML boolean key is usually an unquoted yes/no/on/off."""
+    seen: dict = {}
+    for k in table:
+        other = seen.setdefault(_label_key(k), k)
+        need(field, other is k, f"distinct label values, but {other!r} and {k!r} match the same rows "
+             "(label values are compared as lower-case text)")
+    bools = [k for k in table if isinstance(k, bool)]
+    need(field, not bools, f"label values as text, but {bools[0]!r} is a boolean (YAML reads unquoted "
+         "yes/no/on/off/true/false as booleans): quote the key, e.g. 'yes'" if bools else "")
 
 
 def _pos_int(v) -> bool:
@@ -260,23 +276,45 @@ def resolve_entry(entry: dict, paper_data: str | None, name: str = "") -> dict:
 
 
 # --------------------------------------------------------------------------------------------- loading
-def get_path(row: dict, path: str):
-    """``row['a']['b']`` for ``'a.b'``."""
+def get_path(row: dict, path: str, allow_null: bool = False):
+    """``row['a']['b']`` for ``'a.b'``. A null value is refused unless ``allow_null``: a jsonl file read by
+    ``datasets`` gives a key that a row lacks (but others have) as None, which would be scored as "None"."""
     obj = row
     for part in path.split("."):
         if not isinstance(obj, dict) or part not in obj:
             raise TaskError(f"row has no field {path!r} (fields: {sorted(row)})")
         obj = obj[part]
+    if obj is None and not allow_null:
+        raise TaskError(f"field {path!r} is missing (null) in this row")
     return obj
 
 
-class _Row(dict):
-    def __missing__(self, key):
-        raise TaskError(f"prompt names field {{{key}}}, row has {sorted(self)}")
+def _no_nulls(path: str, values: list) -> list:
+    if any(v is None for v in values):
+        raise TaskError(f"field {path!r} has a missing (null) element: {values!r}")
+    return values
+
+
+class _Formatter(string.Formatter):
+    """``str.format`` that refuses a field the row lacks or holds as null (a jsonl row missing a key)."""
+
+    def get_value(self, key, args, kwargs):
+        if key not in kwargs:
+            raise TaskError(f"prompt names field {{{key}}}, row has {sorted(kwargs)}")
+        return kwargs[key]
+
+    def get_field(self, field_name, args, kwargs):
+        obj, first = super().get_field(field_name, args, kwargs)
+        if obj is None:
+            raise TaskError(f"field {field_name!r} is missing (null) in this row")
+        return obj, first
+
+
+_FORMATTER = _Formatter()
 
 
 def fill(template: str, row: dict, **extra) -> str:
-    return template.format_map(_Row({**row, **extra}))
+    return _FORMATTER.vformat(template, (), {**row, **extra})
 
 
 def load_rows(source: dict, data_files: str | None = None):
@@ -446,8 +484,14 @@ def make_item(e: dict, row: dict, idx: int, shots: list[dict] | None = None) -> 
             )
     elif e["kind"] == "choice":
         ch = e["choices"]
-        choices = [str(get_path(row, f)) for f in ch["fields"]] if "fields" in ch else list(get_path(row, ch["field"]))
-        choices = [str(c) for c in choices]
+        if "fields" in ch:
+            choices = [str(get_path(row, f)) for f in ch["fields"]]
+        else:
+            choices = [str(c) for c in _no_nulls(ch["field"], list(get_path(row, ch["field"])))]
+        if len(choices) < 2:
+            field = ch.get("field", ch.get("fields"))
+            raise TaskError(f"field {field!r} has {len(choices)} choice(s) {choices}: a choice item needs at least "
+                            "two (with one, it always scores 1.0)")
         if e.get("clean", {}).get("choices"):
             choices = [CLEANERS[e["clean"]["choices"]](c) for c in choices]
         gold = _gold_index(e, row, len(choices))
@@ -465,7 +509,9 @@ def make_item(e: dict, row: dict, idx: int, shots: list[dict] | None = None) -> 
         item.update(options=options, domain=dom, gold=gold, labels=choices, answer=choices[gold])
     else:
         ans = get_path(row, e["answers"]["field"])
-        answers = [str(a) for a in ans] if isinstance(ans, list) else [str(ans)]
+        answers = [str(a) for a in _no_nulls(e["answers"]["field"], ans)] if isinstance(ans, list) else [str(ans)]
+        if not answers:
+            raise TaskError(f"field {e['answers']['field']!r} has no answers")
         extract = e["answers"].get("extract", "none")
         if extract == "gsm8k":
             answers = [gsm8k_gold(a) for a in answers]
@@ -479,7 +525,7 @@ def _excluded(e: dict, row: dict) -> bool:
     x = e.get("exclude")
     if not x:
         return False
-    v = get_path(row, x["field"])
+    v = get_path(row, x["field"], allow_null=True)
     return any(a in x["values"] for a in (v if isinstance(v, list) else [v]))
 
 
@@ -510,11 +556,14 @@ def split_shots(e: dict, rows: list[dict]) -> tuple[dict, list[int]]:
     return shots, keep
 
 
-def load_items(entry: dict, max_items: int | None = None, seed: int = 0, data_files: str | None = None) -> list:
+def load_items(
+    entry: dict, max_items: int | None = None, seed: int = 0, data_files: str | None = None, name: str | None = None
+) -> list:
     """Items of a task. The entry's ``sample`` is the paper's draw (numpy's legacy generator, as eval_fuzzy.py's
     ``np.random.seed(s); np.random.choice(n, size, replace=False)``); ``max_items`` then draws a seeded subsample
     (kept in dataset order) of the rows left after ``exclude``, the shots of a ``fewshot: first`` entry and the
-    rows the entry drops."""
+    rows the entry drops. ``name``: the task, named in errors."""
+    task = f"task {name!r}: " if name else ""
     ds = load_rows(entry["source"], data_files)
     n = len(ds)
     if n == 0:
@@ -537,7 +586,8 @@ def load_items(entry: dict, max_items: int | None = None, seed: int = 0, data_fi
         try:
             it = make_item(entry, row, int(i), shots.get(_group_of(row, per)) if shots else None)
         except TaskError as err:
-            raise TaskError(f"row {int(i)} of {entry['source'].get('path')}: {err}") from err
+            where = data_files or entry["source"].get("path")
+            raise TaskError(f"{task}row {int(i)} of {where}: {err}") from err
         if it is not None:
             items.append(it)
     if not items:
@@ -569,8 +619,10 @@ def read_items(path) -> list:
 @step
 def load_task(params: dict, out: Path, source: Path | None = None) -> int:
     """A task's items (the registry entry applied to its dataset rows) from the hub, or from --source: the
-    local file (or suite file) the entry names."""
-    items = load_items(params["entry"], params.get("max_items"), params["seed"], str(source) if source else None)
+    local file (or suite file) the entry names. Errors name the task (--out is results/task_data/<task>.parquet)."""
+    items = load_items(
+        params["entry"], params.get("max_items"), params["seed"], str(source) if source else None, out.stem
+    )
     write_items(items, out)
     log.info("%d items", len(items))
     return len(items)
