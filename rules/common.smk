@@ -309,7 +309,8 @@ wildcard_constraints:
     task=names_regex(TASK_NAMES),
 
 
-# Cheap aggregation jobs run on the submitting host, not as cluster jobs.
+# Cheap aggregation jobs, and the checks of a retrieval or task cache before its sweep (verify_*), run on the
+# submitting host, not as cluster jobs.
 localrules:
     all,
     figures,
@@ -328,6 +329,8 @@ localrules:
     figure_hurdle,
     task_delta,
     paper2_comparison,
+    verify_retrieval,
+    verify_task_cache,
 
 
 # ----------------------------------------------------------------------------- analyses (paper 2)

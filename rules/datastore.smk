@@ -63,3 +63,24 @@ rule datastore_manifest:
     shell:
         "python -m workflow_scripts manifest --model-json {input.model_json} --tokens {input.tokens} --keys {input.key_shards}"
         " --vals {input.vals} --meta {input.meta} --out {output} 2> {log}"
+
+
+# Checks a datastore as its consumers do (every shard's size and sha256 against the manifest) before build_index
+# starts: Snakemake removes a job's outputs when it starts it, so a failed check here keeps the previous index.
+# The marker is temp(): it exists only while build_index needs it, so the check runs whenever build_index does.
+rule verify_datastore:
+    input:
+        manifest="results/datastores/{ds}/manifest.json",
+    output:
+        temp("results/datastores/{ds}/verified.json"),
+    log:
+        "results/logs/verify_datastore/{ds}.log",
+    benchmark:
+        "results/benchmarks/verify_datastore/{ds}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=6 * 60,  # re-hashes every shard, as datastore_manifest does (docs/cluster.md)
+    shell:
+        "python -m workflow_scripts verify-datastore --manifest {input.manifest} --out {output} 2> {log}"

@@ -5,6 +5,7 @@
 rule build_index:
     input:
         manifest="results/datastores/{ds}/manifest.json",
+        verified="results/datastores/{ds}/verified.json",  # rule verify_datastore
     output:
         index="results/datastores/{ds}/index.faiss",
         meta="results/datastores/{ds}/index.json",

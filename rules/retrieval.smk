@@ -31,3 +31,26 @@ rule retrieve:
         "python -m workflow_scripts retrieve --params {params.p:q} --threads {threads} --model-json {input.model_json}"
         " --manifest {input.manifest} --index {input.index} --index-meta {input.index_meta}"
         " --tokens {input.tokens} --meta {output.meta} 2> {log}"
+
+
+# Checks a retrieval cache as the sweep does (each file's sha256, shapes, distances, its datastore) before the
+# sweep starts, so that a failed check keeps the sweep's previous tables; temp(), so it runs whenever the sweep does.
+rule verify_retrieval:
+    input:
+        cache=rules.retrieve.output,
+        cache_meta=rules.retrieve.output.meta,
+        manifest="results/datastores/{ds}/manifest.json",
+    output:
+        temp("results/retrieval/{evalset}/{ds}/verified.json"),
+    log:
+        "results/logs/verify_retrieval/{evalset}/{ds}.log",
+    benchmark:
+        "results/benchmarks/verify_retrieval/{evalset}/{ds}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "python -m workflow_scripts verify-retrieval --cache {input.cache_meta} --manifest {input.manifest}"
+        " --out {output} 2> {log}"

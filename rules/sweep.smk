@@ -7,6 +7,7 @@ rule sweep:
         cache=rules.retrieve.output,
         cache_meta=rules.retrieve.output.meta,
         manifest="results/datastores/{ds}/manifest.json",
+        verified=rules.verify_retrieval.output[0],
     output:
         csv=report(
             "results/sweeps/{evalset}/{ds}/perplexity.csv",

@@ -94,12 +94,36 @@ rule score_task:
         " {params.summary} --npz {output.npz} --scored-json {output.json} 2> {log}"
 
 
+# Checks a task cache as the task sweep does (the npz's sha256, the item count) before task_sweep starts, so that
+# a failed check keeps the task sweep's previous outputs; temp(), so it runs whenever task_sweep does.
+rule verify_task_cache:
+    input:
+        npz=rules.score_task.output.npz,
+        scored_json=rules.score_task.output.json,
+        task_items="results/task_data/{task}.parquet",
+    output:
+        temp("results/tasks/{ds}/{task}/verified.json"),
+    log:
+        "results/logs/verify_task_cache/{ds}/{task}.log",
+    benchmark:
+        "results/benchmarks/verify_task_cache/{ds}/{task}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "python -m workflow_scripts verify-task-cache --npz {input.npz} --scored-json {input.scored_json}"
+        " --items {input.task_items} --out {output} 2> {log}"
+
+
 # Makes a task's metric over the λ/k/σ grid, its per-item predictions and its one-row summary.
 rule task_sweep:
     input:
         npz=rules.score_task.output.npz,
         scored_json=rules.score_task.output.json,
         task_items="results/task_data/{task}.parquet",
+        verified=rules.verify_task_cache.output[0],
         summary="results/tables/perplexity_summary.csv",
     output:
         csv=report(

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import ROOT, job_stats, project_env, snakemake, snakemake_cmd
 
-from workflow_scripts.artifacts import ArtifactError, load_npy, save_npy, write_json
+from workflow_scripts.artifacts import ArtifactError, load_npy, save_npy, sha256_file, write_json
 from workflow_scripts.corpus import SPLITS, CorpusError, _check_utf8, load_corpus, write_corpus
 from workflow_scripts.datastore import Datastore, extract_shard, shard_ranges, write_manifest
 from workflow_scripts.index import load_index
@@ -323,26 +323,93 @@ def test_sweep_cli_on_truncated_cache_reports_the_file(damaged, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# --------------------------------------------------------------------------------------------- 2b. nothing lost
+# Snakemake removes a job's outputs when it starts the job. A consumer whose own input checks fail would lose the
+# outputs it meant to regenerate; the verify_* jobs (rules/*.smk, docs/conventions.md) check its input first, and
+# Snakemake starts no job whose upstream job failed. Each probe lists what a failed rerun lost.
+def _results_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under results/ but the logs and benchmarks."""
+    res = root / "results"
+    return {str(f.relative_to(root)): sha256_file(f) for f in res.rglob("*")
+            if f.is_file() and f.relative_to(res).parts[0] not in ("logs", "benchmarks")}
+
+
+def _lost(before: dict[str, str], root: Path) -> list[str]:
+    """The files of ``before`` now missing or changed."""
+    now = _results_digests(root)
+    return sorted(f for f, h in before.items() if now.get(f) != h)
+
+
 @pytest.mark.slow
-def test_bit_rot_in_a_key_shard_stops_the_rerun_and_touches_nothing_downstream(damaged):
+def test_bit_rot_in_a_key_shard_stops_the_rerun_before_the_index_is_removed(damaged):
+    # before: build_index started, so Snakemake removed index.faiss and index.json, then build_index failed on the
+    # shard; now verify_datastore fails first and build_index never starts
     shard = damaged / SHARDS / "keys_001.npy"
     before = _mtimes(damaged, "results/retrieval", "results/sweeps", "results/tables", "results/figures")
-    index_before = {n: (damaged / DS / n).stat().st_mtime_ns for n in ("index.faiss", "index.json")}
-    manifest = (damaged / DS / "manifest.json").read_bytes()
     _flip_byte_keep_mtime(shard, shard.stat().st_size // 2)
+    digests = _results_digests(damaged)
     proc = snakemake(damaged, "--configfile", str(damaged / "config.yaml"), "--forcerun", "build_index",
                      check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert f"error: build-index: {SHARDS}/keys_001.npy: sha256 differs from manifest {DS}/manifest.json " \
+    assert f"{SHARDS}/keys_001.npy: sha256 differs from manifest {DS}/manifest.json " \
            "(altered); delete it and rerun extract_keys" in out
     assert "localrule retrieve:" not in out and "localrule sweep:" not in out
     assert _mtimes(damaged, "results/retrieval", "results/sweeps", "results/tables", "results/figures") == before
-    # Snakemake deletes the failed job's outputs; none may be left (or rewritten) looking valid
-    for name, mtime in index_before.items():
-        f = damaged / DS / name
-        assert not f.exists() or f.stat().st_mtime_ns == mtime, name
-    assert (damaged / DS / "manifest.json").read_bytes() == manifest  # the damage was not re-blessed
+    assert _lost(digests, damaged) == []  # index.faiss, index.json and the manifest kept, the damage not re-blessed
+
+
+@pytest.mark.slow
+def test_altered_retrieval_cache_stops_the_rerun_before_the_sweep_loses_its_tables(damaged):
+    # before: the sweep started (vals.npy is newer than its tables), Snakemake removed perplexity.csv and .parquet,
+    # then the sweep's load_cache refused vals.npy
+    cache = damaged / "results/retrieval/valid/micro"
+    vals, targets = np.load(cache / "vals.npy"), np.load(cache / "targets.npy")
+    np.save(cache / "vals.npy", np.repeat(targets[:, None], vals.shape[1], axis=1).astype(vals.dtype))
+    before = _results_digests(damaged)
+    proc = snakemake(damaged, "--configfile", str(damaged / "config.yaml"), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "results/retrieval/valid/micro/vals.npy: sha256 differs from the one recorded in " \
+           "results/retrieval/valid/micro/meta.json" in out
+    assert _lost(before, damaged) == []  # results/sweeps/valid/micro/perplexity.{csv,parquet} kept
+
+
+@pytest.mark.slow
+def test_a_rewritten_shard_still_costs_only_the_manifest(damaged):
+    # a shard rewritten (new mtime) reruns datastore_manifest, whose own check refuses it: Snakemake has removed
+    # the manifest by then (cheap to rewrite: it only hashes the shards); index, caches and sweeps are kept
+    shard = damaged / SHARDS / "keys_001.npy"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    before = _results_digests(damaged)
+    proc = snakemake(damaged, "--configfile", str(damaged / "config.yaml"), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"{SHARDS}/keys_001.npy: sha256 differs from the one recorded at extraction in " \
+           f"{SHARDS}/shard_001.json" in out
+    assert _lost(before, damaged) == [f"{DS}/manifest.json"]
+
+
+@pytest.mark.slow
+def test_altered_task_cache_stops_the_rerun_before_the_task_sweep_loses_its_tables(task_run, tmp_path):
+    # before: task_sweep started (scored.npz is newer than its outputs), Snakemake removed sweep.csv, sweep.parquet,
+    # predictions.parquet and summary.json, then the task sweep refused scored.npz
+    work = _copy_run(task_run[0], tmp_path / "copy")
+    scored = work / "results/tasks/micro/synth_recall"
+    with np.load(scored / "scored.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    name = next(k for k, a in arrays.items() if a.dtype.kind == "f")
+    arrays[name] = arrays[name] + 1
+    np.savez(scored / "scored.npz", **arrays)
+    before = _results_digests(work)
+    proc = snakemake(work, "--configfile", str(work / "config.yaml"), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "results/tasks/micro/synth_recall/scored.npz: sha256 differs from the one recorded in " \
+           "results/tasks/micro/synth_recall/scored.json" in out
+    assert _lost(before, work) == []  # sweep.csv, sweep.parquet, predictions.parquet, summary.json kept
 
 
 # --------------------------------------------------------------------------------------------- 3. mismatch

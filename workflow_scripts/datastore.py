@@ -371,3 +371,15 @@ def manifest(model_json: Path, tokens: Path, keys: list[Path], vals: list[Path],
     from .lm import load_identity
 
     write_manifest(load_identity(model_json), tokens, list(zip(keys, vals, meta, strict=True)), out)
+
+
+@step
+def verify_datastore(manifest: Path, out: Path) -> None:
+    """Check a datastore as its consumers do (Datastore(deep=True): every shard's path, size and sha256 against the
+    manifest, the manifest's own digest) and write a marker (--out) naming what was checked. A job before
+    build_index: when the check fails, Snakemake does not start build_index, which would remove its index first."""
+    ds = Datastore(manifest, deep=True)
+    write_json(out, {
+        "checked": "datastore", "manifest": str(manifest), "manifest_sha256": ds.hash,
+        "sha256": {s[kind]: s[f"{kind}_sha256"] for s in ds.manifest["shards"] for kind in ("keys", "values")},
+    })

@@ -206,3 +206,14 @@ def retrieve_step(
     --meta, the cache's meta.json)."""
     lm.torch_threads(threads)
     retrieve(model_json, manifest, index, index_meta, tokens, params, meta.parent, threads=threads)
+
+
+@step(name="verify-retrieval")
+def verify_retrieval_step(cache: Path, manifest: Path, out: Path) -> None:
+    """Check a retrieval cache (--cache: its meta.json) as the sweep does (load_cache: each file's sha256, the
+    shapes, the distances, the datastore it was built from) and write a marker (--out) naming what was checked. A
+    job before the sweep: when the check fails, Snakemake does not start the sweep, which would remove its tables
+    first."""
+    c = load_cache(cache.parent, manifest)
+    write_json(out, {"checked": "retrieval cache", "meta": str(cache), "manifest": str(manifest),
+                     "sha256": c["meta"]["sha256"]})

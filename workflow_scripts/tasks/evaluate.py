@@ -41,11 +41,8 @@ def _order(r):
     return (-r["score"], r["lambda"], r["k"], r["sigma"])
 
 
-def sweep_task(
-    scored_npz, scored_json, items_parquet, p: dict, summary_csv, csv, parquet, predictions, summary_json
-) -> dict:
-    """The task's metric at every (λ, k, σ), the base LM, the best point and the point chosen on perplexity."""
-    entry = p["entry"]
+def check_task_cache(scored_npz, scored_json, items_parquet):
+    """(record, items): a task cache checked against its items (their count) and its record (the npz's sha256)."""
     record = read_json(scored_json)
     items = read_items(items_parquet)
     if len(items) != record["meta"]["n_items"]:
@@ -58,6 +55,15 @@ def sweep_task(
             f"{scored_npz}: sha256 differs from the one recorded in {scored_json} when it was written (the file, "
             f"or the record, was altered since); rerun score_task for it (snakemake --forcerun {scored_json})"
         )
+    return record, items
+
+
+def sweep_task(
+    scored_npz, scored_json, items_parquet, p: dict, summary_csv, csv, parquet, predictions, summary_json
+) -> dict:
+    """The task's metric at every (λ, k, σ), the base LM, the best point and the point chosen on perplexity."""
+    entry = p["entry"]
+    record, items = check_task_cache(scored_npz, scored_json, items_parquet)
     chosen, chosen_on = chosen_point(summary_csv, p["datastore"], p.get("point"))
     rows, per_item = [], {}
     if entry.get("protocol") == "last_token":
@@ -292,6 +298,16 @@ def task_sweep(
 ) -> None:
     """A task's metric over the λ/k/σ grid, its per-item predictions and its one-row summary."""
     sweep_task(npz, scored_json, items, params, summary, csv, parquet, predictions, summary_json)
+
+
+@step
+def verify_task_cache(npz: Path, scored_json: Path, items: Path, out: Path) -> None:
+    """Check a task cache as the task sweep does (the npz's sha256 against --scored-json, the item count against
+    --items) and write a marker (--out) naming what was checked. A job before task_sweep: when the check fails,
+    Snakemake does not start task_sweep, which would remove its tables first."""
+    record, _ = check_task_cache(npz, scored_json, items)
+    write_json(out, {"checked": "task cache", "npz": str(npz), "scored_json": str(scored_json),
+                     "npz_sha256": record["meta"].get("npz_sha256")})
 
 
 @step
