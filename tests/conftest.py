@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 import shutil
@@ -6,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import settings
@@ -187,3 +189,48 @@ def write_paper_data(root: Path, texts: list[str]) -> Path:
         "Family & Relationships": ["family", "relationships"], "Politics & Government": ["politics", "government"],
     }))
     return root
+
+
+# ------------------------------------------------------------------------------------------ small caches by hand
+def p_knn_by_hand(d_row, v_row, w, k, sigma):
+    """p_knn(w) over the first k neighbours, written out: Σ 1[v_i = w] e^(−d_i/σ) / Σ e^(−d_i/σ) (value −1:
+    a missing neighbour, no weight)."""
+    ws = [math.exp(-float(d_row[i]) / sigma) for i in range(k) if v_row[i] >= 0]
+    hit = [math.exp(-float(d_row[i]) / sigma) for i in range(k) if v_row[i] == w]
+    return sum(hit) / sum(ws)
+
+
+def cache_arrays(rng, n, K, vocab, dim=4):
+    """The arrays of a retrieval cache (retrieval.CACHE_FILES) with random contents, distances ascending."""
+    return {
+        "targets": rng.integers(0, vocab, n).astype(np.int32),
+        "lm_logprob": np.log(rng.uniform(0.01, 0.9, n)).astype(np.float32),
+        "dists": np.sort(rng.uniform(0, 4, (n, K)), 1).astype(np.float32),
+        "vals": rng.integers(0, vocab, (n, K)).astype(np.int32),
+        "ids": rng.integers(0, 1000, (n, K)).astype(np.int64),
+        "queries": rng.normal(size=(n, dim)).astype(np.float16),
+    }
+
+
+def write_cache(d: Path, arrays: dict, manifest=None) -> None:
+    """``arrays`` as a retrieval cache in ``d`` (its meta.json names ``manifest``'s hash when given)."""
+    from workflow_scripts.artifacts import save_npy, sha256_file, write_json
+    from workflow_scripts.datastore import manifest_hash
+
+    d.mkdir(parents=True, exist_ok=True)
+    for name, a in arrays.items():
+        save_npy(d / f"{name}.npy", a)
+    digests = {f"{name}.npy": sha256_file(d / f"{name}.npy") for name in arrays}  # as retrieve records them
+    write_json(d / "meta.json", {"n_tokens": len(arrays["targets"]), "K": arrays["dists"].shape[1],
+                                 "manifest_sha256": manifest_hash(manifest) if manifest else "none",
+                                 "sha256": digests})
+
+
+class SpacedTok:
+    """A stand-in tokenizer for decoding: token i decodes to " w<i>"; no end-of-sequence id, so
+    ``lm.word_count`` counts one word a token plus one line."""
+
+    eos_token_id = None
+
+    def decode(self, ids):
+        return "".join(f" w{int(i)}" for i in ids)

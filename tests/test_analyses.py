@@ -3,18 +3,21 @@ model, the MLP-LM (λ = 0 equals the LM, it learns a learnable map), the hurdle'
 and the analyses stages end to end on a copy of the micro run."""
 
 
+import json
+import math
+
 import numpy as np
 import polars as pl
 import pytest
 import torch
 import transformers as tf
-from conftest import ROOT, job_stats, snakemake
+from conftest import ROOT, SpacedTok, cache_arrays, job_stats, p_knn_by_hand, snakemake, write_cache
 
 from workflow_scripts import datastore, knnlm, lm
 from workflow_scripts.analyses import hurdle, projection
 from workflow_scripts.analyses import macondo as macondo_lm
 from workflow_scripts.analyses import mlp as mlp_lm
-from workflow_scripts.artifacts import save_npy, sha256_file, write_json
+from workflow_scripts.artifacts import ArtifactError, save_npy, sha256_file, write_json
 
 
 # ------------------------------------------------------------------------------------------ projection
@@ -429,3 +432,146 @@ def read_json_sha(path):
     import json
 
     return json.loads(path.read_text())["model_sha256"]
+
+
+# ------------------------------------------------------------------------------ storage, projection table by hand
+def test_mlp_storage_counts_its_own_parameters_not_the_lms_layer():
+    dim, hidden, vocab = 8, 16, 50
+    model = mlp_lm.KeyMLP(dim, hidden, torch.zeros(vocab, dim))
+    # two linear layers (weights + biases) and the layer norm (weight + bias), float32; W is not counted
+    n = dim * hidden + hidden + hidden * dim + dim + 2 * dim
+    assert model.own_bytes() == 4 * n
+    s = mlp_lm.storage(model, 10_000)
+    assert s == {"mlp_bytes": 4 * n, "datastore_bytes": 10_000, "storage_ratio": 4 * n / 10_000}
+    assert mlp_lm.storage(model.half(), 4 * n)["storage_ratio"] == 0.5
+
+
+def test_point_label_names_the_point():
+    assert projection.point_label({"lambda": 0.25, "k": 16, "sigma": 1.0}, "given") == "given: λ=0.25, k=16, σ=1"
+
+
+LAST_MLP = "transformer.h.1.mlp"
+
+
+@pytest.fixture(scope="module")
+def tiny(gpt2):
+    """The small GPT-2 above and a token stream of 21 tokens."""
+    return gpt2, np.random.default_rng(3).integers(0, 64, 21).astype(np.int32)
+
+
+def _projection_inputs(tmp_path, tiny, monkeypatch, n_cache=20, K=4):
+    model, tokens = tiny
+    monkeypatch.setattr(projection.lm, "load_checked",
+                        lambda _, device, **kw: (model, SpacedTok(), {"hook_point": LAST_MLP, "dim": 16}))
+    save_npy(tmp_path / "tokens.npy", tokens)
+    # the cache as retrieval builds it: the kNN keys and log p_lm from the datastore's own forward pass
+    keys, lps = [], []
+    for _, k_, lp in datastore.run_model(model, LAST_MLP, tokens, 0, n_cache, 16, 4, True):
+        keys.append(k_)
+        lps.append(lp)
+    rng = np.random.default_rng(4)
+    a = cache_arrays(rng, n_cache, K, 64, dim=16)
+    a.update(targets=tokens[1 : n_cache + 1], lm_logprob=np.concatenate(lps).astype(np.float32),
+             queries=np.concatenate(keys).astype(np.float16))
+    a["vals"][:, 1] = a["targets"]
+    manifest = tmp_path / "manifest.json"
+    write_json(manifest, {"shards": []})
+    write_cache(tmp_path / "cache", a, manifest)
+    return a, manifest
+
+
+def test_projection_table_by_hand(tmp_path, tiny, monkeypatch):
+    model, tokens = tiny
+    a, manifest = _projection_inputs(tmp_path, tiny, monkeypatch)
+    n = 12  # max_positions below the cache's 20
+    points = [("a", {"lambda": 0.5, "k": 2, "sigma": 1.0}), ("b", {"lambda": 0.25, "k": 4, "sigma": 3.0})]
+    runs = [{"lr": 0.1, "tol": 0.0, "max_steps": 6}, {"lr": 0.05, "tol": 1e-3, "max_steps": 4}]
+    p = {"max_positions": n, "block_size": 16, "batch_size": 2, "opt_batch": 5, "runs": runs}
+    out = [tmp_path / "p.csv", tmp_path / "p.parquet", tmp_path / "meta.json"]
+    df = projection.run("id.json", tmp_path / "tokens.npy", tmp_path / "cache", manifest, points, p, *out)
+    assert pl.read_parquet(out[1]).equals(df) and pl.read_csv(out[0]).height == df.height == 2 * (2 + 2 * 2)
+    meta = json.loads(out[2].read_text())
+    assert meta["n_positions"] == n and meta["points"] == {"a": points[0][1], "b": points[1][1]}
+    with torch.no_grad():
+        lm_full = torch.log_softmax(model(input_ids=torch.as_tensor(tokens[None, :n], dtype=torch.long)).logits[0],
+                                    -1).double().numpy()
+    targets = tokens[1 : n + 1]
+    n_words = n + 1  # one word a token, one line
+    names = ["LM", "kNN-LM", "p_proj lr=0.1 6 steps", "p_proj lr=0.1 6 steps", "p_proj lr=0.05 tol=0.001",
+             "p_proj lr=0.05 tol=0.001"]
+    for label, pt in points:
+        rows = df.filter(pl.col("point") == label)
+        assert rows["run"].to_list() == names and rows["space"].to_list() == ["-", "-", "f", "f∘g", "f", "f∘g"]
+        for r in rows.iter_rows(named=True):
+            assert (r["n_positions"], r["n_words"], r["lambda"], r["k"], r["sigma"]) == (
+                n, n_words, pt["lambda"], pt["k"], pt["sigma"])
+        lam, k, s = pt["lambda"], pt["k"], pt["sigma"]
+        # the kNN-LM's full distribution at each position, written out
+        mix = np.empty_like(lm_full)
+        for i in range(n):
+            for w in range(64):
+                p_knn = p_knn_by_hand(a["dists"][i], a["vals"][i], w, k, s)
+                mix[i, w] = lam * p_knn + (1 - lam) * math.exp(lm_full[i, w])
+        log_mix = np.log(mix)
+        lm_t = lm_full[np.arange(n), targets]
+        knn_t = log_mix[np.arange(n), targets]
+        kl_lm = float(np.mean((np.exp(lm_full) * (lm_full - log_mix)).sum(1)))
+        r_lm, r_knn = rows.row(0, named=True), rows.row(1, named=True)
+        assert r_lm["ppl"] == pytest.approx(math.exp(-lm_t.mean()), rel=1e-4)
+        assert r_lm["word_ppl"] == pytest.approx(math.exp(-lm_t.sum() / n_words), rel=1e-4)
+        assert r_lm["kl"] == pytest.approx(kl_lm, rel=1e-3) and r_lm["kl"] > 0.01
+        assert r_knn["ppl"] == pytest.approx(math.exp(-knn_t.mean()), rel=1e-4) and r_knn["kl"] == 0.0
+        assert r_knn["word_ppl"] == pytest.approx(math.exp(-knn_t.sum() / n_words), rel=1e-4)
+        for r in rows.iter_rows(named=True):
+            if r["run"].startswith("p_proj"):
+                run = runs[0] if "6 steps" in r["run"] else runs[1]
+                assert (r["lr"], r["tol"], r["max_steps"]) == (run["lr"], run["tol"], run["max_steps"])
+                assert 0 < r["mean_steps"] <= run["max_steps"] and r["seconds"] >= 0
+                assert 0 <= r["kl"] < r_lm["kl"]  # each space starts at the LM's point and moves towards p_knnlm
+                assert math.isfinite(r["ppl"]) and r["word_ppl"] == pytest.approx(
+                    r["ppl"] ** (n / n_words), rel=1e-9)
+            else:
+                assert r["lr"] is None and r["mean_steps"] is None
+        fixed = rows.filter(pl.col("run") == "p_proj lr=0.1 6 steps")
+        assert fixed["mean_steps"].to_list() == [6.0, 6.0]  # tol 0: every position takes every step
+    # the optimisation batches do not change the result
+    df1 = projection.run("id.json", tmp_path / "tokens.npy", tmp_path / "cache", manifest, points[:1],
+                         {**p, "opt_batch": n, "runs": runs[:1]}, *out)
+    batched = df.filter((pl.col("point") == "a") & (pl.col("run") == "p_proj lr=0.1 6 steps"))
+    np.testing.assert_allclose(df1.filter(pl.col("run") == "p_proj lr=0.1 6 steps")["kl"], batched["kl"], rtol=1e-4)
+    np.testing.assert_allclose(df1.filter(pl.col("run") == "p_proj lr=0.1 6 steps")["ppl"], batched["ppl"], rtol=1e-4)
+
+
+def _rerecord(cache, name):
+    meta = json.loads((cache / "meta.json").read_text())
+    meta["sha256"][name] = sha256_file(cache / name)
+    write_json(cache / "meta.json", meta)
+
+
+def test_projection_refuses_a_cache_of_another_model_and_a_k_beyond_the_cache(tmp_path, tiny, monkeypatch):
+    a, manifest = _projection_inputs(tmp_path, tiny, monkeypatch)
+    p = {"max_positions": 30, "block_size": 16, "batch_size": 4, "opt_batch": 8, "runs": []}
+    out = [tmp_path / "p.csv", tmp_path / "p.parquet", tmp_path / "meta.json"]
+    df = projection.run("id.json", tmp_path / "tokens.npy", tmp_path / "cache", manifest,
+                        [("a", {"lambda": 0.5, "k": 4, "sigma": 1.0})], p, *out)
+    assert df["n_positions"].to_list() == [20, 20]  # capped at the cache's positions
+    with pytest.raises(ValueError, match="projection point big: k = 5 exceeds the 4 cached neighbours"):
+        projection.run("id.json", tmp_path / "tokens.npy", tmp_path / "cache", manifest,
+                       [("big", {"lambda": 0.5, "k": 5, "sigma": 1.0})], p, *out)
+    # log p_lm off by 0.01 at one position: built with another model
+    lp = a["lm_logprob"].copy()
+    lp[3] += 0.01
+    save_npy(tmp_path / "cache" / "lm_logprob.npy", lp)
+    _rerecord(tmp_path / "cache", "lm_logprob.npy")  # as if retrieve had written it: past the digest check
+    with pytest.raises(ArtifactError, match="differ from the cache"):
+        projection.run("id.json", tmp_path / "tokens.npy", tmp_path / "cache", manifest,
+                       [("a", {"lambda": 0.5, "k": 4, "sigma": 1.0})], p, *out)
+    save_npy(tmp_path / "cache" / "lm_logprob.npy", a["lm_logprob"])
+    _rerecord(tmp_path / "cache", "lm_logprob.npy")
+    q = a["queries"].astype(np.float32)
+    q[2] *= 1.05  # the queries 5% off at one position
+    save_npy(tmp_path / "cache" / "queries.npy", q.astype(np.float16))
+    _rerecord(tmp_path / "cache", "queries.npy")
+    with pytest.raises(ArtifactError, match="relative query error"):
+        projection.run("id.json", tmp_path / "tokens.npy", tmp_path / "cache", manifest,
+                       [("a", {"lambda": 0.5, "k": 4, "sigma": 1.0})], p, *out)

@@ -361,6 +361,38 @@ def test_invalid_input_raises_value_error():
         knnlm.knn_distribution(dists[0], vals[0], 1, 1.0, 7)
 
 
+
+def test_error_messages_in_full_and_the_smallest_word_count():
+    """The refusals' messages are what a user reads: checked whole, not by a fragment."""
+    rng = np.random.default_rng(0)
+    dists, vals, targets, lm = random_cache(rng, n=6, K=4)
+    bad = dists[:, ::-1].copy()
+    unsorted = r"^neighbour distances must be sorted ascending per row$"
+    with pytest.raises(ValueError, match=unsorted):
+        knnlm.knn_target_logprobs(bad, vals, targets, [4], 1.0)
+    with pytest.raises(ValueError, match=unsorted):
+        knnlm.knn_distribution(bad, vals, 4, 1.0, 7)
+    with pytest.raises(ValueError, match=unsorted):
+        knnlm.knn_probs_at(bad, vals, [1, 2], [4], 1.0)
+    with pytest.raises(ValueError, match=r"^word perplexity over 0 words$"):
+        knnlm.word_perplexity(lm, 0)
+    lp = np.log([0.5, 0.25])
+    assert knnlm.word_perplexity(lp, 1) == pytest.approx(8.0, rel=1e-12)  # one word: exp(-(log .5 + log .25))
+
+
+def test_interpolation_is_computed_in_float64_from_float32_caches():
+    """The caches store log-probabilities as float32; the mixture is computed in float64 (a float32 mixture would
+    be off by ~1e-7 relative, enough to reorder close grid points)."""
+    rng = np.random.default_rng(1)
+    lm = np.log(rng.uniform(0.01, 1, 50)).astype(np.float32)
+    knn = np.log(rng.uniform(0.01, 1, 50)).astype(np.float32)
+    got = knnlm.interpolate(lm, knn, 0.3)
+    want = np.log(0.3 * np.exp(knn.astype(np.float64)) + 0.7 * np.exp(lm.astype(np.float64)))
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=0)
+    assert knnlm.interpolate(lm, knn, 0.0).dtype == np.float64 and knnlm.interpolate(lm, knn, 1.0).dtype == np.float64
+
+
 # ------------------------------------------------------------------------------------------- retrieval
 
 
@@ -547,7 +579,8 @@ def test_knn_probs_at_label_ids_are_the_full_distributions_columns(c, data):
     """Paper 1's memory tasks read p_knn at a few label-word ids: the columns of the full distribution, for every
     k at once, with repeated ids (two synonyms sharing a first subword) read twice and unseen ids at zero."""
     dists, vals, _, _, k, sigma, V = c
-    assume((vals[:, :1] >= 0).all())  # every row has a real nearest neighbour
+    vals = vals.copy()
+    vals[:, 0] = np.maximum(vals[:, 0], 0)  # every row has a real nearest neighbour (the rest may be missing)
     ids = data.draw(st.lists(st.integers(0, V + 2), min_size=1, max_size=8))
     ks = sorted({k, dists.shape[1]})
     got = knnlm.knn_probs_at(dists, vals, ids, ks, sigma)

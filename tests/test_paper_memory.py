@@ -5,13 +5,14 @@ paper's scoring (its preprocess_dataset, init_label2word_id, eval_one_ex with th
 
 import copy
 import json
+import math
 from collections import defaultdict
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import PAPER_LABELS, write_paper_data
+from conftest import PAPER_LABELS, p_knn_by_hand, write_paper_data
 
 from workflow_scripts import lm
 from workflow_scripts.config import ConfigError
@@ -335,3 +336,26 @@ def test_a_gpt2_style_tokenizer_scores_the_first_piece_and_agrees_with_the_start
     with np.load(out / "scored.npz") as z:
         assert z["slot_ids"].tolist() == ids
     assert record["meta"]["n_items"] == 24 + 12  # 36 rows, all kept
+
+
+# ------------------------------------------------------------------------------------------ rescoring by hand
+def test_last_token_grid_is_the_mixture_at_the_synonym_slots():
+    rng = np.random.default_rng(2)
+    Q, K, slots = 6, 5, np.array([3, 7, 9], np.int64)
+    q_lm = np.log(rng.uniform(0.01, 0.3, (Q, len(slots)))).astype(np.float32)
+    d = np.sort(rng.uniform(0, 3, (Q, K)), 1).astype(np.float32)
+    v = rng.choice([3, 7, 9, 11], size=(Q, K)).astype(np.int32)
+    v[0] = 11  # no neighbour carries a synonym: p_knn = 0 at every slot
+    v[1, 2] = -1  # a missing neighbour carries no weight
+    cache = {"q_lm": q_lm, "q_dists": d, "q_vals": v, "slot_ids": slots}
+    got = dict(scoring.last_token_logps_over_grid(cache, [0.0, 0.4, 1.0], [2, 5], [1.0, 0.5]))
+    assert list(got) == [(lam, k, s) for s in (1.0, 0.5) for k in (2, 5) for lam in (0.0, 0.4, 1.0)]
+    for (lam, k, s), lp in got.items():
+        assert lp.shape == (Q, 3)
+        for i in range(Q):
+            for j, w in enumerate(slots):
+                p = lam * p_knn_by_hand(d[i], v[i], w, k, s) + (1 - lam) * math.exp(q_lm[i, j])
+                if p == 0.0:
+                    assert lp[i, j] == -np.inf
+                else:
+                    assert lp[i, j] == pytest.approx(math.log(p), rel=1e-6)

@@ -3,12 +3,15 @@ valid and applied to test (never chosen on test), the oracle is the best point, 
 choice, and the bootstrap interval is the 95% percentile interval of the paired resampled means."""
 
 import json
+import math
 
 import numpy as np
 import polars as pl
 import pytest
+from conftest import cache_arrays, p_knn_by_hand, write_cache
 
 from workflow_scripts import sweep
+from workflow_scripts.artifacts import ArtifactError, write_json
 from workflow_scripts.tasks import evaluate
 
 
@@ -247,3 +250,218 @@ def test_a_pinned_point_off_the_grid_is_scored_and_used(tmp_path):
         named=True)}
     assert rows == {(0.1, 2, 1.0): 0.0, (0.5, 1, 1.0): 1.0}  # the grid, plus the pinned point beside it
     assert pl.read_parquet(tmp_path / "pred.parquet")["knn_pred"].to_list() == ["A"]
+
+
+# ------------------------------------------------------------------------------------------ the sweep table
+def test_run_sweep_writes_the_perplexity_of_every_grid_point_sorted(tmp_path):
+    rng = np.random.default_rng(0)
+    manifest = tmp_path / "manifest.json"
+    write_json(manifest, {"shards": ["a"]})
+    a = cache_arrays(rng, 15, 6, 5)
+    a["vals"][:, 0] = a["targets"]  # the nearest neighbour carries the target: pure kNN is finite
+    write_cache(tmp_path / "cache", a, manifest)
+    grid = {"lambdas": [0.5, 0.0, 1.0], "ks": [6, 2], "sigmas": [3.0, 1.0]}
+    df = sweep.run_sweep(tmp_path / "cache", manifest, grid, tmp_path / "s.csv", tmp_path / "s.parquet")
+    assert df.columns == ["lambda", "k", "sigma", "ppl", "base_ppl", "n_tokens"]
+    assert df.height == 12 and pl.read_parquet(tmp_path / "s.parquet").equals(df)
+    assert pl.read_csv(tmp_path / "s.csv").shape == (12, 6)
+    keys = [(r["lambda"], r["k"], r["sigma"]) for r in df.iter_rows(named=True)]
+    assert keys == sorted((lam, k, s) for lam in (0.0, 0.5, 1.0) for k in (2, 6) for s in (1.0, 3.0))
+    lm = a["lm_logprob"].astype(np.float64)
+    base = math.exp(-lm.mean())
+    for r in df.iter_rows(named=True):
+        lam, k, s = r["lambda"], r["k"], r["sigma"]
+        p = [lam * p_knn_by_hand(a["dists"][i], a["vals"][i], a["targets"][i], k, s) + (1 - lam) * math.exp(lm[i])
+             for i in range(15)]
+        assert r["ppl"] == pytest.approx(math.exp(-np.mean(np.log(p))), rel=1e-9)
+        assert r["base_ppl"] == pytest.approx(base, rel=1e-12) and r["n_tokens"] == 15
+    with pytest.raises(ValueError, match=r"sweep.ks \[8\] exceed the 6 neighbours"):
+        sweep.run_sweep(tmp_path / "cache", manifest, {**grid, "ks": [2, 8]}, tmp_path / "t.csv",
+                        tmp_path / "t.parquet")
+    other = tmp_path / "other.json"
+    write_json(other, {"shards": ["b"]})
+    with pytest.raises(ArtifactError, match="another version"):
+        sweep.run_sweep(tmp_path / "cache", other, grid, tmp_path / "t.csv", tmp_path / "t.parquet")
+
+
+# ------------------------------------------------------------------------------------------ edges of the scoring rules
+def test_pinned_points_partly_off_the_grid_are_scored_and_the_best_point_is_the_highest_score(tmp_path):
+    p = _choice_task(tmp_path)
+    # one coordinate off the grid is enough to be off it; each such pin is scored beside the grid point
+    for pin in ([0.1, 1, 1.0], [0.5, 2, 1.0], [0.1, 2, 2.0]):
+        _sweep_task(tmp_path, {**p, "point": pin})
+        keys = {(r["lambda"], r["k"], r["sigma"]) for r in pl.read_csv(tmp_path / "sweep.csv").iter_rows(named=True)}
+        assert keys == {(0.1, 2, 1.0), tuple(pin)}, pin
+    _sweep_task(tmp_path, {**p, "point": [0.1, 2, 1.0]})  # a pin on the grid adds no row
+    assert pl.read_csv(tmp_path / "sweep.csv").height == 1
+    # the grid point scores 0, the pin (λ .5, k 1, σ 1) 1: the best point is the pin, whatever the order
+    s = _sweep_task(tmp_path, {**p, "point": [0.5, 1, 1.0]})
+    assert (s["best"], s["best_lambda"], s["best_k"], s["best_sigma"]) == (1.0, 0.5, 1, 1.0)
+    s = _sweep_task(tmp_path, {**p, "grid": {"lambdas": [0.5], "ks": [1], "sigmas": [1.0]}, "point": [0.1, 2, 1.0]})
+    assert (s["best"], s["best_lambda"], s["best_k"]) == (1.0, 0.5, 1) and (s["knn"], s["lambda"]) == (0.0, 0.1)
+
+
+def test_an_option_the_mixture_gives_no_probability_scores_minus_infinity():
+    """λ = 1 with the target among no neighbour: every pair of the option has log p = −inf, so has the option
+    (not nan, which argmax would pick)."""
+    from workflow_scripts.tasks import scoring
+
+    lp = np.array([-np.inf, -np.inf, -3.0])
+    s = scoring.option_scores([[0, 1], [2]], lp, np.ones(3, np.int64))
+    assert s[0] == -np.inf and s[1] == -3.0
+    assert scoring.score_choice([{"options": [[0, 1], [2]]}], lp, np.ones(3, np.int64)).tolist() == [1]
+
+
+def test_choice_pmi_with_length_normalisation_normalises_both_sides():
+    """Options: -2 over 1 token, -6 over 3 tokens (means -2, -2); domain: -1 over 1 token, -1.5 over 2 tokens
+    (means -1, -0.75). Normalised PMI: -1 vs -1.25 picks option 0; with the domain's sums it would be -1 vs -0.5."""
+    from workflow_scripts.tasks import scoring
+
+    items = [{"options": [[0], [1]], "domain": [[2], [3]]}]
+    lp, length = np.array([-2.0, -6.0, -1.0, -1.5]), np.array([1, 3, 1, 2])
+    assert scoring.score_choice(items, lp, length, pmi=True, normalize=True).tolist() == [0]
+    entry = {"kind": "choice", "metric": "accuracy_norm", "pmi": True}
+    assert scoring.predict(entry, items, lp, length).tolist() == [0]
+
+
+def test_classify_without_pmi_ignores_the_domain_premise():
+    from workflow_scripts.tasks import scoring
+
+    items = [{"options": [[0], [1]], "domain": [[2], [3]]}]
+    lp, length = np.array([-1.0, -2.0, -0.5, -3.0]), np.ones(4, np.int64)
+    assert scoring.predict({"kind": "classify", "metric": "accuracy", "pmi": False}, items, lp, length).tolist() == [0]
+    assert scoring.predict({"kind": "classify", "metric": "accuracy", "pmi": True}, items, lp, length).tolist() == [1]
+
+
+def test_last_token_scores_without_pmi_sum_each_items_own_synonyms():
+    from workflow_scripts.tasks import scoring
+
+    p = np.array([[0.1, 0.2, 0.3], [0.5, 0.1, 0.1]])
+    got = scoring.last_token_scores(np.log(p), np.array([1, 0]), np.array([-1, -1]), [[0, 2], [1]], use_pmi=False)
+    np.testing.assert_allclose(got, [[0.6, 0.1], [0.4, 0.2]], rtol=1e-12)
+
+
+def test_generated_text_is_cut_at_the_first_stop_that_occurs():
+    from workflow_scripts.tasks import scoring
+
+    assert scoring.cut_at_stop(" 42\nQ: next\nQ: again", ["\n"]) == "42"
+    assert scoring.cut_at_stop(" 42 is it", ["\n", "", "Q:"]) == "42 is it"  # absent and empty stops do nothing
+    assert scoring.cut_at_stop("a. b. c.", [".", "\n"]) == "a"
+
+
+def test_build_pairs_cuts_the_context_from_the_left_to_the_window():
+    from workflow_scripts.tasks import scoring
+
+    def enc(s):
+        return [len(w) for w in s.split()]
+
+    items = [{"options": [[["aa bbb cccc", "d ee"]]], "gold": 0}]
+    seqs, starts, out = scoring.build_pairs(items, enc, 9, 6)  # 1 + 3 + 2 = 6 tokens: fits exactly
+    assert (seqs, starts) == ([[9, 2, 3, 4, 1, 2]], [4]) and out[0]["options"] == [[0]] and out[0]["domain"] is None
+    seqs, starts, _ = scoring.build_pairs(items, enc, None, 6)  # no start token
+    assert (seqs, starts) == ([[2, 3, 4, 1, 2]], [3])
+    seqs, starts, _ = scoring.build_pairs(items, enc, 9, 4)  # the start token and "aa" cut: 2 context tokens kept
+    assert (seqs, starts) == ([[3, 4, 1, 2]], [2])
+    seqs, starts, _ = scoring.build_pairs(items, enc, 9, 3)  # one context token is the least kept
+    assert (seqs, starts) == ([[4, 1, 2]], [1])
+    with pytest.raises(ValueError, match="continuation 'd ee' is longer than the window of 2 tokens"):
+        scoring.build_pairs(items, enc, 9, 2)
+    with pytest.raises(ValueError, match="continuation '' encodes to no tokens"):
+        scoring.build_pairs([{"options": [[["aa", ""]]], "gold": 0}], enc, 9, 6)
+
+
+def test_first_subword_refuses_a_word_with_no_piece_at_the_index():
+    from workflow_scripts.tasks import scoring
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": ([0] if add_special_tokens else []) + [len(w) for w in text.split()]}
+
+    assert scoring.first_subword(Tok(), " abc", index=1) == 3
+    with pytest.raises(ValueError, match=r"synonym ' abc' encodes to \[0, 3\]: no piece at index 2"):
+        scoring.first_subword(Tok(), " abc", index=2)
+
+
+def test_subword_index_needs_a_lone_space_piece_before_the_word():
+    """A character tokenizer that glues the space to the next character (" the" -> " t", "h", "e") has no lone
+    space piece: the first subword sits right after the start token."""
+    from workflow_scripts.tasks import scoring
+
+    class CharTok:
+        all_special_ids = [0]
+
+        def __init__(self, glue):
+            self.glue = glue
+
+        def __call__(self, text, add_special_tokens=False):
+            pieces, i = [], 0
+            while i < len(text):
+                n = 2 if self.glue and text[i] == " " and i + 1 < len(text) else 1
+                pieces.append(text[i : i + n])
+                i += n
+            ids = [1 + sum(ord(c) << (8 * j) for j, c in enumerate(p)) for p in pieces]
+            return {"input_ids": ([0] if add_special_tokens else []) + ids}
+
+        def decode(self, ids):
+            return " " if ids == self(" ")["input_ids"] else "x"
+
+    assert scoring.subword_index(CharTok(glue=True)) == 1
+    assert scoring.subword_index(CharTok(glue=False)) == 2
+
+
+def test_the_summary_carries_each_sets_base_ppl_token_count_and_oracle_sigma(tmp_path):
+    def grid(name, base, n, ppl):
+        rows = [{"lambda": lam, "k": 4, "sigma": s, "ppl": p, "base_ppl": base, "n_tokens": n}
+                for (lam, s), p in ppl.items()]
+        pl.DataFrame(rows).write_parquet(tmp_path / f"{name}.parquet")
+        return tmp_path / f"{name}.parquet"
+
+    sweeps = {("valid", "d"): grid("valid", 20.0, 300, {(0.1, 1.0): 9.0, (0.1, 5.0): 8.0}),
+              ("test", "d"): grid("test", 30.0, 500, {(0.1, 1.0): 7.0, (0.1, 5.0): 7.5}),
+              ("test2", "d"): grid("test2", 40.0, 700, {(0.1, 1.0): 6.5, (0.1, 5.0): 6.0})}
+    df = sweep.summarize_sweeps(sweeps, "valid", tmp_path / "s.csv", tmp_path / "s.parquet")
+    got = {r["eval_set"]: (r["n_tokens"], r["base_ppl"], r["knn_ppl"], r["sigma"], r["oracle_ppl"], r["oracle_sigma"])
+           for r in df.iter_rows(named=True)}
+    assert got == {"valid": (300, 20.0, 8.0, 5.0, 8.0, 5.0), "test": (500, 30.0, 7.5, 5.0, 7.0, 1.0),
+                   "test2": (700, 40.0, 6.0, 5.0, 6.0, 5.0)}
+    # two sets scored at the valid choice: chosen_point reads that choice from either
+    assert sweep.chosen_point(tmp_path / "s.csv", "d") == ((0.1, 4, 5.0), "perplexity on valid")
+
+
+def test_knn_probs_at_refuses_a_zero_sigma_and_unsorted_neighbours():
+    from workflow_scripts import knnlm
+
+    d, v = np.array([[0.0, 1.0]]), np.array([[1, 2]])
+    with pytest.raises(ValueError, match="sigma = 0 must be > 0"):
+        knnlm.knn_probs_at(d, v, [1], [2], 0)
+    with pytest.raises(ValueError, match="sorted ascending per row"):
+        knnlm.knn_probs_at(d[:, ::-1], v, [1], [2], 1.0)
+    assert knnlm.knn_probs_at(d, v, [2, 1], [2], 1.0)[2][0] == pytest.approx([np.exp(-1) / (1 + np.exp(-1)),
+                                                                             1 / (1 + np.exp(-1))])
+
+
+def test_the_task_sweep_of_a_teacher_forced_task_for_every_kind_and_metric(tmp_path):
+    """The one-item task of _choice_task read as choice, as classify, and with accuracy_norm (one token per
+    option, so the same answers): the base LM wrong, the pin right; the predictions file says so per item."""
+    p = _choice_task(tmp_path)
+    for entry in ({**p["entry"], "kind": "classify"}, {**p["entry"], "metric": "accuracy_norm"}, p["entry"]):
+        s = _sweep_task(tmp_path, {**p, "entry": entry, "point": [0.5, 1, 1.0]})
+        assert (s["kind"], s["metric"], s["base"], s["knn"], s["best"]) == (entry["kind"], entry["metric"], 0.0, 1.0,
+                                                                         1.0)
+        pred = pl.read_parquet(tmp_path / "pred.parquet").row(0, named=True)
+        assert (pred["base_pred"], pred["knn_pred"], pred["base_score"], pred["knn_score"]) == ("B", "A", 0.0, 1.0)
+        assert pred["neighbours"] == [10, 11]  # the neighbours of the gold answer's first token
+
+
+def test_the_task_sweep_refuses_a_cache_of_another_item_count_or_with_pickles(tmp_path):
+    p = _choice_task(tmp_path)
+    rec = json.loads((tmp_path / "scored.json").read_text())
+    (tmp_path / "scored.json").write_text(json.dumps({**rec, "meta": {"n_items": 2}}))
+    with pytest.raises(ArtifactError, match=r"scored.json: scored 2 items, .*items.parquet has 1$"):
+        _sweep_task(tmp_path, p)
+    (tmp_path / "scored.json").write_text(json.dumps(rec))
+    with np.load(tmp_path / "scored.npz") as z:
+        cache = {k: z[k] for k in z.files}
+    np.savez(tmp_path / "scored.npz", **cache, extra=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        _sweep_task(tmp_path, p)

@@ -10,9 +10,10 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from conftest import ROOT, job_stats, snakemake, write_paper_data
+from conftest import ROOT, SpacedTok, job_stats, p_knn_by_hand, snakemake, write_paper_data
 
 from workflow_scripts import knnlm
+from workflow_scripts.artifacts import ArtifactError, save_npy, write_json
 from workflow_scripts.config import ConfigError, validate
 from workflow_scripts.sweep import chosen_point
 from workflow_scripts.tasks import evaluate, registry, scoring, suite
@@ -576,3 +577,426 @@ def test_scored_cache_is_consistent_with_the_datastore(task_run):
     assert meta["n_queries"] == len(z["q_dists"]) <= meta["n_tokens"] == z["t_pair"].size
     vals = np.load(work / "results/tokens/micro-gpt2/micro/train.npy")[1:]
     np.testing.assert_array_equal(z["q_vals"][:, : z["q_ids"].shape[1]], vals[z["q_ids"]])
+
+
+# ------------------------------------------------------------------------------------------ task tables by hand
+def _summary(task, datastore_, category, base, knn):
+    return {"model": "m", "datastore": datastore_, "task": task, "category": category, "kind": "choice",
+            "metric": "accuracy", "n": 10, "base": base, "knn": knn, "lambda": 0.25, "k": 8, "sigma": 1.0,
+            "chosen_on": "perplexity on valid", "best": knn, "best_lambda": 0.25, "best_k": 8, "best_sigma": 1.0,
+            "extra": 1}
+
+
+def test_summarize_tasks_adds_the_delta_and_sorts_by_datastore_category_task(tmp_path):
+    rows = [_summary("b", "ds2", "memory", 0.5, 0.75), _summary("z", "ds1", "reasoning", 0.25, 0.125),
+            _summary("a", "ds1", "reasoning", 0.5, 0.5), _summary("c", "ds1", "memory", 0.0, 1.0)]
+    files = []
+    for i, r in enumerate(rows):
+        files.append(tmp_path / f"{i}.json")
+        write_json(files[-1], r)
+    df = evaluate.summarize_tasks(files, tmp_path / "t.csv", tmp_path / "t.parquet")
+    assert df.columns == evaluate.SUMMARY_COLUMNS and "extra" not in df.columns
+    assert df.columns.index("delta") == df.columns.index("knn") + 1
+    assert list(zip(df["datastore"], df["category"], df["task"], strict=True)) == [
+        ("ds1", "memory", "c"), ("ds1", "reasoning", "a"), ("ds1", "reasoning", "z"), ("ds2", "memory", "b")]
+    assert df["delta"].to_list() == [1.0, 0.0, -0.125, 0.25]
+    assert pl.read_parquet(tmp_path / "t.parquet").equals(df)
+    assert pl.read_csv(tmp_path / "t.csv")["delta"].to_list() == [1.0, 0.0, -0.125, 0.25]
+
+
+def _bootstrap_by_hand(diff, seed, n_boot=1000):
+    """The paired percentile bootstrap, written out: resample items with replacement, mean, 2.5/97.5 quantiles."""
+    rng = np.random.default_rng(seed)
+    means = np.array([diff[rng.integers(0, diff.size, size=diff.size)].mean() for _ in range(n_boot)])
+    return np.quantile(means, [0.025, 0.975])
+
+
+def test_delta_table_per_task_mean_and_seeded_bootstrap_interval(tmp_path):
+    rng = np.random.default_rng(1)
+    data = {("t1", "memory"): 30, ("t0", "reasoning"): 20, ("t2", "memory"): 25}
+    frames = {}
+    for (task, cat), n in data.items():
+        frames[task] = pl.DataFrame({"task": [task] * n, "category": [cat] * n,
+                                     "base_score": rng.integers(0, 2, n).astype(float),
+                                     "knn_score": rng.integers(0, 2, n).astype(float)})
+    # two files, one task split across them (concatenated before grouping)
+    f1, f2 = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pl.concat([frames["t2"], frames["t0"][:5]]).write_parquet(f1)  # t2 first: the table sorts by task too
+    pl.concat([frames["t0"][5:], frames["t1"]]).write_parquet(f2)
+    for seed in (0, 7):
+        df = evaluate.delta_table([f1, f2], seed=seed)
+        assert df.columns == ["category", "task", "delta", "lo", "hi", "n"]
+        assert list(zip(df["category"], df["task"], strict=True)) == [
+            ("memory", "t1"), ("memory", "t2"), ("reasoning", "t0")]
+        for r in df.iter_rows(named=True):
+            g = frames[r["task"]]
+            diff = (g["knn_score"] - g["base_score"]).to_numpy()
+            assert r["n"] == data[(r["task"], r["category"])]
+            assert r["delta"] == pytest.approx(diff.mean(), abs=1e-12)
+            lo, hi = _bootstrap_by_hand(diff, seed)
+            assert (r["lo"], r["hi"]) == pytest.approx((lo, hi), abs=1e-12)
+            assert r["lo"] <= r["delta"] <= r["hi"] and r["lo"] < r["hi"]
+
+
+def _prediction_rows(task, category, rows):
+    return pl.DataFrame(
+        [{"task": task, "category": category, "id": f"{task}-{i}", "question": f"q{i}", "answer": f"a{i}",
+          "base_pred": f"b{i}", "knn_pred": f"k{i}", "base_score": b, "knn_score": k, "neighbours": nb}
+         for i, (b, k, nb) in enumerate(rows)]
+    )
+
+
+def test_examples_are_the_items_the_knn_lm_got_right_with_their_neighbours_text(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate.lm, "load_identity", lambda path: {"identity of": path})
+    monkeypatch.setattr(evaluate.lm, "load_tokenizer",
+                        lambda ident: SpacedTok() if ident == {"identity of": "id.json"} else None)
+    tokens = np.arange(100, 140, dtype=np.int32)  # token at row r is 100 + r
+    save_npy(tmp_path / "tokens.npy", tokens)
+    f1 = tmp_path / "p1.parquet"
+    _prediction_rows("gsm8k", "reasoning", [
+        (0.0, 1.0, [5, 1, 30, 38, 20]),  # kNN right, base wrong: shown
+        (1.0, 1.0, [2]),  # both right: not shown
+        (0.0, 1.0, [0, 10]),  # shown
+        (1.0, 0.0, [3]),  # base right only: not shown
+        (0.0, 1.0, [7]),
+    ]).write_parquet(f1)
+    f2 = tmp_path / "p2.parquet"
+    _prediction_rows("sst2", "memory", [(0.0, 1.0, [4])]).write_parquet(f2)  # not a reasoning task
+    df = evaluate.examples([f1, f2], tmp_path / "tokens.npy", "id.json",
+                           {"window": 3, "items_per_task": 2, "neighbours": 3}, tmp_path / "e.csv",
+                           tmp_path / "e.parquet")
+    assert df.columns == list(evaluate.EXAMPLE_COLUMNS)
+    got = [(r["id"], r["rank"], r["row"], r["neighbour_context"], r["neighbour_next"])
+           for r in df.iter_rows(named=True)]
+    assert got == [
+        ("gsm8k-0", 1, 5, " w103 w104 w105", " w106"),
+        ("gsm8k-0", 2, 1, " w100 w101", " w102"),  # the window stops at the stream's start
+        ("gsm8k-0", 3, 30, " w128 w129 w130", " w131"),
+        ("gsm8k-2", 1, 0, " w100", " w101"),
+        ("gsm8k-2", 2, 10, " w108 w109 w110", " w111"),
+    ]
+    r0 = df.row(0, named=True)
+    assert [r0[c] for c in ("task", "question", "answer", "base_pred", "knn_pred")] == ["gsm8k", "q0", "a0", "b0", "k0"]
+    assert pl.read_parquet(tmp_path / "e.parquet").equals(df)
+    assert pl.read_csv(tmp_path / "e.csv").height == 5
+    # the defaults: a 24-token window, 5 items per task, 4 neighbours each
+    df = evaluate.examples([f1], tmp_path / "tokens.npy", "id.json", {}, tmp_path / "e.csv", tmp_path / "e.parquet")
+    assert df["id"].to_list() == ["gsm8k-0"] * 4 + ["gsm8k-2"] * 2 + ["gsm8k-4"]
+    assert df["rank"].to_list() == [1, 2, 3, 4, 1, 2, 1]
+    assert df.row(2, named=True)["neighbour_context"] == "".join(f" w{100 + r}" for r in range(7, 31))
+    # the last row has no next token: a neighbour there is not in this stream
+    bad = tmp_path / "bad.parquet"
+    _prediction_rows("gsm8k", "reasoning", [(0.0, 1.0, [39])]).write_parquet(bad)
+    with pytest.raises(ArtifactError, match="neighbour row 39 outside"):
+        evaluate.examples([bad], tmp_path / "tokens.npy", "id.json", {}, tmp_path / "e.csv", tmp_path / "e.parquet")
+    _prediction_rows("gsm8k", "reasoning", [(0.0, 1.0, [38])]).write_parquet(bad)
+    assert evaluate.examples([bad], tmp_path / "tokens.npy", "id.json", {}, tmp_path / "e.csv",
+                             tmp_path / "e.parquet")["neighbour_next"].to_list() == [" w139"]
+    # five items per task by default; no item shown: an empty table with the columns
+    _prediction_rows("gsm8k", "reasoning", [(0.0, 1.0, [i]) for i in range(7)]).write_parquet(bad)
+    df = evaluate.examples([bad], tmp_path / "tokens.npy", "id.json", {}, tmp_path / "e.csv", tmp_path / "e.parquet")
+    assert df["row"].to_list() == [0, 1, 2, 3, 4]
+    _prediction_rows("gsm8k", "reasoning", [(1.0, 1.0, [1])]).write_parquet(bad)
+    df = evaluate.examples([bad], tmp_path / "tokens.npy", "id.json", {}, tmp_path / "e.csv", tmp_path / "e.parquet")
+    assert df.height == 0 and df.schema == evaluate.EXAMPLE_COLUMNS
+    # the token stream is checked: one dimension of int32
+    for wrong in (tokens.reshape(4, 10), tokens.astype(np.int64)):
+        save_npy(tmp_path / "wrong.npy", wrong)
+        with pytest.raises(ArtifactError):
+            evaluate.examples([f1], tmp_path / "wrong.npy", "id.json", {}, tmp_path / "e.csv", tmp_path / "e.parquet")
+
+
+# ------------------------------------------------------------------------------------------ scoring stage by hand
+class _ToyTok:
+    """A tokenizer over the toy vocabulary: "a".."d" -> 1..4, any other word -> 2 ("b"); the start token 0 in
+    front with special tokens."""
+
+    bos_token_id = 0
+    eos_token_id = None
+    all_special_ids = [0]
+    names = {0: "<s>", **{i: w for w, i in WORDS.items()}}
+
+    def __call__(self, text, add_special_tokens=True):  # the start token by default, as Hugging Face's
+        return {"input_ids": ([0] if add_special_tokens else []) + [WORDS.get(w, 2) for w in text.split()]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(self.names[int(i)] for i in ids if not (skip_special_tokens and int(i) == 0))
+
+
+class _SpyLM(ToyLM):
+    """The bigram ToyLM, recording every sequence it is given (padding removed)."""
+
+    def __init__(self, table):
+        super().__init__(table)
+        self.seen = []
+
+    def forward(self, input_ids, attention_mask=None):
+        for row, m in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+            self.seen.append(row[: sum(m)])
+        return super().forward(input_ids, attention_mask)
+
+
+# the toy datastore's neighbours of one_hot(last token), written out: (distances, values, ids), nearest first
+NEAR = {1: ([0.0, 1.0, 2.0], [4, 4, 3], [0, 1, 2]), 2: ([0.0, 2.0, 3.0], [3, 4, 4], [2, 0, 1]),
+        3: ([2.0, 2.0, 3.0], [4, 3, 4], [0, 2, 1]), 4: ([2.0, 2.0, 3.0], [4, 3, 4], [0, 2, 1])}
+
+
+def test_last_token_cache_keeps_log_p_at_the_slots_and_the_neighbours_of_the_last_position():
+    model = _SpyLM(TABLE)
+    entry = {"name": "t", "synonyms": [[" d", " b"], [" c"]]}
+    items = [{"premise": "a", "domain_premise": "c", "gold": 0}, {"premise": "b", "domain_premise": "c", "gold": 1},
+             {"premise": "c a b", "gold": 0}]
+    cache, rec, classes = scoring.score_last_token(model, _ToyTok(), {"hook_point": "h.0.mlp"}, entry, items,
+                                                   SEARCH, block_size=2, batch=2)
+    assert cache["slot_ids"].tolist() == [2, 3, 4] and classes == [[2, 0], [1]]
+    assert rec == [{"q": 0, "dq": 1, "gold": 0}, {"q": 2, "dq": 1, "gold": 1}, {"q": 3, "dq": -1, "gold": 0}]
+    # premises "a", "c", "b", "c a b" with the start token, cut from the left to 2 tokens
+    assert sorted(model.seen) == sorted([[0, 1], [0, 3], [0, 2], [1, 2]])
+    last = [1, 3, 2, 2]
+    np.testing.assert_allclose(cache["q_lm"], np.log(TABLE[last][:, [2, 3, 4]]), rtol=1e-6)
+    assert cache["q_lm"].dtype == np.float32 and cache["q_dists"].dtype == np.float32
+    assert cache["q_vals"].dtype == np.int32 and cache["q_ids"].dtype == np.int64
+    assert cache["q_dists"].tolist() == [NEAR[t][0] for t in last]
+    assert cache["q_vals"].tolist() == [NEAR[t][1] for t in last]
+    assert cache["q_ids"].tolist() == [NEAR[t][2] for t in last]
+
+
+class _DS:
+    hash = "sha-of-the-manifest"
+
+    def gather_vals(self, ids):
+        return DS_VALS[ids]
+
+
+def _score_stage(tmp_path, monkeypatch, entry, items, **p):
+    """scoring.score with the retriever replaced by the toy model and datastore; (meta, npz, json, searches)."""
+    from workflow_scripts import retrieval
+
+    model, tok = _SpyLM(TABLE), _ToyTok()
+    calls = []
+    ds = _DS()
+
+    def open_retriever(*args):
+        assert args[:4] == ("id.json", "m.json", "index", "imeta.json") and args[5:] == (1,)  # threads: 1
+        assert args[4]["k_max"] == 3 and args[4]["task"] == "t"
+        return model, tok, {"hook_point": "h.0.mlp", "vocab_size": V}, ds, "index", {"exact": True}
+
+    monkeypatch.setattr(retrieval, "open_retriever", open_retriever)
+
+    def search(index, ds_, q, K, exact, distances="exact"):
+        assert ds_ is ds
+        calls.append((index, q.dtype, K, exact, distances))
+        d, _, ids = SEARCH(q)
+        return d[:, :K], ids[:, :K]
+
+    monkeypatch.setattr(retrieval, "search", search)
+    registry.write_items([{"id": str(i), "question": "", "answer": "", **it} for i, it in enumerate(items)],
+                         tmp_path / "items.parquet")
+    params = {"entry": entry, "task": "t", "k_max": 3, "block_size": 8, "batch_size": 2, "datastore": "d", **p}
+    meta = scoring.score("id.json", "m.json", "index", "imeta.json", tmp_path / "items.parquet", params,
+                         tmp_path / "s.npz", tmp_path / "s.json")
+    npz = dict(np.load(tmp_path / "s.npz"))
+    return meta, npz, json.loads((tmp_path / "s.json").read_text()), calls, model
+
+
+def test_a_premise_that_encodes_to_no_tokens_is_refused_by_task_name():
+    class NoStartTok(_ToyTok):
+        all_special_ids = []
+
+        def __call__(self, text, add_special_tokens=False):
+            return super().__call__(text, add_special_tokens=False)
+
+    items = [{"premise": "a", "domain_premise": "", "gold": 0}]
+    with pytest.raises(ValueError, match=r"^task sst9: a premise encodes to no tokens$"):
+        scoring.score_last_token(_SpyLM(TABLE), NoStartTok(), {"hook_point": "h.0.mlp"},
+                                 {"name": "sst9", "synonyms": [[" d"], [" c"]]}, items, SEARCH, 4, 2)
+
+
+def test_score_stage_last_token_writes_the_cache_and_the_items(tmp_path, monkeypatch):
+    entry = {"name": "t", "kind": "classify", "protocol": "last_token", "synonyms": [[" d"], [" c", " b"]]}
+    items = [{"premise": "a", "domain_premise": "c", "gold": 0}, {"premise": "b", "gold": 1}]
+    meta, npz, rec, calls, _ = _score_stage(tmp_path, monkeypatch, entry, items, distances="pq")
+    assert calls == [("index", np.float32, 3, True, "pq")]
+    assert {k: meta[k] for k in ("task", "kind", "K", "n_items", "manifest_sha256", "protocol", "n_queries",
+                                 "n_slots")} == {"task": "t", "kind": "classify", "K": 3, "n_items": 2,
+                                                 "manifest_sha256": "sha-of-the-manifest", "protocol": "last_token",
+                                                 "n_queries": 3, "n_slots": 3}
+    assert meta["seconds"] >= 0 and rec["meta"] == meta
+    assert rec["items"] == [{"q": 0, "dq": 1, "gold": 0}, {"q": 2, "dq": -1, "gold": 1}]
+    assert rec["classes"] == [[2], [1, 0]]
+    assert npz["slot_ids"].tolist() == [2, 3, 4] and npz["q_vals"].tolist() == [NEAR[t][1] for t in (1, 3, 2)]
+    np.testing.assert_allclose(npz["q_lm"], np.log(TABLE[[1, 3, 2]][:, [2, 3, 4]]), rtol=1e-6)
+
+
+def test_score_stage_teacher_forced_writes_one_row_per_scored_token(tmp_path, monkeypatch):
+    entry = {"name": "t", "kind": "choice", "metric": "accuracy"}
+    items = [{"options": [[["a", "b b"]], [["a", "c"]]], "domain": None, "gold": 0},
+             {"options": [[["c", "a"]], [["b", "d"]]], "domain": None, "gold": 1}]
+    classify = _score_stage(tmp_path, monkeypatch, {**entry, "kind": "classify"}, items)[1]
+    meta, npz, rec, calls, model = _score_stage(tmp_path, monkeypatch, entry, items)
+    assert classify.keys() == npz.keys() and all(np.array_equal(classify[k], npz[k]) for k in npz)
+    assert calls == [("index", np.float32, 3, True, "exact")]
+    # the start token, the context, the continuation; batches of 2 mix lengths 3 and 4 (padding masked)
+    assert sorted(model.seen) == [[0, 1, 2, 2], [0, 1, 3], [0, 2, 4], [0, 3, 1]]
+    # distinct prefixes: "a" (shared by both of item 0's continuations), "a b", "c", "b"
+    assert (meta["n_pairs"], meta["n_tokens"], meta["n_queries"], meta["n_items"]) == (4, 5, 4, 2)
+    assert rec == {"meta": meta, "items": [{"options": [[0], [1]], "domain": None, "gold": 0},
+                                           {"options": [[2], [3]], "domain": None, "gold": 1}]}
+    assert npz["pair_len"].tolist() == [2, 1, 1, 1]
+    dtypes = {k: npz[k].dtype for k in ("t_pair", "t_row", "t_target", "t_lm", "q_dists", "q_vals", "q_ids",
+                                        "pair_len")}
+    assert dtypes == {"t_pair": np.int64, "t_row": np.int64, "t_target": np.int32, "t_lm": np.float32,
+                      "q_dists": np.float32, "q_vals": np.int32, "q_ids": np.int64, "pair_len": np.int64}
+    # (pair, target, log p_lm, neighbours of the query of the token's prefix), by pair, in position order
+    tokens = sorted(zip(npz["t_pair"].tolist(), npz["t_target"].tolist(), npz["t_lm"].tolist(),
+                        npz["q_dists"][npz["t_row"]].tolist(), npz["q_ids"][npz["t_row"]].tolist(), strict=True),
+                    key=lambda t: t[0])
+    assert [(p, t) for p, t, *_ in tokens] == [(0, 2), (0, 2), (1, 3), (2, 1), (3, 4)]
+    np.testing.assert_allclose([lp for _, _, lp, *_ in tokens], np.log([0.5, 0.2, 0.2, 0.6, 0.2]), rtol=1e-6)
+    last = [1, 2, 1, 3, 2]  # the prefixes' last tokens: "a", "a b", "a", "c", "b"
+    assert [d for *_, d, _ in tokens] == [NEAR[t][0] for t in last]
+    assert [i for *_, i in tokens] == [NEAR[t][2] for t in last]
+    assert sorted(map(tuple, npz["q_ids"].tolist())) == sorted(tuple(NEAR[t][2]) for t in (1, 2, 3, 2))
+    # without a start token the end-of-sequence token leads each sequence
+    monkeypatch.setattr(_ToyTok, "bos_token_id", None)
+    monkeypatch.setattr(_ToyTok, "eos_token_id", 3)
+    _, _, _, _, model = _score_stage(tmp_path, monkeypatch, entry, items)
+    assert sorted(model.seen) == [[3, 1, 2, 2], [3, 1, 3], [3, 2, 4], [3, 3, 1]]
+
+
+def test_score_stage_generate_decodes_at_the_base_lm_the_grid_and_the_pinned_point(tmp_path, monkeypatch):
+    entry = {"name": "t", "kind": "generate", "max_new_tokens": 2, "stop": ["d"]}
+    items = [{"context": "a"}, {"context": "c b"}]
+    gen = {"max_new_tokens": 5, "points": "grid"}
+    grid = {"lambdas": [0.5], "ks": [3], "sigmas": [1.0]}
+    meta, npz, rec, calls, _ = _score_stage(tmp_path, monkeypatch, entry, items, generate=gen, grid=grid,
+                                            point=(0.9, 3, 1.0))
+    assert npz["generated_points"].tolist() == [3] and rec["meta"] == meta and meta["n_items"] == 2
+    prompts = [[0, 1], [0, 3, 2]]
+    points = [None, (0.5, 3, 1.0), (0.9, 3, 1.0)]
+    assert [(r["lambda"], r["k"], r["sigma"]) for r in rec["points"]] == [(0.0, None, None), *points[1:]]
+    for r, pt in zip(rec["points"], points, strict=True):
+        texts = []
+        for prompt in prompts:
+            ids = []
+            for t in _greedy_by_hand(prompt, pt, 2):  # at most 2 new tokens (the task's), until "d" is written
+                ids.append(t)
+                if t == 4:
+                    break
+            words = " ".join(_ToyTok.names[i] for i in ids if i != 0)
+            texts.append(words[: words.index("d")].strip() if "d" in words else words)
+        assert r["texts"] == texts, pt
+        assert r["neighbours"] == ([None, None] if pt is None else [NEAR[1][2], NEAR[2][2]])
+    # points: "chosen" decodes the base LM and the pinned point only; a pinned point on the grid is not repeated
+    _, _, rec, _, _ = _score_stage(tmp_path, monkeypatch, entry, items, generate={**gen, "points": "chosen"},
+                                   grid=grid, point=(0.9, 3, 1.0))
+    assert [r["lambda"] for r in rec["points"]] == [0.0, 0.9]
+    _, _, rec, _, _ = _score_stage(tmp_path, monkeypatch, entry, items, generate=gen, grid=grid,
+                                   point=(0.5, 3, 1.0))
+    assert [r["lambda"] for r in rec["points"]] == [0.0, 0.5]
+    # the end-of-sequence token ends an answer (kept in its text: the toy decoder skips only the start token)
+    monkeypatch.setattr(_ToyTok, "eos_token_id", 4)
+    _, _, rec, _, _ = _score_stage(tmp_path, monkeypatch, {**entry, "stop": ["\n"]}, items, generate=gen, grid=grid,
+                                   point=(0.9, 3, 1.0))
+    for r, pt in zip(rec["points"], points, strict=True):
+        texts = []
+        for prompt in prompts:
+            ids = []
+            for t in _greedy_by_hand(prompt, pt, 2):
+                ids.append(t)
+                if t == 4:
+                    break
+            texts.append(" ".join(_ToyTok.names[i] for i in ids if i != 0))
+        assert r["texts"] == texts, pt
+    assert rec["points"][2]["texts"][0] == "d"  # at λ .9 the first answer ends at its first token
+    monkeypatch.setattr(_ToyTok, "eos_token_id", None)
+    # the task's default stop is a newline and its default length the config's: 5 tokens, none a newline
+    _, _, rec, _, _ = _score_stage(tmp_path, monkeypatch, {"name": "t", "kind": "generate"}, items[:1],
+                                   generate={**gen, "points": "chosen"}, grid=grid, point=None)
+    want = " ".join(_ToyTok.names[i] for i in _greedy_by_hand([0, 1], None, 5) if i != 0)  # the start token skipped
+    assert [r["texts"] for r in rec["points"]] == [[want]]
+
+
+def test_task_sweep_of_the_last_token_protocol_by_hand(tmp_path, monkeypatch):
+    """The memory tasks' sweep from the score stage's cache: each item's class by DCPMI (or Σ p without PMI) at
+    every grid point, computed here from the toy model's table and the datastore's neighbours."""
+    syn = [[" d"], [" c", " b"]]
+    items = [{"premise": "a", "domain_premise": "c", "gold": 0}, {"premise": "b", "domain_premise": "c", "gold": 1},
+             {"premise": "d", "domain_premise": "b", "gold": 1}, {"premise": "c", "domain_premise": "a", "gold": 0}]
+    last = {"a": 1, "b": 2, "c": 3, "d": 4}
+    grid = {"lambdas": [0.0, 0.5, 0.9], "ks": [1, 3], "sigmas": [1.0, 0.1]}
+
+    def p_mix(t, w, lam, k, s):
+        d, v, _ = NEAR[t]
+        return lam * p_knn_by_hand(d, v, w, k, s) + (1 - lam) * TABLE[t][w]
+
+    def by_hand(it, pmi, lam, k, s):
+        prem, dom = last[it["premise"]], last[it["domain_premise"]]
+        scores = []
+        for words in syn:
+            ws = [WORDS[w.strip()] for w in words]
+            if pmi:
+                scores.append(sum(math.log(p_mix(prem, w, lam, k, s) + 1e-10)
+                                  - math.log(p_mix(dom, w, lam, k, s) + 1e-10) for w in ws))
+            else:
+                scores.append(sum(p_mix(prem, w, lam, k, s) for w in ws))
+        return int(np.argmax(scores))
+
+    for pmi in (True, False):
+        entry = {"name": "t", "kind": "classify", "protocol": "last_token", "synonyms": syn, "pmi": pmi,
+                 "metric": "accuracy", "category": "memory"}
+        _score_stage(tmp_path, monkeypatch, entry, [{**it, "labels": ["no", "yes"]} for it in items])
+        p = {"task": "t", "model": "m", "datastore": "d", "entry": entry, "grid": grid}
+        s = evaluate.sweep_task(tmp_path / "s.npz", tmp_path / "s.json", tmp_path / "items.parquet", p, None,
+                                tmp_path / "sweep.csv", tmp_path / "sweep.parquet", tmp_path / "pred.parquet",
+                                tmp_path / "summary.json")
+        gold = [it["gold"] for it in items]
+        want = {}
+        for lam in grid["lambdas"]:
+            for k in grid["ks"]:
+                for sg in grid["sigmas"]:
+                    preds = [by_hand(it, pmi, lam, k, sg) for it in items]
+                    want[(lam, k, sg)] = (np.mean(np.equal(preds, gold)), preds)
+        base_preds = [by_hand(it, pmi, 0.0, 1, 1.0) for it in items]
+        sweep_rows = pl.read_csv(tmp_path / "sweep.csv")
+        assert {(r["lambda"], r["k"], r["sigma"]): r["score"] for r in sweep_rows.iter_rows(named=True)} == {
+            pt: sc for pt, (sc, _) in want.items()}
+        assert (sweep_rows["base"] == np.mean(np.equal(base_preds, gold))).all() and (sweep_rows["n"] == 4).all()
+        best = min(want, key=lambda pt: (-want[pt][0], *pt))
+        assert (s["base"], s["best"], s["knn"]) == (np.mean(np.equal(base_preds, gold)), want[best][0], want[best][0])
+        assert (s["lambda"], s["k"], s["sigma"], s["chosen_on"]) == (*best, "task (no perplexity choice)")
+        assert (s["best_lambda"], s["best_k"], s["best_sigma"]) == best
+        pred = pl.read_parquet(tmp_path / "pred.parquet")
+        assert pred["base_pred"].to_list() == [["no", "yes"][j] for j in base_preds]
+        assert pred["knn_pred"].to_list() == [["no", "yes"][j] for j in want[best][1]]
+        assert pred["base_score"].to_list() == [float(a == b) for a, b in zip(base_preds, gold, strict=True)]
+        assert pred["knn_score"].to_list() == [float(a == b) for a, b in zip(want[best][1], gold, strict=True)]
+        assert pred["neighbours"].to_list() == [NEAR[last[it["premise"]]][2] for it in items]
+    assert len({pt for pt, (sc, _) in want.items()}) == 12 and len({sc for sc, _ in want.values()}) > 1
+    # a pinned point off the grid (k = 2) is scored beside it and is the point reported
+    s = evaluate.sweep_task(tmp_path / "s.npz", tmp_path / "s.json", tmp_path / "items.parquet",
+                            {**p, "point": [0.7, 2, 1.0]}, None, tmp_path / "sweep.csv", tmp_path / "sweep.parquet",
+                            tmp_path / "pred.parquet", tmp_path / "summary.json")
+    preds = [by_hand(it, False, 0.7, 2, 1.0) for it in items]
+    assert (s["lambda"], s["k"], s["sigma"], s["chosen_on"]) == (0.7, 2, 1.0, "pinned in config")
+    assert s["knn"] == np.mean(np.equal(preds, gold)) and pl.read_csv(tmp_path / "sweep.csv").height == 13
+
+
+def test_queries_are_rounded_to_the_datastores_float16_keys():
+    """The datastore stores keys in float16: every query is rounded the same way before the search (0.1 is
+    0.0999755859375 in float16), in the teacher-forced, last-token and generate paths alike."""
+    model = ToyLM(TABLE)
+    model.h[0].emb.weight.data = 0.1 * torch.eye(V)  # keys 0.1 · one_hot(x): not a float16 number
+    seen = []
+
+    def search(q):
+        seen.append(q.copy())
+        return SEARCH(q)
+
+    seqs, starts, _ = scoring.build_pairs([{"options": [[["a", "b"]]], "gold": 0}], encode, 0, 8)
+    scoring.score_cache(model, "h.0.mlp", seqs, starts, search, batch=2)
+    scoring.last_token_cache(model, "h.0.mlp", [[0, 1]], [2, 3], search, batch=2)
+    scoring.greedy_generate(model, "h.0.mlp", [[0, 1]], [(0.5, 3, 1.0)], search, V, 1, lambda ids: False, batch=2)
+    assert len(seen) == 3
+    for q in seen:
+        assert q.dtype == np.float32 and q.max() == np.float32(np.float16(0.1)) != np.float32(0.1)
