@@ -108,18 +108,8 @@ def test_mlp_learns_a_learnable_map_and_sums_to_one():
 
 
 def _fake_cache(d, n, K, dim, vocab, rng):
-    arrays = {
-        "targets": rng.integers(0, vocab, n).astype(np.int32),
-        "lm_logprob": np.log(rng.uniform(0.01, 0.9, n)).astype(np.float32),
-        "dists": np.sort(rng.uniform(0, 5, (n, K)), 1).astype(np.float32),
-        "vals": rng.integers(0, vocab, (n, K)).astype(np.int32),
-        "ids": rng.integers(0, 1000, (n, K)).astype(np.int64),
-        "queries": rng.normal(size=(n, dim)).astype(np.float16),
-    }
-    for name, a in arrays.items():
-        save_npy(d / f"{name}.npy", a)
-    digests = {f"{name}.npy": sha256_file(d / f"{name}.npy") for name in arrays}  # as retrieve records them
-    write_json(d / "meta.json", {"n_tokens": n, "K": K, "manifest_sha256": "x", "sha256": digests})
+    arrays = cache_arrays(rng, n, K, vocab, dim)
+    write_cache(d, arrays)
     return arrays
 
 
