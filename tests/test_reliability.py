@@ -493,16 +493,22 @@ def test_utf8_check_is_exact_across_read_chunks(tmp_path):
         _check_utf8(f, "train", chunk=3)
 
 
-def test_corpus_cli_on_non_utf8_file_prints_an_error_not_a_traceback(tmp_path):
-    files = _good_files(tmp_path, "txt")
-    bad = tmp_path / "latin1.txt"
-    bad.write_bytes("na\u00efve caf\u00e9\n".encode("latin-1"))
+def _corpus_cli_with_bad_train(tmp_path, fmt: str, bad: Path):
+    """The corpus step run by hand on good valid/test files and ``bad`` as the train split: (proc, outdir)."""
+    files = _good_files(tmp_path, "txt" if fmt == "text" else fmt)
     files["train"] = str(bad)
     outdir = tmp_path / "corpus"
     outputs = [a for s in SPLITS for a in (f"--{s}", str(outdir / f"{s}.parquet"))]
-    proc = _cli("corpus", "--params", json.dumps({"spec": _local_spec("text", files), "seed": 0}),
+    proc = _cli("corpus", "--params", json.dumps({"spec": _local_spec(fmt, files), "seed": 0}),
                 *outputs, "--world", str(outdir / "world.json"), cwd=tmp_path, HF_DATASETS_OFFLINE="1",
                 HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"))
+    return proc, outdir
+
+
+def test_corpus_cli_on_non_utf8_file_prints_an_error_not_a_traceback(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("na\u00efve caf\u00e9\n".encode("latin-1"))
+    proc, outdir = _corpus_cli_with_bad_train(tmp_path, "text", bad)
     assert proc.returncode == 1
     assert f"error: corpus: corpus file {bad} (split 'train') is not valid UTF-8: byte 2 is b'\\xef'" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -511,15 +517,9 @@ def test_corpus_cli_on_non_utf8_file_prints_an_error_not_a_traceback(tmp_path):
 
 def test_corpus_cli_on_a_jsonl_number_prints_one_line_naming_file_line_and_field(tmp_path):
     # before: AttributeError: 'int' object has no attribute 'strip', a traceback naming no file
-    files = _good_files(tmp_path, "jsonl")
     bad = tmp_path / "numbers.jsonl"
     bad.write_text('{"text": "a doc"}\n{"text": 42}\n')
-    files["train"] = str(bad)
-    outdir = tmp_path / "corpus"
-    outputs = [a for s in SPLITS for a in (f"--{s}", str(outdir / f"{s}.parquet"))]
-    proc = _cli("corpus", "--params", json.dumps({"spec": _local_spec("jsonl", files), "seed": 0}),
-                *outputs, "--world", str(outdir / "world.json"), cwd=tmp_path, HF_DATASETS_OFFLINE="1",
-                HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"))
+    proc, outdir = _corpus_cli_with_bad_train(tmp_path, "jsonl", bad)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: corpus: corpus file {bad} (split 'train') line 2: field 'text' holds int 42, not text"]
