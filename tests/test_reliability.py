@@ -359,6 +359,14 @@ def test_bit_rot_in_a_key_shard_stops_the_rerun_before_the_index_is_removed(dama
     assert _lost(digests, damaged) == []  # index.faiss, index.json and the manifest kept, the damage not re-blessed
 
 
+def _failed_rerun_loses(work, before: dict, message: str) -> list:
+    """Rerun ``work`` after damaging an input: it must fail saying ``message``; returns the outputs it lost."""
+    proc = snakemake(work, "--configfile", str(work / "config.yaml"), check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    return _lost(before, work)
+
+
 @pytest.mark.slow
 def test_altered_retrieval_cache_stops_the_rerun_before_the_sweep_loses_its_tables(damaged):
     # before: the sweep started (vals.npy is newer than its tables), Snakemake removed perplexity.csv and .parquet,
@@ -367,12 +375,10 @@ def test_altered_retrieval_cache_stops_the_rerun_before_the_sweep_loses_its_tabl
     vals, targets = np.load(cache / "vals.npy"), np.load(cache / "targets.npy")
     np.save(cache / "vals.npy", np.repeat(targets[:, None], vals.shape[1], axis=1).astype(vals.dtype))
     before = _results_digests(damaged)
-    proc = snakemake(damaged, "--configfile", str(damaged / "config.yaml"), check=False)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert "results/retrieval/valid/micro/vals.npy: sha256 differs from the one recorded in " \
-           "results/retrieval/valid/micro/meta.json" in out
-    assert _lost(before, damaged) == []  # results/sweeps/valid/micro/perplexity.{csv,parquet} kept
+    message = ("results/retrieval/valid/micro/vals.npy: sha256 differs from the one recorded in "
+               "results/retrieval/valid/micro/meta.json")
+    # results/sweeps/valid/micro/perplexity.{csv,parquet} kept
+    assert _failed_rerun_loses(damaged, before, message) == []
 
 
 @pytest.mark.slow
@@ -384,12 +390,9 @@ def test_a_rewritten_shard_still_costs_only_the_manifest(damaged):
     data[len(data) // 2] ^= 0x10
     shard.write_bytes(bytes(data))
     before = _results_digests(damaged)
-    proc = snakemake(damaged, "--configfile", str(damaged / "config.yaml"), check=False)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert f"{SHARDS}/keys_001.npy: sha256 differs from the one recorded at extraction in " \
-           f"{SHARDS}/shard_001.json" in out
-    assert _lost(before, damaged) == [f"{DS}/manifest.json"]
+    message = (f"{SHARDS}/keys_001.npy: sha256 differs from the one recorded at extraction in "
+               f"{SHARDS}/shard_001.json")
+    assert _failed_rerun_loses(damaged, before, message) == [f"{DS}/manifest.json"]
 
 
 @pytest.mark.slow
@@ -404,12 +407,10 @@ def test_altered_task_cache_stops_the_rerun_before_the_task_sweep_loses_its_tabl
     arrays[name] = arrays[name] + 1
     np.savez(scored / "scored.npz", **arrays)
     before = _results_digests(work)
-    proc = snakemake(work, "--configfile", str(work / "config.yaml"), check=False)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert "results/tasks/micro/synth_recall/scored.npz: sha256 differs from the one recorded in " \
-           "results/tasks/micro/synth_recall/scored.json" in out
-    assert _lost(before, work) == []  # sweep.csv, sweep.parquet, predictions.parquet, summary.json kept
+    message = ("results/tasks/micro/synth_recall/scored.npz: sha256 differs from the one recorded in "
+               "results/tasks/micro/synth_recall/scored.json")
+    # sweep.csv, sweep.parquet, predictions.parquet, summary.json kept
+    assert _failed_rerun_loses(work, before, message) == []
 
 
 # --------------------------------------------------------------------------------------------- 3. mismatch
