@@ -66,53 +66,43 @@ def sweep_task(
     record, items = check_task_cache(scored_npz, scored_json, items_parquet)
     chosen, chosen_on = chosen_point(summary_csv, p["datastore"], p.get("point"))
     rows, per_item = [], {}
-    if entry.get("protocol") == "last_token":
-        with np.load(scored_npz, allow_pickle=False) as z:
-            cache = {k: z[k] for k in z.files}
-        struct, classes = record["items"], record["classes"]
-        q = np.asarray([it["q"] for it in struct], np.int64)
-        dq = np.asarray([it["dq"] for it in struct], np.int64)
-        gold = np.asarray([it["gold"] for it in struct])
-        pmi = bool(entry.get("pmi"))
-
-        def predict(logp):
-            return np.argmax(scoring.last_token_scores(logp, q, dq, classes, pmi), axis=1)
-
-        base_pred = predict(cache["q_lm"])
-        base = float(np.mean(base_pred == gold))
-        per_item[None] = (base_pred == gold).astype(float), base_pred
-        g = p["grid"]
-        for point, logp in _grid_and_pin(scoring.last_token_logps_over_grid, cache, g, chosen):
-            pred = predict(logp)
-            per_item[point] = (pred == gold).astype(float), pred
-            rows.append({"lambda": point[0], "k": point[1], "sigma": point[2], "score": float(np.mean(pred == gold))})
-        neigh = [cache["q_ids"][i][:N_SHOWN].tolist() for i in q]
-
-        def shown(pred):
-            return [items[i]["labels"][int(j)] for i, j in enumerate(pred)]
-    elif entry["kind"] in ("classify", "choice"):
+    if entry["kind"] in ("classify", "choice"):
         with np.load(scored_npz, allow_pickle=False) as z:
             cache = {k: z[k] for k in z.files}
         struct = record["items"]
         gold = np.asarray([it["gold"] for it in struct])
-        n_pairs = int(cache["pair_len"].size)
-        base_pred = scoring.predict(
-            entry, struct, scoring.pair_logprobs(cache["t_lm"], cache["t_pair"], n_pairs), cache["pair_len"]
-        )
+        if entry.get("protocol") == "last_token":  # one query per premise: log p at the synonym slots [Q, S]
+            q = np.asarray([it["q"] for it in struct], np.int64)
+            dq = np.asarray([it["dq"] for it in struct], np.int64)
+            classes, pmi = record["classes"], bool(entry.get("pmi"))
+
+            def predict(logp):
+                return np.argmax(scoring.last_token_scores(logp, q, dq, classes, pmi), axis=1)
+
+            base_logp, over_grid = cache["q_lm"], scoring.last_token_logps_over_grid
+            neigh = [cache["q_ids"][i][:N_SHOWN].tolist() for i in q]
+        else:  # one log-probability per scored token, summed per (context, continuation) pair
+            n_pairs = int(cache["pair_len"].size)
+
+            def predict(tlp):
+                return scoring.predict(
+                    entry, struct, scoring.pair_logprobs(tlp, cache["t_pair"], n_pairs), cache["pair_len"]
+                )
+
+            base_logp, over_grid = cache["t_lm"], scoring.token_logprobs_over_grid
+            # neighbours of the first scored token of each item's gold answer
+            _, first_tok = np.unique(cache["t_pair"], return_index=True)
+            neigh = [
+                cache["q_ids"][cache["t_row"][first_tok[it["options"][it["gold"]][0]]]][:N_SHOWN].tolist()
+                for it in struct
+            ]
+        base_pred = predict(base_logp)
         base = float(np.mean(base_pred == gold))
         per_item[None] = (base_pred == gold).astype(float), base_pred
-        g = p["grid"]
-        for point, tlp in _grid_and_pin(scoring.token_logprobs_over_grid, cache, g, chosen):
-            pred = scoring.predict(
-                entry, struct, scoring.pair_logprobs(tlp, cache["t_pair"], n_pairs), cache["pair_len"]
-            )
+        for point, logp in _grid_and_pin(over_grid, cache, p["grid"], chosen):
+            pred = predict(logp)
             per_item[point] = (pred == gold).astype(float), pred
             rows.append({"lambda": point[0], "k": point[1], "sigma": point[2], "score": float(np.mean(pred == gold))})
-        # neighbours of the first scored token of each item's gold answer
-        _, first_tok = np.unique(cache["t_pair"], return_index=True)
-        neigh = [
-            cache["q_ids"][cache["t_row"][first_tok[it["options"][it["gold"]][0]]]][:N_SHOWN].tolist() for it in struct
-        ]
 
         def shown(pred):
             return [items[i]["labels"][int(j)] for i, j in enumerate(pred)]
