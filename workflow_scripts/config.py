@@ -23,6 +23,16 @@ CHUNK_KEYS = ("chunk_steps", "runtime")  # how training is split into jobs: the 
 CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
 
 
+def context_length(model_config) -> tuple[int, str] | tuple[None, None]:
+    """(number of positions, the config key that gives it) of a Hugging Face model config, a loaded one or its
+    config.json as a dict; (None, None) when it gives none."""
+    for key in CONTEXT_KEYS:
+        n = model_config.get(key) if isinstance(model_config, dict) else getattr(model_config, key, None)
+        if isinstance(n, int) and not isinstance(n, bool):
+            return n, key
+    return None, None
+
+
 class ConfigError(ValueError):
     pass
 
@@ -213,11 +223,11 @@ def _check_local_context(block_size: int, model: str, ds: str, path: Path) -> No
         cfg = json.loads(cfg_file.read_text())
     except (OSError, ValueError):
         return
-    key = next((k for k in CONTEXT_KEYS if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)), None)
-    if key is not None and block_size > cfg[key]:
+    n, key = context_length(cfg)
+    if key is not None and block_size > n:
         raise ConfigError(
             f"config key extraction.block_size: {block_size} exceeds the context of models.{model} (datastores.{ds}"
-            f"): {key} = {cfg[key]} in {cfg_file}; set extraction.block_size to at most {cfg[key]}"
+            f"): {key} = {n} in {cfg_file}; set extraction.block_size to at most {n}"
         )
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .artifacts import ArtifactError, atomic_path, load_npy, read_json, write_json, write_table
 from .cli import step
-from .config import CHUNK_KEYS, CONTEXT_KEYS
+from .config import CHUNK_KEYS, context_length
 
 EOS = "<|endoftext|>"
 log = logging.getLogger(__name__)
@@ -257,16 +257,6 @@ def load_model(identity_or_spec: dict, device: str = "auto", dtype: str = "float
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True, **kw)
     model.to(pick_device(device)).eval()
     return model, tokenizer
-
-
-def context_length(model_config) -> tuple[int, str] | tuple[None, None]:
-    """(number of positions, the config key that gives it) of a Hugging Face model config; (None, None) when
-    it gives none."""
-    for key in CONTEXT_KEYS:
-        n = getattr(model_config, key, None)
-        if isinstance(n, int) and not isinstance(n, bool):
-            return n, key
-    return None, None
 
 
 def describe(model, tokenizer, spec: dict) -> dict:

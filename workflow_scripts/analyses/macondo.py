@@ -21,6 +21,7 @@ import torch
 from .. import index, knnlm, lm
 from ..artifacts import atomic_path, open_npy_for_writing, save_npy, write_table
 from ..cli import step
+from ..config import context_length
 from ..datastore import KEY_DTYPE, VAL_DTYPE, shard_digests, write_manifest, write_shard_meta
 from ..retrieval import open_retriever, search
 from ..tasks import scoring
@@ -47,8 +48,7 @@ def encode_sentences(tok, texts, max_len: int | None = None) -> list[list[int]]:
 
 
 def max_positions(model) -> int | None:
-    c = model.config
-    return getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
+    return context_length(model.config)[0]
 
 
 def test_pairs(tok, test: pl.DataFrame):

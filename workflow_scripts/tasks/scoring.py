@@ -32,6 +32,7 @@ from tqdm import tqdm
 from .. import knnlm
 from ..artifacts import atomic_path, sha256_file, write_json
 from ..cli import step
+from ..config import context_length
 from ..datastore import capture_keys
 from ..sweep import chosen_point
 from .registry import read_items
@@ -388,10 +389,10 @@ def greedy_generate(
 
 
 def generation_window(model, block_size: int, max_new: int) -> int:
-    """Tokens of prompt kept for a generate task: the model's own context (its ``max_position_embeddings``, as
-    paper 1 decodes with the whole model window; the GSM8K prompt is ~850 Llama tokens + 512 new) less
-    ``max_new``; ``block_size`` (the datastore's window) when the model does not say."""
-    window = getattr(getattr(model, "config", None), "max_position_embeddings", None) or block_size
+    """Tokens of prompt kept for a generate task: the model's own context (``config.context_length``, as paper 1
+    decodes with the whole model window; the GSM8K prompt is ~850 Llama tokens + 512 new) less ``max_new``;
+    ``block_size`` (the datastore's window) when the model does not say."""
+    window = context_length(getattr(model, "config", None) or {})[0] or block_size
     if max_new >= window:
         raise ValueError(f"max_new_tokens {max_new} leaves no room for the prompt in a window of {window} tokens")
     return window - max_new
