@@ -192,6 +192,11 @@ TASK_REGISTRY = _tasks.registry(TASKS.get("custom"))
 # one scoring job per (datastore, task); the datastore names its model
 TASK_RUNS = sorted((d, t) for d, names in TASKS["evaluate"].items() for t in names)
 TASK_NAMES = sorted({t for _, t in TASK_RUNS})
+# each evaluated task's entry as loaded and scored, its paper files and label files read once per DAG build
+TASK_ENTRIES = {
+    t: _tasks.resolve_entry(TASK_REGISTRY[t], TASKS.get("paper_data"), t)
+    for t in TASK_NAMES
+}
 TASK_DATASTORES = sorted({d for d, _ in TASK_RUNS})
 # datastore -> (λ, k, σ) its tasks use, pinned in the config instead of chosen on perplexity
 TASK_POINTS = {
@@ -205,7 +210,7 @@ def task_entry(task):
     """The registry entry as scored: a synthetic source becomes the suite's jsonl file, a local one stays, a
     paper one becomes its file in tasks.paper_data (its label file read into the entry's words).
     """
-    e = _tasks.resolve_entry(TASK_REGISTRY[task], TASKS.get("paper_data"), task)
+    e = dict(TASK_ENTRIES[task])
     if e["source"]["type"] == "synthetic":
         e["source"] = {"type": "local", "path": f"results/task_suite/{task}.jsonl"}
     return e
