@@ -643,19 +643,21 @@ def exact_match(pred: str, golds: list[str]) -> float:
     return float(any(normalize_answer(pred) == normalize_answer(g) for g in golds))
 
 
+def _overlap_f1(p: list[str], t: list[str]) -> float:
+    common = sum(min(p.count(w), t.count(w)) for w in set(p) & set(t))
+    if not common:
+        return 0.0
+    prec, rec = common / len(p), common / len(t)
+    return 2 * prec * rec / (prec + rec)
+
+
 def token_f1(pred: str, golds: list[str]) -> float:
     """SQuAD token F1, the best over the gold answers."""
     best = 0.0
     p = normalize_answer(pred).split()
     for g in golds:
         t = normalize_answer(g).split()
-        if not p or not t:
-            best = max(best, float(p == t))
-            continue
-        common = sum(min(p.count(w), t.count(w)) for w in set(p) & set(t))
-        if common:
-            prec, rec = common / len(p), common / len(t)
-            best = max(best, 2 * prec * rec / (prec + rec))
+        best = max(best, float(p == t) if not p or not t else _overlap_f1(p, t))
     return best
 
 
@@ -684,14 +686,6 @@ def number_match(pred: str, golds: list[str]) -> float:
         except ValueError:
             continue
     return 0.0
-
-
-def _overlap_f1(p: list[str], t: list[str]) -> float:
-    common = sum(min(p.count(w), t.count(w)) for w in set(p) & set(t))
-    if not common:
-        return 0.0
-    prec, rec = common / len(p), common / len(t)
-    return 2 * prec * rec / (prec + rec)
 
 
 def qa_f1(pred: str, golds: list[str]) -> float:
