@@ -117,15 +117,13 @@ def _cross_check(c: dict) -> None:
                         raise ConfigError(f"config key corpora.{name}.local.files.{split}: file {f} does not exist")
                     if Path(f).stat().st_size == 0:
                         raise ConfigError(f"config key corpora.{name}.local.files.{split}: file {f} is empty")
-            _warn_shared_files(name, spec["local"]["files"])
+            files = spec["local"]["files"]
+            paths = {s: [Path(f).resolve() for f in ([files[s]] if isinstance(files[s], str) else files[s])]
+                     for s in ("train", "valid", "test")}
+            _warn_shared_sources(f"corpora.{name}.local.files", paths, "list %s")
         if spec["source"] == "hf" and spec["hf"].get("splits"):
-            by_source: dict[str, list[str]] = {}
-            for split in ("train", "valid", "test"):
-                by_source.setdefault(spec["hf"]["splits"][split], []).append(split)
-            for source, listed in by_source.items():
-                if len(listed) > 1:
-                    keys = ", ".join(f"corpora.{name}.hf.splits.{s}" for s in listed)
-                    log.warning("config keys %s all name split %r: its text is in each of these splits", keys, source)
+            hub = {s: [spec["hf"]["splits"][s]] for s in ("train", "valid", "test")}
+            _warn_shared_sources(f"corpora.{name}.hf.splits", hub, "name split %r")
     for e, spec in c["eval_sets"].items():
         need("corpora", spec["corpus"], f"eval_sets.{e}.corpus")
     for d, spec in c["datastores"].items():
@@ -199,20 +197,19 @@ def _cross_check(c: dict) -> None:
                 )
 
 
-def _warn_shared_files(name: str, files: dict) -> None:
-    """A file listed for two splits of a local corpus: its text is in both (a datastore over one split and an
-    eval set on the other would overlap). A warning, not an error: a smoke test may mean it."""
-    splits: dict[Path, list[str]] = {}
-    for split in ("train", "valid", "test"):
-        fs = files[split]
-        for f in [fs] if isinstance(fs, str) else fs:
-            listed = splits.setdefault(Path(f).resolve(), [])
-            if split not in listed:
-                listed.append(split)
-    for f, listed in splits.items():
+def _warn_shared_sources(prefix: str, sources: dict[str, list], names: str) -> None:
+    """A source (a local file, a hub split) listed for two splits of a corpus: its text is in both (a datastore
+    over one split and an eval set on the other would overlap). A warning, not an error: a smoke test may mean it.
+    ``names``: how the message names the source ("list %s", "name split %r")."""
+    splits: dict = {}
+    for split, listed in sources.items():
+        for src in listed:
+            if split not in splits.setdefault(src, []):
+                splits[src].append(split)
+    for src, listed in splits.items():
         if len(listed) > 1:
-            keys = ", ".join(f"corpora.{name}.local.files.{s}" for s in listed)
-            log.warning("config keys %s all list %s: its text is in each of these splits", keys, f)
+            keys = ", ".join(f"{prefix}.{s}" for s in listed)
+            log.warning(f"config keys %s all {names}: its text is in each of these splits", keys, src)
 
 
 def _check_local_context(block_size: int, model: str, ds: str, path: Path) -> None:
