@@ -35,6 +35,10 @@ include: "rules/docs.smk"
 track_code(workflow.rules)
 
 
+onstart:
+    refuse_missing_cuda()
+
+
 rule all:
     default_target: True
     input:

@@ -5,6 +5,8 @@ import json
 import os
 import re
 
+from snakemake.exceptions import WorkflowError
+
 from workflow_scripts import cli as _cli
 from workflow_scripts import config as _config
 from workflow_scripts.config import CHUNK_KEYS, chunk_bounds
@@ -22,8 +24,27 @@ MACONDO = ANALYSES.get("macondo")
 HURDLE = ANALYSES.get("hurdle")
 PROJECTION = ANALYSES.get("projection")
 MLP = ANALYSES.get("mlp")
-# GPU stages ask the scheduler for a GPU only when the config says the device is cuda.
+# The stages that run the model with extraction.device (extract_keys, retrieve, score_task) ask the scheduler
+# for a GPU only when the config says cuda, and then run in the GPU conda env (faiss-gpu, CUDA torch).
 GPU = 1 if config["extraction"]["device"] == "cuda" else 0
+GPU_ENV = "../envs/pipeline-gpu.yaml" if GPU else "../envs/pipeline.yaml"
+
+
+def refuse_missing_cuda():
+    """extraction.device: cuda where jobs run on this machine and torch sees no GPU: refused before any job
+    starts, naming the key. Only here: parsing the Snakefile cannot tell where jobs will run, `onstart` can
+    (workflow.local_exec, set once the executor is chosen; false for Slurm, whose submitting host often has
+    no GPU: there each GPU job refuses at its own start with the same message). Not on dry runs.
+    """
+    if not (GPU and workflow.local_exec and not workflow.remote_exec):
+        return
+    if not any(j.resources.get("gpu", 0) for j in workflow.dag.needrun_jobs()):
+        return  # nothing to run on a GPU (e.g. only the sweeps)
+    from workflow_scripts import devices as _devices
+
+    msg = _devices.cuda_refusal("cuda")
+    if msg:
+        raise WorkflowError(msg)
 
 
 def track_code(rules):
@@ -160,6 +181,7 @@ def retrieval_params(wildcards):
                 config["index"]["nprobe"] if config["index"]["type"] != "Flat" else None
             ),
             "distances": index_distances(),
+            "gpu_shard_above_gb": config["index"]["gpu_shard_above_gb"],
         }
     )
 
@@ -170,8 +192,13 @@ def index_distances():
 
 
 def index_params():
-    """What the index itself depends on: index.distances only concerns retrieval and scoring."""
-    return {k: v for k, v in config["index"].items() if k != "distances"}
+    """What the index itself depends on: index.distances and index.gpu_shard_above_gb only concern retrieval
+    and scoring."""
+    return {
+        k: v
+        for k, v in config["index"].items()
+        if k not in ("distances", "gpu_shard_above_gb")
+    }
 
 
 def select_on(ds=None):
@@ -239,6 +266,7 @@ def task_score_params(wildcards):
             config["index"]["nprobe"] if config["index"]["type"] != "Flat" else None
         ),
         "distances": index_distances(),
+        "gpu_shard_above_gb": config["index"]["gpu_shard_above_gb"],
     }
     if e["kind"] == "generate":
         if wildcards.ds in TASK_POINTS:

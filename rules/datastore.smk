@@ -16,7 +16,7 @@ rule extract_keys:
     benchmark:
         "results/benchmarks/extract_keys/{ds}/{shard}.tsv"
     conda:
-        "../envs/pipeline.yaml"
+        GPU_ENV
     threads: 1
     resources:
         mem_mb=8000,

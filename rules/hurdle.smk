@@ -22,7 +22,6 @@ rule hurdle:
     resources:
         mem_mb=8000,
         runtime=12 * 60,
-        gpu=GPU,
     params:
         p=hurdle_params,
         test=optional_arg("test"),

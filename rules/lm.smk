@@ -80,7 +80,6 @@ rule train_lm_chunk:
     resources:
         mem_mb=8000,
         runtime=lambda w: MODELS[w.model]["train"]["runtime"],
-        gpu=GPU,
     params:
         p=lambda w: as_json(
             {
@@ -120,7 +119,6 @@ rule train_lm:
     resources:
         mem_mb=8000,
         runtime=lambda w: MODELS[w.model]["train"]["runtime"],
-        gpu=GPU,
     params:
         p=lambda w: as_json({"train": train_spec(w.model), "seed": config["seed"]}),
         resume=optional_arg("resume"),

@@ -55,7 +55,6 @@ rule macondo_finetune:
     resources:
         mem_mb=16000,
         runtime=6 * 60,
-        gpu=GPU,
     params:
         p=lambda w: as_json(
             {
@@ -120,7 +119,6 @@ rule macondo_mlp:
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=GPU,
     params:
         p=lambda w: as_json({"mlp": MACONDO["mlp"], "seed": int(w.seed)}),
     shell:

@@ -21,7 +21,6 @@ rule train_mlp:
     resources:
         mem_mb=16000,
         runtime=12 * 60,
-        gpu=GPU,
     params:
         p=lambda w: as_json({"mlp": MLP["train"], "seed": config["seed"]}),
     shell:

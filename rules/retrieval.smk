@@ -19,7 +19,7 @@ rule retrieve:
     benchmark:
         "results/benchmarks/retrieve/{evalset}/{ds}.tsv"
     conda:
-        "../envs/pipeline.yaml"
+        GPU_ENV
     threads: 2
     resources:
         mem_mb=16000,

@@ -79,7 +79,7 @@ rule score_task:
     benchmark:
         "results/benchmarks/score_task/{ds}/{task}.tsv"
     conda:
-        "../envs/pipeline.yaml"
+        GPU_ENV
     threads: 2
     resources:
         mem_mb=16000,

@@ -352,12 +352,13 @@ def extract_keys(
     params: dict, model_json: Path, tokens: Path, keys: Path, vals: Path, meta: Path, threads: int = 1
 ) -> None:
     """Extract one key/value shard of a datastore, streamed to disk."""
+    from .devices import model_dtype
     from .lm import load_checked, torch_threads
 
     torch_threads(threads)
     device = params["device"]
     model, _, ident = load_checked(
-        model_json, device=device, dtype="float16" if device != "cpu" else "float32", block_size=params["block_size"]
+        model_json, device=device, dtype=model_dtype(device), block_size=params["block_size"]
     )
     extract_shard(
         model, ident, tokens, params["shard"], params["shards"], params["block_size"], params["batch_size"],

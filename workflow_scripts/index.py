@@ -1,7 +1,8 @@
 """Index stage: a FAISS index over a datastore's keys, trained on a key sample and filled shard by shard.
 
 ``Flat`` is exact; ``IVFPQ`` (nlist, m, nbits, nprobe) is approximate, and retrieval then recomputes exact
-distances from the stored keys. A GPU is used for training and search when faiss has GPU support.
+distances from the stored keys. Where FAISS sees GPUs, the coarse quantizer's k-means trains on them
+(``devices.training_on_gpus``); a search moves the index to them (``devices.search_index``, called by retrieval).
 """
 
 from __future__ import annotations
@@ -15,15 +16,12 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from . import devices
 from .artifacts import ArtifactError, atomic_path, read_json, sha256_file, write_json
 from .cli import step
 from .datastore import Datastore
 
 log = logging.getLogger(__name__)
-
-
-def gpu_available() -> bool:
-    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
 def factory_string(cfg: dict, dim: int) -> str:
@@ -36,6 +34,7 @@ def factory_string(cfg: dict, dim: int) -> str:
 
 def build_index(manifest_path, cfg: dict, seed: int, out_index, out_meta, threads: int = 1) -> dict:
     faiss.omp_set_num_threads(threads)
+    devices.log_devices()
     ds = Datastore(manifest_path)
     t0 = time.time()
     desc = factory_string(cfg, ds.dim)
@@ -46,13 +45,9 @@ def build_index(manifest_path, cfg: dict, seed: int, out_index, out_meta, thread
             log.warning("training %s on %d keys (< 39 per list)", desc, n)
         sample_ids = np.sort(np.random.default_rng(seed).choice(ds.rows, size=n, replace=False))
         sample = ds.gather_keys(sample_ids)
-        trainer = index
-        if gpu_available():
-            trainer = faiss.index_cpu_to_all_gpus(index)
-        log.info("training %s on %d keys", desc, n)
-        trainer.train(sample)
-        if trainer is not index:
-            index = faiss.index_gpu_to_cpu(trainer)
+        with devices.training_on_gpus(index) as on_gpus:
+            log.info("training %s on %d keys%s", desc, n, " (k-means on the GPUs)" if on_gpus else "")
+            index.train(sample)
     for keys in tqdm(ds.keys, desc="add shards", disable=len(ds.keys) < 2):
         for i in range(0, len(keys), 1 << 18):  # bounded memory: one float32 chunk of one shard at a time
             index.add(np.asarray(keys[i : i + (1 << 18)], dtype=np.float32))
@@ -107,8 +102,6 @@ def load_index(index_path, meta_path, ds: Datastore, nprobe: int | None = None):
     meta = {**meta, "exact": exact}
     if nprobe is not None and hasattr(index, "nprobe"):
         faiss.extract_index_ivf(index).nprobe = nprobe
-    if gpu_available():
-        index = faiss.index_cpu_to_all_gpus(index)
     return index, meta
 
 

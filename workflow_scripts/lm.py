@@ -21,6 +21,7 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
+from . import devices
 from .artifacts import ArtifactError, atomic_path, load_npy, read_json, write_json, write_table
 from .cli import step
 from .config import CHUNK_KEYS, context_length
@@ -37,9 +38,9 @@ def torch_threads(n: int) -> None:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    """The device ``extraction.device`` = ``requested`` resolves to here; ``cuda`` without one is refused
+    (devices.torch_device)."""
+    return devices.torch_device(requested)
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -253,9 +254,12 @@ def load_model(identity_or_spec: dict, device: str = "auto", dtype: str = "float
     }
     if identity_or_spec.get("source") == "local" and not Path(path).is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
+    target = pick_device(device)
+    dtype = devices.torch_dtype(target, dtype)
+    devices.log_devices(target, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True, **kw)
-    model.to(pick_device(device)).eval()
+    model.to(target).eval()
     return model, tokenizer
 
 
@@ -305,8 +309,8 @@ def load_checked(identity_path, device="auto", dtype="float32", block_size: int 
     ident = load_identity(identity_path)
     if block_size is not None:
         check_window(ident, block_size, identity_path)
-    model, tok = load_model(ident, device=device, dtype=dtype if pick_device(device).type == "cuda" else "float32")
-    if dtype == "float32" or pick_device(device).type == "cpu":
+    model, tok = load_model(ident, device=device, dtype=dtype)
+    if next(model.parameters()).dtype == torch.float32:  # a float16 copy cannot match the float32 weights' hash
         got = weights_hash(model)
         if got != ident["model_sha256"]:
             raise ArtifactError(
@@ -547,6 +551,7 @@ def train_from_scratch(
         raise ValueError(f"{train_npy}: {train.size} tokens, fewer than one block of {T + 1}")
     if stop < steps and checkpoint is None:
         raise ValueError(f"train_lm: a chunk that stops at step {stop} of {steps} needs a checkpoint path")
+    devices.log_devices(torch.device("cpu"), "float32")  # training runs on the CPU, as written (docs/cluster.md)
     model = GPT2LMHeadModel(gpt2_config(tok, cfg, T))
     state, rows, start = {}, [], 0
     if resume is not None:

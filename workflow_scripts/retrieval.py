@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from . import lm
+from . import devices, lm
 from .artifacts import (
     ArtifactError,
     atomic_path,
@@ -32,6 +32,7 @@ from .datastore import Datastore, run_model
 from .index import load_index
 
 log = logging.getLogger(__name__)
+GPU_SHARD_GB = 4.0  # index.gpu_shard_above_gb's default (config.schema.yaml)
 CACHE_FILES = {
     "targets": (np.int32, 1),
     "lm_logprob": (np.float32, 1),
@@ -84,14 +85,16 @@ def open_retriever(identity_json, manifest_json, index_path, index_meta, cfg: di
     the model is the one that built the datastore, the index was built from this version of it, and it holds
     at least ``cfg['k_max']`` keys; the model takes windows of ``cfg['block_size']``, when given."""
     faiss.omp_set_num_threads(threads)
+    device = cfg.get("device", "auto")
     model, tok, ident = lm.load_checked(
-        identity_json, device=cfg.get("device", "auto"), block_size=cfg.get("block_size")
+        identity_json, device=device, dtype=devices.model_dtype(device), block_size=cfg.get("block_size")
     )
     ds = Datastore(manifest_json)
     ds.check_model(ident, identity_json)
     if cfg["k_max"] > ds.rows:
         raise ValueError(f"k_max = {cfg['k_max']} exceeds the {ds.rows} keys of datastore {manifest_json}")
     index, imeta = load_index(index_path, index_meta, ds, cfg.get("nprobe"))
+    index = devices.search_index(index, device, cfg.get("gpu_shard_above_gb", GPU_SHARD_GB))
     return model, tok, ident, ds, index, imeta
 
 
