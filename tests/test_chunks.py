@@ -108,8 +108,10 @@ def _ranges(specs):
 
 
 def test_conda_envs_pin_the_ranges_of_pyproject():
-    deps = _ranges(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
-    for env in ("pipeline", "plotting"):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    deps = _ranges(project["dependencies"] + extras["cpu"] + extras["gpu"])  # FAISS: one build per env
+    for env in ("pipeline", "pipeline-gpu", "plotting"):
         spec = yaml.safe_load((ROOT / "envs" / f"{env}.yaml").read_text())["dependencies"]
         listed = [s for s in spec if isinstance(s, str) and not s.startswith(("python", "pip"))]
         listed += [s for s in spec if isinstance(s, dict) for s in s["pip"]]
@@ -117,7 +119,7 @@ def test_conda_envs_pin_the_ranges_of_pyproject():
             assert deps.get(name) == s, f"envs/{env}.yaml: {s} but pyproject.toml: {deps.get(name)}"
     pipeline = yaml.safe_load((ROOT / "envs" / "pipeline.yaml").read_text())["dependencies"]
     names = set(_ranges([s for s in pipeline if isinstance(s, str)] + pipeline[-1]["pip"]))
-    assert set(deps) - names == {"snakemake", "snakemake-executor-plugin-slurm"}  # the runner, not a step's need
+    assert set(deps) - names == {"snakemake", "snakemake-executor-plugin-slurm", "faiss-gpu"}  # the runner; one FAISS
 
 
 def test_package_data_holds_the_files_the_code_reads():
