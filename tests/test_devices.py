@@ -3,6 +3,8 @@ and dtype, the refusal of cuda where there is none, the log line, FAISS on GPUs 
 replicated, training through the clustering index) with the GPU API mocked, since no GPU runs these tests."""
 
 import logging
+import re
+import subprocess
 from types import SimpleNamespace
 
 import faiss
@@ -10,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+import yaml
+from conftest import ROOT, job_stats, load_test_config, project_env, snakemake, snakemake_cmd
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
@@ -260,3 +264,83 @@ def test_load_index_returns_the_cpu_index(tmp_path, monkeypatch):
     write_json(tmp_path / "i.json", {"index_sha256": sha256_file(tmp_path / "i.faiss"), "manifest_sha256": "h"})
     got, _ = index.load_index(tmp_path / "i.faiss", tmp_path / "i.json", DS())
     assert isinstance(got, faiss.IndexFlatL2) and got.ntotal == 10
+
+
+# --------------------------------------------------------------------------------------------- the workflow
+def _cuda_config(tmp_path, name="tasks"):
+    cfg = load_test_config(name)
+    cfg["extraction"]["device"] = "cuda"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "config.yaml"
+
+
+class Resources(dict):
+    __getattr__ = dict.get
+
+
+def _jobs(dry_run_output: str) -> list[SimpleNamespace]:
+    """Each job of a `snakemake -n` printout as the Slurm plugin reads it: name, threads, resources."""
+    jobs = []
+    for block in re.split(r"\n(?=rule \w+:\n)", dry_run_output):
+        m = re.match(r"rule (\w+):\n", block)
+        res = re.search(r"^    resources: (.*)$", block, re.M)
+        if not m or not res:
+            continue
+        kv = dict(pair.split("=", 1) for pair in res[1].split(", "))
+        threads = re.search(r"^    threads: (\d+)$", block, re.M)
+        jobs.append(SimpleNamespace(name=m[1], threads=int(threads[1]) if threads else 1, resources=Resources(
+            {k: int(v) if v.isdigit() else v for k, v in kv.items()})))
+    return jobs
+
+
+def test_gpu_rules_ask_slurm_for_a_gpu_and_land_on_a_gpu_partition(tmp_path):
+    """extraction.device: cuda on a CPU machine: the dry run is not refused (no job runs); exactly the rules that
+    run the model with extraction.device ask for `gpu: 1`, which the Slurm plugin turns into `--gpus=1`, and the
+    worked GPU profile's partitions send them to the GPU partition and every other job to the CPU one."""
+    from snakemake_executor_plugin_slurm.partitions import get_best_partition, read_partition_file
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    out = snakemake(tmp_path, "-n", "-p", "--configfile", str(_cuda_config(tmp_path))).stdout
+    jobs = _jobs(out)
+    assert len(jobs) == sum(job_stats(out).values())  # every job read
+    gpu = sorted({j.name for j in jobs if j.resources.get("gpu")})
+    assert gpu == ["extract_keys", "retrieve", "score_task"]
+    profile = yaml.safe_load((ROOT / "slurm/gpu/config.yaml").read_text())
+    assert profile["executor"] == "slurm" and (ROOT / "slurm/gpu" / profile["slurm-partition-config"]).is_file()
+    partitions = read_partition_file(ROOT / "slurm/gpu" / profile["slurm-partition-config"])
+    quiet = SimpleNamespace(info=lambda *a: None, debug=lambda *a: None, warning=lambda *a: None)
+    for job in jobs:
+        on_gpu = job.name in gpu
+        assert set_gres_string(job) == (" --gpus=1" if on_gpu else ""), job.name
+        assert get_best_partition(partitions, job, quiet) == ("gpu" if on_gpu else "cpu"), job.name
+    job = next(j for j in jobs if j.name == "retrieve")  # a GPU model named for the GPU rules, as the profile shows
+    job.resources["gpu_model"] = "h100"
+    assert set_gres_string(job) == " --gpus=h100:1" and get_best_partition(partitions, job, quiet) == "gpu"
+
+
+@pytest.mark.slow
+def test_cuda_without_a_gpu_is_refused_before_any_local_job_but_not_on_a_cluster_submit_host(tmp_path):
+    """Run locally, extraction.device: cuda on this CPU machine stops before the first job, naming the key. With
+    the Slurm executor the submitting host is not asked (its jobs refuse on their node if it has no GPU): here a
+    fake sbatch fails the first submission, which shows that the run got past the check."""
+    local = tmp_path / "local"
+    local.mkdir()
+    proc = snakemake(local, "--configfile", str(_cuda_config(local, "micro")), check=False)
+    assert proc.returncode != 0
+    assert "extraction.device: cuda, but torch" in proc.stderr + proc.stdout
+    assert not (local / "results").exists()  # no job ran
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool, body in {"sbatch": "echo fake sbatch >&2; exit 1", "sacct": "exit 1", "squeue": "exit 0",
+                       "sinfo": "echo 'main*'"}.items():
+        (fake / tool).write_text(f"#!/bin/bash\n{body}\n")
+        (fake / tool).chmod(0o755)
+    cluster = tmp_path / "cluster"
+    cluster.mkdir()
+    env = dict(project_env(), PATH=f"{fake}:{project_env()['PATH']}")
+    proc = subprocess.run(snakemake_cmd(cluster, "--profile", str(ROOT / "slurm"), "--configfile",
+                                        str(_cuda_config(cluster, "micro"))),
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "sbatch failed. The error message was 'fake sbatch'" in log, log[-3000:]
+    assert "extraction.device: cuda, but" not in log
