@@ -164,6 +164,7 @@ def extraction_params(wildcards):
             "block_size": ex["block_size"],
             "batch_size": ex["batch_size"],
             "device": ex["device"],
+            "dtype": ex["dtype"],
         }
     )
 
@@ -177,6 +178,7 @@ def retrieval_params(wildcards):
             "block_size": ex["block_size"],
             "batch_size": ex["batch_size"],
             "device": ex["device"],
+            "dtype": ex["dtype"],
             "nprobe": (
                 config["index"]["nprobe"] if config["index"]["type"] != "Flat" else None
             ),
@@ -262,6 +264,7 @@ def task_score_params(wildcards):
         "block_size": ex["block_size"],
         "batch_size": TASKS.get("batch_size", 32),
         "device": ex["device"],
+        "dtype": ex["dtype"],
         "nprobe": (
             config["index"]["nprobe"] if config["index"]["type"] != "Flat" else None
         ),

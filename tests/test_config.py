@@ -144,10 +144,10 @@ def test_omitted_keys_get_schema_defaults():
     c["sweep"]["k_max"] = None
     out = validate(c)
     assert out is c
-    assert c["extraction"] == {"block_size": 128, "batch_size": 32, "device": "auto"}
+    assert c["extraction"] == {"block_size": 128, "batch_size": 32, "device": "auto", "dtype": "float16"}
     assert c["datastores"]["synthwiki"]["split"] == "train" and c["datastores"]["synthwiki"]["shards"] == 1
     assert c["index"] == {"type": "IVFPQ", "nlist": 1024, "m": 32, "nbits": 8, "nprobe": 32, "train_sample": 200000,
-                          "distances": "exact"}
+                          "distances": "exact", "gpu_shard_above_gb": 4}
     assert "select_on" not in c["datastores"]["synthwiki"]  # no default: 'valid' when it exists (rules/common.smk)
     assert c["models"]["tiny-gpt2"]["train"]["log_every"] == 25
     assert c["sweep"]["k_max"] == 2048

@@ -86,13 +86,17 @@ def test_extraction_and_retrieval_load_the_model_in_the_same_dtype(monkeypatch, 
         raise Stop
 
     monkeypatch.setattr(lm, "load_checked", load_checked)
-    for device in ("auto", "cuda", "cpu"):
+    cases = {("auto", None): "float16", ("cuda", None): "float16", ("cpu", None): "float32",
+             ("cuda", "float32"): "float32", ("cpu", "float16"): "float32", ("auto", "float32"): "float32"}
+    for device, dtype in cases:
         params = {"device": device, "block_size": 8, "shard": 0, "shards": 1, "batch_size": 2}
+        if dtype:
+            params["dtype"] = dtype  # extraction.dtype; absent: its default, float16
         with pytest.raises(Stop):
             datastore.extract_keys(params, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path)
         with pytest.raises(Stop):
-            retrieval.open_retriever(tmp_path, tmp_path, tmp_path, tmp_path, {"device": device, "k_max": 1})
-    assert seen == [(d, t) for d, t in [("auto", "float16"), ("cuda", "float16"), ("cpu", "float32")] for _ in "xy"]
+            retrieval.open_retriever(tmp_path, tmp_path, tmp_path, tmp_path, {**params, "k_max": 1})
+    assert seen == [(d, want) for (d, _), want in cases.items() for _ in "xy"]
 
 
 # --------------------------------------------------------------------------------------------- FAISS

@@ -132,6 +132,10 @@ def test_points_selection_sets_and_pq_distances_reach_the_rules_params(tmp_path)
     cfg["datastores"]["micro"]["select_on"] = "valid2"
     cfg["tasks"]["points"] = {"micro": {"lambda": 0.3, "k": 32, "sigma": 7}}  # σ off the grid
     pq = _params_by_step(tmp_path / "pq", cfg)
+    for name in ("extract-keys", "retrieve", "score-task"):  # the model's device and dtype: the same everywhere
+        assert {(p["device"], p["dtype"]) for p in exact[name]} == {("cpu", "float16")}, name
+    assert {p["gpu_shard_above_gb"] for p in exact["retrieve"] + exact["score-task"]} == {4}
+    assert "gpu_shard_above_gb" not in exact["build-index"][0]["index"]
     assert {p["distances"] for p in exact["retrieve"]} == {"exact"}
     assert {p["distances"] for p in pq["retrieve"]} == {"pq"} and len(pq["retrieve"]) == 3
     assert {p["distances"] for p in pq["score-task"]} == {"pq"} and len(pq["score-task"]) == 5

@@ -357,9 +357,8 @@ def extract_keys(
 
     torch_threads(threads)
     device = params["device"]
-    model, _, ident = load_checked(
-        model_json, device=device, dtype=model_dtype(device), block_size=params["block_size"]
-    )
+    dtype = model_dtype(device, params.get("dtype", "float16"))
+    model, _, ident = load_checked(model_json, device=device, dtype=dtype, block_size=params["block_size"])
     extract_shard(
         model, ident, tokens, params["shard"], params["shards"], params["block_size"], params["batch_size"],
         keys, vals, meta,

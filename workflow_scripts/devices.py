@@ -65,11 +65,11 @@ def torch_device(requested: str = "auto", key: str = KEY):
     return torch.device(requested)
 
 
-def model_dtype(requested: str) -> str:
-    """The dtype keys and queries are computed in for ``extraction.device`` = ``requested``: float16 wherever a
-    GPU may run the model (``torch_dtype`` turns it into float32 on the CPU), so that a GPU job extracts keys
-    and retrieves with queries of the same precision."""
-    return "float32" if requested == "cpu" else "float16"
+def model_dtype(requested: str, dtype: str = "float16") -> str:
+    """The dtype keys and queries are computed in for ``extraction.device`` = ``requested`` and
+    ``extraction.dtype`` = ``dtype``: ``dtype`` wherever a GPU may run the model (``torch_dtype`` turns it into
+    float32 on the CPU), the same for extraction and retrieval, so that keys and queries have one precision."""
+    return "float32" if requested == "cpu" else dtype
 
 
 def torch_dtype(device, requested: str = "float32") -> str:

@@ -86,9 +86,8 @@ def open_retriever(identity_json, manifest_json, index_path, index_meta, cfg: di
     at least ``cfg['k_max']`` keys; the model takes windows of ``cfg['block_size']``, when given."""
     faiss.omp_set_num_threads(threads)
     device = cfg.get("device", "auto")
-    model, tok, ident = lm.load_checked(
-        identity_json, device=device, dtype=devices.model_dtype(device), block_size=cfg.get("block_size")
-    )
+    dtype = devices.model_dtype(device, cfg.get("dtype", "float16"))
+    model, tok, ident = lm.load_checked(identity_json, device=device, dtype=dtype, block_size=cfg.get("block_size"))
     ds = Datastore(manifest_json)
     ds.check_model(ident, identity_json)
     if cfg["k_max"] > ds.rows:
