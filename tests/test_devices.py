@@ -205,6 +205,15 @@ def test_an_index_the_gpus_refuse_is_searched_on_the_cpu_with_a_warning(monkeypa
     assert "Bits per code must be 8" in caplog.text and "searching on the CPU" in caplog.text
 
 
+def test_more_neighbours_than_a_gpu_search_returns_are_searched_on_the_cpu(monkeypatch, caplog):
+    gpus = FakeGpus(monkeypatch, 1)
+    flat = _flat()
+    assert devices.search_index(flat, "cuda", k=devices.GPU_MAX_K) is flat and len(gpus.calls) == 1
+    with caplog.at_level(logging.WARNING):
+        assert devices.search_index(flat, "cuda", k=devices.GPU_MAX_K + 1) is flat
+    assert len(gpus.calls) == 1 and f"k_max = {devices.GPU_MAX_K + 1} exceeds" in caplog.text
+
+
 def test_training_uses_the_gpus_through_the_clustering_index_and_gives_the_cpu_result(monkeypatch):
     x = np.random.default_rng(2).normal(size=(700, 8)).astype(np.float32)
 
@@ -250,9 +259,10 @@ def test_open_retriever_hands_the_index_to_search_index_with_the_config(monkeypa
 
     monkeypatch.setattr(retrieval, "Datastore", DS)
     monkeypatch.setattr(retrieval, "load_index", lambda *a: ("cpu index", {"exact": True}))
-    monkeypatch.setattr(devices, "search_index", lambda idx, dev, gb: got.update(idx=idx, dev=dev, gb=gb) or "gpu")
+    monkeypatch.setattr(devices, "search_index",
+                        lambda idx, dev, gb, k: got.update(idx=idx, dev=dev, gb=gb, k=k) or "gpu")
     out = retrieval.open_retriever("m", "d", "i", "j", {"device": "cuda", "k_max": 8, "gpu_shard_above_gb": 0.5})
-    assert out[4] == "gpu" and got == {"idx": "cpu index", "dev": "cuda", "gb": 0.5}
+    assert out[4] == "gpu" and got == {"idx": "cpu index", "dev": "cuda", "gb": 0.5, "k": 8}
     retrieval.open_retriever("m", "d", "i", "j", {"k_max": 8})  # a caller without the keys: auto, the default
     assert got["dev"] == "auto" and got["gb"] == retrieval.GPU_SHARD_GB == 4.0
 

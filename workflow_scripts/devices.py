@@ -22,6 +22,8 @@ KEY = "extraction.device"
 # GPU IVFPQ keeps a lookup table of m * 2**nbits floats per query in shared memory (48 KiB on every card):
 # larger tables need float16 lookup tables (GpuClonerOptions.useFloat16)
 GPU_SHARED_MEMORY = 48 * 1024
+# FAISS's GPU indexes return at most this many neighbours per query (GPU k-selection)
+GPU_MAX_K = 2048
 
 
 class DeviceError(RuntimeError):
@@ -79,8 +81,11 @@ def torch_dtype(device, requested: str = "float32") -> str:
 
 # --------------------------------------------------------------------------------------------- FAISS
 def faiss_gpus() -> int:
-    """GPUs FAISS can use: 0 for the CPU build (faiss-cpu) or where none is visible."""
-    import faiss
+    """GPUs FAISS can use: 0 for the CPU build (faiss-cpu), where none is visible, or without FAISS."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
 
     if not hasattr(faiss, "StandardGpuResources") or not hasattr(faiss, "get_num_gpus"):
         return 0
@@ -88,8 +93,11 @@ def faiss_gpus() -> int:
 
 
 def faiss_build() -> str:
-    """'FAISS 1.15.1, CPU build' or 'FAISS 1.15.1, GPU build, 2 GPUs'."""
-    import faiss
+    """'FAISS 1.15.1, CPU build' or 'FAISS 1.15.1, GPU build, 2 GPUs visible' (or 'FAISS not installed')."""
+    try:
+        import faiss
+    except ImportError:
+        return "FAISS not installed"
 
     if not hasattr(faiss, "StandardGpuResources"):
         return f"FAISS {faiss.__version__}, CPU build"
@@ -152,11 +160,12 @@ def _gpu_job() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def search_index(index, requested: str = "auto", shard_above_gb: float = 4.0, key: str = KEY):
-    """The index to search: moved to every GPU FAISS sees (sharded when it holds more than ``shard_above_gb``
-    GB, replicated below), or the CPU index unchanged (``requested`` cpu, or no GPU). A GPU job whose FAISS
-    cannot use a GPU raises ``DeviceError`` when ``requested`` is cuda and warns when it is auto; an index the
-    GPU implementation refuses (e.g. IVFPQ with nbits other than 8) is searched on the CPU, with a warning."""
+def search_index(index, requested: str = "auto", shard_above_gb: float = 4.0, k: int | None = None, key: str = KEY):
+    """The index to search for ``k`` neighbours: moved to every GPU FAISS sees (sharded when it holds more than
+    ``shard_above_gb`` GB, replicated below), or the CPU index unchanged (``requested`` cpu, or no GPU). A GPU
+    job whose FAISS cannot use a GPU raises ``DeviceError`` when ``requested`` is cuda and warns when it is
+    auto; an index the GPU implementation refuses (e.g. IVFPQ with nbits other than 8), or a ``k`` above what
+    a GPU search returns (``GPU_MAX_K``), is searched on the CPU, with a warning."""
     if requested == "cpu":
         return index
     n = faiss_gpus()
@@ -169,6 +178,10 @@ def search_index(index, requested: str = "auto", shard_above_gb: float = 4.0, ke
             if requested == "cuda":
                 raise DeviceError(f"{key}: cuda, but {msg}, or set {key}: auto to accept a CPU search")
             log.warning("!!! %s; searching on the CPU (%s: auto) !!!", msg, key)
+        return index
+    if k is not None and k > GPU_MAX_K:
+        log.warning("!!! k_max = %d exceeds the %d neighbours a FAISS GPU search returns; searching on the CPU !!!",
+                    k, GPU_MAX_K)
         return index
     import faiss
 
