@@ -156,9 +156,17 @@ def test_mlp_lm_lambda_zero_is_the_lm_and_lambda_is_chosen_on_valid(tmp_path, mo
     valid (.6) is not test's own best (0)."""
     rng = np.random.default_rng(0)
     W = torch.randn(20, 8)
-    monkeypatch.setattr(mlp_lm, "output_weight", lambda _: W)
-    monkeypatch.setattr(mlp_lm.lm, "load_identity", lambda _: {})
-    monkeypatch.setattr(mlp_lm.lm, "load_tokenizer", lambda _: WordTokenizer())
+    ident = {"path": "the model"}
+
+    def fake(want, value):  # the LM's output layer, identity and tokenizer, read from the model.json given
+        def f(arg):
+            assert arg == want
+            return value
+        return f
+
+    monkeypatch.setattr(mlp_lm, "output_weight", fake("id.json", W))
+    monkeypatch.setattr(mlp_lm.lm, "load_identity", fake("id.json", ident))
+    monkeypatch.setattr(mlp_lm.lm, "load_tokenizer", fake(ident, WordTokenizer()))
     model, _ = mlp_lm.train(
         rng.normal(size=(200, 8)).astype(np.float16),
         rng.integers(0, 20, 200),
@@ -185,7 +193,7 @@ def test_mlp_lm_lambda_zero_is_the_lm_and_lambda_is_chosen_on_valid(tmp_path, mo
                                                arrays["test"]["queries"], t, batch=7),
                                lp_all["test"][np.arange(40), t], rtol=1e-5)
     lambdas = [0.0, 0.3, 0.6]
-    df = mlp_lm.evaluate("unused", tmp_path / "m.pt", tmp_path / "m.json", caches, "valid", lambdas,
+    df = mlp_lm.evaluate("id.json", tmp_path / "m.pt", tmp_path / "m.json", caches, "valid", lambdas,
                          tmp_path / "out.csv", tmp_path / "out.parquet",
                          {"valid": (0.5, 4, 1.0), "test": (0.5, 4, 1.0)})
     assert pl.read_parquet(tmp_path / "out.parquet").equals(df)
@@ -213,7 +221,7 @@ def test_mlp_lm_lambda_zero_is_the_lm_and_lambda_is_chosen_on_valid(tmp_path, mo
         assert [got[k] for k in numbers] == pytest.approx([w[k] for k in numbers], rel=1e-6)
     assert min(ppl_at["valid"], key=ppl_at["valid"].get) == 0.6 and min(ppl_at["test"], key=ppl_at["test"].get) == 0.0
     # no kNN-LM point (no perplexity choice): no kNN-LM row
-    df = mlp_lm.evaluate("unused", tmp_path / "m.pt", tmp_path / "m.json", caches, "valid", lambdas,
+    df = mlp_lm.evaluate("id.json", tmp_path / "m.pt", tmp_path / "m.json", caches, "valid", lambdas,
                          tmp_path / "out.csv", tmp_path / "out.parquet")
     assert df["model"].to_list() == ["LM", "MLP-LM", "MLP-LM", "MLP-LM"] * 2
 

@@ -468,6 +468,16 @@ def test_the_task_sweep_refuses_a_cache_of_another_item_count_or_with_pickles(tm
     np.savez(tmp_path / "scored.npz", **cache, extra=np.array([{"a": 1}], dtype=object))
     with pytest.raises(ValueError, match="allow_pickle"):
         _sweep_task(tmp_path, p)
+    # an npz altered after score recorded its sha256 (in meta.npz_sha256) is refused, naming both files
+    from workflow_scripts.artifacts import sha256_file
+
+    np.savez(tmp_path / "scored.npz", **cache)
+    rec["meta"]["npz_sha256"] = sha256_file(tmp_path / "scored.npz")
+    (tmp_path / "scored.json").write_text(json.dumps(rec))
+    assert _sweep_task(tmp_path, p)["n"] == 1  # as recorded: read
+    np.savez(tmp_path / "scored.npz", **{**cache, "t_lm": np.log(np.array([0.6, 0.4]))})
+    with pytest.raises(ArtifactError, match=r"scored.npz: sha256 differs from the one recorded in .*scored.json"):
+        _sweep_task(tmp_path, p)
 
 
 # ------------------------------------------------------------------------------------------ a generate task's sweep
@@ -563,6 +573,12 @@ def test_a_generate_task_without_a_decoded_perplexity_choice_reports_its_best_po
         "score": pl.Float64, "base": pl.Float64, "n": pl.Int32}
     assert pl.read_csv(out[0]).columns == list(empty.columns)
     assert_frame_equal(pl.read_parquet(out[2]), _expected_predictions(None, [[], [], []]))
+    # a point that decoded fewer answers than the task has items is refused, not scored on the first ones
+    rec = json.loads((tmp_path / "scored.json").read_text())
+    rec["points"][0]["texts"] = rec["points"][0]["texts"][:2]
+    (tmp_path / "scored.json").write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match="zip"):
+        evaluate.sweep_task(None, tmp_path / "scored.json", tmp_path / "items.parquet", p, None, *out)
 
 
 def test_the_neighbours_shown_are_those_of_the_gold_answers_first_scored_token(tmp_path):
