@@ -224,6 +224,10 @@ def test_mlp_lm_lambda_zero_is_the_lm_and_lambda_is_chosen_on_valid(tmp_path, mo
     df = mlp_lm.evaluate("id.json", tmp_path / "m.pt", tmp_path / "m.json", caches, "valid", lambdas,
                          tmp_path / "out.csv", tmp_path / "out.parquet")
     assert df["model"].to_list() == ["LM", "MLP-LM", "MLP-LM", "MLP-LM"] * 2
+    # λ chosen on a set without a cache: no MLP-LM row is marked chosen (its flag is null)
+    df = mlp_lm.evaluate("id.json", tmp_path / "m.pt", tmp_path / "m.json", caches, "other", lambdas,
+                         tmp_path / "out.csv", tmp_path / "out.parquet")
+    assert df["chosen"].to_list() == [True, None, None, None] * 2 and set(df["chosen_on"]) == {"other"}
 
 
 # ------------------------------------------------------------------------------------------ hurdle, batches

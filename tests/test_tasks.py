@@ -913,11 +913,11 @@ def test_score_stage_generate_reads_the_perplexity_choice_the_model_window_and_t
                                                                                                  monkeypatch):
     """Without a pinned point the answers are decoded at the datastore's perplexity choice; prompts keep the model's
     window (max_position_embeddings 4) less the 2 new tokens, not the datastore's 8; a task without a stop list
-    stops at a newline (here the token "d")."""
+    stops at a newline (here the token "c", after which the decoding would go on with a visible word)."""
     from types import SimpleNamespace
 
     monkeypatch.setattr(_SpyLM, "config", SimpleNamespace(max_position_embeddings=4), raising=False)
-    monkeypatch.setattr(_ToyTok, "names", {**_ToyTok.names, 4: "\n"})
+    monkeypatch.setattr(_ToyTok, "names", {**_ToyTok.names, 3: "\n"})
     # perplexity summary: datastore "other" chose (.5, 3, 1), "d" (.9, 3, 1) on valid, as its test row records
     pl.DataFrame({"eval_set": ["valid", "test"], "datastore": ["other", "d"], "lambda": [0.5, 0.9], "k": [3, 3],
                   "sigma": [1.0, 1.0], "chosen_on": ["valid", "valid"]}).write_csv(tmp_path / "ppl.csv")
@@ -935,7 +935,7 @@ def test_score_stage_generate_reads_the_perplexity_choice_the_model_window_and_t
             ids = []
             for t in _greedy_by_hand(prompt, pt, 2):
                 ids.append(t)
-                if t == 4:  # "\n": the default stop ends the answer, cut before it
+                if t == 3:  # "\n": the default stop ends the answer, cut before it
                     stopped += 1
                     break
             words = " ".join(_ToyTok.names[i] for i in ids if i != 0)  # the start token skipped
