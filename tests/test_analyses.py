@@ -85,6 +85,12 @@ def test_last_layers_reproduce_the_model_logits(gpt2):
         assert torch.allclose(gpt2.get_submodule(norm_path)(h), torch.from_numpy(keys), atol=1e-5)  # the kNN key
         z_f = final_norm(h + gpt2.get_submodule(hook)(gpt2.get_submodule(norm_path)(h)))
         assert torch.allclose(f(z_f), logits, atol=1e-4)
+    # a Llama-style decoder: its post-attention norm before the MLP and model.norm at the end
+    torch.manual_seed(0)
+    llama = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2)).eval()
+    norm_path, _, _, final_norm = projection.last_layers(llama, "model.layers.0.mlp")
+    assert norm_path == "model.layers.0.post_attention_layernorm" and final_norm is llama.model.norm
     # a hook point whose parent module has no pre-MLP norm: refused, naming the model and the module
     with pytest.raises(ValueError, match=r"^GPT2LMHeadModel: no pre-MLP norm in transformer.h.1.mlp or final norm"):
         projection.last_layers(gpt2, "transformer.h.1.mlp.c_fc")
