@@ -91,6 +91,11 @@ def test_last_layers_reproduce_the_model_logits(gpt2):
                                                num_hidden_layers=1, num_attention_heads=2)).eval()
     norm_path, _, _, final_norm = projection.last_layers(llama, "model.layers.0.mlp")
     assert norm_path == "model.layers.0.post_attention_layernorm" and final_norm is llama.model.norm
+    # a decoder without any known final norm: refused the same way
+    bare = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    del bare.transformer.ln_f
+    with pytest.raises(ValueError, match=r"^GPT2LMHeadModel: no pre-MLP norm in transformer.h.0 or final norm"):
+        projection.last_layers(bare, "transformer.h.0.mlp")
     # a hook point whose parent module has no pre-MLP norm: refused, naming the model and the module
     with pytest.raises(ValueError, match=r"^GPT2LMHeadModel: no pre-MLP norm in transformer.h.1.mlp or final norm"):
         projection.last_layers(gpt2, "transformer.h.1.mlp.c_fc")
