@@ -6,7 +6,7 @@
 # survivors judged equivalent.
 #
 #   pip install -e '.[test,mutation]'
-#   tests/mutation.sh                          # everything: about an hour on 2 cores
+#   tests/mutation.sh                          # everything: hours on 2 cores
 #   tests/mutation.sh 'workflow_scripts.knnlm*'  # one module (mutmut's name patterns); the rest keep their last result
 #   tests/mutation.sh --score                  # only print the scores of the results in mutants/
 #

@@ -5,6 +5,7 @@ and the analyses stages end to end on a copy of the micro run."""
 
 import json
 import math
+import time
 
 import numpy as np
 import polars as pl
@@ -84,6 +85,20 @@ def test_last_layers_reproduce_the_model_logits(gpt2):
         assert torch.allclose(gpt2.get_submodule(norm_path)(h), torch.from_numpy(keys), atol=1e-5)  # the kNN key
         z_f = final_norm(h + gpt2.get_submodule(hook)(gpt2.get_submodule(norm_path)(h)))
         assert torch.allclose(f(z_f), logits, atol=1e-4)
+    # a Llama-style decoder: its post-attention norm before the MLP and model.norm at the end
+    torch.manual_seed(0)
+    llama = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2)).eval()
+    norm_path, _, _, final_norm = projection.last_layers(llama, "model.layers.0.mlp")
+    assert norm_path == "model.layers.0.post_attention_layernorm" and final_norm is llama.model.norm
+    # a decoder without any known final norm: refused the same way
+    bare = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    del bare.transformer.ln_f
+    with pytest.raises(ValueError, match=r"^GPT2LMHeadModel: no pre-MLP norm in transformer.h.0 or final norm"):
+        projection.last_layers(bare, "transformer.h.0.mlp")
+    # a hook point whose parent module has no pre-MLP norm: refused, naming the model and the module
+    with pytest.raises(ValueError, match=r"^GPT2LMHeadModel: no pre-MLP norm in transformer.h.1.mlp or final norm"):
+        projection.last_layers(gpt2, "transformer.h.1.mlp.c_fc")
 
 
 # ------------------------------------------------------------------------------------------ MLP-LM
@@ -135,12 +150,34 @@ def test_word_count_and_word_level_perplexity_by_hand():
         knnlm.word_perplexity(lp, 0)
 
 
+def _mlp_logp_by_hand(state, W, q):
+    """log p_mlp(· | q) from the saved weights, written out: softmax(W(q + LN(W2 gelu(W1 q + b1) + b2)))."""
+    F = torch.nn.functional
+    q = torch.from_numpy(np.asarray(q, np.float32))
+    h = F.linear(F.gelu(F.linear(q, state["mlp.0.weight"], state["mlp.0.bias"])), state["mlp.2.weight"],
+                 state["mlp.2.bias"])
+    return torch.log_softmax((q + F.layer_norm(h, (q.shape[1],), state["ln.weight"], state["ln.bias"])) @ W.T,
+                             -1).double().numpy()
+
+
 def test_mlp_lm_lambda_zero_is_the_lm_and_lambda_is_chosen_on_valid(tmp_path, monkeypatch):
+    """The MLP-LM table against a computation written out here: p_mlp from the saved weights, the mixture
+    λ·p_mlp + (1−λ)·p_lm per token, the kNN-LM from the cache's neighbours. The MLP is made right on valid
+    (targets its argmax, a weak LM) and wrong on test (targets its argmin, a strong LM), so the λ chosen on
+    valid (.6) is not test's own best (0)."""
     rng = np.random.default_rng(0)
     W = torch.randn(20, 8)
-    monkeypatch.setattr(mlp_lm, "output_weight", lambda _: W)
-    monkeypatch.setattr(mlp_lm.lm, "load_identity", lambda _: {})
-    monkeypatch.setattr(mlp_lm.lm, "load_tokenizer", lambda _: WordTokenizer())
+    ident = {"path": "the model"}
+
+    def fake(want, value):  # the LM's output layer, identity and tokenizer, read from the model.json given
+        def f(arg):
+            assert arg == want
+            return value
+        return f
+
+    monkeypatch.setattr(mlp_lm, "output_weight", fake("id.json", W))
+    monkeypatch.setattr(mlp_lm.lm, "load_identity", fake("id.json", ident))
+    monkeypatch.setattr(mlp_lm.lm, "load_tokenizer", fake(ident, WordTokenizer()))
     model, _ = mlp_lm.train(
         rng.normal(size=(200, 8)).astype(np.float16),
         rng.integers(0, 20, 200),
@@ -150,39 +187,58 @@ def test_mlp_lm_lambda_zero_is_the_lm_and_lambda_is_chosen_on_valid(tmp_path, mo
         "",
     )
     mlp_lm.save(model, {"dim": 8, "hidden": 16, "storage_ratio": 0.01}, tmp_path / "m.pt", tmp_path / "m.json")
-    caches = {}
-    for ev in ("valid", "test"):
-        (tmp_path / ev).mkdir()
-        arrays = _fake_cache(tmp_path / ev, 40, 4, 8, 20, rng)
-        caches[ev] = tmp_path / ev
-    df = mlp_lm.evaluate(
-        "unused",
-        tmp_path / "m.pt",
-        tmp_path / "m.json",
-        caches,
-        "valid",
-        [0.0, 0.3, 0.6],
-        tmp_path / "out.csv",
-        tmp_path / "out.parquet",
-        {"valid": (0.5, 4, 1.0), "test": (0.5, 4, 1.0)},
-    )
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    # the LM's output layer is neither trained nor stored with the MLP
+    assert set(state) == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "ln.weight", "ln.bias"}
+    caches, arrays, lp_all = {}, {}, {}
+    for ev, pick, p_lm in (("valid", np.argmax, 0.01), ("test", np.argmin, 0.5)):
+        a = cache_arrays(rng, 40, 4, 20, 8)
+        lp_all[ev] = _mlp_logp_by_hand(state, W, a["queries"])
+        a["targets"] = pick(lp_all[ev], axis=1).astype(np.int32)
+        a["lm_logprob"] = np.full(40, np.log(p_lm), np.float32)
+        write_cache(tmp_path / ev, a)
+        caches[ev], arrays[ev] = tmp_path / ev, a
+    # log p_mlp at the targets in batches smaller than the set: the same numbers
+    t = arrays["test"]["targets"]
+    np.testing.assert_allclose(mlp_lm.logprobs(mlp_lm.load(tmp_path / "m.pt", tmp_path / "m.json", W),
+                                               arrays["test"]["queries"], t, batch=7),
+                               lp_all["test"][np.arange(40), t], rtol=1e-5)
+    lambdas = [0.0, 0.3, 0.6]
+    df = mlp_lm.evaluate("id.json", tmp_path / "m.pt", tmp_path / "m.json", caches, "valid", lambdas,
+                         tmp_path / "out.csv", tmp_path / "out.parquet",
+                         {"valid": (0.5, 4, 1.0), "test": (0.5, 4, 1.0)})
     assert pl.read_parquet(tmp_path / "out.parquet").equals(df)
-    assert pl.read_csv(tmp_path / "out.csv").shape == df.shape
-    test = df.filter(pl.col("eval_set") == "test")
-    lm = test.filter(pl.col("model") == "LM")["ppl"][0]
-    assert lm == pytest.approx(knnlm.perplexity(arrays["lm_logprob"]), rel=1e-12)
-    n_words = mlp_lm.lm.word_count(WordTokenizer(), arrays["targets"])
-    assert (test["n_words"] == n_words).all() and 0 < n_words
-    # word level: the same total NLL over the words, so word_ppl = ppl ** (tokens / words)
-    for r in test.iter_rows(named=True):
-        assert r["word_ppl"] == pytest.approx(r["ppl"] ** (r["n_tokens"] / n_words), rel=1e-9)
-    assert test.filter((pl.col("model") == "MLP-LM") & (pl.col("lambda") == 0.0))["ppl"][0] == lm
-    valid_mlp = df.filter((pl.col("eval_set") == "valid") & (pl.col("model") == "MLP-LM"))
-    best = valid_mlp.sort("ppl")["lambda"][0]
-    assert df.filter(pl.col("chosen") & (pl.col("model") == "MLP-LM"))["lambda"].unique().to_list() == [best]
-    knn = test.filter(pl.col("model").str.starts_with("kNN-LM"))["ppl"][0]
-    lp = knnlm.knn_target_logprobs(arrays["dists"], arrays["vals"], arrays["targets"], [4], 1.0)[4]
-    assert knn == pytest.approx(knnlm.perplexity(knnlm.interpolate(arrays["lm_logprob"], lp, 0.5)))
+    assert pl.read_csv(tmp_path / "out.csv").columns == df.columns
+    want, ppl_at = [], {}
+    for ev, a in arrays.items():
+        n_words = lm.word_count(WordTokenizer(), a["targets"])
+        p_lm = np.exp(a["lm_logprob"].astype(np.float64))
+        p_mlp = np.exp(lp_all[ev][np.arange(40), a["targets"]])
+        p_knn = np.array([p_knn_by_hand(a["dists"][i], a["vals"][i], a["targets"][i], 4, 1.0) for i in range(40)])
+
+        def row(model_, lam, p, ev=ev, n_words=n_words):
+            return {"eval_set": ev, "n_tokens": 40, "n_words": n_words, "model": model_, "lambda": lam,
+                    "ppl": math.exp(-np.log(p).mean()), "word_ppl": math.exp(-np.log(p).sum() / n_words),
+                    "storage_ratio": 0.01, "chosen": model_ != "MLP-LM" or lam == 0.6, "chosen_on": "valid"}
+
+        want.append(row("LM", 0.0, p_lm))
+        want += [row("MLP-LM", lam, lam * p_mlp + (1 - lam) * p_lm) for lam in lambdas]
+        want.append(row("kNN-LM (k=4, σ=1)", 0.5, 0.5 * p_knn + 0.5 * p_lm))
+        ppl_at[ev] = {r["lambda"]: r["ppl"] for r in want[-4:-1]}
+    assert len(df) == len(want)
+    for got, w in zip(df.iter_rows(named=True), want, strict=True):
+        numbers = ("ppl", "word_ppl")
+        assert {k: v for k, v in got.items() if k not in numbers} == {k: v for k, v in w.items() if k not in numbers}
+        assert [got[k] for k in numbers] == pytest.approx([w[k] for k in numbers], rel=1e-6)
+    assert min(ppl_at["valid"], key=ppl_at["valid"].get) == 0.6 and min(ppl_at["test"], key=ppl_at["test"].get) == 0.0
+    # no kNN-LM point (no perplexity choice): no kNN-LM row
+    df = mlp_lm.evaluate("id.json", tmp_path / "m.pt", tmp_path / "m.json", caches, "valid", lambdas,
+                         tmp_path / "out.csv", tmp_path / "out.parquet")
+    assert df["model"].to_list() == ["LM", "MLP-LM", "MLP-LM", "MLP-LM"] * 2
+    # λ chosen on a set without a cache: no MLP-LM row is marked chosen (its flag is null)
+    df = mlp_lm.evaluate("id.json", tmp_path / "m.pt", tmp_path / "m.json", caches, "other", lambdas,
+                         tmp_path / "out.csv", tmp_path / "out.parquet")
+    assert df["chosen"].to_list() == [True, None, None, None] * 2 and set(df["chosen_on"]) == {"other"}
 
 
 # ------------------------------------------------------------------------------------------ hurdle, batches
@@ -436,6 +492,22 @@ def test_mlp_storage_counts_its_own_parameters_not_the_lms_layer():
     assert mlp_lm.storage(model.half(), 4 * n)["storage_ratio"] == 0.5
 
 
+def test_mlp_output_weight_is_the_saved_models_output_layer(tmp_path):
+    """The MLP's frozen W is read from the model a model.json describes (checked against its recorded hash)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    torch.manual_seed(1)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=24, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+    model.save_pretrained(tmp_path / "m")
+    tf.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"a": 0}, "a")), eos_token="a").save_pretrained(
+        tmp_path / "m")
+    lm.write_identity({"source": "local", "path": str(tmp_path / "m")}, tmp_path / "model.json", device="cpu")
+    W = mlp_lm.output_weight(tmp_path / "model.json")
+    assert W.dtype == torch.float32 and W.shape == (24, 8)
+    assert torch.equal(W, model.transformer.wte.weight.detach())  # GPT-2 ties its output layer to the embeddings
+
+
 def test_point_label_names_the_point():
     assert projection.point_label({"lambda": 0.25, "k": 16, "sigma": 1.0}, "given") == "given: λ=0.25, k=16, σ=1"
 
@@ -451,8 +523,13 @@ def tiny(gpt2):
 
 def _projection_inputs(tmp_path, tiny, monkeypatch, n_cache=20, K=4):
     model, tokens = tiny
-    monkeypatch.setattr(projection.lm, "load_checked",
-                        lambda _, device, **kw: (model, SpacedTok(), {"hook_point": LAST_MLP, "dim": 16}))
+
+    def load_checked(path, device="auto", dtype="float32", block_size=None):
+        # the model of model.json, on the CPU, refused if the projection's window exceeds its context
+        assert (path, device, dtype, block_size) == ("id.json", "cpu", "float32", 16)
+        return model, SpacedTok(), {"hook_point": LAST_MLP, "dim": 16}
+
+    monkeypatch.setattr(projection.lm, "load_checked", load_checked)
     save_npy(tmp_path / "tokens.npy", tokens)
     # the cache as retrieval builds it: the kNN keys and log p_lm from the datastore's own forward pass
     keys, lps = [], []
@@ -478,10 +555,13 @@ def test_projection_table_by_hand(tmp_path, tiny, monkeypatch):
     runs = [{"lr": 0.1, "tol": 0.0, "max_steps": 6}, {"lr": 0.05, "tol": 1e-3, "max_steps": 4}]
     p = {"max_positions": n, "block_size": 16, "batch_size": 2, "opt_batch": 5, "runs": runs}
     out = [tmp_path / "p.csv", tmp_path / "p.parquet", tmp_path / "meta.json"]
+    t0 = time.time()
     df = projection.run("id.json", tmp_path / "tokens.npy", tmp_path / "cache", manifest, points, p, *out)
+    elapsed = time.time() - t0
     assert pl.read_parquet(out[1]).equals(df) and pl.read_csv(out[0]).height == df.height == 2 * (2 + 2 * 2)
     meta = json.loads(out[2].read_text())
     assert meta["n_positions"] == n and meta["points"] == {"a": points[0][1], "b": points[1][1]}
+    assert 0 <= meta["seconds"] <= elapsed + 0.01
     with torch.no_grad():
         lm_full = torch.log_softmax(model(input_ids=torch.as_tensor(tokens[None, :n], dtype=torch.long)).logits[0],
                                     -1).double().numpy()
@@ -516,7 +596,7 @@ def test_projection_table_by_hand(tmp_path, tiny, monkeypatch):
             if r["run"].startswith("p_proj"):
                 run = runs[0] if "6 steps" in r["run"] else runs[1]
                 assert (r["lr"], r["tol"], r["max_steps"]) == (run["lr"], run["tol"], run["max_steps"])
-                assert 0 < r["mean_steps"] <= run["max_steps"] and r["seconds"] >= 0
+                assert 0 < r["mean_steps"] <= run["max_steps"] and 0 <= r["seconds"] <= elapsed + 0.01
                 assert 0 <= r["kl"] < r_lm["kl"]  # each space starts at the LM's point and moves towards p_knnlm
                 assert math.isfinite(r["ppl"]) and r["word_ppl"] == pytest.approx(
                     r["ppl"] ** (n / n_words), rel=1e-9)
@@ -524,6 +604,16 @@ def test_projection_table_by_hand(tmp_path, tiny, monkeypatch):
                 assert r["lr"] is None and r["mean_steps"] is None
         fixed = rows.filter(pl.col("run") == "p_proj lr=0.1 6 steps")
         assert fixed["mean_steps"].to_list() == [6.0, 6.0]  # tol 0: every position takes every step
+    # no optimisation step (max_steps 0): z* is the start, so p_proj is the LM's own distribution in both spaces
+    df0 = projection.run("id.json", tmp_path / "tokens.npy", tmp_path / "cache", manifest, points[:1],
+                         {**p, "runs": [{"lr": 0.1, "tol": 0.0, "max_steps": 0}]}, *out)
+    r_lm = df0.row(0, named=True)
+    assert df0["run"].to_list()[2:] == ["p_proj lr=0.1 0 steps"] * 2
+    for r in df0.iter_rows(named=True):
+        if r["run"].startswith("p_proj"):
+            assert r["ppl"] == pytest.approx(math.exp(-lm_full[np.arange(n), targets].mean()), rel=1e-4)
+            assert r["word_ppl"] == pytest.approx(r_lm["word_ppl"], rel=1e-4)
+            assert r["kl"] == pytest.approx(r_lm["kl"], rel=1e-3) and r["mean_steps"] == 0.0
     # the optimisation batches do not change the result
     df1 = projection.run("id.json", tmp_path / "tokens.npy", tmp_path / "cache", manifest, points[:1],
                          {**p, "opt_batch": n, "runs": runs[:1]}, *out)
@@ -548,6 +638,18 @@ def test_projection_refuses_a_cache_of_another_model_and_a_k_beyond_the_cache(tm
     with pytest.raises(ValueError, match="projection point big: k = 5 exceeds the 4 cached neighbours"):
         projection.run("id.json", tmp_path / "tokens.npy", tmp_path / "cache", manifest,
                        [("big", {"lambda": 0.5, "k": 5, "sigma": 1.0})], p, *out)
+    # a cache of another datastore version, a token stream of another dtype or rank: refused by file name
+    write_json(tmp_path / "other.json", {"shards": ["x"]})
+    with pytest.raises(ArtifactError, match="cache was built from another version of .*other.json"):
+        projection.run("id.json", tmp_path / "tokens.npy", tmp_path / "cache", tmp_path / "other.json",
+                       [("a", {"lambda": 0.5, "k": 4, "sigma": 1.0})], p, *out)
+    tokens = np.load(tmp_path / "tokens.npy")
+    for bad, why in ((tokens.astype(np.int64), "dtype int64, expected int32"),
+                     (np.stack([tokens, tokens]), r"shape \(2, 21\), expected 1 dimensions")):
+        save_npy(tmp_path / "bad.npy", bad)
+        with pytest.raises(ArtifactError, match=f"bad.npy: {why}"):
+            projection.run("id.json", tmp_path / "bad.npy", tmp_path / "cache", manifest,
+                           [("a", {"lambda": 0.5, "k": 4, "sigma": 1.0})], p, *out)
     # log p_lm off by 0.01 at one position: built with another model
     lp = a["lm_logprob"].copy()
     lp[3] += 0.01

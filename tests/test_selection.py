@@ -66,6 +66,7 @@ def test_chosen_point_reads_the_valid_choice_not_the_test_row(tmp_path):
                   "sigma": [5.0, 3.0], "chosen_on": ["valid", "valid"]}).write_csv(f)
     # rows where eval_set != chosen_on hold the choice applied elsewhere: the test row says (0.3, 16, 5) here
     assert sweep.chosen_point(f, "d") == ((0.3, 16, 5.0), "perplexity on valid")
+    assert sweep.chosen_point(f, "other") == (None, None)  # a datastore the summary does not name
     pl.DataFrame({"eval_set": ["test"], "datastore": ["d"], "lambda": [0.1], "k": [4], "sigma": [1.0],
                   "chosen_on": ["test"]}).write_csv(f)
     assert sweep.chosen_point(f, "d") == ((0.1, 4, 1.0), "perplexity on test")
@@ -390,8 +391,8 @@ def test_subword_index_needs_a_lone_space_piece_before_the_word():
     class CharTok:
         all_special_ids = [0]
 
-        def __init__(self, glue):
-            self.glue = glue
+        def __init__(self, glue, marker=" "):
+            self.glue, self.marker = glue, marker
 
         def __call__(self, text, add_special_tokens=False):
             pieces, i = [], 0
@@ -403,10 +404,12 @@ def test_subword_index_needs_a_lone_space_piece_before_the_word():
             return {"input_ids": ([0] if add_special_tokens else []) + ids}
 
         def decode(self, ids):
-            return " " if ids == self(" ")["input_ids"] else "x"
+            return self.marker if ids == self(" ")["input_ids"] else "x"
 
     assert scoring.subword_index(CharTok(glue=True)) == 1
     assert scoring.subword_index(CharTok(glue=False)) == 2
+    # a piece of its own before every word that decodes to a visible marker ("▁" kept) is not a lone space
+    assert scoring.subword_index(CharTok(glue=False, marker="▁")) == 1
 
 
 def test_the_summary_carries_each_sets_base_ppl_token_count_and_oracle_sigma(tmp_path):
@@ -465,3 +468,138 @@ def test_the_task_sweep_refuses_a_cache_of_another_item_count_or_with_pickles(tm
     np.savez(tmp_path / "scored.npz", **cache, extra=np.array([{"a": 1}], dtype=object))
     with pytest.raises(ValueError, match="allow_pickle"):
         _sweep_task(tmp_path, p)
+    # an npz altered after score recorded its sha256 (in meta.npz_sha256) is refused, naming both files
+    from workflow_scripts.artifacts import sha256_file
+
+    np.savez(tmp_path / "scored.npz", **cache)
+    rec["meta"]["npz_sha256"] = sha256_file(tmp_path / "scored.npz")
+    (tmp_path / "scored.json").write_text(json.dumps(rec))
+    assert _sweep_task(tmp_path, p)["n"] == 1  # as recorded: read
+    np.savez(tmp_path / "scored.npz", **{**cache, "t_lm": np.log(np.array([0.6, 0.4]))})
+    with pytest.raises(ArtifactError, match=r"scored.npz: sha256 differs from the one recorded in .*scored.json"):
+        _sweep_task(tmp_path, p)
+
+
+# ------------------------------------------------------------------------------------------ a generate task's sweep
+GEN_ITEMS = [{"id": "0", "question": "q0", "answer": "x", "answers": ["x"]},
+             {"id": "1", "question": "q1", "answer": "y", "answers": ["y", "yy"]},
+             {"id": "2", "question": "q2", "answer": "z", "answers": ["z"]}]
+# decoded answers per point (λ, k, σ), None = the base LM: exact match gives base 1/3, the others as commented
+GEN_TEXTS = {None: ["x", "no", "no"],
+             (0.25, 4, 1.0): ["x", "yy", "no"],  # 2/3
+             (0.5, 2, 10.0): ["x", "y", "z"],  # 1: the best, tied with (0.75, 2, 1.0) and first by λ
+             (0.75, 2, 1.0): [" x ", "Y", "z."],  # 1 after SQuAD normalisation
+             (0.1, 8, 1.0): ["no", "no", "no"]}  # 0
+GEN_NEIGH = {None: [None, None, None], (0.25, 4, 1.0): [[5, 6], [7], []], (0.5, 2, 10.0): [[1], [2], [3]],
+             (0.75, 2, 1.0): [[4], [4], [4]], (0.1, 8, 1.0): [[9], [9], [9]]}
+
+
+def _generate_task(tmp_path, points, chosen=None):
+    """A generate task's score record (as score writes it: the base LM first, with k None) for the given points,
+    and a perplexity summary that chose ``chosen`` on valid (none when None)."""
+    from workflow_scripts.tasks import registry
+
+    registry.write_items(GEN_ITEMS, tmp_path / "items.parquet")
+    record = {"meta": {"n_items": 3}, "points": [
+        {"lambda": 0.0 if pt is None else pt[0], "k": None if pt is None else pt[1],
+         "sigma": None if pt is None else pt[2], "texts": GEN_TEXTS[pt], "neighbours": GEN_NEIGH[pt]}
+        for pt in points]}
+    (tmp_path / "scored.json").write_text(json.dumps(record))
+    if chosen is not None:
+        pl.DataFrame({"eval_set": ["test", "valid"], "datastore": ["d", "d"], "lambda": [chosen[0]] * 2,
+                      "k": [chosen[1]] * 2, "sigma": [chosen[2]] * 2, "chosen_on": ["valid"] * 2}
+                     ).write_csv(tmp_path / "ppl.csv")
+    return {"task": "t", "model": "m", "datastore": "d",
+            "entry": {"kind": "generate", "metric": "em", "category": "reasoning"}}
+
+
+def _expected_predictions(knn_point, neighbours):
+    em = {None: [1.0, 0.0, 0.0], (0.25, 4, 1.0): [1.0, 1.0, 0.0], (0.5, 2, 10.0): [1.0, 1.0, 1.0]}
+    return pl.DataFrame(
+        {"task": ["t"] * 3, "category": ["reasoning"] * 3, "id": ["0", "1", "2"], "question": ["q0", "q1", "q2"],
+         "answer": ["x", "y", "z"], "base_pred": GEN_TEXTS[None], "knn_pred": GEN_TEXTS[knn_point],
+         "base_score": em[None], "knn_score": em[knn_point], "neighbours": neighbours},
+        schema_overrides={"neighbours": pl.List(pl.Int64)})
+
+
+def test_a_generate_task_sweep_scores_every_decoded_point_and_reports_the_perplexity_choice(tmp_path):
+    from polars.testing import assert_frame_equal
+
+    points = [None, (0.25, 4, 1.0), (0.75, 2, 1.0), (0.5, 2, 10.0), (0.1, 8, 1.0)]
+    p = _generate_task(tmp_path, points, chosen=(0.25, 4, 1.0))
+    s = evaluate.sweep_task(None, tmp_path / "scored.json", tmp_path / "items.parquet", p, tmp_path / "ppl.csv",
+                            tmp_path / "sweep.csv", tmp_path / "sweep.parquet", tmp_path / "pred.parquet",
+                            tmp_path / "summary.json")
+    want = {"model": "m", "datastore": "d", "task": "t", "category": "reasoning", "kind": "generate", "metric": "em",
+            "n": 3, "base": 1 / 3, "knn": 2 / 3, "lambda": 0.25, "k": 4, "sigma": 1.0,
+            "chosen_on": "perplexity on valid", "best": 1.0, "best_lambda": 0.5, "best_k": 2, "best_sigma": 10.0}
+    assert s == pytest.approx(want) and list(s) == list(want)
+    assert json.loads((tmp_path / "summary.json").read_text()) == pytest.approx(want)
+    # the sweep table: one row per decoded grid point (never the base LM), sorted by (λ, k, σ)
+    sweep_want = pl.DataFrame(
+        {"task": ["t"] * 4, "metric": ["em"] * 4, "lambda": [0.1, 0.25, 0.5, 0.75], "k": [8, 4, 2, 2],
+         "sigma": [1.0, 1.0, 10.0, 1.0], "score": [0.0, 2 / 3, 1.0, 1.0], "base": [1 / 3] * 4, "n": [3] * 4},
+        schema={"task": pl.String, "metric": pl.String, "lambda": pl.Float64, "k": pl.Int64, "sigma": pl.Float64,
+                "score": pl.Float64, "base": pl.Float64, "n": pl.Int32})
+    assert_frame_equal(pl.read_parquet(tmp_path / "sweep.parquet"), sweep_want)
+    assert_frame_equal(pl.read_csv(tmp_path / "sweep.csv"), sweep_want, check_dtypes=False)
+    assert pl.read_csv(tmp_path / "sweep.csv").columns == sweep_want.columns
+    # per item: the base LM's and the chosen point's answers, scores and the chosen point's neighbours
+    assert_frame_equal(pl.read_parquet(tmp_path / "pred.parquet"),
+                       _expected_predictions((0.25, 4, 1.0), [[5, 6], [7], []]))
+
+
+def test_a_generate_task_without_a_decoded_perplexity_choice_reports_its_best_point_or_the_base_lm(tmp_path):
+    from polars.testing import assert_frame_equal
+
+    out = [tmp_path / f for f in ("sweep.csv", "sweep.parquet", "pred.parquet", "summary.json")]
+    # the perplexity choice was not decoded (points: chosen, before a new sweep): the task's best point stands in
+    p = _generate_task(tmp_path, [None, (0.25, 4, 1.0), (0.5, 2, 10.0)], chosen=(0.3, 4, 1.0))
+    s = evaluate.sweep_task(None, tmp_path / "scored.json", tmp_path / "items.parquet", p, tmp_path / "ppl.csv", *out)
+    assert (s["lambda"], s["k"], s["sigma"], s["chosen_on"], s["knn"]) == (0.5, 2, 10.0,
+                                                                         "task (no perplexity choice)", 1.0)
+    assert_frame_equal(pl.read_parquet(out[2]), _expected_predictions((0.5, 2, 10.0), [[1], [2], [3]]))
+    # only the base LM decoded (no grid, nothing chosen): it is the best point, the kNN-LM column repeats it
+    p = _generate_task(tmp_path, [None])
+    s = evaluate.sweep_task(None, tmp_path / "scored.json", tmp_path / "items.parquet", p, None, *out)
+    assert s == pytest.approx({
+        "model": "m", "datastore": "d", "task": "t", "category": "reasoning", "kind": "generate", "metric": "em",
+        "n": 3, "base": 1 / 3, "knn": 1 / 3, "lambda": None, "k": None, "sigma": None, "chosen_on": "none",
+        "best": 1 / 3, "best_lambda": 0.0, "best_k": None, "best_sigma": None})
+    assert json.loads(out[3].read_text()) == s
+    empty = pl.read_parquet(out[1])
+    assert empty.height == 0 and dict(empty.schema) == {
+        "task": pl.String, "metric": pl.String, "lambda": pl.Float64, "k": pl.Int64, "sigma": pl.Float64,
+        "score": pl.Float64, "base": pl.Float64, "n": pl.Int32}
+    assert pl.read_csv(out[0]).columns == list(empty.columns)
+    assert_frame_equal(pl.read_parquet(out[2]), _expected_predictions(None, [[], [], []]))
+    # a point that decoded fewer answers than the task has items is refused, not scored on the first ones
+    rec = json.loads((tmp_path / "scored.json").read_text())
+    rec["points"][0]["texts"] = rec["points"][0]["texts"][:2]
+    (tmp_path / "scored.json").write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match="zip"):
+        evaluate.sweep_task(None, tmp_path / "scored.json", tmp_path / "items.parquet", p, None, *out)
+
+
+def test_the_neighbours_shown_are_those_of_the_gold_answers_first_scored_token(tmp_path):
+    """Two choice items, each option its own query row with 10 neighbour ids (8 kept); the gold options are 1 and
+    0, and option 1's first scored token (the first in the cache's order) is read from row 4, its second from 1."""
+    q_ids = np.arange(50, dtype=np.int64).reshape(5, 10)
+    cache = {"t_lm": np.log(np.array([0.4, 0.3, 0.3, 0.5, 0.5])), "t_pair": np.array([1, 0, 1, 2, 3]),
+             "t_row": np.array([4, 0, 1, 2, 3]), "t_target": np.array([1, 0, 1, 2, 3]),
+             "q_dists": np.zeros((5, 10), np.float32), "q_vals": np.zeros((5, 10), np.int32), "q_ids": q_ids,
+             "pair_len": np.array([1, 2, 1, 1])}
+    np.savez(tmp_path / "scored.npz", **cache)
+    (tmp_path / "scored.json").write_text(json.dumps(
+        {"meta": {"n_items": 2}, "items": [{"options": [[0], [1]], "domain": None, "gold": 1},
+                                           {"options": [[2], [3]], "domain": None, "gold": 0}]}))
+    from workflow_scripts.tasks import registry
+
+    registry.write_items([{"id": str(i), "question": "q", "answer": "A", "labels": ["A", "B"]} for i in range(2)],
+                         tmp_path / "items.parquet")
+    p = {"task": "t", "model": "m", "datastore": "d", "entry": {"kind": "choice", "metric": "accuracy",
+                                                                "category": "reasoning"},
+         "grid": {"lambdas": [0.0], "ks": [2], "sigmas": [1.0]}}
+    _sweep_task(tmp_path, p)
+    assert pl.read_parquet(tmp_path / "pred.parquet")["neighbours"].to_list() == [list(range(40, 48)),
+                                                                                  list(range(20, 28))]

@@ -15,7 +15,6 @@ from conftest import ROOT, SpacedTok, job_stats, p_knn_by_hand, snakemake, write
 from workflow_scripts import knnlm
 from workflow_scripts.artifacts import ArtifactError, save_npy, write_json
 from workflow_scripts.config import ConfigError, validate
-from workflow_scripts.sweep import chosen_point
 from workflow_scripts.tasks import evaluate, registry, scoring, suite
 
 FIXTURES = ROOT / "tests" / "fixtures" / "tasks"
@@ -481,14 +480,6 @@ def test_bootstrap_interval_covers_the_mean_and_is_seeded():
     assert evaluate.bootstrap_delta(base, base) == (0.0, 0.0, 0.0)
 
 
-def test_chosen_point_is_the_valid_set_choice(tmp_path):
-    f = tmp_path / "s.csv"
-    pl.DataFrame({"eval_set": ["test", "valid"], "datastore": ["d", "d"], "lambda": [0.2, 0.2], "k": [64, 64],
-                  "sigma": [3.0, 3.0], "chosen_on": ["valid", "valid"]}).write_csv(f)
-    assert chosen_point(f, "d") == ((0.2, 64, 3.0), "perplexity on valid")
-    assert chosen_point(f, "other") == (None, None)
-
-
 # ------------------------------------------------------------------------------------------- end to end
 def test_default_tasks_are_the_synthetic_suite_on_generated_datastores():
     c = yaml.safe_load((ROOT / "config.yaml").read_text())
@@ -724,13 +715,14 @@ class _ToyTok:
 
 
 class _SpyLM(ToyLM):
-    """The bigram ToyLM, recording every sequence it is given (padding removed)."""
+    """The bigram ToyLM, recording every sequence it is given (padding removed) and each batch's size."""
 
     def __init__(self, table):
         super().__init__(table)
-        self.seen = []
+        self.seen, self.batches = [], []
 
     def forward(self, input_ids, attention_mask=None):
+        self.batches.append(len(input_ids))
         for row, m in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
             self.seen.append(row[: sum(m)])
         return super().forward(input_ids, attention_mask)
@@ -768,7 +760,7 @@ class _DS:
         return DS_VALS[ids]
 
 
-def _score_stage(tmp_path, monkeypatch, entry, items, **p):
+def _score_stage(tmp_path, monkeypatch, entry, items, summary_csv=None, **p):
     """scoring.score with the retriever replaced by the toy model and datastore; (meta, npz, json, searches)."""
     from workflow_scripts import retrieval
 
@@ -794,7 +786,7 @@ def _score_stage(tmp_path, monkeypatch, entry, items, **p):
                          tmp_path / "items.parquet")
     params = {"entry": entry, "task": "t", "k_max": 3, "block_size": 8, "batch_size": 2, "datastore": "d", **p}
     meta = scoring.score("id.json", "m.json", "index", "imeta.json", tmp_path / "items.parquet", params,
-                         tmp_path / "s.npz", tmp_path / "s.json")
+                         tmp_path / "s.npz", tmp_path / "s.json", summary_csv)
     npz = dict(np.load(tmp_path / "s.npz"))
     return meta, npz, json.loads((tmp_path / "s.json").read_text()), calls, model
 
@@ -915,6 +907,41 @@ def test_score_stage_generate_decodes_at_the_base_lm_the_grid_and_the_pinned_poi
                                    generate={**gen, "points": "chosen"}, grid=grid, point=None)
     want = " ".join(_ToyTok.names[i] for i in _greedy_by_hand([0, 1], None, 5) if i != 0)  # the start token skipped
     assert [r["texts"] for r in rec["points"]] == [[want]]
+
+
+def test_score_stage_generate_reads_the_perplexity_choice_the_model_window_and_the_newline_stop(tmp_path,
+                                                                                                 monkeypatch):
+    """Without a pinned point the answers are decoded at the datastore's perplexity choice; prompts keep the model's
+    window (max_position_embeddings 4) less the 2 new tokens, not the datastore's 8; a task without a stop list
+    stops at a newline (here the token "c", after which the decoding would go on with a visible word)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(_SpyLM, "config", SimpleNamespace(max_position_embeddings=4), raising=False)
+    monkeypatch.setattr(_ToyTok, "names", {**_ToyTok.names, 3: "\n"})
+    # perplexity summary: datastore "other" chose (.5, 3, 1), "d" (.9, 3, 1) on valid, as its test row records
+    pl.DataFrame({"eval_set": ["valid", "test"], "datastore": ["other", "d"], "lambda": [0.5, 0.9], "k": [3, 3],
+                  "sigma": [1.0, 1.0], "chosen_on": ["valid", "valid"]}).write_csv(tmp_path / "ppl.csv")
+    items = [{"context": "c b a c"}, {"context": "a"}, {"context": "b"}]
+    _, _, rec, _, model = _score_stage(tmp_path, monkeypatch, {"name": "t", "kind": "generate", "max_new_tokens": 2},
+                                       items, summary_csv=tmp_path / "ppl.csv",
+                                       generate={"max_new_tokens": 5, "points": "chosen"}, point=None)
+    prompts = [[1, 3], [0, 1], [0, 2]]  # the start token and the context, cut from the left to 4 - 2 tokens
+    assert model.seen[:3] == prompts and model.batches[:2] == [2, 1]  # batch_size 2
+    assert [(r["lambda"], r["k"], r["sigma"]) for r in rec["points"]] == [(0.0, None, None), (0.9, 3, 1.0)]
+    stopped = 0
+    for r, pt in zip(rec["points"], [None, (0.9, 3, 1.0)], strict=True):
+        texts = []
+        for prompt in prompts:
+            ids = []
+            for t in _greedy_by_hand(prompt, pt, 2):
+                ids.append(t)
+                if t == 3:  # "\n": the default stop ends the answer, cut before it
+                    stopped += 1
+                    break
+            words = " ".join(_ToyTok.names[i] for i in ids if i != 0)  # the start token skipped
+            texts.append(words[: words.index("\n")].strip() if "\n" in words else words)
+        assert r["texts"] == texts, pt
+    assert stopped >= 2
 
 
 def test_task_sweep_of_the_last_token_protocol_by_hand(tmp_path, monkeypatch):
