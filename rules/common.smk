@@ -7,6 +7,7 @@ import re
 
 from workflow_scripts import cli as _cli
 from workflow_scripts import config as _config
+from workflow_scripts import memory as _memory
 from workflow_scripts.config import CHUNK_KEYS, chunk_bounds
 from workflow_scripts.tasks import registry as _tasks
 
@@ -170,8 +171,56 @@ def index_distances():
 
 
 def index_params():
-    """What the index itself depends on: index.distances only concerns retrieval and scoring."""
-    return {k: v for k, v in config["index"].items() if k != "distances"}
+    """What the index itself depends on: index.distances only concerns retrieval and scoring, index.retrain only
+    when training reruns."""
+    return {
+        k: v for k, v in config["index"].items() if k not in ("distances", "retrain")
+    }
+
+
+def train_params():
+    """What the trained (empty) index depends on: not nprobe, which only the search uses."""
+    return {k: v for k, v in index_params().items() if k != "nprobe"}
+
+
+IVF = config["index"]["type"] != "Flat"
+
+
+def index_outputs(prefix):
+    """merge_index's outputs: index.faiss and index.json, and the on-disk inverted lists of an IVF index."""
+    out = {"index": f"{prefix}/index.faiss", "meta": f"{prefix}/index.json"}
+    if IVF:
+        out["ivfdata"] = f"{prefix}/index.ivfdata"
+    return out
+
+
+def index_data(wildcards):
+    """The on-disk inverted lists a search reads beside index.faiss (IVFPQ), as an input; none for Flat."""
+    return [f"results/datastores/{wildcards.ds}/index.ivfdata"] if IVF else []
+
+
+def merge_inputs(wildcards):
+    """IVFPQ: the trained index and every shard's part; Flat: nothing beyond the manifest."""
+    if not IVF:
+        return {}
+    d = f"results/datastores/{wildcards.ds}/index"
+    return {
+        "trained": f"{d}/trained.faiss",
+        "trained_meta": f"{d}/trained.json",
+        "parts": expand(f"{d}/part_{{shard}}.faiss", shard=shard_ids(wildcards.ds)),
+        "part_metas": expand(f"{d}/part_{{shard}}.json", shard=shard_ids(wildcards.ds)),
+    }
+
+
+def plan_mb(job, wildcards, input=None, n_queries=0):
+    """A job's mem_mb from its datastore's manifest (workflow_scripts/memory.py); a placeholder while the manifest
+    does not exist yet (Snakemake evaluates resources again right before it schedules the job).
+    """
+    manifest = _memory.read_manifest(f"results/datastores/{wildcards.ds}/manifest.json")
+    mb, _ = _memory.estimate_mb(
+        job, manifest, config["index"], config["sweep"]["k_max"], n_queries
+    )
+    return mb
 
 
 def select_on(ds=None):

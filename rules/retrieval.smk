@@ -10,6 +10,7 @@ rule retrieve:
         manifest="results/datastores/{ds}/manifest.json",
         index="results/datastores/{ds}/index.faiss",
         index_meta="results/datastores/{ds}/index.json",
+        index_data=index_data,  # IVFPQ: the on-disk inverted lists beside index.faiss
         tokens=lambda w: eval_tokens(w.evalset, w.ds),
     output:
         **{name: f"results/retrieval/{{evalset}}/{{ds}}/{name}.npy" for name in CACHE},

@@ -212,7 +212,8 @@ def test_exactness_comes_from_the_index_not_from_index_json(w):
             load_index(w / f"ds/{name}.faiss", w / f"ds/{name}.json", ds)
         msg = str(e.value)
         assert f"{w / f'ds/{name}.json'} says exact={str(flag).lower()}" in msg
-        assert f"{w / f'ds/{name}.faiss'} is a FAISS {kind} (" in msg and "rerun build_index" in msg
+        assert f"{w / f'ds/{name}.faiss'} is a FAISS {kind} (" in msg
+        assert "rerun the job that built it (merge_index" in msg
         _no_deletion_advice(msg)
 
 

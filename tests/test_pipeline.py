@@ -207,7 +207,7 @@ def test_ivfpq_index_reruns_only_index_and_after_with_exact_distances(micro_run,
     (work / "ivfpq.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake(work, "--configfile", str(work / "ivfpq.yaml"))
     jobs = job_stats(proc.stdout + proc.stderr)
-    assert {"build_index", "retrieve", "sweep"} <= set(jobs) and "extract_keys" not in jobs
+    assert {"merge_index", "retrieve", "sweep"} <= set(jobs) and "extract_keys" not in jobs
     meta = json.loads((work / "results/datastores/micro/index.json").read_text())
     assert meta["factory"] == "IVF8,PQ8x4" and not meta["exact"]
     c = work / "results/retrieval/test/micro"
