@@ -148,10 +148,38 @@ def extraction_params(wildcards):
     )
 
 
-def retrieval_params(wildcards):
+RETRIEVAL_CHUNKS = config["retrieval"]["chunks"]
+
+
+def retrieval_chunk_inputs(wildcards):
+    """The chunks' caches (their meta.json) that the retrieve job joins, when retrieval.chunks > 1."""
+    if RETRIEVAL_CHUNKS == 1:
+        return {}
+    d = f"results/retrieval/{wildcards.evalset}/{wildcards.ds}/chunks"
+    ids = [f"{i:03d}" for i in range(RETRIEVAL_CHUNKS)]
+    return {
+        "chunks": [f"{d}/{i}/meta.json" for i in ids],
+        # the arrays too, so that the temporary chunks stay until this job has read them
+        "chunk_arrays": [f"{d}/{i}/{name}.npy" for i in ids for name in CACHE],
+    }
+
+
+def eval_queries(evalset, ds):
+    """Scored positions of an eval set, for memory planning: read off its token file when it exists (int32 .npy,
+    128-byte header), else max_tokens, else a placeholder of 1M."""
+    cap = EVAL_SETS[evalset].get("max_tokens")
+    try:
+        n = (os.path.getsize(eval_tokens(evalset, ds)) - 128) // 4 - 1
+    except OSError:
+        return cap or 1_000_000
+    return min(n, cap) if cap else n
+
+
+def retrieval_params(wildcards, chunk=None):
     ex = config["extraction"]
     return as_json(
-        {
+        ({"chunk": chunk} if chunk else {})
+        | {
             "k_max": config["sweep"]["k_max"],
             "max_tokens": EVAL_SETS[wildcards.evalset].get("max_tokens"),
             "block_size": ex["block_size"],
@@ -360,6 +388,7 @@ wildcard_constraints:
     evalset=names_regex(EVAL_SETS),
     split="train|valid|test",
     shard=r"\d{3}",
+    chunk=r"\d{3}",
     task=names_regex(TASK_NAMES),
 
 

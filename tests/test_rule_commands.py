@@ -30,8 +30,8 @@ def _rules_running_steps() -> set[str]:
 def _everything_config(tmp_path) -> dict:
     """tests/configs/analyses.yaml plus the synthetic task suite, a local generate task (scored with the
     perplexity summary), a hub model (model_identity, tokenize with its model.json) with a datastore and a hub
-    task on it, the micro model trained in chunks and an IVFPQ index (train_index, add_shard, merge_index): every
-    rule of the workflow gets a job."""
+    task on it, the micro model trained in chunks, an IVFPQ index (train_index, add_shard, merge_index) and
+    retrieval in 2 chunks: every rule of the workflow gets a job."""
     cfg = load_test_config("analyses")
     local = tmp_path / "mine.jsonl"
     local.write_text((ROOT / "tests/fixtures/tasks/gsm8k.jsonl").read_text())
@@ -47,6 +47,7 @@ def _everything_config(tmp_path) -> dict:
     cfg["datastores"]["hub"] = {"model": "hubby", "corpus": "micro", "split": "train", "shards": 1}
     cfg["models"]["micro-gpt2"]["train"]["chunk_steps"] = 10
     cfg["index"] = {"type": "IVFPQ", "nlist": 4, "m": 4, "nbits": 4, "train_sample": 500}  # train_index, add_shard
+    cfg["retrieval"] = {"chunks": 2}  # retrieve_chunk, and retrieve joining the chunks
     return cfg
 
 
