@@ -175,3 +175,45 @@ def test_parts_are_checked_against_their_digests_and_the_datastore(tmp_path):
     (tmp_path / "ds" / ix.IVFDATA).write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match=r"index\.ivfdata: sha256 differs from .*index\.json \(altered\)"):
         ix.load_index(tmp_path / "ds/index.faiss", tmp_path / "ds/index.json", Datastore(manifest))
+
+
+# ------------------------------------------------------------------------------------------ memory planning
+def _manifest(shards: list[int], dim: int = 1024) -> dict:
+    return {"dim": dim, "rows": sum(shards), "shards": [{"rows": r} for r in shards]}
+
+
+def test_memory_plan_of_add_shard_is_bounded_by_one_shard_and_search_by_a_range():
+    from workflow_scripts import memory
+
+    cfg = {**IVFPQ, "m": 64, "nbits": 8, "nlist": 4096, "train_sample": 1_000_000}
+    small, big = _manifest([9_500_000] * 4), _manifest([9_500_000] * 64)  # paper 1: 64 shards of 9.5M keys
+    assert memory.estimate_mb("add_shard", small, cfg) == memory.estimate_mb("add_shard", big, cfg)
+    assert memory.estimate_mb("merge_index", small, cfg) == memory.estimate_mb("merge_index", big, cfg)
+    keys_mb = big["rows"] * big["dim"] * 2 >> 20
+    flat = {"type": "Flat"}
+    assert memory.estimate_mb("retrieve", big, flat, 2048, 4096)[0] < keys_mb / 100  # ranges, not all keys
+    # what it counts grows as it should: codes with the shard, cache arrays with the queries of a job
+    one = memory.estimate_mb("add_shard", _manifest([1_000_000]), cfg)[0]
+    two = memory.estimate_mb("add_shard", _manifest([2_000_000]), cfg)[0]
+    assert two - one == pytest.approx(2 * 1_000_000 * memory.code_bytes(cfg) / 2**20, abs=1)
+    q1, q2 = (memory.estimate_mb("retrieve", big, flat, 2048, n)[0] for n in (100_000, 200_000))
+    assert q2 - q1 == pytest.approx(100_000 * (2048 * 16 + 1024 * 2) / 2**20, abs=1)
+    assert memory.estimate_mb("add_shard", None, cfg) == (memory.BASE_MB, "placeholder until the manifest exists")
+
+
+def test_a_job_with_less_memory_than_its_plan_stops_at_once_naming_the_plan_and_the_key(tmp_path, monkeypatch):
+    from workflow_scripts import memory
+
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "1000")
+    assert memory.available_mb() == (1000, "SLURM_MEM_PER_NODE")
+    manifest = make_datastore(tmp_path / "ds", [900, 800])
+    need = memory.estimate_mb("train_index", json.loads(manifest.read_text()), IVFPQ)[0]
+    with pytest.raises(memory.NotEnoughMemory) as e:
+        ix.train_index(manifest, IVFPQ, 0, tmp_path / "t.faiss", tmp_path / "t.json")
+    msg = str(e.value)
+    assert f"train_index needs about {need} MiB" in msg and "has 1000 MiB (SLURM_MEM_PER_NODE)" in msg
+    assert "lower index.train_sample" in msg and f"--set-resources train_index:mem_mb={need}" in msg
+    assert not (tmp_path / "t.faiss").exists()
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", str(need))
+    ix.train_index(manifest, IVFPQ, 0, tmp_path / "t.faiss", tmp_path / "t.json")  # exactly enough: it runs
+    assert (tmp_path / "t.faiss").exists()
