@@ -364,7 +364,9 @@ def add_shard_step(trained: Path, trained_meta: Path, keys: Path, shard_meta: Pa
 
 @step(name="merge-index")
 def merge_index_step(params: dict, manifest: Path, index: Path, index_meta: Path, trained: Path | None = None,
-                     trained_meta: Path | None = None, parts: list[Path] = (), part_metas: list[Path] = ()) -> None:
+                     trained_meta: Path | None = None, parts: list[Path] = (), part_metas: list[Path] = (),
+                     threads: int = 1) -> None:
     """Join a datastore's index parts into index.faiss with on-disk inverted lists (IVFPQ), or write the sharded
     exact index (Flat)."""
+    faiss.omp_set_num_threads(threads)
     merge_index(manifest, params["index"], trained, trained_meta, list(parts), list(part_metas), index, index_meta)
