@@ -6,7 +6,7 @@ needed. Each stage then runs as the pipeline runs it, one process per job (``pyt
 train-index | add-shard | merge-index``), and a search process loads the merged index (``index.load_index``: its
 inverted lists memory-mapped) and searches ``--queries`` queries from the same mixture at a fixed nprobe.
 nlist grows with N (N / 1000, a power of two), so the lists keep about 1000 keys each. Per job: wall time and
-peak RSS (the child's own, from ``os.wait4``). Results: a table on stdout and ``benchmarks/index_scale.csv``.
+peak RSS (the child's own, from GNU ``time``). Results: a table on stdout and ``benchmarks/index_scale.csv``.
 """
 
 from __future__ import annotations
@@ -69,15 +69,17 @@ def make_datastore(d: Path, n: int, shard_rows: int, centres) -> Path:
 
 
 def job(argv: list[str]) -> tuple[float, float, str]:
-    """Run one process; (wall seconds, its peak RSS in MiB, its stdout)."""
+    """Run one process; (wall seconds, its peak RSS in MiB, its stdout). The peak comes from GNU time, whose own
+    child is forked from a small process: Linux carries a process's RSS high-water mark over fork and exec, so a
+    child forked from this (large) process would report this process's peak as its own."""
     t = time.perf_counter()
-    p = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    out, err = p.stdout.read().decode(), p.stderr.read().decode()
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"{' '.join(argv[:4])} failed:\n{err[-3000:]}")
-    return time.perf_counter() - t, usage.ru_maxrss / 1024, out
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv], cwd=ROOT, capture_output=True,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(argv[:4])} failed:\n{proc.stderr[-3000:]}")
+        peak_kb = int(rss.read().split()[-1])
+    return time.perf_counter() - t, peak_kb / 1024, proc.stdout
 
 
 def step(name: str, *args: str) -> tuple[float, float]:

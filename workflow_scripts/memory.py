@@ -55,7 +55,9 @@ def estimate_mb(rule: str, manifest: dict | None, cfg: dict, k_max: int = 0, n_q
         parts = {
             "cache arrays (dists, vals, ids, float16 queries)": n * (k_max * 16 + d * 2),
             "one search batch (candidates, merge)": SEARCH_BATCH * k_max * 12 * 3,
-            "exact re-rank: gathered float32 keys": SEARCH_BATCH * k_max * d * 4 if ivf else 0,
+            "exact re-rank: gathered float32 keys": (
+                SEARCH_BATCH * k_max * d * 4 if ivf and cfg.get("distances", "exact") == "exact" else 0
+            ),
             "one range of float32 keys (sharded Flat)": 0 if ivf else min(rows * d * 4, RANGE_BYTES),
         }
     else:

@@ -133,7 +133,8 @@ def retrieve(
     tokens = load_npy(tokens_npy, dtype=np.int32, ndim=1)
     n = scored_tokens(tokens, cfg)
     a, b = (0, n) if chunk is None else chunk_bounds(n, chunk[1], chunk_unit(cfg))[chunk[0]]
-    memory.check("retrieve", ds.manifest, {"type": "Flat" if imeta["exact"] else "IVFPQ"},
+    distances = cfg.get("distances") or "exact"
+    memory.check("retrieve", ds.manifest, {"type": "Flat" if imeta["exact"] else "IVFPQ", "distances": distances},
                  "retrieval.chunks (more jobs, fewer queries each)", K, b - a)
     t0 = time.time()
     queries = np.empty((b - a, ds.dim), np.float16)
@@ -146,7 +147,6 @@ def retrieve(
             lm_logprob[first - a : first - a + len(keys)] = lp
     t_model = time.time() - t0
     # search with the float16-rounded queries so that the cache is self-consistent
-    distances = cfg.get("distances") or "exact"
     dists, ids = search(index, ds, queries.astype(np.float32), K, exact=imeta["exact"], distances=distances,
                         batch=cfg.get("search_batch") or SEARCH_BATCH)
     t_search = time.time() - t0 - t_model
