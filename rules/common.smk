@@ -240,6 +240,20 @@ def merge_inputs(wildcards):
     }
 
 
+def chunk_queries(wildcards):
+    """Queries of one retrieval job: its chunk's, cut as the step cuts it (memory.chunk_bounds), so that the plan
+    asked for is the plan the job checks; 0 for the job that joins chunks (it copies them part by part).
+    """
+    n = eval_queries(wildcards.evalset, wildcards.ds)
+    if "chunk" not in wildcards.keys():
+        return n if RETRIEVAL_CHUNKS == 1 else 0
+    cfg = json.loads(retrieval_params(wildcards))
+    a, b = _memory.chunk_bounds(n, RETRIEVAL_CHUNKS, _memory.chunk_unit(cfg))[
+        int(wildcards.chunk)
+    ]
+    return b - a
+
+
 def plan_mb(job, wildcards, input=None, n_queries=0):
     """A job's mem_mb from its datastore's manifest (workflow_scripts/memory.py); a placeholder while the manifest
     does not exist yet (Snakemake evaluates resources again right before it schedules the job).

@@ -29,7 +29,7 @@ rule retrieve_chunk:
     threads: 2
     resources:
         mem_mb=lambda w, input, threads: plan_mb(
-            "retrieve", w, n_queries=eval_queries(w.evalset, w.ds) // RETRIEVAL_CHUNKS
+            "retrieve", w, n_queries=chunk_queries(w)
         ),
         runtime=20 * 60,  # paper 1: about 15 h per eval set of 1M tokens in one job (docs/cluster.md)
         gpu=GPU,
@@ -64,7 +64,7 @@ rule retrieve:
     threads: 2
     resources:
         mem_mb=lambda w, input, threads: plan_mb(
-            "retrieve", w, n_queries=eval_queries(w.evalset, w.ds)
+            "retrieve", w, n_queries=chunk_queries(w)
         ),
         runtime=20 * 60,  # paper 1: about 15 h per eval set of 1M tokens (docs/cluster.md)
         gpu=lambda w: GPU if RETRIEVAL_CHUNKS == 1 else 0,

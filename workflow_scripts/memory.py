@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -26,6 +27,21 @@ BASE_MB = 1500  # python, torch/faiss libraries, BLAS buffers: what a step holds
 ADD_ROWS = 1 << 18  # index.ADD_ROWS: keys converted to float32 at a time when adding
 RANGE_BYTES = 256 << 20  # index.RANGE_BYTES: float32 keys held at a time by the sharded exact search
 SEARCH_BATCH = 1024  # queries searched at a time (retrieval.search)
+
+
+def chunk_unit(cfg: dict) -> int:
+    """Chunks of an eval set start on multiples of this many positions: whole model batches (``batch_size`` windows
+    of ``block_size``, whose context resets every block) and whole search batches, so that every forward pass and
+    every FAISS call of a chunk is one of the one-job run's, and the chunks' cache is that run's, byte for byte."""
+    return math.lcm(cfg["block_size"] * cfg["batch_size"], cfg.get("search_batch") or SEARCH_BATCH)
+
+
+def chunk_bounds(n: int, chunks: int, unit: int) -> list[tuple[int, int]]:
+    """Positions [0, n) in ``chunks`` contiguous ranges cut on multiples of ``unit`` (trailing ones empty when there
+    are fewer units than chunks)."""
+    units = -(-n // unit)
+    cuts = [min(n, round(i * units / chunks) * unit) for i in range(chunks + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(chunks)]
 
 
 def code_bytes(cfg: dict) -> int:

@@ -10,7 +10,6 @@ distances and order are kept, as paper 1's code does (``recompute_dists=False``)
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -97,21 +96,7 @@ def open_retriever(identity_json, manifest_json, index_path, index_meta, cfg: di
 
 
 SEARCH_BATCH = memory.SEARCH_BATCH  # queries per FAISS search call
-
-
-def chunk_unit(cfg: dict) -> int:
-    """Chunks of an eval set start on multiples of this many positions: whole model batches (``batch_size`` windows
-    of ``block_size``, whose context resets every block) and whole search batches, so that every forward pass and
-    every FAISS call of a chunk is one of the one-job run's, and the chunks' cache is that run's, byte for byte."""
-    return math.lcm(cfg["block_size"] * cfg["batch_size"], cfg.get("search_batch") or SEARCH_BATCH)
-
-
-def chunk_bounds(n: int, chunks: int, unit: int) -> list[tuple[int, int]]:
-    """Positions [0, n) in ``chunks`` contiguous ranges cut on multiples of ``unit`` (trailing ones empty when there
-    are fewer units than chunks)."""
-    units = -(-n // unit)
-    cuts = [min(n, round(i * units / chunks) * unit) for i in range(chunks + 1)]
-    return [(cuts[i], cuts[i + 1]) for i in range(chunks)]
+chunk_unit, chunk_bounds = memory.chunk_unit, memory.chunk_bounds  # pure functions: the Snakefile plans with them
 
 
 def scored_tokens(tokens: np.ndarray, cfg: dict) -> int:
@@ -176,12 +161,18 @@ def retrieve(
 
 
 def write_cache(outdir: Path, arrays: dict, meta: dict) -> dict:
-    """The cache's arrays, each written atomically and hashed as written, then meta.json with the digests."""
+    """The cache's arrays, each written atomically and hashed as written, then meta.json with the digests. An array
+    may be given as a list of consecutive parts (the chunks' memory-mapped arrays): written one part at a time."""
     digests = {}
     for name, arr in arrays.items():
+        parts = arr if isinstance(arr, list) else [arr]
+        shape = (sum(len(x) for x in parts), *parts[0].shape[1:])
         with atomic_path(outdir / f"{name}.npy", ".npy") as tmp:
-            out = open_npy_for_writing(tmp, CACHE_FILES[name][0], arr.shape)
-            out[:] = arr
+            out = open_npy_for_writing(tmp, CACHE_FILES[name][0], shape)
+            pos = 0
+            for x in parts:
+                out[pos : pos + len(x)] = x
+                pos += len(x)
             out.flush()
             del out
             digests[f"{name}.npy"] = sha256_file(tmp)  # as written: readers refuse a file altered since
@@ -213,13 +204,7 @@ def merge_chunks(chunk_metas: list, tokens_npy, cfg: dict, outdir) -> dict:
     if first["tokens_sha256"] != sha256_file(tokens_npy):
         raise ArtifactError(f"{chunk_metas[0]}: built from another version of {tokens_npy}; rerun retrieve_chunk")
     K = first["K"]
-    arrays = {}
-    for name, (dt, nd) in CACHE_FILES.items():
-        width = () if nd == 1 else (caches[0][name].shape[1],)
-        out = np.empty((n, *width), dt)
-        for (a, b), c in zip(bounds, caches, strict=True):
-            out[a:b] = c[name]
-        arrays[name] = out
+    arrays = {name: [c[name] for c in caches] for name in CACHE_FILES}  # memory-mapped: copied part by part
     meta = {k: first[k] for k in SAME}
     meta |= {"n_tokens": int(n), "chunks": len(caches),
              "seconds": {k: round(sum(c["meta"]["seconds"][k] for c in caches), 2) for k in ("model", "search")}}
