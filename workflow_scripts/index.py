@@ -154,9 +154,9 @@ class ShardedFlat:
         out = np.empty((b - a, self.d), np.float32)
         offs = self.ds.offsets
         for s in range(np.searchsorted(offs, a, side="right") - 1, len(self.ds.keys)):
-            lo, hi = max(a, offs[s]), min(b, offs[s + 1])
-            if lo >= hi:
+            if offs[s] >= b:
                 break
+            lo, hi = max(a, offs[s]), min(b, offs[s + 1])
             out[lo - a : hi - a] = self.ds.keys[s][lo - offs[s] : hi - offs[s]]
         return out
 
