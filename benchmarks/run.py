@@ -298,16 +298,6 @@ def extraction(model, ident, tmp: Path, n: int, scale: list[dict], sizes: list[i
     ]
 
 
-def build_without_polysemous(ds, cfg: dict, seed: int = 0):
-    """What build_index does, with the factory string's ``np`` suffix (no polysemous training of the PQ)."""
-    idx = faiss.index_factory(ds.dim, index.factory_string(cfg, ds.dim) + "np", faiss.METRIC_L2)
-    n = min(ds.rows, cfg["train_sample"])
-    idx.train(ds.gather_keys(np.sort(np.random.default_rng(seed).choice(ds.rows, size=n, replace=False))))
-    for keys in ds.keys:
-        idx.add(np.asarray(keys, np.float32))
-    return idx
-
-
 def index_compare(tmp: Path, ds_dir: Path, qs: np.ndarray, ivfpq: dict, t_ivf: float):
     """4. IVFPQ vs exact Flat on the same model-extracted keys: recall of the exact top-64, build time, bytes.
 
@@ -317,7 +307,8 @@ def index_compare(tmp: Path, ds_dir: Path, qs: np.ndarray, ivfpq: dict, t_ivf: f
     ds = datastore.Datastore(manifest)
     cfg, f = {"type": "IVFPQ", **ivfpq}, index.factory_string({"type": "IVFPQ", **ivfpq}, ds.dim)
     t_flat, _ = perf(index.build_index, manifest, {"type": "Flat"}, 0, tmp / "flat.faiss", tmp / "flat.json", THREADS)
-    t_np, _ = perf(build_without_polysemous, ds, cfg)
+    poly = {**cfg, "polysemous": True}  # build_index trains without it unless index.polysemous asks
+    t_poly, _ = perf(index.build_index, manifest, poly, 0, tmp / "poly.faiss", tmp / "poly.json", THREADS)
     flat = index.load_index(tmp / "flat.faiss", tmp / "flat.json", ds)[0]
     ivf = index.load_index(ds_dir / "ivfpq.faiss", ds_dir / "ivfpq.json", ds, cfg["nprobe"])[0]
 
@@ -334,8 +325,8 @@ def index_compare(tmp: Path, ds_dir: Path, qs: np.ndarray, ivfpq: dict, t_ivf: f
         row(f"index: {f} nprobe {cfg['nprobe']} recall@64 (PQ order, {len(qs)} queries)", recall_pq),
         row(f"index: {f} recall@64 after exact re-rank of K={K} (retrieval.search)", recall_rr),
         row(f"index: build s Flat / {f} ({ds.rows} keys, build_index)", f"{t_flat:.2f} / {t_ivf:.2f}"),
-        row(f"index: build s {f}np (no polysemous training)", t_np),
-        row(f"index: build time {f} / {f}np", t_ivf / t_np),
+        row(f"index: build s {f} with polysemous training (index.polysemous: true)", t_poly),
+        row(f"index: build time with / without polysemous training ({f})", t_poly / t_ivf),
         row("index: Flat bytes / fp16 keys bytes", flat_b / keys_b),
         row(f"index: {f} bytes / fp16 keys bytes", ivf_b / keys_b),
     ]

@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 
 from workflow_scripts import cli as _cli
 from workflow_scripts import config as _config
+from workflow_scripts import memory as _memory
 from workflow_scripts.config import CHUNK_KEYS, chunk_bounds
 from workflow_scripts.tasks import registry as _tasks
 
@@ -169,10 +170,38 @@ def extraction_params(wildcards):
     )
 
 
-def retrieval_params(wildcards):
+RETRIEVAL_CHUNKS = config["retrieval"]["chunks"]
+
+
+def retrieval_chunk_inputs(wildcards):
+    """The chunks' caches (their meta.json) that the retrieve job joins, when retrieval.chunks > 1."""
+    if RETRIEVAL_CHUNKS == 1:
+        return {}
+    d = f"results/retrieval/{wildcards.evalset}/{wildcards.ds}/chunks"
+    ids = [f"{i:03d}" for i in range(RETRIEVAL_CHUNKS)]
+    return {
+        "chunks": [f"{d}/{i}/meta.json" for i in ids],
+        # the arrays too, so that the temporary chunks stay until this job has read them
+        "chunk_arrays": [f"{d}/{i}/{name}.npy" for i in ids for name in CACHE],
+    }
+
+
+def eval_queries(evalset, ds):
+    """Scored positions of an eval set, for memory planning: read off its token file when it exists (int32 .npy,
+    128-byte header), else max_tokens, else a placeholder of 1M."""
+    cap = EVAL_SETS[evalset].get("max_tokens")
+    try:
+        n = (os.path.getsize(eval_tokens(evalset, ds)) - 128) // 4 - 1
+    except OSError:
+        return cap or 1_000_000
+    return min(n, cap) if cap else n
+
+
+def retrieval_params(wildcards, chunk=None):
     ex = config["extraction"]
     return as_json(
-        {
+        ({"chunk": chunk} if chunk else {})
+        | {
             "k_max": config["sweep"]["k_max"],
             "max_tokens": EVAL_SETS[wildcards.evalset].get("max_tokens"),
             "block_size": ex["block_size"],
@@ -194,13 +223,72 @@ def index_distances():
 
 
 def index_params():
-    """What the index itself depends on: index.distances and index.gpu_shard_above_gb only concern retrieval
-    and scoring."""
+    """What the index itself depends on: index.distances and index.gpu_shard_above_gb only concern retrieval and scoring, index.retrain only
+    when training reruns."""
     return {
         k: v
         for k, v in config["index"].items()
-        if k not in ("distances", "gpu_shard_above_gb")
+        if k not in ("distances", "gpu_shard_above_gb", "retrain")
     }
+
+
+def train_params():
+    """What the trained (empty) index depends on: not nprobe, which only the search uses."""
+    return {k: v for k, v in index_params().items() if k != "nprobe"}
+
+
+IVF = config["index"]["type"] != "Flat"
+
+
+def index_outputs(prefix):
+    """merge_index's outputs: index.faiss and index.json, and the on-disk inverted lists of an IVF index."""
+    out = {"index": f"{prefix}/index.faiss", "meta": f"{prefix}/index.json"}
+    if IVF:
+        out["ivfdata"] = f"{prefix}/index.ivfdata"
+    return out
+
+
+def index_data(wildcards):
+    """The on-disk inverted lists a search reads beside index.faiss (IVFPQ), as an input; none for Flat."""
+    return [f"results/datastores/{wildcards.ds}/index.ivfdata"] if IVF else []
+
+
+def merge_inputs(wildcards):
+    """IVFPQ: the trained index and every shard's part; Flat: nothing beyond the manifest."""
+    if not IVF:
+        return {}
+    d = f"results/datastores/{wildcards.ds}/index"
+    return {
+        "trained": f"{d}/trained.faiss",
+        "trained_meta": f"{d}/trained.json",
+        "parts": expand(f"{d}/part_{{shard}}.faiss", shard=shard_ids(wildcards.ds)),
+        "part_metas": expand(f"{d}/part_{{shard}}.json", shard=shard_ids(wildcards.ds)),
+    }
+
+
+def chunk_queries(wildcards):
+    """Queries of one retrieval job: its chunk's, cut as the step cuts it (memory.chunk_bounds), so that the plan
+    asked for is the plan the job checks; 0 for the job that joins chunks (it copies them part by part).
+    """
+    n = eval_queries(wildcards.evalset, wildcards.ds)
+    if "chunk" not in wildcards.keys():
+        return n if RETRIEVAL_CHUNKS == 1 else 0
+    cfg = json.loads(retrieval_params(wildcards))
+    a, b = _memory.chunk_bounds(n, RETRIEVAL_CHUNKS, _memory.chunk_unit(cfg))[
+        int(wildcards.chunk)
+    ]
+    return b - a
+
+
+def plan_mb(job, wildcards, input=None, n_queries=0):
+    """A job's mem_mb from its datastore's manifest (workflow_scripts/memory.py); a placeholder while the manifest
+    does not exist yet (Snakemake evaluates resources again right before it schedules the job).
+    """
+    manifest = _memory.read_manifest(f"results/datastores/{wildcards.ds}/manifest.json")
+    mb, _ = _memory.estimate_mb(
+        job, manifest, config["index"], config["sweep"]["k_max"], n_queries
+    )
+    return mb
 
 
 def select_on(ds=None):
@@ -342,6 +430,7 @@ wildcard_constraints:
     evalset=names_regex(EVAL_SETS),
     split="train|valid|test",
     shard=r"\d{3}",
+    chunk=r"\d{3}",
     task=names_regex(TASK_NAMES),
 
 

@@ -65,9 +65,9 @@ rule datastore_manifest:
         " --vals {input.vals} --meta {input.meta} --out {output} 2> {log}"
 
 
-# Checks a datastore as its consumers do (every shard's size and sha256 against the manifest) before build_index
+# Checks a datastore as its consumers do (every shard's size and sha256 against the manifest) before merge_index
 # starts: Snakemake removes a job's outputs when it starts it, so a failed check here keeps the previous index.
-# The marker is temp(): it exists only while build_index needs it, so the check runs whenever build_index does.
+# The marker is temp(): it exists only while merge_index needs it, so the check runs whenever merge_index does.
 rule verify_datastore:
     input:
         manifest="results/datastores/{ds}/manifest.json",

@@ -1,26 +1,89 @@
-# Index: a FAISS index over a datastore's keys (Flat exact, or IVFPQ trained on a sample).
+# Index: train once, fill shard by shard, merge (docs/cluster.md). IVFPQ: train_index (one job, on a seeded sample
+# drawn across the shards) -> add_shard (one job per shard, memory bounded by one shard) -> merge_index (the parts'
+# inverted lists joined on disk, index.ivfdata, memory-mapped by search). Flat: merge_index alone, an exact search
+# over the datastore's own keys range by range (index.ShardedFlat), equal to one Flat index over all of them.
 
 
-# Makes the FAISS index of a datastore, adding keys shard by shard.
-rule build_index:
+# Trains the datastore's empty IVFPQ index. With index.retrain false (the default) a datastore rewritten since
+# (more shards, a re-extracted shard) keeps its trained quantizer: the manifest is ancient() here.
+rule train_index:
     input:
-        manifest="results/datastores/{ds}/manifest.json",
-        verified="results/datastores/{ds}/verified.json",  # rule verify_datastore
+        manifest=lambda w: (
+            f"results/datastores/{w.ds}/manifest.json"
+            if config["index"]["retrain"]
+            else ancient(f"results/datastores/{w.ds}/manifest.json")
+        ),
     output:
-        index="results/datastores/{ds}/index.faiss",
-        meta="results/datastores/{ds}/index.json",
+        index="results/datastores/{ds}/index/trained.faiss",
+        meta="results/datastores/{ds}/index/trained.json",
     log:
-        "results/logs/build_index/{ds}.log",
+        "results/logs/train_index/{ds}.log",
     benchmark:
-        "results/benchmarks/build_index/{ds}.tsv"
+        "results/benchmarks/train_index/{ds}.tsv"
     conda:
         "../envs/pipeline.yaml"
     threads: 2
     resources:
-        mem_mb=16000,
-        runtime=23 * 60,  # paper 1: about 12 h with 32 threads (docs/cluster.md); 2 threads by default
+        mem_mb=lambda w, input, threads: plan_mb("train_index", w, input),
+        runtime=6 * 60,  # paper 1: about 25 min for a 1M sample with 32 threads (docs/cluster.md)
     params:
-        p=lambda w: as_json({"index": index_params(), "seed": config["seed"]}),
+        p=lambda w: as_json({"index": train_params(), "seed": config["seed"]}),
     shell:
-        "python -m workflow_scripts build-index --params {params.p:q} --threads {threads} --manifest {input.manifest}"
+        "python -m workflow_scripts train-index --params {params.p:q} --threads {threads} --manifest {input.manifest}"
         " --index {output.index} --index-meta {output.meta} 2> {log}"
+
+
+# Encodes one shard's keys with the trained index (global row ids): one job per shard, in parallel.
+rule add_shard:
+    input:
+        trained=rules.train_index.output.index,
+        trained_meta=rules.train_index.output.meta,
+        key_shard="results/datastores/{ds}/shards/keys_{shard}.npy",
+        shard_meta="results/datastores/{ds}/shards/shard_{shard}.json",
+    output:
+        part="results/datastores/{ds}/index/part_{shard}.faiss",
+        part_meta="results/datastores/{ds}/index/part_{shard}.json",
+    log:
+        "results/logs/add_shard/{ds}/{shard}.log",
+    benchmark:
+        "results/benchmarks/add_shard/{ds}/{shard}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w, input, threads: plan_mb("add_shard", w, input),
+        runtime=12 * 60,  # paper 1: 9.5M keys x 36 MFLOP, about 25 min with 32 threads (docs/cluster.md)
+    shell:
+        "python -m workflow_scripts add-shard --threads {threads} --trained {input.trained}"
+        " --trained-meta {input.trained_meta} --keys {input.key_shard} --shard-meta {input.shard_meta}"
+        " --part {output.part} --part-meta {output.part_meta} 2> {log}"
+
+
+# Joins the parts into index.faiss (+ index.ivfdata, IVFPQ), or writes the sharded exact index (Flat).
+rule merge_index:
+    input:
+        unpack(merge_inputs),
+        manifest="results/datastores/{ds}/manifest.json",
+        verified="results/datastores/{ds}/verified.json",  # rule verify_datastore
+    output:
+        **index_outputs("results/datastores/{ds}"),
+    log:
+        "results/logs/merge_index/{ds}.log",
+    benchmark:
+        "results/benchmarks/merge_index/{ds}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    resources:
+        mem_mb=lambda w, input, threads: plan_mb("merge_index", w, input),
+        runtime=6 * 60,  # paper 1: reads and writes 44 GB of codes, hashes them (docs/cluster.md)
+    params:
+        p=lambda w: as_json({"index": index_params()}),
+        parts=lambda w, input: (
+            f"--trained {input.trained} --trained-meta {input.trained_meta} --parts {input.parts}"
+            f" --part-metas {input.part_metas}"
+            if "parts" in input.keys()
+            else ""
+        ),
+    shell:
+        "python -m workflow_scripts merge-index --params {params.p:q} --manifest {input.manifest}"
+        " --index {output.index} --index-meta {output.meta} {params.parts} 2> {log}"

@@ -70,6 +70,7 @@ rule score_task:
         manifest="results/datastores/{ds}/manifest.json",
         index="results/datastores/{ds}/index.faiss",
         index_meta="results/datastores/{ds}/index.json",
+        index_data=index_data,  # IVFPQ: the on-disk inverted lists beside index.faiss
         task_items="results/task_data/{task}.parquet",
     output:
         npz="results/tasks/{ds}/{task}/scored.npz",

@@ -287,7 +287,7 @@ def test_sentence_batches_cover_every_sentence_and_mask_padding():
 def test_analyses_run_on_the_backbone_without_rebuilding_it(analyses_run):
     work, jobs = analyses_run
     assert jobs["train_lm"] == 1  # micro-long only: the backbone's model, datastore and caches are reused
-    assert not {"extract_keys", "build_index", "retrieve"} & set(jobs)
+    assert not {"extract_keys", "merge_index", "retrieve"} & set(jobs)
     assert jobs["macondo_finetune"] == 1
     for rule in ("macondo_datastore", "macondo_mlp", "macondo_eval"):
         assert jobs[rule] == 3  # the fine-tuned model and checkpoints 0 and 5

@@ -58,8 +58,11 @@ def test_shipped_config_validates_with_defaults():
     assert c["models"]["tiny-gpt2"]["trust_remote_code"] is False
     assert c["index"]["type"] == "Flat" and c["index"]["nprobe"] == 32
     assert set(c) == {
-        "seed", "corpora", "models", "datastores", "eval_sets", "extraction", "index", "sweep", "tasks", "analyses"
+        "seed", "corpora", "models", "datastores", "eval_sets", "extraction", "index", "sweep", "tasks", "analyses",
+        "retrieval",
     }
+    assert c["retrieval"] == {"chunks": 1}  # one retrieval job per (eval set, datastore) unless asked
+    assert c["index"]["polysemous"] is False and c["index"]["retrain"] is False
     a = c["analyses"]  # paper 2's values filled in where the config leaves them
     assert a["macondo"]["knn"] == {"k": 1024, "lambda": 0.25, "sigma": 1.0}
     assert a["macondo"]["generate"]["n_villagers"] == 500 and a["macondo"]["generate"]["n_train"] == 1500
@@ -96,7 +99,7 @@ def _raw(name: str) -> dict:
 
 def test_every_test_config_validates_and_says_how_it_is_used(tmp_path, monkeypatch):
     names = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-    assert names == ["analyses", "full", "micro", "paper_tasks", "tasks"]
+    assert names == ["analyses", "full", "ivfpq", "micro", "paper_tasks", "tasks"]
     for name in names:
         if name == "paper_tasks":  # its memory tasks read paper_data/, which its fixture writes into the run
             with monkeypatch.context() as m:
@@ -106,6 +109,14 @@ def test_every_test_config_validates_and_says_how_it_is_used(tmp_path, monkeypat
         check(load(CONFIGS / f"{name}.yaml"))
         header = (CONFIGS / f"{name}.yaml").read_text().split("\n\n")[0]
         assert "Used by:" in header and f"snakemake --cores 2 --configfile tests/configs/{name}.yaml" in header
+
+
+def test_ivfpq_config_is_the_micro_config_with_an_ivfpq_index_and_three_shards():
+    """test_slurm reruns a copy of the micro run with it: only the datastore's shards and the index differ."""
+    micro, ivfpq = _raw("micro"), _raw("ivfpq")
+    assert ivfpq["index"]["type"] == "IVFPQ" and ivfpq["datastores"]["micro"]["shards"] == 3
+    ivfpq["datastores"]["micro"]["shards"] = micro["datastores"]["micro"]["shards"]
+    assert {k: v for k, v in ivfpq.items() if k != "index"} == {k: v for k, v in micro.items() if k != "index"}
 
 
 def analyses_raw() -> dict:
@@ -147,7 +158,7 @@ def test_omitted_keys_get_schema_defaults():
     assert c["extraction"] == {"block_size": 128, "batch_size": 32, "device": "auto", "dtype": "float16"}
     assert c["datastores"]["synthwiki"]["split"] == "train" and c["datastores"]["synthwiki"]["shards"] == 1
     assert c["index"] == {"type": "IVFPQ", "nlist": 1024, "m": 32, "nbits": 8, "nprobe": 32, "train_sample": 200000,
-                          "distances": "exact", "gpu_shard_above_gb": 4}
+                          "distances": "exact", "gpu_shard_above_gb": 4, "polysemous": False, "retrain": False}
     assert "select_on" not in c["datastores"]["synthwiki"]  # no default: 'valid' when it exists (rules/common.smk)
     assert c["models"]["tiny-gpt2"]["train"]["log_every"] == 25
     assert c["sweep"]["k_max"] == 2048

@@ -12,7 +12,7 @@ from workflow_scripts.artifacts import sha256_file
 pytestmark = pytest.mark.slow
 UPSTREAM = {"corpus", "train_tokenizer", "tokenize", "train_lm"}
 # each verify_* job checks its consumer's input right before it (its marker is temp): it runs whenever that does
-DATASTORE = {"extract_keys", "datastore_manifest", "verify_datastore", "build_index", "retrieve"}
+DATASTORE = {"extract_keys", "datastore_manifest", "verify_datastore", "merge_index", "retrieve"}
 AGGREGATE = {"verify_retrieval", "sweep", "summarize", "figure_sweep", "stage_times", "all"}
 
 
@@ -55,7 +55,7 @@ def test_corpus_change_reruns_everything(micro_run, cfg):
 
 @pytest.mark.parametrize("module, rules", [("figures", {"figure_sweep", "stage_times", "all"}),
                                            ("knnlm", AGGREGATE),
-                                           ("index", {"verify_datastore", "build_index", "retrieve"} | AGGREGATE)])
+                                           ("index", {"verify_datastore", "merge_index", "retrieve"} | AGGREGATE)])
 def test_code_change_reruns_only_the_rules_that_use_it(micro_run, cfg, module, rules, tmp_path):
     """The edit is made in a copy of the project (the workflow run from there), never in the checkout."""
     root = copy_project(tmp_path / "project")
@@ -75,7 +75,7 @@ def test_new_datastore_builds_only_its_own_jobs(micro_run, cfg, tmp_path):
     c["datastores"]["micro2"] = {"model": "micro-gpt2", "corpus": "micro2", "split": "train", "shards": 2}
     jobs = planned(work, c)
     assert jobs == {"corpus": 1, "tokenize": 1, "extract_keys": 2, "datastore_manifest": 1, "verify_datastore": 1,
-                    "build_index": 1, "retrieve": 2, "verify_retrieval": 2, "sweep": 2, "summarize": 1,
+                    "merge_index": 1, "retrieve": 2, "verify_retrieval": 2, "sweep": 2, "summarize": 1,
                     "figure_sweep": 2, "stage_times": 1, "all": 1}
     first = [p for d in ("datastores/micro", "retrieval/valid/micro", "retrieval/test/micro", "sweeps")
              for p in sorted((work / "results" / d).rglob("*")) if p.is_file() and "micro2" not in str(p)]

@@ -212,7 +212,8 @@ def test_exactness_comes_from_the_index_not_from_index_json(w):
             load_index(w / f"ds/{name}.faiss", w / f"ds/{name}.json", ds)
         msg = str(e.value)
         assert f"{w / f'ds/{name}.json'} says exact={str(flag).lower()}" in msg
-        assert f"{w / f'ds/{name}.faiss'} is a FAISS {kind} (" in msg and "rerun build_index" in msg
+        assert f"{w / f'ds/{name}.faiss'} is a FAISS {kind} (" in msg
+        assert "rerun the job that built it (merge_index" in msg
         _no_deletion_advice(msg)
 
 
@@ -312,3 +313,33 @@ def test_legacy_manifest_without_self_digest_does_not_blame_the_shard(w):
     msg = str(e.value)
     assert "keys_001.npy" in msg and "disagree" in msg and "the manifest may be the altered one" in msg
     _no_deletion_advice(msg)
+
+
+# --------------------------------------------------------------------------------------------- 7. chunked retrieval
+@pytest.mark.parametrize("index", ["index", "ivfpq"])
+def test_chunked_retrieval_is_byte_identical_to_one_job(world, tmp_path, index):
+    """retrieval.chunks: the eval set cut on whole model and search batches (unit 32 here: batch_size 1 window of
+    32, search batches of 32), 3 chunk caches joined by ``merge_chunks``: every array file is the one-job cache's,
+    byte for byte (windows, forward passes and FAISS calls are the same), and meta.json too but for its timings."""
+    from workflow_scripts.retrieval import chunk_bounds, chunk_unit, merge_chunks
+
+    cfg = {**RETRIEVAL, "batch_size": 1, "search_batch": 32, "nprobe": IVFPQ["nprobe"] if index == "ivfpq" else None}
+    args = (world / "model.json", world / "ds/manifest.json", world / f"ds/{index}.faiss", world / f"ds/{index}.json",
+            world / "test.npy", cfg)
+    one = retrieve(*args, tmp_path / "one")
+    assert chunk_unit(cfg) == 32 and chunk_bounds(120, 3, 32) == [(0, 32), (32, 96), (96, 120)]
+    metas = []
+    for i in range(3):
+        retrieve(*args, tmp_path / f"chunk{i}", chunk=(i, 3))
+        metas.append(tmp_path / f"chunk{i}" / "meta.json")
+    joined = merge_chunks(metas, world / "test.npy", cfg, tmp_path / "joined")
+    for name in CACHE_FILES:
+        assert (tmp_path / "joined" / f"{name}.npy").read_bytes() == (tmp_path / "one" / f"{name}.npy").read_bytes()
+    assert joined["sha256"] == one["sha256"]
+    drop = ("seconds", "chunks")
+    assert {k: v for k, v in joined.items() if k not in drop} == {k: v for k, v in one.items() if k not in drop}
+    assert load_cache(tmp_path / "joined", world / "ds/manifest.json")["meta"]["n_tokens"] == 120
+    # a chunk of another run (here: the chunks given out of order) is refused by name
+    with pytest.raises(ArtifactError, match=r"chunk1/meta\.json: chunk .* expected \{'index': 0"):
+        merge_chunks(metas[1:] + metas[:1], world / "test.npy", cfg, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -5,6 +5,7 @@ import math
 import re
 import shutil
 
+import faiss
 import numpy as np
 import polars as pl
 import pytest
@@ -12,6 +13,8 @@ import yaml
 from conftest import ROOT, job_stats, load_test_config, snakemake
 
 from workflow_scripts.artifacts import sha256_file
+from workflow_scripts.datastore import Datastore
+from workflow_scripts.index import add_keys, load_index
 
 pytestmark = pytest.mark.slow
 DS, EVAL_SETS = "micro", ("valid", "test")
@@ -207,7 +210,7 @@ def test_ivfpq_index_reruns_only_index_and_after_with_exact_distances(micro_run,
     (work / "ivfpq.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake(work, "--configfile", str(work / "ivfpq.yaml"))
     jobs = job_stats(proc.stdout + proc.stderr)
-    assert {"build_index", "retrieve", "sweep"} <= set(jobs) and "extract_keys" not in jobs
+    assert {"merge_index", "retrieve", "sweep"} <= set(jobs) and "extract_keys" not in jobs
     meta = json.loads((work / "results/datastores/micro/index.json").read_text())
     assert meta["factory"] == "IVF8,PQ8x4" and not meta["exact"]
     c = work / "results/retrieval/test/micro"
@@ -219,3 +222,20 @@ def test_ivfpq_index_reruns_only_index_and_after_with_exact_distances(micro_run,
     q = np.load(c / "queries.npy").astype(np.float32)
     np.testing.assert_allclose(dists, ((keys[ids] - q[:, None, :]) ** 2).sum(-1), rtol=1e-5, atol=1e-4)
     assert (np.diff(dists, axis=1) >= 0).all()
+    # the index was trained once, filled by one add_shard job per shard and merged on disk, and it is the index one
+    # process builds with the same trained quantizer: same ids and distances
+    assert jobs["train_index"] == jobs["merge_index"] == 1 and jobs["add_shard"] == len(m["shards"]) == 2
+    assert meta["layout"] == "ondisk" and (d / "index.ivfdata").stat().st_size > 0
+    merged, _ = load_index(d / "index.faiss", d / "index.json", Datastore(d / "manifest.json"), nprobe=4)
+    one = faiss.read_index(str(d / "index/trained.faiss"))
+    for s in m["shards"]:
+        add_keys(one, np.load(d / s["keys"]))
+    faiss.extract_index_ivf(one).nprobe = 4
+    for got, want in zip(merged.search(q, 32), one.search(q, 32), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # incremental: a re-extracted shard is encoded again alone and re-merged; the trained quantizer is kept
+    again = snakemake(work, "-n", "--configfile", str(work / "ivfpq.yaml"), "--forcerun",
+                      "results/datastores/micro/shards/keys_001.npy")
+    planned = job_stats(again.stdout + again.stderr)
+    assert planned["add_shard"] == planned["merge_index"] == planned["extract_keys"] == 1, planned
+    assert "train_index" not in planned

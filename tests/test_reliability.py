@@ -171,7 +171,7 @@ def test_killed_runs_leave_no_partial_files_and_resume_to_the_same_results(micro
     out3 = proc3.stdout + proc3.stderr
     jobs3 = job_stats(out3)
     assert jobs3["retrieve"] >= 1, jobs3
-    assert not (UPSTREAM | {"extract_keys", "datastore_manifest", "build_index"}) & set(jobs3), jobs3
+    assert not (UPSTREAM | {"extract_keys", "datastore_manifest", "merge_index"}) & set(jobs3), jobs3
     _final_files_complete(work / "results")
     # the temp files the killed jobs left were removed when their outputs were rewritten
     assert sorted(str(f.relative_to(work)) for f in (work / "results").rglob(".*.tmp*")) == []
@@ -239,7 +239,7 @@ def test_truncated_index_refused(damaged, keep):
     with pytest.raises(ArtifactError) as e:
         load_index(index, damaged / DS / "index.json", ds)
     msg = str(e.value)
-    assert str(index) in msg and "sha256 differs" in msg and "rerun build_index" in msg
+    assert str(index) in msg and "sha256 differs" in msg and "rerun merge_index" in msg
 
 
 @pytest.mark.slow
@@ -271,7 +271,7 @@ def test_index_from_another_datastore_version_refused(damaged):
     m["manifest_sha256"] = "0" * 64
     meta.write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match=r"index\.faiss was built from another version of .*manifest\.json; "
-                                            r"rerun build_index"):
+                                            r"rerun merge_index"):
         load_index(damaged / DS / "index.faiss", meta, Datastore(damaged / DS / "manifest.json"))
 
 
@@ -342,13 +342,13 @@ def _lost(before: dict[str, str], root: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_bit_rot_in_a_key_shard_stops_the_rerun_before_the_index_is_removed(damaged):
-    # before: build_index started, so Snakemake removed index.faiss and index.json, then build_index failed on the
-    # shard; now verify_datastore fails first and build_index never starts
+    # before: merge_index started, so Snakemake removed index.faiss and index.json, then merge_index failed on the
+    # shard; now verify_datastore fails first and merge_index never starts
     shard = damaged / SHARDS / "keys_001.npy"
     before = _mtimes(damaged, "results/retrieval", "results/sweeps", "results/tables", "results/figures")
     _flip_byte_keep_mtime(shard, shard.stat().st_size // 2)
     digests = _results_digests(damaged)
-    proc = snakemake(damaged, "--configfile", str(damaged / "config.yaml"), "--forcerun", "build_index",
+    proc = snakemake(damaged, "--configfile", str(damaged / "config.yaml"), "--forcerun", "merge_index",
                      check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0

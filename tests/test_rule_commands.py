@@ -30,7 +30,8 @@ def _rules_running_steps() -> set[str]:
 def _everything_config(tmp_path) -> dict:
     """tests/configs/analyses.yaml plus the synthetic task suite, a local generate task (scored with the
     perplexity summary), a hub model (model_identity, tokenize with its model.json) with a datastore and a hub
-    task on it, and the micro model trained in chunks: every rule of the workflow gets a job."""
+    task on it, the micro model trained in chunks, an IVFPQ index (train_index, add_shard, merge_index) and
+    retrieval in 2 chunks: every rule of the workflow gets a job."""
     cfg = load_test_config("analyses")
     local = tmp_path / "mine.jsonl"
     local.write_text((ROOT / "tests/fixtures/tasks/gsm8k.jsonl").read_text())
@@ -45,6 +46,8 @@ def _everything_config(tmp_path) -> dict:
     cfg["models"]["hubby"] = {"source": "hub", "path": "gpt2"}
     cfg["datastores"]["hub"] = {"model": "hubby", "corpus": "micro", "split": "train", "shards": 1}
     cfg["models"]["micro-gpt2"]["train"]["chunk_steps"] = 10
+    cfg["index"] = {"type": "IVFPQ", "nlist": 4, "m": 4, "nbits": 4, "train_sample": 500}  # train_index, add_shard
+    cfg["retrieval"] = {"chunks": 2}  # retrieve_chunk, and retrieve joining the chunks
     return cfg
 
 
@@ -139,7 +142,8 @@ def test_points_selection_sets_and_pq_distances_reach_the_rules_params(tmp_path)
     assert {p["distances"] for p in exact["retrieve"]} == {"exact"}
     assert {p["distances"] for p in pq["retrieve"]} == {"pq"} and len(pq["retrieve"]) == 3
     assert {p["distances"] for p in pq["score-task"]} == {"pq"} and len(pq["score-task"]) == 5
-    assert pq["build-index"] == exact["build-index"] and "distances" not in pq["build-index"][0]["index"]
+    assert pq["merge-index"] == exact["merge-index"] and "distances" not in pq["merge-index"][0]["index"]
+    assert pq["train-index"] == exact["train-index"] and "nprobe" not in pq["train-index"][0]["index"]
     assert [p["point"] for p in pq["task-sweep"]] == [[0.3, 32, 7]] * 5
     assert [p.get("point") for p in pq["score-task"] if p["task"] == "mine"] == [[0.3, 32, 7]]
     assert all("point" not in p for p in exact["task-sweep"])

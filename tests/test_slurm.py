@@ -1,7 +1,11 @@
-"""The micro config through a real Slurm (`--profile slurm`), compared with the local run.
+"""The micro run rerun with an IVFPQ index over 3 shards (tests/configs/ivfpq.yaml) through a real Slurm
+(`--profile slurm`): each shard's extraction and each add_shard is a Slurm job of its own, and the index, the
+retrieval caches and the sweeps equal those of the same rerun made locally.
 
-Needs a running Slurm (CI starts one with `slurm/local-cluster.sh --install`); skips with the reason otherwise,
-except where KNNLM_REQUIRE_SLURM=1 (.ci/run sets it when it is root and started Slurm): there it fails instead.
+Both reruns start from a copy of the finished micro run, so only the datastore, index, retrieval and sweep stages
+run (about 20 jobs, not the whole pipeline). Needs a running Slurm (CI starts one with
+`slurm/local-cluster.sh --install`); skips with the reason otherwise, except where KNNLM_REQUIRE_SLURM=1 (.ci/run
+sets it when it is root and started Slurm): there it fails instead.
 """
 
 import os
@@ -11,7 +15,7 @@ import subprocess
 import numpy as np
 import polars as pl
 import pytest
-from conftest import ROOT, snakemake
+from conftest import ROOT, config_path, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -28,26 +32,37 @@ def _slurm_up() -> str | None:
     return None
 
 
+def _rerun(micro_run, dest, *args):
+    shutil.copytree(micro_run, dest, symlinks=True)
+    shutil.copy(config_path("ivfpq"), dest / "config.yaml")
+    return snakemake(dest, "--configfile", str(dest / "config.yaml"), *args, timeout=1500)
+
+
 def test_slurm_run_equals_local_run(micro_run, tmp_path):
     reason = _slurm_up()
     if reason and os.environ.get("KNNLM_REQUIRE_SLURM") == "1":
         pytest.fail(f"KNNLM_REQUIRE_SLURM=1 but {reason}")
     if reason:
         pytest.skip(reason)
-    shutil.copy(micro_run / "config.yaml", tmp_path / "config.yaml")
-    proc = snakemake(tmp_path, "--profile", str(ROOT / "slurm"), "--configfile", str(tmp_path / "config.yaml"),
-                     timeout=1500)
+    local, cluster = tmp_path / "local", tmp_path / "slurm"
+    _rerun(micro_run, local)
+    proc = _rerun(micro_run, cluster, "--profile", str(ROOT / "slurm"))
     log = proc.stdout + proc.stderr
     submitted = [line for line in log.splitlines() if "submitted with SLURM jobid" in line]
-    assert any("rule_extract_keys/micro_000" in s for s in submitted)
-    assert any("rule_extract_keys/micro_001" in s for s in submitted)
-    assert len(submitted) >= 10, log[-3000:]
-    for rel in ("datastores/micro/manifest.json", "models/micro-gpt2/model.json"):
-        assert (tmp_path / "results" / rel).read_text() == (micro_run / "results" / rel).read_text(), rel
+    for shard in ("000", "001", "002"):
+        assert any(f"rule_extract_keys/micro_{shard}" in s for s in submitted), log[-3000:]
+        assert any(f"rule_add_shard/micro_{shard}" in s for s in submitted), log[-3000:]
+    assert any("rule_train_index/micro" in s for s in submitted) and any("rule_merge_index/micro" in s
+                                                                         for s in submitted)
+    ds = "results/datastores/micro"
+    for rel in ("manifest.json", "index.faiss", "index.ivfdata", "index/trained.faiss", "index/part_001.faiss"):
+        assert (cluster / ds / rel).read_bytes() == (local / ds / rel).read_bytes(), rel
     for e in ("valid", "test"):
         for name in ("dists", "ids", "lm_logprob"):
-            a = np.load(tmp_path / f"results/retrieval/{e}/micro/{name}.npy")
-            b = np.load(micro_run / f"results/retrieval/{e}/micro/{name}.npy")
+            a = np.load(cluster / f"results/retrieval/{e}/micro/{name}.npy")
+            b = np.load(local / f"results/retrieval/{e}/micro/{name}.npy")
             np.testing.assert_array_equal(a, b)
         sweep = f"results/sweeps/{e}/micro/perplexity.parquet"
-        assert pl.read_parquet(tmp_path / sweep).equals(pl.read_parquet(micro_run / sweep))
+        assert pl.read_parquet(cluster / sweep).equals(pl.read_parquet(local / sweep))
+    summary = "results/tables/perplexity_summary.csv"
+    assert (cluster / summary).read_text() == (local / summary).read_text()

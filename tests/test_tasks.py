@@ -556,6 +556,10 @@ def test_paper1_preset_builds_its_whole_dag_offline(tmp_path):
     assert jobs["score_task"] == jobs["task_sweep"] == runs == 6 * 20
     assert jobs["load_task"] == 20 and jobs["task_delta"] == jobs["figure_tasks"] == 6
     assert "train_lm" not in jobs and "task_suite" not in jobs
+    # the index at paper scale: trained once per datastore, one add_shard job per shard, merged on disk; retrieval
+    # in retrieval.chunks jobs per (eval set, datastore), joined by one retrieve job each
+    assert jobs["add_shard"] == n_shards and jobs["train_index"] == jobs["merge_index"] == 6
+    assert jobs["retrieve_chunk"] == cfg["retrieval"]["chunks"] * jobs["retrieve"] == 8 * len(cfg["eval_sets"]) * 6
 
 
 @pytest.mark.slow

@@ -168,6 +168,9 @@ def search_index(index, requested: str = "auto", shard_above_gb: float = 4.0, k:
     a GPU search returns (``GPU_MAX_K``), is searched on the CPU, with a warning."""
     if requested == "cpu":
         return index
+    if not hasattr(index, "this"):  # not a FAISS index: index.ShardedFlat, the exact search over the keys on disk
+        log.info("exact search over the datastore's keys, range by range, on the CPU")
+        return index
     n = faiss_gpus()
     if n == 0:
         if requested == "cuda" or _gpu_job():

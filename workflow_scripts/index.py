@@ -16,8 +16,8 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from . import devices
-from .artifacts import ArtifactError, atomic_path, read_json, sha256_file, write_json
+from . import devices, memory
+from .artifacts import ArtifactError, atomic_path, load_npy, read_json, sha256_file, write_json
 from .cli import step
 from .datastore import Datastore
 
@@ -32,25 +32,58 @@ def factory_string(cfg: dict, dim: int) -> str:
     return f"IVF{cfg['nlist']},PQ{cfg['m']}x{cfg['nbits']}"
 
 
+def new_index(cfg: dict, dim: int):
+    """An empty index of the config's type. IVFPQ: polysemous training only when ``index.polysemous`` asks for it
+    (it reorders the PQ centroids for Hamming-filtered search, which retrieval never uses, and is most of the
+    training time)."""
+    index = faiss.index_factory(dim, factory_string(cfg, dim), faiss.METRIC_L2)
+    if cfg["type"] != "Flat":
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = bool(cfg.get("polysemous", False))
+    return index
+
+
+def train_in_place(index, ds: Datastore, cfg: dict, seed: int):
+    """``index`` trained, when it needs training, on a seeded sample of ``cfg['train_sample']`` keys drawn across
+    all shards (on the GPUs when they answer); returns the trained index."""
+    if index.is_trained:
+        return index
+    desc = factory_string(cfg, ds.dim)
+    n = min(ds.rows, cfg["train_sample"])
+    if n < cfg["nlist"] * 39 and n < ds.rows:
+        log.warning("training %s on %d keys (< 39 per list)", desc, n)
+    sample_ids = np.sort(np.random.default_rng(seed).choice(ds.rows, size=n, replace=False))
+    sample = ds.gather_keys(sample_ids)
+    with devices.training_on_gpus(index) as on_gpus:
+        log.info("training %s on %d keys%s", desc, n, " (k-means on the GPUs)" if on_gpus else "")
+        index.train(sample)
+    return index
+
+
+ADD_ROWS = memory.ADD_ROWS  # rows converted to float32 at a time when adding: memory bounded by one chunk of one shard
+
+
+def add_keys(index, keys: np.ndarray, start: int | None = None) -> None:
+    """Add one shard's keys in chunks of ``ADD_ROWS``; with ``start``, under their global row ids (start + i)."""
+    for i in range(0, len(keys), ADD_ROWS):
+        x = np.asarray(keys[i : i + ADD_ROWS], dtype=np.float32)
+        if start is None:
+            index.add(x)
+        else:
+            index.add_with_ids(x, np.arange(start + i, start + i + len(x), dtype=np.int64))
+
+
 def build_index(manifest_path, cfg: dict, seed: int, out_index, out_meta, threads: int = 1) -> dict:
+    """The whole index in one process, held in memory (macondo's small datastores, and the reference that the
+    sharded build (``train_index`` + ``add_shard`` + ``merge_index``) is tested against)."""
     faiss.omp_set_num_threads(threads)
     devices.log_devices()
     ds = Datastore(manifest_path)
     t0 = time.time()
     desc = factory_string(cfg, ds.dim)
-    index = faiss.index_factory(ds.dim, desc, faiss.METRIC_L2)
-    if not index.is_trained:
-        n = min(ds.rows, cfg["train_sample"])
-        if n < cfg["nlist"] * 39 and n < ds.rows:
-            log.warning("training %s on %d keys (< 39 per list)", desc, n)
-        sample_ids = np.sort(np.random.default_rng(seed).choice(ds.rows, size=n, replace=False))
-        sample = ds.gather_keys(sample_ids)
-        with devices.training_on_gpus(index) as on_gpus:
-            log.info("training %s on %d keys%s", desc, n, " (k-means on the GPUs)" if on_gpus else "")
-            index.train(sample)
+    index = new_index(cfg, ds.dim)
+    index = train_in_place(index, ds, cfg, seed)
     for keys in tqdm(ds.keys, desc="add shards", disable=len(ds.keys) < 2):
-        for i in range(0, len(keys), 1 << 18):  # bounded memory: one float32 chunk of one shard at a time
-            index.add(np.asarray(keys[i : i + (1 << 18)], dtype=np.float32))
+        add_keys(index, keys)
     if index.ntotal != ds.rows:
         raise ArtifactError(f"index holds {index.ntotal} vectors, datastore {manifest_path} has {ds.rows}")
     with atomic_path(out_index, ".faiss") as tmp:
@@ -63,6 +96,7 @@ def build_index(manifest_path, cfg: dict, seed: int, out_index, out_meta, thread
         "ntotal": int(index.ntotal),
         "nprobe": cfg.get("nprobe"),
         "exact": desc == "Flat",
+        "layout": "memory",
         "build_seconds": time.time() - t0,
     }
     write_json(out_meta, meta)
@@ -75,37 +109,259 @@ def is_exact(index) -> bool:
     return isinstance(faiss.downcast_index(index), faiss.IndexFlat) and index.metric_type == faiss.METRIC_L2
 
 
+# ------------------------------------------------------------------------------------------ sharded exact search
+# FAISS's exact search computes distances block by block of BLAS_BLOCK database rows (a GEMM per block), and the
+# float32 result for a key depends on where it sits in its block. A range of rows that starts on a multiple of
+# BLAS_BLOCK (and ends on one, or at the datastore's end) is computed exactly as the same rows of one index over
+# the whole datastore: that is why the ranges below are cut there and not at the shard boundaries.
+BLAS_BLOCK = int(faiss.cvar.distance_compute_blas_database_bs)
+RANGE_BYTES = memory.RANGE_BYTES  # float32 keys of one range held at a time by the sharded exact search
+
+
+def range_rows(dim: int, budget: int = RANGE_BYTES) -> int:
+    """Rows per search range: a multiple of BLAS_BLOCK whose float32 keys fit ``budget`` bytes (at least one block)."""
+    return max(1, budget // (4 * dim * BLAS_BLOCK)) * BLAS_BLOCK
+
+
+def merge_topk(d1, i1, d2, i2, k: int):
+    """The k nearest of two candidate lists per query, by distance, ties by (global) row id."""
+    d, i = np.concatenate([d1, d2], axis=1), np.concatenate([i1, i2], axis=1)
+    order = np.lexsort((i, d), axis=1)[:, :k]
+    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+
+
+class ShardedFlat:
+    """Exact L2 search over a datastore's own keys, range by range, the top-k merged by distance and ties by row id:
+    the same ids and distances as one ``IndexFlatL2`` over all keys (ranges aligned to FAISS's BLAS blocks, see
+    above), with one range of float32 keys in memory instead of a float32 copy of the whole datastore."""
+
+    metric_type = faiss.METRIC_L2
+
+    def __init__(self, ds: Datastore, rows: int | None = None):
+        self.ds, self.d, self.ntotal = ds, ds.dim, ds.rows
+        self.rows = rows or range_rows(ds.dim)
+        if self.rows % BLAS_BLOCK:
+            raise ValueError(f"search range of {self.rows} rows: not a multiple of FAISS's block of {BLAS_BLOCK}")
+
+    def keys(self, a: int, b: int) -> np.ndarray:
+        """float32 keys of global rows [a, b), read shard by shard."""
+        out = np.empty((b - a, self.d), np.float32)
+        offs = self.ds.offsets
+        for s in range(np.searchsorted(offs, a, side="right") - 1, len(self.ds.keys)):
+            if offs[s] >= b:
+                break
+            lo, hi = max(a, offs[s]), min(b, offs[s + 1])
+            out[lo - a : hi - a] = self.ds.keys[s][lo - offs[s] : hi - offs[s]]
+        return out
+
+    def search(self, q: np.ndarray, k: int):
+        n = len(q)
+        d = np.full((n, 0), np.finfo(np.float32).max, np.float32)
+        i = np.full((n, 0), -1, np.int64)
+        for a in range(0, self.ntotal, self.rows):
+            b = min(a + self.rows, self.ntotal)
+            dr, ir = faiss.knn(q, self.keys(a, b), min(k, b - a))
+            d, i = merge_topk(d, i, dr, ir + a, k)
+        if i.shape[1] < k:  # fewer keys than k: as FAISS pads
+            pad = k - i.shape[1]
+            d = np.hstack([d, np.full((n, pad), np.finfo(np.float32).max, np.float32)])
+            i = np.hstack([i, np.full((n, pad), -1, np.int64)])
+        return d, i
+
+
+# ------------------------------------------------------------------------------------------ the sharded build
+# train_index (one job) -> add_shard (one job per shard) -> merge_index (one job). Paths in index.json are relative
+# to its directory; the merged IVF index keeps its inverted lists in IVFDATA beside index.faiss, memory-mapped.
+IVFDATA = "index.ivfdata"
+READ_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+
+
+def _checked(path, meta_path, what: str, rerun: str) -> dict:
+    """index.json-like meta of an intermediate file, with the file's sha256 checked against it."""
+    meta = read_json(meta_path)
+    if sha256_file(path) != meta.get("sha256"):
+        raise ArtifactError(f"{path}: sha256 differs from {meta_path} ({what} altered since); rerun {rerun}")
+    return meta
+
+
+def train_index(manifest_path, cfg: dict, seed: int, out_index, out_meta, threads: int = 1) -> dict:
+    """The empty index, trained on the seeded cross-shard sample (IVFPQ), or the empty Flat index."""
+    faiss.omp_set_num_threads(threads)
+    devices.log_devices()
+    ds = Datastore(manifest_path, deep=False)  # sizes only: training reads a sample; add_shard hashes every shard
+    memory.check("train_index", ds.manifest, cfg, "index.train_sample")
+    t0 = time.time()
+    index = train_in_place(new_index(cfg, ds.dim), ds, cfg, seed)
+    with atomic_path(out_index, ".faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+        digest = sha256_file(tmp)
+    meta = {"sha256": digest, "factory": factory_string(cfg, ds.dim), "dim": ds.dim, "index": cfg,
+            "trained_on": {"manifest_sha256": ds.hash, "rows": ds.rows, "sample": min(ds.rows, cfg["train_sample"])}
+            if cfg["type"] != "Flat" else None,
+            "polysemous": bool(cfg.get("polysemous", False)), "seconds": round(time.time() - t0, 2)}
+    write_json(out_meta, meta)
+    return meta
+
+
+def add_shard(trained, trained_meta, keys_npy, shard_json, out_part, out_meta, threads: int = 1) -> dict:
+    """One shard's keys encoded with the trained index, under their global row ids (the shard's ``start``: rows are
+    positions of the datastore's token stream). Memory: the shard's codes, one chunk of its keys."""
+    from .datastore import KEY_DTYPE
+
+    faiss.omp_set_num_threads(threads)
+    devices.log_devices()
+    t0 = time.time()
+    tmeta = _checked(trained, trained_meta, "the trained index", "train_index")
+    smeta = read_json(shard_json)
+    if sha256_file(keys_npy) != smeta["keys_sha256"]:
+        raise ArtifactError(f"{keys_npy}: sha256 differs from the one recorded at extraction in {shard_json}; "
+                            f"rerun extract_keys (snakemake --forcerun {keys_npy})")
+    one = {"dim": tmeta["dim"], "rows": smeta["rows"], "shards": [{"rows": smeta["rows"]}]}
+    memory.check("add_shard", one, tmeta["index"], "datastores.<name>.shards (more, smaller shards)")
+    keys = load_npy(keys_npy, mmap=True, dtype=KEY_DTYPE, ndim=2)
+    if keys.shape != (smeta["rows"], tmeta["dim"]):
+        raise ArtifactError(f"{keys_npy}: shape {keys.shape}, expected ({smeta['rows']}, {tmeta['dim']})")
+    index = faiss.read_index(str(trained))
+    add_keys(index, keys, start=smeta["start"])
+    with atomic_path(out_part, ".faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+        digest = sha256_file(tmp)
+    meta = {"sha256": digest, "shard": smeta["shard"], "start": smeta["start"], "rows": smeta["rows"],
+            "keys_sha256": smeta["keys_sha256"], "trained_sha256": tmeta["sha256"],
+            "seconds": round(time.time() - t0, 2)}
+    write_json(out_meta, meta)
+    log.info("shard %d: %d keys encoded in %.1fs", smeta["shard"], smeta["rows"], meta["seconds"])
+    return meta
+
+
+def merge_index(manifest_path, cfg: dict, trained, trained_meta, parts: list, part_metas: list, out_index,
+                out_meta) -> dict:
+    """Join the parts into one index. IVFPQ: the trained index with its inverted lists on disk (``IVFDATA``,
+    written by FAISS's ``merge_ondisk`` from the memory-mapped parts), so that search memory-maps them. Flat: an
+    empty ``IndexFlatL2`` that says what the index is; search is ``ShardedFlat`` over the datastore's keys."""
+    ds = Datastore(manifest_path, deep=False)  # sizes; the parts' keys digests are checked against it below
+    memory.check("merge_index", ds.manifest, cfg, "index.nlist")
+    t0 = time.time()
+    out_index, out_meta = Path(out_index), Path(out_meta)
+    meta = {"manifest_sha256": ds.hash, "factory": factory_string(cfg, ds.dim), "ntotal": ds.rows,
+            "nprobe": cfg.get("nprobe") if cfg["type"] != "Flat" else None}
+    if cfg["type"] == "Flat":
+        index = faiss.IndexFlatL2(ds.dim)
+        with atomic_path(out_index, ".faiss") as tmp:
+            faiss.write_index(index, str(tmp))
+            meta["index_sha256"] = sha256_file(tmp)
+        meta |= {"exact": True, "layout": "sharded", "range_rows": range_rows(ds.dim)}
+    else:
+        if len(parts) != len(ds.manifest["shards"]):
+            raise ArtifactError(f"{len(parts)} index parts for the {len(ds.manifest['shards'])} shards of "
+                                f"{manifest_path}; rerun add_shard")
+        tmeta = _checked(trained, trained_meta, "the trained index", "train_index")
+        if (tmeta["dim"], tmeta["factory"]) != (ds.dim, meta["factory"]):
+            raise ArtifactError(f"{trained}: a {tmeta['factory']} index of dimension {tmeta['dim']}, the config and "
+                                f"{manifest_path} ask for {meta['factory']} of {ds.dim}; rerun train_index")
+        meta |= {"trained_sha256": tmeta["sha256"], "trained_on": tmeta["trained_on"]}
+        listed = []
+        for i, (part, pmeta_path, s) in enumerate(zip(parts, part_metas, ds.manifest["shards"], strict=True)):
+            pm = _checked(part, pmeta_path, "the index part", f"add_shard (snakemake --forcerun {part})")
+            stale = [k for k, want in (("keys_sha256", s["keys_sha256"]), ("start", int(ds.offsets[i])),
+                                       ("rows", s["rows"]), ("trained_sha256", tmeta["sha256"])) if pm[k] != want]
+            if stale:
+                raise ArtifactError(f"{pmeta_path}: {', '.join(stale)} differ from shard {i} of {manifest_path} "
+                                    f"and {trained_meta} (a part of another datastore version or trained index); "
+                                    f"rerun add_shard (snakemake --forcerun {part})")
+            listed.append({"shard": i, "sha256": pm["sha256"], "keys_sha256": pm["keys_sha256"]})
+        index = faiss.read_index(str(trained))
+        with atomic_path(out_index.parent / IVFDATA, ".ivfdata") as data_tmp, \
+                atomic_path(out_index, ".faiss") as tmp:
+            merge_ondisk(index, [str(p) for p in parts], str(data_tmp))
+            invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+            invlists.filename = IVFDATA  # relative: read back with IO_FLAG_ONDISK_SAME_DIR (load_index)
+            faiss.write_index(index, str(tmp))
+            if index.ntotal != ds.rows:
+                raise ArtifactError(f"merged index holds {index.ntotal} vectors, {manifest_path} has {ds.rows}")
+            meta["index_sha256"] = sha256_file(tmp)
+            del index, invlists
+            meta["ivfdata_sha256"] = sha256_file(data_tmp)
+        meta |= {"exact": False, "layout": "ondisk", "ivfdata": IVFDATA, "parts": listed}
+    meta["build_seconds"] = round(time.time() - t0, 2)
+    write_json(out_meta, meta)
+    return meta
+
+
+def merge_ondisk(index, parts: list[str], ivfdata: str) -> None:
+    """FAISS's merge of IVF parts into on-disk inverted lists (faiss.contrib.ondisk), its progress log quietened."""
+    from faiss.contrib.ondisk import merge_ondisk as merge
+
+    logging.getLogger("faiss.contrib.ondisk").setLevel(logging.WARNING)
+    merge(index, parts, ivfdata)
+
+
 def load_index(index_path, meta_path, ds: Datastore, nprobe: int | None = None):
     """(index, meta) of a datastore's index, checked against index.json and the datastore; ``meta['exact']``
-    is what the index is (``is_exact``), and an ``exact`` flag in index.json that says otherwise is refused."""
+    is what the index is (``is_exact``), and an ``exact`` flag in index.json that says otherwise is refused.
+    Layouts (index.json ``layout``): ``memory`` (one FAISS file), ``ondisk`` (IVF with its lists memory-mapped from
+    ``index.ivfdata`` beside index.faiss, wherever the directory was moved), ``sharded`` (exact ``ShardedFlat``)."""
+    index_path = Path(index_path)
     meta = read_json(meta_path)
+    layout = meta.get("layout", "memory")
+    # the pipeline's indexes are merge_index's; one built in one process (macondo's) is its own rule's
+    rerun = "rerun merge_index"
+    if layout == "memory":
+        rerun = "rerun the job that built it (merge_index, macondo_datastore)"
     if meta["manifest_sha256"] != ds.hash:
-        raise ArtifactError(f"{index_path} was built from another version of {ds.path}; rerun build_index")
+        raise ArtifactError(f"{index_path} was built from another version of {ds.path}; {rerun}")
     if sha256_file(index_path) != meta["index_sha256"]:
-        raise ArtifactError(f"{index_path}: sha256 differs from {meta_path} (altered); delete it and rerun build_index")
+        raise ArtifactError(f"{index_path}: sha256 differs from {meta_path} (altered); delete it and {rerun}")
+    if layout == "ondisk":
+        data = index_path.parent / IVFDATA
+        if not data.exists():
+            raise ArtifactError(f"{data}: missing (the inverted lists of {index_path}); {rerun}")
+        if sha256_file(data) != meta.get("ivfdata_sha256"):
+            raise ArtifactError(f"{data}: sha256 differs from {meta_path} (altered); delete it and {rerun}")
     try:
-        index = faiss.read_index(str(index_path))
+        index = faiss.read_index(str(index_path), READ_FLAGS if layout == "ondisk" else 0)
     except RuntimeError as e:
-        raise ArtifactError(
-            f"{index_path}: unreadable FAISS index ({e}); delete it and rerun build_index"
-        ) from e
-    if index.ntotal != ds.rows or index.d != ds.dim:
-        raise ArtifactError(f"{index_path}: {index.ntotal} x {index.d}, datastore has {ds.rows} x {ds.dim}")
+        raise ArtifactError(f"{index_path}: unreadable FAISS index ({e}); delete it and {rerun}") from e
     exact = is_exact(index)
+    ntotal = index.ntotal if layout != "sharded" else meta["ntotal"]
+    if ntotal != ds.rows or index.d != ds.dim or (layout == "sharded" and index.ntotal):
+        raise ArtifactError(f"{index_path}: {ntotal} x {index.d}, datastore has {ds.rows} x {ds.dim}")
     if "exact" in meta and meta["exact"] is not exact:
         kind = type(faiss.downcast_index(index)).__name__
         raise ArtifactError(
             f"{meta_path} says exact={json.dumps(meta['exact'])}, but {index_path} is a FAISS {kind} "
             f"({'exact' if exact else 'approximate'}): index.json was altered, or belongs to another index; "
-            f"the index matches the sha256 recorded there; rerun build_index (snakemake --forcerun {meta_path})"
+            f"the index matches the sha256 recorded there; {rerun} (snakemake --forcerun {meta_path})"
         )
     meta = {**meta, "exact": exact}
+    if layout == "sharded":
+        if not exact:
+            raise ArtifactError(f"{meta_path}: layout sharded, but {index_path} is not a flat L2 index; {rerun}")
+        return ShardedFlat(ds, meta.get("range_rows")), meta
     if nprobe is not None and hasattr(index, "nprobe"):
         faiss.extract_index_ivf(index).nprobe = nprobe
     return index, meta
 
 
-@step(name="build-index")
-def build_index_step(params: dict, manifest: Path, index: Path, index_meta: Path, threads: int = 1) -> None:
-    """Build the FAISS index of a datastore (Flat, or IVFPQ trained on a sample), adding keys shard by shard."""
-    build_index(manifest, params["index"], params["seed"], index, index_meta, threads=threads)
+@step(name="train-index")
+def train_index_step(params: dict, manifest: Path, index: Path, index_meta: Path, threads: int = 1) -> None:
+    """Train a datastore's empty index on a seeded sample drawn across its shards (IVFPQ; Flat needs none)."""
+    train_index(manifest, params["index"], params["seed"], index, index_meta, threads=threads)
+
+
+@step(name="add-shard")
+def add_shard_step(trained: Path, trained_meta: Path, keys: Path, shard_meta: Path, part: Path, part_meta: Path,
+                   threads: int = 1) -> None:
+    """Encode one shard's keys with the trained index into an index part (global row ids)."""
+    add_shard(trained, trained_meta, keys, shard_meta, part, part_meta, threads=threads)
+
+
+@step(name="merge-index")
+def merge_index_step(params: dict, manifest: Path, index: Path, index_meta: Path, trained: Path | None = None,
+                     trained_meta: Path | None = None, parts: list[Path] = (), part_metas: list[Path] = (),
+                     threads: int = 1) -> None:
+    """Join a datastore's index parts into index.faiss with on-disk inverted lists (IVFPQ), or write the sharded
+    exact index (Flat)."""
+    faiss.omp_set_num_threads(threads)
+    devices.log_devices()
+    merge_index(manifest, params["index"], trained, trained_meta, list(parts), list(part_metas), index, index_meta)

@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from . import devices, lm
+from . import devices, lm, memory
 from .artifacts import (
     ArtifactError,
     atomic_path,
@@ -97,59 +97,121 @@ def open_retriever(identity_json, manifest_json, index_path, index_meta, cfg: di
     return model, tok, ident, ds, index, imeta
 
 
+SEARCH_BATCH = memory.SEARCH_BATCH  # queries per FAISS search call
+chunk_unit, chunk_bounds = memory.chunk_unit, memory.chunk_bounds  # pure functions: the Snakefile plans with them
+
+
+def scored_tokens(tokens: np.ndarray, cfg: dict) -> int:
+    """How many positions of an eval stream are scored: all but the last, at most ``max_tokens``."""
+    return min(tokens.size - 1, cfg.get("max_tokens") or tokens.size)
+
+
 def retrieve(
-    identity_json, manifest_json, index_path, index_meta, tokens_npy, cfg: dict, outdir, threads: int = 1
+    identity_json, manifest_json, index_path, index_meta, tokens_npy, cfg: dict, outdir, threads: int = 1,
+    chunk: tuple[int, int] | None = None,
 ) -> dict:
-    """Run the datastore's model over an eval token stream, search, and write the cache to ``outdir``."""
+    """Run the datastore's model over an eval token stream, search, and write the cache to ``outdir``. With
+    ``chunk`` = (i, n): only chunk i of n (``chunk_bounds``), a partial cache that ``merge_chunks`` joins."""
     outdir = Path(outdir)
     model, _, ident, ds, index, imeta = open_retriever(
         identity_json, manifest_json, index_path, index_meta, cfg, threads
     )
     K = cfg["k_max"]
     tokens = load_npy(tokens_npy, dtype=np.int32, ndim=1)
-    n = min(tokens.size - 1, cfg.get("max_tokens") or tokens.size)
+    n = scored_tokens(tokens, cfg)
+    a, b = (0, n) if chunk is None else chunk_bounds(n, chunk[1], chunk_unit(cfg))[chunk[0]]
+    distances = cfg.get("distances") or "exact"
+    memory.check("retrieve", ds.manifest, {"type": "Flat" if imeta["exact"] else "IVFPQ", "distances": distances},
+                 "retrieval.chunks (more jobs, fewer queries each)", K, b - a)
     t0 = time.time()
-    queries = np.empty((n, ds.dim), np.float16)
-    lm_logprob = np.empty(n, np.float32)
-    for first, keys, lp in run_model(
-        model, ident["hook_point"], tokens, 0, n, cfg["block_size"], cfg["batch_size"], True, desc="queries"
-    ):
-        queries[first : first + len(keys)] = keys.astype(np.float16)
-        lm_logprob[first : first + len(keys)] = lp
+    queries = np.empty((b - a, ds.dim), np.float16)
+    lm_logprob = np.empty(b - a, np.float32)
+    if b > a:
+        for first, keys, lp in run_model(
+            model, ident["hook_point"], tokens, a, b, cfg["block_size"], cfg["batch_size"], True, desc="queries"
+        ):
+            queries[first - a : first - a + len(keys)] = keys.astype(np.float16)
+            lm_logprob[first - a : first - a + len(keys)] = lp
     t_model = time.time() - t0
     # search with the float16-rounded queries so that the cache is self-consistent
-    distances = cfg.get("distances") or "exact"
-    dists, ids = search(index, ds, queries.astype(np.float32), K, exact=imeta["exact"], distances=distances)
+    dists, ids = search(index, ds, queries.astype(np.float32), K, exact=imeta["exact"], distances=distances,
+                        batch=cfg.get("search_batch") or SEARCH_BATCH)
     t_search = time.time() - t0 - t_model
     arrays = {
-        "targets": tokens[1 : n + 1].astype(np.int32),
+        "targets": tokens[a + 1 : b + 1].astype(np.int32),
         "lm_logprob": lm_logprob,
         "dists": dists,
         "vals": ds.gather_vals(ids),
         "ids": ids,
         "queries": queries,
     }
-    digests = {}
-    for name, arr in arrays.items():
-        with atomic_path(outdir / f"{name}.npy", ".npy") as tmp:
-            out = open_npy_for_writing(tmp, CACHE_FILES[name][0], arr.shape)
-            out[:] = arr
-            out.flush()
-            del out
-            digests[f"{name}.npy"] = sha256_file(tmp)  # as written: readers refuse a file altered since
     meta = {
         "manifest_sha256": ds.hash,
         "model_sha256": ident["model_sha256"],
         "K": K,
-        "n_tokens": int(n),
+        "n_tokens": int(b - a),
         "tokens_sha256": sha256_file(tokens_npy),
         "index": imeta["factory"],
         "distances": "faiss" if imeta["exact"] else DISTANCES[distances],
         "seconds": {"model": round(t_model, 2), "search": round(t_search, 2)},
-        "sha256": digests,
     }
+    if chunk is not None:
+        meta["chunk"] = {"index": chunk[0], "of": chunk[1], "start": a, "end": b, "scored": n}
+    meta = write_cache(outdir, arrays, meta)
+    log.info("retrieved %d x %d neighbours (model %.1fs, search %.1fs)", b - a, K, t_model, t_search)
+    return meta
+
+
+def write_cache(outdir: Path, arrays: dict, meta: dict) -> dict:
+    """The cache's arrays, each written atomically and hashed as written, then meta.json with the digests. An array
+    may be given as a list of consecutive parts (the chunks' memory-mapped arrays): written one part at a time."""
+    digests = {}
+    for name, arr in arrays.items():
+        parts = arr if isinstance(arr, list) else [arr]
+        shape = (sum(len(x) for x in parts), *parts[0].shape[1:])
+        with atomic_path(outdir / f"{name}.npy", ".npy") as tmp:
+            out = open_npy_for_writing(tmp, CACHE_FILES[name][0], shape)
+            pos = 0
+            for x in parts:
+                out[pos : pos + len(x)] = x
+                pos += len(x)
+            out.flush()
+            del out
+            digests[f"{name}.npy"] = sha256_file(tmp)  # as written: readers refuse a file altered since
+    meta = {**meta, "sha256": digests}
     write_json(outdir / "meta.json", meta)
-    log.info("retrieved %d x %d neighbours (model %.1fs, search %.1fs)", n, K, t_model, t_search)
+    return meta
+
+
+SAME = ("manifest_sha256", "model_sha256", "K", "tokens_sha256", "index", "distances")  # every chunk's alike
+
+
+def merge_chunks(chunk_metas: list, tokens_npy, cfg: dict, outdir) -> dict:
+    """Join the chunks' caches (each checked by ``load_cache``: digests, shapes, distances) into the one cache a
+    single job writes, array by array. The chunks must be the n chunks of this eval set, in order, built alike."""
+    tokens = load_npy(tokens_npy, dtype=np.int32, ndim=1)
+    n = scored_tokens(tokens, cfg)
+    caches = [load_cache(Path(m).parent) for m in chunk_metas]
+    bounds = chunk_bounds(n, len(caches), chunk_unit(cfg))
+    first = caches[0]["meta"]
+    for i, (c, m) in enumerate(zip(caches, chunk_metas, strict=True)):
+        got = c["meta"].get("chunk") or {}
+        want = {"index": i, "of": len(caches), "start": bounds[i][0], "end": bounds[i][1], "scored": n}
+        if got != want or any(c["meta"][k] != first[k] for k in SAME):
+            raise ArtifactError(
+                f"{m}: chunk {got or 'record missing'}, expected {want} built like {chunk_metas[0]} ({', '.join(SAME)}"
+                f"); the chunk belongs to another eval set, config or datastore: rerun retrieve_chunk "
+                f"(snakemake --forcerun {m})"
+            )
+    if first["tokens_sha256"] != sha256_file(tokens_npy):
+        raise ArtifactError(f"{chunk_metas[0]}: built from another version of {tokens_npy}; rerun retrieve_chunk")
+    K = first["K"]
+    arrays = {name: [c[name] for c in caches] for name in CACHE_FILES}  # memory-mapped: copied part by part
+    meta = {k: first[k] for k in SAME}
+    meta |= {"n_tokens": int(n), "chunks": len(caches),
+             "seconds": {k: round(sum(c["meta"]["seconds"][k] for c in caches), 2) for k in ("model", "search")}}
+    meta = write_cache(Path(outdir), arrays, meta)
+    log.info("merged %d chunks into %d x %d neighbours", len(caches), n, K)
     return meta
 
 
@@ -202,12 +264,27 @@ def load_cache(cache_dir, manifest_json=None, mmap: bool = True) -> dict:
 @step(name="retrieve")
 def retrieve_step(
     params: dict, model_json: Path, manifest: Path, index: Path, index_meta: Path, tokens: Path, meta: Path,
-    threads: int = 1,
+    threads: int = 1, chunks: list[Path] = (),
 ) -> None:
     """Retrieve K_max neighbours for every scored token of an eval set; write the cache (its arrays beside
-    --meta, the cache's meta.json)."""
+    --meta, the cache's meta.json). With --chunks (the retrieve-chunk caches' meta.json, in order): join them."""
+    if chunks:
+        merge_chunks(chunks, tokens, params, meta.parent)
+        return
     lm.torch_threads(threads)
     retrieve(model_json, manifest, index, index_meta, tokens, params, meta.parent, threads=threads)
+
+
+@step(name="retrieve-chunk")
+def retrieve_chunk_step(
+    params: dict, model_json: Path, manifest: Path, index: Path, index_meta: Path, tokens: Path, meta: Path,
+    threads: int = 1,
+) -> None:
+    """Retrieve one chunk of an eval set (params ``chunk``: [i, n]; chunks cut on whole model and search batches),
+    a partial cache that ``retrieve --chunks`` joins into the one-job cache."""
+    lm.torch_threads(threads)
+    retrieve(model_json, manifest, index, index_meta, tokens, params, meta.parent, threads=threads,
+             chunk=tuple(params["chunk"]))
 
 
 @step(name="verify-retrieval")

@@ -1,0 +1,219 @@
+"""The sharded index build (train_index -> add_shard per shard -> merge_index) and the sharded exact search, on
+synthetic datastores written here (no model): each equals one index built in one process, ids and distances.
+
+* IVFPQ: parts added shard by shard under global row ids and merged into on-disk inverted lists give the same
+  search results as the same trained index filled in one process; the on-disk lists are found again after the
+  directory is moved (their path is stored relative and re-pointed on load);
+* Flat: ``ShardedFlat`` (ranges aligned to FAISS's BLAS blocks) equals one ``IndexFlatL2`` over all keys, ties
+  (duplicate keys) broken by global row id, for shard sizes that are not multiples of the block;
+* every intermediate file is checked against its recorded digest, and a part of another datastore is refused.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from workflow_scripts import index as ix
+from workflow_scripts.artifacts import ArtifactError, save_npy
+from workflow_scripts.datastore import Datastore, shard_digests, write_manifest, write_shard_meta
+
+IDENT = {"model_sha256": "m", "tokenizer_sha256": "t", "hook_point": "h", "dim": 32, "vocab_size": 50,
+         "source": "local", "path": "x", "revision": None, "architecture": "GPT2"}
+IVFPQ = {"type": "IVFPQ", "nlist": 16, "m": 8, "nbits": 6, "nprobe": 4, "train_sample": 2000}
+
+
+def make_datastore(root: Path, sizes: list[int], dim: int = 32, seed: int = 0, dup: bool = False) -> Path:
+    """A datastore of Gaussian-mixture float16 keys in shards of ``sizes`` rows; ``dup``: many exact duplicates
+    (ties). Returns its manifest."""
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    centres = rng.normal(size=(8, dim)) * 3
+    keys = (centres[rng.integers(0, 8, n)] + rng.normal(size=(n, dim))).astype(np.float16)
+    if dup:
+        keys = keys[rng.integers(0, 200, n)]
+    save_npy(root / "tokens.npy", rng.integers(0, 50, n + 1).astype(np.int32))
+    files, start = [], 0
+    for s, rows in enumerate(sizes):
+        k, v, m = (root / "shards" / f"{kind}_{s:03d}.{ext}" for kind, ext in
+                   (("keys", "npy"), ("vals", "npy"), ("shard", "json")))
+        save_npy(k, keys[start : start + rows])
+        save_npy(v, rng.integers(0, 50, rows).astype(np.int32))
+        write_shard_meta(m, {**IDENT, "dim": dim}, s, start, start + rows, shard_digests(k, v))
+        files.append((str(k), str(v), str(m)))
+        start += rows
+    write_manifest({**IDENT, "dim": dim}, root / "tokens.npy", files, root / "manifest.json")
+    return root / "manifest.json"
+
+
+def sharded_build(manifest: Path, cfg: dict, out: Path, seed: int = 0) -> tuple[Path, Path]:
+    """train_index, add_shard for every shard, merge_index, as the rules run them; (index.faiss, index.json)."""
+    root = manifest.parent
+    n = len(json.loads(manifest.read_text())["shards"])
+    parts, metas = [], []
+    trained, tmeta = out / "index" / "trained.faiss", out / "index" / "trained.json"
+    if cfg["type"] != "Flat":
+        ix.train_index(manifest, cfg, seed, trained, tmeta)
+        for s in range(n):
+            parts.append(out / "index" / f"part_{s:03d}.faiss")
+            metas.append(out / "index" / f"part_{s:03d}.json")
+            ix.add_shard(trained, tmeta, root / "shards" / f"keys_{s:03d}.npy", root / "shards" / f"shard_{s:03d}.json",
+                         parts[-1], metas[-1])
+    ix.merge_index(manifest, cfg, trained, tmeta, parts, metas, out / "index.faiss", out / "index.json")
+    return out / "index.faiss", out / "index.json"
+
+
+def one_process(manifest: Path, trained: Path) -> faiss.Index:
+    """The same trained index, filled with every key in one process (ids 0..N-1 in shard order)."""
+    index = faiss.read_index(str(trained))
+    for keys in Datastore(manifest).keys:
+        ix.add_keys(index, keys)
+    return index
+
+
+def queries(n: int, dim: int = 32, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float16).astype(np.float32) * 2
+
+
+def test_ivfpq_train_add_merge_equals_one_process_build(tmp_path):
+    manifest = make_datastore(tmp_path / "ds", [1500, 977, 2100])
+    index_path, meta_path = sharded_build(manifest, IVFPQ, tmp_path / "ds")
+    meta = json.loads(meta_path.read_text())
+    assert meta["layout"] == "ondisk" and meta["ntotal"] == 4577 and not meta["exact"]
+    ds = Datastore(manifest)
+    merged, lmeta = ix.load_index(index_path, meta_path, ds, nprobe=4)
+    invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(merged).invlists)
+    assert isinstance(invlists, faiss.OnDiskInvertedLists)  # memory-mapped, not loaded
+    ref = one_process(manifest, tmp_path / "ds" / "index" / "trained.faiss")
+    faiss.extract_index_ivf(ref).nprobe = 4
+    q = queries(300)
+    d0, i0 = ref.search(q, 50)
+    d1, i1 = merged.search(q, 50)
+    np.testing.assert_array_equal(i1, i0)
+    np.testing.assert_array_equal(d1, d0)
+    assert (i0 >= 0).all() and len(np.unique(i0)) > 1000  # a real search: many distinct neighbours
+    # the inverted lists' path is stored relative: the index still loads after its directory is moved
+    del merged, invlists
+    moved = tmp_path / "elsewhere" / "ds"
+    shutil.move(tmp_path / "ds", moved)
+    again, _ = ix.load_index(moved / "index.faiss", moved / "index.json", Datastore(moved / "manifest.json"), 4)
+    assert faiss.downcast_InvertedLists(faiss.extract_index_ivf(again).invlists).filename == str(moved / ix.IVFDATA)
+    d2, i2 = again.search(q, 50)
+    np.testing.assert_array_equal(i2, i0)
+    np.testing.assert_array_equal(d2, d0)
+
+
+def test_polysemous_training_is_off_unless_asked(tmp_path):
+    manifest = make_datastore(tmp_path / "ds", [800, 800])
+    ds = Datastore(manifest)
+    for flag in (False, True):
+        index = ix.new_index({**IVFPQ, "nbits": 8, "polysemous": flag}, ds.dim)
+        assert faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training is flag
+
+
+@pytest.mark.parametrize("sizes", [[3000, 1700, 2333], [1024, 2048], [5000]])
+def test_sharded_flat_equals_one_flat_index_ties_by_row_id(tmp_path, sizes):
+    manifest = make_datastore(tmp_path / "ds", sizes, dup=True)  # 200 distinct keys: ties everywhere
+    ds = Datastore(manifest)
+    flat = faiss.IndexFlatL2(ds.dim)
+    for keys in ds.keys:
+        flat.add(np.asarray(keys, np.float32))
+    rng = np.random.default_rng(2)
+    q = np.concatenate([ds.gather_keys(rng.integers(0, ds.rows, 200)), queries(100)])  # exact hits and misses
+    sharded = ix.ShardedFlat(ds, rows=ix.BLAS_BLOCK)  # the smallest range: the most merges
+    for k in (1, 64, 2048):
+        d0, i0 = flat.search(q, k)
+        d1, i1 = sharded.search(q, k)
+        np.testing.assert_array_equal(d1, d0)
+        np.testing.assert_array_equal(i1, i0)
+    # ties are really broken by row id: within equal distances, ids ascend
+    tie = (np.diff(d1, axis=1) == 0)
+    assert tie.sum() > 1000 and (np.diff(i1, axis=1)[tie] > 0).all()
+    # and by brute force (float64): the 64 returned are the 64 nearest keys
+    keys = ds.gather_keys(np.arange(ds.rows)).astype(np.float64)
+    brute = ((q[:20, None, :].astype(np.float64) - keys[None]) ** 2).sum(-1)
+    for r in range(20):
+        np.testing.assert_allclose(brute[r][i1[r, :64]], np.sort(brute[r])[:64], rtol=1e-5, atol=1e-3)
+
+def test_sharded_flat_through_merge_index_and_load_index(tmp_path):
+    manifest = make_datastore(tmp_path / "ds", [1200, 900])
+    index_path, meta_path = sharded_build(manifest, {"type": "Flat"}, tmp_path / "ds")
+    meta = json.loads(meta_path.read_text())
+    assert meta["layout"] == "sharded" and meta["exact"] is True and meta["ntotal"] == 2100
+    assert index_path.stat().st_size < 200  # an empty IndexFlatL2: no float32 copy of the keys
+    ds = Datastore(manifest)
+    searcher, lmeta = ix.load_index(index_path, meta_path, ds)
+    assert isinstance(searcher, ix.ShardedFlat) and lmeta["exact"] is True
+    flat = faiss.IndexFlatL2(ds.dim)
+    flat.add(ds.gather_keys(np.arange(ds.rows)))
+    q = queries(64)
+    for got, want in zip(searcher.search(q, 100), flat.search(q, 100), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_parts_are_checked_against_their_digests_and_the_datastore(tmp_path):
+    manifest = make_datastore(tmp_path / "ds", [900, 800])
+    sharded_build(manifest, IVFPQ, tmp_path / "ds")
+    d = tmp_path / "ds" / "index"
+    parts = [d / "part_000.faiss", d / "part_001.faiss"]
+    metas = [d / "part_000.json", d / "part_001.json"]
+    args = (manifest, IVFPQ, d / "trained.faiss", d / "trained.json")
+    # parts swapped: each matches its own digest, but not the shard it is merged as
+    with pytest.raises(ArtifactError, match=r"part_001\.json: keys_sha256, start, rows differ from shard 0"):
+        ix.merge_index(*args, parts[::-1], metas[::-1], tmp_path / "o.faiss", tmp_path / "o.json")
+    data = bytearray(parts[1].read_bytes())
+    data[len(data) // 2] ^= 1
+    parts[1].write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"part_001\.faiss: sha256 differs from .*part_001\.json"):
+        ix.merge_index(*args, parts, metas, tmp_path / "o.faiss", tmp_path / "o.json")
+    assert not (tmp_path / "o.faiss").exists()
+    data = bytearray((tmp_path / "ds" / ix.IVFDATA).read_bytes())
+    data[10] ^= 1
+    (tmp_path / "ds" / ix.IVFDATA).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"index\.ivfdata: sha256 differs from .*index\.json \(altered\)"):
+        ix.load_index(tmp_path / "ds/index.faiss", tmp_path / "ds/index.json", Datastore(manifest))
+
+
+# ------------------------------------------------------------------------------------------ memory planning
+def _manifest(shards: list[int], dim: int = 1024) -> dict:
+    return {"dim": dim, "rows": sum(shards), "shards": [{"rows": r} for r in shards]}
+
+
+def test_memory_plan_of_add_shard_is_bounded_by_one_shard_and_search_by_a_range():
+    from workflow_scripts import memory
+
+    cfg = {**IVFPQ, "m": 64, "nbits": 8, "nlist": 4096, "train_sample": 1_000_000}
+    small, big = _manifest([9_500_000] * 4), _manifest([9_500_000] * 64)  # paper 1: 64 shards of 9.5M keys
+    assert memory.estimate_mb("add_shard", small, cfg) == memory.estimate_mb("add_shard", big, cfg)
+    assert memory.estimate_mb("merge_index", small, cfg) == memory.estimate_mb("merge_index", big, cfg)
+    keys_mb = big["rows"] * big["dim"] * 2 >> 20
+    flat = {"type": "Flat"}
+    assert memory.estimate_mb("retrieve", big, flat, 2048, 4096)[0] < keys_mb / 100  # ranges, not all keys
+    # what it counts grows as it should: codes with the shard, cache arrays with the queries of a job
+    one = memory.estimate_mb("add_shard", _manifest([1_000_000]), cfg)[0]
+    two = memory.estimate_mb("add_shard", _manifest([2_000_000]), cfg)[0]
+    assert two - one == pytest.approx(2 * 1_000_000 * memory.code_bytes(cfg) / 2**20, abs=1)
+    q1, q2 = (memory.estimate_mb("retrieve", big, flat, 2048, n)[0] for n in (100_000, 200_000))
+    assert q2 - q1 == pytest.approx(100_000 * (2048 * 16 + 1024 * 2) / 2**20, abs=1)
+    assert memory.estimate_mb("add_shard", None, cfg) == (memory.BASE_MB, "placeholder until the manifest exists")
+
+
+def test_a_job_with_less_memory_than_its_plan_stops_at_once_naming_the_plan_and_the_key(tmp_path, monkeypatch):
+    from workflow_scripts import memory
+
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "1000")
+    assert memory.available_mb() == (1000, "SLURM_MEM_PER_NODE")
+    manifest = make_datastore(tmp_path / "ds", [900, 800])
+    need = memory.estimate_mb("train_index", json.loads(manifest.read_text()), IVFPQ)[0]
+    with pytest.raises(memory.NotEnoughMemory) as e:
+        ix.train_index(manifest, IVFPQ, 0, tmp_path / "t.faiss", tmp_path / "t.json")
+    msg = str(e.value)
+    assert f"train_index needs about {need} MiB" in msg and "has 1000 MiB (SLURM_MEM_PER_NODE)" in msg
+    assert "lower index.train_sample" in msg and f"--set-resources train_index:mem_mb={need}" in msg
+    assert not (tmp_path / "t.faiss").exists()
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", str(need))
+    ix.train_index(manifest, IVFPQ, 0, tmp_path / "t.faiss", tmp_path / "t.json")  # exactly enough: it runs
+    assert (tmp_path / "t.faiss").exists()

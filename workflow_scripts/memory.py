@@ -1,0 +1,123 @@
+"""Memory planning: each heavy job's peak memory estimated from the manifest (rows, dim, shard sizes), the index
+config (code size, nlist) and K, before it runs. The rules ask the scheduler for it (``mem_mb`` callables in
+rules/*.smk, re-evaluated by Snakemake right before a job is scheduled, once its inputs exist), and the job prints
+it in its log and stops at once, naming the estimate and the config key to change, when its machine or allocation
+has less memory than that (instead of being killed for memory halfway through).
+
+Pure Python (json, os): the Snakefile imports it to build the DAG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class NotEnoughMemory(ValueError):
+    """The job's estimate exceeds what its machine or allocation has: stopped before it starts."""
+
+
+MiB = 1 << 20
+BASE_MB = 1500  # python, torch/faiss libraries, BLAS buffers: what a step holds before its data
+ADD_ROWS = 1 << 18  # index.ADD_ROWS: keys converted to float32 at a time when adding
+RANGE_BYTES = 256 << 20  # index.RANGE_BYTES: float32 keys held at a time by the sharded exact search
+SEARCH_BATCH = 1024  # queries searched at a time (retrieval.search)
+
+
+def chunk_unit(cfg: dict) -> int:
+    """Chunks of an eval set start on multiples of this many positions: whole model batches (``batch_size`` windows
+    of ``block_size``, whose context resets every block) and whole search batches, so that every forward pass and
+    every FAISS call of a chunk is one of the one-job run's, and the chunks' cache is that run's, byte for byte."""
+    return math.lcm(cfg["block_size"] * cfg["batch_size"], cfg.get("search_batch") or SEARCH_BATCH)
+
+
+def chunk_bounds(n: int, chunks: int, unit: int) -> list[tuple[int, int]]:
+    """Positions [0, n) in ``chunks`` contiguous ranges cut on multiples of ``unit`` (trailing ones empty when there
+    are fewer units than chunks)."""
+    units = -(-n // unit)
+    cuts = [min(n, round(i * units / chunks) * unit) for i in range(chunks + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(chunks)]
+
+
+def code_bytes(cfg: dict) -> int:
+    """Bytes per key in an IVFPQ inverted list: its PQ code and its 8-byte id."""
+    return -(-cfg["m"] * cfg["nbits"] // 8) + 8
+
+
+def estimate_mb(rule: str, manifest: dict | None, cfg: dict, k_max: int = 0, n_queries: int = 0) -> tuple[int, str]:
+    """(MiB, what it counts) for one job of ``rule``. Without a manifest (the DAG is built before the datastore
+    exists), a placeholder of BASE_MB; Snakemake asks again before it schedules the job."""
+    if manifest is None:
+        return BASE_MB, "placeholder until the manifest exists"
+    d, rows = manifest["dim"], manifest["rows"]
+    shard = max(s["rows"] for s in manifest["shards"])
+    ivf = cfg["type"] != "Flat"
+    if rule == "train_index":
+        n = min(rows, cfg.get("train_sample", 0)) if ivf else 0
+        parts = {"float32 sample x3 (sample, k-means, PQ training)": 3 * n * d * 4,
+                 "centroids": cfg.get("nlist", 0) * d * 4}
+    elif rule == "add_shard":
+        parts = {"float32 chunk of keys": min(shard, ADD_ROWS) * d * 4,
+                 "codes + ids of the largest shard x2 (growth, write)": 2 * shard * code_bytes(cfg) if ivf else 0}
+    elif rule == "merge_index":
+        parts = {"list sizes and offsets": 64 * cfg.get("nlist", 0)}  # the lists themselves are memory-mapped
+    elif rule in ("retrieve", "score_task"):
+        n = n_queries
+        parts = {
+            "cache arrays (dists, vals, ids, float16 queries)": n * (k_max * 16 + d * 2),
+            "one search batch (candidates, merge)": SEARCH_BATCH * k_max * 12 * 3,
+            "exact re-rank: gathered float32 keys": (
+                SEARCH_BATCH * k_max * d * 4 if ivf and cfg.get("distances", "exact") == "exact" else 0
+            ),
+            "one range of float32 keys (sharded Flat)": 0 if ivf else min(rows * d * 4, RANGE_BYTES),
+        }
+    else:
+        raise ValueError(f"no memory plan for rule {rule}")
+    mb = BASE_MB + sum(parts.values()) // MiB
+    what = ", ".join(f"{k} {v // MiB} MiB" for k, v in parts.items() if v) or "libraries only"
+    return int(mb), f"{BASE_MB} MiB base + {what}"
+
+
+def read_manifest(path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def available_mb() -> tuple[int, str]:
+    """The memory this job may use, in MiB, and where that comes from: Slurm's allocation, the cgroup's limit, or the
+    machine's total."""
+    if os.environ.get("SLURM_MEM_PER_NODE"):
+        return int(os.environ["SLURM_MEM_PER_NODE"]), "SLURM_MEM_PER_NODE"
+    if os.environ.get("SLURM_MEM_PER_CPU") and os.environ.get("SLURM_CPUS_ON_NODE"):
+        return int(os.environ["SLURM_MEM_PER_CPU"]) * int(os.environ["SLURM_CPUS_ON_NODE"]), "SLURM_MEM_PER_CPU"
+    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            v = Path(f).read_text().strip()
+        except OSError:
+            continue
+        if v.isdigit() and int(v) < 1 << 60:
+            return int(v) // MiB, f
+    with open("/proc/meminfo") as fh:
+        total = next(int(line.split()[1]) for line in fh if line.startswith("MemTotal:"))
+    return total // 1024, "/proc/meminfo MemTotal"
+
+
+def check(rule: str, manifest: dict, cfg: dict, key: str, k_max: int = 0, n_queries: int = 0) -> int:
+    """Log the job's estimate; stop with one line naming it and ``key`` (the config key that lowers it) when the
+    machine or allocation has less."""
+    mb, what = estimate_mb(rule, manifest, cfg, k_max, n_queries)
+    have, source = available_mb()
+    log.info("memory plan for %s: about %d MiB (%s); %d MiB available (%s)", rule, mb, what, have, source)
+    if mb > have:
+        raise NotEnoughMemory(
+            f"{rule} needs about {mb} MiB ({what}), but this machine or allocation has {have} MiB ({source}); "
+            f"lower {key}, or give the job more memory (snakemake --set-resources {rule}:mem_mb={mb})"
+        )
+    return mb
