@@ -129,7 +129,10 @@ def test_tasks_and_analyses_configs_are_the_micro_config_plus_their_own_stages()
     assert twin == {"source": "train", "train": {**micro["models"]["micro-gpt2"]["train"], "start_token": True}}
     assert paper["datastores"].pop("micro-bos") == {**micro["datastores"]["micro"], "model": "micro-bos"}
     assert {k: v for k, v in paper.items() if k != "tasks"} == {k: v for k, v in micro.items() if k != "tasks"}
-    full = _raw("full")  # the analyses config with the task stages: its run starts from the analyses run
+    full = _raw("full")  # the analyses config with the task stages and the scaling study (one datastore subsampled
+    # for real from micro's rows): its run starts from the analyses run
+    assert full["datastores"].pop("micro_tenth") == {"subsample": {"of": "micro", "fraction": 0.1, "seed": 5}}
+    assert full.pop("scaling") == {"datastores": ["micro"], "seed": 5, "n_boot": 200}
     assert {k: v for k, v in full.items() if k != "tasks"} == {k: v for k, v in analyses_raw().items() if k != "tasks"}
     assert full["tasks"] == tasks["tasks"]
 

@@ -30,7 +30,8 @@ def _rules_running_steps() -> set[str]:
 def _everything_config(tmp_path) -> dict:
     """tests/configs/analyses.yaml plus the synthetic task suite, a local generate task (scored with the
     perplexity summary), a hub model (model_identity, tokenize with its model.json) with a datastore and a hub
-    task on it, and the micro model trained in chunks: every rule of the workflow gets a job."""
+    task on it, the micro model trained in chunks, a datastore subsampled from micro's rows and the scaling study:
+    every rule of the workflow gets a job."""
     cfg = load_test_config("analyses")
     local = tmp_path / "mine.jsonl"
     local.write_text((ROOT / "tests/fixtures/tasks/gsm8k.jsonl").read_text())
@@ -45,6 +46,8 @@ def _everything_config(tmp_path) -> dict:
     cfg["models"]["hubby"] = {"source": "hub", "path": "gpt2"}
     cfg["datastores"]["hub"] = {"model": "hubby", "corpus": "micro", "split": "train", "shards": 1}
     cfg["models"]["micro-gpt2"]["train"]["chunk_steps"] = 10
+    cfg["datastores"]["micro_half"] = {"subsample": {"of": "micro", "fraction": 0.5}}
+    cfg["scaling"] = {"datastores": ["micro"]}
     return cfg
 
 

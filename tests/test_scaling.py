@@ -1,0 +1,181 @@
+"""The datastore-size scaling study (workflow_scripts/scaling.py): u(row), subsample after retrieve, the fits."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workflow_scripts import scaling
+
+
+# ------------------------------------------------------------------------------------------ u(row)
+def test_u_is_a_function_of_seed_and_row_alone():
+    rows = np.arange(50_000)
+    u = scaling.uniform(7, rows)
+    assert u.dtype == np.float64 and ((u >= 0) & (u < 1)).all()
+    # the same numbers in any order, any chunking, any shape (shard layout, eval set, job)
+    perm = np.random.default_rng(0).permutation(rows)
+    np.testing.assert_array_equal(scaling.uniform(7, perm), u[perm])
+    np.testing.assert_array_equal(np.concatenate([scaling.uniform(7, c) for c in np.array_split(rows, 7)]), u)
+    np.testing.assert_array_equal(scaling.uniform(7, rows.reshape(100, 500)), u.reshape(100, 500))
+    # another seed, other numbers
+    assert (scaling.uniform(8, rows) != u).mean() > 0.999
+
+
+def test_u_matches_a_scalar_splitmix64_written_out():
+    def mix(x):
+        m = (1 << 64) - 1
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+        return x ^ (x >> 31)
+
+    g = 0x9E3779B97F4A7C15
+    for seed in (0, 1, 12345, 2**62):
+        state = mix((seed + g) & ((1 << 64) - 1))
+        for r in (0, 1, 2, 1000, 2**40):
+            want = (mix((state + (r + 1) * g) & ((1 << 64) - 1)) >> 11) / 2**53
+            assert scaling.uniform(seed, [r])[0] == want
+
+
+def test_u_is_uniform_and_subsets_are_nested():
+    u = scaling.uniform(3, np.arange(200_000))
+    counts, _ = np.histogram(u, bins=20, range=(0, 1))
+    assert np.abs(counts / 10_000 - 1).max() < 0.05  # each bin within 5% of 10k
+    fracs = [0.01, 0.03, 0.1, 0.3, 1.0]
+    subs = [set(scaling.subset_rows(200_000, f, 3).tolist()) for f in fracs]
+    for small, big in zip(subs, subs[1:], strict=False):
+        assert small < big
+    assert subs[-1] == set(range(200_000))
+    for f, s in zip(fracs, subs, strict=True):
+        assert abs(len(s) / 200_000 - f) < 4 * np.sqrt(f * (1 - f) / 200_000) + 1e-9
+    # subset_rows in chunks is the same as in one piece
+    np.testing.assert_array_equal(scaling.subset_rows(200_000, 0.1, 3, chunk=999),
+                                  np.flatnonzero(u < 0.1))
+
+
+def test_u_refuses_negative_rows():
+    with pytest.raises(ValueError, match="rows must be >= 0"):
+        scaling.uniform(0, [-1, 2])
+
+
+# ------------------------------------------------------------------------------------------ subsample after retrieve
+def brute_force(keys, queries, K):
+    d = ((queries[:, None, :] - keys[None, :, :]) ** 2).sum(-1)
+    order = np.argsort(d, axis=1, kind="stable")[:, :K]
+    return np.take_along_axis(d, order, 1).astype(np.float32), order
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(20, 200), K=st.integers(1, 20), need=st.integers(1, 20), fraction=st.floats(0.05, 1.0),
+       seed=st.integers(0, 2**31), q=st.integers(1, 30))
+def test_subsample_after_retrieve_equals_a_search_of_the_subset(n, K, need, fraction, seed, q):
+    """The first `need` subset neighbours taken from a K-neighbour cache, or searched again when the cache holds too
+    few, are exactly the `need` nearest rows of the subset by brute force."""
+    need = min(need, K)
+    rng = np.random.default_rng(seed)
+    keys, queries = rng.normal(size=(n, 4)), rng.normal(size=(q, 4))
+    rows = scaling.subset_rows(n, fraction, seed)
+    if len(rows) < need:
+        return
+    dists, ids = brute_force(keys, queries, min(K, n))
+    calls = []
+
+    def search_subset(qs, k):
+        calls.append(len(qs))
+        d, i = brute_force(keys[rows], qs, k)
+        return d, rows[i]
+
+    d, i, searched = scaling.subsample_neighbours(
+        dists, ids, queries, lambda x: scaling.in_subset(seed, fraction, x), need, search_subset, chunk=7
+    )
+    want_d, want_i = brute_force(keys[rows], queries, need)
+    np.testing.assert_array_equal(i, rows[want_i])
+    np.testing.assert_allclose(d, want_d, rtol=1e-6)
+    in_cache = scaling.in_subset(seed, fraction, ids).sum(axis=1)
+    np.testing.assert_array_equal(searched, in_cache < need)
+    assert sum(calls) == searched.sum() and len(calls) == int(searched.any())
+
+
+def test_loglinear_fit_recovers_a_line_and_fits_replicates_at_once():
+    x = np.array([1e3, 1e4, 1e5, 1e6])
+    y = 5.0 - 0.25 * np.log10(x)
+    b, a = scaling.loglinear_fit(x, y)
+    assert b == pytest.approx(-0.25) and a == pytest.approx(5.0)
+    ys = np.stack([y, 2 * y, y + 1])
+    bs, _ = scaling.loglinear_fit(x, ys)
+    np.testing.assert_allclose(bs, [-0.25, -0.5, -0.25])
+    # against numpy's least squares
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=4)
+    assert scaling.loglinear_fit(x, y)[0] == pytest.approx(np.polyfit(np.log10(x), y, 1)[0])
+
+
+def test_block_resamples_draw_whole_blocks():
+    idx = scaling.block_resamples(100, 10, 50, seed=1)
+    assert idx.shape == (50, 100)
+    for r in idx:
+        blocks = r.reshape(10, 10)
+        assert (np.diff(blocks, axis=1) == 1).all() and (blocks[:, 0] % 10 == 0).all()
+
+
+# ------------------------------------------------------------------------------------------ against a real datastore
+FRACTIONS = [0.01, 0.03, 0.1, 0.3, 1.0]
+
+
+def real_and_subsampled(work, fraction, ks, seed, out):
+    """(sweep table, per-position log p_knn [σ, k, N]) on the fraction-f datastore two ways: subsample-after-retrieve
+    from the full datastore's cache (scaling.scale_sweep), and a datastore built for real from the same rows
+    (scaling.write_subsample: its own Flat index, its own retrieval of the eval set, the sweep stage's run_sweep).
+    Run from the run directory ``work`` (model.json's paths are relative to it)."""
+    import polars as pl
+
+    from workflow_scripts import index, knnlm, retrieval, sweep
+
+    r = Path("results")
+    manifest, model = r / "datastores/micro/manifest.json", r / "models/micro-gpt2/model.json"
+    grid = {"lambdas": [0.0, 0.25, 0.5], "ks": ks, "sigmas": [1.0, 10.0]}
+    p = {"fraction": fraction, "seed": seed, "grid": grid}
+    sub = out / "sub"
+    scaling.scale_sweep(r / "retrieval/valid/micro", manifest, r / "datastores/micro/index.faiss",
+                        r / "datastores/micro/index.json", p, sub / "positions.npz", sub / "ppl.csv",
+                        sub / "ppl.parquet", sub / "meta.json")
+    arrays, meta = scaling.load_positions(sub / "positions.npz", sub / "meta.json")
+    real = out / "real"
+    scaling.write_subsample(manifest, fraction, seed, model, r / "tokens/micro-gpt2/micro/train.npy", real)
+    index.build_index(real / "manifest.json", {"type": "Flat"}, 0, real / "index.faiss", real / "index.json")
+    cfg = {"k_max": 32, "max_tokens": 300, "block_size": 32, "batch_size": 8, "device": "cpu"}
+    retrieval.retrieve(model, real / "manifest.json", real / "index.faiss", real / "index.json",
+                       r / "tokens/micro-gpt2/micro/valid.npy", cfg, real / "cache")
+    want = sweep.run_sweep(real / "cache", real / "manifest.json", grid, real / "ppl.csv", real / "ppl.parquet")
+    c = retrieval.load_cache(real / "cache")
+    want_lp = np.stack([np.stack([v for _, v in sorted(knnlm.knn_target_logprobs(
+        c["dists"], c["vals"], c["targets"], ks, s).items())]) for s in grid["sigmas"]])
+    return pl.read_parquet(sub / "ppl.parquet"), want, arrays, want_lp, meta
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fraction", FRACTIONS)
+def test_subsample_after_retrieve_equals_a_datastore_built_from_the_same_rows(micro_run, tmp_path, fraction,
+                                                                              monkeypatch):
+    """At every fraction, the whole grid's perplexity and every position's log p_knn from the full datastore's one
+    retrieval equal those of a datastore built for real from the fraction's rows (its own Flat index and retrieval),
+    to float precision. With the grid's largest k at 32 = K_max, every position below fraction 1 needs the second
+    search; with k up to 8 of the 32 cached, some positions are served from the cache and others searched again."""
+    monkeypatch.chdir(micro_run)
+    for ks in ([1, 8, 32], [1, 8]):
+        got, want, arrays, want_lp, meta = real_and_subsampled(micro_run, fraction, ks, 11, tmp_path / str(len(ks)))
+        assert got.select("lambda", "k", "sigma").equals(want.select("lambda", "k", "sigma"))
+        np.testing.assert_allclose(got["ppl"].to_numpy(), want["ppl"].to_numpy(), rtol=1e-6)
+        np.testing.assert_array_equal(got["base_ppl"].to_numpy(), want["base_ppl"].to_numpy())
+        np.testing.assert_allclose(arrays["knn_logprob"], want_lp, rtol=1e-5, atol=1e-6)
+        n = meta["n_tokens"]
+        assert meta["rows"] == len(scaling.subset_rows(meta["datastore_rows"], fraction, 11))
+        if fraction == 1.0:
+            assert meta["second_search"] == 0
+        elif ks[-1] == 32:
+            assert meta["second_search"] == n
+        elif fraction >= 0.3:  # both paths taken: cached subset neighbours for some positions, a search for others
+            assert 0 < meta["second_search"] < n
+        assert arrays["searched"].sum() == meta["second_search"]
