@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workflow_scripts import scaling
+from workflow_scripts.artifacts import read_json
 
 
 # ------------------------------------------------------------------------------------------ u(row)
@@ -179,3 +180,95 @@ def test_subsample_after_retrieve_equals_a_datastore_built_from_the_same_rows(mi
         elif fraction >= 0.3:  # both paths taken: cached subset neighbours for some positions, a search for others
             assert 0 < meta["second_search"] < n
         assert arrays["searched"].sum() == meta["second_search"]
+
+
+# ------------------------------------------------------------------------------------------ the pipeline (full run)
+@pytest.mark.slow
+def test_a_subsample_datastore_built_for_real_retrieves_what_subsample_after_retrieve_gives(full_run):
+    """datastores.micro_tenth (subsample of micro, fraction 0.1, seed 5) is built by copying micro's rows; its own
+    index, retrieval and sweep give the grid the scaling study computes at fraction 0.1 from micro's one retrieval."""
+    import polars as pl
+
+    from workflow_scripts.datastore import Datastore
+
+    r = full_run[0] / "results"
+    parent = Datastore(r / "datastores/micro/manifest.json")
+    child = Datastore(r / "datastores/micro_tenth/manifest.json")
+    rows = np.load(r / "datastores/micro_tenth/rows.npy")
+    np.testing.assert_array_equal(rows, scaling.subset_rows(parent.rows, 0.1, 5))
+    np.testing.assert_array_equal(child.gather_keys(np.arange(child.rows)), parent.gather_keys(rows))
+    np.testing.assert_array_equal(child.gather_vals(np.arange(child.rows)), parent.gather_vals(rows))
+    assert child.manifest["subsample"]["manifest_sha256"] == parent.hash
+    for e in ("valid", "test"):
+        real = pl.read_parquet(r / f"sweeps/{e}/micro_tenth/perplexity.parquet")
+        sub = pl.read_parquet(r / f"scaling/{e}/micro/0.1/perplexity.parquet")
+        assert real.select("lambda", "k", "sigma").equals(sub.select("lambda", "k", "sigma"))
+        np.testing.assert_allclose(sub["ppl"].to_numpy(), real["ppl"].to_numpy(), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_scaling_tables_agree_with_the_full_datastore_and_hold_their_invariants(full_run):
+    """At fraction 1 the study is the ordinary sweep and task stages (same perplexity, same chosen point, same task
+    Δ); the subsets are the same for every eval set; the frequency buckets partition the eval positions."""
+    import polars as pl
+
+    r = full_run[0] / "results"
+    ppl = pl.read_parquet(r / "tables/scaling/micro/perplexity.parquet")
+    assert sorted(ppl["fraction"].unique().to_list()) == FRACTIONS
+    summary = pl.read_parquet(r / "tables/perplexity_summary.parquet").filter(pl.col("datastore") == "micro")
+    full = ppl.filter(pl.col("fraction") == 1.0).sort("eval_set")
+    for c in ("knn_ppl", "base_ppl", "oracle_ppl", "lambda", "k", "sigma"):
+        np.testing.assert_allclose(full[c].to_numpy(), summary.sort("eval_set")[c].to_numpy(), rtol=1e-12)
+    assert (full["second_search"] == 0).all() and (ppl.filter(pl.col("fraction") < 1)["second_search"] == 300).all()
+    for f in FRACTIONS:  # one subset per fraction, whatever the eval set
+        metas = [read_json(r / f"scaling/{e}/micro/{scaling.fraction_name(f)}/meta.json") for e in ("valid", "test")]
+        assert metas[0]["rows"] == metas[1]["rows"] == len(scaling.subset_rows(metas[0]["datastore_rows"], f, 5))
+    sizes = ppl.group_by("fraction").agg(pl.col("datastore_tokens").n_unique())["datastore_tokens"]
+    assert (sizes == 1).all() and ppl.sort("fraction")["datastore_tokens"].is_sorted()
+    freq = pl.read_parquet(r / "tables/scaling/micro/frequency.parquet")
+    assert (freq.group_by("eval_set", "fraction").agg(pl.col("n_tokens").sum())["n_tokens"] == 300).all()
+    # task Δ at fraction 1: the task stages' own, at the same perplexity-chosen point
+    tasks = pl.read_parquet(r / "tables/task_summary.parquet").filter(pl.col("datastore") == "micro")
+    delta = pl.read_parquet(r / "tables/scaling/micro/task_delta.parquet")
+    at1 = delta.filter((pl.col("fraction") == 1.0) & (pl.col("level") == "task")).sort("group")
+    np.testing.assert_allclose(at1["delta"].to_numpy(), tasks.sort("task")["delta"].to_numpy(), atol=1e-12)
+    assert at1["lambda"].to_list() == tasks.sort("task")["lambda"].to_list()
+    assert (delta.filter(pl.col("fraction") == 1.0)["second_search"] == 0).all()
+    assert set(delta.filter(pl.col("level") == "category")["group"]) == {"memory", "reasoning"}
+    assert ((delta["lo"] <= delta["delta"]) & (delta["delta"] <= delta["hi"])).all()
+    fits = pl.read_parquet(r / "tables/scaling/micro/task_fits.parquet")
+    assert set(fits.filter(pl.col("curve") == "task Δ (category)")["group"]) == {"memory", "reasoning"}
+    assert ((fits["lo"] <= fits["slope_per_decade"]) & (fits["slope_per_decade"] <= fits["hi"])).all()
+    for fig in ("perplexity", "tasks", "frequency"):
+        assert (r / f"figures/scaling/micro/{fig}.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_rerun_of_one_fraction_gives_the_same_arrays(full_run, tmp_path):
+    """u(row) and the second search are deterministic: the study's per-position arrays, computed again, are equal."""
+    r = full_run[0] / "results"
+    p = {"fraction": 0.03, "seed": 5, "grid": {"lambdas": [0.0, 0.25, 0.5], "ks": [1, 8, 32], "sigmas": [1, 10]}}
+    ds = r / "datastores/micro"
+    scaling.scale_sweep(r / "retrieval/test/micro", ds / "manifest.json", ds / "index.faiss", ds / "index.json", p,
+                        tmp_path / "p.npz", tmp_path / "p.csv", tmp_path / "p.parquet", tmp_path / "meta.json")
+    again, _ = scaling.load_positions(tmp_path / "p.npz", tmp_path / "meta.json")
+    run = r / "scaling/test/micro/0.03"
+    first, _ = scaling.load_positions(run / "positions.npz", run / "meta.json")
+    for k in first:
+        np.testing.assert_array_equal(again[k], first[k])
+
+
+@pytest.mark.slow
+def test_adding_a_fraction_reruns_only_the_scaling_stages(full_run, tmp_path):
+    import yaml
+    from conftest import config_path, job_stats, snakemake
+
+    work = full_run[0]
+    cfg = yaml.safe_load(config_path("full").read_text())
+    cfg["scaling"]["fractions"] = [*FRACTIONS, 0.5]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(work, "-n", "--configfile", str(tmp_path / "c.yaml"))
+    jobs = job_stats(proc.stdout + proc.stderr)
+    assert jobs["scaling_sweep"] == 2  # the new fraction, for each eval set
+    assert set(jobs) == {"scaling_sweep", "scaling_summary", "scaling_tasks", "figure_scaling_perplexity",
+                         "figure_scaling_tasks", "figure_scaling_frequency", "all"}
