@@ -113,12 +113,17 @@ def test_loglinear_fit_recovers_a_line_and_fits_replicates_at_once():
     assert scaling.loglinear_fit(x, y)[0] == pytest.approx(np.polyfit(np.log10(x), y, 1)[0])
 
 
-def test_block_resamples_draw_whole_blocks():
-    idx = scaling.block_resamples(100, 10, 50, seed=1)
-    assert idx.shape == (50, 100)
-    for r in idx:
-        blocks = r.reshape(10, 10)
-        assert (np.diff(blocks, axis=1) == 1).all() and (blocks[:, 0] % 10 == 0).all()
+def test_block_bootstrap_means_resample_whole_blocks_shared_by_every_row():
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=(3, 103))
+    got = scaling.block_bootstrap_means(values, 10, 40, seed=1)
+    # by hand: the same block draws, each replicate the mean over the positions of its blocks
+    pick = np.random.default_rng(1).integers(0, 11, size=(40, 11))
+    for b, p in enumerate(pick):
+        idx = np.concatenate([np.arange(10 * j, min(10 * j + 10, 103)) for j in p])
+        np.testing.assert_allclose(got[b], values[:, idx].mean(axis=1), rtol=1e-12)
+    # constant rows give constant replicates
+    assert np.allclose(scaling.block_bootstrap_means(np.ones((2, 50)), 7, 20, 0), 1.0)
 
 
 # ------------------------------------------------------------------------------------------ against a real datastore
@@ -270,5 +275,6 @@ def test_adding_a_fraction_reruns_only_the_scaling_stages(full_run, tmp_path):
     proc = snakemake(work, "-n", "--configfile", str(tmp_path / "c.yaml"))
     jobs = job_stats(proc.stdout + proc.stderr)
     assert jobs["scaling_sweep"] == 2  # the new fraction, for each eval set
+    # the study's stages, and the table of every job's time, which reads their benchmark files
     assert set(jobs) == {"scaling_sweep", "scaling_summary", "scaling_tasks", "figure_scaling_perplexity",
-                         "figure_scaling_tasks", "figure_scaling_frequency", "all"}
+                         "figure_scaling_tasks", "figure_scaling_frequency", "stage_times", "all"}

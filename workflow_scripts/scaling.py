@@ -231,14 +231,17 @@ def loglinear_fit(x_tokens, y) -> tuple[float, float]:
     return b, y.mean(axis=-1) - b * x.mean()
 
 
-def block_resamples(n: int, block: int, n_boot: int, seed: int) -> np.ndarray:
-    """Bootstrap replicates of positions 0..n-1 [n_boot, n'] by whole blocks of ``block`` consecutive positions
-    (a retrieval window: neighbouring positions share their context, so they are not independent draws)."""
+def block_bootstrap_means(values, block: int, n_boot: int, seed: int) -> np.ndarray:
+    """Bootstrap replicates [n_boot, F] of the mean of each row of ``values`` [F, N], resampling whole blocks of
+    ``block`` consecutive positions (a retrieval window: neighbouring positions share their context, so they are not
+    independent draws), the same blocks for every row; each replicate is the mean over the positions of its blocks."""
+    values = np.asarray(values, np.float64)
+    n = values.shape[1]
     starts = np.arange(0, n, block)
+    sums = np.add.reduceat(values, starts, axis=1)  # [F, n_blocks]
+    sizes = np.diff(np.append(starts, n))
     pick = np.random.default_rng(seed).integers(0, len(starts), size=(n_boot, len(starts)))
-    idx = [np.concatenate([np.arange(s, min(s + block, n)) for s in starts[r]]) for r in pick]
-    m = min(len(i) for i in idx)
-    return np.stack([i[:m] for i in idx])
+    return np.stack([sums[:, p].sum(axis=1) / sizes[p].sum() for p in pick])
 
 
 FREQ_BUCKETS = [(0, 0), (1, 9), (10, 99), (100, 999), (1000, 9999), (10000, None)]
@@ -285,7 +288,7 @@ def summarize_scaling(runs: dict[tuple[str, str], tuple[Path, Path, Path]], p: d
                                  "base_ppl": knnlm.perplexity(base_lp[m]), "knn_ppl": knnlm.perplexity(lp[m]),
                                  "gain_nats": float(np.mean(lp[m] - base_lp[m]))})
         lps = np.stack(lps)  # [F, N]: the same positions at every fraction, so one resample serves all of them
-        boot = np.exp(-lps[:, block_resamples(lps.shape[1], block, n_boot, seed)].mean(axis=-1)).T  # [B, F]
+        boot = np.exp(-block_bootstrap_means(lps, block, n_boot, seed))  # [B, F] perplexities
         ci = np.quantile(boot, [0.025, 0.975], axis=0).T
         x = np.asarray([pos[e, f][1]["rows"] for f in fs], np.float64)
         for f, (lo, hi) in zip(fs, ci, strict=True):
