@@ -61,8 +61,12 @@ def test_shipped_config_validates_with_defaults():
         "seed", "corpora", "models", "datastores", "eval_sets", "extraction", "index", "sweep", "tasks", "analyses",
         "scaling",
     }
-    assert c["scaling"] == {"datastores": ["synthwiki"], "fractions": [0.01, 0.03, 0.1, 0.3, 1], "seed": 0,
+    assert c["scaling"] == {"datastores": ["synthwiki"], "fractions": [0.003, 0.01, 0.03, 0.1, 1], "seed": 0,
                             "n_boot": 1000}
+    c.pop("scaling")  # the schema's defaults, as the docs give them
+    c["scaling"] = {"datastores": ["synthwiki"]}
+    assert validate(copy.deepcopy(c))["scaling"]["fractions"] == [0.01, 0.03, 0.1, 0.3, 1]
+    c = load(ROOT / "config.yaml")
     a = c["analyses"]  # paper 2's values filled in where the config leaves them
     assert a["macondo"]["knn"] == {"k": 1024, "lambda": 0.25, "sigma": 1.0}
     assert a["macondo"]["generate"]["n_villagers"] == 500 and a["macondo"]["generate"]["n_train"] == 1500
