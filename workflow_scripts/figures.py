@@ -215,6 +215,16 @@ def _fit_line(ax, fit: dict, x, color, label: str) -> None:
             label=f"{label} fit: {fit['slope_per_decade']:+.3f}/decade [{fit['lo']:+.3f}, {fit['hi']:+.3f}]")
 
 
+def _size_axes(ax, ylabel: str, title: str) -> None:
+    """A scaling figure's axes: datastore tokens on a log scale, the legend outside."""
+    ax.set_xscale("log")
+    ax.set_xlabel("datastore tokens (fraction of the datastore, log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
 def _fits(path) -> dict:
     return {r["group"]: r for r in pl.read_parquet(path).iter_rows(named=True)}
 
@@ -236,12 +246,7 @@ def figure_scaling_perplexity(params: dict, table: Path, fits: Path, png: Path, 
                         textcoords="offset points", xytext=(3, 4 + 8 * i), color=f"C{i}")
         if ev in fit:
             _fit_line(ax, fit[ev], x, f"C{i}", ev)
-    ax.set_xscale("log")
-    ax.set_xlabel("datastore tokens (fraction of the datastore, log scale)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(params["title"])
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    _size_axes(ax, "perplexity", params["title"])
     save(fig, png, pdf)
 
 
@@ -261,12 +266,7 @@ def figure_scaling_tasks(params: dict, table: Path, fits: Path, png: Path, pdf: 
         if cat in fit:
             _fit_line(ax, fit[cat], x, c, cat)
     ax.axhline(0, color="grey", lw=1, ls="--")
-    ax.set_xscale("log")
-    ax.set_xlabel("datastore tokens (fraction of the datastore, log scale)")
-    ax.set_ylabel("Δ = kNN-LM − base LM (95% bootstrap CI)")
-    ax.set_title(params["title"])
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    _size_axes(ax, "Δ = kNN-LM − base LM (95% bootstrap CI)", params["title"])
     save(fig, png, pdf)
 
 
