@@ -99,6 +99,38 @@ def test_subsample_after_retrieve_equals_a_search_of_the_subset(n, K, need, frac
     assert sum(calls) == searched.sum() and len(calls) == int(searched.any())
 
 
+class _Keys:
+    """The part of a Datastore that the subset search reads: its dimension and its keys by global row."""
+
+    def __init__(self, keys):
+        self.keys, self.dim = keys, keys.shape[1]
+
+    def gather_keys(self, ids):
+        return self.keys[ids].astype(np.float32)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_the_subset_search_returns_the_subsets_nearest_rows(exact):
+    """Flat: a Flat index over the subset's keys; IVF: the parent index with an ID selector of the subset (here
+    probing every list, so it must find the exact answer too, distances recomputed from the keys)."""
+    import faiss
+
+    rng = np.random.default_rng(4)
+    keys, queries = rng.normal(size=(3000, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32)
+    rows = scaling.subset_rows(3000, 0.2, 9)
+    index = None
+    if not exact:
+        index = faiss.index_factory(8, "IVF16,Flat")
+        index.train(keys)
+        index.add(keys)
+    search = scaling.SubsetSearch(_Keys(keys), rows, index, exact=exact, nprobe=16)
+    d, i = search(queries, 25)
+    want_d, want_i = brute_force(keys[rows], queries, 25)
+    np.testing.assert_array_equal(i, rows[want_i])
+    np.testing.assert_allclose(d, want_d, rtol=1e-4, atol=1e-5)
+    assert scaling.in_subset(9, 0.2, i).all()
+
+
 def test_loglinear_fit_recovers_a_line_and_fits_replicates_at_once():
     x = np.array([1e3, 1e4, 1e5, 1e6])
     y = 5.0 - 0.25 * np.log10(x)
