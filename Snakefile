@@ -22,6 +22,8 @@ include: "rules/sweep.smk"
 include: "rules/figures.smk"
 # paper 1's evaluation (workflow_scripts/tasks/)
 include: "rules/tasks.smk"
+# the datastore-size scaling study (workflow_scripts/scaling.py, tasks/scaling.py)
+include: "rules/scaling.smk"
 # paper 2's analyses (workflow_scripts/analyses/)
 include: "rules/macondo.smk"
 include: "rules/projection.smk"

@@ -301,6 +301,9 @@ def select_on(ds=None):
 
 # every (eval set, datastore) pair: one retrieval cache, one sweep, one figure each
 SWEEPS = sorted((e, d) for d in DATASTORES for e in EVAL_SETS)
+# datastores extracted from a model (extract_keys), and those copied from another's rows (subsample_datastore)
+SUBSAMPLED = [d for d, spec in DATASTORES.items() if "subsample" in spec]
+EXTRACTED = [d for d in DATASTORES if d not in SUBSAMPLED]
 
 
 # ----------------------------------------------------------------------------- tasks (paper 1)
@@ -394,6 +397,38 @@ def task_summary_input(wildcards):
     return {}
 
 
+# ----------------------------------------------------------------------------- the datastore-size scaling study
+SCALING = config.get("scaling") or {}
+SCALING_DATASTORES = SCALING.get("datastores", [])
+# fractions as they appear in paths and tables (workflow_scripts/scaling.py fraction_name)
+SCALING_FRACTIONS = [f"{float(f):g}" for f in sorted(SCALING.get("fractions", []))]
+SCALING_TABLES = ["perplexity", "grid", "fits", "frequency"]
+
+
+def scaling_tasks_of(ds):
+    """The tasks of a scaling datastore whose caches can be subsampled (teacher-forced kinds, not generate)."""
+    if ds not in SCALING_DATASTORES:
+        return []
+    return [
+        t for d, t in TASK_RUNS if d == ds and TASK_REGISTRY[t]["kind"] != "generate"
+    ]
+
+
+def scaling_outputs():
+    out = []
+    for d in SCALING_DATASTORES:
+        out += [f"results/tables/scaling/{d}/{t}.csv" for t in SCALING_TABLES]
+        out += [
+            f"results/figures/scaling/{d}/{f}.png" for f in ("perplexity", "frequency")
+        ]
+        if scaling_tasks_of(d):
+            out += [
+                f"results/tables/scaling/{d}/task_delta.csv",
+                f"results/figures/scaling/{d}/tasks.png",
+            ]
+    return out
+
+
 def task_outputs():
     if not TASK_RUNS:
         return []
@@ -420,6 +455,7 @@ def all_outputs():
         *expand("results/models/{model}/loss.csv", model=TRAINED_AND_USED),
         *task_outputs(),
         *analyses_outputs(),
+        *scaling_outputs(),
     ]
 
 
@@ -432,6 +468,7 @@ wildcard_constraints:
     shard=r"\d{3}",
     chunk=r"\d{3}",
     task=names_regex(TASK_NAMES),
+    fraction=names_regex(SCALING_FRACTIONS),
 
 
 # Cheap aggregation jobs, and the checks of a retrieval or task cache before its sweep (verify_*), run on the
@@ -456,6 +493,10 @@ localrules:
     paper2_comparison,
     verify_retrieval,
     verify_task_cache,
+    scaling_summary,
+    figure_scaling_perplexity,
+    figure_scaling_tasks,
+    figure_scaling_frequency,
 
 
 # ----------------------------------------------------------------------------- analyses (paper 2)
@@ -558,8 +599,13 @@ def paper2_inputs():
 
 
 def input_args(wildcards, input):
-    """Every named input as `--name PATH`, for a step whose arguments are named like the rule's inputs."""
-    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in input.keys())
+    """Every named input as `--name PATH` (`--name P1 P2 ...` for a list), for a step whose arguments are named like
+    the rule's inputs."""
+
+    def paths(v):
+        return " ".join(map(str, v)) if isinstance(v, list | tuple) else v
+
+    return " ".join(f"--{k.replace('_', '-')} {paths(input[k])}" for k in input.keys())
 
 
 def configfile_names():
@@ -578,4 +624,18 @@ def results_doc_inputs(wildcards):
         out["macondo_curve"] = "results/tables/macondo_curve.csv"
     if ANALYSES:
         out["comparison"] = "results/tables/paper2_comparison.csv"
+    if SCALING_DATASTORES:
+        out["scaling"] = [
+            f"results/tables/scaling/{d}/perplexity.csv" for d in SCALING_DATASTORES
+        ]
+        out["scaling_fits"] = [
+            f"results/tables/scaling/{d}/fits.csv" for d in SCALING_DATASTORES
+        ]
+        with_tasks = [d for d in SCALING_DATASTORES if scaling_tasks_of(d)]
+        out["scaling_task_delta"] = [
+            f"results/tables/scaling/{d}/task_delta.csv" for d in with_tasks
+        ]
+        out["scaling_task_fits"] = [
+            f"results/tables/scaling/{d}/task_fits.csv" for d in with_tasks
+        ]
     return out

@@ -15,6 +15,8 @@ rule extract_keys:
         "results/logs/extract_keys/{ds}/{shard}.log",
     benchmark:
         "results/benchmarks/extract_keys/{ds}/{shard}.tsv"
+    wildcard_constraints:
+        ds=names_regex(EXTRACTED),  # a subsample's rows are copied (rules/scaling.smk)
     conda:
         GPU_ENV
     threads: 1
@@ -55,6 +57,8 @@ rule datastore_manifest:
         "results/logs/datastore_manifest/{ds}.log",
     benchmark:
         "results/benchmarks/datastore_manifest/{ds}.tsv"
+    wildcard_constraints:
+        ds=names_regex(EXTRACTED),  # a subsample's manifest: rule subsample_datastore
     conda:
         "../envs/pipeline.yaml"
     resources:

@@ -169,6 +169,7 @@ rule stage_times:
         figures=[f"results/figures/perplexity_vs_lambda/{e}/{d}.png" for e, d in SWEEPS],
         tasks=task_outputs(),
         analyses=analyses_outputs(),
+        scaling=scaling_outputs(),
     output:
         csv=report(
             "results/tables/stage_times.csv",

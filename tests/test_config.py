@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_paper_data
+from conftest import load_test_config, write_paper_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -59,10 +59,16 @@ def test_shipped_config_validates_with_defaults():
     assert c["index"]["type"] == "Flat" and c["index"]["nprobe"] == 32
     assert set(c) == {
         "seed", "corpora", "models", "datastores", "eval_sets", "extraction", "index", "sweep", "tasks", "analyses",
-        "retrieval",
+        "retrieval", "scaling",
     }
     assert c["retrieval"] == {"chunks": 1}  # one retrieval job per (eval set, datastore) unless asked
     assert c["index"]["polysemous"] is False and c["index"]["retrain"] is False
+    assert c["scaling"] == {"datastores": ["synthwiki"], "fractions": [0.003, 0.01, 0.03, 0.1, 1], "seed": 0,
+                            "n_boot": 1000}
+    c.pop("scaling")  # the schema's defaults, as the docs give them
+    c["scaling"] = {"datastores": ["synthwiki"]}
+    assert validate(copy.deepcopy(c))["scaling"]["fractions"] == [0.01, 0.03, 0.1, 0.3, 1]
+    c = load(ROOT / "config.yaml")
     a = c["analyses"]  # paper 2's values filled in where the config leaves them
     assert a["macondo"]["knn"] == {"k": 1024, "lambda": 0.25, "sigma": 1.0}
     assert a["macondo"]["generate"]["n_villagers"] == 500 and a["macondo"]["generate"]["n_train"] == 1500
@@ -140,7 +146,10 @@ def test_tasks_and_analyses_configs_are_the_micro_config_plus_their_own_stages()
     assert twin == {"source": "train", "train": {**micro["models"]["micro-gpt2"]["train"], "start_token": True}}
     assert paper["datastores"].pop("micro-bos") == {**micro["datastores"]["micro"], "model": "micro-bos"}
     assert {k: v for k, v in paper.items() if k != "tasks"} == {k: v for k, v in micro.items() if k != "tasks"}
-    full = _raw("full")  # the analyses config with the task stages: its run starts from the analyses run
+    full = _raw("full")  # the analyses config with the task stages and the scaling study (one datastore subsampled
+    # for real from micro's rows): its run starts from the analyses run
+    assert full["datastores"].pop("micro_tenth") == {"subsample": {"of": "micro", "fraction": 0.1, "seed": 5}}
+    assert full.pop("scaling") == {"datastores": ["micro"], "seed": 5, "n_boot": 200}
     assert {k: v for k, v in full.items() if k != "tasks"} == {k: v for k, v in analyses_raw().items() if k != "tasks"}
     assert full["tasks"] == tasks["tasks"]
 
@@ -507,3 +516,33 @@ def test_rewriting_a_leaf_with_its_own_value_stays_valid(path):
         node = node[p]
     set_at(c, path, copy.deepcopy(node))
     assert validate(c) == VALID
+
+
+def test_a_subsample_datastore_takes_its_parents_model_corpus_split_and_shards():
+    c = load_test_config("micro")
+    c["datastores"]["half"] = {"subsample": {"of": "micro", "fraction": 0.5}}
+    validate(c)
+    assert c["datastores"]["half"] == {"subsample": {"of": "micro", "fraction": 0.5, "seed": 0}, "model": "micro-gpt2",
+                                       "corpus": "micro", "split": "train", "shards": 2}
+    assert validate(copy.deepcopy(c)) == c  # idempotent
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda c: c["datastores"].update(half={"subsample": {"of": "nope", "fraction": 0.5}}),
+     "datastores.half.subsample.of: 'nope' is not one of the datastores"),
+    (lambda c: c["datastores"].update(half={"subsample": {"of": "micro", "fraction": 0.5}},
+                                      quarter={"subsample": {"of": "half", "fraction": 0.5}}),
+     "datastores.quarter.subsample.of: half is itself a subsample"),
+    (lambda c: c["datastores"].update(half={"subsample": {"of": "micro", "fraction": 0.5}, "model": "other"}),
+     "datastores.half.model: a subsample takes its model from datastores.micro"),
+    (lambda c: c["datastores"].update(half={"subsample": {"of": "micro", "fraction": 0}}),
+     "datastores.half.subsample.fraction"),
+    (lambda c: c["datastores"].update(half={"shards": 2}), "datastores.half: 'model' is a required property"),
+    (lambda c: c.update(scaling={"datastores": ["nope"]}), "scaling.datastores.0: 'nope' is not one of the datastores"),
+    (lambda c: c.update(scaling={"datastores": ["micro"], "fractions": [0.1, 1.5]}), "scaling.fractions.1"),
+])
+def test_bad_scaling_and_subsample_entries_are_refused_naming_the_key(edit, message):
+    c = load_test_config("micro")
+    edit(c)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(c)

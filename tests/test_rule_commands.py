@@ -30,8 +30,9 @@ def _rules_running_steps() -> set[str]:
 def _everything_config(tmp_path) -> dict:
     """tests/configs/analyses.yaml plus the synthetic task suite, a local generate task (scored with the
     perplexity summary), a hub model (model_identity, tokenize with its model.json) with a datastore and a hub
-    task on it, the micro model trained in chunks, an IVFPQ index (train_index, add_shard, merge_index) and
-    retrieval in 2 chunks: every rule of the workflow gets a job."""
+    task on it, the micro model trained in chunks, an IVFPQ index (train_index, add_shard, merge_index),
+    retrieval in 2 chunks, a datastore subsampled from micro's rows and the scaling study: every rule of the
+    workflow gets a job."""
     cfg = load_test_config("analyses")
     local = tmp_path / "mine.jsonl"
     local.write_text((ROOT / "tests/fixtures/tasks/gsm8k.jsonl").read_text())
@@ -48,6 +49,8 @@ def _everything_config(tmp_path) -> dict:
     cfg["models"]["micro-gpt2"]["train"]["chunk_steps"] = 10
     cfg["index"] = {"type": "IVFPQ", "nlist": 4, "m": 4, "nbits": 4, "train_sample": 500}  # train_index, add_shard
     cfg["retrieval"] = {"chunks": 2}  # retrieve_chunk, and retrieve joining the chunks
+    cfg["datastores"]["micro_half"] = {"subsample": {"of": "micro", "fraction": 0.5}}
+    cfg["scaling"] = {"datastores": ["micro"]}
     return cfg
 
 
@@ -138,7 +141,7 @@ def test_points_selection_sets_and_pq_distances_reach_the_rules_params(tmp_path)
     for name in ("extract-keys", "retrieve", "score-task"):  # the model's device and dtype: the same everywhere
         assert {(p["device"], p["dtype"]) for p in exact[name]} == {("cpu", "float16")}, name
     assert {p["gpu_shard_above_gb"] for p in exact["retrieve"] + exact["score-task"]} == {4}
-    assert "gpu_shard_above_gb" not in exact["build-index"][0]["index"]
+    assert not {"gpu_shard_above_gb", "retrain"} & {*exact["merge-index"][0]["index"], *exact["train-index"][0]["index"]}
     assert {p["distances"] for p in exact["retrieve"]} == {"exact"}
     assert {p["distances"] for p in pq["retrieve"]} == {"pq"} and len(pq["retrieve"]) == 3
     assert {p["distances"] for p in pq["score-task"]} == {"pq"} and len(pq["score-task"]) == 5

@@ -126,6 +126,19 @@ def _cross_check(c: dict) -> None:
             _warn_shared_sources(f"corpora.{name}.hf.splits", hub, "name split %r")
     for e, spec in c["eval_sets"].items():
         need("corpora", spec["corpus"], f"eval_sets.{e}.corpus")
+    for d, spec in c["datastores"].items():  # a subsample is its parent's model, corpus, split and shards
+        if "subsample" in spec:
+            of = spec["subsample"]["of"]
+            need("datastores", of, f"datastores.{d}.subsample.of")
+            parent = c["datastores"][of]
+            if "subsample" in parent:
+                raise ConfigError(f"config key datastores.{d}.subsample.of: {of} is itself a subsample; name its "
+                                  f"parent ({parent['subsample']['of']}) with the fraction you want")
+            for k in ("model", "corpus"):  # (validating twice finds the parent's, filled in the first time)
+                if k in spec and spec[k] != parent[k]:
+                    raise ConfigError(f"config key datastores.{d}.{k}: a subsample takes its {k} from "
+                                      f"datastores.{of} ({parent[k]}); leave it out")
+            spec.update({k: parent[k] for k in ("model", "corpus", "split", "shards")})
     for d, spec in c["datastores"].items():
         need("models", spec["model"], f"datastores.{d}.model")
         need("corpora", spec["corpus"], f"datastores.{d}.corpus")
@@ -146,6 +159,8 @@ def _cross_check(c: dict) -> None:
         model = c["models"][ds["model"]]
         if model["source"] == "local":
             _check_local_context(c["extraction"]["block_size"], ds["model"], d, Path(model["path"]))
+    for i, d in enumerate((c.get("scaling") or {}).get("datastores", [])):
+        need("datastores", d, f"scaling.datastores.{i}")
     sw = c["sweep"]
     if sw.get("k_max") is None:
         sw["k_max"] = max(sw["ks"])

@@ -169,8 +169,9 @@ def write_shard_meta(meta_out, ident: dict, shard: int, start: int, end: int, di
     )
 
 
-def write_manifest(ident: dict, tokens_npy, shard_files: list[tuple[str, str, str]], out) -> dict:
-    """``shard_files``: (keys, vals, meta json) per shard in order. Paths are stored relative to the manifest."""
+def write_manifest(ident: dict, tokens_npy, shard_files: list[tuple[str, str, str]], out, extra=None) -> dict:
+    """``shard_files``: (keys, vals, meta json) per shard in order. Paths are stored relative to the manifest.
+    ``extra``: more top-level fields (a subsample's record of its parent), covered by the manifest's own digest."""
     out = Path(out)
     shards, rows = [], 0
     for keys_p, vals_p, meta_p in shard_files:
@@ -216,6 +217,7 @@ def write_manifest(ident: dict, tokens_npy, shard_files: list[tuple[str, str, st
         "tokens_sha256": sha256_file(tokens_npy),
         "rows": rows,
         "shards": shards,
+        **(extra or {}),
     }
     manifest[SELF_DIGEST] = self_digest(manifest)
     write_json(out, manifest)

@@ -65,15 +65,55 @@ SECTIONS = {
         "Paper 2: ours beside the paper's",
         lambda df: df.select("experiment", "quantity", "ours", "paper", "our_setup"),
     ),
+    "scaling": (
+        "Scaling: kNN-LM perplexity against datastore size, (λ, k, σ) chosen at each size (docs/scaling.md)",
+        lambda df: df.select("datastore", "eval_set", "fraction", "datastore_tokens", "base_ppl", "knn_ppl",
+                             "knn_ppl_lo", "knn_ppl_hi", "lambda", "k", "sigma", "oracle_ppl", "second_search"),
+    ),
+    "scaling_task_delta": (
+        "Scaling: task Δ = kNN-LM − base LM by category against datastore size (95% bootstrap CI)",
+        lambda df: df.filter(pl.col("level") == "category").select(
+            "datastore", "category", "fraction", "datastore_tokens", "lambda", "k", "sigma", "delta", "lo", "hi", "n",
+            "second_search"),
+    ),
+    "scaling_fits": (
+        "Scaling: log-linear fits of perplexity, slope per decade of datastore tokens (95% CI)",
+        lambda df: df.select("datastore", "curve", "group", "n_points", "slope_per_decade", "lo", "hi"),
+    ),
+    "scaling_task_fits": (
+        "Scaling: log-linear fits of task Δ, slope per decade of datastore tokens (95% CI)",
+        lambda df: df.select("datastore", "curve", "group", "n_points", "slope_per_decade", "lo", "hi"),
+    ),
 }
 
 
-def write(tables: dict[str, Path], config: str, out) -> str:
+def scaling_answer(task_fits: pl.DataFrame, delta: pl.DataFrame | None = None) -> str:
+    """Paper 1's open question, does Δ on reasoning tasks move with datastore size, answered from the fitted slopes
+    of the scaling study's category curves: a slope whose 95% interval excludes 0 moves, else no trend is detected."""
+    lines = []
+    for r in task_fits.filter(pl.col("curve") == "task Δ (category)").sort("group").iter_rows(named=True):
+        moves = r["lo"] > 0 or r["hi"] < 0
+        verdict = (f"Δ {'rises' if r['slope_per_decade'] > 0 else 'falls'} with datastore size (the interval "
+                   "excludes 0)" if moves else "no trend is detected (the interval includes 0)")
+        lines.append(f"* datastore {r['datastore']}, {r['group']} tasks: Δ changes by {r['slope_per_decade']:+.4f} "
+                     f"per decade of datastore tokens (95% CI [{r['lo']:+.4f}, {r['hi']:+.4f}], "
+                     f"{r['n_points']} sizes): {verdict}.")
+    return "\n".join(lines)
+
+
+def write(tables: dict[str, Path | list[Path]], config: str, out) -> str:
     parts = [HEADER.format(config=config)]
     for key, (title, view) in SECTIONS.items():
         if key in tables:
-            df = view(pl.read_csv(tables[key]))
-            parts.append(f"## {title}\n\n`{tables[key]}`\n\n{markdown(df)}\n")
+            paths = tables[key] if isinstance(tables[key], list | tuple) else [tables[key]]
+            if not paths:
+                continue
+            df = view(pl.concat([pl.read_csv(p) for p in paths], how="vertical_relaxed"))
+            where = ", ".join(f"`{p}`" for p in paths)
+            parts.append(f"## {title}\n\n{where}\n\n{markdown(df)}\n")
+            if key == "scaling_task_fits":
+                parts.append(f"### Does Δ on reasoning tasks move with datastore size? (paper 1's open question)\n\n"
+                             f"{scaling_answer(df)}\n")
     text = "\n".join(parts)
     with atomic_path(out, ".md") as tmp:
         Path(tmp).write_text(text)
@@ -91,6 +131,10 @@ def results_doc(
     projection: Path | None = None,
     mlp: Path | None = None,
     comparison: Path | None = None,
+    scaling: list[Path] = (),
+    scaling_task_delta: list[Path] = (),
+    scaling_fits: list[Path] = (),
+    scaling_task_fits: list[Path] = (),
 ) -> None:
     """Write the markdown page of the run's result tables that the docs quote (docs/results.md)."""
     given = {
@@ -101,5 +145,9 @@ def results_doc(
         "projection": projection,
         "mlp": mlp,
         "comparison": comparison,
+        "scaling": list(scaling),
+        "scaling_task_delta": list(scaling_task_delta),
+        "scaling_fits": list(scaling_fits),
+        "scaling_task_fits": list(scaling_task_fits),
     }
     write({k: v for k, v in given.items() if v is not None}, params.get("config", "config.yaml"), out)

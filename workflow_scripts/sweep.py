@@ -39,7 +39,14 @@ def summarize_sweeps(
     """One row per (eval set, datastore): base ppl, the kNN-LM at the point chosen on the datastore's selection
     set, the oracle. ``select_on``: one eval set for every datastore, or datastore -> eval set; a datastore whose
     set has no sweep ('' or absent) is chosen on each eval set itself."""
-    frames = {key: pl.read_parquet(path) for key, path in sweeps.items()}
+    df = summarize_frames({key: pl.read_parquet(path) for key, path in sweeps.items()}, select_on)
+    write_table(df, csv, parquet)
+    return df
+
+
+def summarize_frames(frames: dict[tuple[str, str], pl.DataFrame], select_on: str | dict[str, str]) -> pl.DataFrame:
+    """``summarize_sweeps`` on sweep tables in memory ((eval set, datastore) -> table); the scaling study calls it
+    once per datastore fraction."""
     rows = []
     for (evalset, datastore), df in frames.items():
         best = df.sort(["ppl", "lambda", "k", "sigma"]).row(0, named=True)
@@ -70,9 +77,7 @@ def summarize_sweeps(
                 "oracle_sigma": best["sigma"],
             }
         )
-    df = pl.DataFrame(rows).sort(["datastore", "eval_set"])
-    write_table(df, csv, parquet)
-    return df
+    return pl.DataFrame(rows).sort(["datastore", "eval_set"])
 
 
 def chosen_point(summary_csv, datastore: str, pinned=None):
@@ -81,9 +86,12 @@ def chosen_point(summary_csv, datastore: str, pinned=None):
     if pinned is not None:
         lam, k, sigma = pinned
         return (float(lam), int(k), float(sigma)), PINNED
-    if not summary_csv or not Path(summary_csv).exists():
+    if isinstance(summary_csv, pl.DataFrame):  # a summary in memory (the scaling study's, at one fraction)
+        df = summary_csv.filter(pl.col("datastore") == datastore)
+    elif not summary_csv or not Path(summary_csv).exists():
         return None, None
-    df = pl.read_csv(summary_csv).filter(pl.col("datastore") == datastore)
+    else:
+        df = pl.read_csv(summary_csv).filter(pl.col("datastore") == datastore)
     if df.is_empty():
         return None, None
     picked = df.filter(pl.col("chosen_on") != pl.col("eval_set"))

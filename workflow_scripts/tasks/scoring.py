@@ -38,7 +38,7 @@ from ..sweep import chosen_point
 from .registry import read_items
 
 log = logging.getLogger(__name__)
-N_NEIGHBOURS_KEPT = 16  # neighbour ids kept per query for the qualitative table
+N_NEIGHBOURS_KEPT = 16  # neighbour ids kept per decoding step of a generate task (the qualitative table)
 
 
 # --------------------------------------------------------------------------------------------- scoring kinds
@@ -160,7 +160,8 @@ def last_token_scores(lm_logp, premise_row, domain_row, class_slots, use_pmi: bo
 
 
 def last_token_cache(model, hook_point, texts: list[list[int]], slot_ids, search_fn, batch: int, desc: str = ""):
-    """Forward every text once; keep log p_lm at ``slot_ids`` and the K_max neighbours of its last position."""
+    """Forward every text once; keep log p_lm at ``slot_ids``, the K_max neighbours of its last position (distances,
+    values, datastore rows) and that position's query (float16; the scaling study searches a subset with it)."""
     seqs = [list(t) for t in texts]
     lm_rows, keys = [None] * len(seqs), [None] * len(seqs)
     device = next(model.parameters()).device
@@ -179,7 +180,8 @@ def last_token_cache(model, hook_point, texts: list[list[int]], slot_ids, search
         "q_lm": np.stack(lm_rows).astype(np.float32),
         "q_dists": dists.astype(np.float32),
         "q_vals": vals.astype(np.int32),
-        "q_ids": ids[:, :N_NEIGHBOURS_KEPT].astype(np.int64),
+        "q_ids": ids.astype(np.int64),
+        "q_keys": q.astype(np.float16),
     }
 
 
@@ -280,8 +282,9 @@ def forward_scored(model, hook_point: str, seqs, starts, batch: int, desc: str =
 def score_cache(model, hook_point, seqs, starts, search_fn, batch: int = 16, desc: str = "") -> dict:
     """The task's retrieval cache: one query per distinct scored position (its prefix), K_max neighbours each.
 
-    Returns arrays ``t_pair, t_row, t_target, t_lm`` (one per scored token) and ``q_dists, q_vals, q_ids``
-    (one row per distinct query; ``q_ids`` keeps the first ``N_NEIGHBOURS_KEPT`` columns)."""
+    Returns arrays ``t_pair, t_row, t_target, t_lm`` (one per scored token) and ``q_dists, q_vals, q_ids, q_keys``
+    (one row per distinct query: its K_max neighbours' distances, values and datastore rows, and the query itself in
+    float16, so that the scaling study can search a subset of the datastore again)."""
     rows: dict[bytes, int] = {}
     queries: list[np.ndarray] = []
     t_pair, t_row, t_target, t_lm = [], [], [], []
@@ -306,7 +309,8 @@ def score_cache(model, hook_point, seqs, starts, search_fn, batch: int = 16, des
         "t_lm": np.asarray(t_lm, np.float32),
         "q_dists": dists.astype(np.float32),
         "q_vals": vals.astype(np.int32),
-        "q_ids": ids[:, :N_NEIGHBOURS_KEPT].astype(np.int64),
+        "q_ids": ids.astype(np.int64),
+        "q_keys": q.astype(np.float16),
     }
 
 
