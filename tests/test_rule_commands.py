@@ -141,7 +141,8 @@ def test_points_selection_sets_and_pq_distances_reach_the_rules_params(tmp_path)
     for name in ("extract-keys", "retrieve", "score-task"):  # the model's device and dtype: the same everywhere
         assert {(p["device"], p["dtype"]) for p in exact[name]} == {("cpu", "float16")}, name
     assert {p["gpu_shard_above_gb"] for p in exact["retrieve"] + exact["score-task"]} == {4}
-    assert not {"gpu_shard_above_gb", "retrain"} & {*exact["merge-index"][0]["index"], *exact["train-index"][0]["index"]}
+    index_keys = {*exact["merge-index"][0]["index"], *exact["train-index"][0]["index"]}
+    assert not {"gpu_shard_above_gb", "retrain"} & index_keys
     assert {p["distances"] for p in exact["retrieve"]} == {"exact"}
     assert {p["distances"] for p in pq["retrieve"]} == {"pq"} and len(pq["retrieve"]) == 3
     assert {p["distances"] for p in pq["score-task"]} == {"pq"} and len(pq["score-task"]) == 5
