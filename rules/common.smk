@@ -74,6 +74,23 @@ def shard_ids(ds):
     return [f"{i:03d}" for i in range(DATASTORES[ds]["shards"])]
 
 
+def shard_file(wildcards, name, ext):
+    """One file of a datastore shard: extracted under shards/, or copied under subset/ by subsample_datastore."""
+    d = "subset" if wildcards.ds in SUBSAMPLED else "shards"
+    return f"results/datastores/{wildcards.ds}/{d}/{name}_{wildcards.shard}.{ext}"
+
+
+def shard_inputs(wildcards):
+    """add_shard's inputs: the shard's keys and meta, or for a subsample datastore the subset/ folder they are in
+    (a directory() output: Snakemake cannot name a file inside it as an input)."""
+    if wildcards.ds in SUBSAMPLED:
+        return [f"results/datastores/{wildcards.ds}/subset"]
+    return [
+        shard_file(wildcards, "keys", "npy"),
+        shard_file(wildcards, "shard", "json"),
+    ]
+
+
 def model_json(model):
     return f"results/models/{model}/model.json"
 

@@ -38,8 +38,7 @@ rule add_shard:
     input:
         trained=rules.train_index.output.index,
         trained_meta=rules.train_index.output.meta,
-        key_shard="results/datastores/{ds}/shards/keys_{shard}.npy",
-        shard_meta="results/datastores/{ds}/shards/shard_{shard}.json",
+        shard=shard_inputs,
     output:
         part="results/datastores/{ds}/index/part_{shard}.faiss",
         part_meta="results/datastores/{ds}/index/part_{shard}.json",
@@ -53,9 +52,12 @@ rule add_shard:
     resources:
         mem_mb=lambda w, input, threads: plan_mb("add_shard", w, input),
         runtime=12 * 60,  # paper 1: 9.5M keys x 36 MFLOP, about 25 min with 32 threads (docs/cluster.md)
+    params:
+        key_file=lambda w: shard_file(w, "keys", "npy"),
+        meta_file=lambda w: shard_file(w, "shard", "json"),
     shell:
         "python -m workflow_scripts add-shard --threads {threads} --trained {input.trained}"
-        " --trained-meta {input.trained_meta} --keys {input.key_shard} --shard-meta {input.shard_meta}"
+        " --trained-meta {input.trained_meta} --keys {params.key_file} --shard-meta {params.meta_file}"
         " --part {output.part} --part-meta {output.part_meta} 2> {log}"
 
 
