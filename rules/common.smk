@@ -240,8 +240,8 @@ def index_distances():
 
 
 def index_params():
-    """What the index itself depends on: index.distances and index.gpu_shard_above_gb only concern retrieval and scoring, index.retrain only
-    when training reruns."""
+    """What the index itself depends on: index.distances and index.gpu_shard_above_gb only concern retrieval and
+    scoring, index.retrain only when training reruns."""
     return {
         k: v
         for k, v in config["index"].items()
