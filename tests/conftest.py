@@ -106,6 +106,15 @@ def task_run(micro_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ivfpq_run(micro_run, tmp_path_factory):
+    """The micro run copied, then rerun locally with tests/configs/ivfpq.yaml: 3 shards and an IVFPQ index, so the
+    datastore (extract_keys a shard), the sharded index build (train_index, add_shard a shard, merge_index) and
+    retrieval onward run again. test_pipeline.py checks it; test_slurm.py compares the same rerun through Slurm
+    with it. Read it, never write to it. (work dir, rule -> job count)."""
+    return _rerun_copy(micro_run, tmp_path_factory, "ivfpq")
+
+
+@pytest.fixture(scope="session")
 def paper_run(micro_run, tmp_path_factory):
     """The micro run copied, paper_data/ written into it from the micro corpus's test documents, then rerun with
     tests/configs/paper_tasks.yaml: paper 1's memory tasks on a start-token twin of the micro model (and cr on

@@ -103,7 +103,8 @@ def test_every_rule_of_the_workflow_ran_in_the_full_run(project):
     # not in a run of full.yaml: results_doc writes docs/ (not part of `all`); model_identity needs a local or hub
     # model (tests/test_sources.py runs it); train_lm_chunk a model trained in chunks (tests/test_chunks.py);
     # train_index and add_shard an IVFPQ index (their functions run in tests/test_index_shards.py, the rules in
-    # test_slurm.py's runs of tests/configs/ivfpq.yaml), retrieve_chunk retrieval.chunks > 1 (its function in
+    # the ivfpq_run fixture's local run of tests/configs/ivfpq.yaml and in test_slurm.py's run of it through
+    # Slurm), retrieve_chunk retrieval.chunks > 1 (its function in
     # test_integrity.py); test_rule_commands.py parses every command of theirs. Their steps' modules are all in
     # the closures of rules that did run (merge_index, retrieve), so every module is still checked below.
     missing = set(steps) - ran - {"results_doc", "model_identity", "train_lm_chunk", "train_index", "add_shard",

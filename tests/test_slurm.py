@@ -32,21 +32,18 @@ def _slurm_up() -> str | None:
     return None
 
 
-def _rerun(micro_run, dest, *args):
-    shutil.copytree(micro_run, dest, symlinks=True)
-    shutil.copy(config_path("ivfpq"), dest / "config.yaml")
-    return snakemake(dest, "--configfile", str(dest / "config.yaml"), *args, timeout=1500)
-
-
-def test_slurm_run_equals_local_run(micro_run, tmp_path):
+def test_slurm_run_equals_local_run(micro_run, tmp_path, request):
     reason = _slurm_up()
     if reason and os.environ.get("KNNLM_REQUIRE_SLURM") == "1":
         pytest.fail(f"KNNLM_REQUIRE_SLURM=1 but {reason}")
     if reason:
         pytest.skip(reason)
-    local, cluster = tmp_path / "local", tmp_path / "slurm"
-    _rerun(micro_run, local)
-    proc = _rerun(micro_run, cluster, "--profile", str(ROOT / "slurm"))
+    local = request.getfixturevalue("ivfpq_run")[0]  # after the check: no local rerun for a test that skips
+    cluster = tmp_path / "slurm"
+    shutil.copytree(micro_run, cluster, symlinks=True)
+    shutil.copy(config_path("ivfpq"), cluster / "config.yaml")
+    proc = snakemake(cluster, "--configfile", str(cluster / "config.yaml"), "--profile", str(ROOT / "slurm"),
+                     timeout=1500)
     log = proc.stdout + proc.stderr
     submitted = [line for line in log.splitlines() if "submitted with SLURM jobid" in line]
     for shard in ("000", "001", "002"):
