@@ -98,11 +98,6 @@ def _rerun_copy(source: Path, tmp_path_factory, name: str):
     return work, jobs
 
 
-@pytest.fixture(scope="session")
-def task_run(micro_run, tmp_path_factory):
-    """The micro run copied, then rerun with tests/configs/tasks.yaml (micro.yaml plus its task section), so only
-    the task stages run: the synthetic suite on the micro datastore. (work dir, rule -> job count)."""
-    return _rerun_copy(micro_run, tmp_path_factory, "tasks")
 
 
 @pytest.fixture(scope="session")
@@ -138,9 +133,18 @@ def analyses_run(micro_run, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def full_run(analyses_run, tmp_path_factory):
-    """The analyses run copied, then rerun with tests/configs/full.yaml: the task stages added, so every rule of
-    the workflow has a finished job."""
+    """The analyses run copied, then rerun with tests/configs/full.yaml: the task stages (tests/configs/tasks.yaml's
+    section) and the scaling study added, so every rule of the workflow has a finished job. (work dir, rule -> job
+    count of that rerun)."""
     return _rerun_copy(analyses_run[0], tmp_path_factory, "full")
+
+
+@pytest.fixture(scope="session")
+def task_run(full_run):
+    """The task stages of tests/configs/tasks.yaml (the synthetic suite on the micro datastore) run on top of a
+    finished backbone: full_run, whose rerun ran them (with the scaling study) on a copy of the analyses run. The
+    suite runs them once, not a second time on another copy of the micro run. Read it, never write to it."""
+    return full_run
 
 
 def pytest_collection_modifyitems(config, items):
