@@ -359,12 +359,12 @@ def task_source(wildcards):
     return {"source": src["path"]} if src["type"] == "local" else {}
 
 
-def task_score_params(wildcards):
+def task_score_params(wildcards, chunk=None):
     """What a task's scoring depends on: the entry, K_max, the window, and for generate tasks the decoding (and
-    the grid, when every grid point is decoded)."""
+    the grid, when every grid point is decoded); for a chunk, which one ([i, n])."""
     ex, sw = config["extraction"], config["sweep"]
     e = task_entry(wildcards.task)
-    p = {
+    p = ({"chunk": chunk} if chunk else {}) | {
         "task": wildcards.task,
         "entry": e,
         "datastore": wildcards.ds,
@@ -390,6 +390,57 @@ def task_score_params(wildcards):
         if p["generate"]["points"] == "grid":
             p["grid"] = {k: sw[k] for k in ("lambdas", "ks", "sigmas")}
     return as_json(p)
+
+
+TASK_CHUNKS = TASKS.get("chunks") or 1
+
+
+def task_chunk_inputs(wildcards):
+    """The chunks' caches (their scored.json) that the score_task job joins, when tasks.chunks > 1."""
+    if TASK_CHUNKS == 1:
+        return {}
+    d = f"results/tasks/{wildcards.ds}/{wildcards.task}/chunks"
+    ids = [f"{i:03d}" for i in range(TASK_CHUNKS)]
+    return {
+        "chunks": [f"{d}/{i}/scored.json" for i in ids],
+        # the npz too, so that the temporary chunks stay until this job has read them
+        "chunk_npz": [f"{d}/{i}/scored.npz" for i in ids],
+    }
+
+
+def task_plan_mb(wildcards, input=None, threads=None):
+    """A task-scoring job's mem_mb (workflow_scripts/memory.py), planned from its items as the step plans it: the
+    items of its chunk (cut as the step cuts them), or for the job joining chunks the whole task's arrays only; a
+    placeholder while the manifest or the items do not exist yet (Snakemake asks again before it schedules the
+    job)."""
+    manifest = _memory.read_manifest(f"results/datastores/{wildcards.ds}/manifest.json")
+    try:
+        items = _tasks.read_items(f"results/task_data/{wildcards.task}.parquet")
+    except OSError:
+        manifest = None
+    if manifest is None:
+        return _memory.BASE_MB
+    p = json.loads(task_score_params(wildcards))
+    ident = _memory.read_manifest(model_json(DATASTORES[wildcards.ds]["model"])) or {}
+    plan = {
+        "window": p["block_size"],
+        "batch": p["batch_size"],
+        "vocab": ident.get("vocab_size", 0),
+        "device": p["device"],
+    }
+    if "chunk" in wildcards.keys():
+        a, b = _memory.chunk_bounds(len(items), TASK_CHUNKS, _memory.task_block(p))[
+            int(wildcards.chunk)
+        ]
+        items = items[a:b]
+    elif TASK_CHUNKS > 1:  # the join: one array of the largest chunk at a time
+        n = _memory.task_join_rows(items, p, TASK_CHUNKS)
+        return _memory.estimate_mb(
+            "score_task", manifest, config["index"], p["k_max"], n, {"model": False}
+        )[0]
+    n, plan["block_queries"] = _memory.task_queries(items, p)
+    job = "score_task_chunk" if "chunk" in wildcards.keys() else "score_task"
+    return _memory.estimate_mb(job, manifest, config["index"], p["k_max"], n, plan)[0]
 
 
 def task_sweep_params(wildcards):

@@ -759,14 +759,15 @@ def test_last_token_cache_keeps_log_p_at_the_slots_and_the_neighbours_of_the_las
 
 class _DS:
     hash = "sha-of-the-manifest"
+    manifest = {"dim": 2, "rows": 8, "shards": [{"rows": 8}]}  # what memory.check plans with
 
     def gather_vals(self, ids):
         return DS_VALS[ids]
 
 
-def _score_stage(tmp_path, monkeypatch, entry, items, summary_csv=None, **p):
+def _score_stage(tmp_path, monkeypatch, entry, items, summary_csv=None, chunk=None, name="s", **p):
     """scoring.score with the retriever replaced by the toy model and datastore; (meta, npz, json, searches)."""
-    from workflow_scripts import retrieval
+    from workflow_scripts import datastore, retrieval
 
     model, tok = _SpyLM(TABLE), _ToyTok()
     calls = []
@@ -778,6 +779,7 @@ def _score_stage(tmp_path, monkeypatch, entry, items, summary_csv=None, **p):
         return model, tok, {"hook_point": "h.0.mlp", "vocab_size": V}, ds, "index", {"exact": True}
 
     monkeypatch.setattr(retrieval, "open_retriever", open_retriever)
+    monkeypatch.setattr(datastore, "manifest_hash", lambda path: ds.hash if path == "m.json" else None)  # empty chunks
 
     def search(index, ds_, q, K, exact, distances="exact"):
         assert ds_ is ds
@@ -790,9 +792,9 @@ def _score_stage(tmp_path, monkeypatch, entry, items, summary_csv=None, **p):
                          tmp_path / "items.parquet")
     params = {"entry": entry, "task": "t", "k_max": 3, "block_size": 8, "batch_size": 2, "datastore": "d", **p}
     meta = scoring.score("id.json", "m.json", "index", "imeta.json", tmp_path / "items.parquet", params,
-                         tmp_path / "s.npz", tmp_path / "s.json", summary_csv)
-    npz = dict(np.load(tmp_path / "s.npz"))
-    return meta, npz, json.loads((tmp_path / "s.json").read_text()), calls, model
+                         tmp_path / f"{name}.npz", tmp_path / f"{name}.json", summary_csv, chunk=chunk)
+    npz = dict(np.load(tmp_path / f"{name}.npz"))
+    return meta, npz, json.loads((tmp_path / f"{name}.json").read_text()), calls, model
 
 
 def test_a_premise_that_encodes_to_no_tokens_is_refused_by_task_name():
@@ -1031,3 +1033,76 @@ def test_queries_are_rounded_to_the_datastores_float16_keys():
     assert len(seen) == 3
     for q in seen:
         assert q.dtype == np.float32 and q.max() == np.float32(np.float16(0.1)) != np.float32(0.1)
+
+
+# --------------------------------------------------------------------------------------------- chunked scoring
+WORDS4 = ["a", "b", "c", "d"]
+CHUNK_ITEMS = {  # 20 items each: with batch_size 1, blocks of 8 items (memory.task_block): 3 blocks
+    "pairs": [{"options": [[[f"{WORDS4[i % 4]} {WORDS4[i // 4 % 4]}", WORDS4[(i + j) % 4]]] for j in range(2)],
+               "domain": [[["d", w]] for w in "ab"], "gold": i % 2} for i in range(20)],
+    "last_token": [{"premise": " ".join(WORDS4[(i + j) % 4] for j in range(1 + i % 3)),
+                    "domain_premise": "c" if i % 2 else None, "gold": i % 2} for i in range(20)],
+    "generate": [{"context": " ".join(WORDS4[(i * j) % 4] for j in range(1 + i % 3))} for i in range(20)],
+}
+CHUNK_ENTRIES = {
+    "pairs": {"name": "t", "kind": "choice", "metric": "accuracy", "pmi": True},
+    "last_token": {"name": "t", "kind": "classify", "protocol": "last_token", "synonyms": [[" d"], [" c", " b"]],
+                   "pmi": True},
+    "generate": {"name": "t", "kind": "generate", "max_new_tokens": 2, "stop": ["d"]},
+}
+
+
+@pytest.mark.parametrize("how", ["pairs", "last_token", "generate"])
+@pytest.mark.parametrize("chunks", [2, 3, 5])
+def test_chunks_of_a_task_join_into_the_one_job_cache_byte_for_byte(tmp_path, monkeypatch, how, chunks):
+    """tasks.chunks: each chunk scores whole blocks of items (8 here) as the one job does, and merge_chunks shifts
+    their pair ids and query rows into the one job's; the npz is the one job's byte for byte (its arrays, and the
+    file: fixed member timestamps), the record too but for its timing and the number of chunks joined. With 5
+    chunks two have no items and load no model."""
+    entry, items = CHUNK_ENTRIES[how], CHUNK_ITEMS[how]
+    p = {"batch_size": 1, "generate": {"max_new_tokens": 5, "points": "grid"},
+         "grid": {"lambdas": [0.5], "ks": [3], "sigmas": [1.0]}} if how == "generate" else {"batch_size": 1}
+    one, one_npz, one_rec, one_calls, model = _score_stage(tmp_path, monkeypatch, entry, items, name="one", **p)
+    assert one["n_items"] == 20
+    if how != "generate":  # one search call per block of 8 items
+        assert len(one_calls) == 3
+    metas = []
+    for i in range(chunks):
+        meta, *_ = _score_stage(tmp_path, monkeypatch, entry, items, chunk=(i, chunks), name=f"c{i}", **p)
+        metas.append(tmp_path / f"c{i}.json")
+        a, b = scoring.chunk_items(20, {"batch_size": 1}, (i, chunks))
+        assert meta["chunk"] == {"index": i, "of": chunks, "start": a, "end": b, "items": 20}
+        assert a % 8 == 0 and meta["n_items"] == b - a
+    sizes = [json.loads(m.read_text())["meta"]["n_items"] for m in metas]
+    assert sum(sizes) == 20 and sizes.count(0) == max(0, chunks - 3)  # 3 blocks
+    params = {"entry": entry, "task": "t", "k_max": 3, "block_size": 8, **p}
+    joined = scoring.merge_chunks(metas, tmp_path / "items.parquet", params, tmp_path / "j.npz", tmp_path / "j.json")
+    assert (tmp_path / "j.npz").read_bytes() == (tmp_path / "one.npz").read_bytes()
+    drop = ("seconds", "chunks")
+    assert joined["chunks"] == chunks
+    assert {k: v for k, v in joined.items() if k not in drop} == {k: v for k, v in one.items() if k not in drop}
+    rec = json.loads((tmp_path / "j.json").read_text())
+    assert {**rec, "meta": None} == {**one_rec, "meta": None}
+    # what the task sweep reads from the joined cache is what it reads from the one job's
+    if how == "pairs":  # item 5's first option: its context "b b" + "b"; the domain pairs are a block's own
+        struct = rec["items"][5]
+        assert one_npz["t_target"][one_npz["t_pair"] == struct["options"][0][0]].tolist() == [2]
+        assert struct["domain"][0] != rec["items"][13]["domain"][0]  # items 5 and 13: blocks 0 and 1
+    # a chunk of another split (here: the chunks out of order) is refused by name, and nothing is written
+    with pytest.raises(ArtifactError, match=r"c1\.json: chunk .* expected \{'index': 0"):
+        scoring.merge_chunks(metas[1:] + metas[:1], tmp_path / "items.parquet", params, tmp_path / "bad.npz",
+                             tmp_path / "bad.json")
+    assert not (tmp_path / "bad.npz").exists()
+
+
+def test_a_chunk_npz_altered_since_it_was_written_is_refused(tmp_path, monkeypatch):
+    entry, items = CHUNK_ENTRIES["pairs"], CHUNK_ITEMS["pairs"]
+    for i in range(2):
+        _score_stage(tmp_path, monkeypatch, entry, items, chunk=(i, 2), name=f"c{i}", batch_size=1)
+    z = dict(np.load(tmp_path / "c1.npz"))
+    z["t_lm"] = z["t_lm"] + 1
+    np.savez(tmp_path / "c1.npz", **z)
+    params = {"entry": entry, "task": "t", "k_max": 3, "block_size": 8, "batch_size": 1}
+    with pytest.raises(ArtifactError, match=r"c1\.npz: sha256 differs .* rerun score_task_chunk"):
+        scoring.merge_chunks([tmp_path / "c0.json", tmp_path / "c1.json"], tmp_path / "items.parquet", params,
+                             tmp_path / "j.npz", tmp_path / "j.json")
