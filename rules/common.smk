@@ -408,37 +408,52 @@ def task_chunk_inputs(wildcards):
     }
 
 
-def task_plan_mb(wildcards, input=None, threads=None):
-    """A task-scoring job's mem_mb (workflow_scripts/memory.py), planned from its items as the step plans it: the
-    items of its chunk (cut as the step cuts them), or for the job joining chunks the whole task's arrays only; a
-    placeholder while the manifest or the items do not exist yet (Snakemake asks again before it schedules the
-    job)."""
-    manifest = _memory.read_manifest(f"results/datastores/{wildcards.ds}/manifest.json")
+def task_items(wildcards):
+    """The items a task-scoring job scores (those of its chunk, cut as the step cuts them: memory.chunk_bounds on
+    whole blocks), or None before load_task has written them."""
     try:
         items = _tasks.read_items(f"results/task_data/{wildcards.task}.parquet")
     except OSError:
-        manifest = None
-    if manifest is None:
+        return None
+    if "chunk" in wildcards.keys():
+        p = json.loads(task_score_params(wildcards))
+        a, b = _memory.chunk_bounds(len(items), TASK_CHUNKS, _memory.task_block(p))[
+            int(wildcards.chunk)
+        ]
+        items = items[a:b]
+    return items
+
+
+def task_chunk_gpu(wildcards):
+    """A chunk with no items (a task of fewer blocks than tasks.chunks) loads no model: no GPU for it."""
+    items = task_items(wildcards)
+    return GPU if items is None or items else 0
+
+
+def task_plan_mb(wildcards, input=None, threads=None):
+    """A task-scoring job's mem_mb (workflow_scripts/memory.py), planned from its items (task_items) as the step
+    plans it, with a bound on their scored tokens (the step counts them and checks its own plan, never above this
+    one); for the job joining chunks, the largest chunk's arrays. A placeholder while the manifest or the items
+    do not exist yet (Snakemake asks again before it schedules the job)."""
+    manifest = _memory.read_manifest(f"results/datastores/{wildcards.ds}/manifest.json")
+    items = task_items(wildcards)
+    if manifest is None or items is None:
         return _memory.BASE_MB
     p = json.loads(task_score_params(wildcards))
+    if "chunk" not in wildcards.keys() and TASK_CHUNKS > 1:
+        n = _memory.task_join_rows(items, p, TASK_CHUNKS)
+        return _memory.estimate_mb(
+            "score_task", manifest, config["index"], p["k_max"], n, {"model": False}
+        )[0]
     ident = _memory.read_manifest(model_json(DATASTORES[wildcards.ds]["model"])) or {}
+    n, block = _memory.task_queries(items, p)
     plan = {
         "window": p["block_size"],
         "batch": p["batch_size"],
         "vocab": ident.get("vocab_size", 0),
         "device": p["device"],
+        "block_queries": block,
     }
-    if "chunk" in wildcards.keys():
-        a, b = _memory.chunk_bounds(len(items), TASK_CHUNKS, _memory.task_block(p))[
-            int(wildcards.chunk)
-        ]
-        items = items[a:b]
-    elif TASK_CHUNKS > 1:  # the join: one array of the largest chunk at a time
-        n = _memory.task_join_rows(items, p, TASK_CHUNKS)
-        return _memory.estimate_mb(
-            "score_task", manifest, config["index"], p["k_max"], n, {"model": False}
-        )[0]
-    n, plan["block_queries"] = _memory.task_queries(items, p)
     job = "score_task_chunk" if "chunk" in wildcards.keys() else "score_task"
     return _memory.estimate_mb(job, manifest, config["index"], p["k_max"], n, plan)[0]
 

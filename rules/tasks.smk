@@ -85,7 +85,7 @@ rule score_task_chunk:
     resources:
         mem_mb=task_plan_mb,
         runtime=20 * 60,  # paper 1: up to about 12 h (HellaSwag) per task in one job (docs/cluster.md)
-        gpu=GPU,
+        gpu=task_chunk_gpu,
     params:
         p=lambda w: task_score_params(w, chunk=[int(w.chunk), TASK_CHUNKS]),
         summary=optional_arg("summary"),

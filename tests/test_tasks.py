@@ -4,13 +4,23 @@ probabilities we set, metrics, the synthetic suite's invariants, and the task st
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SpacedTok, job_stats, p_knn_by_hand, snakemake, write_paper_data
+from conftest import (
+    ROOT,
+    SpacedTok,
+    config_path,
+    job_stats,
+    load_test_config,
+    p_knn_by_hand,
+    snakemake,
+    write_paper_data,
+)
 
 from workflow_scripts import knnlm
 from workflow_scripts.artifacts import ArtifactError, save_npy, write_json
@@ -1106,3 +1116,158 @@ def test_a_chunk_npz_altered_since_it_was_written_is_refused(tmp_path, monkeypat
     with pytest.raises(ArtifactError, match=r"c1\.npz: sha256 differs .* rerun score_task_chunk"):
         scoring.merge_chunks([tmp_path / "c0.json", tmp_path / "c1.json"], tmp_path / "items.parquet", params,
                              tmp_path / "j.npz", tmp_path / "j.json")
+
+
+def _score_files(work, task):
+    d = work / "results"
+    return (d / "models/micro-gpt2/model.json", d / "datastores/micro/manifest.json",
+            d / "datastores/micro/index.faiss", d / "datastores/micro/index.json", d / f"task_data/{task}.parquet")
+
+
+@pytest.mark.slow
+def test_chunked_scoring_on_the_micro_model_is_byte_identical_to_one_job(task_run, tmp_path, monkeypatch):
+    """The micro model and datastore of the task run, four kinds: choice (synth_recall), classify with a domain
+    premise (synth_occupation), the last-token protocol and generate (items made here from the corpus). With
+    batch_size 2 (blocks of 16 items: 3 blocks of the 40 items), the 3 chunks' caches, joined, are the one job's:
+    the npz byte for byte, the record but for its timing and the number of chunks (real forward passes and FAISS
+    calls, whose float32 results depend on their batches). The plan the job checks counts at least its scored
+    tokens, and the plan the rule asks for bounds it."""
+    from workflow_scripts import memory
+
+    work, _ = task_run
+    monkeypatch.chdir(work)  # model.json names the model by its path in the run
+    reg = registry.registry()
+    docs = pl.read_parquet(work / "results/corpus/micro/test.parquet")["text"].to_list()
+    words = [w for d in docs for w in d.split()][:2000]
+    made = {
+        "lt": ({"name": "lt", "kind": "classify", "protocol": "last_token", "metric": "accuracy", "pmi": True,
+                "category": "memory", "synonyms": [[" born", " lived"], [" works", " city"]]},
+               [{"premise": " ".join(words[7 * i : 7 * i + 3 + i % 5]), "domain_premise": "It is",
+                 "gold": i % 2} for i in range(40)]),
+        "gen": ({"name": "gen", "kind": "generate", "metric": "exact_match", "category": "reasoning",
+                 "max_new_tokens": 3, "stop": ["."]},
+                [{"context": " ".join(words[9 * i : 9 * i + 4 + i % 6]), "answers": [words[9 * i + 4 + i % 6]]}
+                 for i in range(40)]),
+    }
+    for name, (_, items) in made.items():
+        registry.write_items([{"id": str(i), "question": "", "answer": "", **it} for i, it in enumerate(items)],
+                             tmp_path / f"{name}.parquet")
+    base = {"datastore": "micro", "k_max": 32, "block_size": 32, "batch_size": 2, "device": "cpu",
+            "dtype": "float32", "nprobe": None, "distances": None, "gpu_shard_above_gb": 4.0, "point": [0.5, 8, 1.0],
+            "generate": {"points": "chosen", "max_new_tokens": 16}}
+    for task in ("synth_recall", "synth_occupation", "lt", "gen"):
+        entry = made[task][0] if task in made else reg[task]
+        *files, items = _score_files(work, task)
+        items = tmp_path / f"{task}.parquet" if task in made else items
+        p = {**base, "task": task, "entry": entry}
+        one = scoring.score(*files, items, p, tmp_path / task / "one.npz", tmp_path / task / "one.json")
+        metas = []
+        for i in range(3):
+            d = tmp_path / task / f"chunk{i}"
+            scoring.score(*files, items, {**p, "chunk": [i, 3]}, d / "scored.npz", d / "scored.json", chunk=(i, 3))
+            metas.append(d / "scored.json")
+        joined = scoring.merge_chunks(metas, items, p, tmp_path / task / "j.npz", tmp_path / task / "j.json",
+                                      files[1], files[3])
+        assert (tmp_path / task / "j.npz").read_bytes() == (tmp_path / task / "one.npz").read_bytes(), task
+        drop = ("seconds", "chunks")
+        assert {k: v for k, v in joined.items() if k not in drop} == {k: v for k, v in one.items() if k not in drop}
+        a, b = (json.loads((tmp_path / task / f).read_text()) for f in ("j.json", "one.json"))
+        assert {**a, "meta": None} == {**b, "meta": None}
+        assert one["n_items"] == 40 and joined["chunks"] == 3
+        if task.startswith("synth"):  # the byte bound the rule plans with holds the tokens the step counts
+            bound = memory.task_queries(registry.read_items(items), p)[0]
+            assert one["n_queries"] <= one["n_tokens"] <= bound, (one, bound)
+        if task == "gen":
+            assert [pt["lambda"] for pt in a["points"]] == [0.0, 0.5] and len(a["points"][1]["texts"]) == 40
+
+
+@pytest.mark.slow
+def test_the_task_runs_score_task_plan_holds_its_measured_peak_memory(task_run):
+    """Each score_task job of the task run logged its plan; its benchmark's max_rss (the job's measured peak) is
+    below it."""
+    work, _ = task_run
+    for task in ("synth_recall", "synth_occupation", "synth_twohop", "synth_arithmetic"):
+        logged = (work / f"results/logs/score_task/micro/{task}.log").read_text()
+        plan = int(re.search(r"memory plan for score_task: about (\d+) MiB", logged)[1])
+        rss = pl.read_csv(work / f"results/benchmarks/score_task/micro/{task}.tsv", separator="\t")["max_rss"][0]
+        assert 0 < rss < plan, (task, rss, plan)
+
+
+# --------------------------------------------------------------------------------------------- memory planning
+PAPER_MANIFEST = {"dim": 4096, "rows": 610_000_000, "shards": [{"rows": 9_531_250}] * 64}  # paper 1's datastore
+
+
+def _distinct_items(n):
+    """Choice items with distinct contexts, two continuations each of 3 and 11 bytes, one shared domain premise."""
+    return [{"options": [[[f"context {i}", " yes"]], [[f"context {i}", " not at all"]]],
+             "domain": [[["Answer:", " yes"]], [["Answer:", " not at all"]]], "gold": 0} for i in range(n)]
+
+
+def test_task_memory_plan_counts_a_bound_on_scored_tokens_and_grows_with_items_and_k():
+    from workflow_scripts import memory
+
+    p = {"entry": {"kind": "choice"}, "batch_size": 8}  # blocks of 64 items
+    assert memory.task_block(p) == 64
+    # by hand: per item (4 + 1) + (11 + 1) bytes; per block the two domain pairs once (the block's own dedup)
+    for n in (1, 64, 65, 1000):
+        blocks = -(-n // 64)
+        assert memory.task_queries(_distinct_items(n), p) == (17 * n + 17 * blocks, 17 * min(n, 64) + 17)
+    # the step counts tokens with its tokenizer instead: here one token a word
+    assert memory.task_queries(_distinct_items(100), p, lambda block: 2 * len(block)) == (200, 128)
+    flat, ivf = {"type": "Flat"}, {"type": "IVFPQ", "distances": "pq"}
+    plan = {"window": 1024, "batch": 8, "vocab": 32000, "device": "cuda", "block_queries": 0}
+    mb = {(n, k, cfg["type"]): memory.estimate_mb("score_task", PAPER_MANIFEST, cfg, k, n, plan)[0]
+          for n in (100_000, 200_000) for k in (1024, 2048) for cfg in (flat, ivf)}
+    for cfg in ("Flat", "IVFPQ"):
+        # the kept arrays: K dists, vals, ids (16 B each), the float16 key (2·d B) and a token row per query
+        assert mb[200_000, 2048, cfg] - mb[100_000, 2048, cfg] == pytest.approx(
+            100_000 * (2048 * 16 + 4096 * 2 + 24) / 2**20, abs=1)
+        assert mb[100_000, 1024, cfg] < mb[100_000, 2048, cfg] < mb[200_000, 2048, cfg]
+    # on a CPU the logits of a forward batch (batch x window x vocab float32) are host memory too
+    cpu = memory.estimate_mb("score_task", PAPER_MANIFEST, flat, 2048, 100_000, {**plan, "device": "cpu"})[0]
+    assert cpu - mb[100_000, 2048, "Flat"] == pytest.approx(8 * 1024 * 32000 * 4 / 2**20, abs=1)
+    # the job joining chunks holds one array of the largest chunk, read and shifted: no model, no search
+    items = _distinct_items(1000)
+    largest = memory.task_join_rows(items, p, 4)
+    assert largest == max(memory.task_queries(items[a:b], p)[0] for a, b in memory.chunk_bounds(1000, 4, 64))
+    assert memory.estimate_mb("score_task", PAPER_MANIFEST, flat, 2048, largest, {"model": False})[0] == (
+        memory.BASE_MB + 2 * largest * 2048 * 8 // 2**20)
+
+
+def test_a_task_job_with_less_memory_than_its_plan_stops_before_scoring_naming_the_key(tmp_path, monkeypatch):
+    from workflow_scripts import memory
+
+    monkeypatch.setattr(memory, "available_mb", lambda: (1000, "SLURM_MEM_PER_NODE"))
+    entry, items = CHUNK_ENTRIES["pairs"], CHUNK_ITEMS["pairs"]
+    with pytest.raises(memory.NotEnoughMemory) as e:
+        _score_stage(tmp_path, monkeypatch, entry, items, batch_size=1)
+    msg = str(e.value)
+    assert re.match(r"score_task needs about \d+ MiB \(1500 MiB base \+ .*\), but this machine or allocation has 1000 "
+                    r"MiB \(SLURM_MEM_PER_NODE\); lower the items per job \(raise tasks\.chunks\), or give the job "
+                    r"more memory \(snakemake --set-resources score_task:mem_mb=\d+\)$", msg), msg
+    assert not (tmp_path / "s.npz").exists() and not (tmp_path / "s.json").exists()
+    with pytest.raises(memory.NotEnoughMemory, match="^score_task_chunk needs about"):
+        _score_stage(tmp_path, monkeypatch, entry, items, chunk=(0, 2), batch_size=1)
+    monkeypatch.setattr(memory, "available_mb", lambda: (memory.BASE_MB + 1, "test"))  # the toy's plan: it runs
+    assert _score_stage(tmp_path, monkeypatch, entry, items, batch_size=1)[0]["n_items"] == 20
+
+
+def test_dag_scores_each_task_in_tasks_chunks_jobs_joined_by_score_task(tmp_path):
+    """tasks.chunks: 3 on the tasks config: 3 score_task_chunk jobs per (datastore, task), whose temporary caches
+    one score_task job per task joins (--chunks, in order); the join's params are the one job's (the key changes no
+    output), each chunk's say which it is."""
+    cfg = load_test_config("tasks")
+    cfg["tasks"]["chunks"] = 3
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "config.yaml")).stdout
+    jobs = job_stats(out)
+    n = len(cfg["tasks"]["evaluate"]["micro"])
+    assert jobs["score_task_chunk"] == 3 * n and jobs["score_task"] == n
+    d = "results/tasks/micro/synth_recall/chunks"
+    assert f"--chunks {d}/000/scored.json {d}/001/scored.json {d}/002/scored.json --npz" in out
+    assert sorted(re.findall(r'"chunk": \[(\d), 3\], "datastore": "micro", "device": "cpu", "distances": null, '
+                             r'"dtype": "float16", "entry": \{"category": "memory", "choices": \{"field": "choices"',
+                             out)) == ["0", "1", "2"]  # synth_recall's three chunks
+    one = snakemake(tmp_path, "-n", "-p", "--configfile", str(config_path("tasks"))).stdout
+    recall = [re.search(r"score-task --params ('[^']*synth_recall[^']*')", o)[1] for o in (out, one)]
+    assert recall[0] == recall[1]

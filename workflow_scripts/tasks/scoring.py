@@ -609,7 +609,7 @@ def chunk_items(n: int, p: dict, chunk: tuple[int, int] | None) -> tuple[int, in
     return memory.chunk_bounds(n, chunk[1], memory.task_block(p))[chunk[0]]
 
 
-CHUNK_KEY = "tasks.chunks (more jobs, fewer items each)"
+CHUNK_KEY = "the items per job (raise tasks.chunks)"
 
 
 def score(
