@@ -570,6 +570,8 @@ def test_paper1_preset_builds_its_whole_dag_offline(tmp_path):
     # in retrieval.chunks jobs per (eval set, datastore), joined by one retrieve job each
     assert jobs["add_shard"] == n_shards and jobs["train_index"] == jobs["merge_index"] == 6
     assert jobs["retrieve_chunk"] == cfg["retrieval"]["chunks"] * jobs["retrieve"] == 8 * len(cfg["eval_sets"]) * 6
+    # task scoring in tasks.chunks jobs per (datastore, task), joined by one score_task job each
+    assert jobs["score_task_chunk"] == cfg["tasks"]["chunks"] * jobs["score_task"] == 8 * runs
 
 
 @pytest.mark.slow

@@ -696,10 +696,6 @@ def merge_chunks(chunk_jsons: list, items_parquet, p: dict, out_npz, out_json, m
     t0 = time.time()
     items = read_items(items_parquet)
     n = len(items)
-    if manifest_json is not None:
-        exact = read_json(index_meta)["exact"] if index_meta is not None else True
-        memory.check("score_task", read_json(manifest_json), {"type": "Flat" if exact else "IVFPQ"}, CHUNK_KEY,
-                     p["k_max"], memory.task_join_rows(items, p, len(chunk_jsons)), {"model": False})
     parts, records = [], []
     for i, f in enumerate(chunk_jsons):
         record = read_json(f)
@@ -722,6 +718,11 @@ def merge_chunks(chunk_jsons: list, items_parquet, p: dict, out_npz, out_json, m
         parts.append((np.load(npz, allow_pickle=False), record))  # members read one at a time by save_npz
         records.append(record)
     try:
+        if manifest_json is not None:  # the rows of the largest chunk, as its record counts them
+            exact = read_json(index_meta)["exact"] if index_meta is not None else True
+            rows = max(r["meta"].get("n_tokens", r["meta"].get("n_queries", 0)) for r in records)
+            memory.check("score_task", read_json(manifest_json), {"type": "Flat" if exact else "IVFPQ"}, CHUNK_KEY,
+                         p["k_max"], rows, {"model": False})
         cache, record = join_parts(p["entry"], parts)
         first = records[0]["meta"]
         meta = {k: first[k] for k in SAME} | record.pop("meta") | {"chunks": len(records)}
