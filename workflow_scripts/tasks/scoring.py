@@ -16,6 +16,11 @@ datastore), neighbours from ``retrieval.search``, and the mixture from ``knnlm``
   (``knnlm.knn_probs_at``); the class score is DCPMI, Σ_synonyms log(p + 1e-10) − log(p_domain + 1e-10).
 * generate: greedy decoding with the mixture at every step; one retrieval per step for the whole batch of
   examples (shared across grid points while their prefixes agree).
+
+A task's items are scored in blocks of ``memory.task_block`` items, each on its own (its own forward batches,
+FAISS calls and decoding batches), and the blocks' caches joined (``join_parts``). ``tasks.chunks`` splits a task
+into jobs of whole blocks (``score_task_chunk``) whose caches ``merge_chunks`` joins into the one job's, byte
+for byte: a forward pass's or a FAISS call's float32 results depend on what else is in its batch.
 """
 
 from __future__ import annotations
@@ -623,7 +628,7 @@ def score(
 
     entry, t0 = p["entry"], time.time()
     empty = False
-    if chunk is not None:  # a chunk past the task's last block loads no model
+    if chunk is not None:  # a chunk with no items (a task of fewer blocks than chunks) loads no model
         all_items = read_items(items_parquet)
         a, b = chunk_items(len(all_items), p, chunk)
         empty = a == b
@@ -691,8 +696,9 @@ SAME = ("task", "kind", "K", "manifest_sha256")  # every chunk's alike
 def merge_chunks(chunk_jsons: list, items_parquet, p: dict, out_npz, out_json, manifest_json=None,
                  index_meta=None) -> dict:
     """Join the chunks' caches (each npz checked against the sha256 its record holds) into the cache one job
-    writes. The chunks must be the n chunks of this task, in order, scored alike. With the manifest and the
-    index's record, first check the memory the join holds (the chunks' arrays and their join)."""
+    writes, one array of one chunk at a time. The chunks must be the n chunks of this task, in order, scored alike.
+    With the manifest and the index's record, first check the memory the join holds (one array of its largest
+    chunk, read and shifted)."""
     t0 = time.time()
     items = read_items(items_parquet)
     n = len(items)
