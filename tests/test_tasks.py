@@ -11,16 +11,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from conftest import (
-    ROOT,
-    SpacedTok,
-    config_path,
-    job_stats,
-    load_test_config,
-    p_knn_by_hand,
-    snakemake,
-    write_paper_data,
-)
+from conftest import ROOT, SpacedTok, job_stats, load_test_config, p_knn_by_hand, snakemake, write_paper_data
 
 from workflow_scripts import knnlm
 from workflow_scripts.artifacts import ArtifactError, save_npy, write_json
@@ -1132,8 +1123,8 @@ def test_chunked_scoring_on_the_micro_model_is_byte_identical_to_one_job(task_ru
     premise (synth_occupation), the last-token protocol and generate (items made here from the corpus). With
     batch_size 2 (blocks of 16 items: 3 blocks of the 40 items), the 3 chunks' caches, joined, are the one job's:
     the npz byte for byte, the record but for its timing and the number of chunks (real forward passes and FAISS
-    calls, whose float32 results depend on their batches). The plan the job checks counts at least its scored
-    tokens, and the plan the rule asks for bounds it."""
+    calls, whose float32 results depend on their batches). The byte bound the rule plans with holds at least the
+    scored tokens the job counted."""
     from workflow_scripts import memory
 
     work, _ = task_run
@@ -1256,8 +1247,8 @@ def test_a_task_job_with_less_memory_than_its_plan_stops_before_scoring_naming_t
 
 def test_dag_scores_each_task_in_tasks_chunks_jobs_joined_by_score_task(tmp_path):
     """tasks.chunks: 3 on the tasks config: 3 score_task_chunk jobs per (datastore, task), whose temporary caches
-    one score_task job per task joins (--chunks, in order); the join's params are the one job's (the key changes no
-    output), each chunk's say which it is."""
+    one score_task job per task joins (--chunks, in order); each chunk's params are the join's plus which chunk it
+    is, and the join's leave the key out (it changes no output)."""
     cfg = load_test_config("tasks")
     cfg["tasks"]["chunks"] = 3
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -1267,9 +1258,8 @@ def test_dag_scores_each_task_in_tasks_chunks_jobs_joined_by_score_task(tmp_path
     assert jobs["score_task_chunk"] == 3 * n and jobs["score_task"] == n
     d = "results/tasks/micro/synth_recall/chunks"
     assert f"--chunks {d}/000/scored.json {d}/001/scored.json {d}/002/scored.json --npz" in out
-    assert sorted(re.findall(r'"chunk": \[(\d), 3\], "datastore": "micro", "device": "cpu", "distances": null, '
-                             r'"dtype": "float16", "entry": \{"category": "memory", "choices": \{"field": "choices"',
-                             out)) == ["0", "1", "2"]  # synth_recall's three chunks
-    one = snakemake(tmp_path, "-n", "-p", "--configfile", str(config_path("tasks"))).stdout
-    recall = [re.search(r"score-task --params ('[^']*synth_recall[^']*')", o)[1] for o in (out, one)]
-    assert recall[0] == recall[1]
+    params = [json.loads(x) for x in re.findall(r"score-task(?:-chunk)? --params '([^']*\"synth_recall\"[^']*)'", out)]
+    join = [x for x in params if "chunk" not in x]
+    assert len(params) == 4 and len(join) == 1 and "chunks" not in json.dumps(join[0])
+    assert sorted(tuple(x.pop("chunk")) for x in params if "chunk" in x) == [(0, 3), (1, 3), (2, 3)]
+    assert all(x == join[0] for x in params)
