@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, job_stats, snakemake
+from conftest import ROOT, snakemake
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -219,8 +219,6 @@ def test_a_grown_corpus_reencodes_only_the_new_shards_and_keeps_the_quantizer(mi
         "corpus": 1, "tokenize": 1, "plan_shards": 1, "datastore_manifest": 1, "verify_datastore": 1,
         "merge_index": 1}
     assert {p: (sha256_file(p), (work / p).stat().st_mtime_ns) for p in kept} == before
-    again = snakemake(work, target, "-n", "--configfile", str(work / "grow.yaml"))
-    assert "Nothing to be done" in again.stdout + again.stderr
 
     # the merged index equals the same trained quantizer filled with every shard's keys here, in one process
     manifest = read_json(ds / "manifest.json")
@@ -238,9 +236,15 @@ def test_a_grown_corpus_reencodes_only_the_new_shards_and_keeps_the_quantizer(mi
     np.testing.assert_array_equal(d1, d0)
     assert (i0 >= 0).all() and (i0 >= plan1["shards"][-1]["end"]).any()  # new rows are found, under their ids
 
-    # index.retrain: true trains again on the grown datastore, and so re-encodes every shard
+    # index.retrain: true trains again on the grown datastore, and so re-encodes every shard. In the same dry run
+    # (one Snakemake start less), a subsample of the grown datastore: its shards are its parent's plan's
     retrain = copy.deepcopy(grown)
     retrain["index"]["retrain"] = True
+    retrain["datastores"]["half"] = {"subsample": {"of": "grow", "fraction": 0.5}}
     (work / "retrain.yaml").write_text(yaml.safe_dump(retrain))
-    plan = job_stats(snakemake(work, target, "-n", "--configfile", str(work / "retrain.yaml")).stdout)
-    assert plan == {"train_index": 1, "add_shard": n2, "verify_datastore": 1, "merge_index": 1}
+    out = snakemake(work, target, target.replace("grow", "half"), "-n", "--configfile", str(work / "retrain.yaml"))
+    plan = {r: sorted(w) for r, w in ran(out.stdout + out.stderr).items()}
+    every = [f"ds={d}, shard={i:03d}" for d in ("grow", "half") for i in range(n2)]
+    assert plan == {"train_index": ["ds=grow", "ds=half"], "add_shard": sorted(every),
+                    "verify_datastore": ["ds=grow", "ds=half"], "merge_index": ["ds=grow", "ds=half"],
+                    "subsample_datastore": ["ds=half"]}
