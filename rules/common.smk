@@ -75,6 +75,12 @@ def shard_ids(ds):
     plan_shards) cuts, known once the tokens exist."""
     spec = DATASTORES[ds]
     n = len(shard_plan(ds)["shards"]) if "shard_tokens" in spec else spec["shards"]
+    if n > 1000:  # the shard wildcard has three digits
+        cut = f"shard_tokens {spec['shard_tokens']}" if "shard_tokens" in spec else f"shards {n}"
+        raise WorkflowError(
+            f"datastore {ds}: {n} shards ({cut}), more than the 1000 a datastore can have; "
+            f"set datastores.{plan_of(ds)}.shard_tokens or shards to make at most 1000"
+        )
     return [f"{i:03d}" for i in range(n)]
 
 
