@@ -76,7 +76,11 @@ def shard_ids(ds):
     spec = DATASTORES[ds]
     n = len(shard_plan(ds)["shards"]) if "shard_tokens" in spec else spec["shards"]
     if n > 1000:  # the shard wildcard has three digits
-        cut = f"shard_tokens {spec['shard_tokens']}" if "shard_tokens" in spec else f"shards {n}"
+        cut = (
+            f"shard_tokens {spec['shard_tokens']}"
+            if "shard_tokens" in spec
+            else f"shards {n}"
+        )
         raise WorkflowError(
             f"datastore {ds}: {n} shards ({cut}), more than the 1000 a datastore can have; "
             f"set datastores.{plan_of(ds)}.shard_tokens or shards to make at most 1000"
