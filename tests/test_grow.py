@@ -248,3 +248,30 @@ def test_a_grown_corpus_reencodes_only_the_new_shards_and_keeps_the_quantizer(mi
     assert plan == {"train_index": ["ds=grow", "ds=half"], "add_shard": sorted(every),
                     "verify_datastore": ["ds=grow", "ds=half"], "merge_index": ["ds=grow", "ds=half"],
                     "subsample_datastore": ["ds=half"]}
+
+
+# ------------------------------------------------------------------------------------------ extraction
+def test_a_planned_shard_has_the_keys_of_its_positions_and_a_stale_plan_is_refused(tmp_path):
+    from test_reliability import _tiny_gpt2
+
+    from workflow_scripts.datastore import extract_shard
+
+    model, ident = _tiny_gpt2(dim=32)
+    tokens = np.random.default_rng(0).integers(0, 50, 300).astype(np.int32)
+    save_npy(tmp_path / "tokens.npy", tokens)
+    whole = [tmp_path / "all" / n for n in ("k.npy", "v.npy", "m.json")]
+    extract_shard(model, ident, tmp_path / "tokens.npy", 0, 1, 32, 4, *whole)
+    plan = shard_plan(tmp_path / "tokens.npy", 64, 32)
+    for span in (plan["shards"][1], plan["shards"][-1]):  # a full shard and the last, partial one
+        out = [tmp_path / str(span["shard"]) / n for n in ("k.npy", "v.npy", "m.json")]
+        extract_shard(model, ident, tmp_path / "tokens.npy", span["shard"], None, 32, 4, *out, span=span)
+        a, b = span["start"], span["end"]
+        np.testing.assert_array_equal(np.load(out[0]), np.load(whole[0])[a:b])  # keys do not depend on the cut
+        np.testing.assert_array_equal(np.load(out[1]), tokens[a + 1 : b + 1])
+        assert read_json(out[2])["slice_sha256"] == span["slice_sha256"]
+    stale = {**plan["shards"][2], "slice_sha256": plan["shards"][1]["slice_sha256"]}
+    out = [tmp_path / "stale" / n for n in ("k.npy", "v.npy", "m.json")]
+    with pytest.raises(ArtifactError, match="shard 2 differ from those it was planned .* the shard plan is stale: "
+                                            "rerun plan_shards"):
+        extract_shard(model, ident, tmp_path / "tokens.npy", 2, None, 32, 4, *out, span=stale)
+    assert not (tmp_path / "stale").exists() or not any((tmp_path / "stale").iterdir())
