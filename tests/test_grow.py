@@ -192,7 +192,9 @@ def test_a_grown_corpus_reencodes_only_the_new_shards_and_keeps_the_quantizer(mi
 
     def run(c, *args):
         (work / "grow.yaml").write_text(yaml.safe_dump(c))
-        return snakemake(work, target, *args, "--configfile", str(work / "grow.yaml"))
+        # one thread each: the two add_shard jobs of a run share the two cores instead of queueing
+        return snakemake(work, target, *args, "--set-threads", "add_shard=1", "train_index=1", "--configfile",
+                         str(work / "grow.yaml"))
 
     first = ran(run(cfg).stderr)
     plan1 = read_json(ds / "shards" / "plan.json")
