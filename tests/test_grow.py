@@ -140,7 +140,7 @@ def test_manifest_refuses_a_shard_extracted_from_other_tokens_naming_it(tmp_path
     assert "delete" not in msg
     # a longer stream: every shard's slice is intact, but the last shard no longer ends the stream
     save_npy(tmp_path / "tokens.npy", np.concatenate([tokens, tokens[:50]]))
-    with pytest.raises(ArtifactError, match="the last shard ends at position 699, but .* has 749; rerun plan_shards"):
+    with pytest.raises(ArtifactError, match="last shard ends at position 699, but .* has 749 positions; rerun plan_s"):
         write_manifest(IDENT, tmp_path / "tokens.npy", files, tmp_path / "manifest.json")
     # a shard missing in the middle (its rows would be someone else's ids)
     save_npy(tmp_path / "tokens.npy", tokens)

@@ -245,7 +245,7 @@ def write_manifest(ident: dict, tokens_npy, shard_files: list[tuple[str, str, st
                         f"(snakemake --forcerun {keys_p})")
             if i == len(shard_files) - 1 and meta["end"] != tokens.size - 1:
                 raise ArtifactError(f"{meta_p}: the last shard ends at position {meta['end']}, but {tokens_npy} "
-                                    f"has {tokens.size - 1}; rerun plan_shards (snakemake --forcerun "
+                                    f"has {tokens.size - 1} positions; rerun plan_shards (snakemake --forcerun "
                                     f"{Path(meta_p).parent / 'plan.json'})")
         keys = load_npy(keys_p, mmap=True, dtype=KEY_DTYPE, ndim=2)
         vals = load_npy(vals_p, mmap=True, dtype=VAL_DTYPE, ndim=1)
