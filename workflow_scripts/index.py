@@ -218,7 +218,7 @@ def add_shard(trained, trained_meta, keys_npy, shard_json, out_part, out_meta, t
                             f"rerun extract_keys (snakemake --forcerun {keys_npy})")
     one = {"dim": tmeta["dim"], "rows": smeta["rows"], "shards": [{"rows": smeta["rows"]}]}
     memory.check("add_shard", one, tmeta["index"],
-                 "datastores.<name>.shards or shard_tokens (more, smaller shards)")
+                 "the keys per shard (raise datastores.<name>.shards, or lower shard_tokens)")
     keys = load_npy(keys_npy, mmap=True, dtype=KEY_DTYPE, ndim=2)
     if keys.shape != (smeta["rows"], tmeta["dim"]):
         raise ArtifactError(f"{keys_npy}: shape {keys.shape}, expected ({smeta['rows']}, {tmeta['dim']})")

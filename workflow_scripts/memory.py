@@ -37,8 +37,8 @@ def chunk_unit(cfg: dict) -> int:
 
 
 def chunk_bounds(n: int, chunks: int, unit: int) -> list[tuple[int, int]]:
-    """Positions [0, n) in ``chunks`` contiguous ranges cut on multiples of ``unit`` (trailing ones empty when there
-    are fewer units than chunks)."""
+    """Positions [0, n) in ``chunks`` contiguous ranges cut on multiples of ``unit`` (some of them empty when
+    there are fewer units than chunks)."""
     units = -(-n // unit)
     cuts = [min(n, round(i * units / chunks) * unit) for i in range(chunks + 1)]
     return [(cuts[i], cuts[i + 1]) for i in range(chunks)]
