@@ -71,7 +71,51 @@ def as_json(obj):
 
 
 def shard_ids(ds):
-    return [f"{i:03d}" for i in range(DATASTORES[ds]["shards"])]
+    """A datastore's shards: `shards` equal ranges, or with `shard_tokens` as many as its plan (checkpoint
+    plan_shards) cuts, known once the tokens exist."""
+    spec = DATASTORES[ds]
+    n = len(shard_plan(ds)["shards"]) if "shard_tokens" in spec else spec["shards"]
+    if n > 1000:  # the shard wildcard has three digits
+        cut = (
+            f"shard_tokens {spec['shard_tokens']}"
+            if "shard_tokens" in spec
+            else f"shards {n}"
+        )
+        raise WorkflowError(
+            f"datastore {ds}: {n} shards ({cut}), more than the 1000 a datastore can have; "
+            f"set datastores.{plan_of(ds)}.shard_tokens or shards to make at most 1000"
+        )
+    return [f"{i:03d}" for i in range(n)]
+
+
+def plan_of(ds):
+    """The datastore whose shard plan `ds` uses: its own, or a subsample's parent's."""
+    return DATASTORES[ds]["subsample"]["of"] if "subsample" in DATASTORES[ds] else ds
+
+
+def plan_path(ds):
+    """A shard_tokens datastore's plan.json (its parent's for a subsample), once plan_shards has run; until then
+    Snakemake's checkpoint exception, which defers the jobs that need it."""
+    return checkpoints.plan_shards.get(ds=plan_of(ds)).output.plan
+
+
+def shard_plan(ds):
+    with open(plan_path(ds)) as f:
+        return json.load(f)
+
+
+def plan_input(wildcards):
+    """extract_keys' plan of a shard_tokens datastore, ancient(): a rewritten plan reruns only the shards whose
+    range or token slice changed (their params)."""
+    if "shard_tokens" not in DATASTORES[wildcards.ds]:
+        return []
+    return ancient(plan_path(wildcards.ds))
+
+
+def extract_tokens(wildcards):
+    """extract_keys' tokens: ancient() for a shard_tokens datastore, whose shards rerun on their slice (params)."""
+    t = ds_tokens(wildcards.ds)
+    return ancient(t) if "shard_tokens" in DATASTORES[wildcards.ds] else t
 
 
 def shard_file(wildcards, name, ext):
@@ -89,6 +133,19 @@ def shard_inputs(wildcards):
         shard_file(wildcards, "keys", "npy"),
         shard_file(wildcards, "shard", "json"),
     ]
+
+
+def corpus_files(wildcards):
+    """A local corpus's files, as inputs: documents appended to one (or a file added) rebuild the corpus."""
+    spec = config["corpora"][wildcards.corpus]
+    if spec["source"] != "local":
+        return []
+    files = spec["local"]["files"]
+    out = [
+        [f] if isinstance(f, str) else f
+        for f in (files[s] for s in ("train", "valid", "test"))
+    ]
+    return list(dict.fromkeys(f for fs in out for f in fs))
 
 
 def model_json(model):
@@ -174,15 +231,38 @@ def eval_tokens(evalset, ds):
 
 
 def extraction_params(wildcards):
+    """What a shard's keys depend on. `shards: N`: its index of N equal ranges. `shard_tokens`: its range and the
+    sha256 of its token slice from the plan, and not the stream's length: a grown stream reruns only the shards
+    whose range or slice changed."""
     ex = config["extraction"]
+    spec, i = DATASTORES[wildcards.ds], int(wildcards.shard)
+    if "shard_tokens" in spec:
+        shards = shard_plan(wildcards.ds)["shards"]
+        if i >= len(shards):
+            raise WorkflowError(
+                f"datastore {wildcards.ds}: shard {wildcards.shard} is not in its plan "
+                f"({len(shards)} shards of {spec['shard_tokens']} positions, {plan_path(wildcards.ds)})"
+            )
+        cut = {"shard_tokens": spec["shard_tokens"], "span": shards[i]}
+    else:
+        cut = {"shards": spec["shards"]}
     return as_json(
         {
-            "shard": int(wildcards.shard),
-            "shards": DATASTORES[wildcards.ds]["shards"],
+            "shard": i,
+            **cut,
             "block_size": ex["block_size"],
             "batch_size": ex["batch_size"],
             "device": ex["device"],
             "dtype": ex["dtype"],
+        }
+    )
+
+
+def plan_params(wildcards):
+    return as_json(
+        {
+            "shard_tokens": DATASTORES[wildcards.ds]["shard_tokens"],
+            "block_size": config["extraction"]["block_size"],
         }
     )
 
@@ -321,6 +401,8 @@ SWEEPS = sorted((e, d) for d in DATASTORES for e in EVAL_SETS)
 # datastores extracted from a model (extract_keys), and those copied from another's rows (subsample_datastore)
 SUBSAMPLED = [d for d, spec in DATASTORES.items() if "subsample" in spec]
 EXTRACTED = [d for d in DATASTORES if d not in SUBSAMPLED]
+# extracted datastores cut into shards of shard_tokens positions: their shard plan is checkpoint plan_shards
+PLANNED = [d for d in EXTRACTED if "shard_tokens" in DATASTORES[d]]
 
 
 # ----------------------------------------------------------------------------- tasks (paper 1)
@@ -359,12 +441,12 @@ def task_source(wildcards):
     return {"source": src["path"]} if src["type"] == "local" else {}
 
 
-def task_score_params(wildcards):
+def task_score_params(wildcards, chunk=None):
     """What a task's scoring depends on: the entry, K_max, the window, and for generate tasks the decoding (and
-    the grid, when every grid point is decoded)."""
+    the grid, when every grid point is decoded); for a chunk, which one ([i, n])."""
     ex, sw = config["extraction"], config["sweep"]
     e = task_entry(wildcards.task)
-    p = {
+    p = ({"chunk": chunk} if chunk else {}) | {
         "task": wildcards.task,
         "entry": e,
         "datastore": wildcards.ds,
@@ -390,6 +472,72 @@ def task_score_params(wildcards):
         if p["generate"]["points"] == "grid":
             p["grid"] = {k: sw[k] for k in ("lambdas", "ks", "sigmas")}
     return as_json(p)
+
+
+TASK_CHUNKS = TASKS.get("chunks") or 1
+
+
+def task_chunk_inputs(wildcards):
+    """The chunks' caches (their scored.json) that the score_task job joins, when tasks.chunks > 1."""
+    if TASK_CHUNKS == 1:
+        return {}
+    d = f"results/tasks/{wildcards.ds}/{wildcards.task}/chunks"
+    ids = [f"{i:03d}" for i in range(TASK_CHUNKS)]
+    return {
+        "chunks": [f"{d}/{i}/scored.json" for i in ids],
+        # the npz too, so that the temporary chunks stay until this job has read them
+        "chunk_npz": [f"{d}/{i}/scored.npz" for i in ids],
+    }
+
+
+def task_items(wildcards):
+    """The items a task-scoring job scores (those of its chunk, cut as the step cuts them: memory.chunk_bounds on
+    whole blocks), or None before load_task has written them."""
+    try:
+        items = _tasks.read_items(f"results/task_data/{wildcards.task}.parquet")
+    except OSError:
+        return None
+    if "chunk" in wildcards.keys():
+        p = json.loads(task_score_params(wildcards))
+        a, b = _memory.chunk_bounds(len(items), TASK_CHUNKS, _memory.task_block(p))[
+            int(wildcards.chunk)
+        ]
+        items = items[a:b]
+    return items
+
+
+def task_chunk_gpu(wildcards):
+    """A chunk with no items (a task of fewer blocks than tasks.chunks) loads no model: no GPU for it."""
+    items = task_items(wildcards)
+    return GPU if items is None or items else 0
+
+
+def task_plan_mb(wildcards, input=None, threads=None):
+    """A task-scoring job's mem_mb (workflow_scripts/memory.py), planned from its items (task_items) as the step
+    plans it, with a bound on their scored tokens (the step counts them and checks its own plan, never above this
+    one); for the job joining chunks, the largest chunk's arrays. A placeholder while the manifest or the items
+    do not exist yet (Snakemake asks again before it schedules the job)."""
+    manifest = _memory.read_manifest(f"results/datastores/{wildcards.ds}/manifest.json")
+    items = task_items(wildcards)
+    if manifest is None or items is None:
+        return _memory.BASE_MB
+    p = json.loads(task_score_params(wildcards))
+    if "chunk" not in wildcards.keys() and TASK_CHUNKS > 1:
+        n = _memory.task_join_rows(items, p, TASK_CHUNKS)
+        return _memory.estimate_mb(
+            "score_task", manifest, config["index"], p["k_max"], n, {"model": False}
+        )[0]
+    ident = _memory.read_manifest(model_json(DATASTORES[wildcards.ds]["model"])) or {}
+    n, block = _memory.task_queries(items, p)
+    plan = {
+        "window": p["block_size"],
+        "batch": p["batch_size"],
+        "vocab": ident.get("vocab_size", 0),
+        "device": p["device"],
+        "block_queries": block,
+    }
+    job = "score_task_chunk" if "chunk" in wildcards.keys() else "score_task"
+    return _memory.estimate_mb(job, manifest, config["index"], p["k_max"], n, plan)[0]
 
 
 def task_sweep_params(wildcards):

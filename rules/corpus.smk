@@ -1,5 +1,7 @@
 # Corpus: generate, or load local files or a Hugging Face dataset, into train/valid/test parquet files.
 rule corpus:
+    input:
+        corpus_files,  # a local corpus's files; none for generate and hf
     output:
         train="results/corpus/{corpus}/train.parquet",
         valid="results/corpus/{corpus}/valid.parquet",

@@ -2,11 +2,39 @@
 # the manifest records sizes, sha256 and the model identity, and every consumer checks it.
 
 
-# Makes one key/value shard of a datastore, streamed to disk.
+# Cuts a shard_tokens datastore's tokens into shards (range and token-slice sha256 of each): a checkpoint, as
+# their number is known only once the tokens exist. extract_keys takes its shard's entry as params.
+checkpoint plan_shards:
+    input:
+        tokens=lambda w: ds_tokens(w.ds),
+    output:
+        plan="results/datastores/{ds}/shards/plan.json",
+    log:
+        "results/logs/plan_shards/{ds}.log",
+    benchmark:
+        "results/benchmarks/plan_shards/{ds}.tsv"
+    wildcard_constraints:
+        ds=names_regex(PLANNED),
+    conda:
+        "../envs/pipeline.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=60,  # hashes the tokens once: paper 1's 2.4 GB in seconds
+    params:
+        p=plan_params,
+    shell:
+        "python -m workflow_scripts plan-shards --params {params.p:q} --tokens {input.tokens} --out {output.plan}"
+        " 2> {log}"
+
+
+# Makes one key/value shard of a datastore, streamed to disk. A shard_tokens datastore's tokens and plan are
+# ancient(): its shards rerun on their params (range, token-slice sha256), so a grown stream reruns only the
+# old last shard and the new ones.
 rule extract_keys:
     input:
         model_json=lambda w: model_json(DATASTORES[w.ds]["model"]),
-        tokens=lambda w: ds_tokens(w.ds),
+        tokens=extract_tokens,
+        plan=plan_input,
     output:
         key_shards="results/datastores/{ds}/shards/keys_{shard}.npy",
         vals="results/datastores/{ds}/shards/vals_{shard}.npy",

@@ -62,10 +62,46 @@ rule load_task:
         "python -m workflow_scripts load-task --params {params.p:q} {params.source} --out {output} 2> {log}"
 
 
-# Makes a task's retrieval cache (teacher-forced kinds) or its decoded answers (generate) on a datastore.
+# Makes one chunk of a task's scoring (tasks.chunks > 1): a temporary partial cache of whole blocks of its items.
+rule score_task_chunk:
+    input:
+        unpack(task_summary_input),
+        model_json=lambda w: model_json(DATASTORES[w.ds]["model"]),
+        manifest="results/datastores/{ds}/manifest.json",
+        index="results/datastores/{ds}/index.faiss",
+        index_meta="results/datastores/{ds}/index.json",
+        index_data=index_data,  # IVFPQ: the on-disk inverted lists beside index.faiss
+        task_items="results/task_data/{task}.parquet",
+    output:
+        npz=temp("results/tasks/{ds}/{task}/chunks/{chunk}/scored.npz"),
+        json=temp("results/tasks/{ds}/{task}/chunks/{chunk}/scored.json"),
+    log:
+        "results/logs/score_task_chunk/{ds}/{task}/{chunk}.log",
+    benchmark:
+        "results/benchmarks/score_task_chunk/{ds}/{task}/{chunk}.tsv"
+    conda:
+        GPU_ENV
+    threads: 2
+    resources:
+        mem_mb=task_plan_mb,
+        runtime=20 * 60,  # paper 1: up to about 12 h (HellaSwag) per task in one job (docs/cluster.md)
+        gpu=task_chunk_gpu,
+    params:
+        p=lambda w: task_score_params(w, chunk=[int(w.chunk), TASK_CHUNKS]),
+        summary=optional_arg("summary"),
+    shell:
+        "python -m workflow_scripts score-task-chunk --params {params.p:q} --threads {threads}"
+        " --model-json {input.model_json} --manifest {input.manifest} --index {input.index}"
+        " --index-meta {input.index_meta} --items {input.task_items} {params.summary} --npz {output.npz}"
+        " --scored-json {output.json} 2> {log}"
+
+
+# Makes a task's retrieval cache (teacher-forced kinds) or its decoded answers (generate) on a datastore: in one
+# job, or (tasks.chunks > 1) by joining its chunks, a cheap job.
 rule score_task:
     input:
         unpack(task_summary_input),
+        unpack(task_chunk_inputs),
         model_json=lambda w: model_json(DATASTORES[w.ds]["model"]),
         manifest="results/datastores/{ds}/manifest.json",
         index="results/datastores/{ds}/index.faiss",
@@ -83,16 +119,17 @@ rule score_task:
         GPU_ENV
     threads: 2
     resources:
-        mem_mb=16000,
+        mem_mb=task_plan_mb,
         runtime=20 * 60,  # paper 1: up to about 12 h (HellaSwag) per task (docs/cluster.md)
-        gpu=GPU,
+        gpu=lambda w: GPU if TASK_CHUNKS == 1 else 0,
     params:
         p=task_score_params,
         summary=optional_arg("summary"),
+        chunks=optional_arg("chunks"),
     shell:
         "python -m workflow_scripts score-task --params {params.p:q} --threads {threads} --model-json {input.model_json}"
         " --manifest {input.manifest} --index {input.index} --index-meta {input.index_meta} --items {input.task_items}"
-        " {params.summary} --npz {output.npz} --scored-json {output.json} 2> {log}"
+        " {params.summary} {params.chunks} --npz {output.npz} --scored-json {output.json} 2> {log}"
 
 
 # Checks a task cache as the task sweep does (the npz's sha256, the item count) before task_sweep starts, so that

@@ -104,11 +104,12 @@ def test_every_rule_of_the_workflow_ran_in_the_full_run(project):
     # model (tests/test_sources.py runs it); train_lm_chunk a model trained in chunks (tests/test_chunks.py);
     # train_index and add_shard an IVFPQ index (their functions run in tests/test_index_shards.py, the rules in
     # the ivfpq_run fixture's local run of tests/configs/ivfpq.yaml and in test_slurm.py's run of it through
-    # Slurm), retrieve_chunk retrieval.chunks > 1 (its function in
-    # test_integrity.py); test_rule_commands.py parses every command of theirs. Their steps' modules are all in
-    # the closures of rules that did run (merge_index, retrieve), so every module is still checked below.
+    # Slurm), retrieve_chunk retrieval.chunks > 1 (its function in test_integrity.py), score_task_chunk
+    # tasks.chunks > 1 (its function in test_tasks.py); test_rule_commands.py parses every command of theirs.
+    # Their steps' modules are all in the closures of rules that did run (merge_index, retrieve, score_task), so
+    # every module is still checked below.
     missing = set(steps) - ran - {"results_doc", "model_identity", "train_lm_chunk", "train_index", "add_shard",
-                                  "retrieve_chunk"}
+                                  "retrieve_chunk", "score_task_chunk"}
     assert not missing, f"rules without a job in the full run: {sorted(missing)}"
 
 

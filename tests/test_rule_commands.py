@@ -18,7 +18,8 @@ from workflow_scripts import cli
 from workflow_scripts.tasks import registry
 
 STEP_RULE = re.compile(
-    r"^rule (\w+):\n(?:(?:    .*)?\n)*?    shell:\n(?:        .*\n)*?\s+\"python -m workflow_scripts ", re.M
+    r"^(?:rule|checkpoint) (\w+):\n(?:(?:    .*)?\n)*?    shell:\n(?:        .*\n)*?\s+\"python -m workflow_scripts ",
+    re.M,
 )
 
 
@@ -31,8 +32,8 @@ def _everything_config(tmp_path) -> dict:
     """tests/configs/analyses.yaml plus the synthetic task suite, a local generate task (scored with the
     perplexity summary), a hub model (model_identity, tokenize with its model.json) with a datastore and a hub
     task on it, the micro model trained in chunks, an IVFPQ index (train_index, add_shard, merge_index),
-    retrieval in 2 chunks, a datastore subsampled from micro's rows and the scaling study: every rule of the
-    workflow gets a job."""
+    retrieval and task scoring in 2 chunks, a datastore subsampled from micro's rows, one cut by shard_tokens (the
+    checkpoint plan_shards) and the scaling study: every rule of the workflow gets a job."""
     cfg = load_test_config("analyses")
     local = tmp_path / "mine.jsonl"
     local.write_text((ROOT / "tests/fixtures/tasks/gsm8k.jsonl").read_text())
@@ -49,7 +50,9 @@ def _everything_config(tmp_path) -> dict:
     cfg["models"]["micro-gpt2"]["train"]["chunk_steps"] = 10
     cfg["index"] = {"type": "IVFPQ", "nlist": 4, "m": 4, "nbits": 4, "train_sample": 500}  # train_index, add_shard
     cfg["retrieval"] = {"chunks": 2}  # retrieve_chunk, and retrieve joining the chunks
+    cfg["tasks"]["chunks"] = 2  # score_task_chunk, and score_task joining the chunks
     cfg["datastores"]["micro_half"] = {"subsample": {"of": "micro", "fraction": 0.5}}
+    cfg["datastores"]["grown"] = {"model": "micro-gpt2", "corpus": "micro", "shard_tokens": 64}  # plan_shards
     cfg["scaling"] = {"datastores": ["micro"]}
     return cfg
 

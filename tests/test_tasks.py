@@ -4,13 +4,14 @@ probabilities we set, metrics, the synthetic suite's invariants, and the task st
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SpacedTok, job_stats, p_knn_by_hand, snakemake, write_paper_data
+from conftest import ROOT, SpacedTok, job_stats, load_test_config, p_knn_by_hand, snakemake, write_paper_data
 
 from workflow_scripts import knnlm
 from workflow_scripts.artifacts import ArtifactError, save_npy, write_json
@@ -568,6 +569,8 @@ def test_paper1_preset_builds_its_whole_dag_offline(tmp_path):
     # in retrieval.chunks jobs per (eval set, datastore), joined by one retrieve job each
     assert jobs["add_shard"] == n_shards and jobs["train_index"] == jobs["merge_index"] == 6
     assert jobs["retrieve_chunk"] == cfg["retrieval"]["chunks"] * jobs["retrieve"] == 8 * len(cfg["eval_sets"]) * 6
+    # task scoring in tasks.chunks jobs per (datastore, task), joined by one score_task job each
+    assert jobs["score_task_chunk"] == cfg["tasks"]["chunks"] * jobs["score_task"] == 8 * runs
 
 
 @pytest.mark.slow
@@ -767,14 +770,15 @@ def test_last_token_cache_keeps_log_p_at_the_slots_and_the_neighbours_of_the_las
 
 class _DS:
     hash = "sha-of-the-manifest"
+    manifest = {"dim": 2, "rows": 8, "shards": [{"rows": 8}]}  # what memory.check plans with
 
     def gather_vals(self, ids):
         return DS_VALS[ids]
 
 
-def _score_stage(tmp_path, monkeypatch, entry, items, summary_csv=None, **p):
+def _score_stage(tmp_path, monkeypatch, entry, items, summary_csv=None, chunk=None, name="s", **p):
     """scoring.score with the retriever replaced by the toy model and datastore; (meta, npz, json, searches)."""
-    from workflow_scripts import retrieval
+    from workflow_scripts import datastore, retrieval
 
     model, tok = _SpyLM(TABLE), _ToyTok()
     calls = []
@@ -786,6 +790,7 @@ def _score_stage(tmp_path, monkeypatch, entry, items, summary_csv=None, **p):
         return model, tok, {"hook_point": "h.0.mlp", "vocab_size": V}, ds, "index", {"exact": True}
 
     monkeypatch.setattr(retrieval, "open_retriever", open_retriever)
+    monkeypatch.setattr(datastore, "manifest_hash", lambda path: ds.hash if path == "m.json" else None)  # empty chunks
 
     def search(index, ds_, q, K, exact, distances="exact"):
         assert ds_ is ds
@@ -798,9 +803,9 @@ def _score_stage(tmp_path, monkeypatch, entry, items, summary_csv=None, **p):
                          tmp_path / "items.parquet")
     params = {"entry": entry, "task": "t", "k_max": 3, "block_size": 8, "batch_size": 2, "datastore": "d", **p}
     meta = scoring.score("id.json", "m.json", "index", "imeta.json", tmp_path / "items.parquet", params,
-                         tmp_path / "s.npz", tmp_path / "s.json", summary_csv)
-    npz = dict(np.load(tmp_path / "s.npz"))
-    return meta, npz, json.loads((tmp_path / "s.json").read_text()), calls, model
+                         tmp_path / f"{name}.npz", tmp_path / f"{name}.json", summary_csv, chunk=chunk)
+    npz = dict(np.load(tmp_path / f"{name}.npz"))
+    return meta, npz, json.loads((tmp_path / f"{name}.json").read_text()), calls, model
 
 
 def test_a_premise_that_encodes_to_no_tokens_is_refused_by_task_name():
@@ -1039,3 +1044,230 @@ def test_queries_are_rounded_to_the_datastores_float16_keys():
     assert len(seen) == 3
     for q in seen:
         assert q.dtype == np.float32 and q.max() == np.float32(np.float16(0.1)) != np.float32(0.1)
+
+
+# --------------------------------------------------------------------------------------------- chunked scoring
+WORDS4 = ["a", "b", "c", "d"]
+CHUNK_ITEMS = {  # 20 items each: with batch_size 1, blocks of 8 items (memory.task_block): 3 blocks
+    "pairs": [{"options": [[[f"{WORDS4[i % 4]} {WORDS4[i // 4 % 4]}", WORDS4[(i + j) % 4]]] for j in range(2)],
+               "domain": [[["d", w]] for w in "ab"], "gold": i % 2} for i in range(20)],
+    "last_token": [{"premise": " ".join(WORDS4[(i + j) % 4] for j in range(1 + i % 3)),
+                    "domain_premise": "c" if i % 2 else None, "gold": i % 2} for i in range(20)],
+    "generate": [{"context": " ".join(WORDS4[(i * j) % 4] for j in range(1 + i % 3))} for i in range(20)],
+}
+CHUNK_ENTRIES = {
+    "pairs": {"name": "t", "kind": "choice", "metric": "accuracy", "pmi": True},
+    "last_token": {"name": "t", "kind": "classify", "protocol": "last_token", "synonyms": [[" d"], [" c", " b"]],
+                   "pmi": True},
+    "generate": {"name": "t", "kind": "generate", "max_new_tokens": 2, "stop": ["d"]},
+}
+
+
+@pytest.mark.parametrize("how", ["pairs", "last_token", "generate"])
+@pytest.mark.parametrize("chunks", [2, 3, 5])
+def test_chunks_of_a_task_join_into_the_one_job_cache_byte_for_byte(tmp_path, monkeypatch, how, chunks):
+    """tasks.chunks: each chunk scores whole blocks of items (8 here) as the one job does, and merge_chunks shifts
+    their pair ids and query rows into the one job's; the npz is the one job's byte for byte (its arrays, and the
+    file: fixed member timestamps), the record too but for its timing and the number of chunks joined. With 5
+    chunks two have no items and load no model."""
+    entry, items = CHUNK_ENTRIES[how], CHUNK_ITEMS[how]
+    p = {"batch_size": 1, "generate": {"max_new_tokens": 5, "points": "grid"},
+         "grid": {"lambdas": [0.5], "ks": [3], "sigmas": [1.0]}} if how == "generate" else {"batch_size": 1}
+    one, one_npz, one_rec, one_calls, model = _score_stage(tmp_path, monkeypatch, entry, items, name="one", **p)
+    assert one["n_items"] == 20
+    if how != "generate":  # one search call per block of 8 items
+        assert len(one_calls) == 3
+    metas = []
+    for i in range(chunks):
+        meta, *_ = _score_stage(tmp_path, monkeypatch, entry, items, chunk=(i, chunks), name=f"c{i}", **p)
+        metas.append(tmp_path / f"c{i}.json")
+        a, b = scoring.chunk_items(20, {"batch_size": 1}, (i, chunks))
+        assert meta["chunk"] == {"index": i, "of": chunks, "start": a, "end": b, "items": 20}
+        assert a % 8 == 0 and meta["n_items"] == b - a
+    sizes = [json.loads(m.read_text())["meta"]["n_items"] for m in metas]
+    assert sum(sizes) == 20 and sizes.count(0) == max(0, chunks - 3)  # 3 blocks
+    params = {"entry": entry, "task": "t", "k_max": 3, "block_size": 8, **p}
+    joined = scoring.merge_chunks(metas, tmp_path / "items.parquet", params, tmp_path / "j.npz", tmp_path / "j.json")
+    assert (tmp_path / "j.npz").read_bytes() == (tmp_path / "one.npz").read_bytes()
+    drop = ("seconds", "chunks")
+    assert joined["chunks"] == chunks
+    assert {k: v for k, v in joined.items() if k not in drop} == {k: v for k, v in one.items() if k not in drop}
+    rec = json.loads((tmp_path / "j.json").read_text())
+    assert {**rec, "meta": None} == {**one_rec, "meta": None}
+    # what the task sweep reads from the joined cache is what it reads from the one job's
+    if how == "pairs":  # item 5's first option: its context "b b" + "b"; the domain pairs are a block's own
+        struct = rec["items"][5]
+        assert one_npz["t_target"][one_npz["t_pair"] == struct["options"][0][0]].tolist() == [2]
+        assert struct["domain"][0] != rec["items"][13]["domain"][0]  # items 5 and 13: blocks 0 and 1
+    # a chunk of another split (here: the chunks out of order) is refused by name, and nothing is written
+    with pytest.raises(ArtifactError, match=r"c1\.json: chunk .* expected \{'index': 0"):
+        scoring.merge_chunks(metas[1:] + metas[:1], tmp_path / "items.parquet", params, tmp_path / "bad.npz",
+                             tmp_path / "bad.json")
+    assert not (tmp_path / "bad.npz").exists()
+
+
+def test_a_chunk_npz_altered_since_it_was_written_is_refused(tmp_path, monkeypatch):
+    entry, items = CHUNK_ENTRIES["pairs"], CHUNK_ITEMS["pairs"]
+    for i in range(2):
+        _score_stage(tmp_path, monkeypatch, entry, items, chunk=(i, 2), name=f"c{i}", batch_size=1)
+    z = dict(np.load(tmp_path / "c1.npz"))
+    z["t_lm"] = z["t_lm"] + 1
+    np.savez(tmp_path / "c1.npz", **z)
+    params = {"entry": entry, "task": "t", "k_max": 3, "block_size": 8, "batch_size": 1}
+    with pytest.raises(ArtifactError, match=r"c1\.npz: sha256 differs .* rerun score_task_chunk"):
+        scoring.merge_chunks([tmp_path / "c0.json", tmp_path / "c1.json"], tmp_path / "items.parquet", params,
+                             tmp_path / "j.npz", tmp_path / "j.json")
+
+
+def _score_files(work, task):
+    d = work / "results"
+    return (d / "models/micro-gpt2/model.json", d / "datastores/micro/manifest.json",
+            d / "datastores/micro/index.faiss", d / "datastores/micro/index.json", d / f"task_data/{task}.parquet")
+
+
+@pytest.mark.slow
+def test_chunked_scoring_on_the_micro_model_is_byte_identical_to_one_job(task_run, tmp_path, monkeypatch):
+    """The micro model and datastore of the task run, four kinds: choice (synth_recall), classify with a domain
+    premise (synth_occupation), the last-token protocol and generate (items made here from the corpus). With
+    batch_size 2 (blocks of 16 items: 3 blocks of the 40 items), the 3 chunks' caches, joined, are the one job's:
+    the npz byte for byte, the record but for its timing and the number of chunks (real forward passes and FAISS
+    calls, whose float32 results depend on their batches). The byte bound the rule plans with holds at least the
+    scored tokens the job counted."""
+    from workflow_scripts import memory
+
+    work, _ = task_run
+    monkeypatch.chdir(work)  # model.json names the model by its path in the run
+    reg = registry.registry()
+    docs = pl.read_parquet(work / "results/corpus/micro/test.parquet")["text"].to_list()
+    words = [w for d in docs for w in d.split()][:2000]
+    made = {
+        "lt": ({"name": "lt", "kind": "classify", "protocol": "last_token", "metric": "accuracy", "pmi": True,
+                "category": "memory", "synonyms": [[" born", " lived"], [" works", " city"]]},
+               [{"premise": " ".join(words[7 * i : 7 * i + 3 + i % 5]), "domain_premise": "It is",
+                 "gold": i % 2} for i in range(40)]),
+        "gen": ({"name": "gen", "kind": "generate", "metric": "exact_match", "category": "reasoning",
+                 "max_new_tokens": 3, "stop": ["."]},
+                [{"context": " ".join(words[9 * i : 9 * i + 4 + i % 6]), "answers": [words[9 * i + 4 + i % 6]]}
+                 for i in range(40)]),
+    }
+    for name, (_, items) in made.items():
+        registry.write_items([{"id": str(i), "question": "", "answer": "", **it} for i, it in enumerate(items)],
+                             tmp_path / f"{name}.parquet")
+    base = {"datastore": "micro", "k_max": 32, "block_size": 32, "batch_size": 2, "device": "cpu",
+            "dtype": "float32", "nprobe": None, "distances": None, "gpu_shard_above_gb": 4.0, "point": [0.5, 8, 1.0],
+            "generate": {"points": "chosen", "max_new_tokens": 16}}
+    for task in ("synth_recall", "synth_occupation", "lt", "gen"):
+        entry = made[task][0] if task in made else reg[task]
+        *files, items = _score_files(work, task)
+        items = tmp_path / f"{task}.parquet" if task in made else items
+        p = {**base, "task": task, "entry": entry}
+        one = scoring.score(*files, items, p, tmp_path / task / "one.npz", tmp_path / task / "one.json")
+        metas = []
+        for i in range(3):
+            d = tmp_path / task / f"chunk{i}"
+            scoring.score(*files, items, {**p, "chunk": [i, 3]}, d / "scored.npz", d / "scored.json", chunk=(i, 3))
+            metas.append(d / "scored.json")
+        joined = scoring.merge_chunks(metas, items, p, tmp_path / task / "j.npz", tmp_path / task / "j.json",
+                                      files[1], files[3])
+        assert (tmp_path / task / "j.npz").read_bytes() == (tmp_path / task / "one.npz").read_bytes(), task
+        drop = ("seconds", "chunks")
+        assert {k: v for k, v in joined.items() if k not in drop} == {k: v for k, v in one.items() if k not in drop}
+        a, b = (json.loads((tmp_path / task / f).read_text()) for f in ("j.json", "one.json"))
+        assert {**a, "meta": None} == {**b, "meta": None}
+        assert one["n_items"] == 40 and joined["chunks"] == 3
+        if task.startswith("synth"):  # the byte bound the rule plans with holds the tokens the step counts
+            bound = memory.task_queries(registry.read_items(items), p)[0]
+            assert one["n_queries"] <= one["n_tokens"] <= bound, (one, bound)
+        if task == "gen":
+            assert [pt["lambda"] for pt in a["points"]] == [0.0, 0.5] and len(a["points"][1]["texts"]) == 40
+
+
+@pytest.mark.slow
+def test_the_task_runs_score_task_plan_holds_its_measured_peak_memory(task_run):
+    """Each score_task job of the task run logged its plan; its benchmark's max_rss (the job's measured peak) is
+    below it."""
+    work, _ = task_run
+    for task in ("synth_recall", "synth_occupation", "synth_twohop", "synth_arithmetic"):
+        logged = (work / f"results/logs/score_task/micro/{task}.log").read_text()
+        plan = int(re.search(r"memory plan for score_task: about (\d+) MiB", logged)[1])
+        rss = pl.read_csv(work / f"results/benchmarks/score_task/micro/{task}.tsv", separator="\t")["max_rss"][0]
+        assert 0 < rss < plan, (task, rss, plan)
+
+
+# --------------------------------------------------------------------------------------------- memory planning
+PAPER_MANIFEST = {"dim": 4096, "rows": 610_000_000, "shards": [{"rows": 9_531_250}] * 64}  # paper 1's datastore
+
+
+def _distinct_items(n):
+    """Choice items with distinct contexts, two continuations each of 3 and 11 bytes, one shared domain premise."""
+    return [{"options": [[[f"context {i}", " yes"]], [[f"context {i}", " not at all"]]],
+             "domain": [[["Answer:", " yes"]], [["Answer:", " not at all"]]], "gold": 0} for i in range(n)]
+
+
+def test_task_memory_plan_counts_a_bound_on_scored_tokens_and_grows_with_items_and_k():
+    from workflow_scripts import memory
+
+    p = {"entry": {"kind": "choice"}, "batch_size": 8}  # blocks of 64 items
+    assert memory.task_block(p) == 64
+    # by hand: per item (4 + 1) + (11 + 1) bytes; per block the two domain pairs once (the block's own dedup)
+    for n in (1, 64, 65, 1000):
+        blocks = -(-n // 64)
+        assert memory.task_queries(_distinct_items(n), p) == (17 * n + 17 * blocks, 17 * min(n, 64) + 17)
+    # the step counts tokens with its tokenizer instead: here one token a word
+    assert memory.task_queries(_distinct_items(100), p, lambda block: 2 * len(block)) == (200, 128)
+    flat, ivf = {"type": "Flat"}, {"type": "IVFPQ", "distances": "pq"}
+    plan = {"window": 1024, "batch": 8, "vocab": 32000, "device": "cuda", "block_queries": 0}
+    mb = {(n, k, cfg["type"]): memory.estimate_mb("score_task", PAPER_MANIFEST, cfg, k, n, plan)[0]
+          for n in (100_000, 200_000) for k in (1024, 2048) for cfg in (flat, ivf)}
+    for cfg in ("Flat", "IVFPQ"):
+        # the kept arrays: K dists, vals, ids (16 B each), the float16 key (2·d B) and a token row per query
+        assert mb[200_000, 2048, cfg] - mb[100_000, 2048, cfg] == pytest.approx(
+            100_000 * (2048 * 16 + 4096 * 2 + 24) / 2**20, abs=1)
+        assert mb[100_000, 1024, cfg] < mb[100_000, 2048, cfg] < mb[200_000, 2048, cfg]
+    # on a CPU the logits of a forward batch (batch x window x vocab float32) are host memory too
+    cpu = memory.estimate_mb("score_task", PAPER_MANIFEST, flat, 2048, 100_000, {**plan, "device": "cpu"})[0]
+    assert cpu - mb[100_000, 2048, "Flat"] == pytest.approx(8 * 1024 * 32000 * 4 / 2**20, abs=1)
+    # the job joining chunks holds one array of the largest chunk, read and shifted: no model, no search
+    items = _distinct_items(1000)
+    largest = memory.task_join_rows(items, p, 4)
+    assert largest == max(memory.task_queries(items[a:b], p)[0] for a, b in memory.chunk_bounds(1000, 4, 64))
+    assert memory.estimate_mb("score_task", PAPER_MANIFEST, flat, 2048, largest, {"model": False})[0] == (
+        memory.BASE_MB + 2 * largest * 2048 * 8 // 2**20)
+
+
+def test_a_task_job_with_less_memory_than_its_plan_stops_before_scoring_naming_the_key(tmp_path, monkeypatch):
+    from workflow_scripts import memory
+
+    monkeypatch.setattr(memory, "available_mb", lambda: (1000, "SLURM_MEM_PER_NODE"))
+    entry, items = CHUNK_ENTRIES["pairs"], CHUNK_ITEMS["pairs"]
+    with pytest.raises(memory.NotEnoughMemory) as e:
+        _score_stage(tmp_path, monkeypatch, entry, items, batch_size=1)
+    msg = str(e.value)
+    assert re.match(r"score_task needs about \d+ MiB \(1500 MiB base \+ .*\), but this machine or allocation has 1000 "
+                    r"MiB \(SLURM_MEM_PER_NODE\); lower the items per job \(raise tasks\.chunks\), or give the job "
+                    r"more memory \(snakemake --set-resources score_task:mem_mb=\d+\)$", msg), msg
+    assert not (tmp_path / "s.npz").exists() and not (tmp_path / "s.json").exists()
+    with pytest.raises(memory.NotEnoughMemory, match="^score_task_chunk needs about"):
+        _score_stage(tmp_path, monkeypatch, entry, items, chunk=(0, 2), batch_size=1)
+    monkeypatch.setattr(memory, "available_mb", lambda: (memory.BASE_MB + 1, "test"))  # the toy's plan: it runs
+    assert _score_stage(tmp_path, monkeypatch, entry, items, batch_size=1)[0]["n_items"] == 20
+
+
+def test_dag_scores_each_task_in_tasks_chunks_jobs_joined_by_score_task(tmp_path):
+    """tasks.chunks: 3 on the tasks config: 3 score_task_chunk jobs per (datastore, task), whose temporary caches
+    one score_task job per task joins (--chunks, in order); each chunk's params are the join's plus which chunk it
+    is, and the join's leave the key out (it changes no output)."""
+    cfg = load_test_config("tasks")
+    cfg["tasks"]["chunks"] = 3
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "config.yaml")).stdout
+    jobs = job_stats(out)
+    n = len(cfg["tasks"]["evaluate"]["micro"])
+    assert jobs["score_task_chunk"] == 3 * n and jobs["score_task"] == n
+    d = "results/tasks/micro/synth_recall/chunks"
+    assert f"--chunks {d}/000/scored.json {d}/001/scored.json {d}/002/scored.json --npz" in out
+    params = [json.loads(x) for x in re.findall(r"score-task(?:-chunk)? --params '([^']*\"synth_recall\"[^']*)'", out)]
+    join = [x for x in params if "chunk" not in x]
+    assert len(params) == 4 and len(join) == 1 and "chunks" not in json.dumps(join[0])
+    assert sorted(tuple(x.pop("chunk")) for x in params if "chunk" in x) == [(0, 3), (1, 3), (2, 3)]
+    assert all(x == join[0] for x in params)

@@ -126,6 +126,19 @@ def _cross_check(c: dict) -> None:
             _warn_shared_sources(f"corpora.{name}.hf.splits", hub, "name split %r")
     for e, spec in c["eval_sets"].items():
         need("corpora", spec["corpus"], f"eval_sets.{e}.corpus")
+    block = c["extraction"]["block_size"]
+    for d, spec in c["datastores"].items():  # how a datastore is cut into shards (a subsample: its parent's)
+        if "subsample" in spec:
+            continue
+        if "shards" in spec and "shard_tokens" in spec:
+            raise ConfigError(f"config key datastores.{d}: shards ({spec['shards']}) and shard_tokens "
+                              f"({spec['shard_tokens']}) are two ways to cut it into shards; set one")
+        if "shard_tokens" in spec and spec["shard_tokens"] % block:
+            raise ConfigError(f"config key datastores.{d}.shard_tokens: {spec['shard_tokens']} is not a multiple of "
+                              f"extraction.block_size ({block}); shards must start on a block so that their keys do "
+                              f"not depend on the cut (e.g. {max(1, round(spec['shard_tokens'] / block)) * block})")
+        if "shard_tokens" not in spec:
+            spec.setdefault("shards", 1)
     for d, spec in c["datastores"].items():  # a subsample is its parent's model, corpus, split and shards
         if "subsample" in spec:
             of = spec["subsample"]["of"]
@@ -138,7 +151,9 @@ def _cross_check(c: dict) -> None:
                 if k in spec and spec[k] != parent[k]:
                     raise ConfigError(f"config key datastores.{d}.{k}: a subsample takes its {k} from "
                                       f"datastores.{of} ({parent[k]}); leave it out")
-            spec.update({k: parent[k] for k in ("model", "corpus", "split", "shards")})
+            for k in ("shards", "shard_tokens"):
+                spec.pop(k, None)
+            spec.update({k: parent[k] for k in ("model", "corpus", "split", "shards", "shard_tokens") if k in parent})
     for d, spec in c["datastores"].items():
         need("models", spec["model"], f"datastores.{d}.model")
         need("corpora", spec["corpus"], f"datastores.{d}.corpus")

@@ -5,6 +5,7 @@ what built them and their sizes and sha256, and every consumer checks it before 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,6 +117,45 @@ def shard_ranges(n_tokens: int, n_shards: int, block: int) -> list[tuple[int, in
     return [(cuts[i], cuts[i + 1]) for i in range(n_shards)]
 
 
+def token_shard_ranges(n_tokens: int, shard_tokens: int, block: int) -> list[tuple[int, int]]:
+    """Positions [0, n_tokens-1) in shards of ``shard_tokens`` positions (``datastores.<name>.shard_tokens``), the
+    last one shorter: shard i is [i*S, min((i+1)*S, n_pos)). The cuts do not depend on the stream's length, so a
+    stream that grows at its end keeps every shard before its old last one, range and keys alike."""
+    if shard_tokens <= 0 or shard_tokens % block:
+        raise ValueError(f"shard_tokens {shard_tokens} is not a positive multiple of extraction.block_size {block}")
+    n_pos = n_tokens - 1
+    if n_pos < 1:
+        raise ValueError(f"{n_tokens} tokens: no position with a next token")
+    return [(a, min(a + shard_tokens, n_pos)) for a in range(0, n_pos, shard_tokens)]
+
+
+def slice_sha256(tokens: np.ndarray, start: int, end: int) -> str:
+    """sha256 of the tokens a shard of positions [start, end) depends on, tokens[start:end+1] as int32: its keys
+    (each block's context lies inside the shard, as shards start on block multiples) and its values (the next
+    tokens)."""
+    return hashlib.sha256(np.ascontiguousarray(tokens[start : end + 1], dtype=VAL_DTYPE).tobytes()).hexdigest()
+
+
+def shard_plan(tokens_npy, shard_tokens: int, block: int) -> dict:
+    """The shards of a ``shard_tokens`` datastore over a token file: each one's range and the sha256 of its slice
+    (``slice_sha256``), which extract_keys' params carry: a shard whose slice is unchanged keeps its files."""
+    tokens = load_npy(tokens_npy, mmap=True, dtype=np.int32, ndim=1)
+    ranges = token_shard_ranges(tokens.size, shard_tokens, block)
+    shards = [{"shard": i, "start": a, "end": b, "slice_sha256": slice_sha256(tokens, a, b)}
+              for i, (a, b) in enumerate(tqdm(ranges, desc="hash shard slices", mininterval=10))]
+    return {"n_tokens": int(tokens.size), "shard_tokens": shard_tokens, "block_size": block, "shards": shards}
+
+
+def check_slice(tokens: np.ndarray, shard: int, start: int, end: int, want: str, tokens_npy, fix: str) -> None:
+    """Refuse a shard whose token slice is not the one it was planned (or extracted) from."""
+    if end > tokens.size - 1:
+        raise ArtifactError(f"{tokens_npy}: shard {shard} covers positions [{start}, {end}), but the stream has "
+                            f"{tokens.size} tokens (it was cut from a longer one); {fix}")
+    if slice_sha256(tokens, start, end) != want:
+        raise ArtifactError(f"{tokens_npy}: tokens {start}..{end} of shard {shard} differ from those it was "
+                            f"planned or extracted from (sha256 of the slice); {fix}")
+
+
 def extract_shard(
     model,
     ident: dict,
@@ -127,10 +167,21 @@ def extract_shard(
     keys_out,
     vals_out,
     meta_out,
+    span: dict | None = None,
 ) -> int:
+    """Extract shard ``shard`` of ``n_shards`` equal ranges (``shard_ranges``), or with ``span`` (a
+    ``shard_plan`` entry: start, end, slice_sha256) that range, its token slice checked against the plan."""
     tokens = load_npy(tokens_npy, dtype=np.int32, ndim=1)
-    a, b = shard_ranges(tokens.size, n_shards, block)[shard]
+    if span is None:
+        a, b = shard_ranges(tokens.size, n_shards, block)[shard]
+        digest = None
+    else:
+        a, b, digest = span["start"], span["end"], span["slice_sha256"]
+        check_slice(tokens, shard, a, b, digest, tokens_npy,
+                    "the shard plan is stale: rerun plan_shards (snakemake --forcerun "
+                    f"{Path(meta_out).parent / 'plan.json'})")
     n, d = b - a, ident["dim"]
+    log.info("shard %d: positions [%d, %d), %d keys", shard, a, b, n)
     with atomic_path(keys_out, ".npy") as ktmp, atomic_path(vals_out, ".npy") as vtmp:
         keys = open_npy_for_writing(ktmp, KEY_DTYPE, (n, d))
         vals = open_npy_for_writing(vtmp, VAL_DTYPE, (n,))
@@ -144,14 +195,14 @@ def extract_shard(
             block,
             batch,
             False,
-            desc=f"extract shard {shard}/{n_shards}",
+            desc=f"extract shard {shard}" + (f"/{n_shards}" if n_shards else f" [{a}, {b})"),
         ):
             keys[first - a : first - a + len(k)] = k.astype(KEY_DTYPE)
         keys.flush()
         vals.flush()
         del keys, vals
         digests = shard_digests(ktmp, vtmp)
-    write_shard_meta(meta_out, ident, shard, a, b, digests)
+    write_shard_meta(meta_out, ident, shard, a, b, digests, slice_digest=digest)
     return n
 
 
@@ -160,12 +211,14 @@ def shard_digests(keys_path, vals_path) -> dict:
     return {"keys_sha256": sha256_file(keys_path), "values_sha256": sha256_file(vals_path)}
 
 
-def write_shard_meta(meta_out, ident: dict, shard: int, start: int, end: int, digests: dict) -> None:
-    """The shard's json: its position range, digests and the identity of the model that made it."""
+def write_shard_meta(meta_out, ident: dict, shard: int, start: int, end: int, digests: dict,
+                     slice_digest: str | None = None) -> None:
+    """The shard's json: its position range, digests and the identity of the model that made it; for a
+    ``shard_tokens`` datastore also the sha256 of the token slice it was extracted from (``slice_sha256``)."""
     write_json(
         meta_out,
         {"shard": shard, "start": start, "end": end, "rows": end - start, **digests,
-         **{k: ident[k] for k in IDENTITY_KEYS}},
+         **{k: ident[k] for k in IDENTITY_KEYS}, **({"slice_sha256": slice_digest} if slice_digest else {})},
     )
 
 
@@ -174,13 +227,26 @@ def write_manifest(ident: dict, tokens_npy, shard_files: list[tuple[str, str, st
     ``extra``: more top-level fields (a subsample's record of its parent), covered by the manifest's own digest."""
     out = Path(out)
     shards, rows = [], 0
-    for keys_p, vals_p, meta_p in shard_files:
+    tokens = None
+    for i, (keys_p, vals_p, meta_p) in enumerate(shard_files):
         meta = read_json(meta_p)
         for k in IDENTITY_KEYS:
             if meta[k] != ident[k]:
                 raise ArtifactError(
                     f"{meta_p}: shard built with {k}={meta[k]}, model says {ident[k]}; rerun it"
                 )
+        if "slice_sha256" in meta:  # a shard_tokens shard: extracted from the current token stream?
+            tokens = load_npy(tokens_npy, mmap=True, dtype=np.int32, ndim=1) if tokens is None else tokens
+            if meta["start"] != rows:
+                raise ArtifactError(f"{meta_p}: shard {meta['shard']} starts at position {meta['start']}, but the "
+                                    f"shards before it end at {rows}; rerun plan_shards and extract_keys")
+            check_slice(tokens, meta["shard"], meta["start"], meta["end"], meta["slice_sha256"], tokens_npy,
+                        f"shard {meta['shard']} ({keys_p}) was extracted from other tokens: rerun extract_keys for it "
+                        f"(snakemake --forcerun {keys_p})")
+            if i == len(shard_files) - 1 and meta["end"] != tokens.size - 1:
+                raise ArtifactError(f"{meta_p}: the last shard ends at position {meta['end']}, but {tokens_npy} "
+                                    f"has {tokens.size - 1} positions; rerun plan_shards (snakemake --forcerun "
+                                    f"{Path(meta_p).parent / 'plan.json'})")
         keys = load_npy(keys_p, mmap=True, dtype=KEY_DTYPE, ndim=2)
         vals = load_npy(vals_p, mmap=True, dtype=VAL_DTYPE, ndim=1)
         if keys.shape != (meta["rows"], ident["dim"]) or vals.shape != (meta["rows"],):
@@ -362,9 +428,19 @@ def extract_keys(
     dtype = model_dtype(device, params.get("dtype", "float16"))
     model, _, ident = load_checked(model_json, device=device, dtype=dtype, block_size=params["block_size"])
     extract_shard(
-        model, ident, tokens, params["shard"], params["shards"], params["block_size"], params["batch_size"],
-        keys, vals, meta,
+        model, ident, tokens, params["shard"], params.get("shards"), params["block_size"], params["batch_size"],
+        keys, vals, meta, span=params.get("span"),
     )
+
+
+@step
+def plan_shards(params: dict, tokens: Path, out: Path) -> None:
+    """Cut a ``shard_tokens`` datastore's token stream into its shards: each one's range and the sha256 of its
+    token slice (--params: shard_tokens, block_size), for extract_keys' params."""
+    plan = shard_plan(tokens, params["shard_tokens"], params["block_size"])
+    write_json(out, plan)
+    log.info("%d tokens: %d shards of up to %d positions", plan["n_tokens"], len(plan["shards"]),
+             params["shard_tokens"])
 
 
 @step

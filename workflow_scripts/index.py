@@ -217,7 +217,8 @@ def add_shard(trained, trained_meta, keys_npy, shard_json, out_part, out_meta, t
         raise ArtifactError(f"{keys_npy}: sha256 differs from the one recorded at extraction in {shard_json}; "
                             f"rerun extract_keys (snakemake --forcerun {keys_npy})")
     one = {"dim": tmeta["dim"], "rows": smeta["rows"], "shards": [{"rows": smeta["rows"]}]}
-    memory.check("add_shard", one, tmeta["index"], "datastores.<name>.shards (more, smaller shards)")
+    memory.check("add_shard", one, tmeta["index"],
+                 "the keys per shard (raise datastores.<name>.shards, or lower shard_tokens)")
     keys = load_npy(keys_npy, mmap=True, dtype=KEY_DTYPE, ndim=2)
     if keys.shape != (smeta["rows"], tmeta["dim"]):
         raise ArtifactError(f"{keys_npy}: shape {keys.shape}, expected ({smeta['rows']}, {tmeta['dim']})")

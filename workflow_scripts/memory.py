@@ -37,11 +37,57 @@ def chunk_unit(cfg: dict) -> int:
 
 
 def chunk_bounds(n: int, chunks: int, unit: int) -> list[tuple[int, int]]:
-    """Positions [0, n) in ``chunks`` contiguous ranges cut on multiples of ``unit`` (trailing ones empty when there
-    are fewer units than chunks)."""
+    """Positions [0, n) in ``chunks`` contiguous ranges cut on multiples of ``unit`` (some of them empty when
+    there are fewer units than chunks)."""
     units = -(-n // unit)
     cuts = [min(n, round(i * units / chunks) * unit) for i in range(chunks + 1)]
     return [(cuts[i], cuts[i + 1]) for i in range(chunks)]
+
+
+TASK_BLOCK_BATCHES = 8  # a task is scored in blocks of this many batches (tasks.batch_size) of items
+TOKEN_ROW_BYTES = 24  # a task cache's per-token row: t_pair, t_row (int64), t_target (int32), t_lm (float32)
+
+
+def task_block(cfg: dict) -> int:
+    """Items per block of a task: each block is scored on its own (its pairs forwarded in its own batches, its
+    queries searched in its own calls, its decoding batched within it), so that a chunk of whole blocks does
+    every forward pass and FAISS call the one-job run does, and the chunks' caches join into that run's."""
+    return TASK_BLOCK_BATCHES * cfg["batch_size"]
+
+
+def task_queries(items: list[dict], cfg: dict, count_pairs=None) -> tuple[int, int]:
+    """(rows kept to the end of the job, most rows held by one block) for scoring ``items`` with the params
+    ``cfg`` of score_task. Teacher-forced pairs: their scored tokens (at least their distinct queries), counted
+    by ``count_pairs(block items)`` (the step tokenizes them), else bounded without a tokenizer by each distinct
+    continuation's UTF-8 bytes + 1 (a byte-level BPE or sentencepiece piece covers at least a byte, plus a
+    leading space piece; about 4x the tokens of English text); last-token classification, its distinct premises;
+    generate, prompts x new tokens x points decoded with the kNN (searched per block, nothing kept)."""
+    entry, block = cfg["entry"], task_block(cfg)
+    per_block = []
+    for a in range(0, len(items), block):
+        chunk = items[a : a + block]
+        if entry.get("protocol") == "last_token":
+            n = len({t for it in chunk for t in (it["premise"], it.get("domain_premise")) if t is not None})
+        elif entry["kind"] == "generate":
+            g = cfg.get("generate") or {}
+            grid = cfg.get("grid") or {}
+            points = 1 + (len(grid.get("lambdas", ())) * len(grid.get("ks", ())) * len(grid.get("sigmas", ())))
+            new = int(entry.get("max_new_tokens", g.get("max_new_tokens", 16)))
+            n = len(chunk) * new * (points if g.get("points") == "grid" else 1)
+        elif count_pairs is not None:
+            n = count_pairs(chunk)
+        else:
+            pairs = {tuple(pair) for it in chunk for opt in (it["options"] + (it.get("domain") or [])) for pair in opt}
+            n = sum(len(cont.encode()) + 1 for _, cont in pairs)
+        per_block.append(n)
+    kept = 0 if entry["kind"] == "generate" else sum(per_block)
+    return kept, max(per_block, default=0)
+
+
+def task_join_rows(items: list[dict], cfg: dict, chunks: int) -> int:
+    """Rows (``task_queries``) of the largest of a task's chunks: the job joining them holds one array of one
+    chunk at a time."""
+    return max(task_queries(items[a:b], cfg)[0] for a, b in chunk_bounds(len(items), chunks, task_block(cfg)))
 
 
 def code_bytes(cfg: dict) -> int:
@@ -49,9 +95,29 @@ def code_bytes(cfg: dict) -> int:
     return -(-cfg["m"] * cfg["nbits"] // 8) + 8
 
 
-def estimate_mb(rule: str, manifest: dict | None, cfg: dict, k_max: int = 0, n_queries: int = 0) -> tuple[int, str]:
+def _search_parts(cfg: dict, k_max: int, d: int, rows: int) -> dict:
+    """What a search holds beside its results: one batch of candidates, the gathered keys of an exact re-rank
+    (IVFPQ), one range of keys (sharded Flat)."""
+    ivf = cfg["type"] != "Flat"
+    return {
+        "one search batch (candidates, merge)": SEARCH_BATCH * k_max * 12 * 3,
+        "exact re-rank: gathered float32 keys": (
+            SEARCH_BATCH * k_max * d * 4 if ivf and cfg.get("distances", "exact") == "exact" else 0
+        ),
+        "one range of float32 keys (sharded Flat)": 0 if ivf else min(rows * d * 4, RANGE_BYTES),
+    }
+
+
+def estimate_mb(
+    rule: str, manifest: dict | None, cfg: dict, k_max: int = 0, n_queries: int = 0, task: dict | None = None
+) -> tuple[int, str]:
     """(MiB, what it counts) for one job of ``rule``. Without a manifest (the DAG is built before the datastore
-    exists), a placeholder of BASE_MB; Snakemake asks again before it schedules the job."""
+    exists), a placeholder of BASE_MB; Snakemake asks again before it schedules the job.
+
+    ``score_task`` / ``score_task_chunk``: ``n_queries`` bounds the query and token rows the job keeps to its end
+    (``task_queries``), ``task`` says the rest: ``block_queries`` (rows of one block, held while it is scored),
+    ``window`` (tasks' block_size), ``batch``, ``vocab``, ``device``; ``model: False`` for the job joining chunks,
+    which only holds the chunks' arrays and their join."""
     if manifest is None:
         return BASE_MB, "placeholder until the manifest exists"
     d, rows = manifest["dim"], manifest["rows"]
@@ -66,16 +132,23 @@ def estimate_mb(rule: str, manifest: dict | None, cfg: dict, k_max: int = 0, n_q
                  "codes + ids of the largest shard x2 (growth, write)": 2 * shard * code_bytes(cfg) if ivf else 0}
     elif rule == "merge_index":
         parts = {"list sizes and offsets": 64 * cfg.get("nlist", 0)}  # the lists themselves are memory-mapped
-    elif rule in ("retrieve", "score_task"):
-        n = n_queries
-        parts = {
-            "cache arrays (dists, vals, ids, float16 queries)": n * (k_max * 16 + d * 2),
-            "one search batch (candidates, merge)": SEARCH_BATCH * k_max * 12 * 3,
-            "exact re-rank: gathered float32 keys": (
-                SEARCH_BATCH * k_max * d * 4 if ivf and cfg.get("distances", "exact") == "exact" else 0
-            ),
-            "one range of float32 keys (sharded Flat)": 0 if ivf else min(rows * d * 4, RANGE_BYTES),
-        }
+    elif rule == "retrieve":
+        parts = {"cache arrays (dists, vals, ids, float16 queries)": n_queries * (k_max * 16 + d * 2)}
+        parts |= _search_parts(cfg, k_max, d, rows)
+    elif rule in ("score_task", "score_task_chunk"):
+        t = task or {}
+        if not t.get("model", True):  # the job joining chunks: one chunk's member at a time, and its shifted copy
+            parts = {"one chunk's largest array (int64 ids) x2 (read, shifted)": 2 * n_queries * max(k_max, 1) * 8}
+        else:
+            window, nb = t.get("window", 0), t.get("block_queries", 0)
+            parts = {"cache arrays kept to the end (dists, vals, ids, float16 keys, token rows)":
+                     n_queries * (k_max * 16 + d * 2 + TOKEN_ROW_BYTES)}
+            parts |= _search_parts(cfg, k_max, d, rows)
+            parts["one block: its search results x2 (copies), prefixes, per-token lists"] = (
+                nb * (k_max * 32 + 8 * window + 256)
+            )
+            if t.get("device") != "cuda":  # on a GPU the logits stay in its memory
+                parts["one forward batch's float32 logits"] = t.get("batch", 0) * window * t.get("vocab", 0) * 4
     else:
         raise ValueError(f"no memory plan for rule {rule}")
     mb = BASE_MB + sum(parts.values()) // MiB
@@ -109,10 +182,12 @@ def available_mb() -> tuple[int, str]:
     return total // 1024, "/proc/meminfo MemTotal"
 
 
-def check(rule: str, manifest: dict, cfg: dict, key: str, k_max: int = 0, n_queries: int = 0) -> int:
+def check(
+    rule: str, manifest: dict, cfg: dict, key: str, k_max: int = 0, n_queries: int = 0, task: dict | None = None
+) -> int:
     """Log the job's estimate; stop with one line naming it and ``key`` (the config key that lowers it) when the
     machine or allocation has less."""
-    mb, what = estimate_mb(rule, manifest, cfg, k_max, n_queries)
+    mb, what = estimate_mb(rule, manifest, cfg, k_max, n_queries, task)
     have, source = available_mb()
     log.info("memory plan for %s: about %d MiB (%s); %d MiB available (%s)", rule, mb, what, have, source)
     if mb > have:

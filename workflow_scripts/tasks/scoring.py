@@ -16,12 +16,18 @@ datastore), neighbours from ``retrieval.search``, and the mixture from ``knnlm``
   (``knnlm.knn_probs_at``); the class score is DCPMI, Σ_synonyms log(p + 1e-10) − log(p_domain + 1e-10).
 * generate: greedy decoding with the mixture at every step; one retrieval per step for the whole batch of
   examples (shared across grid points while their prefixes agree).
+
+A task's items are scored in blocks of ``memory.task_block`` items, each on its own (its own forward batches,
+FAISS calls and decoding batches), and the blocks' caches joined (``join_parts``). ``tasks.chunks`` splits a task
+into jobs of whole blocks (``score_task_chunk``) whose caches ``merge_chunks`` joins into the one job's, byte
+for byte: a forward pass's or a FAISS call's float32 results depend on what else is in its batch.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,8 +35,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import knnlm
-from ..artifacts import atomic_path, sha256_file, write_json
+from .. import knnlm, memory
+from ..artifacts import ArtifactError, atomic_path, read_json, sha256_file, write_json
 from ..cli import step
 from ..config import context_length
 from ..datastore import capture_keys
@@ -420,99 +426,345 @@ def _search(index, ds, K: int, exact: bool, distances: str = "exact"):
     return fn
 
 
-def score(
-    identity_json, manifest_json, index_path, index_meta, items_parquet, p: dict, out_npz, out_json,
-    summary_csv=None, threads=1,
-) -> dict:
-    """Run the datastore's model over a task, retrieving at every scored position; write the task's cache."""
-    from ..retrieval import open_retriever
+def mode(entry: dict) -> str:
+    """How a task is scored: ``last_token`` (paper 1's memory tasks), ``pairs`` (teacher-forced (context,
+    continuation) pairs) or ``generate``."""
+    if entry.get("protocol") == "last_token":
+        return "last_token"
+    return "pairs" if entry["kind"] in ("classify", "choice") else "generate"
 
-    entry, t0 = p["entry"], time.time()
-    model, tok, ident, ds, index, imeta = open_retriever(
-        identity_json, manifest_json, index_path, index_meta, p, threads
-    )
-    K = p["k_max"]
-    search_fn = _search(index, ds, K, imeta["exact"], p.get("distances") or "exact")
-    items = read_items(items_parquet)
+
+def save_npz(path, arrays: dict) -> str:
+    """``arrays`` as an uncompressed .npz (what ``np.savez`` writes), written atomically with fixed member
+    timestamps, so that the file is a function of its arrays. A value is an array or a list of parts (``Part``):
+    the member is written one part at a time, never joined in memory. Returns the file's sha256."""
+    with atomic_path(path, ".npz") as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, value in arrays.items():
+                parts = value if isinstance(value, list) else [Part.of(np.asarray(value))]
+                shape = (sum(pt.shape[0] for pt in parts), *parts[0].shape[1:])
+                dtype = parts[0].dtype
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with zf.open(info, "w", force_zip64=True) as f:
+                    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+                    np.lib.format.write_array_header_1_0(f, header)
+                    for pt in parts:
+                        arr = np.ascontiguousarray(pt.load())
+                        if arr.shape != pt.shape or arr.dtype != dtype:
+                            raise ArtifactError(f"{path}: part of {name} is {arr.dtype} {arr.shape}, "
+                                                f"expected {dtype} {pt.shape}")
+                        f.write(arr.reshape(-1).view(np.uint8))
+        return sha256_file(tmp)
+
+
+class Part:
+    """Rows of an array that ``save_npz`` writes part by part: their shape and dtype, and ``load()`` to read them
+    (an array in memory, or a member of a chunk's .npz read when its turn comes), shifted by ``offset``."""
+
+    def __init__(self, load, shape, dtype, offset: int = 0):
+        self._load, self.shape, self.dtype, self.offset = load, tuple(shape), np.dtype(dtype), int(offset)
+
+    @classmethod
+    def of(cls, arr: np.ndarray, offset: int = 0):
+        return cls(lambda: arr, arr.shape, arr.dtype, offset)
+
+    @classmethod
+    def member(cls, npz, name: str, offset: int = 0):
+        """A member of an open .npz (``np.load``), its shape and dtype read off its header."""
+        with npz.zip.open(f"{name}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        return cls(lambda: npz[name], shape, dtype, offset)
+
+    def load(self) -> np.ndarray:
+        arr = self._load()
+        return arr + self.offset if self.offset else arr
+
+
+def _part(cache, name: str, offset: int = 0) -> Part:
+    return Part.of(cache[name], offset) if isinstance(cache, dict) else Part.member(cache, name, offset)
+
+
+def join_parts(entry: dict, parts: list[tuple]) -> tuple[dict, dict]:
+    """One (cache, record) from parts scored apart, in item order (blocks of a task, or chunks of blocks; a part's
+    cache is a dict of arrays or an open .npz): each part's pair ids and query rows shifted past the parts before
+    it, its arrays listed as parts of the joined ones (``save_npz`` writes them one at a time). Associative, so
+    joining chunks that each joined their blocks gives what joining all the blocks gives, byte for byte."""
+    kept = [pt for pt in parts if pt[1]["meta"]["n_items"]] or parts[:1]
+    how = mode(entry)
+    metas = [r["meta"] for _, r in kept]
+    meta = {"n_items": sum(m["n_items"] for m in metas)}
+    record: dict = {}
+    if how == "generate":
+        points = [r["points"] for _, r in kept]
+        at = [[(pt["lambda"], pt["k"], pt["sigma"]) for pt in pts] for pts in points]
+        if any(x != at[0] for x in at):
+            raise ValueError(f"parts decoded at different points cannot be joined: {at}")
+        record["points"] = [
+            {**{k: pts[0][k] for k in ("lambda", "k", "sigma")},
+             "texts": [t for pt in pts for t in pt["texts"]],
+             "neighbours": [x for pt in pts for x in pt["neighbours"]]}
+            for pts in zip(*points, strict=True)
+        ]
+        return {"generated_points": np.asarray([len(record["points"])])}, {"meta": meta, **record}
+    rows = [int(x) for x in np.cumsum([0] + [m["n_queries"] for m in metas])]
+    meta["n_queries"] = rows[-1]
+    names = ["q_dists", "q_vals", "q_ids", "q_keys"]
+    if how == "last_token":
+        slots, classes = kept[0][0]["slot_ids"], kept[0][1]["classes"]
+        for c, r in kept[1:]:
+            if r["classes"] != classes or not np.array_equal(c["slot_ids"], slots):
+                raise ValueError("parts scored with different synonym slots cannot be joined")
+        cache = {k: [_part(c, k) for c, _ in kept] for k in ["q_lm", *names]}
+        cache["slot_ids"] = np.asarray(slots)
+        record["items"] = [
+            {**it, "q": it["q"] + off, "dq": it["dq"] + off if it["dq"] >= 0 else -1}
+            for (_, r), off in zip(kept, rows, strict=False) for it in r["items"]
+        ]
+        record["classes"] = classes
+        meta |= {"protocol": "last_token", "n_slots": metas[0]["n_slots"]}
+        return cache, {"meta": meta, **record}
+    pairs = [int(x) for x in np.cumsum([0] + [m["n_pairs"] for m in metas])]
+    cache = {
+        "t_pair": [_part(c, "t_pair", off) for (c, _), off in zip(kept, pairs, strict=False)],
+        "t_row": [_part(c, "t_row", off) for (c, _), off in zip(kept, rows, strict=False)],
+    }
+    cache |= {k: [_part(c, k) for c, _ in kept] for k in ["t_target", "t_lm", *names, "pair_len"]}
+
+    def shift(options, off):
+        return None if options is None else [[int(i) + off for i in opt] for opt in options]
+
+    record["items"] = [
+        {"options": shift(it["options"], off), "domain": shift(it["domain"], off), "gold": it["gold"]}
+        for (_, r), off in zip(kept, pairs, strict=False) for it in r["items"]
+    ]
+    meta |= {"n_pairs": pairs[-1], "n_tokens": sum(m["n_tokens"] for m in metas)}
+    return cache, {"meta": meta, **record}
+
+
+def score_block(model, tok, ident, entry, items, search_fn, p: dict, points) -> tuple[dict, dict]:
+    """(cache, record) of one block of items: its pairs or premises forwarded in their own batches and their
+    queries searched in their own calls; generate, its prompts decoded in their own batches."""
+    how = mode(entry)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    meta = {"n_items": len(items)}
 
     def encode(s):
         return tok(s, add_special_tokens=False)["input_ids"]
 
-    meta = {"task": p["task"], "kind": entry["kind"], "K": K, "n_items": len(items), "manifest_sha256": ds.hash}
-    if entry.get("protocol") == "last_token":
+    if how == "last_token":
         cache, struct, classes = score_last_token(
             model, tok, ident, entry, items, search_fn, p["block_size"], p["batch_size"]
         )
-        meta.update(protocol="last_token", n_queries=int(len(cache["q_dists"])), n_slots=int(cache["slot_ids"].size))
-        record = {"meta": meta, "items": struct, "classes": classes}
-    elif entry["kind"] in ("classify", "choice"):
+        meta |= {"n_queries": int(len(cache["q_dists"])), "n_slots": int(cache["slot_ids"].size)}
+        return cache, {"meta": meta, "items": struct, "classes": classes}
+    if how == "pairs":
         seqs, starts, struct = build_pairs(items, encode, bos, p["block_size"])
         cache = score_cache(model, ident["hook_point"], seqs, starts, search_fn, p["batch_size"], "score")
         cache["pair_len"] = np.asarray([len(s) - st for s, st in zip(seqs, starts, strict=True)], np.int64)
-        meta.update(n_pairs=len(seqs), n_tokens=int(cache["t_pair"].size), n_queries=int(len(cache["q_dists"])))
-        record = {"meta": meta, "items": [{k: it[k] for k in ("options", "domain", "gold")} for it in struct]}
+        meta |= {"n_pairs": len(seqs), "n_tokens": int(cache["t_pair"].size), "n_queries": int(len(cache["q_dists"]))}
+        return cache, {"meta": meta, "items": [{k: it[k] for k in ("options", "domain", "gold")} for it in struct]}
+    max_new = int(entry.get("max_new_tokens", p["generate"]["max_new_tokens"]))
+    stops = entry.get("stop", ["\n"])
+    keep = generation_window(model, p["block_size"], max_new)
+    prompts = [([bos] + encode(it["context"]))[-keep:] for it in items]
+    eos = tok.eos_token_id
+
+    def done(ids):
+        return (eos is not None and ids[-1] == eos) or any(s in tok.decode(ids) for s in stops)
+
+    res = greedy_generate(
+        model, ident["hook_point"], prompts, points, search_fn, ident["vocab_size"], max_new, done, p["batch_size"]
+    )
+    return {}, {
+        "meta": meta,
+        "points": [
+            {
+                "lambda": 0.0 if pt is None else pt[0],
+                "k": None if pt is None else pt[1],
+                "sigma": None if pt is None else pt[2],
+                "texts": [cut_at_stop(tok.decode(ids, skip_special_tokens=True), stops) for ids in out],
+                "neighbours": res["neighbours"][pt],
+            }
+            for pt, out in res["outputs"].items()
+        ],
+    }
+
+
+def decode_points(entry: dict, p: dict, summary_csv) -> list:
+    """The points a generate task decodes at: the base LM (None), the grid's with ``points: grid``, and the point
+    chosen on perplexity (or pinned) when it is not among them."""
+    if mode(entry) != "generate":
+        return []
+    chosen, _ = chosen_point(summary_csv, p["datastore"], p.get("point"))
+    points = [None]
+    if p["generate"]["points"] == "grid":
+        g = p["grid"]
+        points += [(float(lam), int(k), float(s)) for s in g["sigmas"] for k in g["ks"] for lam in g["lambdas"]]
+    if chosen is not None and chosen not in points:
+        points.append(chosen)
+    return points
+
+
+def chunk_items(n: int, p: dict, chunk: tuple[int, int] | None) -> tuple[int, int]:
+    """The items [a, b) of chunk (i, n) of a task, cut on whole blocks (``memory.task_block``); all without one."""
+    if chunk is None:
+        return 0, n
+    return memory.chunk_bounds(n, chunk[1], memory.task_block(p))[chunk[0]]
+
+
+CHUNK_KEY = "the items per job (raise tasks.chunks)"
+
+
+def score(
+    identity_json, manifest_json, index_path, index_meta, items_parquet, p: dict, out_npz, out_json,
+    summary_csv=None, threads=1, chunk: tuple[int, int] | None = None,
+) -> dict:
+    """Run the datastore's model over a task, retrieving at every scored position; write the task's cache. The
+    items are scored in blocks (``memory.task_block``) and the blocks' caches joined; with ``chunk`` = (i, n),
+    only the blocks of chunk i of n, a partial cache that ``merge_chunks`` joins into the one-job cache."""
+    from ..retrieval import open_retriever
+
+    entry, t0 = p["entry"], time.time()
+    empty = False
+    if chunk is not None:  # a chunk with no items (a task of fewer blocks than chunks) loads no model
+        all_items = read_items(items_parquet)
+        a, b = chunk_items(len(all_items), p, chunk)
+        empty = a == b
+    if empty:
+        from ..datastore import manifest_hash
+
+        manifest_sha = manifest_hash(manifest_json)
+        parts = []
+        log.info("chunk %d of %d: no items (the task's %d items make fewer blocks of %d than chunks)", chunk[0],
+                 chunk[1], len(all_items), memory.task_block(p))
     else:
-        gcfg = p["generate"]
-        max_new = int(entry.get("max_new_tokens", gcfg["max_new_tokens"]))
-        stops = entry.get("stop", ["\n"])
-        keep = generation_window(model, p["block_size"], max_new)
-        prompts = [([bos] + encode(it["context"]))[-keep:] for it in items]
-        chosen, _ = chosen_point(summary_csv, p["datastore"], p.get("point"))
-        points = [None]
-        if gcfg["points"] == "grid":
-            g = p["grid"]
-            points += [(float(lam), int(k), float(s)) for s in g["sigmas"] for k in g["ks"] for lam in g["lambdas"]]
-        if chosen is not None and chosen not in points:
-            points.append(chosen)
-        eos = tok.eos_token_id
-
-        def done(ids):
-            return (eos is not None and ids[-1] == eos) or any(s in tok.decode(ids) for s in stops)
-
-        res = greedy_generate(
-            model,
-            ident["hook_point"],
-            prompts,
-            points,
-            search_fn,
-            ident["vocab_size"],
-            max_new,
-            done,
-            p["batch_size"],
+        model, tok, ident, ds, index, imeta = open_retriever(
+            identity_json, manifest_json, index_path, index_meta, p, threads
         )
-        record = {
-            "meta": meta,
-            "points": [
-                {
-                    "lambda": 0.0 if pt is None else pt[0],
-                    "k": None if pt is None else pt[1],
-                    "sigma": None if pt is None else pt[2],
-                    "texts": [cut_at_stop(tok.decode(ids, skip_special_tokens=True), stops) for ids in out],
-                    "neighbours": res["neighbours"][pt],
-                }
-                for pt, out in res["outputs"].items()
-            ],
-        }
-        cache = {"generated_points": np.asarray([len(record["points"])])}
-    meta["seconds"] = round(time.time() - t0, 2)
-    with atomic_path(out_npz, ".npz") as tmp:
-        np.savez(tmp, **cache)
-        meta["npz_sha256"] = sha256_file(tmp)  # task_sweep refuses an npz altered since
+        manifest_sha = ds.hash
+        if chunk is None:
+            all_items = read_items(items_parquet)
+        a, b = chunk_items(len(all_items), p, chunk)
+        items = all_items[a:b]
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+        def count_pairs(block):  # scored tokens of a block's pairs, as score_block will tokenize them
+            seqs, starts, _ = build_pairs(block, lambda s: tok(s, add_special_tokens=False)["input_ids"], bos,
+                                          p["block_size"])
+            return sum(len(q) - st for q, st in zip(seqs, starts, strict=True))
+
+        n_rows, block_rows = memory.task_queries(items, p, count_pairs)
+        plan = {"window": p["block_size"], "batch": p["batch_size"], "vocab": ident["vocab_size"],
+                "device": p.get("device"), "block_queries": block_rows}
+        rule = "score_task" if chunk is None else "score_task_chunk"
+        memory.check(rule, ds.manifest, {"type": "Flat" if imeta["exact"] else "IVFPQ",
+                                         "distances": p.get("distances") or "exact"},
+                     CHUNK_KEY, p["k_max"], n_rows, plan)
+        search_fn = _search(index, ds, p["k_max"], imeta["exact"], p.get("distances") or "exact")
+        points = decode_points(entry, p, summary_csv)
+        block = memory.task_block(p)
+        parts = [
+            score_block(model, tok, ident, entry, items[i : i + block], search_fn, p, points)
+            for i in range(0, len(items), block)
+        ]
+    if parts:
+        cache, record = join_parts(entry, parts)
+    else:
+        cache, record = {}, {"meta": {"n_items": 0}}
+    meta = {"task": p["task"], "kind": entry["kind"], "K": p["k_max"], "manifest_sha256": manifest_sha,
+            **record.pop("meta")}
+    if chunk is not None:
+        meta["chunk"] = {"index": chunk[0], "of": chunk[1], "start": a, "end": b, "items": len(all_items)}
+    return write_task_cache(out_npz, out_json, cache, {"meta": meta, **record}, time.time() - t0)
+
+
+def write_task_cache(out_npz, out_json, cache: dict, record: dict, seconds: float) -> dict:
+    """The task's npz, then its record with the npz's sha256 (task_sweep refuses an npz altered since)."""
+    meta = record["meta"]
+    meta["seconds"] = round(seconds, 2)
+    meta["npz_sha256"] = save_npz(out_npz, cache)
     write_json(out_json, record)
-    log.info("scored %s in %.1fs", p["task"], time.time() - t0)
+    log.info("scored %s (%d items) in %.1fs", meta["task"], meta["n_items"], seconds)
     return meta
 
+
+SAME = ("task", "kind", "K", "manifest_sha256")  # every chunk's alike
+
+
+def merge_chunks(chunk_jsons: list, items_parquet, p: dict, out_npz, out_json, manifest_json=None,
+                 index_meta=None) -> dict:
+    """Join the chunks' caches (each npz checked against the sha256 its record holds) into the cache one job
+    writes, one array of one chunk at a time. The chunks must be the n chunks of this task, in order, scored alike.
+    With the manifest and the index's record, first check the memory the join holds (one array of its largest
+    chunk, read and shifted)."""
+    t0 = time.time()
+    items = read_items(items_parquet)
+    n = len(items)
+    parts, records = [], []
+    for i, f in enumerate(chunk_jsons):
+        record = read_json(f)
+        npz = Path(f).with_suffix(".npz")
+        got = record["meta"].get("chunk") or {}
+        a, b = chunk_items(n, p, (i, len(chunk_jsons)))
+        want = {"index": i, "of": len(chunk_jsons), "start": a, "end": b, "items": n}
+        first = records[0]["meta"] if records else record["meta"]
+        if got != want or any(record["meta"][k] != first[k] for k in SAME) or record["meta"]["task"] != p["task"]:
+            raise ArtifactError(
+                f"{f}: chunk {got or 'record missing'}, expected {want} of task {p['task']} built like "
+                f"{chunk_jsons[0]} ({', '.join(SAME)}); the chunk belongs to another task, config or datastore: "
+                f"rerun score_task_chunk (snakemake --forcerun {f})"
+            )
+        if sha256_file(npz) != record["meta"]["npz_sha256"]:
+            raise ArtifactError(
+                f"{npz}: sha256 differs from the one recorded in {f} when it was written; rerun score_task_chunk "
+                f"(snakemake --forcerun {f})"
+            )
+        parts.append((np.load(npz, allow_pickle=False), record))  # members read one at a time by save_npz
+        records.append(record)
+    try:
+        if manifest_json is not None:  # the rows of the largest chunk, as its record counts them
+            exact = read_json(index_meta)["exact"] if index_meta is not None else True
+            rows = max(r["meta"].get("n_tokens", r["meta"].get("n_queries", 0)) for r in records)
+            memory.check("score_task", read_json(manifest_json), {"type": "Flat" if exact else "IVFPQ"}, CHUNK_KEY,
+                         p["k_max"], rows, {"model": False})
+        cache, record = join_parts(p["entry"], parts)
+        first = records[0]["meta"]
+        meta = {k: first[k] for k in SAME} | record.pop("meta") | {"chunks": len(records)}
+        seconds = sum(r["meta"]["seconds"] for r in records) + time.time() - t0
+        return write_task_cache(out_npz, out_json, cache, {"meta": meta, **record}, seconds)
+    finally:
+        for z, _ in parts:
+            z.close()
 
 
 @step
 def score_task(
     params: dict, model_json: Path, manifest: Path, index: Path, index_meta: Path, items: Path, npz: Path,
-    scored_json: Path, summary: Path | None = None, threads: int = 1,
+    scored_json: Path, summary: Path | None = None, threads: int = 1, chunks: list[Path] = (),
 ) -> None:
     """Score a task against a datastore: its retrieval cache (teacher-forced kinds) or its decoded answers
-    (generate, at the base LM and the point chosen on perplexity in --summary)."""
+    (generate, at the base LM and the point chosen on perplexity in --summary). With --chunks (the
+    score-task-chunk records, in order): join them."""
+    from ..lm import torch_threads
+
+    if chunks:
+        merge_chunks(chunks, items, params, npz, scored_json, manifest, index_meta)
+        return
+    torch_threads(threads)
+    score(model_json, manifest, index, index_meta, items, params, npz, scored_json, summary, threads)
+
+
+@step(name="score-task-chunk")
+def score_task_chunk(
+    params: dict, model_json: Path, manifest: Path, index: Path, index_meta: Path, items: Path, npz: Path,
+    scored_json: Path, summary: Path | None = None, threads: int = 1,
+) -> None:
+    """Score one chunk of a task's items (params ``chunk``: [i, n]; cut on whole blocks of items), a partial cache
+    that ``score-task --chunks`` joins into the one-job cache."""
     from ..lm import torch_threads
 
     torch_threads(threads)
-    score(model_json, manifest, index, index_meta, items, params, npz, scored_json, summary, threads)
+    score(model_json, manifest, index, index_meta, items, params, npz, scored_json, summary, threads,
+          chunk=tuple(params["chunk"]))
