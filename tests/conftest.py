@@ -3,6 +3,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,11 +85,74 @@ def job_stats(output: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="session")
-def micro_run(tmp_path_factory):
-    """One finished run of tests/configs/micro.yaml, shared by the end-to-end tests."""
+def micro_run(tmp_path_factory, request):
+    """One finished run of tests/configs/micro.yaml, shared by the end-to-end tests. When the session runs
+    tests/test_slurm.py and Slurm answers, the Slurm rerun that test checks starts here, in the background (see
+    slurm_rerun)."""
     work = tmp_path_factory.mktemp("micro")
     rerun_with(work, "micro")
+    if any(Path(str(item.path)).name == "test_slurm.py" for item in request.session.items) and slurm_up() is None:
+        _SLURM_RERUN["run"] = _start_slurm_rerun(work, tmp_path_factory.mktemp("slurm") / "run")
+        request.addfinalizer(_stop_slurm_rerun)
     return work
+
+
+# ------------------------------------------------------------------------------------------ the Slurm rerun
+# test_slurm.py reruns a copy of the micro run with tests/configs/ivfpq.yaml through Slurm (`--profile slurm`).
+# That run mostly waits: the Slurm executor checks its jobs' status 5, 20, 45 s after a submission, and the ~10
+# Slurm jobs run one dependency level at a time. So micro_run starts it in the background as soon as the micro run
+# exists, and the other end-to-end tests use the cores meanwhile; test_slurm.py collects it (slurm_rerun).
+_SLURM_RERUN: dict = {}
+
+
+def slurm_up() -> str | None:
+    """None when a Slurm answers here; otherwise why not."""
+    if not shutil.which("sbatch"):
+        return "Slurm is not installed (run slurm/local-cluster.sh --install as root)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out: slurmctld is not answering"
+    if out.returncode != 0 or not out.stdout.strip():
+        return f"Slurm is not running (sinfo: {out.stderr.strip() or 'no nodes'}); start slurm/local-cluster.sh"
+    return None
+
+
+def _start_slurm_rerun(micro_run: Path, work: Path) -> tuple[Path, subprocess.Popen, Path]:
+    shutil.copytree(micro_run, work, symlinks=True)
+    shutil.copy(config_path("ivfpq"), work / "config.yaml")
+    log = work.parent / "snakemake.out"
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(snakemake_cmd(work, "--configfile", str(work / "config.yaml"), "--profile",
+                                              str(ROOT / "slurm")),
+                                env=project_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return work, proc, log
+
+
+def _stop_slurm_rerun() -> None:
+    """At the session's end: a Slurm rerun nobody collected is interrupted (Snakemake cancels its Slurm jobs)."""
+    run = _SLURM_RERUN.pop("run", None)
+    if run and run[1].poll() is None:
+        os.killpg(run[1].pid, signal.SIGINT)
+        try:
+            run[1].wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(run[1].pid, signal.SIGKILL)
+            run[1].wait()
+
+
+def slurm_rerun(micro_run: Path, tmp_path: Path, timeout: float = 1500) -> tuple[Path, int, str]:
+    """The Slurm rerun: the one micro_run started, else one started now; waits for it. (work dir, exit code,
+    Snakemake's output)."""
+    work, proc, log = _SLURM_RERUN.pop("run", None) or _start_slurm_rerun(micro_run, tmp_path / "slurm")
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _SLURM_RERUN["run"] = (work, proc, log)
+        _stop_slurm_rerun()
+        raise AssertionError(f"the Slurm rerun took over {timeout} s:\n{log.read_text()[-4000:]}") from None
+    return work, proc.returncode, log.read_text()
 
 
 def _rerun_copy(source: Path, tmp_path_factory, name: str):
@@ -99,10 +163,12 @@ def _rerun_copy(source: Path, tmp_path_factory, name: str):
 
 
 @pytest.fixture(scope="session")
-def task_run(micro_run, tmp_path_factory):
-    """The micro run copied, then rerun with tests/configs/tasks.yaml (micro.yaml plus its task section), so only
-    the task stages run: the synthetic suite on the micro datastore. (work dir, rule -> job count)."""
-    return _rerun_copy(micro_run, tmp_path_factory, "tasks")
+def ivfpq_run(micro_run, tmp_path_factory):
+    """The micro run copied, then rerun locally with tests/configs/ivfpq.yaml: 3 shards and an IVFPQ index, so the
+    datastore (extract_keys a shard), the sharded index build (train_index, add_shard a shard, merge_index) and
+    retrieval onward run again. test_pipeline.py checks it; test_slurm.py compares the same rerun through Slurm
+    with it. Read it, never write to it. (work dir, rule -> job count)."""
+    return _rerun_copy(micro_run, tmp_path_factory, "ivfpq")
 
 
 @pytest.fixture(scope="session")
@@ -129,9 +195,18 @@ def analyses_run(micro_run, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def full_run(analyses_run, tmp_path_factory):
-    """The analyses run copied, then rerun with tests/configs/full.yaml: the task stages added, so every rule of
-    the workflow has a finished job."""
+    """The analyses run copied, then rerun with tests/configs/full.yaml: the task stages (tests/configs/tasks.yaml's
+    section) and the scaling study added, so every rule of the workflow has a finished job. (work dir, rule -> job
+    count of that rerun)."""
     return _rerun_copy(analyses_run[0], tmp_path_factory, "full")
+
+
+@pytest.fixture(scope="session")
+def task_run(full_run):
+    """The task stages of tests/configs/tasks.yaml (the synthetic suite on the micro datastore) run on top of a
+    finished backbone: full_run, whose rerun ran them (with the scaling study) on a copy of the analyses run. The
+    suite runs them once, not a second time on another copy of the micro run. Read it, never write to it."""
+    return full_run
 
 
 def pytest_collection_modifyitems(config, items):

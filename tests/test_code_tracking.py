@@ -4,6 +4,7 @@ plus what is downstream of their outputs, and nothing else. Edits go to a copy o
 
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import ROOT, copy_project, snakemake
@@ -102,10 +103,11 @@ def test_every_rule_of_the_workflow_ran_in_the_full_run(project):
     # not in a run of full.yaml: results_doc writes docs/ (not part of `all`); model_identity needs a local or hub
     # model (tests/test_sources.py runs it); train_lm_chunk a model trained in chunks (tests/test_chunks.py);
     # train_index and add_shard an IVFPQ index (their functions run in tests/test_index_shards.py, the rules in
-    # test_slurm.py's runs of tests/configs/ivfpq.yaml), retrieve_chunk retrieval.chunks > 1 (its function in
-    # test_integrity.py), score_task_chunk tasks.chunks > 1 (its function in test_tasks.py); test_rule_commands.py
-    # parses every command of theirs. Their steps' modules are all in the closures of rules that did run
-    # (merge_index, retrieve, score_task), so every module is still checked below.
+    # the ivfpq_run fixture's local run of tests/configs/ivfpq.yaml and in test_slurm.py's run of it through
+    # Slurm), retrieve_chunk retrieval.chunks > 1 (its function in test_integrity.py), score_task_chunk
+    # tasks.chunks > 1 (its function in test_tasks.py); test_rule_commands.py parses every command of theirs.
+    # Their steps' modules are all in the closures of rules that did run (merge_index, retrieve, score_task), so
+    # every module is still checked below.
     missing = set(steps) - ran - {"results_doc", "model_identity", "train_lm_chunk", "train_index", "add_shard",
                                   "retrieve_chunk", "score_task_chunk"}
     assert not missing, f"rules without a job in the full run: {sorted(missing)}"
@@ -121,8 +123,10 @@ def test_editing_a_module_reruns_exactly_the_rules_whose_step_imports_it(project
     original = path.read_bytes()
     try:
         path.write_bytes(original + b"\n# an edit\n")
-        out = snakemake(work, "-n", root=root)
-        summary = snakemake(work, "--summary", root=root).stdout
+        # the dry run and the summary only read the run: side by side, one a core (each is one busy process)
+        with ThreadPoolExecutor(2) as pool:
+            dry, summ = (pool.submit(snakemake, work, a, root=root) for a in ("-n", "--summary"))
+            out, summary = dry.result(), summ.result().stdout
     finally:
         path.write_bytes(original)
     # each output's own status, whatever is upstream of it: "params changed" where the rule's code hash moved

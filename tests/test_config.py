@@ -118,7 +118,8 @@ def test_every_test_config_validates_and_says_how_it_is_used(tmp_path, monkeypat
 
 
 def test_ivfpq_config_is_the_micro_config_with_an_ivfpq_index_and_three_shards():
-    """test_slurm reruns a copy of the micro run with it: only the datastore's shards and the index differ."""
+    """ivfpq_run and test_slurm rerun copies of the micro run with it: only the datastore's shards and the index
+    differ."""
     micro, ivfpq = _raw("micro"), _raw("ivfpq")
     assert ivfpq["index"]["type"] == "IVFPQ" and ivfpq["datastores"]["micro"]["shards"] == 3
     ivfpq["datastores"]["micro"]["shards"] = micro["datastores"]["micro"]["shards"]

@@ -3,7 +3,6 @@
 import json
 import math
 import re
-import shutil
 
 import faiss
 import numpy as np
@@ -200,19 +199,27 @@ def test_paper_scale_preset_builds_its_dag_offline(tmp_path):
     assert "train_lm" not in jobs and "train_tokenizer" not in jobs
 
 
-def test_ivfpq_index_reruns_only_index_and_after_with_exact_distances(micro_run, tmp_path):
-    """Switching to an approximate index rebuilds only the index and what reads it; cached distances are still
-    exact squared L2 to the stored keys, ascending."""
-    work = tmp_path / "run"
-    shutil.copytree(micro_run, work, symlinks=True)
-    cfg = yaml.safe_load((work / "config.yaml").read_text())
+def test_switching_to_an_ivfpq_index_plans_only_the_index_and_after(micro_run, tmp_path):
+    """Switching the finished micro run to an approximate index plans the index build and what reads it, and
+    nothing before it (a dry run: the planning a real run executes)."""
+    cfg = yaml.safe_load((micro_run / "config.yaml").read_text())
     cfg["index"] = {"type": "IVFPQ", "nlist": 8, "m": 8, "nbits": 4, "nprobe": 4, "train_sample": 5000}
-    (work / "ivfpq.yaml").write_text(yaml.safe_dump(cfg))
-    proc = snakemake(work, "--configfile", str(work / "ivfpq.yaml"))
+    (tmp_path / "ivfpq.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(micro_run, "-n", "--configfile", str(tmp_path / "ivfpq.yaml"))
     jobs = job_stats(proc.stdout + proc.stderr)
-    assert {"merge_index", "retrieve", "sweep"} <= set(jobs) and "extract_keys" not in jobs
+    assert jobs["train_index"] == jobs["merge_index"] == 1 and jobs["add_shard"] == 2, jobs
+    assert {"retrieve", "sweep", "summarize"} <= set(jobs), jobs
+    assert not {"corpus", "train_tokenizer", "tokenize", "train_lm", "extract_keys", "datastore_manifest"} & set(jobs)
+
+
+def test_ivfpq_index_has_exact_distances_and_equals_a_one_process_build(ivfpq_run):
+    """The micro run rerun with an IVFPQ index over 3 shards (tests/configs/ivfpq.yaml): cached distances are still
+    exact squared L2 to the stored keys, ascending, and the index merged from the shards' parts is the one a single
+    process builds."""
+    work, jobs = ivfpq_run
+    nprobe = load_test_config("ivfpq")["index"]["nprobe"]
     meta = json.loads((work / "results/datastores/micro/index.json").read_text())
-    assert meta["factory"] == "IVF8,PQ8x4" and not meta["exact"]
+    assert meta["factory"] == "IVF64,PQ8x8" and not meta["exact"]
     c = work / "results/retrieval/test/micro"
     assert json.loads((c / "meta.json").read_text())["distances"] == "recomputed from keys"
     d = work / "results/datastores/micro"
@@ -224,17 +231,18 @@ def test_ivfpq_index_reruns_only_index_and_after_with_exact_distances(micro_run,
     assert (np.diff(dists, axis=1) >= 0).all()
     # the index was trained once, filled by one add_shard job per shard and merged on disk, and it is the index one
     # process builds with the same trained quantizer: same ids and distances
-    assert jobs["train_index"] == jobs["merge_index"] == 1 and jobs["add_shard"] == len(m["shards"]) == 2
+    assert jobs["train_index"] == jobs["merge_index"] == 1 and jobs["add_shard"] == len(m["shards"]) == 3
+    assert jobs["extract_keys"] == 3  # the shard count changed: the datastore is extracted again
     assert meta["layout"] == "ondisk" and (d / "index.ivfdata").stat().st_size > 0
-    merged, _ = load_index(d / "index.faiss", d / "index.json", Datastore(d / "manifest.json"), nprobe=4)
+    merged, _ = load_index(d / "index.faiss", d / "index.json", Datastore(d / "manifest.json"), nprobe=nprobe)
     one = faiss.read_index(str(d / "index/trained.faiss"))
     for s in m["shards"]:
         add_keys(one, np.load(d / s["keys"]))
-    faiss.extract_index_ivf(one).nprobe = 4
+    faiss.extract_index_ivf(one).nprobe = nprobe
     for got, want in zip(merged.search(q, 32), one.search(q, 32), strict=True):
         np.testing.assert_array_equal(got, want)
     # incremental: a re-extracted shard is encoded again alone and re-merged; the trained quantizer is kept
-    again = snakemake(work, "-n", "--configfile", str(work / "ivfpq.yaml"), "--forcerun",
+    again = snakemake(work, "-n", "--configfile", str(work / "config.yaml"), "--forcerun",
                       "results/datastores/micro/shards/keys_001.npy")
     planned = job_stats(again.stdout + again.stderr)
     assert planned["add_shard"] == planned["merge_index"] == planned["extract_keys"] == 1, planned

@@ -1,53 +1,35 @@
 """The micro run rerun with an IVFPQ index over 3 shards (tests/configs/ivfpq.yaml) through a real Slurm
 (`--profile slurm`): each shard's extraction and each add_shard is a Slurm job of its own, and the index, the
-retrieval caches and the sweeps equal those of the same rerun made locally.
+retrieval caches and the sweeps equal those of the same rerun made locally (the session fixture `ivfpq_run` in
+tests/conftest.py, which tests/test_pipeline.py checks too).
 
 Both reruns start from a copy of the finished micro run, so only the datastore, index, retrieval and sweep stages
-run (about 20 jobs, not the whole pipeline). Needs a running Slurm (CI starts one with
+run (about 20 jobs, not the whole pipeline). The Slurm rerun mostly waits on Slurm's status checks, so the
+`micro_run` fixture starts it in the background as soon as the micro run exists (when the session includes this
+test and Slurm answers) and this test collects it. Needs a running Slurm (CI starts one with
 `slurm/local-cluster.sh --install`); skips with the reason otherwise, except where KNNLM_REQUIRE_SLURM=1 (.ci/run
 sets it when it is root and started Slurm): there it fails instead.
 """
 
 import os
-import shutil
-import subprocess
 
 import numpy as np
 import polars as pl
 import pytest
-from conftest import ROOT, config_path, snakemake
+from conftest import slurm_rerun, slurm_up
 
 pytestmark = pytest.mark.slow
 
 
-def _slurm_up() -> str | None:
-    if not shutil.which("sbatch"):
-        return "Slurm is not installed (run slurm/local-cluster.sh --install as root)"
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out: slurmctld is not answering"
-    if out.returncode != 0 or not out.stdout.strip():
-        return f"Slurm is not running (sinfo: {out.stderr.strip() or 'no nodes'}); start slurm/local-cluster.sh"
-    return None
-
-
-def _rerun(micro_run, dest, *args):
-    shutil.copytree(micro_run, dest, symlinks=True)
-    shutil.copy(config_path("ivfpq"), dest / "config.yaml")
-    return snakemake(dest, "--configfile", str(dest / "config.yaml"), *args, timeout=1500)
-
-
-def test_slurm_run_equals_local_run(micro_run, tmp_path):
-    reason = _slurm_up()
+def test_slurm_run_equals_local_run(micro_run, tmp_path, request):
+    reason = slurm_up()
     if reason and os.environ.get("KNNLM_REQUIRE_SLURM") == "1":
         pytest.fail(f"KNNLM_REQUIRE_SLURM=1 but {reason}")
     if reason:
         pytest.skip(reason)
-    local, cluster = tmp_path / "local", tmp_path / "slurm"
-    _rerun(micro_run, local)
-    proc = _rerun(micro_run, cluster, "--profile", str(ROOT / "slurm"))
-    log = proc.stdout + proc.stderr
+    local = request.getfixturevalue("ivfpq_run")[0]  # after the check: no local rerun for a test that skips
+    cluster, rc, log = slurm_rerun(micro_run, tmp_path)  # started in the background by micro_run (conftest.py)
+    assert rc == 0, f"the Slurm rerun failed:\n{log[-6000:]}"
     submitted = [line for line in log.splitlines() if "submitted with SLURM jobid" in line]
     for shard in ("000", "001", "002"):
         assert any(f"rule_extract_keys/micro_{shard}" in s for s in submitted), log[-3000:]

@@ -491,12 +491,19 @@ def test_default_tasks_are_the_synthetic_suite_on_generated_datastores():
 
 
 @pytest.mark.slow
-def test_task_stages_run_one_job_per_datastore_and_task(task_run):
+def test_task_stages_run_one_job_per_datastore_and_task(task_run, micro_run):
     work, jobs = task_run
     n = len(registry.synthetic_tasks())
     assert jobs["score_task"] == jobs["task_sweep"] == jobs["load_task"] == n
     assert jobs["task_suite"] == 1 and jobs["task_summary"] == 1 and jobs["task_delta"] == jobs["figure_tasks"] == 1
-    assert not {"train_lm", "extract_keys", "retrieve", "sweep"} & set(jobs)  # the backbone is reused
+    # the backbone is reused: no model trained, no key extracted, and micro's retrieval caches and sweeps are the
+    # micro run's files (copied with their times), not rewritten (the run's retrieve and sweep jobs are the scaling
+    # study's datastore micro_tenth's)
+    assert not {"train_lm", "extract_keys"} & set(jobs)
+    for e in ("valid", "test"):
+        for rel in (f"results/retrieval/{e}/micro/dists.npy", f"results/sweeps/{e}/micro/perplexity.parquet"):
+            got, want = (work / rel).stat(), (micro_run / rel).stat()
+            assert got.st_mtime_ns == want.st_mtime_ns and (work / rel).read_bytes() == (micro_run / rel).read_bytes()
 
 
 @pytest.mark.slow
@@ -507,7 +514,8 @@ def test_task_table_and_lambda_zero_equals_base(task_run):
     assert set(s["category"]) == {"memory", "reasoning"} and (s["n"] > 10).all()
     assert ((s["delta"] - (s["knn"] - s["base"])).abs() < 1e-12).all()
     assert (s["best"] >= s["knn"] - 1e-12).all() and (s["chosen_on"] == "perplexity on valid").all()
-    ppl = pl.read_csv(work / "results/tables/perplexity_summary.csv").row(0, named=True)
+    ppl = pl.read_csv(work / "results/tables/perplexity_summary.csv").filter(pl.col("datastore") == "micro").row(
+        0, named=True)
     assert (s["lambda"] == ppl["lambda"]).all() and (s["k"] == ppl["k"]).all()
     for t in registry.synthetic_tasks():
         sw = pl.read_parquet(work / f"results/tasks/micro/{t}/sweep.parquet")
