@@ -64,8 +64,8 @@ def rule_steps() -> dict[str, str]:
     """Rule -> the step its shell runs, read from the rule files (independently of rules/common.smk)."""
     out = {}
     for smk in sorted((ROOT / "rules").glob("*.smk")):
-        for block in re.split(r"\n(?=rule \w+:)", smk.read_text()):
-            name = re.match(r"rule (\w+):", block)
+        for block in re.split(r"\n(?=(?:rule|checkpoint) \w+:)", smk.read_text()):
+            name = re.match(r"(?:rule|checkpoint) (\w+):", block)
             step = re.search(r"python -m workflow_scripts ([\w-]+)", block)
             if name and step:
                 out[name[1]] = step[1]
@@ -105,11 +105,12 @@ def test_every_rule_of_the_workflow_ran_in_the_full_run(project):
     # train_index and add_shard an IVFPQ index (their functions run in tests/test_index_shards.py, the rules in
     # the ivfpq_run fixture's local run of tests/configs/ivfpq.yaml and in test_slurm.py's run of it through
     # Slurm), retrieve_chunk retrieval.chunks > 1 (its function in test_integrity.py), score_task_chunk
-    # tasks.chunks > 1 (its function in test_tasks.py); test_rule_commands.py parses every command of theirs.
+    # tasks.chunks > 1 (its function in test_tasks.py), the checkpoint plan_shards a datastore with shard_tokens
+    # (tests/test_grow.py runs it); test_rule_commands.py parses every command of theirs.
     # Their steps' modules are all in the closures of rules that did run (merge_index, retrieve, score_task), so
     # every module is still checked below.
     missing = set(steps) - ran - {"results_doc", "model_identity", "train_lm_chunk", "train_index", "add_shard",
-                                  "retrieve_chunk", "score_task_chunk"}
+                                  "retrieve_chunk", "score_task_chunk", "plan_shards"}
     assert not missing, f"rules without a job in the full run: {sorted(missing)}"
 
 
