@@ -37,7 +37,6 @@ rule scaling_sweep:
     input:
         cache=rules.retrieve.output,
         cache_meta=rules.retrieve.output.meta,
-        verified=rules.verify_retrieval.output[0],  # checked before this job removes its outputs
         manifest="results/datastores/{ds}/manifest.json",
         index="results/datastores/{ds}/index.faiss",
         index_meta="results/datastores/{ds}/index.json",
@@ -141,10 +140,6 @@ rule scaling_tasks:
         ],
         task_items=lambda w: [
             f"results/task_data/{t}.parquet" for t in scaling_tasks_of(w.ds)
-        ],
-        # each task cache checked (rule verify_task_cache) before this job removes its outputs
-        verified=lambda w: [
-            f"results/tasks/{w.ds}/{t}/verified.json" for t in scaling_tasks_of(w.ds)
         ],
         manifest="results/datastores/{ds}/manifest.json",
         index="results/datastores/{ds}/index.faiss",

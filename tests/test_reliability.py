@@ -414,9 +414,12 @@ def test_altered_task_cache_stops_the_rerun_before_the_task_sweep_loses_its_tabl
     before = _results_digests(work)
     message = ("results/tasks/micro/synth_recall/scored.npz: sha256 differs from the one recorded in "
                "results/tasks/micro/synth_recall/scored.json")
-    # sweep.csv, sweep.parquet, predictions.parquet, summary.json kept; and (task_run is full_run, with the scaling
-    # study) scaling_tasks' tables, which wait for the same verify_task_cache marker
-    assert _failed_rerun_loses(work, before, message) == []
+    # sweep.csv, sweep.parquet, predictions.parquet, summary.json kept. task_run is full_run, which also has the
+    # scaling study: its scaling_tasks job reads scored.npz without the verify_task_cache marker, so this rerun
+    # leaves it out (--omit-from) and checks the task stages, as on a run of tests/configs/tasks.yaml. (Giving
+    # scaling_tasks the marker as an input is no fix: the temp() marker would then be remade whenever the scaling
+    # stages rerun, and task_sweep would rerun after it.)
+    assert _failed_rerun_loses(work, before, message, "--omit-from", "scaling_tasks") == []
 
 
 # --------------------------------------------------------------------------------------------- 3. mismatch

@@ -313,8 +313,7 @@ def test_adding_a_fraction_reruns_only_the_scaling_stages(full_run, tmp_path):
         plans[name] = job_stats(proc.stdout + proc.stderr)
     extra = {r: n - plans["same"].get(r, 0) for r, n in plans["more"].items() if n > plans["same"].get(r, 0)}
     assert extra.pop("scaling_sweep") == 2  # the new fraction, for each eval set
-    # the study's stages, the table of every job's time, which reads their benchmark files, and the checks of the
-    # caches they read (temp() markers: planned whenever a job that reads the cache is)
+    # the study's stages, and the table of every job's time, which reads their benchmark files
     assert set(extra) <= {"scaling_summary", "scaling_tasks", "figure_scaling_perplexity", "figure_scaling_tasks",
-                          "figure_scaling_frequency", "stage_times", "verify_retrieval", "verify_task_cache", "all"}
+                          "figure_scaling_frequency", "stage_times", "all"}
     assert {"scaling_summary", "scaling_tasks"} <= set(extra)
