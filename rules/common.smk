@@ -765,16 +765,12 @@ def paper2_inputs():
 
 def input_args(wildcards, input):
     """Every named input as `--name PATH` (`--name P1 P2 ...` for a list), for a step whose arguments are named like
-    the rule's inputs; but `verified`, the verify_* markers the rule waits for and the step does not read."""
+    the rule's inputs."""
 
     def paths(v):
         return " ".join(map(str, v)) if isinstance(v, list | tuple) else v
 
-    return " ".join(
-        f"--{k.replace('_', '-')} {paths(input[k])}"
-        for k in input.keys()
-        if k != "verified"
-    )
+    return " ".join(f"--{k.replace('_', '-')} {paths(input[k])}" for k in input.keys())
 
 
 def configfile_names():
