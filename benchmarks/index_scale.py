@@ -5,7 +5,8 @@ shards of a fixed size (``--shard-rows``, 500K) with a manifest (``datastore.wri
 needed. Each stage then runs as the pipeline runs it, one process per job (``python -m workflow_scripts
 train-index | add-shard | merge-index``), and a search process loads the merged index (``index.load_index``: its
 inverted lists memory-mapped) and searches ``--queries`` queries from the same mixture at a fixed nprobe.
-nlist grows with N (N / 1000, a power of two), so the lists keep about 1000 keys each. Per job: wall time and
+nlist grows with N (N / 1000, a power of two), so the lists keep about 1000 keys each, unless ``--nlist`` fixes it
+(then the build's cost is linear in N). Per job: wall time and
 peak RSS (the child's own, from GNU ``time``). Results: a table on stdout and ``benchmarks/index_scale.csv``.
 """
 
@@ -113,7 +114,7 @@ def run_size(tmp: Path, n: int, a) -> list[dict]:
     manifest = make_datastore(d, n, a.shard_rows, centres)
     t_data = time.perf_counter() - t
     shards = json.loads(manifest.read_text())["shards"]
-    nlist = 1 << max(4, round(np.log2(n / 1000)))
+    nlist = a.nlist or 1 << max(4, round(np.log2(n / 1000)))
     cfg = {"type": "IVFPQ", "nlist": nlist, "m": a.m, "nbits": 8, "nprobe": a.nprobe,
            "train_sample": min(n, 39 * nlist), "polysemous": False}
     ix = d / "index"
@@ -160,6 +161,7 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["1M", "4M"], help="datastore sizes in keys (16M: see README)")
     p.add_argument("--shard-rows", type=int, default=500_000)
     p.add_argument("--m", type=int, default=16, help="PQ sub-quantizers (code bytes)")
+    p.add_argument("--nlist", type=int, help="one nlist for every size (default: N / 1000, a power of two)")
     p.add_argument("--nprobe", type=int, default=16)
     p.add_argument("--k", type=int, default=1024)
     p.add_argument("--queries", type=int, default=2048)

@@ -284,12 +284,12 @@ def retrieval_chunk_inputs(wildcards):
 
 
 def eval_queries(evalset, ds):
-    """Scored positions of an eval set, for memory planning: read off its token file when it exists (int32 .npy,
-    128-byte header), else max_tokens, else a placeholder of 1M."""
+    """Scored positions of an eval set, for memory planning: read off its token file's header when it exists, else
+    max_tokens, else a placeholder of 1M."""
     cap = EVAL_SETS[evalset].get("max_tokens")
     try:
-        n = (os.path.getsize(eval_tokens(evalset, ds)) - 128) // 4 - 1
-    except OSError:
+        n = _memory.npy_rows(eval_tokens(evalset, ds)) - 1
+    except (OSError, ValueError, SyntaxError, KeyError):
         return cap or 1_000_000
     return min(n, cap) if cap else n
 

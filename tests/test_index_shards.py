@@ -217,3 +217,34 @@ def test_a_job_with_less_memory_than_its_plan_stops_at_once_naming_the_plan_and_
     monkeypatch.setenv("SLURM_MEM_PER_NODE", str(need))
     ix.train_index(manifest, IVFPQ, 0, tmp_path / "t.faiss", tmp_path / "t.json")  # exactly enough: it runs
     assert (tmp_path / "t.faiss").exists()
+
+
+@pytest.mark.parametrize("shape", [(0,), (5,), (70_000,), (7, 3), ()])
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_memory_planning_reads_an_npy_files_rows_off_any_header(tmp_path, shape, version):
+    """The rules size retrieval from the eval set's token file: its rows, whatever numpy wrote as header."""
+    from workflow_scripts import memory
+
+    path = tmp_path / "tokens.npy"
+    with path.open("wb") as f:
+        np.lib.format.write_array(f, np.zeros(shape, np.int32), version=version)
+    assert memory.npy_rows(path) == np.load(path, mmap_mode="r").reshape(-1, *shape[1:]).shape[0]
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    with pytest.raises(ValueError, match="bad.npy: not a .npy file"):
+        memory.npy_rows(tmp_path / "bad.npy")
+
+
+def test_search_plans_count_ivfpqs_precomputed_table_read_off_the_built_index():
+    """FAISS builds an IVFPQ table of nlist x m x 2^nbits floats when it loads an index for search (up to its
+    precomputed_table_max_bytes); the step reads the index's shape off index.json's factory string."""
+    from workflow_scripts import memory
+
+    manifest = {"dim": 128, "rows": 16_000_000, "shards": [{"rows": 500_000}] * 32}
+    meta = {"exact": False, "factory": ix.factory_string({**IVFPQ, "nlist": 16384, "m": 16, "nbits": 8}, 128)}
+    cfg = memory.search_config(meta, "pq")
+    assert cfg == {"type": "IVFPQ", "distances": "pq", "nlist": 16384, "m": 16, "nbits": 8}
+    without = memory.estimate_mb("retrieve", manifest, {**cfg, "nlist": 0}, 1024, 10_000)[0]
+    assert memory.estimate_mb("retrieve", manifest, cfg, 1024, 10_000)[0] - without == 16384 * 16 * 256 * 4 >> 20
+    huge = {**cfg, "nlist": 1 << 20}  # 16 GiB of table: FAISS does not build it
+    assert memory.estimate_mb("retrieve", manifest, huge, 1024, 10_000)[0] - without == 2048
+    assert memory.search_config({"exact": True, "factory": "Flat"}, "exact") == {"type": "Flat", "distances": "exact"}

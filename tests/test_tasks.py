@@ -1215,7 +1215,7 @@ def test_task_memory_plan_counts_a_bound_on_scored_tokens_and_grows_with_items_a
         assert memory.task_queries(_distinct_items(n), p) == (17 * n + 17 * blocks, 17 * min(n, 64) + 17)
     # the step counts tokens with its tokenizer instead: here one token a word
     assert memory.task_queries(_distinct_items(100), p, lambda block: 2 * len(block)) == (200, 128)
-    flat, ivf = {"type": "Flat"}, {"type": "IVFPQ", "distances": "pq"}
+    flat, ivf = {"type": "Flat"}, {"type": "IVFPQ", "distances": "pq", "nlist": 4096, "m": 64, "nbits": 8}
     plan = {"window": 1024, "batch": 8, "vocab": 32000, "device": "cuda", "block_queries": 0}
     mb = {(n, k, cfg["type"]): memory.estimate_mb("score_task", PAPER_MANIFEST, cfg, k, n, plan)[0]
           for n in (100_000, 200_000) for k in (1024, 2048) for cfg in (flat, ivf)}

@@ -174,6 +174,10 @@ class ShardedFlat:
 # to its directory; the merged IVF index keeps its inverted lists in IVFDATA beside index.faiss, memory-mapped.
 IVFDATA = "index.ivfdata"
 READ_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+# The trained index read to add keys or to merge: without the table of precomputed distances that FAISS builds on
+# reading an IVFPQ index for search (nlist x m x 2^nbits floats, 256 MiB at nlist 16384, m 16), which adding never
+# reads. It would make add_shard's memory grow with nlist.
+TRAINED_FLAGS = faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE
 
 
 def _checked(path, meta_path, what: str, rerun: str) -> dict:
@@ -222,7 +226,7 @@ def add_shard(trained, trained_meta, keys_npy, shard_json, out_part, out_meta, t
     keys = load_npy(keys_npy, mmap=True, dtype=KEY_DTYPE, ndim=2)
     if keys.shape != (smeta["rows"], tmeta["dim"]):
         raise ArtifactError(f"{keys_npy}: shape {keys.shape}, expected ({smeta['rows']}, {tmeta['dim']})")
-    index = faiss.read_index(str(trained))
+    index = faiss.read_index(str(trained), TRAINED_FLAGS)
     add_keys(index, keys, start=smeta["start"])
     with atomic_path(out_part, ".faiss") as tmp:
         faiss.write_index(index, str(tmp))
@@ -271,7 +275,7 @@ def merge_index(manifest_path, cfg: dict, trained, trained_meta, parts: list, pa
                                     f"and {trained_meta} (a part of another datastore version or trained index); "
                                     f"rerun add_shard (snakemake --forcerun {part})")
             listed.append({"shard": i, "sha256": pm["sha256"], "keys_sha256": pm["keys_sha256"]})
-        index = faiss.read_index(str(trained))
+        index = faiss.read_index(str(trained), TRAINED_FLAGS)
         with atomic_path(out_index.parent / IVFDATA, ".ivfdata") as data_tmp, \
                 atomic_path(out_index, ".faiss") as tmp:
             merge_ondisk(index, [str(p) for p in parts], str(data_tmp))

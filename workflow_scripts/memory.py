@@ -9,10 +9,13 @@ Pure Python (json, os): the Snakefile imports it to build the DAG.
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
 import os
+import re
+import struct
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,7 @@ BASE_MB = 1500  # python, torch/faiss libraries, BLAS buffers: what a step holds
 ADD_ROWS = 1 << 18  # index.ADD_ROWS: keys converted to float32 at a time when adding
 RANGE_BYTES = 256 << 20  # index.RANGE_BYTES: float32 keys held at a time by the sharded exact search
 SEARCH_BATCH = 1024  # queries searched at a time (retrieval.search)
+PRECOMPUTED_TABLE_MAX = 2 << 30  # FAISS's precomputed_table_max_bytes: a larger IVFPQ table is not built
 
 
 def chunk_unit(cfg: dict) -> int:
@@ -95,11 +99,22 @@ def code_bytes(cfg: dict) -> int:
     return -(-cfg["m"] * cfg["nbits"] // 8) + 8
 
 
+def search_config(index_meta: dict, distances: str) -> dict:
+    """The index config that a search's plan reads, off a built index's meta (index.json: ``exact``, ``factory``)."""
+    if index_meta["exact"]:
+        return {"type": "Flat", "distances": distances}
+    nlist, m, nbits = map(int, re.fullmatch(r"IVF(\d+),PQ(\d+)x(\d+)", index_meta["factory"]).groups())
+    return {"type": "IVFPQ", "distances": distances, "nlist": nlist, "m": m, "nbits": nbits}
+
+
 def _search_parts(cfg: dict, k_max: int, d: int, rows: int) -> dict:
     """What a search holds beside its results: one batch of candidates, the gathered keys of an exact re-rank
     (IVFPQ), one range of keys (sharded Flat)."""
     ivf = cfg["type"] != "Flat"
     return {
+        "IVFPQ precomputed distance table": (
+            min(cfg["nlist"] * cfg["m"] * (1 << cfg["nbits"]) * 4, PRECOMPUTED_TABLE_MAX) if ivf else 0
+        ),
         "one search batch (candidates, merge)": SEARCH_BATCH * k_max * 12 * 3,
         "exact re-rank: gathered float32 keys": (
             SEARCH_BATCH * k_max * d * 4 if ivf and cfg.get("distances", "exact") == "exact" else 0
@@ -161,6 +176,17 @@ def read_manifest(path) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def npy_rows(path) -> int:
+    """The first dimension of a .npy file, read off its header (any format version, without numpy)."""
+    with open(path, "rb") as f:
+        magic = f.read(8)
+        if magic[:6] != b"\x93NUMPY":
+            raise ValueError(f"{path}: not a .npy file")
+        size = struct.unpack("<H" if magic[6] == 1 else "<I", f.read(2 if magic[6] == 1 else 4))[0]
+        shape = ast.literal_eval(f.read(size).decode("latin1"))["shape"]
+    return shape[0] if shape else 1
 
 
 def available_mb() -> tuple[int, str]:

@@ -121,7 +121,7 @@ def retrieve(
     n = scored_tokens(tokens, cfg)
     a, b = (0, n) if chunk is None else chunk_bounds(n, chunk[1], chunk_unit(cfg))[chunk[0]]
     distances = cfg.get("distances") or "exact"
-    memory.check("retrieve", ds.manifest, {"type": "Flat" if imeta["exact"] else "IVFPQ", "distances": distances},
+    memory.check("retrieve", ds.manifest, memory.search_config(imeta, distances),
                  "the queries per job (raise retrieval.chunks)", K, b - a)
     t0 = time.time()
     queries = np.empty((b - a, ds.dim), np.float16)

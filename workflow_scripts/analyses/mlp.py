@@ -176,7 +176,7 @@ def evaluate(identity_json, mlp_pt, mlp_json, caches: dict, choose_on: str, lamb
     mlp = df.filter((pl.col("model") == "MLP-LM") & (pl.col("eval_set") == choose_on))
     best = float(mlp.sort(["ppl", "lambda"]).row(0, named=True)["lambda"]) if not mlp.is_empty() else None
     df = df.with_columns(
-        ((pl.col("model") != "MLP-LM") | (pl.col("lambda") == best)).alias("chosen"),
+        ((pl.col("model") != "MLP-LM") | (pl.col("lambda") == pl.lit(best, dtype=pl.Float64))).alias("chosen"),
         pl.lit(choose_on).alias("chosen_on"),
     )
     write_table(df, csv, parquet)

@@ -659,8 +659,7 @@ def score(
         plan = {"window": p["block_size"], "batch": p["batch_size"], "vocab": ident["vocab_size"],
                 "device": p.get("device"), "block_queries": block_rows}
         rule = "score_task" if chunk is None else "score_task_chunk"
-        memory.check(rule, ds.manifest, {"type": "Flat" if imeta["exact"] else "IVFPQ",
-                                         "distances": p.get("distances") or "exact"},
+        memory.check(rule, ds.manifest, memory.search_config(imeta, p.get("distances") or "exact"),
                      CHUNK_KEY, p["k_max"], n_rows, plan)
         search_fn = _search(index, ds, p["k_max"], imeta["exact"], p.get("distances") or "exact")
         points = decode_points(entry, p, summary_csv)
