@@ -10,7 +10,7 @@ from snakemake.exceptions import WorkflowError
 from workflow_scripts import cli as _cli
 from workflow_scripts import config as _config
 from workflow_scripts import memory as _memory
-from workflow_scripts.config import CHUNK_KEYS, chunk_bounds
+from workflow_scripts.config import CHUNK_KEYS, training_chunks
 from workflow_scripts.tasks import registry as _tasks
 
 _config.validate(config)
@@ -185,7 +185,7 @@ def train_spec(model):
 
 def train_chunks(model):
     t = MODELS[model]["train"]
-    return chunk_bounds(t["steps"], t.get("chunk_steps"))
+    return training_chunks(t["steps"], t.get("chunk_steps"))
 
 
 def chunk_ckpt(model, i):

@@ -13,7 +13,7 @@ from conftest import ROOT, job_stats, load_test_config, snakemake
 
 from workflow_scripts.__main__ import main
 from workflow_scripts.artifacts import ArtifactError, save_npy
-from workflow_scripts.config import chunk_bounds
+from workflow_scripts.config import training_chunks
 from workflow_scripts.lm import train_from_scratch, train_tokenizer
 
 try:
@@ -43,10 +43,10 @@ def _cli(data, out, cfg, *extra, stop=None):
                  "--valid", str(data / "valid.npy"), "--tokenizer-dir", str(data / "tok"), *extra]) == 0
 
 
-def test_chunk_bounds():
-    assert chunk_bounds(9, None) == [(0, 9)] == chunk_bounds(9, 9) == chunk_bounds(9, 20)
-    assert chunk_bounds(9, 3) == [(0, 3), (3, 6), (6, 9)]
-    assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+def test_training_chunks():
+    assert training_chunks(9, None) == [(0, 9)] == training_chunks(9, 9) == training_chunks(9, 20)
+    assert training_chunks(9, 3) == [(0, 3), (3, 6), (6, 9)]
+    assert training_chunks(10, 4) == [(0, 4), (4, 8), (8, 10)]
 
 
 def test_three_chunks_give_the_weights_and_loss_log_of_one_job(data, tmp_path):
@@ -55,7 +55,7 @@ def test_three_chunks_give_the_weights_and_loss_log_of_one_job(data, tmp_path):
     _cli(data, one, CFG, "--hf", str(one / "hf"), "--model-json", str(one / "model.json"),
          "--loss-csv", str(one / "loss.csv"), "--loss-parquet", str(one / "loss.parquet"))
     prev = []
-    for i, (_, stop) in enumerate(chunk_bounds(CFG["steps"], 3)[:-1], start=1):
+    for i, (_, stop) in enumerate(training_chunks(CFG["steps"], 3)[:-1], start=1):
         ckpt = chunked / f"chunk_{i:03d}.pt"
         _cli(data, chunked, CFG, *prev, "--checkpoint", str(ckpt), stop=stop)
         assert ckpt.exists() and not (chunked / "hf").exists() and not (chunked / "model.json").exists()

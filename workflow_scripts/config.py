@@ -258,7 +258,7 @@ def _check_local_context(block_size: int, model: str, ds: str, path: Path) -> No
         )
 
 
-def chunk_bounds(steps: int, chunk_steps: int | None) -> list[tuple[int, int]]:
+def training_chunks(steps: int, chunk_steps: int | None) -> list[tuple[int, int]]:
     """The (start, stop) steps of each training job: one job unless ``chunk_steps`` splits the run."""
     if not chunk_steps or chunk_steps >= steps:
         return [(0, steps)]
