@@ -264,7 +264,7 @@ def test_open_retriever_hands_the_index_to_search_index_with_the_config(monkeypa
     out = retrieval.open_retriever("m", "d", "i", "j", {"device": "cuda", "k_max": 8, "gpu_shard_above_gb": 0.5})
     assert out[4] == "gpu" and got == {"idx": "cpu index", "dev": "cuda", "gb": 0.5, "k": 8}
     retrieval.open_retriever("m", "d", "i", "j", {"k_max": 8})  # a caller without the keys: auto, the default
-    assert got["dev"] == "auto" and got["gb"] is None  # devices.search_index then uses its SHARD_ABOVE_GB
+    assert got["dev"] == "auto" and got["gb"] == devices.SHARD_ABOVE_GB
 
 
 def test_the_shard_threshold_default_is_the_schemas():

@@ -164,14 +164,13 @@ SHARD_ABOVE_GB = 4.0  # index.gpu_shard_above_gb's default (config.schema.yaml)
 
 
 def search_index(
-    index, requested: str = "auto", shard_above_gb: float | None = None, k: int | None = None, key: str = KEY
+    index, requested: str = "auto", shard_above_gb: float = SHARD_ABOVE_GB, k: int | None = None, key: str = KEY
 ):
     """The index to search for ``k`` neighbours: moved to every GPU FAISS sees (sharded when it holds more than
-    ``shard_above_gb`` GB, ``SHARD_ABOVE_GB`` when None, replicated below), or the CPU index unchanged
-    (``requested`` cpu, or no GPU). A GPU job whose FAISS cannot use a GPU raises ``DeviceError`` when
-    ``requested`` is cuda and warns when it is auto; an index the GPU implementation refuses (e.g. IVFPQ with
-    nbits other than 8), or a ``k`` above what a GPU search returns (``GPU_MAX_K``), is searched on the CPU, with
-    a warning."""
+    ``shard_above_gb`` GB, replicated below), or the CPU index unchanged (``requested`` cpu, or no GPU). A GPU
+    job whose FAISS cannot use a GPU raises ``DeviceError`` when ``requested`` is cuda and warns when it is
+    auto; an index the GPU implementation refuses (e.g. IVFPQ with nbits other than 8), or a ``k`` above what
+    a GPU search returns (``GPU_MAX_K``), is searched on the CPU, with a warning."""
     if requested == "cpu":
         return index
     if not hasattr(index, "this"):  # not a FAISS index: index.ShardedFlat, the exact search over the keys on disk
@@ -195,7 +194,7 @@ def search_index(
     import faiss
 
     size = index_bytes(index)
-    shard = n > 1 and size > (SHARD_ABOVE_GB if shard_above_gb is None else shard_above_gb) * 1e9
+    shard = n > 1 and size > shard_above_gb * 1e9
     try:
         gpu_index = faiss.index_cpu_to_all_gpus(index, co=cloner_options(index, shard))
     except RuntimeError as e:

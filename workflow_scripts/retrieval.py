@@ -92,7 +92,7 @@ def open_retriever(identity_json, manifest_json, index_path, index_meta, cfg: di
     if cfg["k_max"] > ds.rows:
         raise ValueError(f"k_max = {cfg['k_max']} exceeds the {ds.rows} keys of datastore {manifest_json}")
     index, imeta = load_index(index_path, index_meta, ds, cfg.get("nprobe"))
-    index = devices.search_index(index, device, cfg.get("gpu_shard_above_gb"), k=cfg["k_max"])
+    index = devices.search_index(index, device, cfg.get("gpu_shard_above_gb", devices.SHARD_ABOVE_GB), k=cfg["k_max"])
     return model, tok, ident, ds, index, imeta
 
 
