@@ -276,7 +276,7 @@ def p_knn_by_hand(d_row, v_row, w, k, sigma):
 
 
 def cache_arrays(rng, n, K, vocab, dim=4):
-    """The arrays of a retrieval cache (retrieval.CACHE_FILES) with random contents, distances ascending."""
+    """The arrays of a retrieval cache (retrieval_cache.CACHE_FILES) with random contents, distances ascending."""
     return {
         "targets": rng.integers(0, vocab, n).astype(np.int32),
         "lm_logprob": np.log(rng.uniform(0.01, 0.9, n)).astype(np.float32),

@@ -5,7 +5,6 @@ and the analyses stages end to end on a copy of the micro run."""
 
 import json
 import math
-import time
 
 import numpy as np
 import polars as pl
@@ -14,8 +13,8 @@ import torch
 import transformers as tf
 from conftest import ROOT, SpacedTok, cache_arrays, job_stats, p_knn_by_hand, snakemake, write_cache
 
-from workflow_scripts import datastore, knnlm, lm
-from workflow_scripts.analyses import hurdle, projection
+from workflow_scripts import forward, knnlm, lm
+from workflow_scripts.analyses import hurdle, projection, tables
 from workflow_scripts.analyses import macondo as macondo_lm
 from workflow_scripts.analyses import mlp as mlp_lm
 from workflow_scripts.artifacts import ArtifactError, save_npy, sha256_file, write_json
@@ -76,8 +75,8 @@ def test_last_layers_reproduce_the_model_logits(gpt2):
     norm_path, f, fg, final_norm = projection.last_layers(gpt2, hook)
     assert norm_path == "transformer.h.1.ln_2"
     tokens = np.random.default_rng(0).integers(0, 64, 41).astype(np.int32)
-    (first, h, _), *_ = list(datastore.run_model(gpt2, norm_path, tokens, 0, 40, 40, 4, False))
-    (_, keys, lp), *_ = list(datastore.run_model(gpt2, hook, tokens, 0, 40, 40, 4, True))
+    (first, h, _), *_ = list(forward.run_model(gpt2, norm_path, tokens, 0, 40, 40, 4, False))
+    (_, keys, lp), *_ = list(forward.run_model(gpt2, hook, tokens, 0, 40, 40, 4, True))
     with torch.no_grad():
         logits = gpt2(input_ids=torch.as_tensor(tokens[None, :40], dtype=torch.long)).logits[0]
         h = torch.from_numpy(h)
@@ -377,7 +376,7 @@ def test_macondo_average_is_the_mean_of_the_group_means(tmp_path):
     items weighs parents with more children more. Hand-computed on five groups of unequal size."""
     rows = [(1, -1.0), (2, -2.0), (2, -4.0), (3, -3.0), (3, -3.0), (3, -6.0), (4, -4.0), (5, -5.0), (5, -7.0)]
     f = _scores(tmp_path / "s0.parquet", 0, "final", rows)
-    t = macondo_lm.table([f])
+    t = tables.macondo([f])
     group_means = [-1.0, -3.0, -4.0, -4.0, -6.0]
     by = {r["children"]: r for r in t.iter_rows(named=True)}
     assert [by[str(n)]["lm"] for n in range(1, 6)] == group_means
@@ -397,11 +396,11 @@ def test_macondo_table_over_seeds_and_curve_over_steps(tmp_path):
         pl.DataFrame({"step": [0, 5, 9], "train_loss": [3.0, 2.0, 1.0], "seed": seed}).write_parquet(
             tmp_path / f"loss{seed}.parquet"
         )
-    final = macondo_lm.table([f for f in files if "final" in f.name])
+    final = tables.macondo([f for f in files if "final" in f.name])
     one = final.filter(pl.col("children") == "1").row(0, named=True)
     assert one["lm"] == pytest.approx(-1.5) and one["lm_std"] == pytest.approx(np.std([-1, -2], ddof=1))
     assert one["seeds"] == 2
-    curve = macondo_lm.curve(files, [tmp_path / "loss0.parquet", tmp_path / "loss1.parquet"])
+    curve = tables.macondo_curve(files, [tmp_path / "loss0.parquet", tmp_path / "loss1.parquet"])
     assert sorted(curve["step"].unique()) == [0, 4, 10]  # "final" is the fine-tuning's step count: last logged + 1
     at0 = curve.filter((pl.col("step") == 0) & (pl.col("children") == "average"))["lm"][0]
     assert at0 == pytest.approx(np.mean([-5 - 1 - 0.5, -5 - 2 - 0.5]))  # mean over seeds of (g1 + g2) / 2
@@ -533,7 +532,7 @@ def _projection_inputs(tmp_path, tiny, monkeypatch, n_cache=20, K=4):
     save_npy(tmp_path / "tokens.npy", tokens)
     # the cache as retrieval builds it: the kNN keys and log p_lm from the datastore's own forward pass
     keys, lps = [], []
-    for _, k_, lp in datastore.run_model(model, LAST_MLP, tokens, 0, n_cache, 16, 4, True):
+    for _, k_, lp in forward.run_model(model, LAST_MLP, tokens, 0, n_cache, 16, 4, True):
         keys.append(k_)
         lps.append(lp)
     rng = np.random.default_rng(4)
@@ -555,13 +554,11 @@ def test_projection_table_by_hand(tmp_path, tiny, monkeypatch):
     runs = [{"lr": 0.1, "tol": 0.0, "max_steps": 6}, {"lr": 0.05, "tol": 1e-3, "max_steps": 4}]
     p = {"max_positions": n, "block_size": 16, "batch_size": 2, "opt_batch": 5, "runs": runs}
     out = [tmp_path / "p.csv", tmp_path / "p.parquet", tmp_path / "meta.json"]
-    t0 = time.time()
     df = projection.run("id.json", tmp_path / "tokens.npy", tmp_path / "cache", manifest, points, p, *out)
-    elapsed = time.time() - t0
     assert pl.read_parquet(out[1]).equals(df) and pl.read_csv(out[0]).height == df.height == 2 * (2 + 2 * 2)
     meta = json.loads(out[2].read_text())
-    assert meta["n_positions"] == n and meta["points"] == {"a": points[0][1], "b": points[1][1]}
-    assert 0 <= meta["seconds"] <= elapsed + 0.01
+    assert meta == {"n_positions": n, "points": {"a": points[0][1], "b": points[1][1]}}  # no timings in the outputs
+    assert "seconds" not in df.columns
     with torch.no_grad():
         lm_full = torch.log_softmax(model(input_ids=torch.as_tensor(tokens[None, :n], dtype=torch.long)).logits[0],
                                     -1).double().numpy()
@@ -596,7 +593,7 @@ def test_projection_table_by_hand(tmp_path, tiny, monkeypatch):
             if r["run"].startswith("p_proj"):
                 run = runs[0] if "6 steps" in r["run"] else runs[1]
                 assert (r["lr"], r["tol"], r["max_steps"]) == (run["lr"], run["tol"], run["max_steps"])
-                assert 0 < r["mean_steps"] <= run["max_steps"] and 0 <= r["seconds"] <= elapsed + 0.01
+                assert 0 < r["mean_steps"] <= run["max_steps"]
                 assert 0 <= r["kl"] < r_lm["kl"]  # each space starts at the LM's point and moves towards p_knnlm
                 assert math.isfinite(r["ppl"]) and r["word_ppl"] == pytest.approx(
                     r["ppl"] ** (n / n_words), rel=1e-9)

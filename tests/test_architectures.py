@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from workflow_scripts.artifacts import ArtifactError, save_npy
-from workflow_scripts.datastore import (
-    Datastore,
-    capture_keys,
-    extract_shard,
-    run_model,
-    shard_ranges,
-    write_manifest,
-)
+from workflow_scripts.datastore import Datastore, shard_ranges, write_manifest
+from workflow_scripts.forward import capture_keys, extract_shard, run_model
 from workflow_scripts.lm import find_hook_point, weights_hash
 
 VOCAB, DIM = 100, 32

@@ -169,3 +169,26 @@ def test_building_the_dag_imports_no_torch():
     smk = (ROOT / "rules" / "common.smk").read_text()
     imported = {line.split()[1] for line in smk.splitlines() if line.startswith(("from workflow_scripts", "import "))}
     assert imported <= {"json", "os", "re", "workflow_scripts", "workflow_scripts.config", "workflow_scripts.tasks"}
+
+
+# The modules whose steps run a model (or train one): only these may import torch when a job starts. Every other
+# step (tables, sweeps, figures, the index, verify jobs) starts in numpy/polars time, not torch's (2-3 s a job).
+RUNS_A_MODEL = {"forward", "lm", "retrieval", "tasks.scoring", "analyses.hurdle", "analyses.macondo", "analyses.mlp",
+                "analyses.projection"}
+
+
+def test_steps_that_run_no_model_start_without_torch():
+    """A job imports its step's module only (cli.main); for every module with steps outside RUNS_A_MODEL, importing
+    it imports neither torch nor transformers."""
+    modules = {mod for mod, _, _ in cli.find_steps().values()}
+    assert RUNS_A_MODEL <= modules, f"not step modules: {RUNS_A_MODEL - modules}"
+    code = (
+        "import importlib, sys\n"
+        "m = importlib.import_module('workflow_scripts.' + sys.argv[1])\n"
+        "print(' '.join(x for x in ('torch', 'transformers') if x in sys.modules))\n"
+    )
+    for mod in sorted(modules - RUNS_A_MODEL):
+        out = subprocess.run([sys.executable, "-c", code, mod], cwd=ROOT, env=project_env(), capture_output=True,
+                             text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "", f"workflow_scripts.{mod} imports {out.stdout.strip()}"

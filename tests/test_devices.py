@@ -17,7 +17,7 @@ from conftest import ROOT, job_stats, load_test_config, project_env, snakemake, 
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
-from workflow_scripts import datastore, devices, index, lm, retrieval
+from workflow_scripts import devices, forward, index, lm, retrieval
 from workflow_scripts.artifacts import sha256_file, write_json
 
 
@@ -93,7 +93,7 @@ def test_extraction_and_retrieval_load_the_model_in_the_same_dtype(monkeypatch, 
         if dtype:
             params["dtype"] = dtype  # extraction.dtype; absent: its default, float16
         with pytest.raises(Stop):
-            datastore.extract_keys(params, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path)
+            forward.extract_keys(params, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path)
         with pytest.raises(Stop):
             retrieval.open_retriever(tmp_path, tmp_path, tmp_path, tmp_path, {**params, "k_max": 1})
     assert seen == [(d, want) for (d, _), want in cases.items() for _ in "xy"]

@@ -22,9 +22,11 @@ import torch
 
 from workflow_scripts import lm
 from workflow_scripts.artifacts import ArtifactError, save_npy, sha256_file, write_json
-from workflow_scripts.datastore import Datastore, extract_shard, write_manifest
+from workflow_scripts.datastore import Datastore, write_manifest
+from workflow_scripts.forward import extract_shard
 from workflow_scripts.index import build_index, load_index
-from workflow_scripts.retrieval import CACHE_FILES, load_cache, retrieve
+from workflow_scripts.retrieval import retrieve
+from workflow_scripts.retrieval_cache import CACHE_FILES, load_cache
 from workflow_scripts.sweep import run_sweep
 from workflow_scripts.tasks import evaluate, scoring
 from workflow_scripts.tasks.registry import write_items
@@ -321,7 +323,7 @@ def test_chunked_retrieval_is_byte_identical_to_one_job(world, tmp_path, index):
     """retrieval.chunks: the eval set cut on whole model and search batches (unit 32 here: batch_size 1 window of
     32, search batches of 32), 3 chunk caches joined by ``merge_chunks``: every array file is the one-job cache's,
     byte for byte (windows, forward passes and FAISS calls are the same), and meta.json too but for its timings."""
-    from workflow_scripts.retrieval import chunk_bounds, chunk_unit, merge_chunks
+    from workflow_scripts.retrieval_cache import chunk_bounds, chunk_unit, merge_chunks
 
     cfg = {**RETRIEVAL, "batch_size": 1, "search_batch": 32, "nprobe": IVFPQ["nprobe"] if index == "ivfpq" else None}
     args = (world / "model.json", world / "ds/manifest.json", world / f"ds/{index}.faiss", world / f"ds/{index}.json",

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from workflow_scripts import knnlm
 from workflow_scripts.artifacts import ArtifactError
-from workflow_scripts.datastore import shard_ranges, windows
-from workflow_scripts.retrieval import exact_sq_l2, search
+from workflow_scripts.datastore import shard_ranges
+from workflow_scripts.forward import windows
+from workflow_scripts.index import exact_sq_l2, search
 
 FAST = settings(max_examples=40, deadline=None)
 FLT_MAX = np.finfo(np.float32).max

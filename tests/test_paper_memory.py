@@ -16,8 +16,9 @@ from conftest import PAPER_LABELS, p_knn_by_hand, write_paper_data
 
 from workflow_scripts import lm
 from workflow_scripts.config import ConfigError
-from workflow_scripts.datastore import Datastore, capture_keys
-from workflow_scripts.tasks import registry, scoring
+from workflow_scripts.datastore import Datastore
+from workflow_scripts.forward import capture_keys
+from workflow_scripts.tasks import registry, rescoring, scoring
 
 REG = registry.registry()
 MEMORY = ["sst2", "rotten_tomatoes", "mr", "cr", "hyp", "agn", "yahoo", "rte", "cb"]
@@ -176,13 +177,13 @@ def test_dcpmi_sums_log_ratios_over_synonyms_with_the_papers_epsilon():
     p[0, 4] = 0.0  # a zero probability: the 1e-10 keeps it finite
     classes = [[0, 1, 1], [2, 3], [4]]  # slot 1 listed twice counts twice
     with np.errstate(divide="ignore"):
-        got = scoring.last_token_scores(np.log(p), np.array([0, 1]), np.array([2, 2]), classes)
+        got = rescoring.last_token_scores(np.log(p), np.array([0, 1]), np.array([2, 2]), classes)
     for i in range(2):
         for c, slots in enumerate(classes):
             want = sum(np.log(p[i, s] + 1e-10) - np.log(p[2, s] + 1e-10) for s in slots)
             assert got[i, c] == pytest.approx(want, rel=1e-12)
     with np.errstate(divide="ignore"):
-        no_pmi = scoring.last_token_scores(np.log(p), np.array([0]), np.array([-1]), classes, use_pmi=False)
+        no_pmi = rescoring.last_token_scores(np.log(p), np.array([0]), np.array([-1]), classes, use_pmi=False)
     assert no_pmi[0] == pytest.approx([p[0, 0] + 2 * p[0, 1], p[0, 2] + p[0, 3], p[0, 4]])
 
 
@@ -348,7 +349,7 @@ def test_last_token_grid_is_the_mixture_at_the_synonym_slots():
     v[0] = 11  # no neighbour carries a synonym: p_knn = 0 at every slot
     v[1, 2] = -1  # a missing neighbour carries no weight
     cache = {"q_lm": q_lm, "q_dists": d, "q_vals": v, "slot_ids": slots}
-    got = dict(scoring.last_token_logps_over_grid(cache, [0.0, 0.4, 1.0], [2, 5], [1.0, 0.5]))
+    got = dict(rescoring.last_token_logps_over_grid(cache, [0.0, 0.4, 1.0], [2, 5], [1.0, 0.5]))
     assert list(got) == [(lam, k, s) for s in (1.0, 0.5) for k in (2, 5) for lam in (0.0, 0.4, 1.0)]
     for (lam, k, s), lp in got.items():
         assert lp.shape == (Q, 3)

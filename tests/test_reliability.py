@@ -22,9 +22,10 @@ from conftest import ROOT, job_stats, project_env, snakemake, snakemake_cmd
 
 from workflow_scripts.artifacts import ArtifactError, load_npy, save_npy, sha256_file, write_json
 from workflow_scripts.corpus import SPLITS, CorpusError, _check_utf8, load_corpus, write_corpus
-from workflow_scripts.datastore import Datastore, extract_shard, shard_ranges, write_manifest
+from workflow_scripts.datastore import Datastore, shard_ranges, write_manifest
+from workflow_scripts.forward import extract_shard
 from workflow_scripts.index import load_index
-from workflow_scripts.retrieval import load_cache
+from workflow_scripts.retrieval_cache import load_cache
 from workflow_scripts.sweep import run_sweep
 
 DS = "results/datastores/micro"

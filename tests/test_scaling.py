@@ -169,7 +169,7 @@ def real_and_subsampled(work, fraction, ks, seed, out):
     Run from the run directory ``work`` (model.json's paths are relative to it)."""
     import polars as pl
 
-    from workflow_scripts import index, knnlm, retrieval, sweep
+    from workflow_scripts import index, knnlm, retrieval, retrieval_cache, sweep
 
     r = Path("results")
     manifest, model = r / "datastores/micro/manifest.json", r / "models/micro-gpt2/model.json"
@@ -187,7 +187,7 @@ def real_and_subsampled(work, fraction, ks, seed, out):
     retrieval.retrieve(model, real / "manifest.json", real / "index.faiss", real / "index.json",
                        r / "tokens/micro-gpt2/micro/valid.npy", cfg, real / "cache")
     want = sweep.run_sweep(real / "cache", real / "manifest.json", grid, real / "ppl.csv", real / "ppl.parquet")
-    c = retrieval.load_cache(real / "cache")
+    c = retrieval_cache.load_cache(real / "cache")
     want_lp = np.stack([np.stack([v for _, v in sorted(knnlm.knn_target_logprobs(
         c["dists"], c["vals"], c["targets"], ks, s).items())]) for s in grid["sigmas"]])
     return pl.read_parquet(sub / "ppl.parquet"), want, arrays, want_lp, meta

@@ -99,7 +99,7 @@ def test_mixtures_and_option_sums_stay_finite_far_below_exp_underflow():
     """log-probabilities below about -745 underflow exp() to 0 in float64: the mixture and the sum over an
     option's pairs must stay in log space (max shift / logaddexp), exact against a hand computation."""
     from workflow_scripts import knnlm
-    from workflow_scripts.tasks import scoring
+    from workflow_scripts.tasks import rescoring
 
     lm, knn = np.array([-1000.0, -2000.0, -5.0]), np.array([-1001.0, -1990.0, -np.inf])
     got = knnlm.interpolate(lm, knn, 0.25)
@@ -108,9 +108,9 @@ def test_mixtures_and_option_sums_stay_finite_far_below_exp_underflow():
             np.log(0.75) - 5.0]
     assert np.allclose(got, want, rtol=0, atol=1e-9)
     # an option made of two continuations (pairs) of log-probabilities -1000 and -1001
-    s = scoring.option_scores([[0, 1]], np.array([-1000.0, -1001.0]), np.array([1, 1]))
+    s = rescoring.option_scores([[0, 1]], np.array([-1000.0, -1001.0]), np.array([1, 1]))
     assert s[0] == pytest.approx(-1000 + np.log1p(np.exp(-1.0)), abs=1e-9)
-    s = scoring.option_scores([[0, 1]], np.array([-1000.0, -1001.0]), np.array([2, 4]), normalize=True)
+    s = rescoring.option_scores([[0, 1]], np.array([-1000.0, -1001.0]), np.array([2, 4]), normalize=True)
     assert s[0] == pytest.approx(np.logaddexp(-500.0, -250.25), abs=1e-9)
 
 
@@ -118,35 +118,35 @@ def test_mixtures_and_option_sums_stay_finite_far_below_exp_underflow():
 def test_choice_pmi_subtracts_the_domain_score():
     """Options' log-likelihoods -1, -2; under the domain premise -0.5, -3: PMI = -0.5, +1 picks option 1 (adding
     the domain term, or ignoring it, picks option 0)."""
-    from workflow_scripts.tasks import scoring
+    from workflow_scripts.tasks import rescoring
 
     items = [{"options": [[0], [1]], "domain": [[2], [3]]}]
     lp, length = np.array([-1.0, -2.0, -0.5, -3.0]), np.ones(4, np.int64)
-    assert scoring.score_choice(items, lp, length, pmi=False).tolist() == [0]
-    assert scoring.score_choice(items, lp, length, pmi=True).tolist() == [1]
-    assert scoring.predict({"kind": "choice", "metric": "accuracy", "pmi": True}, items, lp, length).tolist() == [1]
+    assert rescoring.score_choice(items, lp, length, pmi=False).tolist() == [0]
+    assert rescoring.score_choice(items, lp, length, pmi=True).tolist() == [1]
+    assert rescoring.predict({"kind": "choice", "metric": "accuracy", "pmi": True}, items, lp, length).tolist() == [1]
 
 
 def test_predict_normalises_by_length_for_accuracy_norm_only():
     """Option 0: one token at -2; option 1: six tokens summing to -3. Sum picks 0, per-token mean (-0.5) picks 1."""
-    from workflow_scripts.tasks import scoring
+    from workflow_scripts.tasks import rescoring
 
     items = [{"options": [[0], [1]]}]
     lp, length = np.array([-2.0, -3.0]), np.array([1, 6])
-    assert scoring.predict({"kind": "choice", "metric": "accuracy"}, items, lp, length).tolist() == [0]
-    assert scoring.predict({"kind": "choice", "metric": "accuracy_norm"}, items, lp, length).tolist() == [1]
+    assert rescoring.predict({"kind": "choice", "metric": "accuracy"}, items, lp, length).tolist() == [0]
+    assert rescoring.predict({"kind": "choice", "metric": "accuracy_norm"}, items, lp, length).tolist() == [1]
 
 
 def test_classify_pmi_uses_the_whole_domain_continuation_not_its_per_token_mean():
     """Labels' log-likelihoods -3, -4 (one token each); domain continuations -2 (one token) and -6 (three tokens).
     Domain-conditional PMI with sums: -1, +2, label 1; normalising the domain side would give -1, -2, label 0."""
-    from workflow_scripts.tasks import scoring
+    from workflow_scripts.tasks import rescoring
 
     items = [{"options": [[0], [1]], "domain": [[2], [3]]}]
     lp, length = np.array([-3.0, -4.0, -2.0, -6.0]), np.array([1, 1, 1, 3])
-    assert scoring.score_classify(items, lp, length, pmi=True).tolist() == [1]
-    assert scoring.score_classify(items, lp, length, pmi=False).tolist() == [0]
-    assert scoring.predict({"kind": "classify", "metric": "accuracy", "pmi": True}, items, lp, length).tolist() == [1]
+    assert rescoring.score_classify(items, lp, length, pmi=True).tolist() == [1]
+    assert rescoring.score_classify(items, lp, length, pmi=False).tolist() == [0]
+    assert rescoring.predict({"kind": "classify", "metric": "accuracy", "pmi": True}, items, lp, length).tolist() == [1]
 
 
 # ------------------------------------------------------------------------------- per-datastore selection, pins
@@ -305,40 +305,41 @@ def test_pinned_points_partly_off_the_grid_are_scored_and_the_best_point_is_the_
 def test_an_option_the_mixture_gives_no_probability_scores_minus_infinity():
     """λ = 1 with the target among no neighbour: every pair of the option has log p = −inf, so has the option
     (not nan, which argmax would pick)."""
-    from workflow_scripts.tasks import scoring
+    from workflow_scripts.tasks import rescoring
 
     lp = np.array([-np.inf, -np.inf, -3.0])
-    s = scoring.option_scores([[0, 1], [2]], lp, np.ones(3, np.int64))
+    s = rescoring.option_scores([[0, 1], [2]], lp, np.ones(3, np.int64))
     assert s[0] == -np.inf and s[1] == -3.0
-    assert scoring.score_choice([{"options": [[0, 1], [2]]}], lp, np.ones(3, np.int64)).tolist() == [1]
+    assert rescoring.score_choice([{"options": [[0, 1], [2]]}], lp, np.ones(3, np.int64)).tolist() == [1]
 
 
 def test_choice_pmi_with_length_normalisation_normalises_both_sides():
     """Options: -2 over 1 token, -6 over 3 tokens (means -2, -2); domain: -1 over 1 token, -1.5 over 2 tokens
     (means -1, -0.75). Normalised PMI: -1 vs -1.25 picks option 0; with the domain's sums it would be -1 vs -0.5."""
-    from workflow_scripts.tasks import scoring
+    from workflow_scripts.tasks import rescoring
 
     items = [{"options": [[0], [1]], "domain": [[2], [3]]}]
     lp, length = np.array([-2.0, -6.0, -1.0, -1.5]), np.array([1, 3, 1, 2])
-    assert scoring.score_choice(items, lp, length, pmi=True, normalize=True).tolist() == [0]
+    assert rescoring.score_choice(items, lp, length, pmi=True, normalize=True).tolist() == [0]
     entry = {"kind": "choice", "metric": "accuracy_norm", "pmi": True}
-    assert scoring.predict(entry, items, lp, length).tolist() == [0]
+    assert rescoring.predict(entry, items, lp, length).tolist() == [0]
 
 
 def test_classify_without_pmi_ignores_the_domain_premise():
-    from workflow_scripts.tasks import scoring
+    from workflow_scripts.tasks import rescoring
 
     items = [{"options": [[0], [1]], "domain": [[2], [3]]}]
     lp, length = np.array([-1.0, -2.0, -0.5, -3.0]), np.ones(4, np.int64)
-    assert scoring.predict({"kind": "classify", "metric": "accuracy", "pmi": False}, items, lp, length).tolist() == [0]
-    assert scoring.predict({"kind": "classify", "metric": "accuracy", "pmi": True}, items, lp, length).tolist() == [1]
+    entry = {"kind": "classify", "metric": "accuracy"}
+    assert rescoring.predict({**entry, "pmi": False}, items, lp, length).tolist() == [0]
+    assert rescoring.predict({**entry, "pmi": True}, items, lp, length).tolist() == [1]
 
 
 def test_last_token_scores_without_pmi_sum_each_items_own_synonyms():
-    from workflow_scripts.tasks import scoring
+    from workflow_scripts.tasks import rescoring
 
     p = np.array([[0.1, 0.2, 0.3], [0.5, 0.1, 0.1]])
-    got = scoring.last_token_scores(np.log(p), np.array([1, 0]), np.array([-1, -1]), [[0, 2], [1]], use_pmi=False)
+    got = rescoring.last_token_scores(np.log(p), np.array([1, 0]), np.array([-1, -1]), [[0, 2], [1]], use_pmi=False)
     np.testing.assert_allclose(got, [[0.6, 0.1], [0.4, 0.2]], rtol=1e-12)
 
 

@@ -16,7 +16,7 @@ from conftest import ROOT, SpacedTok, job_stats, load_test_config, p_knn_by_hand
 from workflow_scripts import knnlm
 from workflow_scripts.artifacts import ArtifactError, save_npy, write_json
 from workflow_scripts.config import ConfigError, validate
-from workflow_scripts.tasks import evaluate, registry, scoring, suite
+from workflow_scripts.tasks import evaluate, registry, rescoring, scoring, suite
 
 FIXTURES = ROOT / "tests" / "fixtures" / "tasks"
 REG = registry.registry()
@@ -291,17 +291,17 @@ def _cache(items):
 def _pair_lp(cache, lam, k, sigma):
     d, v = cache["q_dists"][cache["t_row"]], cache["q_vals"][cache["t_row"]]
     knn = knnlm.knn_target_logprobs(d, v, cache["t_target"], [k], sigma)[k]
-    return scoring.pair_logprobs(knnlm.interpolate(cache["t_lm"], knn, lam), cache["t_pair"], len(cache["pair_len"]))
+    return rescoring.pair_logprobs(knnlm.interpolate(cache["t_lm"], knn, lam), cache["t_pair"], len(cache["pair_len"]))
 
 
 def test_choice_sum_and_length_normalised_by_hand():
     # context "a": option 0 = "b b" (p = .5 * .2 = .10, mean log = log .1 / 2), option 1 = "c" (p = .2)
     items = [{"options": [[["a", "b b"]], [["a", "c"]]], "domain": None, "gold": 0}]
     cache, struct = _cache(items)
-    lp = scoring.pair_logprobs(cache["t_lm"], cache["t_pair"], 2)
+    lp = rescoring.pair_logprobs(cache["t_lm"], cache["t_pair"], 2)
     np.testing.assert_allclose(lp, [math.log(0.5 * 0.2), math.log(0.2)], rtol=1e-6)
-    assert scoring.score_choice(struct, lp, cache["pair_len"])[0] == 1  # sum: .2 > .1
-    assert scoring.score_choice(struct, lp, cache["pair_len"], normalize=True)[0] == 0  # mean: log .1/2 > log .2
+    assert rescoring.score_choice(struct, lp, cache["pair_len"])[0] == 1  # sum: .2 > .1
+    assert rescoring.score_choice(struct, lp, cache["pair_len"], normalize=True)[0] == 0  # mean: log .1/2 > log .2
     # the first token of both options is predicted from the same prefix: one query, not two
     assert len(cache["q_dists"]) == 2 and sorted(cache["t_pair"].tolist()) == [0, 0, 1]
 
@@ -316,12 +316,12 @@ def test_classify_with_fuzzy_sets_and_domain_pmi_by_hand():
          "gold": 1},
     ]
     cache, struct = _cache(items)
-    lp = scoring.pair_logprobs(cache["t_lm"], cache["t_pair"], len(cache["pair_len"]))
-    s0 = scoring.option_scores(struct[0]["options"], lp, cache["pair_len"])
+    lp = rescoring.pair_logprobs(cache["t_lm"], cache["t_pair"], len(cache["pair_len"]))
+    s0 = rescoring.option_scores(struct[0]["options"], lp, cache["pair_len"])
     np.testing.assert_allclose(np.exp(s0), [0.6, 0.2], rtol=1e-6)
     # item 2 without PMI: .25 + .1 = .35 vs .15 -> 0; with PMI under "c": (.6 + .1 = .7) vs .1 -> log(.5) < log(1.5)
-    assert scoring.score_classify(struct, lp, cache["pair_len"], pmi=False).tolist() == [0, 0]
-    assert scoring.score_classify(struct, lp, cache["pair_len"], pmi=True).tolist() == [0, 1]
+    assert rescoring.score_classify(struct, lp, cache["pair_len"], pmi=False).tolist() == [0, 0]
+    assert rescoring.score_classify(struct, lp, cache["pair_len"], pmi=True).tolist() == [0, 1]
 
 
 def test_knn_mixture_is_applied_at_every_scored_token_by_hand():
@@ -334,9 +334,9 @@ def test_knn_mixture_is_applied_at_every_scored_token_by_hand():
     lp = _pair_lp(cache, lam, 3, sigma)
     np.testing.assert_allclose(np.exp(lp), [lam * p_knn_d + (1 - lam) * 0.1, lam * p_knn_c + (1 - lam) * 0.2],
                                rtol=1e-6)
-    assert scoring.score_choice(struct, lp, cache["pair_len"])[0] == 0  # the kNN-LM picks "d"
-    base = scoring.pair_logprobs(cache["t_lm"], cache["t_pair"], 2)
-    assert scoring.score_choice(struct, base, cache["pair_len"])[0] == 1  # the base LM picks "c"
+    assert rescoring.score_choice(struct, lp, cache["pair_len"])[0] == 0  # the kNN-LM picks "d"
+    base = rescoring.pair_logprobs(cache["t_lm"], cache["t_pair"], 2)
+    assert rescoring.score_choice(struct, base, cache["pair_len"])[0] == 1  # the base LM picks "c"
 
 
 def test_lambda_zero_gives_the_base_lm_scores_everywhere():
@@ -344,9 +344,9 @@ def test_lambda_zero_gives_the_base_lm_scores_everywhere():
                                                                                [["c", "b"]]], "gold": 1},
              {"options": [[["b", "a"]], [["b", "c d"]]], "domain": None, "gold": 0}]
     cache, struct = _cache(items)
-    base = scoring.pair_logprobs(cache["t_lm"], cache["t_pair"], len(cache["pair_len"]))
-    for (lam, _k, _sigma), tlp in scoring.token_logprobs_over_grid(cache, [0.0, 0.5], [1, 3], [1.0, 5.0]):
-        lp = scoring.pair_logprobs(tlp, cache["t_pair"], len(cache["pair_len"]))
+    base = rescoring.pair_logprobs(cache["t_lm"], cache["t_pair"], len(cache["pair_len"]))
+    for (lam, _k, _sigma), tlp in rescoring.token_logprobs_over_grid(cache, [0.0, 0.5], [1, 3], [1.0, 5.0]):
+        lp = rescoring.pair_logprobs(tlp, cache["t_pair"], len(cache["pair_len"]))
         if lam == 0.0:  # bit for bit the base LM's pair log-probabilities, so every prediction is the base LM's
             np.testing.assert_array_equal(lp, base)
         else:

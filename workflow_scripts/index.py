@@ -348,6 +348,43 @@ def load_index(index_path, meta_path, ds: Datastore, nprobe: int | None = None):
     return index, meta
 
 
+def exact_sq_l2(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Squared L2 between queries [n, d] and their neighbours' keys [n, K, d], in float32."""
+    diff = keys - queries[:, None, :]
+    return np.einsum("nkd,nkd->nk", diff, diff)
+
+
+DISTANCES = {"exact": "recomputed from keys", "pq": "faiss PQ (approximate)"}  # retrieval meta, IVFPQ
+
+
+def search(
+    index, ds: Datastore, queries: np.ndarray, K: int, exact: bool, batch: int = 1024, distances: str = "exact"
+):
+    """Neighbours of float32 ``queries``, nearest first. ``exact`` (a Flat index) or ``distances='pq'``: FAISS's
+    distances and order as they are (clamped at 0); else distances recomputed from the stored keys, re-sorted."""
+    if distances not in DISTANCES:
+        raise ValueError(f"distances = {distances!r}: one of {', '.join(DISTANCES)}")
+    recompute = not exact and distances == "exact"
+    n = len(queries)
+    dists = np.empty((n, K), np.float32)
+    ids = np.empty((n, K), np.int64)
+    for a in tqdm(range(0, n, batch), desc=f"search K={K}", mininterval=10, disable=n <= batch):
+        q = queries[a : a + batch]
+        d, i = index.search(q, K)
+        if (i < 0).any():
+            raise ArtifactError(
+                f"the index returned fewer than K={K} neighbours for some queries; "
+                f"raise index.nprobe or lower the largest k"
+            )
+        if recompute:
+            d = exact_sq_l2(q, ds.gather_keys(i))
+            order = np.argsort(d, axis=1, kind="stable")
+            d, i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+        dists[a : a + batch] = np.maximum(d, 0.0)
+        ids[a : a + batch] = i
+    return dists, ids
+
+
 @step(name="train-index")
 def train_index_step(params: dict, manifest: Path, index: Path, index_meta: Path, threads: int = 1) -> None:
     """Train a datastore's empty index on a seeded sample drawn across its shards (IVFPQ; Flat needs none)."""

@@ -29,7 +29,7 @@ MiB = 1 << 20
 BASE_MB = 1500  # python, torch/faiss libraries, BLAS buffers: what a step holds before its data
 ADD_ROWS = 1 << 18  # index.ADD_ROWS: keys converted to float32 at a time when adding
 RANGE_BYTES = 256 << 20  # index.RANGE_BYTES: float32 keys held at a time by the sharded exact search
-SEARCH_BATCH = 1024  # queries searched at a time (retrieval.search)
+SEARCH_BATCH = 1024  # queries searched at a time (index.search)
 PRECOMPUTED_TABLE_MAX = 2 << 30  # FAISS's precomputed_table_max_bytes: a larger IVFPQ table is not built
 
 

@@ -38,7 +38,8 @@ from .artifacts import (
 )
 from .cli import step
 from .datastore import KEY_DTYPE, VAL_DTYPE, Datastore, shard_digests, write_manifest
-from .retrieval import load_cache, search
+from .index import search
+from .retrieval_cache import load_cache
 from .sweep import summarize_frames
 
 log = logging.getLogger(__name__)

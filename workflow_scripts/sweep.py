@@ -14,7 +14,7 @@ import polars as pl
 from . import knnlm
 from .artifacts import write_table
 from .cli import step
-from .retrieval import load_cache
+from .retrieval_cache import load_cache
 
 COLUMNS = ["lambda", "k", "sigma", "ppl", "base_ppl", "n_tokens"]
 PINNED = "pinned in config"  # chosen_on of a point that tasks.points pins

@@ -90,15 +90,6 @@ def train_corpus(tokenizer_dir, train_npy, shape: dict, p: dict, variant: str, s
     return df
 
 
-def table(files, column: str) -> pl.DataFrame:
-    """Mean and std over seeds of ``column`` per (variant, step)."""
-    df = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
-    return (
-        df.group_by("variant", "step")
-        .agg(pl.col(column).mean().alias(column), pl.col(column).std().alias("std"), pl.len().alias("seeds"))
-        .sort("variant", "step")
-    )
-
 
 # --------------------------------------------------------------------------------------------- steps
 @step
@@ -118,9 +109,3 @@ def hurdle(
         if tokens is None:
             raise ValueError("hurdle: corpus data needs --tokens")
         train_corpus(tokenizer_dir, tokens, *args)
-
-
-@step
-def hurdle_table(params: dict, scores: list[Path], csv: Path, parquet: Path) -> None:
-    """The table of the hurdle curves (Fig. 4 / Fig. 5 analogues): mean and std over seeds per step."""
-    write_table(table(scores, params["column"]), csv, parquet)

@@ -4,7 +4,7 @@ names on the test sentences (no description) with the LM, the kNN-LM and the MLP
 Every sentence is its own sequence (``[bos] sentence [eos]``, right-padded in batches), in fine-tuning, in the
 datastore and at test time: a test prefix never sees another sentence. The datastore is the backbone's format
 (one shard, manifest with sha256) built from the fine-tuned model's keys over the training sentences, indexed by
-``index.build_index`` and searched by ``retrieval.search``; scores go through ``scoring.forward_scored`` and
+``index.build_index`` and searched by ``index.search``; scores go through ``scoring.forward_scored`` and
 ``knnlm`` — the same code as the perplexity and task paths.
 """
 
@@ -23,7 +23,8 @@ from ..artifacts import atomic_path, open_npy_for_writing, save_npy, write_table
 from ..cli import step
 from ..config import context_length
 from ..datastore import KEY_DTYPE, VAL_DTYPE, shard_digests, write_manifest, write_shard_meta
-from ..retrieval import open_retriever, search
+from ..index import search
+from ..retrieval import open_retriever
 from ..tasks import scoring
 from . import mlp as mlp_lm
 
@@ -197,53 +198,6 @@ def evaluate(identity_json, manifest, index_path, index_meta, test_parquet, mlp_
     return df
 
 
-def table(score_files) -> pl.DataFrame:
-    """Mean log-likelihood of the children's names by number of children, then two averages: "average", the
-    plain mean of the per-number-of-children means (paper 2's Table 5 average), and "item mean", the mean over
-    test items (weighted towards parents with more children). Each row is computed per seed (each file is one
-    seed's scores), then its mean and std over seeds are reported. ``perfect``: log(1/n), averaged the same way."""
-    scores = [*knnlm.VARIANTS, "perfect"]
-    per_seed = []
-    for f in score_files:
-        df = pl.read_parquet(f).with_columns(perfect=-(pl.col("n_children").cast(pl.Float64).log()))
-        seed = df["seed"][0]
-        groups = df.group_by("n_children").agg([pl.col(c).mean() for c in scores]).sort("n_children")
-        rows = groups.with_columns(pl.col("n_children").cast(pl.Utf8).alias("children"))
-        average = groups.select(pl.lit("average").alias("children"), *[pl.col(c).mean() for c in scores])
-        items = df.select(pl.lit("item mean").alias("children"), *[pl.col(c).mean() for c in scores])
-        per_seed.append(
-            pl.concat([rows, average, items], how="diagonal_relaxed").with_columns(pl.lit(seed).alias("seed"))
-        )
-    allseeds = pl.concat(per_seed)
-    order = {c: i for i, c in enumerate(allseeds["children"].unique(maintain_order=True))}
-    return (
-        allseeds.group_by("children", maintain_order=True)
-        .agg(
-            pl.col("n_children").first(),
-            *[pl.col(c).mean().alias(c) for c in scores],
-            *[pl.col(c).std().alias(f"{c}_std") for c in knnlm.VARIANTS],
-            pl.len().alias("seeds"),
-        )
-        .sort(pl.col("children").replace_strict(order))
-        .select("children", "n_children", *knnlm.VARIANTS, *[f"{c}_std" for c in knnlm.VARIANTS], "seeds", "perfect")
-    )
-
-
-def curve(score_files, loss_files) -> pl.DataFrame:
-    """The Figure 1 / Table 5 curve: ``table`` at each fine-tuning step evaluated (each scores file's ``at``:
-    "step<N>", or "final", which is the step count of its seed's fine-tuning, read from its loss log)."""
-    total = {}
-    for f in loss_files:  # one per seed: the last logged step is the last update
-        loss = pl.read_parquet(f, columns=["seed", "step"])
-        total[int(loss["seed"][0])] = int(loss["step"].max()) + 1
-    by_step: dict[int, list] = {}
-    for f in score_files:
-        head = pl.read_parquet(f, columns=["seed", "at"]).row(0, named=True)
-        step = total[head["seed"]] if head["at"] == "final" else int(head["at"].removeprefix("step"))
-        by_step.setdefault(step, []).append(f)
-    parts = [table(files).with_columns(pl.lit(step).alias("step")) for step, files in sorted(by_step.items())]
-    return pl.concat(parts).filter(pl.col("children") != "item mean").select("step", pl.exclude("step"))
-
 
 # --------------------------------------------------------------------------------------------- steps
 @step
@@ -278,15 +232,3 @@ def macondo_eval(
     """Score the children's names on the test sentences with the LM, the kNN-LM and the MLP-LM."""
     lm.torch_threads(threads)
     evaluate(model_json, manifest, index, index_meta, test, mlp, mlp_json, params, csv, parquet, threads)
-
-
-@step
-def macondo_table(scores: list[Path], csv: Path, parquet: Path) -> None:
-    """The Table 5 analogue: log-likelihood of the child's name by number of children, over seeds."""
-    write_table(table(scores), csv, parquet)
-
-
-@step
-def macondo_curve(scores: list[Path], losses: list[Path], csv: Path, parquet: Path) -> None:
-    """The log-likelihood by number of children over fine-tuning steps (Figure 1 / Table 5 analogue)."""
-    write_table(curve(scores, losses), csv, parquet)

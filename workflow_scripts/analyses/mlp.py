@@ -22,7 +22,7 @@ from .. import knnlm, lm
 from ..artifacts import atomic_path, read_json, write_json, write_table
 from ..cli import step
 from ..datastore import Datastore
-from ..retrieval import load_cache
+from ..retrieval_cache import load_cache
 from ..sweep import chosen_point
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ the perplexity of ``p_proj = f(z*)`` beside the LM's and the kNN-LM's, with the 
 Hugging Face decoders end with ``block output = h + mlp(norm(h))`` then ``logits = head(final_norm(output))``, so
 here ``f(z) = softmax(head(z))`` acts on the final-normed hidden state (the paper's "last linear layer with
 softmax") and ``f∘g(h) = softmax(head(final_norm(h + mlp(norm(h)))))`` acts on ``h``, the residual stream entering
-the last MLP. ``h`` is captured with the backbone's forward pre-hook (``datastore.run_model``) on the last block's
+the last MLP. ``h`` is captured with the backbone's forward pre-hook (``forward.run_model``) on the last block's
 pre-MLP norm; its norm is the kNN-LM query, checked against the retrieval cache. ``p_knnlm`` comes from the cache
 through ``knnlm`` (the only kNN-LM math). Positions are optimised together in batches; a position stops when its
 KL changes by less than ``tol`` in a step (a per-position mask; stopped rows are held fixed), or at
@@ -27,8 +27,8 @@ import torch
 from .. import knnlm, lm
 from ..artifacts import ArtifactError, load_npy, write_json, write_table
 from ..cli import step
-from ..datastore import run_model
-from ..retrieval import load_cache
+from ..forward import run_model
+from ..retrieval_cache import load_cache
 from ..sweep import chosen_point
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,6 @@ def run(identity_json, tokens_npy, cache_dir, manifest_json, points: list, p: di
         rows.append(row("kNN-LM", "-", knnlm_t, 0.0))
         for r in p["runs"]:
             for space, fn, z0 in (("f", f, z_f), ("f∘g", fg, h)):
-                ts = time.time()
                 zs, kls, steps = [], [], []
                 for a in range(0, n, p["opt_batch"]):
                     z, kl, st = project(
@@ -179,13 +178,14 @@ def run(identity_json, tokens_npy, cache_dir, manifest_json, points: list, p: di
                         tol=r["tol"],
                         max_steps=r["max_steps"],
                         mean_steps=float(torch.cat(steps).float().mean()),
-                        seconds=round(time.time() - ts, 2),
                     )
                 )
-                log.info("%s, %s %s: ppl %.3f, KL %.4f", label, rows[-1]["run"], space, rows[-1]["ppl"], rows[-1]["kl"])
+                log.info("%s, %s %s: ppl %.3f, KL %.4f (%.1f s since the start)", label, rows[-1]["run"], space,
+                         rows[-1]["ppl"], rows[-1]["kl"], time.time() - t0)
     df = pl.DataFrame(rows, infer_schema_length=None)
     write_table(df, csv, parquet)
-    write_json(meta_json, {"seconds": round(time.time() - t0, 2), "points": dict(points), "n_positions": n})
+    write_json(meta_json, {"points": dict(points), "n_positions": n})  # no timings: two runs give the same files
+    log.info("projection: %.1f s", time.time() - t0)
     return df
 
 

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .. import lm
 from ..artifacts import ArtifactError, atomic_path, load_npy, read_json, sha256_file, write_json, write_table
 from ..cli import step
 from ..sweep import chosen_point
-from . import scoring
+from . import rescoring
 from .registry import TEXT_METRICS, aggregate, read_items
 
 log = logging.getLogger(__name__)
@@ -77,19 +76,19 @@ def sweep_task(
             classes, pmi = record["classes"], bool(entry.get("pmi"))
 
             def predict(logp):
-                return np.argmax(scoring.last_token_scores(logp, q, dq, classes, pmi), axis=1)
+                return np.argmax(rescoring.last_token_scores(logp, q, dq, classes, pmi), axis=1)
 
-            base_logp, over_grid = cache["q_lm"], scoring.last_token_logps_over_grid
+            base_logp, over_grid = cache["q_lm"], rescoring.last_token_logps_over_grid
             neigh = [cache["q_ids"][i][:N_SHOWN].tolist() for i in q]
         else:  # one log-probability per scored token, summed per (context, continuation) pair
             n_pairs = int(cache["pair_len"].size)
 
             def predict(tlp):
-                return scoring.predict(
-                    entry, struct, scoring.pair_logprobs(tlp, cache["t_pair"], n_pairs), cache["pair_len"]
+                return rescoring.predict(
+                    entry, struct, rescoring.pair_logprobs(tlp, cache["t_pair"], n_pairs), cache["pair_len"]
                 )
 
-            base_logp, over_grid = cache["t_lm"], scoring.token_logprobs_over_grid
+            base_logp, over_grid = cache["t_lm"], rescoring.token_logprobs_over_grid
             # neighbours of the first scored token of each item's gold answer
             _, first_tok = np.unique(cache["t_pair"], return_index=True)
             neigh = [
@@ -253,6 +252,8 @@ def examples(prediction_files, tokens_npy, identity_json, p: dict, csv, parquet)
     """Reasoning items the kNN-LM got right and the base LM did not, with their top retrieved neighbours: the
     datastore text up to the neighbour's row (global row r is the key at position r of the training token
     stream, whose value is token r + 1)."""
+    from .. import lm  # the one step here that needs the tokenizer (and so torch): imported by it alone
+
     tok = lm.load_tokenizer(lm.load_identity(identity_json))
     tokens = load_npy(tokens_npy, mmap=True, dtype=np.int32, ndim=1)
     window, per_task, n_neigh = p.get("window", 24), p.get("items_per_task", 5), p.get("neighbours", 4)

@@ -1,0 +1,162 @@
+"""Running a model with the key hook: the forward pre-hook that captures the keys (the input of the last block's
+feed-forward sublayer, after its layer norm), the windows a token stream is cut into, the batched forward over a
+stream, and the extraction of one datastore shard with it. The only backbone module besides ``lm`` that imports
+torch, so that the datastore's, the index's and the tables' steps start without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .artifacts import atomic_path, load_npy, open_npy_for_writing
+from .cli import step
+from .datastore import KEY_DTYPE, VAL_DTYPE, check_slice, shard_digests, shard_ranges, write_shard_meta
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by the hook to skip the rest of the forward pass when only keys are needed."""
+
+
+@contextmanager
+def capture_keys(model, hook_point: str, stop: bool = False):
+    """Register a forward pre-hook on ``hook_point``; ``box['keys']`` holds its input after each forward."""
+    box: dict = {}
+
+    def hook(_module, args):
+        box["keys"] = args[0].detach()
+        if stop:
+            raise _Stop
+
+    handle = model.get_submodule(hook_point).register_forward_pre_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def windows(start: int, end: int, block: int) -> list[tuple[int, int]]:
+    """Split query positions [start, end) into model windows of at most ``block`` positions."""
+    return [(s, min(s + block, end)) for s in range(start, end, block)]
+
+
+def run_model(
+    model,
+    hook_point: str,
+    tokens: np.ndarray,
+    start: int,
+    end: int,
+    block: int,
+    batch: int,
+    with_logprobs: bool,
+    desc: str = "",
+) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """Forward the model over positions [start, end) of ``tokens`` (each position predicts ``tokens[i+1]``).
+
+    Context resets every ``block`` positions counted from ``start``. Yields (first position, keys [n, d]
+    float32, log p_lm(target) [n] float32 or None) batch by batch, so memory is bounded by one batch.
+    """
+    if end > tokens.size - 1:
+        raise ValueError(f"position {end} has no next token (stream of {tokens.size})")
+    device = next(model.parameters()).device
+    wins = windows(start, end, block)
+    groups: dict[int, list] = {}
+    for w in wins:  # equal-length windows batch together; the last, shorter one goes alone
+        groups.setdefault(w[1] - w[0], []).append(w)
+    ordered = [
+        g[i : i + batch] for _, g in sorted(groups.items(), reverse=True) for i in range(0, len(g), batch)
+    ]
+    ordered.sort(key=lambda ws: ws[0][0])
+    with torch.inference_mode(), capture_keys(model, hook_point, stop=not with_logprobs) as box:
+        for ws in tqdm(ordered, desc=desc or "forward", mininterval=10, disable=not desc):
+            x = torch.from_numpy(np.stack([tokens[a:b] for a, b in ws]).astype(np.int64)).to(device)
+            try:
+                out = model(input_ids=x)
+            except _Stop:
+                out = None
+            keys = box["keys"].float().reshape(-1, box["keys"].shape[-1]).cpu().numpy()
+            lp = None
+            if with_logprobs:
+                y = torch.from_numpy(np.stack([tokens[a + 1 : b + 1] for a, b in ws]).astype(np.int64)).to(
+                    device
+                )
+                logp = torch.log_softmax(out.logits.float(), dim=-1)
+                lp = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).reshape(-1).cpu().numpy()
+            # windows in a group are consecutive positions, so rows are contiguous
+            yield ws[0][0], keys, lp
+
+
+def extract_shard(
+    model,
+    ident: dict,
+    tokens_npy,
+    shard: int,
+    n_shards: int,
+    block: int,
+    batch: int,
+    keys_out,
+    vals_out,
+    meta_out,
+    span: dict | None = None,
+) -> int:
+    """Extract shard ``shard`` of ``n_shards`` equal ranges (``shard_ranges``), or with ``span`` (a
+    ``shard_plan`` entry: start, end, slice_sha256) that range, its token slice checked against the plan."""
+    tokens = load_npy(tokens_npy, dtype=np.int32, ndim=1)
+    if span is None:
+        a, b = shard_ranges(tokens.size, n_shards, block)[shard]
+        digest = None
+    else:
+        a, b, digest = span["start"], span["end"], span["slice_sha256"]
+        check_slice(tokens, shard, a, b, digest, tokens_npy,
+                    "the shard plan is stale: rerun plan_shards (snakemake --forcerun "
+                    f"{Path(meta_out).parent / 'plan.json'})")
+    n, d = b - a, ident["dim"]
+    log.info("shard %d: positions [%d, %d), %d keys", shard, a, b, n)
+    with atomic_path(keys_out, ".npy") as ktmp, atomic_path(vals_out, ".npy") as vtmp:
+        keys = open_npy_for_writing(ktmp, KEY_DTYPE, (n, d))
+        vals = open_npy_for_writing(vtmp, VAL_DTYPE, (n,))
+        vals[:] = tokens[a + 1 : b + 1]
+        for first, k, _ in run_model(
+            model,
+            ident["hook_point"],
+            tokens,
+            a,
+            b,
+            block,
+            batch,
+            False,
+            desc=f"extract shard {shard}" + (f"/{n_shards}" if n_shards else f" [{a}, {b})"),
+        ):
+            keys[first - a : first - a + len(k)] = k.astype(KEY_DTYPE)
+        keys.flush()
+        vals.flush()
+        del keys, vals
+        digests = shard_digests(ktmp, vtmp)
+    write_shard_meta(meta_out, ident, shard, a, b, digests, slice_digest=digest)
+    return n
+
+
+@step
+def extract_keys(
+    params: dict, model_json: Path, tokens: Path, keys: Path, vals: Path, meta: Path, threads: int = 1
+) -> None:
+    """Extract one key/value shard of a datastore, streamed to disk."""
+    from .devices import model_dtype
+    from .lm import load_checked, torch_threads
+
+    torch_threads(threads)
+    device = params["device"]
+    dtype = model_dtype(device, params.get("dtype", "float16"))
+    model, _, ident = load_checked(model_json, device=device, dtype=dtype, block_size=params["block_size"])
+    extract_shard(
+        model, ident, tokens, params["shard"], params.get("shards"), params["block_size"], params["batch_size"],
+        keys, vals, meta, span=params.get("span"),
+    )
