@@ -4,6 +4,7 @@
 import json
 import os
 import re
+import shlex
 
 from snakemake.exceptions import WorkflowError
 
@@ -691,6 +692,12 @@ def macondo_dir(seed):
     return f"results/macondo/{MACONDO['model']}/seed{seed}"
 
 
+def macondo_at(rel):
+    """A Macondo seed's file ``rel`` at the fine-tuned model and at every checkpoint, in MACONDO_AT's order
+    ({model} and {seed} left as wildcards)."""
+    return [f"results/macondo/{{model}}/seed{{seed}}/{at}/{rel}" for at in MACONDO_AT]
+
+
 HURDLE_VARIANTS = ["full", "no_last_mlp"]
 # what a hurdle run logs, and the figure's title, by data kind
 HURDLE_COLUMNS = {"macondo": "children_loglik", "corpus": "train_loss"}
@@ -763,14 +770,26 @@ def paper2_inputs():
     return out
 
 
-def input_args(wildcards, input):
-    """Every named input as `--name PATH` (`--name P1 P2 ...` for a list), for a step whose arguments are named like
-    the rule's inputs."""
+def _flags(named) -> list[str]:
+    """`--name PATH` (`--name P1 P2 ...` for a list) for each named file, every path quoted for the shell."""
 
     def paths(v):
-        return " ".join(map(str, v)) if isinstance(v, list | tuple) else v
+        return " ".join(
+            shlex.quote(str(p)) for p in (v if isinstance(v, list | tuple) else [v])
+        )
 
-    return " ".join(f"--{k.replace('_', '-')} {paths(input[k])}" for k in input.keys())
+    return [f"--{k.replace('_', '-')} {paths(named[k])}" for k in named.keys()]
+
+
+def input_args(wildcards, input):
+    """Every named input as `--name PATH`, for a step whose arguments are named like the rule's inputs."""
+    return " ".join(_flags(input))
+
+
+def step_args(input, output):
+    """Every named input and output as `--name PATH`, for a step whose arguments are named like the rule's inputs
+    and outputs: each path is written once, in the rule's declarations."""
+    return " ".join(_flags(input) + _flags(output))
 
 
 def configfile_names():

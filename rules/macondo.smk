@@ -1,5 +1,6 @@
-# Paper 2, §4 (workflow_scripts/analyses/macondo_data.py, macondo.py): one Macondo dataset per seed, the model
-# fine-tuned on it, its datastore and MLP, the LM / kNN-LM / MLP-LM scores of the children's names, the table.
+# Paper 2, §4 (workflow_scripts/analyses/macondo_data.py, macondo.py, tables.py): one Macondo dataset per seed, the
+# model fine-tuned on it, each checkpoint's datastore and MLP, the LM / kNN-LM / MLP-LM scores of the children's
+# names, the tables.
 
 
 # Makes one seed's Macondo dataset, children's names checked to be single tokens for the model's tokenizer.
@@ -74,8 +75,9 @@ rule macondo_finetune:
         " --loss-csv {output.loss} --loss-parquet {output.loss_parquet} {params.checkpoints} 2> {log}"
 
 
-# Makes the fine-tuned model's datastore over the training sentences, with a Flat index.
-rule macondo_datastore:
+# Builds one checkpoint's memory: its datastore over the training sentences (Flat index) and the MLP trained on
+# the datastore's pairs (paper 2, App. D), in one job (each was too small for a job of its own).
+rule macondo_memory:
     input:
         model_json="results/macondo/{model}/seed{seed}/{at}/lm/model.json",
         train="results/macondo/{model}/seed{seed}/data/train.parquet",
@@ -83,67 +85,45 @@ rule macondo_datastore:
         manifest="results/macondo/{model}/seed{seed}/{at}/datastore/manifest.json",
         index="results/macondo/{model}/seed{seed}/{at}/datastore/index.faiss",
         index_meta="results/macondo/{model}/seed{seed}/{at}/datastore/index.json",
-    log:
-        "results/logs/macondo_datastore/{model}/{seed}/{at}.log",
-    benchmark:
-        "results/benchmarks/macondo_datastore/{model}/{seed}/{at}.tsv"
-    conda:
-        "../envs/pipeline.yaml"
-    threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=60,
-    shell:
-        "python -m workflow_scripts macondo-datastore --threads {threads} --model-json {input.model_json}"
-        " --train {input.train} --manifest {output.manifest} --index {output.index} --index-meta {output.index_meta}"
-        " 2> {log}"
-
-
-# Trains the MLP that maps the Macondo datastore's keys to its values (paper 2, App. D).
-rule macondo_mlp:
-    input:
-        model_json="results/macondo/{model}/seed{seed}/{at}/lm/model.json",
-        manifest="results/macondo/{model}/seed{seed}/{at}/datastore/manifest.json",
-    output:
-        pt="results/macondo/{model}/seed{seed}/{at}/mlp/mlp.pt",
-        meta="results/macondo/{model}/seed{seed}/{at}/mlp/mlp.json",
-        loss="results/macondo/{model}/seed{seed}/{at}/mlp/loss.csv",
+        mlp="results/macondo/{model}/seed{seed}/{at}/mlp/mlp.pt",
+        mlp_json="results/macondo/{model}/seed{seed}/{at}/mlp/mlp.json",
+        loss_csv="results/macondo/{model}/seed{seed}/{at}/mlp/loss.csv",
         loss_parquet="results/macondo/{model}/seed{seed}/{at}/mlp/loss.parquet",
     log:
-        "results/logs/macondo_mlp/{model}/{seed}/{at}.log",
+        "results/logs/macondo_memory/{model}/{seed}/{at}.log",
     benchmark:
-        "results/benchmarks/macondo_mlp/{model}/{seed}/{at}.tsv"
+        "results/benchmarks/macondo_memory/{model}/{seed}/{at}.tsv"
     conda:
         "../envs/pipeline.yaml"
     threads: 1
     resources:
         mem_mb=8000,
-        runtime=120,
+        runtime=180,
     params:
         p=lambda w: as_json({"mlp": MACONDO["mlp"], "seed": int(w.seed)}),
+        args=lambda w, input, output: step_args(input, output),
     shell:
-        "python -m workflow_scripts train-mlp --params {params.p:q} --threads {threads} --model-json {input.model_json}"
-        " --manifest {input.manifest} --mlp {output.pt} --mlp-json {output.meta} --loss-csv {output.loss}"
-        " --loss-parquet {output.loss_parquet} 2> {log}"
+        "python -m workflow_scripts macondo-memory --params {params.p:q} --threads {threads} {params.args} 2> {log}"
 
 
-# Scores the children's names on the test sentences with the LM, the kNN-LM and the MLP-LM.
+# Scores the children's names on one seed's test sentences with the LM, the kNN-LM and the MLP-LM, at the
+# fine-tuned model and at every checkpoint (one job a seed: each checkpoint's scoring takes seconds).
 rule macondo_eval:
     input:
-        model_json="results/macondo/{model}/seed{seed}/{at}/lm/model.json",
-        manifest="results/macondo/{model}/seed{seed}/{at}/datastore/manifest.json",
-        index="results/macondo/{model}/seed{seed}/{at}/datastore/index.faiss",
-        index_meta="results/macondo/{model}/seed{seed}/{at}/datastore/index.json",
+        model_json=macondo_at("lm/model.json"),
+        manifest=macondo_at("datastore/manifest.json"),
+        index=macondo_at("datastore/index.faiss"),
+        index_meta=macondo_at("datastore/index.json"),
+        mlp=macondo_at("mlp/mlp.pt"),
+        mlp_json=macondo_at("mlp/mlp.json"),
         test="results/macondo/{model}/seed{seed}/data/test.parquet",
-        pt="results/macondo/{model}/seed{seed}/{at}/mlp/mlp.pt",
-        meta="results/macondo/{model}/seed{seed}/{at}/mlp/mlp.json",
     output:
-        parquet="results/macondo/{model}/seed{seed}/{at}/scores.parquet",
-        csv="results/macondo/{model}/seed{seed}/{at}/scores.csv",
+        parquet=macondo_at("scores.parquet"),
+        csv=macondo_at("scores.csv"),
     log:
-        "results/logs/macondo_eval/{model}/{seed}/{at}.log",
+        "results/logs/macondo_eval/{model}/{seed}.log",
     benchmark:
-        "results/benchmarks/macondo_eval/{model}/{seed}/{at}.tsv"
+        "results/benchmarks/macondo_eval/{model}/{seed}.tsv"
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -156,13 +136,12 @@ rule macondo_eval:
                 "knn": MACONDO["knn"],
                 "mlp_lambda": MACONDO["mlp_lambda"],
                 "seed": int(w.seed),
-                "at": w.at,
+                "at": MACONDO_AT,
             }
         ),
+        args=lambda w, input, output: step_args(input, output),
     shell:
-        "python -m workflow_scripts macondo-eval --params {params.p:q} --threads {threads} --model-json {input.model_json}"
-        " --manifest {input.manifest} --index {input.index} --index-meta {input.index_meta} --test {input.test}"
-        " --mlp {input.pt} --mlp-json {input.meta} --csv {output.csv} --parquet {output.parquet} 2> {log}"
+        "python -m workflow_scripts macondo-eval --params {params.p:q} --threads {threads} {params.args} 2> {log}"
 
 
 # Makes the Table 5 analogue: log-likelihood of the child's name by number of children, over seeds.

@@ -288,8 +288,8 @@ def test_analyses_run_on_the_backbone_without_rebuilding_it(analyses_run):
     assert jobs["train_lm"] == 1  # micro-long only: the backbone's model, datastore and caches are reused
     assert not {"extract_keys", "merge_index", "retrieve"} & set(jobs)
     assert jobs["macondo_finetune"] == 1
-    for rule in ("macondo_datastore", "macondo_mlp", "macondo_eval"):
-        assert jobs[rule] == 3  # the fine-tuned model and checkpoints 0 and 5
+    assert jobs["macondo_memory"] == 3  # the fine-tuned model and checkpoints 0 and 5: a datastore and MLP each
+    assert jobs["macondo_eval"] == 1  # one seed, scored at all three
     assert jobs["macondo_data"] == 3  # the hurdle (micro-gpt2) gets Macondo in its own tokenizer, one per seed
     assert jobs["hurdle"] == 8 and jobs["hurdle_table"] == 2 and jobs["projection"] == 1 and jobs["mlp_eval"] == 1
     assert jobs["train_mlp"] == jobs["paper2_comparison"] == jobs["macondo_table"] == jobs["macondo_curve"] == 1
@@ -345,7 +345,7 @@ def test_paper2_preset_builds_its_dag_offline(tmp_path):
     evaluated at the fine-tuned model and Table 5's nine checkpoints, the hurdle in GPT-2 small's shape."""
     proc = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "experiments/paper2.yaml"))
     jobs = job_stats(proc.stdout)
-    assert jobs["macondo_finetune"] == 5 and jobs["macondo_eval"] == jobs["macondo_mlp"] == 5 * 10
+    assert jobs["macondo_finetune"] == jobs["macondo_eval"] == 5 and jobs["macondo_memory"] == 5 * 10
     assert jobs["hurdle"] == 20 and jobs["macondo_data"] == 5 + 5  # GPT-2 XL's and the hurdle's tokenizer, per seed
     assert jobs["train_tokenizer"] == 2  # wt103-16l and the hurdle's gpt2-small-shape, which is never trained
     assert jobs["train_lm_chunk"] == 7 and jobs["train_lm"] == 1 and jobs["extract_keys"] == 32

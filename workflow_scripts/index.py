@@ -312,7 +312,7 @@ def load_index(index_path, meta_path, ds: Datastore, nprobe: int | None = None):
     # the pipeline's indexes are merge_index's; one built in one process (macondo's) is its own rule's
     rerun = "rerun merge_index"
     if layout == "memory":
-        rerun = "rerun the job that built it (merge_index, macondo_datastore)"
+        rerun = "rerun the job that built it (merge_index, macondo_memory)"
     if meta["manifest_sha256"] != ds.hash:
         raise ArtifactError(f"{index_path} was built from another version of {ds.path}; {rerun}")
     if sha256_file(index_path) != meta["index_sha256"]:

@@ -217,18 +217,31 @@ def macondo_finetune(
 
 
 @step
-def macondo_datastore(
-    model_json: Path, train: Path, manifest: Path, index: Path, index_meta: Path, threads: int = 1
+def macondo_memory(
+    params: dict, model_json: Path, train: Path, manifest: Path, index: Path, index_meta: Path, mlp: Path,
+    mlp_json: Path, loss_csv: Path, loss_parquet: Path, threads: int = 1,
 ) -> None:
-    """The fine-tuned model's datastore over the training sentences (its shard beside --manifest), Flat index."""
+    """One checkpoint's memory: its datastore over the training sentences (shard beside --manifest, Flat index),
+    then the MLP trained on the datastore's pairs (params.mlp, params.seed)."""
     build_datastore(model_json, train, manifest, index, index_meta, threads)
+    mlp_lm.train_on_datastore(model_json, manifest, params["mlp"], params["seed"], mlp, mlp_json, loss_csv,
+                              loss_parquet, threads)
 
 
 @step
 def macondo_eval(
-    params: dict, model_json: Path, manifest: Path, index: Path, index_meta: Path, test: Path, mlp: Path,
-    mlp_json: Path, csv: Path, parquet: Path, threads: int = 1,
+    params: dict, model_json: list[Path], manifest: list[Path], index: list[Path], index_meta: list[Path],
+    mlp: list[Path], mlp_json: list[Path], test: Path, parquet: list[Path], csv: list[Path], threads: int = 1,
 ) -> None:
-    """Score the children's names on the test sentences with the LM, the kNN-LM and the MLP-LM."""
+    """Score the children's names on one seed's test sentences with the LM, the kNN-LM and the MLP-LM, at each
+    checkpoint of params.at in turn (every list argument in that order)."""
     lm.torch_threads(threads)
-    evaluate(model_json, manifest, index, index_meta, test, mlp, mlp_json, params, csv, parquet, threads)
+    ats = params["at"]
+    lists = {"model-json": model_json, "manifest": manifest, "index": index, "index-meta": index_meta, "mlp": mlp,
+             "mlp-json": mlp_json, "parquet": parquet, "csv": csv}
+    wrong = [f"--{k}: {len(v)}" for k, v in lists.items() if len(v) != len(ats)]
+    if wrong:
+        raise ValueError(f"macondo-eval: params.at names {len(ats)} checkpoints, but {', '.join(wrong)} paths")
+    for i, at in enumerate(ats):
+        evaluate(model_json[i], manifest[i], index[i], index_meta[i], test, mlp[i], mlp_json[i],
+                 {**params, "at": at}, csv[i], parquet[i], threads)
