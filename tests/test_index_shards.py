@@ -16,6 +16,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from workflow_scripts import index as ix
 from workflow_scripts.artifacts import ArtifactError, save_npy
@@ -137,6 +139,44 @@ def test_sharded_flat_equals_one_flat_index_ties_by_row_id(tmp_path, sizes):
     brute = ((q[:20, None, :].astype(np.float64) - keys[None]) ** 2).sum(-1)
     for r in range(20):
         np.testing.assert_allclose(brute[r][i1[r, :64]], np.sort(brute[r])[:64], rtol=1e-5, atol=1e-3)
+
+@pytest.mark.parametrize("batch", [7, 64, 300])
+def test_searching_in_batches_reads_each_range_once_and_equals_one_call_per_batch(tmp_path, batch, monkeypatch):
+    """index.search over a ShardedFlat: each range of keys is read (and converted to float32) once for all the
+    batches of queries, and every batch's neighbours are those of a ShardedFlat.search call on that batch alone."""
+    manifest = make_datastore(tmp_path / "ds", [3000, 1700], dup=True)
+    ds = Datastore(manifest)
+    sharded = ix.ShardedFlat(ds, rows=ix.BLAS_BLOCK)
+    rng = np.random.default_rng(3)
+    q = np.concatenate([ds.gather_keys(rng.integers(0, ds.rows, 150)), queries(150)])
+    want = [sharded.search(q[a : a + batch], 1500) for a in range(0, len(q), batch)]
+    reads = []
+    keys = ix.ShardedFlat.keys
+    monkeypatch.setattr(ix.ShardedFlat, "keys", lambda self, a, b: reads.append(a) or keys(self, a, b))
+    d, i = ix.search(sharded, ds, q, 1500, exact=True, batch=batch)
+    assert reads == list(range(0, ds.rows, ix.BLAS_BLOCK))  # 5 ranges, each read once
+    np.testing.assert_array_equal(d, np.maximum(np.concatenate([w[0] for w in want]), 0))
+    np.testing.assert_array_equal(i, np.concatenate([w[1] for w in want]))
+
+
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 30), st.integers(0, 2**31))
+@settings(max_examples=60, deadline=None)
+def test_merge_topk_sorts_by_distance_then_row_as_lexsort(n1, n2, k, seed):
+    """The packed-key merge gives np.lexsort's order: distances (negative, -0.0 and ties included), then rows."""
+    rng = np.random.default_rng(seed)
+    pool = np.array([-1.5, -0.0, 0.0, 0.25, 0.25, 3.0, np.finfo(np.float32).max], np.float32)
+
+    def cands(n, lo):
+        d = np.sort(rng.choice(pool, (4, n)).astype(np.float32), axis=1)
+        return d, rng.choice(np.arange(lo, lo + 10 * n), (4, n), replace=False).astype(np.int64)
+
+    (d1, i1), (d2, i2) = cands(n1, 0), cands(n2, 1000)
+    d, i = np.concatenate([d1, d2], 1), np.concatenate([i1, i2], 1)
+    order = np.lexsort((i, d), axis=1)[:, :k]
+    got_d, got_i = ix.merge_topk(d1, i1, d2, i2, k)
+    np.testing.assert_array_equal(got_i, np.take_along_axis(i, order, 1))
+    np.testing.assert_array_equal(got_d, np.take_along_axis(d, order, 1))
+
 
 def test_sharded_flat_through_merge_index_and_load_index(tmp_path):
     manifest = make_datastore(tmp_path / "ds", [1200, 900])

@@ -123,11 +123,23 @@ def range_rows(dim: int, budget: int = RANGE_BYTES) -> int:
     return max(1, budget // (4 * dim * BLAS_BLOCK)) * BLAS_BLOCK
 
 
+def _sortable(d: np.ndarray) -> np.ndarray:
+    """float32 -> uint64 whose order is the floats' order (-0.0 read as 0.0), in the high 32 bits."""
+    u = (d + np.float32(0)).view(np.uint32)
+    return np.where(u >> 31, ~u, u | np.uint32(0x80000000)).astype(np.uint64) << np.uint64(32)
+
+
 def merge_topk(d1, i1, d2, i2, k: int):
-    """The k nearest of two candidate lists per query, by distance, ties by (global) row id."""
+    """The k nearest of two candidate lists per query, by distance, ties by (global) row id. Rows below 2^32 (every
+    datastore here): one sort of (distance, row) packed in a uint64, 2x faster than ``np.lexsort``, same order."""
     d, i = np.concatenate([d1, d2], axis=1), np.concatenate([i1, i2], axis=1)
-    order = np.lexsort((i, d), axis=1)[:, :k]
-    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+    if i.size and (i.min() < 0 or i.max() >= 1 << 32):
+        order = np.lexsort((i, d), axis=1)[:, :k]
+        return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+    key = np.sort(_sortable(d) | i.astype(np.uint64), axis=1)[:, :k]
+    u = (key >> np.uint64(32)).astype(np.uint32)
+    d = np.where(u >> 31, u & np.uint32(0x7FFFFFFF), ~u).view(np.float32)
+    return d, (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
 class ShardedFlat:
@@ -155,17 +167,28 @@ class ShardedFlat:
         return out
 
     def search(self, q: np.ndarray, k: int):
+        return self.search_batches(q, k, len(q) or 1)
+
+    def search_batches(self, q: np.ndarray, k: int, batch: int, progress: str = "", out=None):
+        """``search`` of each ``batch`` of queries in turn, as separate calls would give them (FAISS's float32
+        results depend on a call's queries), with each range of keys read and converted once for all batches, not
+        once per batch: range by range, every batch's top-k so far merged in place into ``out`` ((dists, ids),
+        [n, k] each; allocated when not given)."""
         n = len(q)
-        d = np.full((n, 0), np.finfo(np.float32).max, np.float32)
-        i = np.full((n, 0), -1, np.int64)
-        for a in range(0, self.ntotal, self.rows):
-            b = min(a + self.rows, self.ntotal)
-            dr, ir = faiss.knn(q, self.keys(a, b), min(k, b - a))
-            d, i = merge_topk(d, i, dr, ir + a, k)
-        if i.shape[1] < k:  # fewer keys than k: as FAISS pads
-            pad = k - i.shape[1]
-            d = np.hstack([d, np.full((n, pad), np.finfo(np.float32).max, np.float32)])
-            i = np.hstack([i, np.full((n, pad), -1, np.int64)])
+        d, i = out if out is not None else (np.empty((n, k), np.float32), np.empty((n, k), np.int64))
+        w = 0  # columns of d and i that hold candidates: the top-k of the rows searched so far
+        ranges = [(a, min(a + self.rows, self.ntotal)) for a in range(0, self.ntotal, self.rows)]
+        for a, b in tqdm(ranges, desc=progress or "search", mininterval=10, disable=not progress):
+            keys, kr = self.keys(a, b), min(k, b - a)
+            w_next = min(k, w + kr)
+            for s in range(0, n, batch):
+                dr, ir = faiss.knn(q[s : s + batch], keys, kr)
+                d[s : s + batch, :w_next], i[s : s + batch, :w_next] = merge_topk(
+                    d[s : s + batch, :w], i[s : s + batch, :w], dr, ir + a, k
+                )
+            w = w_next
+            del keys
+        d[:, w:], i[:, w:] = np.finfo(np.float32).max, -1  # fewer keys than k: as FAISS pads
         return d, i
 
 
@@ -368,9 +391,12 @@ def search(
     n = len(queries)
     dists = np.empty((n, K), np.float32)
     ids = np.empty((n, K), np.int64)
-    for a in tqdm(range(0, n, batch), desc=f"search K={K}", mininterval=10, disable=n <= batch):
+    found = isinstance(index, ShardedFlat)
+    if found:  # each range of keys read once for every batch, the results written into dists and ids
+        index.search_batches(queries, K, batch, progress=f"search K={K}" if n > batch else "", out=(dists, ids))
+    for a in tqdm(range(0, n, batch), desc=f"search K={K}", mininterval=10, disable=n <= batch or found):
         q = queries[a : a + batch]
-        d, i = index.search(q, K)
+        d, i = (dists[a : a + batch], ids[a : a + batch]) if found else index.search(q, K)
         if (i < 0).any():
             raise ArtifactError(
                 f"the index returned fewer than K={K} neighbours for some queries; "
