@@ -28,10 +28,11 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from workflow_scripts import datastore, index, knnlm, lm, retrieval  # noqa: E402
+from workflow_scripts import datastore, forward, index, knnlm, lm, retrieval_cache  # noqa: E402
 from workflow_scripts.artifacts import atomic_path, open_npy_for_writing, save_npy, write_json  # noqa: E402
 
 THREADS, VOCAB, BLOCK, BATCH, K, SHARDS = 2, 2048, 128, 32, 2048, 2
+GEN_THREADS = 1  # measure 7 (greedy decoding of one prompt): see generate_decoding
 GRID = {"lambdas": [0.1, 0.2, 0.3], "ks": [1600, 2048], "sigmas": [1, 3, 5, 10]}  # paper 1: 24 points
 # sizes: datastore sizes in tokens for the scale curve (5; the last two are S and 2S for measure 2);
 # ratio_size: the datastore (one of sizes) that measures 1, 3 and 4 use; queries: eval queries for measures
@@ -48,6 +49,7 @@ MODES = {
         "extract": 32_768,
         "ivfpq": {"nlist": 256, "m": 16, "nbits": 8, "nprobe": 16, "train_sample": 20_000},
         "task_items": 8,
+        "generate": {"prompt": 1000, "new": 512, "keys": 65_536},
     },
     "quick": {
         "sizes": [8_192, 16_384, 32_768],
@@ -58,6 +60,7 @@ MODES = {
         "extract": 8_192,
         "ivfpq": {"nlist": 32, "m": 16, "nbits": 6, "nprobe": 16, "train_sample": 4_096},
         "task_items": 4,
+        "generate": {"prompt": 1000, "new": 64, "keys": 16_384},
     },
 }
 OUT = Path(__file__).resolve().parent
@@ -117,12 +120,12 @@ def log(msg: str) -> None:
 
 
 def search_and_write(idx, ds, queries, exact: bool, outdir: Path, extra: dict) -> None:
-    """retrieval.search, then the cache arrays written as ``retrieval.retrieve`` writes them."""
-    dists, ids = retrieval.search(idx, ds, queries, K, exact=exact)
+    """index.search, then the cache arrays written as ``retrieval.retrieve`` writes them."""
+    dists, ids = index.search(idx, ds, queries, K, exact=exact)
     arrays = {**extra, "dists": dists, "vals": ds.gather_vals(ids), "ids": ids}
     for name, arr in arrays.items():
         with atomic_path(outdir / f"{name}.npy", ".npy") as tmp:
-            out = open_npy_for_writing(tmp, retrieval.CACHE_FILES[name][0], arr.shape)
+            out = open_npy_for_writing(tmp, retrieval_cache.CACHE_FILES[name][0], arr.shape)
             out[:] = arr
             out.flush()
             del out
@@ -163,7 +166,7 @@ def make_queries(model, ident, n: int, tmp: Path) -> dict:
     """Queries (float16-rounded, as retrieve caches them), targets and log p_lm over an eval stream."""
     tokens = zipf_tokens(n + 1, seed=1)
     q, lp = np.empty((n, ident["dim"]), np.float16), np.empty(n, np.float32)
-    for first, keys, p in datastore.run_model(model, ident["hook_point"], tokens, 0, n, BLOCK, BATCH, True):
+    for first, keys, p in forward.run_model(model, ident["hook_point"], tokens, 0, n, BLOCK, BATCH, True):
         q[first : first + len(keys)], lp[first : first + len(keys)] = keys, p
     save_npy(tmp / "queries.npy", q)
     return {"queries": q, "targets": tokens[1:], "lm_logprob": lp}
@@ -178,18 +181,18 @@ def child(args: dict) -> dict:
     if stage == "extract":
         model, _, ident = lm.load_checked(args["model_json"], device="cpu")
         tokens = np.load(d / "tokens.npy")
-        for _ in datastore.run_model(model, ident["hook_point"], tokens, 0, BLOCK * BATCH, BLOCK, BATCH, False):
+        for _ in forward.run_model(model, ident["hook_point"], tokens, 0, BLOCK * BATCH, BLOCK, BATCH, False):
             pass  # warm-up
         files = [(d / f"keys_{s}.npy", d / f"vals_{s}.npy", d / f"shard_{s}.json") for s in range(SHARDS)]
 
         def run():
             for s, (k, v, m) in enumerate(files):
-                datastore.extract_shard(model, ident, d / "tokens.npy", s, SHARDS, BLOCK, BATCH, k, v, m)
+                forward.extract_shard(model, ident, d / "tokens.npy", s, SHARDS, BLOCK, BATCH, k, v, m)
     elif stage == "build":
 
         def run():
             index.build_index(d / "manifest.json", args["cfg"], 0, d / "ivfpq.faiss", d / "ivfpq.json", THREADS)
-    else:  # search-Flat | search-IVFPQ: retrieval.search + cache writing for the eval queries
+    else:  # search-Flat | search-IVFPQ: index.search + cache writing for the eval queries
         ds = datastore.Datastore(d / "manifest.json")
         queries = np.load(args["queries"])[: args["n_queries"]].astype(np.float32)
         if stage == "search-Flat":
@@ -198,7 +201,7 @@ def child(args: dict) -> dict:
                 idx.add(np.asarray(keys, np.float32))
         else:
             idx, exact = index.load_index(d / "ivfpq.faiss", d / "ivfpq.json", ds, args["cfg"]["nprobe"])[0], False
-        retrieval.search(idx, ds, queries[:16], K, exact=exact)  # warm-up
+        index.search(idx, ds, queries[:16], K, exact=exact)  # warm-up
 
         def run():
             search_and_write(idx, ds, queries, exact, d / f"cache-{stage}", {})
@@ -261,29 +264,29 @@ def extraction(model, ident, tmp: Path, n: int, scale: list[dict], sizes: list[i
     d = tmp / "extract"
     save_npy(d / "tokens.npy", zipf_tokens(n + 1, seed=2))
     tokens = np.load(d / "tokens.npy")
-    wins = datastore.windows(0, n, BLOCK)  # n is a multiple of BLOCK: every batch is BATCH x BLOCK
+    wins = forward.windows(0, n, BLOCK)  # n is a multiple of BLOCK: every batch is BATCH x BLOCK
     xs = [
         torch.from_numpy(np.stack([tokens[a:b] for a, b in wins[i : i + BATCH]]).astype(np.int64))
         for i in range(0, len(wins), BATCH)
     ]
 
-    def forward():
+    def plain():
         with torch.inference_mode():
             for x in xs:
                 model(input_ids=x)
 
     def extract():
-        datastore.extract_shard(
+        forward.extract_shard(
             model, ident, d / "tokens.npy", 0, 1, BLOCK, BATCH, d / "keys.npy", d / "vals.npy", d / "shard.json"
         )
 
     def hook_only():  # run_model alone: the same early-stopping forward, without the shard writing
-        for _ in datastore.run_model(model, ident["hook_point"], tokens, 0, n, BLOCK, BATCH, False):
+        for _ in forward.run_model(model, ident["hook_point"], tokens, 0, n, BLOCK, BATCH, False):
             pass
 
     with torch.inference_mode():
         model(input_ids=xs[0])  # warm-up
-    t = best_of({"forward": forward, "extract": extract, "hook": hook_only})
+    t = best_of({"forward": plain, "extract": extract, "hook": hook_only})
     t_fwd, t_ext, t_hook = t["forward"], t["extract"], t["hook"]
     peak = {r["datastore_tokens"]: r["peak_rss_mb"] for r in scale if r["stage"] == "extract"}
     s1, s2 = sizes[-2], sizes[-1]
@@ -313,17 +316,17 @@ def index_compare(tmp: Path, ds_dir: Path, qs: np.ndarray, ivfpq: dict, t_ivf: f
     ivf = index.load_index(ds_dir / "ivfpq.faiss", ds_dir / "ivfpq.json", ds, cfg["nprobe"])[0]
 
     def exact_d(ids):  # exact squared L2 from the stored keys; missing neighbours (-1) count as misses
-        d = retrieval.exact_sq_l2(qs, ds.gather_keys(np.maximum(ids, 0)))
+        d = index.exact_sq_l2(qs, ds.gather_keys(np.maximum(ids, 0)))
         return np.where(ids < 0, np.inf, d)
 
     kth = exact_d(flat.search(qs, 64)[1]).max(axis=1, keepdims=True) * (1 + 1e-5)  # ties count as hits
     recall_pq = np.mean(exact_d(ivf.search(qs, 64)[1]) <= kth)
-    recall_rr = np.mean(retrieval.search(ivf, ds, qs, K, exact=False)[0][:, :64] <= kth)
+    recall_rr = np.mean(index.search(ivf, ds, qs, K, exact=False)[0][:, :64] <= kth)
     keys_b = sum(s["keys_bytes"] for s in ds.manifest["shards"])
     flat_b, ivf_b = (tmp / "flat.faiss").stat().st_size, (ds_dir / "ivfpq.faiss").stat().st_size
     rows = [
         row(f"index: {f} nprobe {cfg['nprobe']} recall@64 (PQ order, {len(qs)} queries)", recall_pq),
-        row(f"index: {f} recall@64 after exact re-rank of K={K} (retrieval.search)", recall_rr),
+        row(f"index: {f} recall@64 after exact re-rank of K={K} (index.search)", recall_rr),
         row(f"index: build s Flat / {f} ({ds.rows} keys, build_index)", f"{t_flat:.2f} / {t_ivf:.2f}"),
         row(f"index: build s {f} with polysemous training (index.polysemous: true)", t_poly),
         row(f"index: build time with / without polysemous training ({f})", t_poly / t_ivf),
@@ -336,8 +339,8 @@ def index_compare(tmp: Path, ds_dir: Path, qs: np.ndarray, ivfpq: dict, t_ivf: f
 def sweep_vs_search(flat, ds, q: dict) -> tuple[list[dict], list[dict]]:
     """1. knnlm.sweep over the 24-point grid vs one exact retrieval pass for the same queries (and vs 24 passes)."""
     queries = q["queries"].astype(np.float32)
-    retrieval.search(flat, ds, queries[:64], K, exact=True)  # warm-up
-    t_search, (dists, ids) = perf(retrieval.search, flat, ds, queries, K, exact=True, repeat=2)
+    index.search(flat, ds, queries[:64], K, exact=True)  # warm-up
+    t_search, (dists, ids) = perf(index.search, flat, ds, queries, K, exact=True, repeat=2)
     vals, args = ds.gather_vals(ids), (q["targets"], q["lm_logprob"])
     knnlm.sweep(dists[:64], vals[:64], args[0][:64], args[1][:64], **GRID)  # warm-up
     t_sweep, rows = perf(knnlm.sweep, dists, vals, *args, **GRID, repeat=2)
@@ -354,7 +357,7 @@ def sweep_vs_search(flat, ds, q: dict) -> tuple[list[dict], list[dict]]:
 def ppl_ivfpq_vs_flat(ivf, ds, q: dict, flat_grid: list[dict], name: str) -> list[dict]:
     """4b. The 24-point sweep on an IVFPQ cache (approximate search, exact re-rank) vs on the exact Flat cache:
     best perplexity over the grid. The model is random and the tokens Zipf, so only the difference means much."""
-    dists, ids = retrieval.search(ivf, ds, q["queries"].astype(np.float32), K, exact=False)
+    dists, ids = index.search(ivf, ds, q["queries"].astype(np.float32), K, exact=False)
     grid = knnlm.sweep(dists, ds.gather_vals(ids), q["targets"], q["lm_logprob"], **GRID)
     best_f, best_i = min(r["ppl"] for r in flat_grid), min(r["ppl"] for r in grid)
     worst = max(abs(a["ppl"] / b["ppl"] - 1) for a, b in zip(grid, flat_grid, strict=True))
@@ -369,7 +372,7 @@ def ppl_ivfpq_vs_flat(ivf, ds, q: dict, flat_grid: list[dict], name: str) -> lis
 
 
 def retrieval_vs_faiss(flat, ds, q: dict, tmp: Path) -> list[dict]:
-    """3. retrieval.search + writing the cache vs raw faiss index.search, same index, queries and K."""
+    """3. index.search + writing the cache vs raw faiss index.search, same index, queries and K."""
     queries = q["queries"].astype(np.float32)
     extra = {"targets": q["targets"], "lm_logprob": q["lm_logprob"], "queries": q["queries"]}
     flat.search(queries[:64], K)  # warm-up
@@ -424,6 +427,78 @@ def memory_task_scoring(model, ident, flat, ds, n_items: int) -> list[dict]:
     return out
 
 
+class _FullPrefix(torch.nn.Module):
+    """The model without its key/value cache argument: ``greedy_generate`` then forwards every prefix whole at every
+    step, the decoder before the cache (its hook point is ``m.`` + the model's)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.m(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def generate_decoding(g: dict) -> list[dict]:
+    """7. Greedy decoding of ``g['new']`` tokens after a ``g['prompt']``-token prompt (paper 1's GSM8K: ≈ 850 + 512)
+    by ``scoring.greedy_generate`` with the model's key/value cache vs the full-prefix decoder (every step forwards
+    the whole prefix), for the base LM and the kNN-LM (λ 0.25, k = K = 1024, σ 1: a Flat index over random keys, one
+    search a step). A random GPT-2 of the default shape with a window of 1536; new tokens/s of one prompt, on one
+    thread (torch and FAISS): a cached step's operations are small, and on 2 threads of a busy machine their
+    synchronisation dominates (2026-12-07, load 4-6: 18 against 1.6 new tokens/s for the base LM, 11.6x)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from workflow_scripts.tasks import scoring
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=1536, n_embd=128, n_layer=4, n_head=4, bos_token_id=0,
+                     eos_token_id=0)
+    model, hook = GPT2LMHeadModel(cfg).eval(), "transformer.h.3.mlp"
+    rng = np.random.default_rng(11)
+    flat, k_nn = faiss.IndexFlatL2(cfg.n_embd), 1024
+    flat.add(rng.standard_normal((g["keys"], cfg.n_embd)).astype(np.float32))
+    vals = rng.integers(0, VOCAB, g["keys"]).astype(np.int32)
+
+    def search(q):
+        d, i = flat.search(np.ascontiguousarray(q, np.float32), k_nn)
+        return d, vals[i], i
+
+    prompt = [zipf_tokens(g["prompt"], seed=12).tolist()]
+    decoders = {"cached": (model, hook), "full prefix": (_FullPrefix(model), "m." + hook)}
+    points = {"base": None, "kNN": (0.25, k_nn, 1.0)}
+
+    def run(which, lm_, n):
+        m, h = decoders[which]
+        return scoring.greedy_generate(m, h, prompt, [points[lm_]], search, VOCAB, n, lambda ids: False, 1)
+
+    threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(GEN_THREADS)
+    faiss.omp_set_num_threads(GEN_THREADS)
+    try:
+        run("cached", "kNN", 4), run("full prefix", "kNN", 4)  # warm-up
+        t, out = {}, {}
+        for lm_ in points:
+            for which in decoders:
+                t[which, lm_], res = perf(run, which, lm_, g["new"])
+                out[which, lm_] = res["outputs"][points[lm_]][0]
+    finally:
+        torch.set_num_threads(threads[0])
+        faiss.omp_set_num_threads(threads[1])
+    same = {lm_: out["cached", lm_] == out["full prefix", lm_] for lm_ in points}
+    rows = []
+    for lm_ in points:
+        rate = {w: g["new"] / t[w, lm_] for w in decoders}
+        r = rate["cached"] / rate["full prefix"]
+        rows += [
+            row(f"generate: new tokens/s, {g['new']} after {g['prompt']} prompt tokens, full prefix ({lm_})",
+                rate["full prefix"]),
+            row(f"generate: new tokens/s, cached ({lm_})", rate["cached"]),
+            row(f"generate: cached / full-prefix new tokens/s ({lm_})", r, ">= 10", r >= 10),
+            row(f"generate: cached tokens == full-prefix tokens ({lm_})", str(same[lm_])),
+        ]
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ main
 def print_table(rows: list[dict]) -> None:
     cols = list(rows[0])
@@ -443,6 +518,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes)")
+    p.add_argument("--only", choices=["generate"], help="run measure 7 (greedy decoding) alone")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -452,6 +528,12 @@ def main() -> None:
     faiss.omp_set_num_threads(THREADS)
     mode = "quick" if a.quick else "full"
     m, t0, load0 = MODES[mode], time.perf_counter(), os.getloadavg()[0]
+    if a.only == "generate":
+        rows = generate_decoding(m["generate"])
+        rows.append(row("run: mode / wall s / load avg (1 min) start, end",
+                        f"{mode} generate / {time.perf_counter() - t0:.0f} / {load0:.1f}, {os.getloadavg()[0]:.1f}"))
+        print_table(rows)
+        return
     with tempfile.TemporaryDirectory(prefix="knnlm-bench-") as tmp:
         tmp = Path(tmp)
         model, ident = make_model(tmp)
@@ -471,6 +553,8 @@ def main() -> None:
         rows = sweep_rows + rows + retrieval_vs_faiss(flat, ds, q, tmp) + index_rows
         rows += memory_task_scoring(model, ident, flat, ds, m["task_items"])
         log("memory task done")
+        rows += generate_decoding(m["generate"])
+        log("generate done")
     rows.append(
         row(
             "run: mode / wall s / load avg (1 min) start, end",

@@ -13,7 +13,7 @@ import torch
 import yaml
 from conftest import ROOT, SpacedTok, job_stats, load_test_config, p_knn_by_hand, snakemake, write_paper_data
 
-from workflow_scripts import knnlm
+from workflow_scripts import knnlm, lm
 from workflow_scripts.artifacts import ArtifactError, save_npy, write_json
 from workflow_scripts.config import ConfigError, validate
 from workflow_scripts.tasks import evaluate, registry, rescoring, scoring, suite
@@ -395,6 +395,146 @@ def test_greedy_generate_with_the_mixture_at_every_step_by_hand():
         assert got == (full[: full.index(0) + 1] if 0 in full else full)
 
 
+# a small random GPT-2 whose greedy answers differ by prompt: the cached decoder against the decoder before it
+GEN_V, GEN_DEEP, GEN_EMB = 50, "transformer.h.1.mlp", "transformer.h.0.ln_1"
+GEN_PROMPTS = [np.random.default_rng(s).integers(0, GEN_V, n).tolist()
+               for s, n in enumerate([45, 3, 17, 60, 41, 8, 29])]
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: many small forward passes run many times slower on 2 threads of a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _gen_model():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=GEN_V, n_positions=128, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
+                        bos_token_id=0, eos_token_id=0)
+    return tf.GPT2LMHeadModel(cfg).eval()
+
+
+def _gen_datastore(model, hook):
+    """300 keys of the hook point over random text, each with its next token as value: a brute-force search."""
+    x = torch.as_tensor(np.random.default_rng(9).integers(0, GEN_V, (6, 51)))
+    with torch.inference_mode(), scoring.capture_keys(model, hook) as box:
+        model(input_ids=x[:, :-1])
+    keys = box["keys"].reshape(-1, 32).numpy().astype(np.float16).astype(np.float32)
+    return toy_search(keys, x[:, 1:].reshape(-1).numpy(), np.zeros(len(keys), np.float32))
+
+
+def _gen_uncached(model, hook, prompts, points, search_fn, max_new, is_done, batch):
+    """The decoder before the key/value cache, written out: every step forwards each unfinished prompt's whole
+    prefix (right-padded batches of the unfinished prompts, in order), searches the last position's key (prefixes
+    searched at an earlier point reuse their neighbours), mixes in the kNN distribution and takes the argmax.
+    Returns (outputs, each step's log p) per point."""
+    outputs, logps, searched = {}, {}, {}
+    with torch.inference_mode(), scoring.capture_keys(model, hook) as box:
+        for point in points:
+            gen, lps = [[] for _ in prompts], [[] for _ in prompts]
+            active = list(range(len(prompts)))
+            for _ in range(max_new):
+                still = []
+                for a in range(0, len(active), batch):
+                    chunk = active[a : a + batch]
+                    seqs = [prompts[i] + gen[i] for i in chunk]
+                    x = torch.zeros((len(seqs), max(map(len, seqs))), dtype=torch.long)
+                    mask = torch.zeros_like(x)
+                    for b, s in enumerate(seqs):
+                        x[b, : len(s)], mask[b, : len(s)] = torch.as_tensor(s), 1
+                    out = model(input_ids=x, attention_mask=mask)
+                    last, rows = torch.as_tensor([len(s) - 1 for s in seqs]), torch.arange(len(seqs))
+                    logp = torch.log_softmax(out.logits[rows, last].float(), -1).numpy().astype(np.float64)
+                    if point is not None:
+                        lam, k, sigma = point
+                        q = box["keys"][rows, last].float().numpy().astype(np.float16).astype(np.float32)
+                        keys = [str(s) for s in seqs]
+                        for b, key in enumerate(keys):
+                            if key not in searched:
+                                searched[key] = [r[0] for r in search_fn(q[b : b + 1])]
+                        d = np.stack([searched[key][0] for key in keys])
+                        v = np.stack([searched[key][1] for key in keys])
+                        with np.errstate(divide="ignore"):
+                            logp = knnlm.interpolate(logp, np.log(knnlm.knn_distribution(d, v, k, sigma, GEN_V)), lam)
+                    for b, i in enumerate(chunk):
+                        lps[i].append(logp[b])
+                        gen[i].append(int(np.argmax(logp[b])))
+                        if not is_done(gen[i]):
+                            still.append(i)
+                active = still
+            outputs[point], logps[point] = gen, lps
+    return outputs, logps
+
+
+def _last_key(model, hook, prompt):
+    with torch.inference_mode(), scoring.capture_keys(model, hook) as box:
+        model(input_ids=torch.as_tensor([prompt]))
+    return box["keys"][0, -1].numpy().astype(np.float16).astype(np.float32)
+
+
+@pytest.mark.parametrize("hook", [GEN_EMB, GEN_DEEP])
+@pytest.mark.parametrize(("batch", "stop"), [(1, False), (3, True), (7, True)])
+def test_cached_greedy_generate_equals_the_full_prefix_decoder(hook, batch, stop, one_thread):
+    """With the model's key/value cache (left-padded prompts prefilled once, then one token a step), greedy
+    decoding gives the full-prefix decoder's tokens and each step's log-probabilities to 1e-5, for the base LM and
+    the kNN-LM; prompts of 3 to 60 tokens in batches that split them, with a stop rule that ends them unevenly.
+
+    At the embeddings' hook point the queries are the same bits in both decoders, so the kNN-LM's log p agree to
+    1e-5 too. At a deep hook point a query differs by float32 noise, which now and then moves its float16 rounding
+    (the datastore's precision) by one unit (1e-3) and the distances with it: a few steps' kNN-LM log p then differ
+    by up to 1e-3, as the full-prefix decoder's own do between two batch sizes."""
+    model, points = _gen_model(), [None, (0.5, 8, 5.0), (0.9, 32, 1.0)]
+    search = _gen_datastore(model, hook)
+
+    def done(ids):
+        return stop and ids.count(ids[-1]) >= 3  # a token seen 3 times ends the answer
+
+    want, want_lp = _gen_uncached(model, hook, GEN_PROMPTS, points, search, 24, done, batch)
+    got_lp = {pt: [[] for _ in GEN_PROMPTS] for pt in points}
+    res = scoring.greedy_generate(model, hook, GEN_PROMPTS, points, search, GEN_V, 24, done, batch,
+                                  on_step=lambda pt, i, lp: got_lp[pt][i].append(lp))
+    for pt in points:
+        assert res["outputs"][pt] == want[pt], pt
+        assert [len(g) for g in got_lp[pt]] == [len(o) for o in want[pt]]
+        pairs = zip(got_lp[pt], want_lp[pt], strict=True)
+        diff = np.concatenate([np.abs(np.stack(g) - np.stack(r)).max(1) for g, r in pairs])
+        if pt is None or hook == GEN_EMB:
+            assert diff.max() < 1e-5, pt
+        else:
+            assert np.mean(diff < 1e-5) > 0.9 and diff.max() < 2e-3, pt
+    lengths = {len(o) for o in want[None]}
+    assert lengths == {24} if not stop else len(lengths) > 1  # the stop rule ends answers at different steps
+    assert stop or len({tuple(o) for o in want[None]}) == len(GEN_PROMPTS)  # the answers differ by prompt
+    assert want[(0.9, 32, 1.0)] != want[None]  # and the datastore changes them
+    assert res["neighbours"][None] == [None] * len(GEN_PROMPTS)
+    first = search(np.stack([_last_key(model, hook, p) for p in GEN_PROMPTS]))[2][:, : scoring.N_NEIGHBOURS_KEPT]
+    assert res["neighbours"][(0.5, 8, 5.0)] == first.tolist()
+
+
+def test_cached_greedy_generate_prefills_once_then_forwards_one_token_a_step(one_thread):
+    """The cache is used: one forward of the left-padded prompts per batch and point, then inputs of one token per
+    unfinished prompt; a model without a cache argument (the toy LM) forwards whole prefixes instead."""
+    model, shapes = _gen_model(), []
+
+    def seen(_module, _args, kw):
+        shapes.append(tuple(kw["input_ids"].shape))
+
+    handle = model.register_forward_pre_hook(seen, with_kwargs=True)
+    try:
+        scoring.greedy_generate(model, GEN_DEEP, GEN_PROMPTS[:3], [None], SEARCH, GEN_V, 5, lambda ids: False, 2)
+    finally:
+        handle.remove()
+    # batches (shortest first): the prompts of 3 and 17 tokens, then the one of 45
+    assert shapes == [(2, 17)] + [(2, 1)] * 4 + [(1, 45)] + [(1, 1)] * 4
+    assert scoring._cache_argument(model) in ("cache", "past_key_values")
+    assert scoring._cache_argument(ToyLM(TABLE)) is None
+
+
 # ------------------------------------------------------------------------------------------- synthetic suite
 @pytest.fixture(scope="module")
 def world_and_docs():
@@ -653,8 +793,8 @@ def _prediction_rows(task, category, rows):
 
 
 def test_examples_are_the_items_the_knn_lm_got_right_with_their_neighbours_text(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate.lm, "load_identity", lambda path: {"identity of": path})
-    monkeypatch.setattr(evaluate.lm, "load_tokenizer",
+    monkeypatch.setattr(lm, "load_identity", lambda path: {"identity of": path})
+    monkeypatch.setattr(lm, "load_tokenizer",
                         lambda ident: SpacedTok() if ident == {"identity of": "id.json"} else None)
     tokens = np.arange(100, 140, dtype=np.int32)  # token at row r is 100 + r
     save_npy(tmp_path / "tokens.npy", tokens)

@@ -247,6 +247,119 @@ def score_cache(model, hook_point, seqs, starts, search_fn, batch: int = 16, des
 
 
 # --------------------------------------------------------------------------------------------- generate
+def _cache_argument(model) -> str | None:
+    """The forward argument that takes a key/value cache: ``cache`` (transformers ≥ 5.2x), ``past_key_values``
+    (before); None for a model without one, which then forwards the whole prefix at every step."""
+    params = _forward_params(model)
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _forward_params(model):
+    """The names of ``model.forward``'s arguments (none when its signature cannot be read)."""
+    import inspect
+
+    try:
+        return inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+class _CachedBatch:
+    """A batch of growing sequences decoded with the model's key/value cache.
+
+    The prompts are left-padded and forwarded once (the prefill; position ids count each row's own tokens and the
+    attention mask hides the padding); ``feed`` then forwards one new token per row, the rows not kept dropped
+    from the cache first. ``logits`` [b, V] and ``keys`` [b, d] (the hook point's input) are at each row's last
+    token."""
+
+    def __init__(self, model, box: dict, prompts: list[list[int]], cache_arg: str):
+        self.model, self.box, self.cache_arg = model, box, cache_arg
+        self.device = next(model.parameters()).device
+        n = max(len(p) for p in prompts)
+        x = torch.zeros((len(prompts), n), dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for b, p in enumerate(prompts):
+            x[b, n - len(p) :] = torch.as_tensor(p)
+            mask[b, n - len(p) :] = 1
+        self.mask = mask.to(self.device)
+        kw = {"use_cache": True}
+        params = _forward_params(model)
+        for name in ("logits_to_keep", "num_logits_to_keep"):  # the LM head at the last position only
+            if name in params:
+                kw[name] = 1
+                break
+        self._forward(x.to(self.device), (self.mask.cumsum(1) - 1).clamp(min=0), kw)
+
+    def _forward(self, x, pos, kw):
+        out = self.model(input_ids=x, attention_mask=self.mask, position_ids=pos, **kw)
+        self.cache = getattr(out, self.cache_arg)
+        self.logits, self.keys = out.logits[:, -1], self.box["keys"][:, -1]
+        self.pos = pos[:, -1:]
+
+    def feed(self, rows: list[int], tokens: list[int]) -> None:
+        """Keep the rows ``rows`` (indices among the current ones) and append ``tokens`` (one per kept row)."""
+        if len(rows) < self.mask.shape[0]:
+            idx = torch.as_tensor(rows, device=self.device)
+            self.mask, self.pos = self.mask[idx], self.pos[idx]
+            self.cache = _select_rows(self.cache, idx)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        x = torch.as_tensor(tokens, device=self.device)[:, None]
+        self._forward(x, self.pos + 1, {"use_cache": True, self.cache_arg: self.cache})
+
+
+def _select_rows(cache, idx: torch.Tensor):
+    """The key/value cache of the rows ``idx`` only: a transformers ``Cache`` in place, a legacy tuple anew."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(idx)
+        return cache
+    if hasattr(cache, "reorder_cache"):
+        cache.reorder_cache(idx)
+        return cache
+    return tuple(tuple(t[idx] for t in layer) for layer in cache)
+
+
+class _Greedy:
+    """One point's greedy decoding: the answers so far, the first step's neighbours, and the step itself."""
+
+    def __init__(self, point, prompts, searched: dict, search_fn, vocab_size: int, is_done, on_step):
+        self.point, self.prompts, self.searched, self.search_fn = point, prompts, searched, search_fn
+        self.vocab_size, self.is_done, self.on_step = vocab_size, is_done, on_step
+        self.gen: list[list[int]] = [[] for _ in prompts]
+        self.first_ids: list = [None] * len(prompts)
+
+    def step(self, live: list[int], logits, keys) -> list[int]:
+        """Append each prompt of ``live``'s next token given its logits [b, V] and key [b, d] at the prefix's last
+        position; return the positions in ``live`` of the prompts not done."""
+        logp = torch.log_softmax(logits.float(), -1).cpu().numpy().astype(np.float64)
+        logp = logp[:, : self.vocab_size]
+        if self.point is not None:
+            lam, k, sigma = self.point
+            keys = keys.float().cpu().numpy().astype(np.float16).astype(np.float32)
+            prefixes = [np.asarray(self.prompts[i] + self.gen[i], np.int64).tobytes() for i in live]
+            todo = [b for b, p in enumerate(prefixes) if p not in self.searched]
+            if todo:
+                d, v, ids = self.search_fn(keys[todo])
+                for j, b in enumerate(todo):
+                    self.searched[prefixes[b]] = (d[j], v[j], ids[j, :N_NEIGHBOURS_KEPT])
+            d = np.stack([self.searched[p][0] for p in prefixes])
+            v = np.stack([self.searched[p][1] for p in prefixes])
+            p_knn = knnlm.knn_distribution(d, v, k, sigma, self.vocab_size)
+            with np.errstate(divide="ignore"):
+                logp = knnlm.interpolate(logp, np.log(p_knn), lam)
+            for b, i in enumerate(live):
+                if self.first_ids[i] is None:
+                    self.first_ids[i] = self.searched[prefixes[b]][2].tolist()
+        nxt = np.argmax(logp, axis=1)
+        keep = []
+        for b, i in enumerate(live):
+            if self.on_step is not None:
+                self.on_step(self.point, i, logp[b])
+            self.gen[i].append(int(nxt[b]))
+            if not self.is_done(self.gen[i]):
+                keep.append(b)
+        return keep
+
+
 def greedy_generate(
     model,
     hook_point: str,
@@ -257,59 +370,55 @@ def greedy_generate(
     max_new_tokens: int,
     is_done: Callable[[list[int]], bool],
     batch: int = 16,
+    on_step: Callable[[tuple | None, int, np.ndarray], None] | None = None,
 ) -> dict:
     """Greedy decoding of every prompt at every point: ``None`` (the base LM) or (λ, k, σ), where each step's
     next-token distribution is ``λ·p_knn + (1−λ)·p_lm`` from the step's K_max neighbours.
 
-    Retrieval runs once per step for the batch, on the prefixes not yet searched (prefixes agree across grid
-    points until their tokens differ, so early steps are shared). Returns {"outputs": {point: [ids]},
-    "neighbours": {point: [first-step neighbour ids per prompt]}}.
+    With the model's key/value cache, prompts are decoded in batches of ``batch`` (shortest first), one batch at a
+    time: the prompts forwarded once, then one new token a step per unfinished prompt (finished ones leave the
+    batch); the step's query is the hook point's input at that new token. A model without a cache argument
+    forwards the whole prefixes at every step instead, in batches of the unfinished prompts. Retrieval runs once
+    per step for the batch, on the prefixes not yet searched (prefixes agree across grid points until their tokens
+    differ, so early steps are shared). ``on_step(point, prompt index, log p)`` sees each step's next-token
+    log-probabilities [vocab_size] (float64). Returns {"outputs": {point: [ids]}, "neighbours": {point:
+    [first-step neighbour ids per prompt]}}.
     """
     device = next(model.parameters()).device
     searched: dict[bytes, tuple] = {}
     outputs, neighbours = {}, {}
+    cache_arg = _cache_argument(model)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     with torch.inference_mode(), capture_keys(model, hook_point) as box:
         for point in points:
-            gen = [[] for _ in prompts]
-            first_ids: list = [None] * len(prompts)
-            active = list(range(len(prompts)))
-            for _step in range(max_new_tokens):
-                if not active:
-                    break
-                still = []
-                for a in range(0, len(active), batch):
-                    chunk = active[a : a + batch]
-                    seqs = [prompts[i] + gen[i] for i in chunk]
-                    out = forward_padded(model, seqs)
-                    last = torch.as_tensor([len(s) - 1 for s in seqs], device=device)
-                    rows = torch.arange(len(chunk), device=device)
-                    logp = torch.log_softmax(out.logits[rows, last].float(), -1).cpu().numpy().astype(np.float64)
-                    logp = logp[:, :vocab_size]
-                    if point is not None:
-                        lam, k, sigma = point
-                        keys = box["keys"][rows, last].float().cpu().numpy().astype(np.float16).astype(np.float32)
-                        prefixes = [np.asarray(s, np.int64).tobytes() for s in seqs]
-                        todo = [b for b, p in enumerate(prefixes) if p not in searched]
-                        if todo:
-                            d, v, ids = search_fn(keys[todo])
-                            for j, b in enumerate(todo):
-                                searched[prefixes[b]] = (d[j], v[j], ids[j, :N_NEIGHBOURS_KEPT])
-                        d = np.stack([searched[p][0] for p in prefixes])
-                        v = np.stack([searched[p][1] for p in prefixes])
-                        p_knn = knnlm.knn_distribution(d, v, k, sigma, vocab_size)
-                        with np.errstate(divide="ignore"):
-                            logp = knnlm.interpolate(logp, np.log(p_knn), lam)
-                        for b, i in enumerate(chunk):
-                            if first_ids[i] is None:
-                                first_ids[i] = searched[prefixes[b]][2].tolist()
-                    nxt = np.argmax(logp, axis=1)
-                    for b, i in enumerate(chunk):
-                        gen[i].append(int(nxt[b]))
-                        if not is_done(gen[i]):
-                            still.append(i)
-                active = still
-            outputs[point] = gen
-            neighbours[point] = first_ids
+            g = _Greedy(point, prompts, searched, search_fn, vocab_size, is_done, on_step)
+            if cache_arg is None:  # every step forwards the whole prefixes (right-padded)
+                active = list(range(len(prompts)))
+                for _step in range(max_new_tokens):
+                    still = []
+                    for a in range(0, len(active), batch):
+                        chunk = active[a : a + batch]
+                        seqs = [prompts[i] + g.gen[i] for i in chunk]
+                        out = forward_padded(model, seqs)
+                        last = torch.as_tensor([len(s) - 1 for s in seqs], device=device)
+                        rows = torch.arange(len(chunk), device=device)
+                        keep = g.step(chunk, out.logits[rows, last], box["keys"][rows, last])
+                        still += [chunk[b] for b in keep]
+                    active = still
+                    if not active:
+                        break
+            else:
+                for a in range(0, len(order) if max_new_tokens > 0 else 0, batch):
+                    live = order[a : a + batch]
+                    state = _CachedBatch(model, box, [prompts[i] for i in live], cache_arg)
+                    for step_ in range(max_new_tokens):
+                        keep = g.step(live, state.logits, state.keys)
+                        if not keep or step_ == max_new_tokens - 1:
+                            break
+                        live = [live[b] for b in keep]
+                        state.feed(keep, [g.gen[i][-1] for i in live])
+            outputs[point] = g.gen
+            neighbours[point] = g.first_ids
     return {"outputs": outputs, "neighbours": neighbours}
 
 
