@@ -288,3 +288,15 @@ def test_search_plans_count_ivfpqs_precomputed_table_read_off_the_built_index():
     huge = {**cfg, "nlist": 1 << 20}  # 16 GiB of table: FAISS does not build it
     assert memory.estimate_mb("retrieve", manifest, huge, 1024, 10_000)[0] - without == 2048
     assert memory.search_config({"exact": True, "factory": "Flat"}, "exact") == {"type": "Flat", "distances": "exact"}
+
+
+@pytest.mark.parametrize("sizes", [[3000, 1700, 2333], [5000]])
+def test_gather_reads_each_row_from_its_shard_for_ids_of_any_shape(tmp_path, sizes):
+    ds = Datastore(make_datastore(tmp_path / "ds", sizes))
+    keys = np.concatenate([np.asarray(k, np.float32) for k in ds.keys])
+    vals = np.concatenate([np.asarray(v) for v in ds.vals])
+    rng = np.random.default_rng(4)
+    edges = np.array([0, *np.cumsum(sizes)[:-1], ds.rows - 1])  # first rows of the shards, the last row
+    for ids in (rng.integers(0, ds.rows, (7, 11)), edges, edges[::-1].reshape(1, -1)):
+        np.testing.assert_array_equal(ds.gather_vals(ids), vals[ids])
+        np.testing.assert_array_equal(ds.gather_keys(ids), keys[ids])

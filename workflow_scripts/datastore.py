@@ -274,10 +274,14 @@ class Datastore:
 
     def _gather(self, parts: list[np.ndarray], ids: np.ndarray, out: np.ndarray) -> np.ndarray:
         flat = ids.reshape(-1)
+        if len(parts) == 1:
+            out[:] = parts[0][flat]
+            return out
         shard = np.searchsorted(self.offsets, flat, side="right") - 1
-        for s in np.unique(shard):
+        for s in range(len(parts)):  # a mask per shard: no sort of the ids (np.unique) on every call
             m = shard == s
-            out[m] = parts[s][flat[m] - self.offsets[s]]
+            if m.any():
+                out[m] = parts[s][flat[m] - self.offsets[s]]
         return out
 
     def gather_keys(self, ids: np.ndarray) -> np.ndarray:
