@@ -5,7 +5,13 @@ from snakemake.utils import min_version
 min_version("8.20")
 
 
-configfile: "config.yaml"
+# config.yaml is the config only when no `--configfile` is given: a user's config file replaces it, in the main
+# process and in every cluster job alike. (A Slurm job's Snakemake gets the user's files as `--configfiles` but reads
+# no profile, so profiles/default's `replace-workflow-config` would not reach it: a `configfile:` directive run there
+# would merge config.yaml's sections into the user's config.)
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 report: "report/workflow.rst"

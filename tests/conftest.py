@@ -98,10 +98,11 @@ def micro_run(tmp_path_factory, request):
 
 
 # ------------------------------------------------------------------------------------------ the Slurm rerun
-# test_slurm.py reruns a copy of the micro run with tests/configs/ivfpq.yaml through Slurm (`--profile slurm`).
-# That run mostly waits: the Slurm executor checks its jobs' status 5, 20, 45 s after a submission, and the ~10
-# Slurm jobs run one dependency level at a time. So micro_run starts it in the background as soon as the micro run
-# exists, and the other end-to-end tests use the cores meanwhile; test_slurm.py collects it (slurm_rerun).
+# test_slurm.py reruns a copy of the micro run with `--configfile tests/configs/ivfpq.yaml` through Slurm
+# (`--profile slurm`). That run mostly waits: the Slurm executor checks its jobs' status 5, 20, 45, 80 s after a
+# submission, and the 13 Slurm jobs run in 7 dependency levels. So micro_run starts it in the background as soon as
+# the micro run exists, and the other end-to-end tests use the cores meanwhile; test_slurm.py collects it
+# (slurm_rerun).
 _SLURM_RERUN: dict = {}
 
 
@@ -119,12 +120,15 @@ def slurm_up() -> str | None:
 
 
 def _start_slurm_rerun(micro_run: Path, work: Path) -> tuple[Path, subprocess.Popen, Path]:
+    """Run as a user runs it: config.yaml as shipped in the working directory (its sections differ from the test
+    config's: merged into it, config.yaml's analyses fail its k_max) and the test config given with
+    `--configfile`, which each Slurm job must see alone. Successful jobs' Slurm logs are kept for test_slurm.py."""
     shutil.copytree(micro_run, work, symlinks=True)
-    shutil.copy(config_path("ivfpq"), work / "config.yaml")
+    shutil.copy(ROOT / "config.yaml", work / "config.yaml")
     log = work.parent / "snakemake.out"
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(snakemake_cmd(work, "--configfile", str(work / "config.yaml"), "--profile",
-                                              str(ROOT / "slurm")),
+        proc = subprocess.Popen(snakemake_cmd(work, "--configfile", str(config_path("ivfpq")), "--profile",
+                                              str(ROOT / "slurm"), "--slurm-keep-successful-logs"),
                                 env=project_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     return work, proc, log
