@@ -168,7 +168,8 @@ def test_building_the_dag_imports_no_torch():
     assert out.returncode == 0, out.stderr
     smk = (ROOT / "rules" / "common.smk").read_text()
     imported = {line.split()[1] for line in smk.splitlines() if line.startswith(("from workflow_scripts", "import "))}
-    assert imported <= {"json", "os", "re", "shlex", "workflow_scripts", "workflow_scripts.config", "workflow_scripts.tasks"}
+    assert imported <= {"json", "os", "re", "shlex", "workflow_scripts", "workflow_scripts.config",
+                        "workflow_scripts.tasks"}
 
 
 # The modules whose steps run a model (or train one): only these may import torch when a job starts. Every other
