@@ -160,17 +160,26 @@ def tokenizer_inputs(wildcards):
     return {"model_json": model_json(wildcards.model)}
 
 
+def _flags(named) -> list[str]:
+    """`--name PATH` (`--name P1 P2 ...` for a list) for each named file, every path quoted for the shell."""
+
+    def paths(v):
+        return " ".join(
+            shlex.quote(str(p)) for p in (v if isinstance(v, list | tuple) else [v])
+        )
+
+    return [f"--{k.replace('_', '-')} {paths(named[k])}" for k in named.keys()]
+
+
 def tokenizer_arg(wildcards, input):
-    if "tokenizer_dir" in input.keys():
-        return f"--tokenizer-dir {input.tokenizer_dir}"
-    return f"--model-json {input.model_json}"
+    name = "tokenizer_dir" if "tokenizer_dir" in input.keys() else "model_json"
+    return " ".join(_flags({name: input[name]}))
 
 
-def optional_arg(name, flag=None):
-    """A shell argument for an input that only some jobs have (`--flag PATH`), or nothing."""
-    flag = flag or f"--{name.replace('_', '-')}"
+def optional_arg(name):
+    """A shell argument for an input that only some jobs have (`--name PATH`, quoted), or nothing."""
     return lambda wildcards, input: (
-        f"{flag} {input[name]}" if name in input.keys() else ""
+        " ".join(_flags({name: input[name]})) if name in input.keys() else ""
     )
 
 
@@ -768,17 +777,6 @@ def paper2_inputs():
         out["hurdle_macondo"] = "results/tables/hurdle_macondo.parquet"
         out["hurdle_corpus"] = "results/tables/hurdle_corpus.parquet"
     return out
-
-
-def _flags(named) -> list[str]:
-    """`--name PATH` (`--name P1 P2 ...` for a list) for each named file, every path quoted for the shell."""
-
-    def paths(v):
-        return " ".join(
-            shlex.quote(str(p)) for p in (v if isinstance(v, list | tuple) else [v])
-        )
-
-    return [f"--{k.replace('_', '-')} {paths(named[k])}" for k in named.keys()]
 
 
 def input_args(wildcards, input):

@@ -391,12 +391,12 @@ def search(
     n = len(queries)
     dists = np.empty((n, K), np.float32)
     ids = np.empty((n, K), np.int64)
-    found = isinstance(index, ShardedFlat)
-    if found:  # each range of keys read once for every batch, the results written into dists and ids
+    sharded = isinstance(index, ShardedFlat)
+    if sharded:  # each range of keys read once for every batch, the results written into dists and ids
         index.search_batches(queries, K, batch, progress=f"search K={K}" if n > batch else "", out=(dists, ids))
-    for a in tqdm(range(0, n, batch), desc=f"search K={K}", mininterval=10, disable=n <= batch or found):
+    for a in tqdm(range(0, n, batch), desc=f"search K={K}", mininterval=10, disable=n <= batch or sharded):
         q = queries[a : a + batch]
-        d, i = (dists[a : a + batch], ids[a : a + batch]) if found else index.search(q, K)
+        d, i = (dists[a : a + batch], ids[a : a + batch]) if sharded else index.search(q, K)
         if (i < 0).any():
             raise ArtifactError(
                 f"the index returned fewer than K={K} neighbours for some queries; "

@@ -27,6 +27,7 @@ The caches are rescored (option scores, PMI, every (λ, k, σ)) by ``rescoring``
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import zipfile
@@ -256,8 +257,6 @@ def _cache_argument(model) -> str | None:
 
 def _forward_params(model):
     """The names of ``model.forward``'s arguments (none when its signature cannot be read)."""
-    import inspect
-
     try:
         return inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
