@@ -192,6 +192,17 @@ def test_knn_distribution_missing_nearest_neighbour_does_not_underflow_the_rest(
                                brute_distribution(dists[0], vals[0], 3, 1.0, 3), rtol=1e-12)
 
 
+def test_knn_probs_at_missing_nearest_neighbour_does_not_underflow_the_rest():
+    """Issue 30 (mutation gap): knn_probs_at must shift by the nearest *real* neighbour. A version shifting by the
+    missing neighbour's distance (0 here) underflows both real weights (exp(-1000)) and returns NaN."""
+    dists = np.array([[0.0, 1000.0, 1001.0]], np.float32)
+    vals = np.array([[-1, 5, 6]], np.int32)
+    p = knnlm.knn_probs_at(dists, vals, [5, 6, 7], [3], 1.0)[3]
+    e = math.exp(-1.0)
+    np.testing.assert_allclose(p[0], [1 / (1 + e), e / (1 + e), 0.0], rtol=1e-12)
+    np.testing.assert_allclose(p[0], knnlm.knn_distribution(dists, vals, 3, 1.0, 8)[0, [5, 6, 7]], rtol=1e-12)
+
+
 # ------------------------------------------------------------------------------------ properties
 
 

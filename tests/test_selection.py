@@ -283,6 +283,10 @@ def test_run_sweep_writes_the_perplexity_of_every_grid_point_sorted(tmp_path):
     write_json(other, {"shards": ["b"]})
     with pytest.raises(ArtifactError, match="another version"):
         sweep.run_sweep(tmp_path / "cache", other, grid, tmp_path / "t.csv", tmp_path / "t.parquet")
+    # k = K + 1, the first k the cache cannot serve, is refused by run_sweep's own check (its message), not by knnlm
+    with pytest.raises(ValueError, match=r"sweep.ks \[7\] exceed the 6 neighbours cached in"):
+        sweep.run_sweep(tmp_path / "cache", manifest, {**grid, "ks": [6, 7]}, tmp_path / "t.csv",
+                        tmp_path / "t.parquet")
 
 
 # ------------------------------------------------------------------------------------------ edges of the scoring rules
