@@ -7,6 +7,7 @@ import copy
 import json
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -168,6 +169,69 @@ def test_a_word_whose_leading_space_is_its_own_piece_reads_that_piece_as_the_pap
     ids = start(" zebra")["input_ids"]
     assert start.convert_ids_to_tokens(ids[:2]) == ["<|endoftext|>", "Ġ"]
     assert scoring.first_subword(start, " zebra") == ids[1]
+
+
+@pytest.mark.parametrize("choice", ["great painter", "poet", "day is a great day"])
+def test_a_choice_continuation_is_scored_as_eval_pmi_scores_it(choice):
+    """eval_pmi.py's cross_entropy_list: the premise encoded with the start token, the hypothesis " " + choice
+    encoded on its own, and its first two ids dropped for Llama-2-7b-hf (the start token and the lone "▁"), the
+    first one otherwise; the kept ids are the scored ones. The pairs built for the choice tasks are those."""
+    premise = "the great day is a great day for a"
+    for tok, drop in zip(_tokenizers()[1:], (1, 2), strict=True):  # a start token; Llama-2 style
+        target = tok(" " + choice)["input_ids"]
+        paper = tok(premise)["input_ids"] + target[drop:]
+        items = [{"options": [[[premise, " " + choice]]], "gold": 0}]
+        seqs, starts, _ = scoring.build_pairs(items, lambda s, t=tok: t(s, add_special_tokens=False)["input_ids"],
+                                              tok.bos_token_id, 64, scoring.continuation_encoder(tok))
+        assert seqs[0] == paper and seqs[0][starts[0]:] == target[drop:]
+    _, start, spm = _tokenizers()
+    assert not scoring.lone_space_piece(start) and scoring.lone_space_piece(spm)
+
+
+# ------------------------------------------------------------------------------------------- Mistral's tokenizer
+def _mistral(tmp_path, name):
+    """Mistral's own SentencePiece model from mistral-common's data/ folder (v1: Mistral-7B-v0.1's vocabulary;
+    v3: Mistral-7B-v0.3's, the paper preset's model), loaded through transformers from the local file, with the
+    special tokens and start token of the models' tokenizer_config.json."""
+    import shutil
+
+    import mistral_common
+    from transformers import PreTrainedTokenizerFast
+
+    model_file = Path(mistral_common.__file__).parent / "data" / name
+    shutil.copy(model_file, tmp_path / "tokenizer.model")
+    tok = PreTrainedTokenizerFast.from_pretrained(tmp_path, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                                  add_bos_token=True, local_files_only=True)
+    return tok, model_file
+
+
+@pytest.mark.parametrize(("name", "vocab"), [("tokenizer.model.v1", 32000),
+                                             ("mistral_instruct_tokenizer_240323.model.v3", 32768)])
+def test_first_subword_and_continuations_on_mistrals_own_tokenizer(tmp_path, name, vocab):
+    import sentencepiece
+
+    tok, model_file = _mistral(tmp_path, name)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    assert len(tok) == sp.get_piece_size() == vocab
+    texts = [" true", " neither", "Paris is the capital of France.", " the answer is:",
+             "premise: It rained.\nhypothesis: It was wet.\nanswer: The hypothesis is"]
+    for t in texts:  # the transformers tokenizer encodes as Mistral's SentencePiece model does
+        assert tok(t)["input_ids"] == [sp.bos_id(), *sp.encode(t)]
+    # " word" is [<s>, "▁", "▁word"], as Llama-2's: the synonym's first subword sits at index 2
+    assert tok.convert_ids_to_tokens(tok(" true")["input_ids"]) == ["<s>", "▁", "▁true"]
+    assert scoring.lone_space_piece(tok) and scoring.subword_index(tok) == 2
+    for w in CB_WORDS:
+        piece = tok.convert_ids_to_tokens([scoring.first_subword(tok, w)])[0]
+        assert scoring.first_subword(tok, w) == sp.encode(w.strip())[0] and piece.startswith("▁" + w.strip()[0])
+    # a choice's continuation: the pieces of the word in running text, the lone "▁" dropped (eval_pmi.py's target[2:])
+    enc = scoring.continuation_encoder(tok)
+    for choice in ("true", "Paris is big", "1856"):
+        assert enc(" " + choice) == tok(" " + choice)["input_ids"][2:]
+    assert enc(" Paris is big") == sp.encode("Paris is big")  # "▁Paris", "▁is", "▁big"
+    assert enc("plain") == tok("plain", add_special_tokens=False)["input_ids"]  # no leading space: as it is
+
+
+CB_WORDS = [" true", " yes", " accurate", " correct", " faithful", " false", " no", " untrue", " neither"]
 
 
 # ------------------------------------------------------------------------------------------- DCPMI

@@ -74,20 +74,44 @@ def _length_batches(seqs, batch: int, desc: str = ""):
 SPACE_PROBES = ("the", "a", "of", "and", "to", "in")
 
 
-def subword_index(tok) -> int:
-    """Where a synonym's first subword sits in ``tok(" word")`` (special tokens included): eval_fuzzy.py's
-    ``word_idx``, which is 1 after the start token of Llama-3 / Mistral and 2 for Llama-2, whose tokenizer
-    puts a lone "▁" piece before every " word". Here it is read off the tokenizer: the start tokens it adds, plus
-    one when " w" encodes as a lone space piece followed by the pieces of "w" for every probe word."""
-    special = set(tok.all_special_ids)
-    start = next(j for j, i in enumerate(tok("x", add_special_tokens=True)["input_ids"]) if i not in special)
+def lone_space_piece(tok) -> bool:
+    """Whether the tokenizer puts a lone space piece before every " word": " w" encodes as a piece that decodes to
+    whitespace followed by the pieces of "w", for every probe word. SentencePiece with a dummy prefix does
+    (Llama-2, and Mistral's own model files: " true" is ["▁", "▁true"]); byte-level BPE (GPT-2, Llama-3) does not."""
 
     def split(w):
         spaced = tok(" " + w, add_special_tokens=False)["input_ids"]
         alone = tok(w, add_special_tokens=False)["input_ids"]
         return len(spaced) >= 2 and not tok.decode(spaced[:1]).strip() and spaced[1:] == alone
 
-    return start + int(all(split(w) for w in SPACE_PROBES))
+    return all(split(w) for w in SPACE_PROBES)
+
+
+def subword_index(tok) -> int:
+    """Where a synonym's first subword sits in ``tok(" word")`` (special tokens included): eval_fuzzy.py's
+    ``word_idx``, which is 1 after the start token of Llama-3 / Mistral and 2 for Llama-2, whose tokenizer
+    puts a lone "▁" piece before every " word". Here it is read off the tokenizer: the start tokens it adds, plus
+    one for a tokenizer with a lone space piece (``lone_space_piece``)."""
+    special = set(tok.all_special_ids)
+    start = next(j for j, i in enumerate(tok("x", add_special_tokens=True)["input_ids"]) if i not in special)
+    return start + int(lone_space_piece(tok))
+
+
+def continuation_encoder(tok) -> Callable[[str], list]:
+    """How a choice's continuation (" " + the choice) is tokenised: its pieces without special tokens, less a
+    leading piece that decodes to whitespace when the tokenizer puts a lone space piece before every word. That
+    is eval_pmi.py's ``target[2:]`` for Llama-2-7b-hf (the start token and the lone "▁" dropped), so the
+    continuation is scored as the pieces the word has in running text ("▁Paris", not "▁" then "▁Paris"); for
+    other tokenizers the pieces as they are (its ``target[1:]``, the start token dropped)."""
+    lone = lone_space_piece(tok)
+
+    def encode(s: str) -> list:
+        ids = tok(s, add_special_tokens=False)["input_ids"]
+        if lone and len(ids) >= 2 and not tok.decode(ids[:1]).strip():
+            return ids[1:]
+        return ids
+
+    return encode
 
 
 def first_subword(tok, word: str, index: int | None = None) -> int:
@@ -153,17 +177,21 @@ def score_last_token(model, tok, ident, entry, items, search_fn, block_size: int
 
 
 # --------------------------------------------------------------------------------------------- pairs
-def build_pairs(items, encode: Callable[[str], list], bos: int | None, max_len: int):
+def build_pairs(items, encode: Callable[[str], list], bos: int | None, max_len: int,
+                encode_cont: Callable[[str], list] | None = None):
     """Unique (context, continuation) pairs of all items, tokenised; items' options rewritten as pair ids.
+    Contexts are tokenised with ``encode``, continuations with ``encode_cont`` (``encode`` when None;
+    ``continuation_encoder`` for the choice tasks).
 
     Returns (seqs, starts, items_with_pair_ids): ``seqs[p]`` = [bos] + context + continuation (context cut from
     the left to fit ``max_len``); tokens ``seqs[p][starts[p]:]`` are the scored ones.
     """
-    cache: dict[str, list] = {}
+    caches: dict[bool, dict[str, list]] = {False: {}, True: {}}
 
-    def enc(s):
+    def enc(s, cont=False):
+        cache = caches[cont]
         if s not in cache:
-            cache[s] = list(encode(s)) if s else []
+            cache[s] = list((encode_cont or encode)(s) if cont else encode(s)) if s else []
         return cache[s]
 
     index: dict[tuple, int] = {}
@@ -172,7 +200,7 @@ def build_pairs(items, encode: Callable[[str], list], bos: int | None, max_len: 
     def pid(ctx, cont):
         key = (ctx, cont)
         if key not in index:
-            c, t = enc(ctx), enc(cont)
+            c, t = enc(ctx), enc(cont, cont=True)
             if not t:
                 raise ValueError(f"continuation {cont!r} encodes to no tokens")
             head = ([bos] if bos is not None else []) + c
@@ -583,7 +611,7 @@ def score_block(model, tok, ident, entry, items, search_fn, p: dict, points) -> 
         meta |= {"n_queries": int(len(cache["q_dists"])), "n_slots": int(cache["slot_ids"].size)}
         return cache, {"meta": meta, "items": struct, "classes": classes}
     if how == "pairs":
-        seqs, starts, struct = build_pairs(items, encode, bos, p["block_size"])
+        seqs, starts, struct = build_pairs(items, encode, bos, p["block_size"], continuation_encoder(tok))
         cache = score_cache(model, ident["hook_point"], seqs, starts, search_fn, p["batch_size"], "score")
         cache["pair_len"] = np.asarray([len(s) - st for s, st in zip(seqs, starts, strict=True)], np.int64)
         meta |= {"n_pairs": len(seqs), "n_tokens": int(cache["t_pair"].size), "n_queries": int(len(cache["q_dists"]))}
@@ -673,9 +701,11 @@ def score(
         items = all_items[a:b]
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
+        cont = continuation_encoder(tok)
+
         def count_pairs(block):  # scored tokens of a block's pairs, as score_block will tokenize them
             seqs, starts, _ = build_pairs(block, lambda s: tok(s, add_special_tokens=False)["input_ids"], bos,
-                                          p["block_size"])
+                                          p["block_size"], cont)
             return sum(len(q) - st for q, st in zip(seqs, starts, strict=True))
 
         n_rows, block_rows = memory.task_queries(items, p, count_pairs)
@@ -696,7 +726,7 @@ def score(
     else:
         cache, record = {}, {"meta": {"n_items": 0}}
     meta = {"task": p["task"], "kind": entry["kind"], "K": p["k_max"], "manifest_sha256": manifest_sha,
-            **record.pop("meta")}
+            "items_sha256": sha256_file(items_parquet), **record.pop("meta")}
     if chunk is not None:
         meta["chunk"] = {"index": chunk[0], "of": chunk[1], "start": a, "end": b, "items": len(all_items)}
     return write_task_cache(out_npz, out_json, cache, {"meta": meta, **record}, time.time() - t0)
@@ -712,7 +742,7 @@ def write_task_cache(out_npz, out_json, cache: dict, record: dict, seconds: floa
     return meta
 
 
-SAME = ("task", "kind", "K", "manifest_sha256")  # every chunk's alike
+SAME = ("task", "kind", "K", "manifest_sha256", "items_sha256")  # every chunk's alike
 
 
 def merge_chunks(chunk_jsons: list, items_parquet, p: dict, out_npz, out_json, manifest_json=None,
