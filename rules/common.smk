@@ -14,6 +14,8 @@ from workflow_scripts import memory as _memory
 from workflow_scripts.config import CHUNK_KEYS, training_chunks
 from workflow_scripts.tasks import registry as _tasks
 
+for _file in workflow.configfiles:  # Snakemake keeps the last of a key given twice: refuse that first
+    _config.read_yaml(_file)
 _config.validate(config)
 _tasks.check_config(config)
 

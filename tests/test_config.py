@@ -547,3 +547,64 @@ def test_bad_scaling_and_subsample_entries_are_refused_naming_the_key(edit, mess
     edit(c)
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(c)
+
+
+# ------------------------------------------------------------------------- issue 30: YAML and names
+def test_a_key_given_twice_is_refused_naming_the_key_and_the_file(tmp_path):
+    """YAML keeps the last of a key given twice, silently: load() and the workflow (which Snakemake's own loader
+    would let through) refuse it, naming the key, the file and both lines."""
+    text = (ROOT / "config.yaml").read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text.replace("sweep:", "sweep:\n  ks: [1]\n  ks: [2]", 1))
+    with pytest.raises(ConfigError, match=r"twice\.yaml: config key 'ks' is given twice in one mapping \(lines"):
+        load(twice)
+    top = tmp_path / "top.yaml"
+    top.write_text(text + "\nseed: 7\n")  # a top-level key given again at the end of the file
+    with pytest.raises(ConfigError, match="config key 'seed' is given twice"):
+        load(top)
+    from conftest import snakemake
+
+    proc = snakemake(tmp_path, "-n", "--configfile", str(top), check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "top.yaml: config key 'seed' is given twice" in proc.stdout + proc.stderr
+
+
+def test_errors_show_values_cut_short_and_an_alias_bomb_is_refused_in_a_few_lines(tmp_path):
+    """A value quoted in a validation error is cut (with its length); a YAML alias bomb (aliases expanding to
+    10^8 values) is refused by its size before the schema quotes it (it made a 254 MB message before)."""
+    c = fresh()
+    c["seed"] = [f"value{i}" for i in range(20000)]
+    msg = rejects(c, "config key seed:", "characters)")
+    assert len(msg) < 1000
+    bomb = tmp_path / "bomb.yaml"
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]
+    bomb.write_text("bombs:\n" + "\n".join("  " + line for line in levels) + "\n"
+                    + (ROOT / "config.yaml").read_text().replace("seed:", "seed: *a7\nold_seed:", 1))
+    with pytest.raises(ConfigError) as err:
+        load(bomb)
+    assert "alias bomb" in str(err.value) and len(str(err.value)) < 300
+
+
+CASE_TWINS = [("eval_sets", "test", "Test"), ("datastores", "synthwiki", "Synthwiki"),
+              ("corpora", "synthwiki", "SynthWiki"), ("models", "tiny-gpt2", "TINY-GPT2")]
+
+
+@pytest.mark.parametrize(("kind", "a", "b"), CASE_TWINS)
+def test_names_differing_only_by_case_are_refused_naming_both(kind, a, b):
+    """Issue 30 item 14: names that become folders under results/ collide on a case-insensitive filesystem."""
+    c = fresh()
+    assert a in c[kind], sorted(c[kind])
+    c[kind][b] = copy.deepcopy(c[kind][a])
+    rejects(c, f"config key {kind}:", f"{a!r} and {b!r} differ only by case")
+
+
+def test_task_names_differing_only_by_case_are_refused():
+    c = fresh()
+    ds = next(iter(c["datastores"]))
+    from workflow_scripts.tasks.registry import registry
+
+    entry = {**registry()["gsm8k"], "source": {"type": "local", "path": str(ROOT / "tests/fixtures/tasks/gsm8k.jsonl")}}
+    check({**fresh(), "tasks": {"evaluate": {ds: ["mine"]}, "custom": {"mine": entry}}})  # one of them is valid
+    c["tasks"] = {"evaluate": {ds: []}, "custom": {"mine": entry, "Mine": entry}}
+    rejects(c, "config key tasks.custom:", "'mine' and 'Mine' differ only by case")

@@ -7,6 +7,7 @@ import copy
 import importlib
 import io
 import json
+import os
 import re
 import shlex
 
@@ -156,3 +157,57 @@ def test_points_selection_sets_and_pq_distances_reach_the_rules_params(tmp_path)
     assert all("point" not in p for p in exact["task-sweep"])
     assert pq["summarize"][0]["select_on"] == {"micro": "valid2"}
     assert exact["summarize"][0]["select_on"] == {"micro": "valid"}
+
+
+# a name a shell would run (`$(...)`), split (a space) or choke on (a quote): in every path a user can choose
+HOSTILE = "q$(touch PWNED) it's"
+
+
+def test_hostile_paths_reach_the_steps_verbatim_and_run_nothing(tmp_path_factory):
+    """Issue 30 item 7. Every path a user chooses (the working directory, the config file, a local corpus's files,
+    a local model, a custom task's file, tasks.paper_data, Macondo's name files) named with `$(touch PWNED)`, a
+    space and a quote: the dry run's commands, split as a shell splits them, give each step exactly those paths
+    (argparse parses them), and real jobs reading such files (corpus, load_task) run. Nothing creates PWNED."""
+    work = tmp_path_factory.mktemp("hostile") / HOSTILE
+    work.mkdir()
+    cfg = _everything_config(work)  # its custom task file and paper_data folder lie under `work`
+    text = work / f"train {HOSTILE}.txt"
+    text.write_text("".join(f"line {i} of a local corpus with some words in it .\n" for i in range(60)))
+    cfg["corpora"]["mine"] = {"source": "local", "local": {"format": "text", "files": {
+        "train": str(text), "valid": str(text), "test": str(text)}}}
+    cfg["models"]["loc"] = {"source": "local", "path": str(work / f"model {HOSTILE}")}
+    cfg["datastores"]["loc"] = {"model": "loc", "corpus": "mine", "split": "train", "shards": 1}
+    names = work / f"names {HOSTILE}.txt"
+    names.write_text("\n".join(f"Name{i}" for i in range(40)) + "\n")
+    cfg["analyses"]["macondo"]["generate"]["given_names"] = str(names)
+    configfile = work / f"my config {HOSTILE}.yaml"
+    configfile.write_text(yaml.safe_dump(cfg))
+    out = snakemake(work, "-n", "-p", "--configfile", str(configfile), "--", "all", "results_doc").stdout
+    commands = _commands(out)
+    assert commands
+    steps, parsed = cli.find_steps(), []
+    for argv in commands:
+        mod, func, _ = steps[argv[3]]
+        fn = getattr(importlib.import_module(f"workflow_scripts.{mod}" if mod else "workflow_scripts"), func)
+        parsed.append((argv[3], vars(cli.parser_for(fn).parse_args(argv[4:]))))
+    def leaves(x):
+        if isinstance(x, dict):
+            return [s for v in x.values() for s in leaves(v)]
+        if isinstance(x, list | tuple):
+            return [s for v in x for s in leaves(v)]
+        return [str(x)]
+
+    seen = {s for _, args in parsed for s in leaves({k: v for k, v in args.items() if k != "params"})}
+    seen |= {s for _, args in parsed if "params" in args for s in leaves(json.loads(args["params"]))}
+    hostile = {s for s in seen if "PWNED" in s}
+    want = {str(text), str(names), str(work / f"model {HOSTILE}"), str(work / "mine.jsonl"),
+            os.path.relpath(configfile, work)}
+    assert want <= hostile, want - hostile
+    assert any(s.startswith(str(work / "paper_data") + "/") for s in hostile)  # paper 1's task files
+    assert all(s in want or s.startswith(str(work / "paper_data") + "/") for s in hostile), hostile - want
+    # real jobs that read the hostile files: the local corpus, the custom task's items
+    snakemake(work, "--configfile", str(configfile), "--", "results/corpus/mine/train.parquet",
+              "results/task_data/mine.parquet")
+    assert (work / "results/corpus/mine/train.parquet").is_file()
+    assert (work / "results/task_data/mine.parquet").is_file()
+    assert not list(tmp_path_factory.getbasetemp().rglob("PWNED")) and not (ROOT / "PWNED").exists()

@@ -72,6 +72,31 @@ def _path(error) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
+SHOWN_CHARS = 300  # a value quoted in an error is cut to this many characters (a YAML alias bomb expands to GBs)
+
+
+def _shown(message: str) -> str:
+    if len(message) <= SHOWN_CHARS:
+        return message
+    return f"{message[:SHOWN_CHARS]}... ({len(message):,} characters)"
+
+
+MAX_VALUES = 1_000_000  # values in a config, aliases expanded: a config with more is a YAML alias bomb, not a plan
+
+
+def _count_values(node, limit: int = MAX_VALUES) -> int:
+    """The number of values in ``node`` with every alias expanded, counted up to ``limit`` (it stops there)."""
+    n, stack = 0, [node]
+    while stack and n <= limit:
+        x = stack.pop()
+        n += 1
+        if isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return n
+
+
 @functools.cache
 def _validator():
     return _with_defaults(jsonschema.Draft202012Validator)(yaml.safe_load(SCHEMA_PATH.read_text()))
@@ -79,6 +104,9 @@ def _validator():
 
 def validate(config: dict) -> dict:
     """Validate ``config`` in place (filling defaults) and return it; raise ``ConfigError`` naming the key."""
+    if _count_values(config) > MAX_VALUES:
+        raise ConfigError(f"invalid config: more than {MAX_VALUES:,} values once its YAML aliases are expanded (an "
+                          "alias bomb?)")
     validator = _validator()
     errors = sorted(map(_deepest, validator.iter_errors(config)), key=lambda e: (len(e.absolute_path), _path(e)))
     if errors:
@@ -86,18 +114,37 @@ def validate(config: dict) -> dict:
         for e in errors[:10]:
             if e.validator == "additionalProperties":
                 allowed = sorted(e.schema.get("properties", {}))
-                lines.append(f"config key {_path(e)}: {e.message} (allowed keys: {', '.join(allowed)})")
+                lines.append(f"config key {_path(e)}: {_shown(e.message)} (allowed keys: {', '.join(allowed)})")
             else:
-                lines.append(f"config key {_path(e)}: {e.message}")
+                lines.append(f"config key {_path(e)}: {_shown(e.message)}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
     _cross_check(config)
     return config
+
+
+def _refuse_case_twins(where: str, names) -> None:
+    """Names that become folder names under results/ must differ by more than case: on a case-insensitive
+    filesystem (macOS, Windows) `Test` and `test` are one folder and their files would overwrite each other."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(name.casefold(), name)
+        if other != name:
+            raise ConfigError(
+                f"config key {where}: {other!r} and {name!r} differ only by case; they name the same folder under "
+                "results/ on a case-insensitive filesystem: rename one"
+            )
 
 
 def _cross_check(c: dict) -> None:
     def need(kind, name, where):
         if name not in c[kind]:
             raise ConfigError(f"config key {where}: {name!r} is not one of the {kind} ({', '.join(c[kind])})")
+
+    for kind in ("corpora", "models", "datastores", "eval_sets"):
+        _refuse_case_twins(kind, c[kind])
+    t = c.get("tasks") or {}
+    _refuse_case_twins("tasks.custom", t.get("custom") or {})
+    _refuse_case_twins("tasks.evaluate", dict.fromkeys(n for ns in (t.get("evaluate") or {}).values() for n in ns))
 
     for m, spec in c["models"].items():
         if spec["source"] == "train":
@@ -265,14 +312,36 @@ def training_chunks(steps: int, chunk_steps: int | None) -> list[tuple[int, int]
     return [(s, min(s + chunk_steps, steps)) for s in range(0, steps, chunk_steps)]
 
 
-def load(path) -> dict:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(
+                    f"{self.name}: config key {_shown(str(key))!r} is given twice in one mapping (lines "
+                    f"{seen[key]} and {key_node.start_mark.line + 1}); YAML would keep the last silently: keep one"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path) -> object:
+    """A config file's YAML, with a key given twice in one mapping refused (naming the key, file and lines)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    with open(path, encoding="utf-8") as f:
+        try:
+            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({_shown(str(e))})") from e
+
+
+def load(path) -> dict:
+    config = read_yaml(path)
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return validate(config)
