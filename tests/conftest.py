@@ -6,6 +6,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +37,36 @@ def snakemake_cmd(workdir, *args, root: Path = ROOT) -> list[str]:
 def snakemake(workdir, *args, check=True, timeout=900, root: Path = ROOT):
     """Run the project's Snakefile in ``workdir`` with this interpreter's environment (``root``: a copy of the
     project to run instead, for tests that edit its code). It starts in ``root``: `python -m` puts its start
-    directory first on sys.path, ahead of PYTHONPATH, so the Snakefile imports ``root``'s package."""
-    proc = subprocess.run(snakemake_cmd(workdir, *args, root=root), env=project_env(root), cwd=root,
-                          capture_output=True, text=True, timeout=timeout)
+    directory first on sys.path, ahead of PYTHONPATH, so the Snakefile imports ``root``'s package. A run started
+    by a background build (see _RUNS) is stopped with its Snakemake when the session ends first."""
+    proc = subprocess.Popen(snakemake_cmd(workdir, *args, root=root), env=project_env(root), cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _LIVE.add(proc)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        _stop(proc)
+        raise
+    finally:
+        _LIVE.discard(proc)
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+_LIVE: set[subprocess.Popen] = set()  # Snakemake processes running now (stopped at the session's end)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Interrupt a Snakemake run (it removes its incomplete outputs and cancels Slurm jobs); kill it after 60 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # what running the workflow needs: the Snakefile and what it includes, the package, the workflow profile
@@ -84,19 +110,6 @@ def job_stats(output: str) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\S+)\s+(\d+)$", table, re.M) if m[1] != "total"}
 
 
-@pytest.fixture(scope="session")
-def micro_run(tmp_path_factory, request):
-    """One finished run of tests/configs/micro.yaml, shared by the end-to-end tests. When the session runs
-    tests/test_slurm.py and Slurm answers, the Slurm rerun that test checks starts here, in the background (see
-    slurm_rerun)."""
-    work = tmp_path_factory.mktemp("micro")
-    rerun_with(work, "micro")
-    if any(Path(str(item.path)).name == "test_slurm.py" for item in request.session.items) and slurm_up() is None:
-        _SLURM_RERUN["run"] = _start_slurm_rerun(work, tmp_path_factory.mktemp("slurm") / "run")
-        request.addfinalizer(_stop_slurm_rerun)
-    return work
-
-
 # ------------------------------------------------------------------------------------------ the Slurm rerun
 # test_slurm.py reruns a copy of the micro run with `--configfile tests/configs/ivfpq.yaml` through Slurm
 # (`--profile slurm`). That run mostly waits: the Slurm executor checks its jobs' status 5, 20, 45, 80 s after a
@@ -137,13 +150,8 @@ def _start_slurm_rerun(micro_run: Path, work: Path) -> tuple[Path, subprocess.Po
 def _stop_slurm_rerun() -> None:
     """At the session's end: a Slurm rerun nobody collected is interrupted (Snakemake cancels its Slurm jobs)."""
     run = _SLURM_RERUN.pop("run", None)
-    if run and run[1].poll() is None:
-        os.killpg(run[1].pid, signal.SIGINT)
-        try:
-            run[1].wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(run[1].pid, signal.SIGKILL)
-            run[1].wait()
+    if run:
+        _stop(run[1])
 
 
 def slurm_rerun(micro_run: Path, tmp_path: Path, timeout: float = 1500) -> tuple[Path, int, str]:
@@ -159,50 +167,109 @@ def slurm_rerun(micro_run: Path, tmp_path: Path, timeout: float = 1500) -> tuple
     return work, proc.returncode, log.read_text()
 
 
-def _rerun_copy(source: Path, tmp_path_factory, name: str):
-    work = tmp_path_factory.mktemp(name) / "run"
-    shutil.copytree(source, work, symlinks=True)
-    _, jobs = rerun_with(work, name)
+# ------------------------------------------------------------------------------------------ the end-to-end runs
+# The session's end-to-end runs form a tree: micro -> ivfpq, paper, analyses -> full. Built one after the other
+# when a test first asks for each, the suite kept one core busy most of the time (most end-to-end jobs are
+# single-threaded). So the session builds each run in a background thread as soon as the run it is built from
+# exists (micro at the session's start, beside the unit tests), two at a time, and a fixture waits for its run;
+# the tests are ordered so that those reading the earliest runs come first (pytest_collection_modifyitems).
+# Each run is built from a copy of its parent, rerun with tests/configs/<name>.yaml: only the stages that file adds
+# run. Read a run, never write to it; a test that changes one works on its own copy.
+_PARENT = {"micro": None, "ivfpq": "micro", "paper": "micro", "analyses": "micro", "full": "analyses"}
+_FIXTURE = {"micro": "micro_run", "ivfpq": "ivfpq_run", "paper": "paper_run", "analyses": "analyses_run",
+            "full": "full_run"}
+_RUNS: dict[str, Future] = {}
+_BUILDING = threading.Semaphore(2)  # runs built at once
+
+
+def _build(name: str, factory, session) -> tuple[Path, dict]:
+    """Build run ``name`` (after its parent): (work dir, rule -> job count of its own rerun)."""
+    parent = _RUNS[_PARENT[name]].result()[0] if _PARENT[name] else None
+    with _BUILDING:
+        work = factory.mktemp(name) / "run"
+        if parent is None:
+            work.mkdir()
+        else:
+            shutil.copytree(parent, work, symlinks=True)
+        if name == "paper":  # paper_data/ from the micro corpus's test documents
+            import polars as pl
+
+            docs = pl.read_parquet(work / "results" / "corpus" / "micro" / "test.parquet")["text"].to_list()
+            sents = [s.strip() + " ." for d in docs for s in d.split(" . ") if len(s.split()) > 4]
+            write_paper_data(work / "paper_data", sents[:36])
+        _, jobs = rerun_with(work, name)
+    if name == "micro" and any(Path(str(i.path)).name == "test_slurm.py" for i in session.items) \
+            and slurm_up() is None:
+        _SLURM_RERUN["run"] = _start_slurm_rerun(work, factory.mktemp("slurm") / "run")
     return work, jobs
 
 
-@pytest.fixture(scope="session")
-def ivfpq_run(micro_run, tmp_path_factory):
-    """The micro run copied, then rerun locally with tests/configs/ivfpq.yaml: 3 shards and an IVFPQ index, so the
-    datastore (extract_keys a shard), the sharded index build (train_index, add_shard a shard, merge_index) and
-    retrieval onward run again. test_pipeline.py checks it; test_slurm.py compares the same rerun through Slurm
-    with it. Read it, never write to it. (work dir, rule -> job count)."""
-    return _rerun_copy(micro_run, tmp_path_factory, "ivfpq")
+def _run(name: str, request) -> tuple[Path, dict]:
+    """Run ``name``, waiting for its build (started here and now if the session did not foresee it)."""
+    if name not in _RUNS:
+        if _PARENT[name]:
+            _run(_PARENT[name], request)
+        _RUNS[name] = _POOL.submit(_build, name, request.getfixturevalue("tmp_path_factory"), request.session)
+    return _RUNS[name].result()
+
+
+_POOL = ThreadPoolExecutor(max_workers=len(_PARENT), thread_name_prefix="run")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background_runs(request, tmp_path_factory):
+    """Start building every run the session's tests read (their fixtures' closure), parents first; at the end,
+    stop what is still running (an interrupted or failed session) and the Slurm rerun nobody collected."""
+    needed = {n for n, f in _FIXTURE.items() if any(f in i.fixturenames for i in request.session.items)}
+    for name in list(needed):
+        while name := _PARENT[name]:
+            needed.add(name)
+    for name in filter(needed.__contains__, _PARENT):  # parents come before their children in _PARENT
+        _RUNS[name] = _POOL.submit(_build, name, tmp_path_factory, request.session)
+    yield
+    for proc in list(_LIVE):
+        _stop(proc)
+    _POOL.shutdown(wait=True, cancel_futures=True)
+    _stop_slurm_rerun()
 
 
 @pytest.fixture(scope="session")
-def paper_run(micro_run, tmp_path_factory):
-    """The micro run copied, paper_data/ written into it from the micro corpus's test documents, then rerun with
+def micro_run(request):
+    """One finished run of tests/configs/micro.yaml, shared by the end-to-end tests. When the session runs
+    tests/test_slurm.py and Slurm answers, the Slurm rerun that test checks starts from it, in the background (see
+    slurm_rerun)."""
+    return _run("micro", request)[0]
+
+
+@pytest.fixture(scope="session")
+def ivfpq_run(request):
+    """The micro run rerun with tests/configs/ivfpq.yaml: 3 shards and an IVFPQ index, so the datastore
+    (extract_keys a shard), the sharded index build (train_index, add_shard a shard, merge_index) and retrieval
+    onward run again. test_pipeline.py checks it; test_slurm.py compares the same rerun through Slurm with it.
+    (work dir, rule -> job count)."""
+    return _run("ivfpq", request)
+
+
+@pytest.fixture(scope="session")
+def paper_run(request):
+    """The micro run with paper_data/ written into it from the micro corpus's test documents, rerun with
     tests/configs/paper_tasks.yaml: paper 1's memory tasks on a start-token twin of the micro model (and cr on
     the micro model). (work dir, rule -> job count)."""
-    import polars as pl
-
-    work = tmp_path_factory.mktemp("paper") / "run"
-    shutil.copytree(micro_run, work, symlinks=True)
-    docs = pl.read_parquet(work / "results" / "corpus" / "micro" / "test.parquet")["text"].to_list()
-    sents = [s.strip() + " ." for d in docs for s in d.split(" . ") if len(s.split()) > 4]
-    write_paper_data(work / "paper_data", sents[:36])
-    _, jobs = rerun_with(work, "paper_tasks")
-    return work, jobs
+    return _run("paper", request)
 
 
 @pytest.fixture(scope="session")
-def analyses_run(micro_run, tmp_path_factory):
-    """The micro run copied, then rerun with tests/configs/analyses.yaml: the paper-2 analyses at toy size."""
-    return _rerun_copy(micro_run, tmp_path_factory, "analyses")
+def analyses_run(request):
+    """The micro run rerun with tests/configs/analyses.yaml: the paper-2 analyses at toy size."""
+    return _run("analyses", request)
 
 
 @pytest.fixture(scope="session")
-def full_run(analyses_run, tmp_path_factory):
-    """The analyses run copied, then rerun with tests/configs/full.yaml: the task stages (tests/configs/tasks.yaml's
-    section) and the scaling study added, so every rule of the workflow has a finished job. (work dir, rule -> job
-    count of that rerun)."""
-    return _rerun_copy(analyses_run[0], tmp_path_factory, "full")
+def full_run(request):
+    """The analyses run rerun with tests/configs/full.yaml: the task stages (tests/configs/tasks.yaml's section)
+    and the scaling study added, so every rule of the workflow has a finished job. (work dir, rule -> job count
+    of that rerun)."""
+    return _run("full", request)
 
 
 @pytest.fixture(scope="session")
@@ -213,12 +280,23 @@ def task_run(full_run):
     return full_run
 
 
+_RANK = {"micro_run": 1, "ivfpq_run": 2, "paper_run": 2, "analyses_run": 3, "full_run": 4, "slurm_rerun": 5}
+
+
 def pytest_collection_modifyitems(config, items):
     """Keep `pytest -m "not slow"` a fast lane: a test that needs the micro run (directly or through a fixture
-    built on it) must be marked slow, or the first such test would start the whole end-to-end run."""
+    built on it) must be marked slow, or the first such test would start the whole end-to-end run. Then order the
+    modules by the latest run any of their tests reads (none, micro, ivfpq or paper, analyses, full; test_slurm.py
+    last), keeping each module whole (its module fixtures are set up once) and pytest's order otherwise, so the
+    tests reading a run come when it is likely built."""
     unmarked = [i.nodeid for i in items if "micro_run" in i.fixturenames and i.get_closest_marker("slow") is None]
     if unmarked:
         raise pytest.UsageError("tests that use micro_run must be marked @pytest.mark.slow: " + ", ".join(unmarked))
+    rank: dict[str, int] = {}
+    for i in items:
+        uses = [r for f, r in _RANK.items() if f in i.fixturenames or (f == "slurm_rerun" and "test_slurm" in i.nodeid)]
+        rank[str(i.path)] = max([rank.get(str(i.path), 0), *uses])
+    items.sort(key=lambda i: rank[str(i.path)])
 
 
 # ------------------------------------------------------------------------------------------ paper 1's data layout
