@@ -144,3 +144,17 @@ def test_the_gpu_conda_env_is_the_pipeline_env_with_faiss_gpu():
     swap = {f"faiss-cpu{PYPROJECT['project']['optional-dependencies']['cpu'][0][len('faiss-cpu'):]}":
             PYPROJECT["project"]["optional-dependencies"]["gpu"][0]}
     assert [swap.get(d, d) if isinstance(d, str) else d for d in cpu] == gpu
+
+
+def test_the_conda_envs_pin_what_pyproject_pins():
+    """The pipeline env's pip section is pyproject's dependencies, the same ranges, less Snakemake and its plugin
+    (they run the workflow, not its steps); its FAISS is the `cpu` extra's. A dependency added to pyproject alone
+    would be missing from every job that runs with --sdm conda."""
+    env = yaml.safe_load((ROOT / "envs" / "pipeline.yaml").read_text())["dependencies"]
+    pip = next(d["pip"] for d in env if isinstance(d, dict))
+    steps = [r for r in PYPROJECT["project"]["dependencies"] if not r.startswith("snakemake")]
+    assert sorted(pip) == sorted(steps)
+    assert PYPROJECT["project"]["optional-dependencies"]["cpu"][0] in env
+    plotting = yaml.safe_load((ROOT / "envs" / "plotting.yaml").read_text())["dependencies"]
+    ranges = {re.split(r"[<>=]", r, maxsplit=1)[0]: r for r in steps}
+    assert all(ranges[re.split(r"[<>=]", d, maxsplit=1)[0]] == d for d in plotting if not d.startswith("python"))
