@@ -178,6 +178,14 @@ def tokenizer_arg(wildcards, input):
     return " ".join(_flags({name: input[name]}))
 
 
+def tokenize_args(wildcards, input):
+    """The tokenizer, and the corpus's text preparation (corpora.<c>.prepare) unless it is row_eos, the default,
+    whose jobs' params are those from before the choice existed."""
+    prepare = config["corpora"][wildcards.corpus].get("prepare", "row_eos")
+    flag = "" if prepare == "row_eos" else f" --prepare {prepare}"
+    return tokenizer_arg(wildcards, input) + flag
+
+
 def optional_arg(name):
     """A shell argument for an input that only some jobs have (`--name PATH`, quoted), or nothing."""
     return lambda wildcards, input: (
@@ -242,6 +250,13 @@ def eval_tokens(evalset, ds):
     )
 
 
+def stride_param(spec):
+    """{"stride": s} for a datastore or eval set with sliding windows (stride below extraction.block_size), else {}:
+    the params of non-overlapping blocks are those from before strides existed."""
+    s = spec.get("stride")
+    return {"stride": s} if s and s != config["extraction"]["block_size"] else {}
+
+
 def extraction_params(wildcards):
     """What a shard's keys depend on. `shards: N`: its index of N equal ranges. `shard_tokens`: its range and the
     sha256 of its token slice from the plan, and not the stream's length: a grown stream reruns only the shards
@@ -262,6 +277,7 @@ def extraction_params(wildcards):
         {
             "shard": i,
             **cut,
+            **stride_param(spec),
             "block_size": ex["block_size"],
             "batch_size": ex["batch_size"],
             "device": ex["device"],
@@ -275,6 +291,7 @@ def plan_params(wildcards):
         {
             "shard_tokens": DATASTORES[wildcards.ds]["shard_tokens"],
             "block_size": config["extraction"]["block_size"],
+            **stride_param(DATASTORES[wildcards.ds]),
         }
     )
 
@@ -314,6 +331,7 @@ def retrieval_params(wildcards, chunk=None):
             "k_max": config["sweep"]["k_max"],
             "max_tokens": EVAL_SETS[wildcards.evalset].get("max_tokens"),
             "block_size": ex["block_size"],
+            **stride_param(EVAL_SETS[wildcards.evalset]),
             "batch_size": ex["batch_size"],
             "device": ex["device"],
             "dtype": ex["dtype"],
@@ -323,6 +341,11 @@ def retrieval_params(wildcards, chunk=None):
             "distances": index_distances(),
             "gpu_shard_above_gb": config["index"]["gpu_shard_above_gb"],
         }
+        | (
+            {"allow_datastore_overlap": True}
+            if EVAL_SETS[wildcards.evalset]["allow_datastore_overlap"]
+            else {}
+        )
     )
 
 
@@ -624,6 +647,61 @@ def task_outputs():
     ]
 
 
+# ----------------------------------------------------------------------------- what the datastore returned
+def neighbour_params(wildcards, **extra):
+    """The neighbour views' params: config neighbours, the datastore, the keys' block (extraction.block_size)."""
+    return as_json(
+        {
+            **config["neighbours"],
+            "datastore": wildcards.ds,
+            "block_size": config["extraction"]["block_size"],
+            **extra,
+        }
+    )
+
+
+def neighbour_parents(wildcards):
+    """A subsample's parent manifest, read to map its rows to corpus positions (none for an extracted one)."""
+    sub = DATASTORES[wildcards.ds].get("subsample")
+    return [f"results/datastores/{sub['of']}/manifest.json"] if sub else []
+
+
+def neighbour_tasks(ds):
+    """The tasks of a datastore whose items have a query (teacher-forced kinds, not generate)."""
+    return [t for d, t in TASK_RUNS if d == ds and TASK_REGISTRY[t]["kind"] != "generate"]
+
+
+def neighbour_outputs():
+    out = [f"results/tables/eval_neighbours/{d}.csv" for d in DATASTORES]
+    out += [
+        f"results/{x}/{d}.{e}"
+        for d in TASK_DATASTORES
+        for x, e in (("tables/task_subtasks", "csv"), ("figures/neighbour_gold", "png"))
+        if x.endswith("subtasks") or neighbour_tasks(d)
+    ]
+    return out
+
+
+# ----------------------------------------------------------------------------- in-context retrieval (rules/incontext.smk)
+INCONTEXT = config["incontext"]
+IC_DATASTORES = INCONTEXT["datastores"]
+IC_TASK_RUNS = [(d, t) for d, t in TASK_RUNS if d in IC_DATASTORES and INCONTEXT["tasks"]]
+IC_PARAMS = {
+    k: INCONTEXT[k]
+    for k in ("passage_tokens", "passages", "query_tokens", "stride", "max_tokens")
+}
+
+
+def incontext_outputs():
+    if not IC_DATASTORES:
+        return []
+    return [
+        "results/tables/incontext_perplexity.csv",
+        *(["results/tables/incontext_tasks.csv"] if IC_TASK_RUNS else []),
+        *[f"results/figures/incontext/{d}.png" for d in IC_DATASTORES],
+    ]
+
+
 def all_outputs():
     return [
         "results/tables/perplexity_summary.csv",
@@ -633,6 +711,8 @@ def all_outputs():
         *task_outputs(),
         *analyses_outputs(),
         *scaling_outputs(),
+        *incontext_outputs(),
+        *neighbour_outputs(),
     ]
 
 
@@ -670,6 +750,7 @@ localrules:
     paper2_comparison,
     verify_retrieval,
     verify_task_cache,
+    verify_sweeps,
     scaling_summary,
     figure_scaling_perplexity,
     figure_scaling_tasks,
@@ -775,6 +856,8 @@ def paper2_inputs():
         out["mlp"] = "results/tables/mlp_lm.parquet"
     if MACONDO:
         out["macondo"] = "results/tables/macondo.parquet"
+    if MACONDO and MACONDO_CHECKPOINTS:  # Table 5 at the checkpoint nearest the paper's step
+        out["macondo_curve"] = "results/tables/macondo_curve.parquet"
     if HURDLE:
         out["hurdle_macondo"] = "results/tables/hurdle_macondo.parquet"
         out["hurdle_corpus"] = "results/tables/hurdle_corpus.parquet"

@@ -56,7 +56,7 @@ rule tokenize:
         mem_mb=2000,
         runtime=120,
     params:
-        tok=tokenizer_arg,
+        tok=tokenize_args,
     shell:
         "python -m workflow_scripts tokenize {params.tok} --parquet {input.parquet} --out {output} 2> {log}"
 

@@ -7,6 +7,7 @@ rule sweep:
         cache=rules.retrieve.output,
         cache_meta=rules.retrieve.output.meta,
         manifest="results/datastores/{ds}/manifest.json",
+        tokens=lambda w: eval_tokens(w.evalset, w.ds),
         verified=rules.verify_retrieval.output[0],
     output:
         csv=report(
@@ -28,16 +29,42 @@ rule sweep:
     params:
         p=lambda w: as_json(
             {k: config["sweep"][k] for k in ("lambdas", "ks", "sigmas")}
+            | {"block_size": config["extraction"]["block_size"]}
+            | stride_param(EVAL_SETS[w.evalset])
         ),
     shell:
         "python -m workflow_scripts sweep --params {params.p:q} --cache {input.cache_meta} --manifest {input.manifest}"
-        " --csv {output.csv} --parquet {output.parquet} 2> {log}"
+        " --tokens {input.tokens} --csv {output.csv} --parquet {output.parquet} 2> {log}"
+
+
+# Checks the sweep tables as summarize reads them (readable, each csv and parquet against the sha256 the parquet
+# records) before summarize starts, so that a failed check keeps the summary; temp(), so it runs whenever
+# summarize does.
+rule verify_sweeps:
+    input:
+        [
+            f"results/sweeps/{e}/{d}/perplexity.{x}"
+            for e, d in SWEEPS
+            for x in ("parquet", "csv")
+        ],
+    output:
+        temp("results/sweeps/verified.json"),
+    log:
+        "results/logs/verify_sweeps/verify_sweeps.log",
+    conda:
+        "../envs/pipeline.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "python -m workflow_scripts verify-tables --tables {input} --out {output} 2> {log}"
 
 
 # Makes the perplexity summary: base LM and kNN-LM per (eval set, datastore), (λ, k, σ) chosen on valid.
 rule summarize:
     input:
         sweeps=[f"results/sweeps/{e}/{d}/perplexity.parquet" for e, d in SWEEPS],
+        verified=rules.verify_sweeps.output[0],
     output:
         csv=report(
             "results/tables/perplexity_summary.csv",

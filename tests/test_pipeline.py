@@ -78,10 +78,16 @@ def test_retrieval_cache_contract(micro_run, evalset):
 def test_sweep_table(micro_run, evalset):
     stem = micro_run / "results/sweeps" / evalset / DS / "perplexity"
     df = pl.read_parquet(f"{stem}.parquet")
-    assert df.columns == ["lambda", "k", "sigma", "ppl", "base_ppl", "n_tokens"]
-    assert pl.read_csv(f"{stem}.csv").shape == df.shape == (3 * 3 * 2, 6)
+    assert df.columns == ["lambda", "k", "sigma", "ppl", "base_ppl", "n_tokens", "window_ppl", "base_window_ppl"]
+    assert pl.read_csv(f"{stem}.csv").shape == df.shape == (3 * 3 * 2, 8)
     lp = np.load(micro_run / "results/retrieval" / evalset / DS / "lm_logprob.npy")
     assert df["base_ppl"][0] == pytest.approx(math.exp(-lp.astype(np.float64).mean()), rel=1e-12)
+    # no stride: paper 1's per-window mean over the blocks of extraction.block_size (32) the queries were run in
+    block = load_test_config("micro")["extraction"]["block_size"]
+    nll = -lp.astype(np.float64)
+    by_block = [nll[a : a + block].mean() for a in range(0, nll.size, block)]
+    assert df["base_window_ppl"][0] == pytest.approx(math.exp(np.mean(by_block)), rel=1e-12)
+    assert nll.size % block and df["base_window_ppl"][0] != pytest.approx(df["base_ppl"][0], rel=1e-9)
     at0 = df.filter(pl.col("lambda") == 0.0)
     assert (at0["ppl"] == at0["base_ppl"]).all()  # λ = 0 is exactly the base LM
 

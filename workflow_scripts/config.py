@@ -198,9 +198,15 @@ def _cross_check(c: dict) -> None:
                 if k in spec and spec[k] != parent[k]:
                     raise ConfigError(f"config key datastores.{d}.{k}: a subsample takes its {k} from "
                                       f"datastores.{of} ({parent[k]}); leave it out")
-            for k in ("shards", "shard_tokens"):
+            for k in ("shards", "shard_tokens", "stride"):
                 spec.pop(k, None)
-            spec.update({k: parent[k] for k in ("model", "corpus", "split", "shards", "shard_tokens") if k in parent})
+            spec.update({k: parent[k] for k in ("model", "corpus", "split", "shards", "shard_tokens", "stride")
+                         if parent.get(k) is not None})
+    for kind in ("datastores", "eval_sets"):
+        for name, spec in c[kind].items():
+            if (spec.get("stride") or 1) > block:
+                raise ConfigError(f"config key {kind}.{name}.stride: {spec['stride']} exceeds extraction.block_size "
+                                  f"({block}); a window advances by at most its length")
     for d, spec in c["datastores"].items():
         need("models", spec["model"], f"datastores.{d}.model")
         need("corpora", spec["corpus"], f"datastores.{d}.corpus")
@@ -209,13 +215,17 @@ def _cross_check(c: dict) -> None:
     # every eval set is retrieved and swept against every datastore (rules/common.smk SWEEPS)
     for e, spec in c["eval_sets"].items():
         for d, ds in c["datastores"].items():
-            if (spec["corpus"], spec["split"]) == (ds["corpus"], ds["split"]) and not spec["allow_datastore_overlap"]:
+            shared = _split_sources(c, spec["corpus"], spec["split"]) & _split_sources(c, ds["corpus"], ds["split"])
+            if shared and not spec["allow_datastore_overlap"]:
+                via = "" if spec["corpus"] == ds["corpus"] else (
+                    f"; corpora.{spec['corpus']} and corpora.{ds['corpus']} resolve to the same "
+                    f"{', '.join(sorted(str(x[0]) + ' ' + str(x[1]) for x in shared))}")
                 raise ConfigError(
                     f"config key eval_sets.{e}: corpus {spec['corpus']}, split {spec['split']} is the text of "
-                    f"datastores.{d} (datastores.{d}.corpus = {ds['corpus']}, datastores.{d}.split = {ds['split']}), "
-                    f"which this set is scored against: every target is among its neighbours, so its perplexity "
-                    f"says nothing of held-out text. Use another split, or set eval_sets.{e}.allow_datastore_overlap: "
-                    "true if this is what you mean"
+                    f"datastores.{d} (datastores.{d}.corpus = {ds['corpus']}, datastores.{d}.split = {ds['split']}"
+                    f"{via}), which this set is scored against: every target is among its neighbours, so its "
+                    f"perplexity says nothing of held-out text. Use another split, or set "
+                    f"eval_sets.{e}.allow_datastore_overlap: true if this is what you mean"
                 )
     for d, ds in c["datastores"].items():
         model = c["models"][ds["model"]]
@@ -264,6 +274,17 @@ def _cross_check(c: dict) -> None:
     for key in ("projection", "mlp"):
         if key in a:
             need("datastores", a[key]["datastore"], f"analyses.{key}.datastore")
+    ic = c["incontext"]
+    for i, d in enumerate(ic["datastores"]):
+        need("datastores", d, f"incontext.datastores.{i}")
+        if "subsample" in c["datastores"][d]:
+            raise ConfigError(f"config key incontext.datastores.{i}: datastore {d!r} is a subsample of another's "
+                              "rows, not a corpus cut into passages; name the datastore it is a subsample of")
+    room = ic["stride"] + ic["passages"] * ic["passage_tokens"]
+    if ic["datastores"] and room > c["extraction"]["block_size"]:
+        raise ConfigError(f"config key incontext.stride: {ic['stride']} + incontext.passages x passage_tokens "
+                          f"({ic['passages']} x {ic['passage_tokens']}) exceed extraction.block_size = "
+                          f"{c['extraction']['block_size']}: a stretch and its passages must fit in one window")
     if "projection" in a:
         need("eval_sets", a["projection"]["eval_set"], "analyses.projection.eval_set")
         for i, point in enumerate(a["projection"]["points"]):
@@ -272,6 +293,21 @@ def _cross_check(c: dict) -> None:
                     f"config key analyses.projection.points.{i}.k: {point['k']} exceeds sweep.k_max = {sw['k_max']}, "
                     "the neighbours retrieval caches"
                 )
+
+
+def _split_sources(c: dict, corpus: str, split: str) -> set[tuple]:
+    """What a corpus split's text comes from, so that two corpus names for one text compare equal: a generated
+    corpus's spec (and seed) with the split, a local corpus's files (resolved), a hub dataset's split."""
+    spec = c["corpora"][corpus]
+    if spec["source"] == "generate":
+        return {("generate spec", json.dumps({**spec["generate"], "seed": c.get("seed"), "split": split},
+                                             sort_keys=True))}
+    if spec["source"] == "local":
+        files = spec["local"]["files"][split]
+        return {("file", str(Path(f).resolve())) for f in ([files] if isinstance(files, str) else files)}
+    hf = spec["hf"]
+    name = (hf.get("splits") or {}).get(split, split)
+    return {("dataset", f"{hf['path']} {hf.get('name')} {hf.get('revision')} split {name}")}
 
 
 def _warn_shared_sources(prefix: str, sources: dict[str, list], names: str) -> None:

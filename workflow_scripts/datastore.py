@@ -41,6 +41,41 @@ def shard_ranges(n_tokens: int, n_shards: int, block: int) -> list[tuple[int, in
     return [(cuts[i], cuts[i + 1]) for i in range(n_shards)]
 
 
+def strided_windows(start: int, end: int, block: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """The model windows that score positions [start, end) (position i predicts token i+1): (context start, first,
+    end), the window's input being tokens[context start:end] and its scored positions [first, end).
+
+    ``stride`` None or ``block``: non-overlapping blocks of ``block`` positions counted from ``start``, each scored
+    whole (the last position's target is the next block's first token). ``stride`` < ``block``: run_clm.py's
+    sliding windows (``group_texts``; paper 1, knn-transformers): window k holds tokens [max(ks+s-B, 0), ks+s) and
+    scores the targets [ks, ks+s) it holds, i.e. positions [max(ks-1, 0), ks+s-1), counted from token 0 of the
+    stream whatever ``start`` is; each clipped to [start, end). Every position is scored exactly once, by the first
+    window that holds it and its target, with at least B-s-1 positions of context before it."""
+    if stride is None or stride == block:
+        return [(a, a, min(a + block, end)) for a in range(start, end, block)]
+    if not 0 < stride < block:
+        raise ValueError(f"stride {stride} is not in [1, block_size = {block}]")
+    out = []
+    for k in range(max((start + 1) // stride - 1, 0), end // stride + 2):
+        a, b = max(k * stride - 1, 0, start), min(k * stride + stride - 1, end)
+        if a < b:
+            out.append((max(k * stride + stride - block, 0), a, b))
+    return out
+
+
+def context_start(position: int, block: int, stride: int | None = None) -> int:
+    """The first token the window scoring ``position`` reads (``strided_windows``; blocks counted from 0)."""
+    if stride is None or stride == block:
+        return position - position % block
+    return strided_windows(position, position + 1, block, stride)[0][0]
+
+
+def window_record(block: int, stride: int | None) -> dict:
+    """What a strided datastore or retrieval cache records of its windows ({} for non-overlapping blocks, the
+    record of every artifact written before strides existed): {"window": {"block_size": B, "stride": s}}."""
+    return {} if stride is None or stride == block else {"window": {"block_size": block, "stride": stride}}
+
+
 def token_shard_ranges(n_tokens: int, shard_tokens: int, block: int) -> list[tuple[int, int]]:
     """Positions [0, n_tokens-1) in shards of ``shard_tokens`` positions (``datastores.<name>.shard_tokens``), the
     last one shorter: shard i is [i*S, min((i+1)*S, n_pos)). The cuts do not depend on the stream's length, so a
@@ -53,29 +88,34 @@ def token_shard_ranges(n_tokens: int, shard_tokens: int, block: int) -> list[tup
     return [(a, min(a + shard_tokens, n_pos)) for a in range(0, n_pos, shard_tokens)]
 
 
-def slice_sha256(tokens: np.ndarray, start: int, end: int) -> str:
-    """sha256 of the tokens a shard of positions [start, end) depends on, tokens[start:end+1] as int32: its keys
-    (each block's context lies inside the shard, as shards start on block multiples) and its values (the next
-    tokens)."""
-    return hashlib.sha256(np.ascontiguousarray(tokens[start : end + 1], dtype=VAL_DTYPE).tobytes()).hexdigest()
+def slice_sha256(tokens: np.ndarray, start: int, end: int, window: dict | None = None) -> str:
+    """sha256 of the tokens a shard of positions [start, end) depends on, as int32: its keys and its values (the
+    next tokens), tokens[start:end+1] (each block's context lies inside the shard, as shards start on block
+    multiples); with a strided ``window`` (``window_record``) from the context start of its first window on."""
+    w = (window or {}).get("window")
+    first = context_start(start, w["block_size"], w["stride"]) if w else start
+    return hashlib.sha256(np.ascontiguousarray(tokens[first : end + 1], dtype=VAL_DTYPE).tobytes()).hexdigest()
 
 
-def shard_plan(tokens_npy, shard_tokens: int, block: int) -> dict:
+def shard_plan(tokens_npy, shard_tokens: int, block: int, stride: int | None = None) -> dict:
     """The shards of a ``shard_tokens`` datastore over a token file: each one's range and the sha256 of its slice
     (``slice_sha256``), which extract_keys' params carry: a shard whose slice is unchanged keeps its files."""
     tokens = load_npy(tokens_npy, mmap=True, dtype=np.int32, ndim=1)
     ranges = token_shard_ranges(tokens.size, shard_tokens, block)
-    shards = [{"shard": i, "start": a, "end": b, "slice_sha256": slice_sha256(tokens, a, b)}
+    window = window_record(block, stride)
+    shards = [{"shard": i, "start": a, "end": b, "slice_sha256": slice_sha256(tokens, a, b, window)}
               for i, (a, b) in enumerate(tqdm(ranges, desc="hash shard slices", mininterval=10))]
-    return {"n_tokens": int(tokens.size), "shard_tokens": shard_tokens, "block_size": block, "shards": shards}
+    return {"n_tokens": int(tokens.size), "shard_tokens": shard_tokens, "block_size": block, **window,
+            "shards": shards}
 
 
-def check_slice(tokens: np.ndarray, shard: int, start: int, end: int, want: str, tokens_npy, fix: str) -> None:
+def check_slice(tokens: np.ndarray, shard: int, start: int, end: int, want: str, tokens_npy, fix: str,
+                window: dict | None = None) -> None:
     """Refuse a shard whose token slice is not the one it was planned (or extracted) from."""
     if end > tokens.size - 1:
         raise ArtifactError(f"{tokens_npy}: shard {shard} covers positions [{start}, {end}), but the stream has "
                             f"{tokens.size} tokens (it was cut from a longer one); {fix}")
-    if slice_sha256(tokens, start, end) != want:
+    if slice_sha256(tokens, start, end, window) != want:
         raise ArtifactError(f"{tokens_npy}: tokens {start}..{end} of shard {shard} differ from those it was "
                             f"planned or extracted from (sha256 of the slice); {fix}")
 
@@ -87,13 +127,15 @@ def shard_digests(keys_path, vals_path) -> dict:
 
 
 def write_shard_meta(meta_out, ident: dict, shard: int, start: int, end: int, digests: dict,
-                     slice_digest: str | None = None) -> None:
+                     slice_digest: str | None = None, window: dict | None = None) -> None:
     """The shard's json: its position range, digests and the identity of the model that made it; for a
-    ``shard_tokens`` datastore also the sha256 of the token slice it was extracted from (``slice_sha256``)."""
+    ``shard_tokens`` datastore also the sha256 of the token slice it was extracted from (``slice_sha256``); for a
+    strided one its windows (``window_record``)."""
     write_json(
         meta_out,
         {"shard": shard, "start": start, "end": end, "rows": end - start, **digests,
-         **{k: ident[k] for k in IDENTITY_KEYS}, **({"slice_sha256": slice_digest} if slice_digest else {})},
+         **{k: ident[k] for k in IDENTITY_KEYS}, **({"slice_sha256": slice_digest} if slice_digest else {}),
+         **(window or {})},
     )
 
 
@@ -103,6 +145,8 @@ def write_manifest(ident: dict, tokens_npy, shard_files: list[tuple[str, str, st
     out = Path(out)
     shards, rows = [], 0
     tokens = None
+    first = read_json(shard_files[0][2])
+    window = {"window": first["window"]} if "window" in first else {}  # every shard's alike, checked below
     for i, (keys_p, vals_p, meta_p) in enumerate(shard_files):
         meta = read_json(meta_p)
         for k in IDENTITY_KEYS:
@@ -110,6 +154,12 @@ def write_manifest(ident: dict, tokens_npy, shard_files: list[tuple[str, str, st
                 raise ArtifactError(
                     f"{meta_p}: shard built with {k}={meta[k]}, model says {ident[k]}; rerun it"
                 )
+        if meta.get("window") != window.get("window"):
+            raise ArtifactError(
+                f"{meta_p}: shard extracted with windows {meta.get('window', 'of non-overlapping blocks')}, shard 0 "
+                f"({shard_files[0][2]}) with {window.get('window', 'non-overlapping blocks')}; a datastore's keys come "
+                f"from one stride: rerun extract_keys for it (snakemake --forcerun {keys_p})"
+            )
         if "slice_sha256" in meta:  # a shard_tokens shard: extracted from the current token stream?
             tokens = load_npy(tokens_npy, mmap=True, dtype=np.int32, ndim=1) if tokens is None else tokens
             if meta["start"] != rows:
@@ -117,7 +167,7 @@ def write_manifest(ident: dict, tokens_npy, shard_files: list[tuple[str, str, st
                                     f"shards before it end at {rows}; rerun plan_shards and extract_keys")
             check_slice(tokens, meta["shard"], meta["start"], meta["end"], meta["slice_sha256"], tokens_npy,
                         f"shard {meta['shard']} ({keys_p}) was extracted from other tokens: rerun extract_keys for it "
-                        f"(snakemake --forcerun {keys_p})")
+                        f"(snakemake --forcerun {keys_p})", window)
             if i == len(shard_files) - 1 and meta["end"] != tokens.size - 1:
                 raise ArtifactError(f"{meta_p}: the last shard ends at position {meta['end']}, but {tokens_npy} "
                                     f"has {tokens.size - 1} positions; rerun plan_shards (snakemake --forcerun "
@@ -158,6 +208,7 @@ def write_manifest(ident: dict, tokens_npy, shard_files: list[tuple[str, str, st
         "tokens_sha256": sha256_file(tokens_npy),
         "rows": rows,
         "shards": shards,
+        **window,
         **(extra or {}),
     }
     manifest[SELF_DIGEST] = self_digest(manifest)
@@ -263,6 +314,16 @@ class Datastore:
             f"(snakemake --forcerun {f})"
         )
 
+    def check_window(self, block: int, stride: int | None, key: str) -> None:
+        """Refuse a datastore whose keys were computed in other windows than ``block``/``stride`` (config ``key``)."""
+        got, want = self.manifest.get("window"), window_record(block, stride).get("window")
+        if got != want:
+            raise ArtifactError(
+                f"datastore {self.path} was extracted with windows {got or 'of non-overlapping blocks'}, but {key} "
+                f"asks for {want or f'non-overlapping blocks of {block}'}; rerun extract_keys for it (snakemake "
+                f"--forcerun {self.path})"
+            )
+
     def check_model(self, ident: dict, ident_path="model.json") -> None:
         """Refuse a model, tokenizer or hook point other than the one that built the datastore."""
         for k in IDENTITY_KEYS:
@@ -299,7 +360,7 @@ class Datastore:
 def plan_shards(params: dict, tokens: Path, out: Path) -> None:
     """Cut a ``shard_tokens`` datastore's token stream into its shards: each one's range and the sha256 of its
     token slice (--params: shard_tokens, block_size), for extract_keys' params."""
-    plan = shard_plan(tokens, params["shard_tokens"], params["block_size"])
+    plan = shard_plan(tokens, params["shard_tokens"], params["block_size"], params.get("stride"))
     write_json(out, plan)
     log.info("%d tokens: %d shards of up to %d positions", plan["n_tokens"], len(plan["shards"]),
              params["shard_tokens"])

@@ -17,7 +17,16 @@ from tqdm import tqdm
 
 from .artifacts import atomic_path, load_npy, open_npy_for_writing
 from .cli import step
-from .datastore import KEY_DTYPE, VAL_DTYPE, check_slice, shard_digests, shard_ranges, write_shard_meta
+from .datastore import (
+    KEY_DTYPE,
+    VAL_DTYPE,
+    check_slice,
+    shard_digests,
+    shard_ranges,
+    strided_windows,
+    window_record,
+    write_shard_meta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,40 +67,42 @@ def run_model(
     batch: int,
     with_logprobs: bool,
     desc: str = "",
+    stride: int | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """Forward the model over positions [start, end) of ``tokens`` (each position predicts ``tokens[i+1]``).
 
-    Context resets every ``block`` positions counted from ``start``. Yields (first position, keys [n, d]
-    float32, log p_lm(target) [n] float32 or None) batch by batch, so memory is bounded by one batch.
+    The windows are ``strided_windows``': with no ``stride`` the context resets every ``block`` positions counted
+    from ``start``; with one, run_clm.py's sliding windows. Yields (first position, keys [n, d] float32,
+    log p_lm(target) [n] float32 or None) batch by batch, so memory is bounded by one batch.
     """
     if end > tokens.size - 1:
         raise ValueError(f"position {end} has no next token (stream of {tokens.size})")
     device = next(model.parameters()).device
-    wins = windows(start, end, block)
-    groups: dict[int, list] = {}
-    for w in wins:  # equal-length windows batch together; the last, shorter one goes alone
-        groups.setdefault(w[1] - w[0], []).append(w)
+    groups: dict[tuple[int, int], list] = {}
+    for w in strided_windows(start, end, block, stride):  # windows alike in input and scored length batch together
+        groups.setdefault((w[2] - w[0], w[2] - w[1]), []).append(w)
     ordered = [
         g[i : i + batch] for _, g in sorted(groups.items(), reverse=True) for i in range(0, len(g), batch)
     ]
-    ordered.sort(key=lambda ws: ws[0][0])
+    ordered.sort(key=lambda ws: ws[0][1])
     with torch.inference_mode(), capture_keys(model, hook_point, stop=not with_logprobs) as box:
         for ws in tqdm(ordered, desc=desc or "forward", mininterval=10, disable=not desc):
-            x = torch.from_numpy(np.stack([tokens[a:b] for a, b in ws]).astype(np.int64)).to(device)
+            x = torch.from_numpy(np.stack([tokens[c:b] for c, _, b in ws]).astype(np.int64)).to(device)
+            scored = ws[0][2] - ws[0][1]  # the last `scored` positions of each window
             try:
                 out = model(input_ids=x)
             except _Stop:
                 out = None
-            keys = box["keys"].float().reshape(-1, box["keys"].shape[-1]).cpu().numpy()
+            keys = box["keys"][:, -scored:].float().reshape(-1, box["keys"].shape[-1]).cpu().numpy()
             lp = None
             if with_logprobs:
-                y = torch.from_numpy(np.stack([tokens[a + 1 : b + 1] for a, b in ws]).astype(np.int64)).to(
+                y = torch.from_numpy(np.stack([tokens[a + 1 : b + 1] for _, a, b in ws]).astype(np.int64)).to(
                     device
                 )
-                logp = torch.log_softmax(out.logits.float(), dim=-1)
+                logp = torch.log_softmax(out.logits[:, -scored:].float(), dim=-1)
                 lp = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).reshape(-1).cpu().numpy()
-            # windows in a group are consecutive positions, so rows are contiguous
-            yield ws[0][0], keys, lp
+            # windows in a group score consecutive positions, so rows are contiguous
+            yield ws[0][1], keys, lp
 
 
 def extract_shard(
@@ -106,9 +117,11 @@ def extract_shard(
     vals_out,
     meta_out,
     span: dict | None = None,
+    stride: int | None = None,
 ) -> int:
     """Extract shard ``shard`` of ``n_shards`` equal ranges (``shard_ranges``), or with ``span`` (a
-    ``shard_plan`` entry: start, end, slice_sha256) that range, its token slice checked against the plan."""
+    ``shard_plan`` entry: start, end, slice_sha256) that range, its token slice checked against the plan. With
+    ``stride``, each key is computed in the sliding window that scores its position (``strided_windows``)."""
     tokens = load_npy(tokens_npy, dtype=np.int32, ndim=1)
     if span is None:
         a, b = shard_ranges(tokens.size, n_shards, block)[shard]
@@ -117,7 +130,7 @@ def extract_shard(
         a, b, digest = span["start"], span["end"], span["slice_sha256"]
         check_slice(tokens, shard, a, b, digest, tokens_npy,
                     "the shard plan is stale: rerun plan_shards (snakemake --forcerun "
-                    f"{Path(meta_out).parent / 'plan.json'})")
+                    f"{Path(meta_out).parent / 'plan.json'})", window_record(block, stride))
     n, d = b - a, ident["dim"]
     log.info("shard %d: positions [%d, %d), %d keys", shard, a, b, n)
     with atomic_path(keys_out, ".npy") as ktmp, atomic_path(vals_out, ".npy") as vtmp:
@@ -134,13 +147,14 @@ def extract_shard(
             batch,
             False,
             desc=f"extract shard {shard}" + (f"/{n_shards}" if n_shards else f" [{a}, {b})"),
+            stride=stride,
         ):
             keys[first - a : first - a + len(k)] = k.astype(KEY_DTYPE)
         keys.flush()
         vals.flush()
         del keys, vals
         digests = shard_digests(ktmp, vtmp)
-    write_shard_meta(meta_out, ident, shard, a, b, digests, slice_digest=digest)
+    write_shard_meta(meta_out, ident, shard, a, b, digests, slice_digest=digest, window=window_record(block, stride))
     return n
 
 
@@ -158,5 +172,5 @@ def extract_keys(
     model, _, ident = load_checked(model_json, device=device, dtype=dtype, block_size=params["block_size"])
     extract_shard(
         model, ident, tokens, params["shard"], params.get("shards"), params["block_size"], params["batch_size"],
-        keys, vals, meta, span=params.get("span"),
+        keys, vals, meta, span=params.get("span"), stride=params.get("stride"),
     )

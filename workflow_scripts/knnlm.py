@@ -129,6 +129,18 @@ def perplexity(logprobs) -> float:
     return float(np.exp(-np.mean(np.asarray(logprobs, dtype=np.float64))))
 
 
+def window_perplexity(logprobs, starts) -> float:
+    """Paper 1's aggregation (run_clm.py: ``exp(mean(nlls))`` over its sliding windows, each window's loss the mean
+    NLL of the tokens it scores): exp of the mean over windows of each window's mean NLL. ``starts``: the index of
+    each window's first scored token in ``logprobs`` (``strided_windows``' firsts), ascending from 0."""
+    nll = -np.asarray(logprobs, dtype=np.float64)
+    starts = np.asarray(starts, dtype=np.int64)
+    sizes = np.diff(np.append(starts, nll.size))
+    if starts.size == 0 or starts[0] != 0 or (sizes <= 0).any():
+        raise ValueError(f"window starts {starts[:5].tolist()}... do not cut {nll.size} tokens into windows")
+    return float(np.exp(np.mean(np.add.reduceat(nll, starts) / sizes)))
+
+
 def word_perplexity(logprobs, n_words: int) -> float:
     """Word-level perplexity of token log-probabilities: the total NLL divided by the number of words the tokens
     spell (``lm.word_count``), so that a BPE model's number can be set beside a word-level one (WikiText-103)."""
@@ -137,22 +149,27 @@ def word_perplexity(logprobs, n_words: int) -> float:
     return float(np.exp(-np.sum(np.asarray(logprobs, dtype=np.float64)) / n_words))
 
 
-def sweep(dists, vals, targets, lm_logprob, lambdas, ks, sigmas) -> list[dict]:
-    """Perplexity at every (λ, k, σ) by rescoring cached neighbours: the cost does not grow with the datastore."""
+def sweep(dists, vals, targets, lm_logprob, lambdas, ks, sigmas, window_starts=None) -> list[dict]:
+    """Perplexity at every (λ, k, σ) by rescoring cached neighbours: the cost does not grow with the datastore. With
+    ``window_starts`` (the eval windows, ``window_perplexity``), paper 1's per-window aggregation beside it."""
     base = perplexity(lm_logprob)
+    windowed = {} if window_starts is None else {"base_window_ppl": window_perplexity(lm_logprob, window_starts)}
     rows = []
     for sigma in sigmas:
         per_k = knn_target_logprobs(dists, vals, targets, ks, sigma)
         for k in ks:
             for lam in lambdas:
+                lp = interpolate(lm_logprob, per_k[int(k)], lam)
                 rows.append(
                     {
                         "lambda": float(lam),
                         "k": int(k),
                         "sigma": float(sigma),
-                        "ppl": perplexity(interpolate(lm_logprob, per_k[int(k)], lam)),
+                        "ppl": perplexity(lp),
                         "base_ppl": base,
                         "n_tokens": int(len(targets)),
+                        **windowed,
+                        **({"window_ppl": window_perplexity(lp, window_starts)} if windowed else {}),
                     }
                 )
     return rows

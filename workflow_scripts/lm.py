@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import devices
-from .artifacts import ArtifactError, atomic_path, load_npy, read_json, write_json, write_table
+from .artifacts import ArtifactError, atomic_path, load_npy, read_json, sha256_file, write_json, write_table
 from .cli import step
 from .config import CHUNK_KEYS, context_length
 
@@ -74,21 +74,50 @@ def train_tokenizer(train_parquet, vocab_size: int, outdir, start_token: bool = 
     _save_dir_atomically(outdir, fast.save_pretrained)
 
 
-def word_count(tokenizer, ids) -> int:
-    """The words the token ids spell, counted as word-level perplexity counts them on WikiText-103: the
-    whitespace-separated words of each non-empty line, plus one per line (its end-of-line token). The end of a
-    document (the EOS token) ends a line. On raw text this approximates the official word-level count, which
-    is over pre-tokenized text (where "high-quality" is three words)."""
-    eos, segments, cur = tokenizer.eos_token_id, [], []
+WORD_COUNTS = ("lines", "words")
+
+
+def word_count(tokenizer, ids, convention: str) -> int:
+    """The words the token ids spell, as a paper's word-level perplexity counts them (``convention``, no default:
+    each caller names its paper's):
+
+    * ``"lines"``, paper 2's reference code (knnlm-why's fairseq: ``Dictionary.encode_line`` gives every line of
+      ``wiki.*.tokens`` its whitespace-separated words plus an end-of-line ``</s>``, blank lines included, and
+      ``eval_lm.py`` counts every scored token, BPE continuations merged into their word): the words of every line
+      plus one per line, a blank line (whitespace only) counting one. A line ends at "\n" or at the
+      end-of-sequence token; a text's final "\n" and the EOS after it end the same line, and an empty text before
+      an EOS is one blank line.
+    * ``"words"``, paper 1's ``run_clm.py`` (``process_texts`` for WikiText, ``len(text.split())`` of every row
+      otherwise): the whitespace-separated words of the text; lines, blank or not, add nothing.
+
+    Special tokens spell no word and separate texts (a start token between two documents joins no words); only the
+    EOS ends a line. ``ids`` may be any stretch of a token stream (e.g. the scored tokens of an eval set, or of one
+    window); the word perplexity is then exp(total NLL / this count)."""
+    if convention not in WORD_COUNTS:
+        raise ValueError(f"word count convention {convention!r}: expected one of {', '.join(WORD_COUNTS)}")
+    eos = tokenizer.eos_token_id
+    special = set(getattr(tokenizer, "all_special_ids", ())) | {eos}
+    segments, cur = [], []  # (the tokens of a text, whether an EOS ends it)
     for i in map(int, ids):
-        if i == eos:
-            segments.append(cur)
+        if i in special:
+            segments.append((cur, i == eos))
             cur = []
         else:
             cur.append(i)
-    segments.append(cur)
-    lines = [line for seg in segments for line in tokenizer.decode(seg).split("\n") if line.strip()]
-    return sum(len(line.split()) for line in lines) + len(lines)
+    segments.append((cur, False))
+    n = 0
+    for seg, ended in segments:
+        text = tokenizer.decode(seg) if seg else ""
+        if convention == "words":
+            n += len(text.split())
+            continue
+        lines = text.split("\n")
+        if lines[-1] == "":  # the text's final "\n" (or an empty text) opens no line of its own
+            lines.pop()
+        if ended and not lines:  # an empty text before an EOS (an EOS after an EOS): a blank line
+            lines = [""]
+        n += sum(len(line.split()) + 1 for line in lines)
+    return n
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -141,6 +170,57 @@ def split_text(text: str, max_chars: int) -> tuple[list[str], int]:
         pos = j
     pieces.append(text[pos:])
     return pieces, cuts
+
+
+def wikitext_groups(lines) -> tuple[list[str], int]:
+    """Paper 1's ``process_texts`` (GSYfate/knnlm-limits run_clm.py) without the encoding: the texts it encodes, in
+    order, and its word count. The non-empty lines under each heading that starts and ends with "= = =" are joined
+    with newlines, after the heading; the lines before the first such heading form a text of their own (encoded even
+    when empty), and a heading with no lines under it is a text alone. Words: ``len(text.split())`` of each text."""
+    texts: list[str] = []
+    title, body = None, []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("= = =") and stripped.endswith("= = ="):
+            if not title:
+                texts.append("\n".join(body))
+            elif body:
+                texts.append("\n".join([title, "\n".join(body)]))
+            else:
+                texts.append(title)
+            title, body = stripped, []
+        elif stripped:
+            body.append(stripped)
+    if title:
+        texts.append("\n".join([title, "\n".join(body)]) if body else title)
+    return texts, sum(len(t.split()) for t in texts)
+
+
+PREPARE = ("row_eos", "special_tokens", "wikitext_headings")  # corpora.<name>.prepare (config.schema.yaml)
+
+
+def tokenize_documents(tokenizer, parquet, out_npy, prepare: str, batch: int = 1000) -> int:
+    """The papers' token streams (``corpora.<name>.prepare``): each text encoded with the tokenizer's own special
+    tokens (a start token for Llama and Mistral) and the ids concatenated, no EOS added: ``special_tokens``, one text
+    per row (run_clm.py's ``tokenize_function``, whose ``group_texts`` concatenates them); ``wikitext_headings``,
+    the rows grouped by ``wikitext_groups`` (its ``process_texts``). The rows are read whole."""
+    import pyarrow.parquet as pq
+
+    if prepare not in PREPARE[1:]:
+        raise ValueError(f"prepare {prepare!r} is not one of {PREPARE}")
+    rows = pq.read_table(parquet, columns=["text"]).column(0).to_pylist()
+    texts = wikitext_groups(rows)[0] if prepare == "wikitext_headings" else rows
+    parts = [
+        np.asarray(ids, dtype=np.int32)
+        for i in tqdm(range(0, len(texts), batch), desc=f"tokenize {Path(parquet).name}", mininterval=5)
+        for ids in tokenizer(texts[i : i + batch], add_special_tokens=True)["input_ids"]
+    ]
+    stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    if stream.size and int(stream.max()) >= len(tokenizer):
+        raise ValueError(f"{parquet}: token id {int(stream.max())} outside vocabulary of {len(tokenizer)}")
+    with atomic_path(out_npy, ".npy") as tmp:
+        np.save(tmp, stream, allow_pickle=False)
+    return int(stream.size)
 
 
 def tokenize_split(tokenizer, parquet, out_npy, batch: int = 1000, max_chars: int = MAX_CHARS) -> int:
@@ -263,6 +343,24 @@ def load_model(identity_or_spec: dict, device: str = "auto", dtype: str = "float
     return model, tokenizer
 
 
+def weight_files_hash(identity_or_spec: dict) -> dict[str, str]:
+    """The sha256 of each safetensors file (and shard index) the model loads from, read from disk: a local
+    directory, or the hub cache's snapshot of the pinned revision. Whatever dtype the model is then loaded in, a
+    checkpoint swapped in on disk changes these."""
+    path = Path(identity_or_spec["path"])
+    if identity_or_spec.get("source") != "hub" and not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if identity_or_spec.get("source") == "hub":  # the snapshot from_pretrained reads (already in the cache)
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(str(identity_or_spec["path"]), revision=identity_or_spec.get("revision"),
+                                      local_files_only=True, allow_patterns=["*.safetensors", "*.safetensors.*"]))
+    files = sorted(f for f in path.iterdir() if f.name.endswith(".safetensors") or ".safetensors." in f.name)
+    if not files:
+        raise ArtifactError(f"{path}: no safetensors weights to hash")
+    return {f.name: sha256_file(f) for f in files}
+
+
 def describe(model, tokenizer, spec: dict) -> dict:
     """The identity record written to ``model.json``."""
     hook = find_hook_point(model)
@@ -274,6 +372,7 @@ def describe(model, tokenizer, spec: dict) -> dict:
         "trust_remote_code": bool(spec.get("trust_remote_code", False)),
         "architecture": type(model).__name__,
         "model_sha256": weights_hash(model),
+        "weight_files_sha256": weight_files_hash(spec),  # the files on disk, checked whatever the dtype
         "tokenizer_sha256": tokenizer_hash(tokenizer),
         "hook_point": hook,
         "dim": int(model.config.hidden_size),
@@ -309,6 +408,18 @@ def load_checked(identity_path, device="auto", dtype="float32", block_size: int 
     ident = load_identity(identity_path)
     if block_size is not None:
         check_window(ident, block_size, identity_path)
+    recorded = ident.get("weight_files_sha256")
+    if recorded is None:
+        raise ArtifactError(f"{identity_path}: no weight_files_sha256 (written by an older version); rerun the "
+                            f"model stage (snakemake --forcerun {identity_path})")
+    got = weight_files_hash(ident)
+    if got != recorded:
+        changed = sorted(k for k in got.keys() | recorded.keys() if got.get(k) != recorded.get(k))
+        raise ArtifactError(
+            f"{ident['path']}: weights hash: files {', '.join(changed)} differ from those of the model recorded in "
+            f"{identity_path} ({ident['model_sha256'][:12]}): another checkpoint, or altered since; rerun the model "
+            f"stage"
+        )
     model, tok = load_model(ident, device=device, dtype=dtype)
     if next(model.parameters()).dtype == torch.float32:  # a float16 copy cannot match the float32 weights' hash
         got = weights_hash(model)
@@ -617,10 +728,18 @@ def tokenizer(params: dict, train: Path, tokenizer_dir: Path) -> None:
 
 
 @step
-def tokenize(parquet: Path, out: Path, tokenizer_dir: Path | None = None, model_json: Path | None = None) -> None:
-    """Encode a corpus split into one int32 token stream (documents joined by EOS), with the tokenizer trained
-    here (--tokenizer-dir) or the one of the model a model.json describes."""
-    tokenize_split(tokenizer_of(tokenizer_dir, model_json), parquet, out)
+def tokenize(
+    parquet: Path, out: Path, tokenizer_dir: Path | None = None, model_json: Path | None = None,
+    prepare: str = "row_eos",
+) -> None:
+    """Encode a corpus split into one int32 token stream with the tokenizer trained here (--tokenizer-dir) or the
+    one of the model a model.json describes: --prepare row_eos (documents joined by EOS), special_tokens or
+    wikitext_headings (``tokenize_documents``)."""
+    tok = tokenizer_of(tokenizer_dir, model_json)
+    if prepare == "row_eos":
+        tokenize_split(tok, parquet, out)
+    else:
+        tokenize_documents(tok, parquet, out, prepare)
 
 
 @step

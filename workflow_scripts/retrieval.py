@@ -17,9 +17,9 @@ import faiss
 import numpy as np
 
 from . import devices, lm, memory
-from .artifacts import load_npy, sha256_file
+from .artifacts import load_npy, read_json, sha256_file
 from .cli import step
-from .datastore import Datastore
+from .datastore import Datastore, window_record
 from .forward import run_model
 from .index import DISTANCES, load_index, search
 from .retrieval_cache import chunk_bounds, chunk_unit, merge_chunks, scored_tokens, write_cache
@@ -44,6 +44,17 @@ def open_retriever(identity_json, manifest_json, index_path, index_meta, cfg: di
     return model, tok, ident, ds, index, imeta
 
 
+def check_not_datastore_text(tokens_npy, tokens_sha256: str, manifest_json, cfg: dict) -> None:
+    """Refuse to score an eval set whose tokens are the datastore's own (the same sha256 as its manifest records,
+    whatever the corpora are called) unless ``cfg['allow_datastore_overlap']``: every target would be a neighbour."""
+    if tokens_sha256 == read_json(manifest_json).get("tokens_sha256") and not cfg.get("allow_datastore_overlap"):
+        raise ValueError(
+            f"{tokens_npy} is the text the datastore {manifest_json} was built from (the same tokens_sha256 "
+            f"{tokens_sha256[:12]}): every target is among its neighbours. Score another text, or set the eval "
+            f"set's allow_datastore_overlap: true if this is what you mean"
+        )
+
+
 SEARCH_BATCH = memory.SEARCH_BATCH  # queries per FAISS search call
 
 
@@ -54,6 +65,8 @@ def retrieve(
     """Run the datastore's model over an eval token stream, search, and write the cache to ``outdir``. With
     ``chunk`` = (i, n): only chunk i of n (``chunk_bounds``), a partial cache that ``merge_chunks`` joins."""
     outdir = Path(outdir)
+    tokens_sha256 = sha256_file(tokens_npy)
+    check_not_datastore_text(tokens_npy, tokens_sha256, manifest_json, cfg)
     model, _, ident, ds, index, imeta = open_retriever(
         identity_json, manifest_json, index_path, index_meta, cfg, threads
     )
@@ -69,7 +82,8 @@ def retrieve(
     lm_logprob = np.empty(b - a, np.float32)
     if b > a:
         for first, keys, lp in run_model(
-            model, ident["hook_point"], tokens, a, b, cfg["block_size"], cfg["batch_size"], True, desc="queries"
+            model, ident["hook_point"], tokens, a, b, cfg["block_size"], cfg["batch_size"], True, desc="queries",
+            stride=cfg.get("stride"),
         ):
             queries[first - a : first - a + len(keys)] = keys.astype(np.float16)
             lm_logprob[first - a : first - a + len(keys)] = lp
@@ -91,9 +105,10 @@ def retrieve(
         "model_sha256": ident["model_sha256"],
         "K": K,
         "n_tokens": int(b - a),
-        "tokens_sha256": sha256_file(tokens_npy),
+        "tokens_sha256": tokens_sha256,
         "index": imeta["factory"],
         "distances": "faiss" if imeta["exact"] else DISTANCES[distances],
+        **window_record(cfg["block_size"], cfg.get("stride")),  # the eval set's windows, when strided
         "seconds": {"model": round(t_model, 2), "search": round(t_search, 2)},
     }
     if chunk is not None:

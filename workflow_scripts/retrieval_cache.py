@@ -73,17 +73,18 @@ def merge_chunks(chunk_metas: list, tokens_npy, cfg: dict, outdir) -> dict:
     for i, (c, m) in enumerate(zip(caches, chunk_metas, strict=True)):
         got = c["meta"].get("chunk") or {}
         want = {"index": i, "of": len(caches), "start": bounds[i][0], "end": bounds[i][1], "scored": n}
-        if got != want or any(c["meta"][k] != first[k] for k in SAME):
+        alike = all(c["meta"][k] == first[k] for k in SAME) and c["meta"].get("window") == first.get("window")
+        if got != want or not alike:
             raise ArtifactError(
-                f"{m}: chunk {got or 'record missing'}, expected {want} built like {chunk_metas[0]} ({', '.join(SAME)}"
-                f"); the chunk belongs to another eval set, config or datastore: rerun retrieve_chunk "
-                f"(snakemake --forcerun {m})"
+                f"{m}: chunk {got or 'record missing'}, expected {want} built like {chunk_metas[0]} "
+                f"({', '.join(SAME)}, window); the chunk belongs to another eval set, config or datastore: rerun "
+                f"retrieve_chunk (snakemake --forcerun {m})"
             )
     if first["tokens_sha256"] != sha256_file(tokens_npy):
         raise ArtifactError(f"{chunk_metas[0]}: built from another version of {tokens_npy}; rerun retrieve_chunk")
     K = first["K"]
     arrays = {name: [c[name] for c in caches] for name in CACHE_FILES}  # memory-mapped: copied part by part
-    meta = {k: first[k] for k in SAME}
+    meta = {k: first[k] for k in SAME} | {k: first[k] for k in ("window",) if k in first}  # window: when strided
     meta |= {"n_tokens": int(n), "chunks": len(caches),
              "seconds": {k: round(sum(c["meta"]["seconds"][k] for c in caches), 2) for k in ("model", "search")}}
     meta = write_cache(Path(outdir), arrays, meta)
@@ -91,10 +92,10 @@ def merge_chunks(chunk_metas: list, tokens_npy, cfg: dict, outdir) -> dict:
     return meta
 
 
-def load_cache(cache_dir, manifest_json=None, mmap: bool = True) -> dict:
+def load_cache(cache_dir, manifest_json=None, mmap: bool = True, tokens_npy=None) -> dict:
     """Load and check a retrieval cache: each file's sha256 against the one ``meta.json`` recorded when it was
     written, the shapes against ``meta.json``, the distances finite. With ``manifest_json``, refuse a cache built
-    from another datastore."""
+    from another datastore; with ``tokens_npy`` (the eval set's tokens), a cache built from another eval set."""
     cache_dir = Path(cache_dir)
     meta_json = cache_dir / "meta.json"
     rerun = f"rerun retrieve for it (snakemake --forcerun {meta_json})"
@@ -133,16 +134,31 @@ def load_cache(cache_dir, manifest_json=None, mmap: bool = True) -> dict:
 
         if manifest_hash(manifest_json) != meta["manifest_sha256"]:
             raise ArtifactError(f"{cache_dir} was built from another version of {manifest_json}; rerun retrieve")
+    if tokens_npy is not None:
+        check_eval_tokens(meta, meta_json, tokens_npy)
     out["meta"] = meta
     return out
 
 
+def check_eval_tokens(meta: dict, meta_json, tokens_npy) -> None:
+    """Refuse a cache whose record names other tokens than ``tokens_npy`` (the eval set it is read as): another
+    eval set's cache (results/retrieval/valid and .../test swapped), or one of an older version of the tokens."""
+    tokens = load_npy(tokens_npy, mmap=True, dtype=np.int32, ndim=1)
+    got = sha256_file(tokens_npy)
+    if meta.get("tokens_sha256") != got or meta["n_tokens"] > tokens.size - 1:
+        raise ArtifactError(
+            f"{meta_json}: built from tokens with sha256 {str(meta.get('tokens_sha256'))[:12]} ({meta['n_tokens']} "
+            f"scored), not from {tokens_npy} (sha256 {got[:12]}, {tokens.size} tokens): the cache of another eval "
+            f"set, or of another version of its tokens; rerun retrieve for it (snakemake --forcerun {meta_json})"
+        )
+
+
 @step(name="verify-retrieval")
-def verify_retrieval_step(cache: Path, manifest: Path, out: Path) -> None:
+def verify_retrieval_step(cache: Path, manifest: Path, tokens: Path, out: Path) -> None:
     """Check a retrieval cache (--cache: its meta.json) as the sweep does (load_cache: each file's sha256, the
-    shapes, the distances, the datastore it was built from) and write a marker (--out) naming what was checked. A
-    job before the sweep: when the check fails, Snakemake does not start the sweep, which would remove its tables
-    first."""
-    c = load_cache(cache.parent, manifest)
+    shapes, the distances, the datastore and the eval set's --tokens it was built from) and write a marker (--out)
+    naming what was checked. A job before the sweep: when the check fails, Snakemake does not start the sweep,
+    which would remove its tables first."""
+    c = load_cache(cache.parent, manifest, tokens_npy=tokens)
     write_json(out, {"checked": "retrieval cache", "meta": str(cache), "manifest": str(manifest),
-                     "sha256": c["meta"]["sha256"]})
+                     "tokens": str(tokens), "sha256": c["meta"]["sha256"]})

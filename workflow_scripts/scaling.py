@@ -32,6 +32,7 @@ from .artifacts import (
     atomic_path,
     open_npy_for_writing,
     read_json,
+    read_table,
     sha256_file,
     write_json,
     write_table,
@@ -156,7 +157,8 @@ def subsample_neighbours(dists, ids, queries, keep, need: int, search_subset, ch
 
 
 # --------------------------------------------------------------------------------------------- one fraction
-def scale_sweep(cache_dir, manifest_json, index_path, index_meta, p: dict, out_npz, csv, parquet, out_meta) -> dict:
+def scale_sweep(cache_dir, manifest_json, index_path, index_meta, p: dict, out_npz, csv, parquet, out_meta,
+                tokens_npy=None) -> dict:
     """Perplexity at every (λ, k, σ) of the grid on the fraction-f datastore, from the full datastore's retrieval
     cache; per position, log p_knn(target) at every (σ, k) and how often the target occurs in the subset's values."""
     from .index import load_index
@@ -165,7 +167,7 @@ def scale_sweep(cache_dir, manifest_json, index_path, index_meta, p: dict, out_n
     f, seed = float(p["fraction"]), int(p["seed"])
     g = p["grid"]
     ks, sigmas = sorted(int(k) for k in g["ks"]), sorted(float(s) for s in g["sigmas"])
-    c = load_cache(cache_dir, manifest_json)
+    c = load_cache(cache_dir, manifest_json, tokens_npy=tokens_npy)
     ds = Datastore(manifest_json)
     need = max(ks)
     if need > c["meta"]["K"]:
@@ -264,7 +266,7 @@ def summarize_scaling(runs: dict[tuple[str, str], tuple[Path, Path, Path]], p: d
     evalsets = sorted({e for e, _ in runs})
     sweeps, pos = {}, {}
     for (e, f), (sweep_parquet, npz, meta_json) in runs.items():
-        sweeps[e, f] = pl.read_parquet(sweep_parquet)
+        sweeps[e, f] = read_table(sweep_parquet)
         pos[e, f] = load_positions(npz, meta_json)
     chosen = {}  # (eval set, fraction) -> the summary row at that size
     for f in fracs:
@@ -359,7 +361,8 @@ def write_subsample(parent_manifest, fraction: float, seed: int, model_json, tok
             digests = shard_digests(ktmp, vtmp)
         start = sum(len(r) for r in all_rows[:-1])
         write_json(mp, {"shard": s, "start": start, "end": start + len(local), "rows": len(local), **digests,
-                        **{k: ident[k] for k in ("model_sha256", "tokenizer_sha256", "hook_point")}})
+                        **{k: ident[k] for k in ("model_sha256", "tokenizer_sha256", "hook_point")},
+                        **{k: parent.manifest[k] for k in ("window",) if k in parent.manifest}})  # its keys' windows
         files.append((str(kp), str(vp), str(mp)))
     rows = np.concatenate(all_rows).astype(np.int64)
     with atomic_path(out_dir / "rows.npy", ".npy") as tmp:
@@ -373,13 +376,14 @@ def write_subsample(parent_manifest, fraction: float, seed: int, model_json, tok
 # --------------------------------------------------------------------------------------------- steps
 @step
 def scaling_sweep(
-    params: dict, cache: Path, manifest: Path, index: Path, index_meta: Path, npz: Path, csv: Path, parquet: Path,
-    meta: Path, threads: int = 1,
+    params: dict, cache: Path, manifest: Path, tokens: Path, index: Path, index_meta: Path, npz: Path, csv: Path,
+    parquet: Path, meta: Path, threads: int = 1,
 ) -> None:
     """Perplexity over the λ/k/σ grid on one fraction of a datastore (--params: fraction, seed, grid), from the full
-    datastore's retrieval cache (--cache: its meta.json); positions short of subset neighbours searched again."""
+    datastore's retrieval cache (--cache: its meta.json, checked against the eval set's --tokens); positions short
+    of subset neighbours searched again."""
     faiss.omp_set_num_threads(threads)
-    scale_sweep(cache.parent, manifest, index, index_meta, params, npz, csv, parquet, meta)
+    scale_sweep(cache.parent, manifest, index, index_meta, params, npz, csv, parquet, meta, tokens)
 
 
 @step

@@ -12,23 +12,38 @@ from pathlib import Path
 import polars as pl
 
 from . import knnlm
-from .artifacts import write_table
+from .artifacts import ArtifactError, read_table, write_json, write_table
 from .cli import step
+from .datastore import strided_windows, window_record
 from .retrieval_cache import load_cache
 
-COLUMNS = ["lambda", "k", "sigma", "ppl", "base_ppl", "n_tokens"]
+# ppl, base_ppl: exp of the mean NLL per token; window_ppl, base_window_ppl: paper 1's run_clm.py aggregation, exp of
+# the mean over the eval windows of each window's mean NLL (knnlm.window_perplexity)
+COLUMNS = ["lambda", "k", "sigma", "ppl", "base_ppl", "n_tokens", "window_ppl", "base_window_ppl"]
 PINNED = "pinned in config"  # chosen_on of a point that tasks.points pins
 
 
-def run_sweep(cache_dir, manifest_json, grid: dict, csv, parquet) -> pl.DataFrame:
-    c = load_cache(cache_dir, manifest_json)
+def run_sweep(cache_dir, manifest_json, grid: dict, csv, parquet, tokens_npy=None) -> pl.DataFrame:
+    """The grid's perplexities from one cache, checked against its datastore and (``tokens_npy``) its eval set; with
+    the eval set's ``block_size`` (and ``stride``) in ``grid``, against its windows, and paper 1's per-window
+    perplexity (``window_ppl``) beside the per-token one."""
+    c = load_cache(cache_dir, manifest_json, tokens_npy=tokens_npy)
     too_big = [k for k in grid["ks"] if k > c["meta"]["K"]]
     if too_big:
         raise ValueError(f"sweep.ks {too_big} exceed the {c['meta']['K']} neighbours cached in {cache_dir}")
+    block, stride = grid.get("block_size"), grid.get("stride")  # the eval set's windows (the rule passes them)
+    want = window_record(block, stride).get("window") if block else None
+    if c["meta"].get("window") != want:
+        raise ArtifactError(
+            f"{cache_dir}: queries computed in windows {c['meta'].get('window', 'of non-overlapping blocks')}, but the "
+            f"eval set asks for {want or 'non-overlapping blocks'} (stride {stride}); rerun retrieve for it "
+            f"(snakemake --forcerun {Path(cache_dir) / 'meta.json'})"
+        )
+    starts = [a for _, a, _ in strided_windows(0, c["meta"]["n_tokens"], block, stride)] if block else None
     rows = knnlm.sweep(
-        c["dists"], c["vals"], c["targets"], c["lm_logprob"], grid["lambdas"], grid["ks"], grid["sigmas"]
+        c["dists"], c["vals"], c["targets"], c["lm_logprob"], grid["lambdas"], grid["ks"], grid["sigmas"], starts
     )
-    df = pl.DataFrame(rows).select(COLUMNS).sort(["lambda", "k", "sigma"])
+    df = pl.DataFrame(rows).select(COLUMNS if block else COLUMNS[:6]).sort(["lambda", "k", "sigma"])
     write_table(df, csv, parquet)
     return df
 
@@ -39,7 +54,7 @@ def summarize_sweeps(
     """One row per (eval set, datastore): base ppl, the kNN-LM at the point chosen on the datastore's selection
     set, the oracle. ``select_on``: one eval set for every datastore, or datastore -> eval set; a datastore whose
     set has no sweep ('' or absent) is chosen on each eval set itself."""
-    df = summarize_frames({key: pl.read_parquet(path) for key, path in sweeps.items()}, select_on)
+    df = summarize_frames({key: read_table(path) for key, path in sweeps.items()}, select_on)
     write_table(df, csv, parquet)
     return df
 
@@ -75,6 +90,8 @@ def summarize_frames(frames: dict[tuple[str, str], pl.DataFrame], select_on: str
                 "oracle_lambda": best["lambda"],
                 "oracle_k": best["k"],
                 "oracle_sigma": best["sigma"],
+                **({"base_window_ppl": best["base_window_ppl"], "knn_window_ppl": at["window_ppl"]}
+                   if "window_ppl" in df.columns else {}),
             }
         )
     return pl.DataFrame(rows).sort(["datastore", "eval_set"])
@@ -91,7 +108,7 @@ def chosen_point(summary_csv, datastore: str, pinned=None):
     elif not summary_csv or not Path(summary_csv).exists():
         return None, None
     else:
-        df = pl.read_csv(summary_csv).filter(pl.col("datastore") == datastore)
+        df = read_table(summary_csv).filter(pl.col("datastore") == datastore)
     if df.is_empty():
         return None, None
     picked = df.filter(pl.col("chosen_on") != pl.col("eval_set"))
@@ -101,9 +118,18 @@ def chosen_point(summary_csv, datastore: str, pinned=None):
 
 # --------------------------------------------------------------------------------------------- steps
 @step
-def sweep(params: dict, cache: Path, manifest: Path, csv: Path, parquet: Path) -> None:
-    """Perplexity at every (λ, k, σ) of the grid by rescoring one retrieval cache (--cache: its meta.json)."""
-    run_sweep(cache.parent, manifest, params, csv, parquet)
+def sweep(params: dict, cache: Path, manifest: Path, tokens: Path, csv: Path, parquet: Path) -> None:
+    """Perplexity at every (λ, k, σ) of the grid by rescoring one retrieval cache (--cache: its meta.json) of the
+    eval set whose --tokens it was built from."""
+    run_sweep(cache.parent, manifest, params, csv, parquet, tokens)
+
+
+@step
+def verify_tables(tables: list[Path], out: Path) -> None:
+    """Check tables as their consumer reads them (``read_table``: readable, each against the sha256 its parquet
+    records) and write a marker (--out) naming them. A job before the consumer: when the check fails, Snakemake
+    does not start the consumer, which would remove its own tables first."""
+    write_json(out, {"checked": "tables", "tables": {str(t): read_table(t).height for t in tables}})
 
 
 @step

@@ -2,7 +2,9 @@
 
 For each eval position, solve ``z* = argmin_z KL[f(z) || p_knnlm]`` by Adam from the model's own representation,
 for ``f`` (the output layer and softmax) and for ``f∘g`` (with the last block's MLP and its residual), and report
-the perplexity of ``p_proj = f(z*)`` beside the LM's and the kNN-LM's, with the mean final KL.
+the perplexity of ``p_proj = f(z*)`` beside the LM's and the kNN-LM's, with the mean final KL. With ``to_gold``,
+also Table 4's ``f∘g → y``: ``f∘g`` moved towards the gold next token (``z* = argmin_z −log f∘g(z)[y]``, the same
+optimiser and stopping rule), its perplexity and its KL to ``p_knnlm`` reported the same way.
 
 Hugging Face decoders end with ``block output = h + mlp(norm(h))`` then ``logits = head(final_norm(output))``, so
 here ``f(z) = softmax(head(z))`` acts on the final-normed hidden state (the paper's "last linear layer with
@@ -69,12 +71,16 @@ def kl_rows(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return (logq.exp() * (logq - logp)).sum(-1)
 
 
-def project(fn, z0: torch.Tensor, target_logp: torch.Tensor, lr: float, tol: float, max_steps: int):
-    """Adam on ``z`` (rows optimised independently) to minimise KL[softmax(fn(z)) || exp(target_logp)].
+def project(fn, z0: torch.Tensor, target_logp: torch.Tensor | None, lr: float, tol: float, max_steps: int,
+            gold: torch.Tensor | None = None):
+    """Adam on ``z`` (rows optimised independently) to minimise KL[softmax(fn(z)) || exp(target_logp)], or, with
+    ``gold`` (one token id a row) in its place, −log softmax(fn(z))[gold]: the projection onto the gold next
+    token, Table 4's "f∘g → y" (the KL to a one-hot target is infinite; towards it, the cross-entropy is what is
+    left to minimise).
 
-    A row stops once its KL changes by less than ``tol`` between steps (``tol = 0``: run ``max_steps``). Adam's
-    normalised steps can leave a point of near-zero gradient, so each row's best iterate is kept (z* is an argmin).
-    Returns (z*, KL at z* per row, steps taken per row)."""
+    A row stops once its objective changes by less than ``tol`` between steps (``tol = 0``: run ``max_steps``).
+    Adam's normalised steps can leave a point of near-zero gradient, so each row's best iterate is kept (z* is an
+    argmin). Returns (z*, the objective at z* per row, steps taken per row)."""
     z = z0.clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     active = torch.ones(len(z0), dtype=torch.bool)
@@ -82,7 +88,8 @@ def project(fn, z0: torch.Tensor, target_logp: torch.Tensor, lr: float, tol: flo
     best_z, best_kl, prev = z0.clone(), torch.full((len(z0),), float("inf")), None
 
     def kl_of(zz):
-        return kl_rows(torch.log_softmax(fn(zz).float(), dim=-1), target_logp)
+        logq = torch.log_softmax(fn(zz).float(), dim=-1)
+        return -logq.gather(-1, gold[:, None])[:, 0] if gold is not None else kl_rows(logq, target_logp)
 
     for _ in range(max_steps + 1):
         kl = kl_of(z)
@@ -113,12 +120,14 @@ def run(identity_json, tokens_npy, cache_dir, manifest_json, points: list, p: di
     model, tok, ident = lm.load_checked(identity_json, device="cpu", block_size=p["block_size"])
     for q in model.parameters():
         q.requires_grad_(False)
-    cache = load_cache(cache_dir, manifest_json)
+    cache = load_cache(cache_dir, manifest_json, tokens_npy=tokens_npy)
     n = min(p["max_positions"], cache["meta"]["n_tokens"])
     tokens = load_npy(tokens_npy, dtype=np.int32, ndim=1)
     norm_path, f, fg, final_norm = last_layers(model, ident["hook_point"])
     h = np.empty((n, ident["dim"]), np.float32)
-    for first, keys, _ in run_model(model, norm_path, tokens, 0, n, p["block_size"], p["batch_size"], False):
+    stride = (cache["meta"].get("window") or {}).get("stride")  # the eval set's windows, as retrieve ran them
+    for first, keys, _ in run_model(model, norm_path, tokens, 0, n, p["block_size"], p["batch_size"], False,
+                                    stride=stride):
         h[first : first + len(keys)] = keys
     h = torch.from_numpy(h)
     norm = model.get_submodule(norm_path)
@@ -135,9 +144,10 @@ def run(identity_json, tokens_npy, cache_dir, manifest_json, points: list, p: di
             f"{cache_dir}: the model's queries or log-probabilities at the first {n} positions differ from the cache "
             f"(relative query error {err:.3g}); it was built with another model or block size — rerun retrieve"
         )
-    n_words = lm.word_count(tok, targets)
+    n_words = lm.word_count(tok, targets, "lines")  # paper 2's WikiText-103 count
     rows = []
-    idx = torch.arange(n)
+    idx, gold = torch.arange(n), torch.from_numpy(targets)
+    towards_gold: dict = {}  # run -> (log p_proj, steps) of f∘g→y
     for label, point in points:
         lam, k, sigma = point["lambda"], point["k"], point["sigma"]
         if k > cache["meta"]["K"]:
@@ -154,26 +164,35 @@ def run(identity_json, tokens_npy, cache_dir, manifest_json, points: list, p: di
 
         rows.append(row("LM", "-", lm_t, float(kl_rows(lm_logp, target).mean())))
         rows.append(row("kNN-LM", "-", knnlm_t, 0.0))
-        for r in p["runs"]:
-            for space, fn, z0 in (("f", f, z_f), ("f∘g", fg, h)):
-                zs, kls, steps = [], [], []
-                for a in range(0, n, p["opt_batch"]):
-                    z, kl, st = project(
-                        fn, z0[a : a + p["opt_batch"]], target[a : a + p["opt_batch"]], r["lr"], r["tol"],
-                        r["max_steps"],
-                    )
-                    zs.append(z)
-                    kls.append(kl)
-                    steps.append(st)
-                with torch.no_grad():
-                    logq = torch.log_softmax(fn(torch.cat(zs)).float(), -1)
+        for ri, r in enumerate(p["runs"]):
+            spaces = [("f", f, z_f, target), ("f∘g", fg, h, target)]
+            if p["to_gold"]:  # Table 4's f∘g → y: towards the gold next token (the target None)
+                spaces.append(("f∘g→y", fg, h, None))
+            for space, fn, z0, to in spaces:
+                if to is None and ri in towards_gold:  # the same for every point: solved once a run
+                    logq, steps = towards_gold[ri]
+                else:
+                    zs, kls, steps = [], [], []
+                    for a in range(0, n, p["opt_batch"]):
+                        b = slice(a, a + p["opt_batch"])
+                        z, kl, st = project(fn, z0[b], None if to is None else to[b], r["lr"], r["tol"],
+                                            r["max_steps"], gold=gold[b] if to is None else None)
+                        zs.append(z)
+                        kls.append(kl)
+                        steps.append(st)
+                    with torch.no_grad():
+                        logq = torch.log_softmax(fn(torch.cat(zs)).float(), -1)
+                    if to is None:
+                        towards_gold[ri] = logq, steps
+                # KL[p_proj || p_knnlm] at z*: the minimised one, or, towards the gold token, computed at its z*
+                kl_mean = float(torch.cat(kls).mean()) if to is not None else float(kl_rows(logq, target).mean())
                 name = f"p_proj lr={r['lr']:g}" + (f" tol={r['tol']:g}" if r["tol"] > 0 else f" {r['max_steps']} steps")
                 rows.append(
                     row(
                         name,
                         space,
-                        logq[idx, torch.from_numpy(targets)].numpy(),
-                        float(torch.cat(kls).mean()),
+                        logq[idx, gold].numpy(),
+                        kl_mean,
                         lr=r["lr"],
                         tol=r["tol"],
                         max_steps=r["max_steps"],
