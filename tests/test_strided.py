@@ -10,7 +10,6 @@
 
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -26,16 +25,6 @@ from workflow_scripts.sweep import run_sweep
 VOCAB, DIM, BLOCK, K = 40, 16, 16, 8
 LAMBDA, SIGMA = 0.25, 3.0
 PAD = 0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before_faiss, before_torch = faiss.omp_get_max_threads(), torch.get_num_threads()
-    faiss.omp_set_num_threads(1)
-    torch.set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before_faiss)
-    torch.set_num_threads(before_torch)
 
 
 @pytest.fixture(scope="module")
