@@ -63,6 +63,30 @@ def test_projection_of_the_lm_itself_needs_no_step():
     assert (kl.abs() < 1e-6).all()  # the start is kept: Adam's first normalised step only moves away
 
 
+def test_projection_towards_the_gold_token_is_adam_on_its_negative_log_likelihood():
+    """Table 4's f∘g → y: z moved towards the gold next token. The same as Adam written out on −log q(y), rows
+    independent, the best iterate kept; q(y) only grows from the start."""
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(40, 6, generator=g)
+    z0, gold = torch.randn(5, 6, generator=g), torch.tensor([3, 7, 7, 0, 39])
+
+    def nll(z):
+        return -torch.log_softmax(z @ W.T, -1)[torch.arange(5), gold]
+
+    z, obj, steps = projection.project(lambda z: z @ W.T, z0, None, lr=0.05, tol=0.0, max_steps=30, gold=gold)
+    zz = z0.clone().requires_grad_(True)
+    opt, best, best_z = torch.optim.Adam([zz], lr=0.05), nll(z0), z0.clone()
+    for _ in range(30):
+        opt.zero_grad()
+        nll(zz).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            better = nll(zz) < best
+            best, best_z[better] = torch.where(better, nll(zz), best), zz[better]
+    assert torch.allclose(z, best_z, atol=1e-5) and torch.allclose(obj, nll(z), atol=1e-6)
+    assert (obj < nll(z0)).all() and (steps == 30).all()
+
+
 @pytest.fixture(scope="module")
 def gpt2():
     torch.manual_seed(0)
@@ -137,11 +161,63 @@ class WordTokenizer:
         return "".join(self.WORDS[i] if i < len(self.WORDS) else f" w{i}" for i in ids)
 
 
+# WikiText-103 rows as the hub holds them: one line of wiki.test.tokens a row, its "\n" kept; blank lines empty
+WIKI_ROWS = ["", " = Robert Boulter = \n", "", " Robert Boulter is an English film , television and theatre actor . \n",
+             "", " = = Career = = \n", "", " = = = 2000 – 2005 = = = \n", "",
+             " In 2000 Boulter had a guest @-@ starring role on the television series The Bill . \n",
+             " He appeared in the play Herons . \n", "", " = = = 2006 – present = = = \n", "",
+             " Boulter starred in the film Mercy . \n"]
+
+
+def test_word_counts_on_wikitext_rows_equal_the_papers_own_counts():
+    """By hand, line by line (words + one end-of-line each; the 7 blank lines one each): 4+1, 12+1, 5+1, 9+1,
+    16+1, 7+1, 9+1, 7+1 and 7 = 69 + 8 + 7 = 84 for paper 2 (knnlm-why's fairseq), 69 for paper 1 (run_clm.py).
+    Each is also checked against the paper's own code re-implemented: fairseq's Binarizer (``encode_line`` of
+    ``tokenize_line``, an EOS a line) and run_clm.py's ``process_texts`` (groups under "= = =" headings)."""
+    import re
+
+    tok = lm.bpe_tokenizer(WIKI_ROWS * 3, 400)
+    eos = tok.eos_token_id
+    stream = [i for row in WIKI_ROWS for i in [*tok(row)["input_ids"], eos]]  # every row, blank ones too, + EOS
+    fairseq = sum(len(re.sub(r"\s+", " ", row).strip().split()) + 1 for row in WIKI_ROWS)  # a row is a line
+    assert lm.word_count(tok, stream, "lines") == fairseq == 84
+
+    def process_texts(rows):  # run_clm.py's, its word count only
+        words, title, texts = 0, None, []
+        for text in rows:
+            s = text.strip()
+            if s.startswith("= = =") and s.endswith("= = ="):
+                if not title:
+                    words += len("\n".join(texts).split())
+                    texts = []
+                if title and texts:
+                    words += len("\n".join([title, "\n".join(texts)]).split())
+                    texts = []
+                elif title:
+                    words += len(title.split())
+                title = s
+            elif s != "":
+                texts.append(s)
+        return words + len("\n".join([title, *texts]).split())
+
+    # paper 1's WikiText stream: its groups tokenized with the tokenizer's start token (here the EOS) and joined
+    groups = ["\n".join(r.strip() for r in WIKI_ROWS[:7] if r.strip()),
+              "\n".join(r.strip() for r in WIKI_ROWS[7:12] if r.strip()),
+              "\n".join(r.strip() for r in WIKI_ROWS[12:] if r.strip())]
+    paper1 = [i for g in groups for i in [eos, *tok(g)["input_ids"]]]
+    assert lm.word_count(tok, paper1, "words") == lm.word_count(tok, stream, "words") == process_texts(WIKI_ROWS) == 69
+
+
 def test_word_count_and_word_level_perplexity_by_hand():
-    """"The cat sat." | EOS | "A dog ran" + "s" "\n" "\n": lines "The cat sat." (3 words) and "A dog rans" (3
-    words); the empty line counts nothing; one end-of-line token per line: 3 + 3 + 2 = 8 words."""
+    """"The cat sat." | EOS | "A dog ran" + "s" "\n" "\n": lines "The cat sat." (3 words), "A dog rans" (3 words)
+    and a blank one. Paper 2's count (fairseq: one end-of-line token per line, blank lines included): 3 + 1 +
+    3 + 1 + 0 + 1 = 9; paper 1's (whitespace-separated words): 6."""
     ids = [0, 1, 2, 3, 9, 5, 6, 7, 8, 4, 4]
-    assert lm.word_count(WordTokenizer(), ids) == 8
+    assert lm.word_count(WordTokenizer(), ids, "lines") == 9
+    assert lm.word_count(WordTokenizer(), ids, "words") == 6
+    assert lm.word_count(WordTokenizer(), [0, 9, 9, 5], "lines") == 2 + 1 + 2  # "The", a blank line, "A"
+    with pytest.raises(ValueError, match="'tokens'.*lines, words"):
+        lm.word_count(WordTokenizer(), ids, "tokens")
     lp = np.log([0.5, 0.25, 0.125, 0.5, 0.9, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7])
     assert knnlm.word_perplexity(lp, 8) == pytest.approx(np.exp(-lp.sum() / 8), rel=1e-12)
     assert knnlm.word_perplexity(lp, len(lp)) == pytest.approx(knnlm.perplexity(lp), rel=1e-12)  # one word a token
@@ -210,7 +286,7 @@ def test_mlp_lm_lambda_zero_is_the_lm_and_lambda_is_chosen_on_valid(tmp_path, mo
     assert pl.read_csv(tmp_path / "out.csv").columns == df.columns
     want, ppl_at = [], {}
     for ev, a in arrays.items():
-        n_words = lm.word_count(WordTokenizer(), a["targets"])
+        n_words = lm.word_count(WordTokenizer(), a["targets"], "lines")
         p_lm = np.exp(a["lm_logprob"].astype(np.float64))
         p_mlp = np.exp(lp_all[ev][np.arange(40), a["targets"]])
         p_knn = np.array([p_knn_by_hand(a["dists"][i], a["vals"][i], a["targets"][i], 4, 1.0) for i in range(40)])
@@ -407,6 +483,37 @@ def test_macondo_table_over_seeds_and_curve_over_steps(tmp_path):
     assert "item mean" not in curve["children"].to_list()
 
 
+def test_comparison_reads_table_5_at_the_checkpoint_nearest_the_papers_step(tmp_path):
+    """Table 5 is at 16k fine-tuning steps (of 18750): with checkpoints at 14000 and 16000 and the fine-tuned
+    model at 18750, the Macondo rows are the 16000 checkpoint's; without checkpoints, the fine-tuned model's."""
+    from workflow_scripts.analyses import compare
+
+    files = [_scores(tmp_path / f"{at}.parquet", 0, at, [(1, shift - 1.0), (2, shift - 2.0)])
+             for at, shift in (("step14000", -3.0), ("step16000", -2.0), ("final", 0.0))]
+    pl.DataFrame({"step": [0, 18749], "train_loss": [3.0, 1.0], "seed": 0}).write_parquet(tmp_path / "loss.parquet")
+    tables.macondo_curve(files, [tmp_path / "loss.parquet"]).write_parquet(tmp_path / "curve.parquet")
+    tables.macondo([files[-1]]).write_parquet(tmp_path / "final.parquet")
+    assert compare.paper()["macondo"]["step"] == 16000
+
+    def lm_rows(**curve):
+        out = compare.comparison(tmp_path / "c.csv", tmp_path / "c.parquet", macondo=tmp_path / "final.parquet",
+                                 **curve)
+        return out.filter(pl.col("quantity").str.starts_with("log-likelihood") & pl.col("quantity").str.ends_with(
+            ": LM"))
+
+    at16k = lm_rows(macondo_curve=tmp_path / "curve.parquet")
+    # 1 child, 2 children, their average: the step-16000 scores; the item mean (no paper number): the final model's
+    assert at16k["ours"].to_list() == [-3.0, -4.0, -3.5, -1.5]
+    assert at16k["paper"].to_list() == [-1.02, -3.67, -3.50, None]
+    assert all("step 16000" in x and "last: 18750" in x for x in at16k["our_setup"][:3])
+    assert at16k["our_setup"][3].endswith("at the fine-tuned model")
+    final = lm_rows()
+    assert final["ours"].to_list() == [-1.0, -2.0, -1.5, -1.5] and "fine-tuned model" in final["our_setup"][0]
+    curve = tmp_path / "curve.parquet"
+    assert compare.macondo_at_paper_step(None, curve, 15000)[1].startswith("at fine-tuning step 14000")  # tie: earlier
+    assert compare.macondo_at_paper_step(None, curve, 99999)[1].startswith("at fine-tuning step 18750")
+
+
 def test_comparison_matches_each_projection_run_to_the_paper_setting_only(tmp_path):
     from workflow_scripts.analyses import compare
 
@@ -415,7 +522,7 @@ def test_comparison_matches_each_projection_run_to_the_paper_setting_only(tmp_pa
         out = [{"run": "LM", "space": "-", "ppl": 30.0, "word_ppl": 40.0, "kl": 0.5, **base},
                {"run": "kNN-LM", "space": "-", "ppl": 20.0, "word_ppl": 25.0, "kl": 0.0, **base}]
         for lr, tol, steps in ((0.1, 0.001, 1000), (0.1, 1e-5, 1000), (0.001, 0.0, 100)):
-            for space in ("f", "f∘g"):
+            for space in ("f", "f∘g", "f∘g→y"):
                 out.append({"run": f"p_proj lr={lr:g} tol={tol:g}", "space": space, "ppl": 21.0, "word_ppl": 26.0,
                             "kl": 0.01, "lr": lr, "tol": tol, "max_steps": steps, **base})
         return out
@@ -435,6 +542,8 @@ def test_comparison_matches_each_projection_run_to_the_paper_setting_only(tmp_pa
         assert got["word-level perplexity: LM"] == P["LM"] and got["word-level perplexity: kNN-LM"] == P["kNN-LM"]
         assert got["word-level perplexity of p_proj: p_proj lr=0.1 tol=0.001, f"] == 16.76
         assert got["word-level perplexity of p_proj: p_proj lr=0.001 tol=0, f∘g"] == 19.97
+        assert got["word-level perplexity of p_proj: p_proj lr=0.001 tol=0, f∘g→y"] == 19.41  # Table 4's last column
+        assert got["word-level perplexity of p_proj: p_proj lr=0.1 tol=0.001, f∘g→y"] is None  # not in Tables 1, 3
         assert got["word-level perplexity of p_proj: p_proj lr=0.1 tol=1e-05, f"] is None  # no such run in the paper
     assert "our reading" in out.filter(pl.col("our_setup").str.contains("paper"))["our_setup"][0]
     assert "read literally" in out.filter(pl.col("our_setup").str.contains("literal"))["our_setup"][0]
@@ -542,7 +651,7 @@ def _projection_inputs(tmp_path, tiny, monkeypatch, n_cache=20, K=4):
     a["vals"][:, 1] = a["targets"]
     manifest = tmp_path / "manifest.json"
     write_json(manifest, {"shards": []})
-    write_cache(tmp_path / "cache", a, manifest)
+    write_cache(tmp_path / "cache", a, manifest, tmp_path / "tokens.npy")
     return a, manifest
 
 
@@ -552,7 +661,7 @@ def test_projection_table_by_hand(tmp_path, tiny, monkeypatch):
     n = 12  # max_positions below the cache's 20
     points = [("a", {"lambda": 0.5, "k": 2, "sigma": 1.0}), ("b", {"lambda": 0.25, "k": 4, "sigma": 3.0})]
     runs = [{"lr": 0.1, "tol": 0.0, "max_steps": 6}, {"lr": 0.05, "tol": 1e-3, "max_steps": 4}]
-    p = {"max_positions": n, "block_size": 16, "batch_size": 2, "opt_batch": 5, "runs": runs}
+    p = {"max_positions": n, "block_size": 16, "batch_size": 2, "opt_batch": 5, "runs": runs, "to_gold": False}
     out = [tmp_path / "p.csv", tmp_path / "p.parquet", tmp_path / "meta.json"]
     df = projection.run("id.json", tmp_path / "tokens.npy", tmp_path / "cache", manifest, points, p, *out)
     assert pl.read_parquet(out[1]).equals(df) and pl.read_csv(out[0]).height == df.height == 2 * (2 + 2 * 2)
@@ -617,6 +726,16 @@ def test_projection_table_by_hand(tmp_path, tiny, monkeypatch):
     batched = df.filter((pl.col("point") == "a") & (pl.col("run") == "p_proj lr=0.1 6 steps"))
     np.testing.assert_allclose(df1.filter(pl.col("run") == "p_proj lr=0.1 6 steps")["kl"], batched["kl"], rtol=1e-4)
     np.testing.assert_allclose(df1.filter(pl.col("run") == "p_proj lr=0.1 6 steps")["ppl"], batched["ppl"], rtol=1e-4)
+    # to_gold: Table 4's f∘g → y beside each run's two spaces, the rows before it unchanged; solved once a run
+    dfy = projection.run("id.json", tmp_path / "tokens.npy", tmp_path / "cache", manifest, points,
+                         {**p, "to_gold": True}, *out)
+    assert dfy.filter(pl.col("space") != "f∘g→y").equals(df)
+    y = dfy.filter(pl.col("space") == "f∘g→y")
+    assert y["run"].to_list() == [names[2], names[4]] * 2 and y["point"].to_list() == ["a", "a", "b", "b"]
+    assert y["ppl"].to_list()[:2] == y["ppl"].to_list()[2:]  # the point does not enter the objective
+    for r in y.iter_rows(named=True):
+        r_lm = dfy.filter((pl.col("point") == r["point"]) & (pl.col("run") == "LM")).row(0, named=True)
+        assert r["ppl"] < r_lm["ppl"] and r["kl"] > 0  # nearer the gold tokens than the LM; KL to that point's p_knnlm
 
 
 def _rerecord(cache, name):

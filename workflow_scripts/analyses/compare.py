@@ -41,6 +41,23 @@ def same_run(paper_run: dict, row: dict) -> bool:
     return paper_run["tol"] > 0 or paper_run.get("max_steps") == row["max_steps"]
 
 
+FINE_TUNED = "at the fine-tuned model"
+
+
+def macondo_at_paper_step(table: pl.DataFrame, curve, paper_step: int) -> tuple[pl.DataFrame, str]:
+    """Table 5's rows (by number of children, and their average) at the fine-tuning step nearest ``paper_step``
+    (the earlier one on a tie), read from the curve (``tables.macondo_curve``: one block of rows a step evaluated,
+    the fine-tuned model's at its step count); without a curve, the fine-tuned model's ``table``. Returns the rows
+    and the step they were read at, in words."""
+    if curve is None:
+        return table, f"{FINE_TUNED} (no checkpoints: analyses.macondo.checkpoints)"
+    df = pl.read_parquet(curve)
+    steps = sorted(df["step"].unique())
+    at = min(steps, key=lambda x: (abs(x - paper_step), x))
+    note = f"at fine-tuning step {at}, the step evaluated nearest the paper's {paper_step} (last: {steps[-1]})"
+    return df.filter(pl.col("step") == at).drop("step"), note
+
+
 # --------------------------------------------------------------------------------------------- side by side
 def comparison(
     csv,
@@ -51,8 +68,11 @@ def comparison(
     hurdle_macondo=None,
     hurdle_corpus=None,
     setups: dict | None = None,
+    macondo_curve=None,
 ) -> pl.DataFrame:
-    """One row per reported quantity: ours, with our setup, beside the paper's, with its setup."""
+    """One row per reported quantity: ours, with our setup, beside the paper's, with its setup. Table 5's rows
+    are read from ``macondo_curve`` at the fine-tuning step nearest the paper's (``macondo.step``), or from the
+    fine-tuned model's table when no checkpoints were evaluated."""
     P, setups, rows = paper(), setups or {}, []
 
     def add(exp, quantity, ours, our_setup, theirs, their_setup):
@@ -106,24 +126,33 @@ def comparison(
             )
         add(
             "MLP replacement",
-            "storage: MLP bytes / datastore bytes",
+            "storage: the MLP's own parameters (hidden layer, LN; W is the LM's) in bytes / the datastore's keys "
+            "and values in bytes",
             df["storage_ratio"][0],
             s,
             P["mlp"]["storage_ratio_below"],
-            "§5: under 4% (the bound, not a measurement)",
+            "§5 'less than 4% of storage' = abstract 'over 25x': a bound on MLP / kNN storage, not a measurement",
         )
     if macondo:
         df = pl.read_parquet(macondo)
         s, ps = setups.get("macondo", ""), P["macondo"]["setup"]
+        table5, at = macondo_at_paper_step(df, macondo_curve, P["macondo"]["step"])
         paper_name = {"lm": "LM", "knn_lm": "kNN-LM", "knn_lm_literal": "kNN-LM"}  # the paper has one kNN-LM row
         reading = {"knn_lm": " (λ on p_knn: our reading)", "knn_lm_literal": " (λ on p_lm: Eq. 1 read literally)"}
-        for r in df.iter_rows(named=True):
+        if macondo_curve is not None:  # the curve has no item mean (no paper number): the fine-tuned model's
+            table5 = pl.concat([table5.with_columns(at=pl.lit(at)),
+                                df.filter(pl.col("children") == "item mean").with_columns(at=pl.lit(FINE_TUNED))],
+                               how="diagonal_relaxed")
+        else:
+            table5 = table5.with_columns(at=pl.lit(at))
+        for r in table5.iter_rows(named=True):
             key = r["n_children"] if r["n_children"] is not None else r["children"]
             ref = P["macondo"]["by_children"].get(key, {})  # no paper number for the item mean
             label = f"{r['children']} children" if r["n_children"] is not None else r["children"]
             for c, name in VARIANTS.items():
                 theirs = ref.get(paper_name.get(c, ""))
-                add("Macondo", f"log-likelihood, {label}: {name}", r[c], s + reading.get(c, ""), theirs, ps)
+                add("Macondo", f"log-likelihood, {label}: {name}", r[c], f"{s}{reading.get(c, '')}; {r['at']}", theirs,
+                    ps)
             if r["n_children"] is not None:
                 add("Macondo", f"log-likelihood, {label}: perfect", r["perfect"], "log(1/n)",
                     -math.log(r["n_children"]), "log(1/n)")
@@ -180,8 +209,10 @@ def paper2_comparison(
     macondo: Path | None = None,
     hurdle_macondo: Path | None = None,
     hurdle_corpus: Path | None = None,
+    macondo_curve: Path | None = None,
 ) -> None:
-    """The side-by-side table: each analysis's table (those that ran) beside the paper's numbers."""
+    """The side-by-side table: each analysis's table (those that ran) beside the paper's numbers; Table 5 at the
+    checkpoint of --macondo-curve nearest the paper's step, when checkpoints were evaluated."""
     comparison(
         csv,
         parquet,
@@ -191,4 +222,5 @@ def paper2_comparison(
         hurdle_macondo=hurdle_macondo,
         hurdle_corpus=hurdle_corpus,
         setups=params["setups"],
+        macondo_curve=macondo_curve,
     )
