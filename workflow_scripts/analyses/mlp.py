@@ -151,7 +151,7 @@ def evaluate(identity_json, mlp_pt, mlp_json, caches: dict, choose_on: str, lamb
     for evalset, cdir in caches.items():
         c = load_cache(cdir)
         lp_mlp = logprobs(model, c["queries"], c["targets"])
-        n_words = lm.word_count(tok, c["targets"])
+        n_words = lm.word_count(tok, c["targets"], "lines")  # paper 2's WikiText-103 count
         base = {"eval_set": evalset, "n_tokens": int(len(c["targets"])), "n_words": n_words}
 
         def scores(lp, n_words=n_words):
