@@ -11,8 +11,8 @@ import pytest
 from conftest import cache_arrays, p_knn_by_hand, write_cache
 
 from workflow_scripts import sweep
-from workflow_scripts.artifacts import ArtifactError, write_json
-from workflow_scripts.tasks import evaluate
+from workflow_scripts.artifacts import ArtifactError, sha256_file, write_json, write_table
+from workflow_scripts.tasks import evaluate, rescoring
 
 
 def _grid(tmp_path, name: str, ppl: dict) -> str:
@@ -20,7 +20,7 @@ def _grid(tmp_path, name: str, ppl: dict) -> str:
     rows = [{"lambda": lam, "k": k, "sigma": 1.0, "ppl": p, "base_ppl": 10.0, "n_tokens": 100}
             for (lam, k), p in ppl.items()]
     path = tmp_path / f"{name}.parquet"
-    pl.DataFrame(rows).write_parquet(path)
+    write_table(pl.DataFrame(rows), path.with_suffix(".csv"), path)
     return path
 
 
@@ -62,13 +62,14 @@ def test_chosen_point_reads_the_valid_choice_not_the_test_row(tmp_path):
     """The test row of the summary carries the valid choice; the valid row too. A summary whose test row was
     chosen on test (no valid set) is used only when nothing was chosen on another set."""
     f = tmp_path / "s.csv"
-    pl.DataFrame({"eval_set": ["test", "valid"], "datastore": ["d", "d"], "lambda": [0.3, 0.2], "k": [16, 64],
-                  "sigma": [5.0, 3.0], "chosen_on": ["valid", "valid"]}).write_csv(f)
+    write_table(pl.DataFrame({"eval_set": ["test", "valid"], "datastore": ["d", "d"], "lambda": [0.3, 0.2],
+                              "k": [16, 64], "sigma": [5.0, 3.0], "chosen_on": ["valid", "valid"]}),
+                f, f.with_suffix(".parquet"))
     # rows where eval_set != chosen_on hold the choice applied elsewhere: the test row says (0.3, 16, 5) here
     assert sweep.chosen_point(f, "d") == ((0.3, 16, 5.0), "perplexity on valid")
     assert sweep.chosen_point(f, "other") == (None, None)  # a datastore the summary does not name
-    pl.DataFrame({"eval_set": ["test"], "datastore": ["d"], "lambda": [0.1], "k": [4], "sigma": [1.0],
-                  "chosen_on": ["test"]}).write_csv(f)
+    write_table(pl.DataFrame({"eval_set": ["test"], "datastore": ["d"], "lambda": [0.1], "k": [4], "sigma": [1.0],
+                              "chosen_on": ["test"]}), f, f.with_suffix(".parquet"))
     assert sweep.chosen_point(f, "d") == ((0.1, 4, 1.0), "perplexity on test")
     assert sweep.chosen_point(tmp_path / "missing.csv", "d") == (None, None)
 
@@ -221,8 +222,9 @@ def _choice_task(tmp_path):
         "pair_len": np.array([1, 1]),
     }
     np.savez(tmp_path / "scored.npz", **cache)
+    meta = {"n_items": 1, "task": "t", "npz_sha256": sha256_file(tmp_path / "scored.npz")}
     (tmp_path / "scored.json").write_text(json.dumps(
-        {"meta": {"n_items": 1}, "items": [{"options": [[0], [1]], "domain": None, "gold": 0}]}))
+        {"meta": meta, "items": [{"options": [[0], [1]], "domain": None, "gold": 0}]}))
     item = {"id": "0", "question": "q", "answer": "A", "labels": ["A", "B"]}
     pl.DataFrame({"item": [json.dumps(item)]}).write_parquet(tmp_path / "items.parquet")
     p = {"task": "t", "model": "m", "datastore": "d",
@@ -240,8 +242,8 @@ def _sweep_task(tmp_path, p, summary=None):
 def test_a_pinned_point_off_the_grid_is_scored_and_used(tmp_path):
     p = _choice_task(tmp_path)
     # a perplexity summary that chose the grid point: without the pin, the task is scored there (wrong answer)
-    pl.DataFrame({"eval_set": ["test"], "datastore": ["d"], "lambda": [0.1], "k": [2], "sigma": [1.0],
-                  "chosen_on": ["valid"]}).write_csv(tmp_path / "s.csv")
+    write_table(pl.DataFrame({"eval_set": ["test"], "datastore": ["d"], "lambda": [0.1], "k": [2], "sigma": [1.0],
+                              "chosen_on": ["valid"]}), tmp_path / "s.csv", tmp_path / "s.parquet")
     s = _sweep_task(tmp_path, p, tmp_path / "s.csv")
     assert (s["base"], s["knn"], s["lambda"], s["k"], s["chosen_on"]) == (0.0, 0.0, 0.1, 2, "perplexity on valid")
     s = _sweep_task(tmp_path, {**p, "point": [0.5, 1, 1]}, tmp_path / "s.csv")
@@ -421,7 +423,7 @@ def test_the_summary_carries_each_sets_base_ppl_token_count_and_oracle_sigma(tmp
     def grid(name, base, n, ppl):
         rows = [{"lambda": lam, "k": 4, "sigma": s, "ppl": p, "base_ppl": base, "n_tokens": n}
                 for (lam, s), p in ppl.items()]
-        pl.DataFrame(rows).write_parquet(tmp_path / f"{name}.parquet")
+        write_table(pl.DataFrame(rows), tmp_path / f"{name}.csv", tmp_path / f"{name}.parquet")
         return tmp_path / f"{name}.parquet"
 
     sweeps = {("valid", "d"): grid("valid", 20.0, 300, {(0.1, 1.0): 9.0, (0.1, 5.0): 8.0}),
@@ -471,11 +473,11 @@ def test_the_task_sweep_refuses_a_cache_of_another_item_count_or_with_pickles(tm
     with np.load(tmp_path / "scored.npz") as z:
         cache = {k: z[k] for k in z.files}
     np.savez(tmp_path / "scored.npz", **cache, extra=np.array([{"a": 1}], dtype=object))
+    pickled = {**rec, "meta": {**rec["meta"], "npz_sha256": sha256_file(tmp_path / "scored.npz")}}
+    (tmp_path / "scored.json").write_text(json.dumps(pickled))  # recorded as written: the pickle is what is refused
     with pytest.raises(ValueError, match="allow_pickle"):
         _sweep_task(tmp_path, p)
     # an npz altered after score recorded its sha256 (in meta.npz_sha256) is refused, naming both files
-    from workflow_scripts.artifacts import sha256_file
-
     np.savez(tmp_path / "scored.npz", **cache)
     rec["meta"]["npz_sha256"] = sha256_file(tmp_path / "scored.npz")
     (tmp_path / "scored.json").write_text(json.dumps(rec))
@@ -505,15 +507,15 @@ def _generate_task(tmp_path, points, chosen=None):
     from workflow_scripts.tasks import registry
 
     registry.write_items(GEN_ITEMS, tmp_path / "items.parquet")
-    record = {"meta": {"n_items": 3}, "points": [
+    record = {"meta": {"n_items": 3, "task": "t"}, "points": [
         {"lambda": 0.0 if pt is None else pt[0], "k": None if pt is None else pt[1],
          "sigma": None if pt is None else pt[2], "texts": GEN_TEXTS[pt], "neighbours": GEN_NEIGH[pt]}
         for pt in points]}
     (tmp_path / "scored.json").write_text(json.dumps(record))
     if chosen is not None:
-        pl.DataFrame({"eval_set": ["test", "valid"], "datastore": ["d", "d"], "lambda": [chosen[0]] * 2,
-                      "k": [chosen[1]] * 2, "sigma": [chosen[2]] * 2, "chosen_on": ["valid"] * 2}
-                     ).write_csv(tmp_path / "ppl.csv")
+        write_table(pl.DataFrame({"eval_set": ["test", "valid"], "datastore": ["d", "d"], "lambda": [chosen[0]] * 2,
+                                  "k": [chosen[1]] * 2, "sigma": [chosen[2]] * 2, "chosen_on": ["valid"] * 2}),
+                    tmp_path / "ppl.csv", tmp_path / "ppl.parquet")
     return {"task": "t", "model": "m", "datastore": "d",
             "entry": {"kind": "generate", "metric": "em", "category": "reasoning"}}
 
@@ -536,16 +538,17 @@ def test_a_generate_task_sweep_scores_every_decoded_point_and_reports_the_perple
                             tmp_path / "sweep.csv", tmp_path / "sweep.parquet", tmp_path / "pred.parquet",
                             tmp_path / "summary.json")
     want = {"model": "m", "datastore": "d", "task": "t", "category": "reasoning", "kind": "generate", "metric": "em",
-            "n": 3, "base": 1 / 3, "knn": 2 / 3, "lambda": 0.25, "k": 4, "sigma": 1.0,
+            "n": 3, "base": 1 / 3, "knn": 2 / 3, "knn_undecided": 0, "lambda": 0.25, "k": 4, "sigma": 1.0,
             "chosen_on": "perplexity on valid", "best": 1.0, "best_lambda": 0.5, "best_k": 2, "best_sigma": 10.0}
     assert s == pytest.approx(want) and list(s) == list(want)
     assert json.loads((tmp_path / "summary.json").read_text()) == pytest.approx(want)
     # the sweep table: one row per decoded grid point (never the base LM), sorted by (λ, k, σ)
     sweep_want = pl.DataFrame(
         {"task": ["t"] * 4, "metric": ["em"] * 4, "lambda": [0.1, 0.25, 0.5, 0.75], "k": [8, 4, 2, 2],
-         "sigma": [1.0, 1.0, 10.0, 1.0], "score": [0.0, 2 / 3, 1.0, 1.0], "base": [1 / 3] * 4, "n": [3] * 4},
+         "sigma": [1.0, 1.0, 10.0, 1.0], "score": [0.0, 2 / 3, 1.0, 1.0], "undecided": [0] * 4,
+         "base": [1 / 3] * 4, "n": [3] * 4},
         schema={"task": pl.String, "metric": pl.String, "lambda": pl.Float64, "k": pl.Int64, "sigma": pl.Float64,
-                "score": pl.Float64, "base": pl.Float64, "n": pl.Int32})
+                "score": pl.Float64, "undecided": pl.Int64, "base": pl.Float64, "n": pl.Int32})
     assert_frame_equal(pl.read_parquet(tmp_path / "sweep.parquet"), sweep_want)
     assert_frame_equal(pl.read_csv(tmp_path / "sweep.csv"), sweep_want, check_dtypes=False)
     assert pl.read_csv(tmp_path / "sweep.csv").columns == sweep_want.columns
@@ -569,13 +572,14 @@ def test_a_generate_task_without_a_decoded_perplexity_choice_reports_its_best_po
     s = evaluate.sweep_task(None, tmp_path / "scored.json", tmp_path / "items.parquet", p, None, *out)
     assert s == pytest.approx({
         "model": "m", "datastore": "d", "task": "t", "category": "reasoning", "kind": "generate", "metric": "em",
-        "n": 3, "base": 1 / 3, "knn": 1 / 3, "lambda": None, "k": None, "sigma": None, "chosen_on": "none",
+        "n": 3, "base": 1 / 3, "knn": 1 / 3, "knn_undecided": 0, "lambda": None, "k": None, "sigma": None,
+        "chosen_on": "none",
         "best": 1 / 3, "best_lambda": 0.0, "best_k": None, "best_sigma": None})
     assert json.loads(out[3].read_text()) == s
     empty = pl.read_parquet(out[1])
     assert empty.height == 0 and dict(empty.schema) == {
         "task": pl.String, "metric": pl.String, "lambda": pl.Float64, "k": pl.Int64, "sigma": pl.Float64,
-        "score": pl.Float64, "base": pl.Float64, "n": pl.Int32}
+        "score": pl.Float64, "undecided": pl.Int64, "base": pl.Float64, "n": pl.Int32}
     assert pl.read_csv(out[0]).columns == list(empty.columns)
     assert_frame_equal(pl.read_parquet(out[2]), _expected_predictions(None, [[], [], []]))
     # a point that decoded fewer answers than the task has items is refused, not scored on the first ones
@@ -595,8 +599,9 @@ def test_the_neighbours_shown_are_those_of_the_gold_answers_first_scored_token(t
              "q_dists": np.zeros((5, 10), np.float32), "q_vals": np.zeros((5, 10), np.int32), "q_ids": q_ids,
              "pair_len": np.array([1, 2, 1, 1])}
     np.savez(tmp_path / "scored.npz", **cache)
+    meta = {"n_items": 2, "task": "t", "npz_sha256": sha256_file(tmp_path / "scored.npz")}
     (tmp_path / "scored.json").write_text(json.dumps(
-        {"meta": {"n_items": 2}, "items": [{"options": [[0], [1]], "domain": None, "gold": 1},
+        {"meta": meta, "items": [{"options": [[0], [1]], "domain": None, "gold": 1},
                                            {"options": [[2], [3]], "domain": None, "gold": 0}]}))
     from workflow_scripts.tasks import registry
 
@@ -608,3 +613,51 @@ def test_the_neighbours_shown_are_those_of_the_gold_answers_first_scored_token(t
     _sweep_task(tmp_path, p)
     assert pl.read_parquet(tmp_path / "pred.parquet")["neighbours"].to_list() == [list(range(40, 48)),
                                                                                   list(range(20, 28))]
+
+
+# ------------------------------------------------------------------------------------------ λ = 1 (issue 30 item 6)
+def _no_neighbour_task(tmp_path, pmi: bool):
+    """One item, gold option 0 ("A", token 0; "B", token 1); its query's neighbours carry neither (values 5, 6), so
+    at λ = 1 every option scores -inf (and -inf - -inf = NaN with PMI under the domain premise)."""
+    cache = {
+        "t_lm": np.log(np.array([0.4, 0.6, 0.5, 0.5])),
+        "t_pair": np.array([0, 1, 2, 3]),
+        "t_row": np.array([0, 0, 1, 1]),
+        "t_target": np.array([0, 1, 0, 1]),
+        "q_dists": np.array([[0.0, 0.1], [0.0, 0.1]], np.float32),
+        "q_vals": np.array([[5, 6], [5, 6]], np.int32),
+        "q_ids": np.array([[10, 11], [12, 13]], np.int64),
+        "pair_len": np.array([1, 1, 1, 1]),
+    }
+    np.savez(tmp_path / "scored.npz", **cache)
+    meta = {"n_items": 1, "task": "t", "npz_sha256": sha256_file(tmp_path / "scored.npz")}
+    (tmp_path / "scored.json").write_text(json.dumps(
+        {"meta": meta, "items": [{"options": [[0], [1]], "domain": [[2], [3]] if pmi else None, "gold": 0}]}))
+    item = {"id": "0", "question": "q", "answer": "A", "labels": ["A", "B"]}
+    pl.DataFrame({"item": [json.dumps(item)]}).write_parquet(tmp_path / "items.parquet")
+    kind = {"kind": "classify", "pmi": True} if pmi else {"kind": "choice"}
+    return {"task": "t", "model": "m", "datastore": "d", "point": [1.0, 2, 1.0],
+            "entry": {**kind, "metric": "accuracy", "category": "memory"},
+            "grid": {"lambdas": [0.5, 1.0], "ks": [2], "sigmas": [1.0]}}
+
+
+@pytest.mark.parametrize("pmi", [False, True])
+def test_items_with_no_option_above_minus_inf_are_counted_and_never_class_0(tmp_path, pmi, caplog):
+    """At λ = 1 with no neighbour carrying any option, argmax over all -inf (or NaN) scores returned class 0, so
+    the reported accuracy was the share of items whose answer is the first class (here 1.0). Such items are
+    wrong, counted in the sweep table's `undecided` column and the summary's knn_undecided, shown as such."""
+    s = _sweep_task(tmp_path, _no_neighbour_task(tmp_path, pmi))
+    assert (s["lambda"], s["knn"], s["knn_undecided"]) == (1.0, 0.0, 1)
+    rows = {r["lambda"]: (r["score"], r["undecided"]) for r in pl.read_csv(tmp_path / "sweep.csv").iter_rows(
+        named=True)}
+    assert rows == {0.5: (0.0, 0), 1.0: (0.0, 1)}
+    assert pl.read_parquet(tmp_path / "pred.parquet")["knn_pred"].to_list() == ["(no option scored above -inf)"]
+    assert "1 of 1 items have no option scoring above -inf at λ=1" in caplog.text
+
+
+def test_decide_ranks_nan_below_every_score_and_refuses_to_pick_among_minus_inf():
+    assert rescoring.decide([np.nan, 0.5]) == 1  # argmax alone returns the NaN's index
+    assert rescoring.decide([-np.inf, -np.inf]) == rescoring.NO_ANSWER
+    assert rescoring.decide([np.nan, -np.inf]) == rescoring.NO_ANSWER
+    assert rescoring.decide([np.inf, 0.0]) == 0  # impossible under the domain premise only: PMI +inf wins
+    np.testing.assert_array_equal(rescoring.decide(np.array([[0.1, 0.2], [-np.inf, -np.inf]])), [1, -1])

@@ -25,6 +25,7 @@ from .registry import TEXT_METRICS, aggregate, read_items
 
 log = logging.getLogger(__name__)
 N_SHOWN = 8  # neighbour ids kept per item in predictions.parquet
+NO_ANSWER_SHOWN = "(no option scored above -inf)"  # an item's prediction in predictions.parquet when none did
 
 
 # --------------------------------------------------------------------------------------------- sweep
@@ -76,7 +77,7 @@ def sweep_task(
             classes, pmi = record["classes"], bool(entry.get("pmi"))
 
             def predict(logp):
-                return np.argmax(rescoring.last_token_scores(logp, q, dq, classes, pmi), axis=1)
+                return rescoring.decide(rescoring.last_token_scores(logp, q, dq, classes, pmi))
 
             base_logp, over_grid = cache["q_lm"], rescoring.last_token_logps_over_grid
             neigh = [cache["q_ids"][i][:N_SHOWN].tolist() for i in q]
@@ -101,10 +102,12 @@ def sweep_task(
         for point, logp in _grid_and_pin(over_grid, cache, p["grid"], chosen):
             pred = predict(logp)
             per_item[point] = (pred == gold).astype(float), pred
-            rows.append({"lambda": point[0], "k": point[1], "sigma": point[2], "score": float(np.mean(pred == gold))})
+            rows.append({"lambda": point[0], "k": point[1], "sigma": point[2], "score": float(np.mean(pred == gold)),
+                         "undecided": int(np.sum(pred == rescoring.NO_ANSWER))})
 
         def shown(pred):
-            return [items[i]["labels"][int(j)] for i, j in enumerate(pred)]
+            return [items[i]["labels"][int(j)] if j != rescoring.NO_ANSWER else NO_ANSWER_SHOWN
+                    for i, j in enumerate(pred)]
     else:
         golds = [it["answers"] for it in items]
         fn = TEXT_METRICS[entry["metric"]]
@@ -116,7 +119,7 @@ def sweep_task(
             neigh_at[point] = pt["neighbours"]
             if point is not None:
                 score = aggregate(entry, items, sc)
-                rows.append({"lambda": point[0], "k": point[1], "sigma": point[2], "score": score})
+                rows.append({"lambda": point[0], "k": point[1], "sigma": point[2], "score": score, "undecided": 0})
         base = aggregate(entry, items, per_item[None][0])  # mean, or the macro average over subtasks (BBH)
 
         def shown(pred):
@@ -131,7 +134,13 @@ def sweep_task(
     knn_scores, knn_pred = per_item[chosen]
     if entry["kind"] == "generate":
         neigh = [x or [] for x in neigh_at.get(chosen) or [[]] * n]
-    sweep = pl.DataFrame(rows, schema={"lambda": pl.Float64, "k": pl.Int64, "sigma": pl.Float64, "score": pl.Float64})
+    undecided = [r for r in rows if r["undecided"]]
+    if undecided:
+        log.warning("task %s: %s", p["task"], "; ".join(
+            f"{r['undecided']} of {len(items)} items have no option scoring above -inf at λ={r['lambda']:g}, "
+            f"k={r['k']}, σ={r['sigma']:g} (counted wrong, column 'undecided')" for r in undecided))
+    sweep = pl.DataFrame(rows, schema={"lambda": pl.Float64, "k": pl.Int64, "sigma": pl.Float64, "score": pl.Float64,
+                                       "undecided": pl.Int64})
     sweep = (
         sweep.with_columns(
             pl.lit(p["task"]).alias("task"),
@@ -139,7 +148,7 @@ def sweep_task(
             pl.lit(base).alias("base"),
             pl.lit(n).alias("n"),
         )
-        .select(["task", "metric", "lambda", "k", "sigma", "score", "base", "n"])
+        .select(["task", "metric", "lambda", "k", "sigma", "score", "undecided", "base", "n"])
         .sort(["lambda", "k", "sigma"])
     )
     write_table(sweep, csv, parquet)
@@ -170,6 +179,7 @@ def sweep_task(
         "n": n,
         "base": base,
         "knn": aggregate(entry, items, knn_scores),
+        "knn_undecided": next((r["undecided"] for r in rows if (r["lambda"], r["k"], r["sigma"]) == chosen), 0),
         "lambda": None if chosen is None else chosen[0],
         "k": None if chosen is None else chosen[1],
         "sigma": None if chosen is None else chosen[2],

@@ -29,6 +29,18 @@ def option_scores(options, pair_logprob, pair_len, normalize: bool = False) -> n
     return out
 
 
+NO_ANSWER = -1  # the prediction of an item none of whose options has a score above -inf (λ = 1, no neighbour)
+
+
+def decide(scores) -> np.ndarray | int:
+    """argmax over the last axis of option scores, NaN (−inf − (−inf) under PMI) ranked as −inf; an item none of
+    whose options scores above −inf gets ``NO_ANSWER`` (wrong for every metric) instead of argmax's class 0."""
+    s = np.asarray(scores, np.float64)
+    s = np.where(np.isnan(s), -np.inf, s)
+    out = np.where(np.all(s == -np.inf, axis=-1), NO_ANSWER, np.argmax(s, axis=-1))
+    return int(out) if out.ndim == 0 else out
+
+
 def score_classify(items: Sequence[dict], pair_logprob, pair_len, pmi: bool = True) -> np.ndarray:
     """Predicted label per item: the label whose verbalizer set is most probable as the continuation; with
     ``pmi``, domain-conditional PMI (score under the input minus score under the domain premise)."""
@@ -37,7 +49,7 @@ def score_classify(items: Sequence[dict], pair_logprob, pair_len, pmi: bool = Tr
         s = option_scores(it["options"], pair_logprob, pair_len)
         if pmi and it.get("domain"):
             s = s - option_scores(it["domain"], pair_logprob, pair_len)
-        preds[i] = int(np.argmax(s))
+        preds[i] = decide(s)
     return preds
 
 
@@ -49,7 +61,7 @@ def score_choice(items: Sequence[dict], pair_logprob, pair_len, pmi: bool = Fals
         s = option_scores(it["options"], pair_logprob, pair_len, normalize)
         if pmi and it.get("domain"):
             s = s - option_scores(it["domain"], pair_logprob, pair_len, normalize)
-        preds[i] = int(np.argmax(s))
+        preds[i] = decide(s)
     return preds
 
 
