@@ -29,7 +29,10 @@ rule sweep:
     params:
         p=lambda w: as_json(
             {k: config["sweep"][k] for k in ("lambdas", "ks", "sigmas")}
-            | {"block_size": config["extraction"]["block_size"]}
+            | {
+                "block_size": config["extraction"]["block_size"],
+                "word_count": EVAL_SETS[w.evalset]["word_count"],
+            }
             | stride_param(EVAL_SETS[w.evalset])
         ),
     shell:

@@ -78,8 +78,9 @@ def test_retrieval_cache_contract(micro_run, evalset):
 def test_sweep_table(micro_run, evalset):
     stem = micro_run / "results/sweeps" / evalset / DS / "perplexity"
     df = pl.read_parquet(f"{stem}.parquet")
-    assert df.columns == ["lambda", "k", "sigma", "ppl", "base_ppl", "n_tokens", "window_ppl", "base_window_ppl"]
-    assert pl.read_csv(f"{stem}.csv").shape == df.shape == (3 * 3 * 2, 8)
+    assert df.columns == ["lambda", "k", "sigma", "ppl", "base_ppl", "n_tokens", "window_ppl", "base_window_ppl",
+                          "word_ppl", "base_word_ppl", "n_words"]
+    assert pl.read_csv(f"{stem}.csv").shape == df.shape == (3 * 3 * 2, 11)
     lp = np.load(micro_run / "results/retrieval" / evalset / DS / "lm_logprob.npy")
     assert df["base_ppl"][0] == pytest.approx(math.exp(-lp.astype(np.float64).mean()), rel=1e-12)
     # no stride: paper 1's per-window mean over the blocks of extraction.block_size (32) the queries were run in
@@ -88,6 +89,10 @@ def test_sweep_table(micro_run, evalset):
     by_block = [nll[a : a + block].mean() for a in range(0, nll.size, block)]
     assert df["base_window_ppl"][0] == pytest.approx(math.exp(np.mean(by_block)), rel=1e-12)
     assert nll.size % block and df["base_window_ppl"][0] != pytest.approx(df["base_ppl"][0], rel=1e-9)
+    # word level, by the eval set's default count (words: paper 1's), recorded by retrieve in the cache
+    words = json.loads((micro_run / "results/retrieval" / evalset / DS / "meta.json").read_text())["words"]["words"]
+    assert (df["n_words"] == words).all() and 0 < words < nll.size
+    assert df["base_word_ppl"][0] == pytest.approx(math.exp(nll.sum() / words), rel=1e-12)
     at0 = df.filter(pl.col("lambda") == 0.0)
     assert (at0["ppl"] == at0["base_ppl"]).all()  # λ = 0 is exactly the base LM
 

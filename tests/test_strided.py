@@ -140,7 +140,8 @@ def test_strided_pipeline_equals_run_clm_sliding_windows(model_json, tmp_path, s
     np.testing.assert_allclose(np.load(tmp_path / "cache" / "queries.npy").astype(np.float32),
                                np.concatenate([w[0] for w in ref_test]).astype(np.float16), rtol=2e-3, atol=1e-6)
 
-    grid = {"lambdas": [LAMBDA], "ks": [K], "sigmas": [SIGMA], "block_size": BLOCK, "stride": stride}
+    grid = {"lambdas": [LAMBDA], "ks": [K], "sigmas": [SIGMA], "block_size": BLOCK, "stride": stride,
+            "word_count": "lines"}
     row = run_sweep(tmp_path / "cache", tmp_path / "ds/manifest.json", grid, tmp_path / "p.csv",
                     tmp_path / "p.parquet", tmp_path / "test.npy").row(0, named=True)
     ref = reference_knnlm(ref_train, ref_test, K, LAMBDA, SIGMA)
@@ -151,6 +152,9 @@ def test_strided_pipeline_equals_run_clm_sliding_windows(model_json, tmp_path, s
     np.testing.assert_allclose(row["base_window_ppl"], np.exp(np.mean([-w[2].astype(np.float64).mean()
                                                                        for w in ref_test])), rtol=1e-6)
     assert row["window_ppl"] != pytest.approx(row["ppl"], rel=1e-9)  # the two aggregations do differ here
+    # word level: "t3 t7 ..." is one line of one word a token, so the line count adds one word to the tokens
+    assert row["n_words"] == meta["words"]["lines"] == per_token.size + 1 and meta["words"]["words"] == per_token.size
+    np.testing.assert_allclose(row["word_ppl"], np.exp(-per_token.sum() / row["n_words"]), rtol=1e-6)
 
     # the contract: a sweep for other windows than the cache's is refused, naming them
     with pytest.raises(ArtifactError, match="non-overlapping blocks"):

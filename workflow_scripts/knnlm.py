@@ -149,11 +149,13 @@ def word_perplexity(logprobs, n_words: int) -> float:
     return float(np.exp(-np.sum(np.asarray(logprobs, dtype=np.float64)) / n_words))
 
 
-def sweep(dists, vals, targets, lm_logprob, lambdas, ks, sigmas, window_starts=None) -> list[dict]:
+def sweep(dists, vals, targets, lm_logprob, lambdas, ks, sigmas, window_starts=None, n_words=None) -> list[dict]:
     """Perplexity at every (λ, k, σ) by rescoring cached neighbours: the cost does not grow with the datastore. With
-    ``window_starts`` (the eval windows, ``window_perplexity``), paper 1's per-window aggregation beside it."""
+    ``window_starts`` (the eval windows, ``window_perplexity``), paper 1's per-window aggregation beside it; with
+    ``n_words`` (the words the targets spell), the word-level perplexity (``word_perplexity``)."""
     base = perplexity(lm_logprob)
     windowed = {} if window_starts is None else {"base_window_ppl": window_perplexity(lm_logprob, window_starts)}
+    worded = {} if n_words is None else {"base_word_ppl": word_perplexity(lm_logprob, n_words)}
     rows = []
     for sigma in sigmas:
         per_k = knn_target_logprobs(dists, vals, targets, ks, sigma)
@@ -170,6 +172,8 @@ def sweep(dists, vals, targets, lm_logprob, lambdas, ks, sigmas, window_starts=N
                         "n_tokens": int(len(targets)),
                         **windowed,
                         **({"window_ppl": window_perplexity(lp, window_starts)} if windowed else {}),
+                        **worded,
+                        **({"word_ppl": word_perplexity(lp, n_words)} if worded else {}),
                     }
                 )
     return rows

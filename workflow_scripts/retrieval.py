@@ -58,6 +58,11 @@ def check_not_datastore_text(tokens_npy, tokens_sha256: str, manifest_json, cfg:
 SEARCH_BATCH = memory.SEARCH_BATCH  # queries per FAISS search call
 
 
+def target_words(tok, targets) -> dict:
+    """The words the scored tokens spell, by each paper's count (``lm.word_count``), for word-level perplexity."""
+    return {convention: lm.word_count(tok, targets, convention) for convention in lm.WORD_COUNTS}
+
+
 def retrieve(
     identity_json, manifest_json, index_path, index_meta, tokens_npy, cfg: dict, outdir, threads: int = 1,
     chunk: tuple[int, int] | None = None,
@@ -67,7 +72,7 @@ def retrieve(
     outdir = Path(outdir)
     tokens_sha256 = sha256_file(tokens_npy)
     check_not_datastore_text(tokens_npy, tokens_sha256, manifest_json, cfg)
-    model, _, ident, ds, index, imeta = open_retriever(
+    model, tok, ident, ds, index, imeta = open_retriever(
         identity_json, manifest_json, index_path, index_meta, cfg, threads
     )
     K = cfg["k_max"]
@@ -109,6 +114,7 @@ def retrieve(
         "index": imeta["factory"],
         "distances": "faiss" if imeta["exact"] else DISTANCES[distances],
         **window_record(cfg["block_size"], cfg.get("stride")),  # the eval set's windows, when strided
+        "words": target_words(tok, tokens[1 : n + 1]),  # of all the scored tokens, in every chunk alike
         "seconds": {"model": round(t_model, 2), "search": round(t_search, 2)},
     }
     if chunk is not None:

@@ -60,6 +60,7 @@ def write_cache(outdir: Path, arrays: dict, meta: dict) -> dict:
 
 
 SAME = ("manifest_sha256", "model_sha256", "K", "tokens_sha256", "index", "distances")  # every chunk's alike
+OPTIONAL = ("window", "words")  # alike too, where recorded: the eval set's windows (strided), its words (scored)
 
 
 def merge_chunks(chunk_metas: list, tokens_npy, cfg: dict, outdir) -> dict:
@@ -73,18 +74,18 @@ def merge_chunks(chunk_metas: list, tokens_npy, cfg: dict, outdir) -> dict:
     for i, (c, m) in enumerate(zip(caches, chunk_metas, strict=True)):
         got = c["meta"].get("chunk") or {}
         want = {"index": i, "of": len(caches), "start": bounds[i][0], "end": bounds[i][1], "scored": n}
-        alike = all(c["meta"][k] == first[k] for k in SAME) and c["meta"].get("window") == first.get("window")
+        alike = all(c["meta"].get(k) == first.get(k) for k in (*SAME, *OPTIONAL))
         if got != want or not alike:
             raise ArtifactError(
                 f"{m}: chunk {got or 'record missing'}, expected {want} built like {chunk_metas[0]} "
-                f"({', '.join(SAME)}, window); the chunk belongs to another eval set, config or datastore: rerun "
+                f"({', '.join((*SAME, *OPTIONAL))}); the chunk belongs to another eval set, config or datastore: rerun "
                 f"retrieve_chunk (snakemake --forcerun {m})"
             )
     if first["tokens_sha256"] != sha256_file(tokens_npy):
         raise ArtifactError(f"{chunk_metas[0]}: built from another version of {tokens_npy}; rerun retrieve_chunk")
     K = first["K"]
     arrays = {name: [c[name] for c in caches] for name in CACHE_FILES}  # memory-mapped: copied part by part
-    meta = {k: first[k] for k in SAME} | {k: first[k] for k in ("window",) if k in first}  # window: when strided
+    meta = {k: first[k] for k in SAME} | {k: first[k] for k in OPTIONAL if k in first}
     meta |= {"n_tokens": int(n), "chunks": len(caches),
              "seconds": {k: round(sum(c["meta"]["seconds"][k] for c in caches), 2) for k in ("model", "search")}}
     meta = write_cache(Path(outdir), arrays, meta)

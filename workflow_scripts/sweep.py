@@ -18,8 +18,10 @@ from .datastore import strided_windows, window_record
 from .retrieval_cache import load_cache
 
 # ppl, base_ppl: exp of the mean NLL per token; window_ppl, base_window_ppl: paper 1's run_clm.py aggregation, exp of
-# the mean over the eval windows of each window's mean NLL (knnlm.window_perplexity)
-COLUMNS = ["lambda", "k", "sigma", "ppl", "base_ppl", "n_tokens", "window_ppl", "base_window_ppl"]
+# the mean over the eval windows of each window's mean NLL (knnlm.window_perplexity); word_ppl, base_word_ppl: exp of
+# the total NLL over the words the scored tokens spell (n_words, by the eval set's word_count convention)
+COLUMNS = ["lambda", "k", "sigma", "ppl", "base_ppl", "n_tokens", "window_ppl", "base_window_ppl", "word_ppl",
+           "base_word_ppl", "n_words"]
 PINNED = "pinned in config"  # chosen_on of a point that tasks.points pins
 
 
@@ -40,10 +42,18 @@ def run_sweep(cache_dir, manifest_json, grid: dict, csv, parquet, tokens_npy=Non
             f"(snakemake --forcerun {Path(cache_dir) / 'meta.json'})"
         )
     starts = [a for _, a, _ in strided_windows(0, c["meta"]["n_tokens"], block, stride)] if block else None
-    rows = knnlm.sweep(
-        c["dists"], c["vals"], c["targets"], c["lm_logprob"], grid["lambdas"], grid["ks"], grid["sigmas"], starts
-    )
-    df = pl.DataFrame(rows).select(COLUMNS if block else COLUMNS[:6]).sort(["lambda", "k", "sigma"])
+    convention = grid.get("word_count")  # the eval set's (the rule passes it)
+    if convention and convention not in c["meta"].get("words", {}):
+        raise ArtifactError(f"{cache_dir}: meta.json has no {convention!r} word count of its tokens (written before "
+                            f"word counts, or edited); rerun retrieve for it (snakemake --forcerun "
+                            f"{Path(cache_dir) / 'meta.json'})")
+    n_words = c["meta"]["words"][convention] if convention else None
+    rows = knnlm.sweep(c["dists"], c["vals"], c["targets"], c["lm_logprob"], grid["lambdas"], grid["ks"],
+                       grid["sigmas"], starts, n_words)
+    columns = COLUMNS[:6] + (COLUMNS[6:8] if block else []) + (COLUMNS[8:10] if convention else [])
+    df = pl.DataFrame(rows).select(columns).sort(["lambda", "k", "sigma"])
+    if convention:
+        df = df.with_columns(n_words=pl.lit(n_words, pl.Int64))
     write_table(df, csv, parquet)
     return df
 
@@ -92,6 +102,8 @@ def summarize_frames(frames: dict[tuple[str, str], pl.DataFrame], select_on: str
                 "oracle_sigma": best["sigma"],
                 **({"base_window_ppl": best["base_window_ppl"], "knn_window_ppl": at["window_ppl"]}
                    if "window_ppl" in df.columns else {}),
+                **({"base_word_ppl": best["base_word_ppl"], "knn_word_ppl": at["word_ppl"], "n_words": best["n_words"]}
+                   if "word_ppl" in df.columns else {}),
             }
         )
     return pl.DataFrame(rows).sort(["datastore", "eval_set"])
