@@ -608,3 +608,17 @@ def test_task_names_differing_only_by_case_are_refused():
     check({**fresh(), "tasks": {"evaluate": {ds: ["mine"]}, "custom": {"mine": entry}}})  # one of them is valid
     c["tasks"] = {"evaluate": {ds: []}, "custom": {"mine": entry, "Mine": entry}}
     rejects(c, "config key tasks.custom:", "'mine' and 'Mine' differ only by case")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"nlist": 4096, "train_sample": 2000}, "2000 keys cannot train index.nlist = 4096 lists"),
+    ({"nlist": 4, "nbits": 12, "train_sample": 2000}, "2^index.nbits = 4096 codes"),
+])
+def test_ivfpq_with_more_centroids_than_train_sample_is_a_config_error(edit, message):
+    """Issue 30 item 11: what config time can know (the training sample; the datastore's size is known at job time,
+    index.train_in_place)."""
+    c = fresh()
+    c["index"] |= {"type": "IVFPQ", **edit}
+    rejects(c, "config key index.train_sample:", message)
+    c["index"] |= {"nlist": 4, "nbits": 8, "train_sample": 256}  # exactly enough
+    check(c)

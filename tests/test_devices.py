@@ -2,6 +2,7 @@
 and dtype, the refusal of cuda where there is none, the log line, FAISS on GPUs (which cloner options, sharded or
 replicated, training through the clustering index) with the GPU API mocked, since no GPU runs these tests."""
 
+import json
 import logging
 import re
 import subprocess
@@ -17,7 +18,7 @@ from conftest import ROOT, job_stats, load_test_config, project_env, snakemake, 
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
-from workflow_scripts import devices, forward, index, lm, retrieval
+from workflow_scripts import cli, devices, forward, index, lm, retrieval
 from workflow_scripts.artifacts import sha256_file, write_json
 
 
@@ -366,3 +367,19 @@ def test_cuda_without_a_gpu_is_refused_before_any_local_job_but_not_on_a_cluster
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "sbatch failed. The error message was 'fake sbatch'" in log, log[-3000:]
     assert "extraction.device: cuda, but" not in log
+
+
+@pytest.mark.parametrize("size", [0, 20])
+def test_an_empty_or_truncated_safetensors_file_is_one_line_naming_it(tmp_path, capsys, size):
+    """Issue 30 item 11: a zero-byte (or cut) model.safetensors in a local model directory ended model_identity in a
+    safetensors traceback (its error is no ValueError); now the step's one error line names the file."""
+    _tiny_model(tmp_path)
+    weights = tmp_path / "m" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:size])
+    params = json.dumps({"spec": {"source": "local", "path": str(tmp_path / "m")}})
+    capsys.readouterr()  # the fixture's progress bars
+    rc = cli.main(["model-identity", "--params", params, "--model-json", str(tmp_path / "again.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err == [f"error: model-identity: {weights}: not a safetensors file ({size} bytes: empty or "
+                               "truncated); copy the model's weights again"]

@@ -300,3 +300,14 @@ def test_gather_reads_each_row_from_its_shard_for_ids_of_any_shape(tmp_path, siz
     for ids in (rng.integers(0, ds.rows, (7, 11)), edges, edges[::-1].reshape(1, -1)):
         np.testing.assert_array_equal(ds.gather_vals(ids), vals[ids])
         np.testing.assert_array_equal(ds.gather_keys(ids), keys[ids])
+
+
+def test_ivfpq_with_more_centroids_than_training_keys_is_refused_naming_the_keys(tmp_path):
+    """Issue 30 item 11: a datastore of fewer keys than index.nlist (or 2^nbits) stopped on FAISS's raw assertion
+    `nx >= k`; train_index now says which keys and which config keys, before FAISS runs (config time catches
+    nlist > train_sample, test_config.py)."""
+    manifest = make_datastore(tmp_path, [30, 20])
+    with pytest.raises(ValueError, match=r"manifest.json: 50 keys to train IVF64,PQ8x6 .*index.train_sample = 2000\), "
+                       r"fewer than its 64 centroids \(index.nlist = 64"):
+        ix.train_index(manifest, {**IVFPQ, "nlist": 64}, 0, tmp_path / "t.faiss", tmp_path / "t.json")
+    assert not (tmp_path / "t.faiss").exists()

@@ -241,6 +241,13 @@ def _cross_check(c: dict) -> None:
             f"config key sweep.k_max: {sw['k_max']} is smaller than the largest k in sweep.ks "
             f"({max(sw['ks'])}); retrieval must fetch at least max(ks) neighbours"
         )
+    ix = c["index"]
+    if ix["type"] == "IVFPQ" and max(ix["nlist"], 2 ** ix["nbits"]) > ix["train_sample"]:
+        raise ConfigError(
+            f"config key index.train_sample: {ix['train_sample']} keys cannot train index.nlist = {ix['nlist']} lists "
+            f"and 2^index.nbits = {2 ** ix['nbits']} codes per sub-quantizer (k-means needs at least as many keys as "
+            f"centroids); raise index.train_sample or lower nlist / nbits"
+        )
     if c["index"]["type"] == "Flat" and c["index"].get("distances") == "pq":
         raise ConfigError(
             "config key index.distances: pq keeps an IVFPQ index's approximate distances; a Flat index's are exact "

@@ -49,6 +49,13 @@ def train_in_place(index, ds: Datastore, cfg: dict, seed: int):
         return index
     desc = factory_string(cfg, ds.dim)
     n = min(ds.rows, cfg["train_sample"])
+    centroids = max(cfg["nlist"], 2 ** cfg["nbits"])
+    if n < centroids:  # FAISS's k-means would stop on an assertion
+        raise ValueError(
+            f"{ds.path}: {n} keys to train {desc} (datastore of {ds.rows} keys, index.train_sample = "
+            f"{cfg['train_sample']}), fewer than its {centroids} centroids (index.nlist = {cfg['nlist']}, 2^index.nbits"
+            f" = {2 ** cfg['nbits']}); lower index.nlist / index.nbits to at most the keys, or use index.type Flat"
+        )
     if n < cfg["nlist"] * 39 and n < ds.rows:
         log.warning("training %s on %d keys (< 39 per list)", desc, n)
     sample_ids = np.sort(np.random.default_rng(seed).choice(ds.rows, size=n, replace=False))

@@ -338,9 +338,28 @@ def load_model(identity_or_spec: dict, device: str = "auto", dtype: str = "float
     dtype = devices.torch_dtype(target, dtype)
     devices.log_devices(target, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True, **kw)
+    if Path(path).is_dir():
+        check_safetensors(Path(path))
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True, **kw)
+    except SafetensorError as e:  # not a ValueError: the step would end in a traceback
+        raise ArtifactError(f"{path}: its safetensors weights cannot be read ({e})") from e
     model.to(target).eval()
     return model, tokenizer
+
+
+def check_safetensors(directory: Path) -> None:
+    """Refuse, naming the file, a .safetensors file of a model directory that cannot hold its own header (an empty
+    or truncated file), before transformers reads it: its 8-byte header length and the header must be there."""
+    for f in sorted(directory.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+        if len(head) < 8 or 8 + int.from_bytes(head, "little") > size:
+            raise ArtifactError(f"{f}: not a safetensors file ({size} bytes: empty or truncated); copy the model's "
+                                "weights again")
 
 
 def weight_files_hash(identity_or_spec: dict) -> dict[str, str]:
