@@ -5,8 +5,10 @@ import json
 import os
 import re
 import shlex
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 from workflow_scripts import cli as _cli
 from workflow_scripts import config as _config
@@ -332,6 +334,10 @@ def retrieval_params(wildcards, chunk=None):
             "max_tokens": EVAL_SETS[wildcards.evalset].get("max_tokens"),
             "block_size": ex["block_size"],
             **stride_param(EVAL_SETS[wildcards.evalset]),
+            **{
+                f"datastore_{k}": v
+                for k, v in stride_param(DATASTORES[wildcards.ds]).items()
+            },
             "batch_size": ex["batch_size"],
             "device": ex["device"],
             "dtype": ex["dtype"],
@@ -438,6 +444,33 @@ SUBSAMPLED = [d for d, spec in DATASTORES.items() if "subsample" in spec]
 EXTRACTED = [d for d in DATASTORES if d not in SUBSAMPLED]
 # extracted datastores cut into shards of shard_tokens positions: their shard plan is checkpoint plan_shards
 PLANNED = [d for d in EXTRACTED if "shard_tokens" in DATASTORES[d]]
+
+
+def warn_missing_shards():
+    """Shard files a datastore's manifest lists that are gone: an interrupted `--forcerun extract_keys` removes
+    them, and a plain rerun then has nothing to do (Snakemake rebuilds a missing file only when something
+    downstream is out of date), while the next job that reads the datastore fails. Warned about, with the command
+    that rebuilds them, whenever the DAG is built."""
+    for ds in DATASTORES:
+        manifest = Path(f"results/datastores/{ds}/manifest.json")
+        try:
+            shards = json.loads(manifest.read_text())["shards"]
+            listed = [
+                manifest.parent / s[k] for s in shards for k in ("keys", "values")
+            ]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not built yet, or unreadable: its own readers say so
+        gone = [str(f) for f in listed if not f.exists()]
+        if gone:
+            logger.warning(
+                f"datastores.{ds}: {len(gone)} shard files that {manifest} lists are missing ({', '.join(gone[:4])}"
+                f"{', ...' if len(gone) > 4 else ''}), e.g. after an interrupted --forcerun of extract_keys; "
+                f"Snakemake does not rebuild them by itself: rerun the forced command, or snakemake --forcerun "
+                + " ".join(shlex.quote(f) for f in gone)
+            )
+
+
+warn_missing_shards()
 
 
 # ----------------------------------------------------------------------------- tasks (paper 1)
@@ -682,10 +715,13 @@ def neighbour_outputs():
     return out
 
 
-# ----------------------------------------------------------------------------- in-context retrieval (rules/incontext.smk)
+# ----------------------------------------------------------------------------- in-context retrieval
+# rules/incontext.smk: the datastores whose corpus is retrieved from in context, and their tasks
 INCONTEXT = config["incontext"]
 IC_DATASTORES = INCONTEXT["datastores"]
-IC_TASK_RUNS = [(d, t) for d, t in TASK_RUNS if d in IC_DATASTORES and INCONTEXT["tasks"]]
+IC_TASK_RUNS = [
+    (d, t) for d, t in TASK_RUNS if d in IC_DATASTORES and INCONTEXT["tasks"]
+]
 IC_PARAMS = {
     k: INCONTEXT[k]
     for k in ("passage_tokens", "passages", "query_tokens", "stride", "max_tokens")

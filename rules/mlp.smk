@@ -38,6 +38,7 @@ rule mlp_eval:
         caches=lambda w: [
             f"results/retrieval/{e}/{MLP['datastore']}/meta.json" for e in EVAL_SETS
         ],
+        tokens=lambda w: [eval_tokens(e, MLP["datastore"]) for e in EVAL_SETS],
         summary="results/tables/perplexity_summary.csv",
     output:
         csv=report(
@@ -62,5 +63,5 @@ rule mlp_eval:
         ),
     shell:
         "python -m workflow_scripts mlp-eval --params {params.p:q} --model-json {input.model_json} --mlp {input.pt}"
-        " --mlp-json {input.meta} --caches {input.caches} --summary {input.summary} --csv {output.csv}"
+        " --mlp-json {input.meta} --caches {input.caches} --tokens {input.tokens} --summary {input.summary} --csv {output.csv}"
         " --parquet {output.parquet} 2> {log}"

@@ -77,13 +77,15 @@ rule retrieve:
         " --tokens {input.tokens} --meta {output.meta} {params.chunks} 2> {log}"
 
 
-# Checks a retrieval cache as the sweep does (each file's sha256, shapes, distances, its datastore) before the
-# sweep starts, so that a failed check keeps the sweep's previous tables; temp(), so it runs whenever the sweep does.
+# Checks a retrieval cache as the sweep does (each file's sha256, shapes, distances, its datastore and its eval
+# set's tokens) before the sweep starts, so that a failed check keeps the sweep's previous tables; temp(), so it
+# runs whenever the sweep does.
 rule verify_retrieval:
     input:
         cache=rules.retrieve.output,
         cache_meta=rules.retrieve.output.meta,
         manifest="results/datastores/{ds}/manifest.json",
+        tokens=lambda w: eval_tokens(w.evalset, w.ds),
     output:
         temp("results/retrieval/{evalset}/{ds}/verified.json"),
     log:
@@ -97,4 +99,4 @@ rule verify_retrieval:
         runtime=30,
     shell:
         "python -m workflow_scripts verify-retrieval --cache {input.cache_meta} --manifest {input.manifest}"
-        " --out {output} 2> {log}"
+        " --tokens {input.tokens} --out {output} 2> {log}"

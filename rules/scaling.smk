@@ -38,6 +38,7 @@ rule scaling_sweep:
         cache=rules.retrieve.output,
         cache_meta=rules.retrieve.output.meta,
         manifest="results/datastores/{ds}/manifest.json",
+        tokens=lambda w: eval_tokens(w.evalset, w.ds),
         index="results/datastores/{ds}/index.faiss",
         index_meta="results/datastores/{ds}/index.json",
     output:
@@ -71,7 +72,7 @@ rule scaling_sweep:
         ),
     shell:
         "python -m workflow_scripts scaling-sweep --params {params.p:q} --threads {threads} --cache {input.cache_meta}"
-        " --manifest {input.manifest} --index {input.index} --index-meta {input.index_meta} --npz {output.npz}"
+        " --manifest {input.manifest} --tokens {input.tokens} --index {input.index} --index-meta {input.index_meta} --npz {output.npz}"
         " --csv {output.csv} --parquet {output.parquet} --meta {output.meta} 2> {log}"
 
 

@@ -132,13 +132,15 @@ rule score_task:
         " {params.summary} {params.chunks} --npz {output.npz} --scored-json {output.json} 2> {log}"
 
 
-# Checks a task cache as the task sweep does (the npz's sha256, the item count) before task_sweep starts, so that
-# a failed check keeps the task sweep's previous outputs; temp(), so it runs whenever task_sweep does.
+# Checks a task cache as the task sweep does (the npz's sha256, its task, datastore manifest and items) before
+# task_sweep starts, so that a failed check keeps the task sweep's previous outputs; temp(), so it runs whenever
+# task_sweep does.
 rule verify_task_cache:
     input:
         npz=rules.score_task.output.npz,
         scored_json=rules.score_task.output.json,
         task_items="results/task_data/{task}.parquet",
+        manifest="results/datastores/{ds}/manifest.json",
     output:
         temp("results/tasks/{ds}/{task}/verified.json"),
     log:
@@ -150,9 +152,12 @@ rule verify_task_cache:
     resources:
         mem_mb=2000,
         runtime=30,
+    params:
+        p=lambda w: as_json({"task": w.task}),
     shell:
-        "python -m workflow_scripts verify-task-cache --npz {input.npz} --scored-json {input.scored_json}"
-        " --items {input.task_items} --out {output} 2> {log}"
+        "python -m workflow_scripts verify-task-cache --params {params.p:q} --npz {input.npz}"
+        " --scored-json {input.scored_json} --items {input.task_items} --manifest {input.manifest}"
+        " --out {output} 2> {log}"
 
 
 # Makes a task's metric over the λ/k/σ grid, its per-item predictions and its one-row summary.
@@ -161,6 +166,7 @@ rule task_sweep:
         npz=rules.score_task.output.npz,
         scored_json=rules.score_task.output.json,
         task_items="results/task_data/{task}.parquet",
+        manifest="results/datastores/{ds}/manifest.json",
         verified=rules.verify_task_cache.output[0],
         summary="results/tables/perplexity_summary.csv",
     output:
@@ -186,7 +192,7 @@ rule task_sweep:
         p=task_sweep_params,
     shell:
         "python -m workflow_scripts task-sweep --params {params.p:q} --npz {input.npz} --scored-json {input.scored_json}"
-        " --items {input.task_items} --summary {input.summary} --csv {output.csv} --parquet {output.parquet}"
+        " --items {input.task_items} --manifest {input.manifest} --summary {input.summary} --csv {output.csv} --parquet {output.parquet}"
         " --predictions {output.predictions} --summary-json {output.summary} 2> {log}"
 
 
@@ -233,6 +239,38 @@ rule task_delta:
     shell:
         "python -m workflow_scripts task-delta --params {params.p:q} --predictions {input} --csv {output.csv}"
         " --parquet {output.parquet} 2> {log}"
+
+
+# Makes the table of Δ = kNN-LM − base LM by subtask (BBH's 27), task and category, with stratified 95% bootstrap
+# intervals over items.
+rule task_subtask_delta:
+    input:
+        predictions=lambda w: [
+            f"results/tasks/{w.ds}/{t}/predictions.parquet"
+            for d, t in TASK_RUNS
+            if d == w.ds
+        ],
+        task_items=lambda w: [
+            f"results/task_data/{t}.parquet" for d, t in TASK_RUNS if d == w.ds
+        ],
+    output:
+        csv=report(
+            "results/tables/task_subtasks/{ds}.csv",
+            caption="../report/task_subtasks.rst",
+            category="Tasks (paper 1)",
+        ),
+        parquet="results/tables/task_subtasks/{ds}.parquet",
+    log:
+        "results/logs/task_subtask_delta/{ds}.log",
+    benchmark:
+        "results/benchmarks/task_subtask_delta/{ds}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    params:
+        p=as_json({"seed": config["seed"]}),
+    shell:
+        "python -m workflow_scripts task-subtask-delta --params {params.p:q} --predictions {input.predictions}"
+        " --items {input.task_items} --csv {output.csv} --parquet {output.parquet} 2> {log}"
 
 
 # Makes the qualitative table: reasoning items the kNN-LM got right and the base LM did not, with neighbours.

@@ -369,8 +369,9 @@ def cache_arrays(rng, n, K, vocab, dim=4):
     }
 
 
-def write_cache(d: Path, arrays: dict, manifest=None) -> None:
-    """``arrays`` as a retrieval cache in ``d`` (its meta.json names ``manifest``'s hash when given)."""
+def write_cache(d: Path, arrays: dict, manifest=None, tokens=None) -> None:
+    """``arrays`` as a retrieval cache in ``d`` (its meta.json names ``manifest``'s hash and the sha256 of the eval
+    set's ``tokens`` when given)."""
     from workflow_scripts.artifacts import save_npy, sha256_file, write_json
     from workflow_scripts.datastore import manifest_hash
 
@@ -380,7 +381,7 @@ def write_cache(d: Path, arrays: dict, manifest=None) -> None:
     digests = {f"{name}.npy": sha256_file(d / f"{name}.npy") for name in arrays}  # as retrieve records them
     write_json(d / "meta.json", {"n_tokens": len(arrays["targets"]), "K": arrays["dists"].shape[1],
                                  "manifest_sha256": manifest_hash(manifest) if manifest else "none",
-                                 "sha256": digests})
+                                 "sha256": digests, **({"tokens_sha256": sha256_file(tokens)} if tokens else {})})
 
 
 class SpacedTok:

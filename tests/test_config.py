@@ -147,10 +147,11 @@ def test_tasks_and_analyses_configs_are_the_micro_config_plus_their_own_stages()
     assert twin == {"source": "train", "train": {**micro["models"]["micro-gpt2"]["train"], "start_token": True}}
     assert paper["datastores"].pop("micro-bos") == {**micro["datastores"]["micro"], "model": "micro-bos"}
     assert {k: v for k, v in paper.items() if k != "tasks"} == {k: v for k, v in micro.items() if k != "tasks"}
-    full = _raw("full")  # the analyses config with the task stages and the scaling study (one datastore subsampled
-    # for real from micro's rows): its run starts from the analyses run
+    full = _raw("full")  # the analyses config with the task stages, the scaling study (one datastore subsampled
+    # for real from micro's rows) and in-context retrieval: its run starts from the analyses run
     assert full["datastores"].pop("micro_tenth") == {"subsample": {"of": "micro", "fraction": 0.1, "seed": 5}}
     assert full.pop("scaling") == {"datastores": ["micro"], "seed": 5, "n_boot": 200}
+    assert full.pop("incontext") == {"datastores": ["micro"], "passage_tokens": 8, "query_tokens": 8, "n_boot": 200}
     assert {k: v for k, v in full.items() if k != "tasks"} == {k: v for k, v in analyses_raw().items() if k != "tasks"}
     assert full["tasks"] == tasks["tasks"]
 
@@ -375,6 +376,35 @@ def test_an_eval_set_on_a_datastores_own_text_is_refused_unless_allowed():
     c["eval_sets"]["valid"]["allow_datastore_overlap"] = "yes"
     rejects(c, "config key eval_sets.valid.allow_datastore_overlap")
     assert fresh()["eval_sets"]["valid"]["allow_datastore_overlap"] is False  # the default
+
+
+def test_a_second_corpus_name_for_the_datastores_text_is_refused_unless_allowed(tmp_path):
+    """Issue 30, item 3: two corpora with one generate spec, or two local corpora listing one file, are one text:
+    an eval set on the second over the split the datastore is built from is refused, naming both corpora."""
+    c = fresh()
+    c["corpora"]["twin"] = copy.deepcopy(c["corpora"]["synthwiki"])
+    c["eval_sets"]["leak"] = {"corpus": "twin", "split": "train"}
+    rejects(c, "config key eval_sets.leak: corpus twin, split train is the text of datastores.synthwiki",
+            "corpora.twin and corpora.synthwiki resolve to the same generate spec", "allow_datastore_overlap: true")
+    c["eval_sets"]["leak"]["split"] = "test"  # the twin's test split is not the datastore's train split
+    check(c)
+    c = fresh()
+    c["eval_sets"]["leak"] = {"corpus": "twin", "split": "train", "allow_datastore_overlap": True}
+    c["corpora"]["twin"] = copy.deepcopy(c["corpora"]["synthwiki"])
+    check(c)
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.txt").write_text(f"text of {name}\n")
+    c = fresh()
+    files = {"train": [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], "valid": str(tmp_path / "c.txt"),
+             "test": str(tmp_path / "c.txt")}
+    c["corpora"]["mine"] = {"source": "local", "local": {"format": "text", "files": files}}
+    c["corpora"]["yours"] = {"source": "local", "local": {"format": "text", "files": {
+        "train": str(tmp_path / "c.txt"), "valid": str(tmp_path / "c.txt"), "test": str(tmp_path / "sub/../b.txt")}}}
+    c["datastores"]["mine"] = {**c["datastores"]["synthwiki"], "corpus": "mine", "split": "train"}
+    c["eval_sets"]["yours"] = {"corpus": "yours", "split": "test"}
+    (tmp_path / "sub").mkdir()
+    rejects(c, "config key eval_sets.yours: corpus yours, split test is the text of datastores.mine",
+            f"resolve to the same file {tmp_path / 'b.txt'}")
 
 
 def test_a_local_corpus_listing_one_file_for_two_splits_warns(tmp_path, caplog):

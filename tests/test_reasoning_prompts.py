@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 from conftest import ROOT
 
+from workflow_scripts.artifacts import write_table
 from workflow_scripts.tasks import evaluate, registry, scoring
 
 FIXTURES = ROOT / "tests" / "fixtures" / "tasks"
@@ -178,16 +179,16 @@ def test_the_sweep_reports_the_macro_average_for_bbh(tmp_path):
     base_texts = ["True", "True", "no"]  # boolean 1/2, sports 1/1 -> macro .75 (item mean 2/3)
     knn_texts = ["False", "False", "yes"]  # boolean 1/2, sports 0/1 -> macro .25 (item mean 1/3)
     record = {
-        "meta": {"n_items": 3},
+        "meta": {"n_items": 3, "task": "bbh"},
         "points": [
             {"lambda": 0.0, "k": None, "sigma": None, "texts": base_texts, "neighbours": [[], [], []]},
             {"lambda": 0.2, "k": 8, "sigma": 1.0, "texts": knn_texts, "neighbours": [[1], [2], [3]]},
         ],
     }
     (tmp_path / "scored.json").write_text(json.dumps(record))
-    pl.DataFrame(
+    write_table(pl.DataFrame(
         {"eval_set": ["valid"], "datastore": ["d"], "lambda": [0.2], "k": [8], "sigma": [1.0], "chosen_on": ["valid"]}
-    ).write_csv(tmp_path / "ppl.csv")
+    ), tmp_path / "ppl.csv", tmp_path / "ppl.parquet")
     p = {"entry": REG["bbh"], "task": "bbh", "datastore": "d", "model": "m"}
     out = [tmp_path / f for f in ("sweep.csv", "sweep.parquet", "pred.parquet", "summary.json")]
     s = evaluate.sweep_task(None, tmp_path / "scored.json", tmp_path / "items.parquet", p, tmp_path / "ppl.csv", *out)

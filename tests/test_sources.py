@@ -389,6 +389,25 @@ def test_local_model_identity_and_weight_change(saved_model_dir, tmp_path):
     assert str(d) in str(e.value) and ident["model_sha256"][:12] in str(e.value)
 
 
+def test_another_checkpoint_beside_model_json_is_refused_whatever_the_dtype(saved_model_dir, tmp_path, monkeypatch):
+    """Issue 30, item 2: the weights are hashed on disk, so a float16 load (a GPU's default; here the CPU is made to
+    load float16 as a GPU would) of another checkpoint dropped in beside model.json is refused, naming the file."""
+    from transformers import GPT2LMHeadModel
+
+    d = tmp_path / "m"
+    shutil.copytree(saved_model_dir, d)
+    ident = lm.write_identity({"source": "local", "path": str(d)}, tmp_path / "model.json", device="cpu")
+    monkeypatch.setattr(lm.devices, "torch_dtype", lambda device, requested="float32": requested)
+    model, _, _ = lm.load_checked(tmp_path / "model.json", device="cpu", dtype="float16")
+    assert next(model.parameters()).dtype == torch.float16  # the float32 state-dict hash cannot check this load
+    other = GPT2LMHeadModel(GPT2LMHeadModel.from_pretrained(d).config)  # same shape, other (random) weights
+    other.save_pretrained(d, safe_serialization=True)
+    with pytest.raises(ArtifactError, match=r"weights hash: files model\.safetensors differ from those of the model "
+                                            r"recorded in .*model\.json") as e:
+        lm.load_checked(tmp_path / "model.json", device="cpu", dtype="float16")
+    assert str(d) in str(e.value) and set(ident["weight_files_sha256"]) == {"model.safetensors"}
+
+
 def test_local_model_tokenizer_change_detected(saved_model_dir, tmp_path):
     d = tmp_path / "m"
     shutil.copytree(saved_model_dir, d)
@@ -483,3 +502,38 @@ def test_a_window_beyond_the_models_context_is_refused_naming_both(source, fake_
                  tmp_path / "model.json", tmp_path / "tokens.npy", tmp_path / "k.npy", tmp_path / "v.npy",
                  tmp_path / "m.json")
     assert np.load(tmp_path / "k.npy").shape == (199, 32)
+
+
+def test_local_corpora_and_task_files_leave_nothing_in_the_hf_datasets_cache(tmp_path):
+    """Issue 30 item 8: `datasets` wrote Arrow copies of local corpora (and the empty-line filter's cache files)
+    and of local task files into ~/.cache/huggingface/datasets, never removed. The corpus and load-task steps,
+    run as the rules run them with HF_DATASETS_CACHE pointed at an empty folder, leave it empty, and leave nothing
+    beside their outputs."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, project_env
+
+    cache = tmp_path / "hf_datasets"
+    cache.mkdir()
+    env = project_env() | {"HF_DATASETS_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf_home")}
+    for s in SPLITS:
+        (tmp_path / f"{s}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [f"a {s} doc", " ", "b"]))
+    spec = local_spec("jsonl", {s: str(tmp_path / f"{s}.jsonl") for s in SPLITS})
+    out = tmp_path / "results" / "corpus" / "mine"
+    params = json.dumps({"spec": spec, "seed": 0})
+    cmd = [sys.executable, "-m", "workflow_scripts", "corpus", "--params", params, "--world", str(out / "world.json")]
+    subprocess.run([*cmd, *(a for s in SPLITS for a in (f"--{s}", str(out / f"{s}.parquet")))], env=env, cwd=ROOT,
+                   check=True, capture_output=True)
+    assert sorted(p.name for p in out.iterdir()) == ["test.parquet", "train.parquet", "valid.parquet", "world.json"]
+    assert pl.read_parquet(out / "train.parquet")["text"].to_list() == ["a train doc", "b"]
+    task = tmp_path / "mine.jsonl"
+    task.write_text((ROOT / "tests/fixtures/tasks/gsm8k.jsonl").read_text())
+    from workflow_scripts.tasks.registry import registry
+
+    entry = {**registry()["gsm8k"], "source": {"type": "local", "path": str(task)}}
+    params = json.dumps({"entry": entry, "max_items": None, "seed": 0})
+    subprocess.run([sys.executable, "-m", "workflow_scripts", "load-task", "--params", params, "--source", str(task),
+                    "--out", str(tmp_path / "task.parquet")], env=env, cwd=ROOT, check=True, capture_output=True)
+    assert (tmp_path / "task.parquet").is_file()
+    assert list(cache.rglob("*")) == []

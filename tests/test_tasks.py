@@ -14,7 +14,7 @@ import yaml
 from conftest import ROOT, SpacedTok, job_stats, load_test_config, p_knn_by_hand, snakemake, write_paper_data
 
 from workflow_scripts import knnlm, lm
-from workflow_scripts.artifacts import ArtifactError, save_npy, write_json
+from workflow_scripts.artifacts import ArtifactError, save_npy, write_json, write_table
 from workflow_scripts.config import ConfigError, validate
 from workflow_scripts.tasks import evaluate, registry, rescoring, scoring, suite
 
@@ -1076,8 +1076,9 @@ def test_score_stage_generate_reads_the_perplexity_choice_the_model_window_and_t
     monkeypatch.setattr(_SpyLM, "config", SimpleNamespace(max_position_embeddings=4), raising=False)
     monkeypatch.setattr(_ToyTok, "names", {**_ToyTok.names, 3: "\n"})
     # perplexity summary: datastore "other" chose (.5, 3, 1), "d" (.9, 3, 1) on valid, as its test row records
-    pl.DataFrame({"eval_set": ["valid", "test"], "datastore": ["other", "d"], "lambda": [0.5, 0.9], "k": [3, 3],
-                  "sigma": [1.0, 1.0], "chosen_on": ["valid", "valid"]}).write_csv(tmp_path / "ppl.csv")
+    write_table(pl.DataFrame({"eval_set": ["valid", "test"], "datastore": ["other", "d"], "lambda": [0.5, 0.9],
+                              "k": [3, 3], "sigma": [1.0, 1.0], "chosen_on": ["valid", "valid"]}),
+                tmp_path / "ppl.csv", tmp_path / "ppl.parquet")
     items = [{"context": "c b a c"}, {"context": "a"}, {"context": "b"}]
     _, _, rec, _, model = _score_stage(tmp_path, monkeypatch, {"name": "t", "kind": "generate", "max_new_tokens": 2},
                                        items, summary_csv=tmp_path / "ppl.csv",

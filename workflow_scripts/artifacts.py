@@ -126,9 +126,42 @@ def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+TABLE_DIGEST = "csv_sha256"  # parquet metadata key: the sha256 of the csv written beside it, which is its frame
+
+
 def write_table(df, csv, parquet) -> None:
-    """Write a polars frame to ``csv`` and to ``parquet``, each atomically."""
+    """Write a polars frame to ``csv`` and to ``parquet``, each atomically. The parquet's metadata records the
+    csv's sha256: ``read_table`` checks a parquet against it (the csv of the frame read back) and a csv too."""
+    text = df.write_csv()
     with atomic_path(csv) as tmp:
-        df.write_csv(tmp)
+        tmp.write_text(text)
     with atomic_path(parquet) as tmp:
-        df.write_parquet(tmp)
+        df.write_parquet(tmp, metadata={TABLE_DIGEST: hashlib.sha256(text.encode()).hexdigest()})
+
+
+def read_table(path):
+    """A table ``write_table`` wrote, as a polars frame, checked: a ``.parquet`` against the sha256 its metadata
+    records, a ``.csv`` against the one its parquet (beside it) records. A truncated, edited or hand-written
+    table, or a csv and parquet that disagree, raise ``ArtifactError`` naming the file."""
+    import polars as pl
+
+    path = Path(path)
+    parquet = path.with_suffix(".parquet")
+    rerun = f"rerun the job that writes it (snakemake --forcerun {path})"
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing; {rerun}")
+    try:
+        recorded = pl.read_parquet_metadata(parquet).get(TABLE_DIGEST)
+        df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise ArtifactError(f"{path}: unreadable, truncated or missing beside it ({e}); {rerun}") from e
+    if recorded is None:
+        raise ArtifactError(f"{parquet}: no {TABLE_DIGEST} in its metadata (written by hand or by an older "
+                            f"version); {rerun}")
+    got = sha256_file(path) if path.suffix == ".csv" else hashlib.sha256(df.write_csv().encode()).hexdigest()
+    if got != recorded:
+        raise ArtifactError(
+            f"{path}: its contents differ from the sha256 recorded in {parquet} when the table was written (the "
+            f"file, or its csv/parquet twin, was altered since); {rerun}"
+        )
+    return df

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from .artifacts import atomic_path  # noqa: E402
+from .artifacts import atomic_path, read_table  # noqa: E402
 from .cli import step  # noqa: E402
 from .knnlm import VARIANTS  # noqa: E402
 
@@ -29,7 +29,7 @@ def save(fig, png, pdf=None) -> None:
 
 def perplexity_vs_lambda(sweep_parquet, title: str, png, pdf) -> None:
     """Small multiples: one panel per σ, perplexity against λ with k as colour; the base LM dashed grey."""
-    df = pl.read_parquet(sweep_parquet)
+    df = read_table(sweep_parquet)
     ks, sigmas = sorted(df["k"].unique()), sorted(df["sigma"].unique())
     lambdas = [0.0] + sorted(df["lambda"].unique())
     base = df["base_ppl"][0]
@@ -133,6 +133,28 @@ def hurdle(table, column: str, title: str, png, pdf) -> None:
     save(fig, png, pdf)
 
 
+def neighbour_gold(table, title: str, png, pdf) -> None:
+    """How often the k nearest neighbours' values are the gold token, against the gold token's frequency in the
+    datastore (power-of-ten buckets), one line per task category, from the task-neighbours gold table."""
+    df = read_table(table)
+    colors = {"memory": "tab:blue", "reasoning": "tab:red"}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (cat,), g in df.group_by(["category"], maintain_order=True):
+        g = g.sort("bucket_min")
+        x = np.maximum(g["bucket_min"].to_numpy(), 0.5)  # a gold token absent from the datastore at 0.5
+        m, lo, hi = (g[c].to_numpy() for c in ("gold_hit_rate", "lo", "hi"))
+        ax.errorbar(x, m, yerr=[m - lo, hi - m], marker="o", capsize=3, color=colors.get(cat, "grey"),
+                    label=f"{cat} ({g['n_items'].sum()} items)")
+    ax.set_xscale("log")
+    ax.set_xlabel("gold token's count in the datastore's values (bucket from; 0.5: absent)")
+    ax.set_ylabel("fraction of the k neighbours whose value is the gold token")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save(fig, png, pdf)
+
+
 # --------------------------------------------------------------------------------------------- steps
 @step
 def figure_sweep(params: dict, sweep: Path, png: Path, pdf: Path) -> None:
@@ -144,6 +166,13 @@ def figure_sweep(params: dict, sweep: Path, png: Path, pdf: Path) -> None:
 def figure_tasks(params: dict, table: Path, png: Path, pdf: Path) -> None:
     """Draw Δ = kNN-LM − base LM per task, grouped by category, with bootstrap intervals, from its table."""
     task_delta(table, params["title"], png, pdf)
+
+
+@step
+def figure_neighbour_gold(params: dict, table: Path, png: Path, pdf: Path) -> None:
+    """Draw how often the neighbours' values are the gold token against its datastore frequency, memory vs
+    reasoning tasks, from the task-neighbours gold table."""
+    neighbour_gold(table, params["title"], png, pdf)
 
 
 @step

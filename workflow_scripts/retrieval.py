@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from . import devices, lm, memory
-from .artifacts import load_npy, read_json, sha256_file
+from .artifacts import load_npy, sha256_file
 from .cli import step
 from .datastore import Datastore, window_record
 from .forward import run_model
@@ -44,10 +44,11 @@ def open_retriever(identity_json, manifest_json, index_path, index_meta, cfg: di
     return model, tok, ident, ds, index, imeta
 
 
-def check_not_datastore_text(tokens_npy, tokens_sha256: str, manifest_json, cfg: dict) -> None:
-    """Refuse to score an eval set whose tokens are the datastore's own (the same sha256 as its manifest records,
-    whatever the corpora are called) unless ``cfg['allow_datastore_overlap']``: every target would be a neighbour."""
-    if tokens_sha256 == read_json(manifest_json).get("tokens_sha256") and not cfg.get("allow_datastore_overlap"):
+def check_not_datastore_text(tokens_npy, tokens_sha256: str, manifest: dict, manifest_json, cfg: dict) -> None:
+    """Refuse to score an eval set whose tokens are the datastore's own (the same sha256 as its ``manifest``
+    records, whatever the corpora are called) unless ``cfg['allow_datastore_overlap']``: every target would be a
+    neighbour."""
+    if tokens_sha256 == manifest.get("tokens_sha256") and not cfg.get("allow_datastore_overlap"):
         raise ValueError(
             f"{tokens_npy} is the text the datastore {manifest_json} was built from (the same tokens_sha256 "
             f"{tokens_sha256[:12]}): every target is among its neighbours. Score another text, or set the eval "
@@ -70,11 +71,12 @@ def retrieve(
     """Run the datastore's model over an eval token stream, search, and write the cache to ``outdir``. With
     ``chunk`` = (i, n): only chunk i of n (``chunk_bounds``), a partial cache that ``merge_chunks`` joins."""
     outdir = Path(outdir)
-    tokens_sha256 = sha256_file(tokens_npy)
-    check_not_datastore_text(tokens_npy, tokens_sha256, manifest_json, cfg)
     model, tok, ident, ds, index, imeta = open_retriever(
         identity_json, manifest_json, index_path, index_meta, cfg, threads
     )
+    ds.check_window(cfg["block_size"], cfg.get("datastore_stride"), "its datastores.<name>.stride")
+    tokens_sha256 = sha256_file(tokens_npy)
+    check_not_datastore_text(tokens_npy, tokens_sha256, ds.manifest, manifest_json, cfg)
     K = cfg["k_max"]
     tokens = load_npy(tokens_npy, dtype=np.int32, ndim=1)
     n = scored_tokens(tokens, cfg)

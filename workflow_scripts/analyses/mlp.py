@@ -140,16 +140,18 @@ def train_on_datastore(identity_json, manifest_json, p: dict, seed: int, out_pt,
     return meta
 
 
-def evaluate(identity_json, mlp_pt, mlp_json, caches: dict, choose_on: str, lambdas, csv, parquet, knn_points=None):
+def evaluate(identity_json, mlp_pt, mlp_json, caches: dict, choose_on: str, lambdas, csv, parquet, knn_points=None,
+             tokens: dict | None = None):
     """Perplexity of LM, MLP-LM (every λ) and kNN-LM (at ``knn_points[evalset]``) on each eval set's cache;
-    λ of the MLP-LM chosen on ``choose_on``."""
+    λ of the MLP-LM chosen on ``choose_on``. ``tokens`` (eval set -> its tokens): each cache checked against its
+    eval set's tokens."""
     W = output_weight(identity_json)
     model = load(mlp_pt, mlp_json, W)
     meta = read_json(mlp_json)
     tok = lm.load_tokenizer(lm.load_identity(identity_json))
     rows = []
     for evalset, cdir in caches.items():
-        c = load_cache(cdir)
+        c = load_cache(cdir, tokens_npy=(tokens or {}).get(evalset))
         lp_mlp = logprobs(model, c["queries"], c["targets"])
         n_words = lm.word_count(tok, c["targets"], "lines")  # paper 2's WikiText-103 count
         base = {"eval_set": evalset, "n_tokens": int(len(c["targets"])), "n_words": n_words}
@@ -196,12 +198,13 @@ def train_mlp(
 
 @step
 def mlp_eval(
-    params: dict, model_json: Path, mlp: Path, mlp_json: Path, caches: list[Path], summary: Path, csv: Path,
-    parquet: Path,
+    params: dict, model_json: Path, mlp: Path, mlp_json: Path, caches: list[Path], tokens: list[Path], summary: Path,
+    csv: Path, parquet: Path,
 ) -> None:
     """Perplexity of the MLP-LM at every λ beside the LM and the kNN-LM at the point chosen on perplexity
-    (--caches: the eval sets' retrieval caches, by their meta.json, in the order of params.eval_sets)."""
+    (--caches: the eval sets' retrieval caches, by their meta.json, and --tokens: their tokens, each in the order
+    of params.eval_sets)."""
     chosen, _ = chosen_point(summary, params["datastore"])
     by_set = {e: c.parent for e, c in zip(params["eval_sets"], caches, strict=True)}
     evaluate(model_json, mlp, mlp_json, by_set, params["choose_on"], params["lambdas"], csv, parquet,
-             {e: chosen for e in by_set} if chosen else None)
+             {e: chosen for e in by_set} if chosen else None, dict(zip(params["eval_sets"], tokens, strict=True)))

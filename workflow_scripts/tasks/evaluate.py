@@ -41,29 +41,51 @@ def _order(r):
     return (-r["score"], r["lambda"], r["k"], r["sigma"])
 
 
-def check_task_cache(scored_npz, scored_json, items_parquet):
-    """(record, items): a task cache checked against its items (their count) and its record (the npz's sha256)."""
+def check_task_cache(scored_npz, scored_json, items_parquet, task: str | None = None, manifest_json=None):
+    """(record, items): a task cache checked against its items (their count) and its record (the npz's sha256,
+    which must be there when there is an npz). With ``task``, the record must name it; with ``manifest_json`` (as
+    the pipeline's steps read a cache), the record must hold that datastore manifest's hash and the items' sha256:
+    a cache of another task or datastore, or of other items, is refused."""
     record = read_json(scored_json)
+    meta = record["meta"]
+    rerun = f"rerun score_task for it (snakemake --forcerun {scored_json})"
     items = read_items(items_parquet)
-    if len(items) != record["meta"]["n_items"]:
+    if len(items) != meta["n_items"]:
         raise ArtifactError(
-            f"{scored_json}: scored {record['meta']['n_items']} items, {items_parquet} has {len(items)}"
+            f"{scored_json}: scored {meta['n_items']} items, {items_parquet} has {len(items)}"
         )
-    recorded = record["meta"].get("npz_sha256")  # written by score (none in a hand-made record)
-    if recorded is not None and sha256_file(scored_npz) != recorded:
+    if scored_npz is not None and meta.get("npz_sha256") is None:
+        raise ArtifactError(f"{scored_json}: no npz_sha256 record of {scored_npz} (written by an older version, "
+                            f"or edited); {rerun}")
+    if scored_npz is not None and sha256_file(scored_npz) != meta["npz_sha256"]:
         raise ArtifactError(
             f"{scored_npz}: sha256 differs from the one recorded in {scored_json} when it was written (the file, "
-            f"or the record, was altered since); rerun score_task for it (snakemake --forcerun {scored_json})"
+            f"or the record, was altered since); {rerun}"
         )
+    if task is not None and meta.get("task") != task:
+        raise ArtifactError(f"{scored_json}: the cache of task {meta.get('task')!r}, read as task {task!r} (caches "
+                            f"swapped or copied); {rerun}")
+    if manifest_json is not None:
+        from ..datastore import manifest_hash
+
+        if meta.get("manifest_sha256") != manifest_hash(manifest_json):
+            raise ArtifactError(f"{scored_json}: built from another datastore or version of it than {manifest_json}"
+                                f"; {rerun}")
+        if meta.get("items_sha256") != sha256_file(items_parquet):
+            raise ArtifactError(f"{scored_json}: scored other items than {items_parquet} (items_sha256 "
+                                f"{str(meta.get('items_sha256'))[:12]}, the file's {sha256_file(items_parquet)[:12]})"
+                                f"; {rerun}")
     return record, items
 
 
 def sweep_task(
-    scored_npz, scored_json, items_parquet, p: dict, summary_csv, csv, parquet, predictions, summary_json
+    scored_npz, scored_json, items_parquet, p: dict, summary_csv, csv, parquet, predictions, summary_json,
+    manifest_json=None,
 ) -> dict:
-    """The task's metric at every (λ, k, σ), the base LM, the best point and the point chosen on perplexity."""
+    """The task's metric at every (λ, k, σ), the base LM, the best point and the point chosen on perplexity. The
+    cache is checked (``check_task_cache``) against p['task'] and, when given, the datastore's manifest."""
     entry = p["entry"]
-    record, items = check_task_cache(scored_npz, scored_json, items_parquet)
+    record, items = check_task_cache(scored_npz, scored_json, items_parquet, p.get("task"), manifest_json)
     chosen, chosen_on = chosen_point(summary_csv, p["datastore"], p.get("point"))
     rows, per_item = [], {}
     if entry["kind"] in ("classify", "choice"):
@@ -244,6 +266,60 @@ def delta_table(prediction_files, seed: int = 0) -> pl.DataFrame:
     return pl.DataFrame(rows).sort("category", "task")
 
 
+def group_replicates(diffs: list[np.ndarray], n_boot: int, rng) -> list[np.ndarray]:
+    """Bootstrap replicates [n_boot] of each group's mean difference, its items resampled within it (one draw of
+    ``rng`` per group, in order: a single group draws as ``bootstrap_delta`` does)."""
+    return [d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1) for d in diffs]
+
+
+def _row(level, category, task, subtask, units: list[float], n: int, reps: list[np.ndarray]) -> dict:
+    """A row of the subtask table: Δ the mean of ``units`` (its groups' or tasks' Δ), the interval the 2.5 and 97.5
+    percentiles of the mean of their replicates."""
+    lo, hi = np.quantile(np.mean(reps, axis=0), [0.025, 0.975])
+    return {"level": level, "category": category, "task": task, "subtask": subtask, "delta": float(np.mean(units)),
+            "lo": float(lo), "hi": float(hi), "n": n, "groups": len(units)}
+
+
+SUBTASK_SCHEMA = {"level": pl.Utf8, "category": pl.Utf8, "task": pl.Utf8, "subtask": pl.Utf8, "delta": pl.Float64,
+                  "lo": pl.Float64, "hi": pl.Float64, "n": pl.Int64, "groups": pl.Int64}
+
+
+def subtask_delta_table(prediction_files, item_files, seed: int = 0, n_boot: int = 1000) -> pl.DataFrame:
+    """Δ = kNN-LM − base LM at the perplexity-chosen point by subtask, task and category, each with a 95% percentile
+    bootstrap interval that resamples items within each subtask (stratified):
+
+    * ``subtask``: the items of one subtask (the item's ``group``: BBH's 27), their mean;
+    * ``task``: the mean over the task's subtasks of their means (a task without subtasks is one group: its Δ and
+      interval are task_delta's);
+    * ``category``: the mean over the category's tasks of their Δ (each task one stratum, drawn independently)."""
+    tasks = []
+    for pf, itf in zip(prediction_files, item_files, strict=True):
+        df, items = pl.read_parquet(pf), read_items(itf)
+        if df["id"].to_list() != [it["id"] for it in items]:
+            raise ArtifactError(f"{pf}: predictions of other items than {itf}; rerun task_sweep for it "
+                                f"(snakemake --forcerun {pf})")
+        diff = (df["knn_score"] - df["base_score"]).to_numpy().astype(np.float64)
+        groups = [it.get("group") for it in items]
+        names = list(dict.fromkeys(groups))
+        tasks.append((df["category"][0], df["task"][0], names,
+                      [diff[[g == h for h in groups]] for g in names]))
+    rows = []
+    for category in sorted({c for c, *_ in tasks}):
+        mine = sorted((t for t in tasks if t[0] == category), key=lambda t: t[1])
+        rng = np.random.default_rng(seed + 1)  # tasks as independent strata of the category
+        reps = [np.mean(group_replicates(diffs, n_boot, rng), axis=0) for *_, diffs in mine]
+        units = [float(np.mean([d.mean() for d in diffs])) for *_, diffs in mine]
+        rows.append(_row("category", category, None, None, units, sum(d.size for *_, ds in mine for d in ds), reps))
+        for _, task, names, diffs in mine:
+            reps = group_replicates(diffs, n_boot, np.random.default_rng(seed))
+            rows.append(_row("task", category, task, None, [d.mean() for d in diffs], sum(d.size for d in diffs),
+                             reps))
+            if names != [None]:
+                rows += [_row("subtask", category, task, str(g), [d.mean()], d.size, [r])
+                         for g, d, r in sorted(zip(names, diffs, reps, strict=True), key=lambda x: str(x[0]))]
+    return pl.DataFrame(rows, schema=SUBTASK_SCHEMA)
+
+
 EXAMPLE_COLUMNS = {
     "task": pl.Utf8,
     "id": pl.Utf8,
@@ -294,21 +370,22 @@ def examples(prediction_files, tokens_npy, identity_json, p: dict, csv, parquet)
 # --------------------------------------------------------------------------------------------- steps
 @step
 def task_sweep(
-    params: dict, npz: Path, scored_json: Path, items: Path, summary: Path, csv: Path, parquet: Path,
-    predictions: Path, summary_json: Path,
+    params: dict, npz: Path, scored_json: Path, items: Path, manifest: Path, summary: Path, csv: Path,
+    parquet: Path, predictions: Path, summary_json: Path,
 ) -> None:
     """A task's metric over the λ/k/σ grid, its per-item predictions and its one-row summary."""
-    sweep_task(npz, scored_json, items, params, summary, csv, parquet, predictions, summary_json)
+    sweep_task(npz, scored_json, items, params, summary, csv, parquet, predictions, summary_json, manifest)
 
 
 @step
-def verify_task_cache(npz: Path, scored_json: Path, items: Path, out: Path) -> None:
-    """Check a task cache as the task sweep does (the npz's sha256 against --scored-json, the item count against
-    --items) and write a marker (--out) naming what was checked. A job before task_sweep: when the check fails,
-    Snakemake does not start task_sweep, which would remove its tables first."""
-    record, _ = check_task_cache(npz, scored_json, items)
+def verify_task_cache(params: dict, npz: Path, scored_json: Path, items: Path, manifest: Path, out: Path) -> None:
+    """Check a task cache as the task sweep does (the npz's sha256 against --scored-json, the task params.task,
+    the --manifest and the --items it was scored from) and write a marker (--out) naming what was checked. A job
+    before task_sweep: when the check fails, Snakemake does not start task_sweep, which would remove its tables
+    first."""
+    record, _ = check_task_cache(npz, scored_json, items, params["task"], manifest)
     write_json(out, {"checked": "task cache", "npz": str(npz), "scored_json": str(scored_json),
-                     "npz_sha256": record["meta"].get("npz_sha256")})
+                     "npz_sha256": record["meta"]["npz_sha256"]})
 
 
 @step
@@ -327,3 +404,10 @@ def task_delta(params: dict, predictions: list[Path], csv: Path, parquet: Path) 
 def task_examples(params: dict, predictions: list[Path], tokens: Path, model_json: Path, csv: Path, parquet: Path):
     """Reasoning items the kNN-LM got right and the base LM did not, with their retrieved neighbours."""
     examples(predictions, tokens, model_json, params, csv, parquet)
+
+
+@step
+def task_subtask_delta(params: dict, predictions: list[Path], items: list[Path], csv: Path, parquet: Path) -> None:
+    """Δ = kNN-LM − base LM by subtask (the items' group: BBH's 27), task and category, with stratified 95% bootstrap
+    intervals (--params: seed), from each task's --predictions and its --items, in the same order."""
+    write_table(subtask_delta_table(predictions, items, params["seed"]), csv, parquet)

@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 
 from .. import scaling
-from ..artifacts import ArtifactError, write_json, write_table
+from ..artifacts import ArtifactError, sha256_file, write_json, write_table
 from ..cli import step
 from ..datastore import Datastore
 from ..sweep import chosen_point
@@ -45,7 +45,7 @@ def item_scores(cache: dict, record: dict, items_parquet, p: dict, point, tmp: P
     """(base, kNN-LM) per-item scores of a task cache at one (λ, k, σ), by ``evaluate.sweep_task`` itself."""
     npz, rec = tmp / "scored.npz", tmp / "scored.json"
     np.savez(npz, **cache)
-    write_json(rec, {**record, "meta": {k: v for k, v in record["meta"].items() if k != "npz_sha256"}})
+    write_json(rec, {**record, "meta": {**record["meta"], "npz_sha256": sha256_file(npz)}})
     lam, k, sigma = point
     q = {**p, "grid": {"lambdas": [lam], "ks": [k], "sigmas": [sigma]}, "point": [lam, k, sigma]}
     sweep_task(npz, rec, items_parquet, q, None, tmp / "s.csv", tmp / "s.parquet", tmp / "pred.parquet",
@@ -65,7 +65,7 @@ def scale_tasks(caches: list[tuple[Path, Path, Path]], manifest_json, index_path
     seed, n_boot = int(p["seed"]), int(p.get("n_boot", 1000))
     tasks = []
     for npz, scored_json, items in caches:
-        record, item_rows = check_task_cache(npz, scored_json, items)
+        record, item_rows = check_task_cache(npz, scored_json, items, manifest_json=manifest_json)
         entry = p["entries"][record["meta"]["task"]]
         if entry["kind"] == "generate":
             log.info("%s: a generate task decodes with each step's neighbours; not subsampled", record["meta"]["task"])
