@@ -132,6 +132,10 @@ def test_strided_pipeline_equals_run_clm_sliding_windows(model_json, tmp_path, s
     build_index(tmp_path / "ds/manifest.json", {"type": "Flat"}, 0, tmp_path / "index.faiss", tmp_path / "index.json")
     cfg = {"k_max": K, "max_tokens": None, "block_size": BLOCK, "stride": stride, "batch_size": 2, "device": "cpu",
            "nprobe": None}
+    with pytest.raises(ArtifactError, match=f"extracted with windows .*'stride': {stride}.*but its datastores"):
+        retrieve(model_json, tmp_path / "ds/manifest.json", tmp_path / "index.faiss", tmp_path / "index.json",
+                 tmp_path / "test.npy", cfg, tmp_path / "refused")  # the config says: no stride for the datastore
+    cfg["datastore_stride"] = stride
     meta = retrieve(model_json, tmp_path / "ds/manifest.json", tmp_path / "index.faiss", tmp_path / "index.json",
                     tmp_path / "test.npy", cfg, tmp_path / "cache")
     assert meta["window"] == {"block_size": BLOCK, "stride": stride}
@@ -160,8 +164,6 @@ def test_strided_pipeline_equals_run_clm_sliding_windows(model_json, tmp_path, s
     with pytest.raises(ArtifactError, match="non-overlapping blocks"):
         run_sweep(tmp_path / "cache", tmp_path / "ds/manifest.json", {**grid, "stride": None}, tmp_path / "q.csv",
                   tmp_path / "q.parquet")
-    with pytest.raises(ArtifactError, match=f"rerun extract_keys.*|'stride': {stride}"):
-        ds.check_window(BLOCK, None, "datastores.x.stride")
 
 
 def test_strided_windows_score_every_position_once():
