@@ -10,6 +10,8 @@ import codecs
 import json
 import logging
 import random
+import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import datasets
@@ -119,7 +121,10 @@ def _generate(spec: dict, seed: int) -> tuple[datasets.DatasetDict, dict]:
     ), w.to_dict()
 
 
-def _local(spec: dict) -> datasets.DatasetDict:
+def _local(spec: dict, cache_dir=None) -> datasets.DatasetDict:
+    """A local corpus's files through the ``datasets`` builder of their format, which writes them as Arrow files:
+    into ``cache_dir`` (a directory the caller removes), or without one into a temporary directory removed
+    before returning, the splits copied into memory. Never into the user's Hugging Face cache."""
     loc = spec["local"]
     fmt = loc["format"]
     files = {}
@@ -139,7 +144,9 @@ def _local(spec: dict) -> datasets.DatasetDict:
                 _check_parquet(p, split, loc.get("text_field", "text"))
         files[split] = paths
     try:
-        return datasets.load_dataset(LOCAL_BUILDERS[fmt], data_files=files)
+        with tempfile.TemporaryDirectory(prefix="datasets-") if cache_dir is None else nullcontext(cache_dir) as d:
+            return datasets.load_dataset(LOCAL_BUILDERS[fmt], data_files=files, cache_dir=str(d),
+                                         keep_in_memory=cache_dir is None)
     except UnicodeDecodeError as e:
         raise CorpusError(f"corpus files {files}: not valid UTF-8 ({e})") from e
     except datasets.exceptions.DatasetGenerationError as e:  # its message names neither the file nor the cause
@@ -161,14 +168,15 @@ def _hf(spec: dict) -> datasets.DatasetDict:
     return datasets.DatasetDict({ours: dd[theirs] for ours, theirs in mapping.items()})
 
 
-def load_corpus(spec: dict, seed: int) -> tuple[datasets.DatasetDict, dict | None]:
-    """Load a corpus entry of the config into splits with a ``text`` column. Returns (splits, world or None)."""
+def load_corpus(spec: dict, seed: int, cache_dir=None) -> tuple[datasets.DatasetDict, dict | None]:
+    """Load a corpus entry of the config into splits with a ``text`` column. Returns (splits, world or None).
+    ``cache_dir``: where a local corpus's Arrow files go (a directory the caller removes; without it, in memory)."""
     source = spec["source"]
     world = None
     if source == "generate":
         dd, world = _generate(spec, seed)
     elif source == "local":
-        dd = _local(spec)
+        dd = _local(spec, cache_dir)
     elif source == "hf":
         dd = _hf(spec)
     else:
@@ -191,7 +199,8 @@ def load_corpus(spec: dict, seed: int) -> tuple[datasets.DatasetDict, dict | Non
             else ds.select_columns(["text"])
         )
         n = len(ds)
-        ds = ds.filter(lambda t: t is not None and t.strip() != "", input_columns="text")
+        # in memory: only the indices of the kept rows (a cached dataset's filter would write them beside its files)
+        ds = ds.filter(lambda t: t is not None and t.strip() != "", input_columns="text", keep_in_memory=True)
         if n - len(ds):
             log.warning("%s split: skipped %d empty documents of %d", split, n - len(ds), n)
         if len(ds) == 0:
@@ -202,11 +211,15 @@ def load_corpus(spec: dict, seed: int) -> tuple[datasets.DatasetDict, dict | Non
 
 def write_corpus(spec: dict, seed: int, splits: dict, world_json) -> None:
     """Write each split's documents to ``splits[split]`` (parquet) and the generated world (or {})."""
-    dd, world = load_corpus(spec, seed)
-    for split, ds in dd.items():
-        with atomic_path(splits[split]) as tmp:
-            ds.to_parquet(str(tmp))
-        log.info("%s: %d documents", split, len(ds))
+    out = Path(splits["train"]).parent
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".datasets-", dir=out) as cache:  # Arrow files of a local corpus
+        dd, world = load_corpus(spec, seed, cache)
+        for split, ds in dd.items():
+            with atomic_path(splits[split]) as tmp:
+                ds.to_parquet(str(tmp))
+            log.info("%s: %d documents", split, len(ds))
+        del dd
     write_json(world_json, world or {})
 
 

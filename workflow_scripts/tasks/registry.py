@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import string
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -331,7 +332,9 @@ def load_rows(source: dict, data_files: str | None = None):
         builder = LOCAL_BUILDERS.get(path.suffix)
         if builder is None:
             raise TaskError(f"{path}: unknown task file type (use one of {sorted(LOCAL_BUILDERS)})")
-        return datasets.load_dataset(builder, data_files={"data": str(path)}, split="data")
+        with tempfile.TemporaryDirectory(prefix="datasets-") as d:  # in memory: never in the user's HF cache
+            return datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", cache_dir=d,
+                                         keep_in_memory=True)
     path = source["path"]
     if Path(path).joinpath("dataset_dict.json").exists():
         return datasets.load_from_disk(path)[source.get("split", "test")]
