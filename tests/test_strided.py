@@ -300,3 +300,30 @@ def test_stride_in_the_config():
     c["datastores"]["half"] = {"subsample": {"of": "micro", "fraction": 0.5}}
     validate(c)
     assert c["datastores"]["half"]["stride"] == 16 and c["eval_sets"]["valid"]["stride"] is None
+
+
+def test_shard_tokens_shards_hash_and_extract_from_their_first_windows_context(model_json, tmp_path):
+    """shard_tokens with a stride: the shards' keys are those of one shard over the whole stream, and each planned
+    slice's digest covers the context of its first window (a token changed before the shard makes the plan stale)."""
+    from workflow_scripts.datastore import context_start, shard_plan, slice_sha256
+
+    model, _, ident = lm.load_checked(model_json, device="cpu")
+    tokens = np.random.default_rng(1).integers(1, VOCAB, 150).astype(np.int32)
+    save_npy(tmp_path / "t.npy", tokens)
+    plan = shard_plan(tmp_path / "t.npy", 32, BLOCK, 5)
+    assert plan["window"] == {"block_size": BLOCK, "stride": 5} and context_start(32, BLOCK, 5) == 19
+    files = []
+    for span in plan["shards"]:
+        i = span["shard"]
+        f = tuple(str(tmp_path / n) for n in (f"k{i}.npy", f"v{i}.npy", f"m{i}.json"))
+        extract_shard(model, ident, tmp_path / "t.npy", i, None, BLOCK, 2, *f, span=span, stride=5)
+        files.append(f)
+    write_manifest(ident, tmp_path / "t.npy", files, tmp_path / "manifest.json")
+    whole = tuple(str(tmp_path / n) for n in ("kw.npy", "vw.npy", "mw.json"))
+    extract_shard(model, ident, tmp_path / "t.npy", 0, 1, BLOCK, 2, *whole, stride=5)
+    np.testing.assert_array_equal(Datastore(tmp_path / "manifest.json").gather_keys(np.arange(149)),
+                                  np.load(whole[0]).astype(np.float32))
+    changed = tokens.copy()
+    changed[25] = tokens[25] % (VOCAB - 1) + 1  # before shard 1 [32, 64), in its first window's context [19, ...)
+    assert slice_sha256(changed, 32, 64, {"window": plan["window"]}) != plan["shards"][1]["slice_sha256"]
+    assert slice_sha256(changed, 32, 64) == slice_sha256(tokens, 32, 64)  # blocks: the token is not shard 1's
