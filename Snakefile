@@ -28,8 +28,12 @@ include: "rules/sweep.smk"
 include: "rules/figures.smk"
 # paper 1's evaluation (workflow_scripts/tasks/)
 include: "rules/tasks.smk"
+# what the datastore returned: neighbours of eval positions and task items (workflow_scripts/neighbours.py)
+include: "rules/neighbours.smk"
 # the datastore-size scaling study (workflow_scripts/scaling.py, tasks/scaling.py)
 include: "rules/scaling.smk"
+# in-context retrieval beside the kNN-LM (workflow_scripts/incontext.py, tasks/incontext.py)
+include: "rules/incontext.smk"
 # paper 2's analyses (workflow_scripts/analyses/)
 include: "rules/macondo.smk"
 include: "rules/projection.smk"
