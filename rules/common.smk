@@ -16,11 +16,16 @@ from workflow_scripts import memory as _memory
 from workflow_scripts.config import CHUNK_KEYS, training_chunks
 from workflow_scripts.tasks import registry as _tasks
 
-for _file in workflow.configfiles:  # Snakemake keeps the last of a key given twice: refuse that first
+# Snakemake keeps the last of a key given twice in a config file: refuse that first
+for _file in workflow.configfiles:
     _config.read_yaml(_file)
 _config.validate(config)
 _tasks.check_config(config)
 
+# The threads of a step's arithmetic (torch, FAISS), passed as --threads: the config's, whatever --cores gives
+# the job (Snakemake lowers a rule's `threads:`, its scheduling, to --cores; sums over another number of threads
+# differ in the last bits). Rules asking for one thread run their steps on one.
+ARITHMETIC_THREADS = config["arithmetic_threads"]
 MODELS = config["models"]
 DATASTORES = config["datastores"]
 EVAL_SETS = config["eval_sets"]

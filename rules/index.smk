@@ -27,9 +27,10 @@ rule train_index:
         mem_mb=lambda w, input, threads: plan_mb("train_index", w, input),
         runtime=6 * 60,  # paper 1: about 25 min for a 1M sample with 32 threads (docs/cluster.md)
     params:
+        threads=ARITHMETIC_THREADS,
         p=lambda w: as_json({"index": train_params(), "seed": config["seed"]}),
     shell:
-        "python -m workflow_scripts train-index --params {params.p:q} --threads {threads} --manifest {input.manifest}"
+        "python -m workflow_scripts train-index --params {params.p:q} --threads {params.threads} --manifest {input.manifest}"
         " --index {output.index} --index-meta {output.meta} 2> {log}"
 
 
@@ -53,10 +54,11 @@ rule add_shard:
         mem_mb=lambda w, input, threads: plan_mb("add_shard", w, input),
         runtime=12 * 60,  # paper 1: 9.5M keys x 36 MFLOP, about 25 min with 32 threads (docs/cluster.md)
     params:
+        threads=ARITHMETIC_THREADS,
         key_file=lambda w: shard_file(w, "keys", "npy"),
         meta_file=lambda w: shard_file(w, "shard", "json"),
     shell:
-        "python -m workflow_scripts add-shard --threads {threads} --trained {input.trained}"
+        "python -m workflow_scripts add-shard --threads {params.threads} --trained {input.trained}"
         " --trained-meta {input.trained_meta} --keys {params.key_file} --shard-meta {params.meta_file}"
         " --part {output.part} --part-meta {output.part_meta} 2> {log}"
 

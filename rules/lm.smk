@@ -81,6 +81,7 @@ rule train_lm_chunk:
         mem_mb=8000,
         runtime=lambda w: MODELS[w.model]["train"]["runtime"],
     params:
+        threads=ARITHMETIC_THREADS,
         p=lambda w: as_json(
             {
                 "train": train_spec(w.model),
@@ -90,7 +91,7 @@ rule train_lm_chunk:
         ),
         resume=optional_arg("resume"),
     shell:
-        "python -m workflow_scripts train-lm --params {params.p:q} --threads {threads} --train {input.train} --valid {input.valid}"
+        "python -m workflow_scripts train-lm --params {params.p:q} --threads {params.threads} --train {input.train} --valid {input.valid}"
         " --tokenizer-dir {input.tokenizer_dir} {params.resume} --checkpoint {output.ckpt} 2> {log}"
 
 
@@ -120,10 +121,11 @@ rule train_lm:
         mem_mb=8000,
         runtime=lambda w: MODELS[w.model]["train"]["runtime"],
     params:
+        threads=ARITHMETIC_THREADS,
         p=lambda w: as_json({"train": train_spec(w.model), "seed": config["seed"]}),
         resume=optional_arg("resume"),
     shell:
-        "python -m workflow_scripts train-lm --params {params.p:q} --threads {threads} --train {input.train} --valid {input.valid}"
+        "python -m workflow_scripts train-lm --params {params.p:q} --threads {params.threads} --train {input.train} --valid {input.valid}"
         " --tokenizer-dir {input.tokenizer_dir} {params.resume} --hf {output.hf} --model-json {output.model_json}"
         " --loss-csv {output.loss} --loss-parquet {output.loss_parquet} 2> {log}"
 

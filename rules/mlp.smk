@@ -22,9 +22,10 @@ rule train_mlp:
         mem_mb=16000,
         runtime=12 * 60,
     params:
+        threads=ARITHMETIC_THREADS,
         p=lambda w: as_json({"mlp": MLP["train"], "seed": config["seed"]}),
     shell:
-        "python -m workflow_scripts train-mlp --params {params.p:q} --threads {threads} --model-json {input.model_json}"
+        "python -m workflow_scripts train-mlp --params {params.p:q} --threads {params.threads} --model-json {input.model_json}"
         " --manifest {input.manifest} --mlp {output.pt} --mlp-json {output.meta} --loss-csv {output.loss}"
         " --loss-parquet {output.loss_parquet} 2> {log}"
 
@@ -53,6 +54,7 @@ rule mlp_eval:
     conda:
         "../envs/pipeline.yaml"
     params:
+        threads=ARITHMETIC_THREADS,
         p=lambda w: as_json(
             {
                 "datastore": MLP["datastore"],
@@ -62,6 +64,6 @@ rule mlp_eval:
             }
         ),
     shell:
-        "python -m workflow_scripts mlp-eval --params {params.p:q} --model-json {input.model_json} --mlp {input.pt}"
+        "python -m workflow_scripts mlp-eval --params {params.p:q} --threads {params.threads} --model-json {input.model_json} --mlp {input.pt}"
         " --mlp-json {input.meta} --caches {input.caches} --tokens {input.tokens} --summary {input.summary} --csv {output.csv}"
         " --parquet {output.parquet} 2> {log}"

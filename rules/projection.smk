@@ -29,6 +29,7 @@ rule projection:
         mem_mb=16000,
         runtime=120,
     params:
+        threads=ARITHMETIC_THREADS,
         p=lambda w: as_json(
             {
                 **PROJECTION,
@@ -37,6 +38,6 @@ rule projection:
             }
         ),
     shell:
-        "python -m workflow_scripts projection --params {params.p:q} --threads {threads} --model-json {input.model_json}"
+        "python -m workflow_scripts projection --params {params.p:q} --threads {params.threads} --model-json {input.model_json}"
         " --manifest {input.manifest} --tokens {input.tokens} --cache {input.cache} --summary {input.summary}"
         " --csv {output.csv} --parquet {output.parquet} --meta {output.meta} 2> {log}"

@@ -34,9 +34,10 @@ rule retrieve_chunk:
         runtime=20 * 60,  # paper 1: about 15 h per eval set of 1M tokens in one job (docs/cluster.md)
         gpu=GPU,
     params:
+        threads=ARITHMETIC_THREADS,
         p=lambda w: retrieval_params(w, chunk=[int(w.chunk), RETRIEVAL_CHUNKS]),
     shell:
-        "python -m workflow_scripts retrieve-chunk --params {params.p:q} --threads {threads}"
+        "python -m workflow_scripts retrieve-chunk --params {params.p:q} --threads {params.threads}"
         " --model-json {input.model_json} --manifest {input.manifest} --index {input.index}"
         " --index-meta {input.index_meta} --tokens {input.tokens} --meta {output.meta} 2> {log}"
 
@@ -69,10 +70,11 @@ rule retrieve:
         runtime=20 * 60,  # paper 1: about 15 h per eval set of 1M tokens (docs/cluster.md)
         gpu=lambda w: GPU if RETRIEVAL_CHUNKS == 1 else 0,
     params:
+        threads=ARITHMETIC_THREADS,
         p=retrieval_params,
         chunks=optional_arg("chunks"),
     shell:
-        "python -m workflow_scripts retrieve --params {params.p:q} --threads {threads} --model-json {input.model_json}"
+        "python -m workflow_scripts retrieve --params {params.p:q} --threads {params.threads} --model-json {input.model_json}"
         " --manifest {input.manifest} --index {input.index} --index-meta {input.index_meta}"
         " --tokens {input.tokens} --meta {output.meta} {params.chunks} 2> {log}"
 

@@ -57,6 +57,7 @@ rule scaling_sweep:
         mem_mb=8000,
         runtime=20 * 60,  # the second search: up to a retrieval's cost times the fraction
     params:
+        threads=ARITHMETIC_THREADS,
         p=lambda w: as_json(
             {
                 "fraction": float(w.fraction),
@@ -71,7 +72,7 @@ rule scaling_sweep:
             }
         ),
     shell:
-        "python -m workflow_scripts scaling-sweep --params {params.p:q} --threads {threads} --cache {input.cache_meta}"
+        "python -m workflow_scripts scaling-sweep --params {params.p:q} --threads {params.threads} --cache {input.cache_meta}"
         " --manifest {input.manifest} --tokens {input.tokens} --index {input.index} --index-meta {input.index_meta} --npz {output.npz}"
         " --csv {output.csv} --parquet {output.parquet} --meta {output.meta} 2> {log}"
 
@@ -166,6 +167,7 @@ rule scaling_tasks:
         mem_mb=8000,
         runtime=20 * 60,
     params:
+        threads=ARITHMETIC_THREADS,
         p=lambda w: as_json(
             {
                 "datastore": w.ds,
@@ -185,7 +187,7 @@ rule scaling_tasks:
         ),
         tables=input_args,
     shell:
-        "python -m workflow_scripts scaling-tasks --params {params.p:q} --threads {threads} {params.tables}"
+        "python -m workflow_scripts scaling-tasks --params {params.p:q} --threads {params.threads} {params.tables}"
         " --delta-csv {output.delta_csv} --delta-parquet {output.delta_parquet} --fits-csv {output.fits_csv}"
         " --fits-parquet {output.fits_parquet} 2> {log}"
 

@@ -87,10 +87,11 @@ rule score_task_chunk:
         runtime=20 * 60,  # paper 1: up to about 12 h (HellaSwag) per task in one job (docs/cluster.md)
         gpu=task_chunk_gpu,
     params:
+        threads=ARITHMETIC_THREADS,
         p=lambda w: task_score_params(w, chunk=[int(w.chunk), TASK_CHUNKS]),
         summary=optional_arg("summary"),
     shell:
-        "python -m workflow_scripts score-task-chunk --params {params.p:q} --threads {threads}"
+        "python -m workflow_scripts score-task-chunk --params {params.p:q} --threads {params.threads}"
         " --model-json {input.model_json} --manifest {input.manifest} --index {input.index}"
         " --index-meta {input.index_meta} --items {input.task_items} {params.summary} --npz {output.npz}"
         " --scored-json {output.json} 2> {log}"
@@ -123,11 +124,12 @@ rule score_task:
         runtime=20 * 60,  # paper 1: up to about 12 h (HellaSwag) per task (docs/cluster.md)
         gpu=lambda w: GPU if TASK_CHUNKS == 1 else 0,
     params:
+        threads=ARITHMETIC_THREADS,
         p=task_score_params,
         summary=optional_arg("summary"),
         chunks=optional_arg("chunks"),
     shell:
-        "python -m workflow_scripts score-task --params {params.p:q} --threads {threads} --model-json {input.model_json}"
+        "python -m workflow_scripts score-task --params {params.p:q} --threads {params.threads} --model-json {input.model_json}"
         " --manifest {input.manifest} --index {input.index} --index-meta {input.index_meta} --items {input.task_items}"
         " {params.summary} {params.chunks} --npz {output.npz} --scored-json {output.json} 2> {log}"
 

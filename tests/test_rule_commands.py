@@ -211,3 +211,30 @@ def test_hostile_paths_reach_the_steps_verbatim_and_run_nothing(tmp_path_factory
     assert (work / "results/corpus/mine/train.parquet").is_file()
     assert (work / "results/task_data/mine.parquet").is_file()
     assert not list(tmp_path_factory.getbasetemp().rglob("PWNED")) and not (ROOT / "PWNED").exists()
+
+
+def _threads_by_step(output: str) -> dict[str, set[str]]:
+    return {argv[3]: {a for c in _commands(output) if c[3] == argv[3] for a in [c[c.index("--threads") + 1]]}
+            for argv in _commands(output) if "--threads" in argv}
+
+
+ONE_THREAD_STEPS = {"extract-keys", "hurdle", "macondo-finetune", "macondo-memory", "macondo-eval"}
+
+
+def test_arithmetic_threads_come_from_the_config_not_from_cores(dry_run, tmp_path):
+    """Issue 30 item 12: Snakemake lowers a rule's `threads:` to --cores, and training's numbers differed by ~1e-7
+    between --cores 1 and 2. Every step's --threads is the config's arithmetic_threads (rules asking for one
+    thread: 1), whatever --cores is: 2 (the default) at --cores 2, 3 at --cores 1."""
+    at_two = _threads_by_step(dry_run)  # --cores 2, arithmetic_threads by default
+    assert {"train-lm", "train-index", "retrieve", "score-task", "projection", "train-mlp", "mlp-eval",
+            "scaling-sweep", "scaling-tasks"} <= set(at_two)
+    assert at_two == {s: {"1"} if s in ONE_THREAD_STEPS else {"2"} for s in at_two}
+    cfg = _everything_config(tmp_path) | {"arithmetic_threads": 3}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(tmp_path, "-n", "-p", "--cores", "1", "--configfile", str(tmp_path / "config.yaml"), "--",
+                    "all", "results_doc").stdout
+    got = _threads_by_step(out)
+    assert got == {s: {"1"} if s in ONE_THREAD_STEPS else {"3"} for s in got}, (
+        "a rule asking for more than one thread passes `--threads {params.threads}` with params "
+        "threads=ARITHMETIC_THREADS (rules/common.smk), not `{threads}`, which --cores lowers")
+    assert set(got) == set(at_two)

@@ -199,11 +199,12 @@ def train_mlp(
 @step
 def mlp_eval(
     params: dict, model_json: Path, mlp: Path, mlp_json: Path, caches: list[Path], tokens: list[Path], summary: Path,
-    csv: Path, parquet: Path,
+    csv: Path, parquet: Path, threads: int = 1,
 ) -> None:
     """Perplexity of the MLP-LM at every λ beside the LM and the kNN-LM at the point chosen on perplexity
     (--caches: the eval sets' retrieval caches, by their meta.json, and --tokens: their tokens, each in the order
     of params.eval_sets)."""
+    lm.torch_threads(threads)
     chosen, _ = chosen_point(summary, params["datastore"])
     by_set = {e: c.parent for e, c in zip(params["eval_sets"], caches, strict=True)}
     evaluate(model_json, mlp, mlp_json, by_set, params["choose_on"], params["lambdas"], csv, parquet,
