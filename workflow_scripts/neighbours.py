@@ -50,26 +50,40 @@ def _parent_rows(ds: Datastore) -> tuple[Path, np.ndarray]:
     return parent, rows
 
 
+class RowPositions:
+    """Global rows of a datastore -> corpus positions, its manifests (and a subsample's rows.npy) read and checked
+    once: row r of shard s is position start_s + r − offset_s (offset_s the rows of the shards before it); a
+    subsample's row is first its parent's row. ``root``: the extracted datastore whose corpus it is."""
+
+    def __init__(self, manifest_json):
+        ds = Datastore(manifest_json, deep=False)
+        self.path, self.rows, self.maps = ds.path, ds.rows, []
+        while "subsample" in ds.manifest:
+            parent, parent_rows = _parent_rows(ds)
+            self.maps.append(parent_rows)
+            ds = Datastore(parent, deep=False)
+        for i, s in enumerate(ds.manifest["shards"]):
+            if "start" not in s or s["end"] - s["start"] != s["rows"]:
+                raise ArtifactError(f"{ds.path}: shard {i} records no position range of {s['rows']} rows "
+                                    f"({s.get('start')}..{s.get('end')}); rerun datastore_manifest")
+        self.root, self.starts = ds, np.asarray([s["start"] for s in ds.manifest["shards"]], np.int64)
+
+    def __call__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
+            raise ArtifactError(f"datastore rows {int(rows.min())}..{int(rows.max())} outside {self.path} "
+                                f"({self.rows} rows)")
+        for m in self.maps:
+            rows = np.asarray(m[rows], np.int64)
+        shard = np.searchsorted(self.root.offsets, rows, side="right") - 1
+        return self.starts[shard] + rows - self.root.offsets[shard]
+
+
 def datastore_positions(manifest_json, rows) -> tuple[np.ndarray, Datastore]:
     """The corpus position of each global row of a datastore (any shape), and the extracted datastore whose corpus
-    it is (the datastore itself, or the last parent of a subsample): row r of shard s is position
-    start_s + r − offset_s, offset_s the rows of the shards before it."""
-    ds = Datastore(manifest_json, deep=False)
-    rows = np.asarray(rows, np.int64)
-    if rows.size and (rows.min() < 0 or rows.max() >= ds.rows):
-        raise ArtifactError(f"datastore rows {int(rows.min())}..{int(rows.max())} outside {ds.path} "
-                            f"({ds.rows} rows)")
-    if "subsample" in ds.manifest:
-        parent, parent_rows = _parent_rows(ds)
-        return datastore_positions(parent, parent_rows[rows])
-    shards = ds.manifest["shards"]
-    for i, s in enumerate(shards):
-        if "start" not in s or s["end"] - s["start"] != s["rows"]:
-            raise ArtifactError(f"{ds.path}: shard {i} records no position range of {s['rows']} rows "
-                                f"({s.get('start')}..{s.get('end')}); rerun datastore_manifest")
-    starts = np.asarray([s["start"] for s in shards], np.int64)
-    shard = np.searchsorted(ds.offsets, rows, side="right") - 1
-    return starts[shard] + rows - ds.offsets[shard], ds
+    it is (``RowPositions``)."""
+    where = RowPositions(manifest_json)
+    return where(rows), where.root
 
 
 def key_windows(ds: Datastore, block: int) -> tuple[int, int | None]:
@@ -99,7 +113,8 @@ class Corpus:
         if parents is not None and {Path(f).resolve() for f in parents} != want:
             raise ArtifactError(f"{manifest_json}: its parent manifest is {sorted(map(str, want)) or 'none'}, given "
                                 f"{[str(f) for f in parents]} (--parents)")
-        _, root = datastore_positions(manifest_json, np.zeros(0, np.int64))
+        self.where = RowPositions(manifest_json)
+        root = self.where.root
         if sha256_file(tokens_npy) != root.manifest["tokens_sha256"]:
             raise ArtifactError(f"{tokens_npy}: not the tokens {root.path} was extracted from (sha256 differs from "
                                 f"its tokens_sha256); give that datastore's corpus tokens")
@@ -110,7 +125,7 @@ class Corpus:
         """Per row: its corpus position, the first token of its key's window, its value (checked against the
         corpus token after the position)."""
         rows = np.asarray(rows, np.int64).reshape(-1)
-        pos, _ = datastore_positions(self.manifest_json, rows)
+        pos = self.where(rows)
         vals = self.view.gather_vals(rows)
         out = []
         for r, p, v in zip(rows.tolist(), pos.tolist(), vals.tolist(), strict=True):
