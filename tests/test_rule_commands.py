@@ -34,7 +34,7 @@ def _everything_config(tmp_path) -> dict:
     perplexity summary), a hub model (model_identity, tokenize with its model.json) with a datastore and a hub
     task on it, the micro model trained in chunks, an IVFPQ index (train_index, add_shard, merge_index),
     retrieval and task scoring in 2 chunks, a datastore subsampled from micro's rows, one cut by shard_tokens (the
-    checkpoint plan_shards) and the scaling study: every rule of the workflow gets a job."""
+    checkpoint plan_shards), the scaling study and in-context retrieval: every rule of the workflow gets a job."""
     cfg = load_test_config("analyses")
     local = tmp_path / "mine.jsonl"
     local.write_text((ROOT / "tests/fixtures/tasks/gsm8k.jsonl").read_text())
@@ -55,6 +55,7 @@ def _everything_config(tmp_path) -> dict:
     cfg["datastores"]["micro_half"] = {"subsample": {"of": "micro", "fraction": 0.5}}
     cfg["datastores"]["grown"] = {"model": "micro-gpt2", "corpus": "micro", "shard_tokens": 64}  # plan_shards
     cfg["scaling"] = {"datastores": ["micro"]}
+    cfg["incontext"] = {"datastores": ["micro"], "passage_tokens": 8, "query_tokens": 8}  # passages, incontext_*
     return cfg
 
 
