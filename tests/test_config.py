@@ -59,8 +59,9 @@ def test_shipped_config_validates_with_defaults():
     assert c["index"]["type"] == "Flat" and c["index"]["nprobe"] == 32
     assert set(c) == {
         "seed", "corpora", "models", "datastores", "eval_sets", "extraction", "index", "sweep", "tasks", "analyses",
-        "retrieval", "scaling", "neighbours",
+        "retrieval", "scaling", "neighbours", "arithmetic_threads",
     }
+    assert c["arithmetic_threads"] == 2  # the threads the default run's steps used on 2 cores (docs/conventions.md)
     assert c["neighbours"] == {"positions": 5, "items_per_task": 5, "neighbours": 4, "window": 24}
     assert c["retrieval"] == {"chunks": 1}  # one retrieval job per (eval set, datastore) unless asked
     assert c["index"]["polysemous"] is False and c["index"]["retrain"] is False

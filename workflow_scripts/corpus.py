@@ -211,9 +211,9 @@ def load_corpus(spec: dict, seed: int, cache_dir=None) -> tuple[datasets.Dataset
 
 def write_corpus(spec: dict, seed: int, splits: dict, world_json) -> None:
     """Write each split's documents to ``splits[split]`` (parquet) and the generated world (or {})."""
-    out = Path(splits["train"]).parent
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".datasets-", dir=out) as cache:  # Arrow files of a local corpus
+    out = Path(splits["train"]).resolve().parent
+    beside = next(d for d in (out, *out.parents) if d.is_dir())  # creates no folder for a corpus that fails
+    with tempfile.TemporaryDirectory(prefix=".datasets-", dir=beside) as cache:  # Arrow files of a local corpus
         dd, world = load_corpus(spec, seed, cache)
         for split, ds in dd.items():
             with atomic_path(splits[split]) as tmp:
