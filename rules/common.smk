@@ -862,32 +862,6 @@ def hurdle_data(wildcards):
     return {"tokens": f"results/tokens/{m}/{MODELS[m]['train']['corpus']}/train.npy"}
 
 
-def paper2_setups():
-    """One line per analysis saying what our numbers come from."""
-    out = {}
-    if MACONDO:
-        f = MACONDO["finetune"]
-        out["macondo"] = (
-            f"{MACONDO['model']} fine-tuned {f['epochs']} epochs, lr {f['lr']:g}, batch {f['batch_size']}; "
-            f"{len(MACONDO['seeds'])} seeds; kNN k={MACONDO['knn']['k']}, λ={MACONDO['knn']['lambda']:g}, "
-            f"σ={MACONDO['knn']['sigma']:g}"
-        )
-    if PROJECTION:
-        out["projection"] = (
-            f"datastore {PROJECTION['datastore']}, {PROJECTION['eval_set']} set, "
-            f"first {PROJECTION['max_positions']} positions"
-        )
-    if MLP:
-        t = MLP["train"]
-        out["mlp"] = (
-            f"datastore {MLP['datastore']}, hidden {t['hidden']}, {t['epochs']} epochs, lr {t['lr']:g}, "
-            f"{t['max_pairs'] or 'all'} pairs"
-        )
-    if HURDLE:
-        out["hurdle"] = f"shape of {HURDLE['model']}, {len(HURDLE['seeds'])} seed(s)"
-    return out
-
-
 def paper2_inputs():
     """The analyses' tables that the side-by-side comparison reads, by keyword (its step's argument names)."""
     out = {}

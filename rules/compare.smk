@@ -17,7 +17,7 @@ rule paper2_comparison:
     conda:
         "../envs/plotting.yaml"
     params:
-        p=as_json({"setups": paper2_setups()}),
+        p=as_json({"analyses": ANALYSES}),
         tables=input_args,
     shell:
         "python -m workflow_scripts paper2-comparison --params {params.p:q} {params.tables} --csv {output.csv}"

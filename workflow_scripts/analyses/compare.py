@@ -59,6 +59,24 @@ def macondo_at_paper_step(table: pl.DataFrame, curve, paper_step: int) -> tuple[
 
 
 # --------------------------------------------------------------------------------------------- side by side
+def setups(analyses: dict) -> dict[str, str]:
+    """One line per analysis of ``analyses`` (the config's section, validated) saying what our numbers come from."""
+    out = {}
+    if m := analyses.get("macondo"):
+        f, knn = m["finetune"], m["knn"]
+        out["macondo"] = (f"{m['model']} fine-tuned {f['epochs']} epochs, lr {f['lr']:g}, batch {f['batch_size']}; "
+                          f"{len(m['seeds'])} seeds; kNN k={knn['k']}, λ={knn['lambda']:g}, σ={knn['sigma']:g}")
+    if p := analyses.get("projection"):
+        out["projection"] = f"datastore {p['datastore']}, {p['eval_set']} set, first {p['max_positions']} positions"
+    if m := analyses.get("mlp"):
+        t = m["train"]
+        out["mlp"] = (f"datastore {m['datastore']}, hidden {t['hidden']}, {t['epochs']} epochs, lr {t['lr']:g}, "
+                      f"{t['max_pairs'] or 'all'} pairs")
+    if h := analyses.get("hurdle"):
+        out["hurdle"] = f"shape of {h['model']}, {len(h['seeds'])} seed(s)"
+    return out
+
+
 def comparison(
     csv,
     parquet,
@@ -211,8 +229,9 @@ def paper2_comparison(
     hurdle_corpus: Path | None = None,
     macondo_curve: Path | None = None,
 ) -> None:
-    """The side-by-side table: each analysis's table (those that ran) beside the paper's numbers; Table 5 at the
-    checkpoint of --macondo-curve nearest the paper's step, when checkpoints were evaluated."""
+    """The side-by-side table: each analysis's table (those that ran) beside the paper's numbers, with the setup
+    of each from params' ``analyses`` (the config's section); Table 5 at the checkpoint of --macondo-curve nearest
+    the paper's step, when checkpoints were evaluated."""
     comparison(
         csv,
         parquet,
@@ -221,6 +240,6 @@ def paper2_comparison(
         macondo=macondo,
         hurdle_macondo=hurdle_macondo,
         hurdle_corpus=hurdle_corpus,
-        setups=params["setups"],
+        setups=setups(params["analyses"]),
         macondo_curve=macondo_curve,
     )
