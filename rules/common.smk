@@ -346,10 +346,7 @@ def retrieval_params(wildcards, chunk=None):
             "batch_size": ex["batch_size"],
             "device": ex["device"],
             "dtype": ex["dtype"],
-            "nprobe": (
-                config["index"]["nprobe"] if config["index"]["type"] != "Flat" else None
-            ),
-            "distances": index_distances(),
+            **search_params(),
             "gpu_shard_above_gb": config["index"]["gpu_shard_above_gb"],
         }
         | (
@@ -360,9 +357,10 @@ def retrieval_params(wildcards, chunk=None):
     )
 
 
-def index_distances():
-    """IVFPQ: 'exact' (recomputed from the keys) or 'pq' (FAISS's own); a Flat index's are exact (None)."""
-    return config["index"]["distances"] if config["index"]["type"] != "Flat" else None
+def search_params():
+    """What a search depends on beyond the index: IVFPQ's nprobe and distances ('exact', recomputed from the keys,
+    or 'pq', FAISS's own); None for a Flat index, whose search is exact."""
+    return {k: config["index"][k] if IVF else None for k in ("nprobe", "distances")}
 
 
 def index_params():
@@ -528,10 +526,7 @@ def task_score_params(wildcards, chunk=None):
         "batch_size": TASKS.get("batch_size", 32),
         "device": ex["device"],
         "dtype": ex["dtype"],
-        "nprobe": (
-            config["index"]["nprobe"] if config["index"]["type"] != "Flat" else None
-        ),
-        "distances": index_distances(),
+        **search_params(),
         "gpu_shard_above_gb": config["index"]["gpu_shard_above_gb"],
     }
     if e["kind"] == "generate":
@@ -706,7 +701,9 @@ def neighbour_parents(wildcards):
 
 def neighbour_tasks(ds):
     """The tasks of a datastore whose items have a query (teacher-forced kinds, not generate)."""
-    return [t for d, t in TASK_RUNS if d == ds and TASK_REGISTRY[t]["kind"] != "generate"]
+    return [
+        t for d, t in TASK_RUNS if d == ds and TASK_REGISTRY[t]["kind"] != "generate"
+    ]
 
 
 def neighbour_outputs():
@@ -871,7 +868,9 @@ def paper2_inputs():
         out["mlp"] = "results/tables/mlp_lm.parquet"
     if MACONDO:
         out["macondo"] = "results/tables/macondo.parquet"
-    if MACONDO and MACONDO_CHECKPOINTS:  # Table 5 at the checkpoint nearest the paper's step
+    if (
+        MACONDO and MACONDO_CHECKPOINTS
+    ):  # Table 5 at the checkpoint nearest the paper's step
         out["macondo_curve"] = "results/tables/macondo_curve.parquet"
     if HURDLE:
         out["hurdle_macondo"] = "results/tables/hurdle_macondo.parquet"

@@ -63,12 +63,7 @@ rule scaling_sweep:
                 "fraction": float(w.fraction),
                 "seed": SCALING["seed"],
                 "grid": {k: config["sweep"][k] for k in ("lambdas", "ks", "sigmas")},
-                "nprobe": (
-                    config["index"]["nprobe"]
-                    if config["index"]["type"] != "Flat"
-                    else None
-                ),
-                "distances": index_distances(),
+                **search_params(),
             }
         ),
     shell:
@@ -177,12 +172,7 @@ rule scaling_tasks:
                 "seed": config["seed"],
                 "scaling_seed": SCALING["seed"],
                 "n_boot": SCALING["n_boot"],
-                "nprobe": (
-                    config["index"]["nprobe"]
-                    if config["index"]["type"] != "Flat"
-                    else None
-                ),
-                "distances": index_distances(),
+                **search_params(),
             }
         ),
         tables=input_args,
