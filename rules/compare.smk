@@ -17,7 +17,7 @@ rule paper2_comparison:
     conda:
         "../envs/plotting.yaml"
     params:
-        p=as_json({"analyses": ANALYSES}),
+        p=lambda w: as_json({"analyses": ANALYSES}),  # a function: the config has braces
         tables=input_args,
     shell:
         "python -m workflow_scripts paper2-comparison --params {params.p:q} {params.tables} --csv {output.csv}"
