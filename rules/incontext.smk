@@ -59,6 +59,7 @@ rule incontext_perplexity:
         runtime=60,
         gpu=GPU,
     params:
+        threads=ARITHMETIC_THREADS,
         p=lambda w: as_json(
             IC_PARAMS
             | {
@@ -72,7 +73,7 @@ rule incontext_perplexity:
             | ({"point": TASK_POINTS[w.ds]} if w.ds in TASK_POINTS else {})
         ),
     shell:
-        "python -m workflow_scripts incontext-perplexity --params {params.p:q} --threads {threads}"
+        "python -m workflow_scripts incontext-perplexity --params {params.p:q} --threads {params.threads}"
         " --cache {input.cache} --manifest {input.manifest} --tokens {input.tokens} --passages {input.passages}"
         " --ds-tokens {input.ds_tokens} --model-json {input.model_json} --summary {input.summary}"
         " --csv {output.csv} --parquet {output.parquet} --record {output.record} 2> {log}"
@@ -141,6 +142,7 @@ rule incontext_task:
         runtime=60,
         gpu=GPU,
     params:
+        threads=ARITHMETIC_THREADS,
         p=lambda w: as_json(
             json.loads(task_score_params(w))
             | {
@@ -150,7 +152,7 @@ rule incontext_task:
             }
         ),
     shell:
-        "python -m workflow_scripts incontext-task --params {params.p:q} --threads {threads}"
+        "python -m workflow_scripts incontext-task --params {params.p:q} --threads {params.threads}"
         " --model-json {input.model_json} --passages {input.passages} --ds-tokens {input.ds_tokens}"
         " --items {input.task_items} --predictions {input.predictions} --npz {output.npz}"
         " --scored-json {output.scored_json} --csv {output.csv} --parquet {output.parquet}"
