@@ -21,6 +21,7 @@ import polars as pl
 import pytest
 import torch
 from test_reliability import _tiny_gpt2
+from test_tasks import one_thread  # noqa: F401 (the fixture: torch on one thread for many tiny forwards)
 
 from workflow_scripts.artifacts import ArtifactError, read_json, save_npy, write_json
 from workflow_scripts.datastore import Datastore, shard_plan, write_manifest
@@ -79,16 +80,8 @@ def check_every_row(model, ident, manifest, tokens_npy, tokens):
     return pos
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny forwards run faster on one thread (and do not fight the other jobs of a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_rows_map_to_their_corpus_positions_in_sharded_grown_subsampled_and_strided_datastores(tmp_path, one_thread):
+@pytest.mark.usefixtures("one_thread")
+def test_rows_map_to_their_corpus_positions_in_sharded_grown_subsampled_and_strided_datastores(tmp_path):
     model, ident = _tiny_gpt2(dim=16)
     write_json(tmp_path / "model.json", ident)
     rng = np.random.default_rng(0)
