@@ -6,6 +6,7 @@ a sweep table edited, truncated or out of step with its csv twin. Small hand-bui
 import json
 import re
 import shlex
+import shutil
 
 import numpy as np
 import polars as pl
@@ -240,3 +241,48 @@ def test_shard_files_a_manifest_lists_but_the_disk_lacks_are_named_when_the_dag_
     (ds / "shards" / "keys_001.npy").touch()
     proc = snakemake(tmp_path, "-n", "--configfile", str(config_path("micro")))
     assert "shard files" not in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------- on a finished micro run
+def _copy(micro_run, tmp_path):
+    work = tmp_path / "run"
+    shutil.copytree(micro_run, work, symlinks=True)
+    return work
+
+
+def _rerun_fails_keeping(work, message: str, kept: list[str], *args: str) -> None:
+    """Rerun ``work`` with ``args``: it fails saying ``message``, and the files ``kept`` are as they were."""
+    before = {f: sha256_file(work / f) for f in kept}
+    # only the forced jobs and what is newer than its outputs: a code edit since the micro run was built (the
+    # code trigger) would rebuild the damaged files first instead of checking them
+    proc = snakemake(work, "--configfile", str(work / "config.yaml"), "--rerun-triggers", "mtime", *args,
+                     check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in out, out[-3000:]
+    assert {f: sha256_file(work / f) for f in kept} == before
+
+
+@pytest.mark.slow
+def test_swapped_valid_and_test_caches_stop_the_sweep_and_keep_its_tables(micro_run, tmp_path):
+    """Item 1 as the issue probed it: results/retrieval/valid and .../test swapped, the sweep rerun. Before: exit 0
+    and the summary's valid and test rows swapped (the point chosen on test). Now verify_retrieval refuses."""
+    work = _copy(micro_run, tmp_path)
+    r = work / "results/retrieval"
+    (r / "valid").rename(r / "swap")
+    (r / "test").rename(r / "valid")
+    (r / "swap").rename(r / "test")
+    _rerun_fails_keeping(work, "results/retrieval/test/micro/meta.json: built from tokens with sha256",
+                         ["results/tables/perplexity_summary.csv", "results/sweeps/test/micro/perplexity.parquet"],
+                         "--forcerun", "sweep")
+
+
+@pytest.mark.slow
+def test_a_truncated_sweep_table_stops_the_summary_before_it_is_removed(micro_run, tmp_path):
+    """Item 9 as the issue probed it: a truncated sweep parquet. Before: a polars traceback, and Snakemake had removed
+    perplexity_summary.* first. Now verify_sweeps names the file and summarize never starts."""
+    work = _copy(micro_run, tmp_path)
+    table = work / "results/sweeps/test/micro/perplexity.parquet"
+    table.write_bytes(table.read_bytes()[:100])
+    _rerun_fails_keeping(work, "results/sweeps/test/micro/perplexity.parquet: unreadable, truncated",
+                         ["results/tables/perplexity_summary.csv", "results/tables/perplexity_summary.parquet"],
+                         "--forcerun", "summarize")

@@ -431,7 +431,8 @@ def load_checked(identity_path, device="auto", dtype="float32", block_size: int 
     if recorded is None:
         raise ArtifactError(f"{identity_path}: no weight_files_sha256 (written by an older version); rerun the "
                             f"model stage (snakemake --forcerun {identity_path})")
-    got = weight_files_hash(ident)
+    model, tok = load_model(ident, device=device, dtype=dtype)  # first: a hub model is fetched into the cache
+    got = weight_files_hash(ident)  # the files on disk, whatever dtype they were loaded in
     if got != recorded:
         changed = sorted(k for k in got.keys() | recorded.keys() if got.get(k) != recorded.get(k))
         raise ArtifactError(
@@ -439,7 +440,6 @@ def load_checked(identity_path, device="auto", dtype="float32", block_size: int 
             f"{identity_path} ({ident['model_sha256'][:12]}): another checkpoint, or altered since; rerun the model "
             f"stage"
         )
-    model, tok = load_model(ident, device=device, dtype=dtype)
     if next(model.parameters()).dtype == torch.float32:  # a float16 copy cannot match the float32 weights' hash
         got = weights_hash(model)
         if got != ident["model_sha256"]:
