@@ -148,7 +148,7 @@ rule incontext_task:
             | {
                 "model": DATASTORES[w.ds]["model"],
                 "passages": INCONTEXT["passages"],
-                "separator": INCONTEXT["separator"],
+                "max_items": INCONTEXT["max_items"],
             }
         ),
     shell:

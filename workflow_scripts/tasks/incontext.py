@@ -2,7 +2,7 @@
 
 Each item is retrieved with its prompt (``question``: the premise or question the model reads) and the top passage(s)
 are put before every context the model reads for it (its premise, each option's context, the domain premise of PMI,
-a generate prompt), joined by ``incontext.separator``. The items are then scored by the task's own protocol with the
+a generate prompt), followed by a newline. The items are then scored by the task's own protocol with the
 base LM alone: ``scoring.score_block`` fills a task cache as ``score_task`` does (with no neighbours), and
 ``evaluate.sweep_task`` reads the per-item scores off it, so the prompts' cutting, verbalizers, PMI and metrics are
 the task's. The per-item table joins them with the base LM's and the kNN-LM's scores from the task's
@@ -25,9 +25,10 @@ from ..artifacts import ArtifactError, sha256_file, write_json, write_table
 from ..cli import step
 from ..incontext import Passages, read_scored
 from .evaluate import bootstrap_delta, sweep_task
-from .registry import read_items
+from .registry import read_items, write_items
 
 log = logging.getLogger(__name__)
+SEPARATOR = "\n"  # between the passage(s) and the prompt
 
 
 def with_passage(item: dict, text: str, sep: str) -> dict:
@@ -68,14 +69,14 @@ def score_incontext(identity_json, passages_meta, ds_tokens_npy, items_parquet, 
     model, tok, ident = load_checked(identity_json, device=device, dtype=devices.model_dtype(device, p["dtype"]),
                                      block_size=p["block_size"])
     passages = Passages(passages_meta, ds_tokens_npy, ident)
-    items = read_items(items_parquet)
-    knn = pl.read_parquet(knn_predictions)
+    items = read_items(items_parquet)[: p.get("max_items")]  # the first max_items, when set
+    knn = pl.read_parquet(knn_predictions).head(len(items))
     if knn["id"].to_list() != [it["id"] for it in items]:
         raise ArtifactError(f"{knn_predictions}: its items are not those of {items_parquet}; rerun task_sweep "
                             f"(snakemake --forcerun {knn_predictions})")
     top = passages.top([it["question"] for it in items], p["passages"])
     texts = [tok.decode(passages.ids(picked)) for picked in top]
-    aug = [with_passage(it, t, p["separator"]) for it, t in zip(items, texts, strict=True)]
+    aug = [with_passage(it, t, SEPARATOR) for it, t in zip(items, texts, strict=True)]
     block = memory.task_block(p)
     parts = [score_block(model, tok, ident, entry, aug[i : i + block], _no_neighbours, p, [None])
              for i in range(0, len(aug), block)]
@@ -85,8 +86,9 @@ def score_incontext(identity_json, passages_meta, ds_tokens_npy, items_parquet, 
     write_task_cache(out_npz, out_json, cache, {"meta": meta, **record}, time.time() - t0)
     with tempfile.TemporaryDirectory() as tmp:  # the task's own protocol reads the per-item scores off the cache
         t = Path(tmp)
+        write_items(items, t / "items.parquet")
         grid = {"lambdas": [], "ks": [], "sigmas": []}
-        sweep_task(out_npz, out_json, items_parquet, {**p, "grid": grid, "point": None}, None, t / "s.csv",
+        sweep_task(out_npz, out_json, t / "items.parquet", {**p, "grid": grid, "point": None}, None, t / "s.csv",
                    t / "s.parquet", t / "pred.parquet", t / "summary.json")
         mine = pl.read_parquet(t / "pred.parquet")
     df = knn.select("task", "category", "id", "question", "answer", "base_pred", "knn_pred", "base_score",
