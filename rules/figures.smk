@@ -170,6 +170,7 @@ rule stage_times:
         tasks=task_outputs(),
         analyses=analyses_outputs(),
         scaling=scaling_outputs(),
+        incontext=incontext_outputs(),
     output:
         csv=report(
             "results/tables/stage_times.csv",
