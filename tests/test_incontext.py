@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from workflow_scripts import lm
-from workflow_scripts.artifacts import ArtifactError, read_table, save_npy, write_json
+from workflow_scripts.artifacts import ArtifactError, read_table, save_npy, sha256_file, write_json, write_table
 from workflow_scripts.incontext import (
     Passages,
     build_passages,
     incontext_logprobs,
     leaked,
     passage_spans,
+    read_scored,
     stretches,
 )
 from workflow_scripts.tasks.incontext import with_passage
@@ -164,6 +165,16 @@ def test_passages_are_checked_against_their_digests_and_token_stream(world, tmp_
         Passages(w / "p/meta.json", w / "train.npy")
     with pytest.raises(ArtifactError, match="another token stream than"):
         Passages(world / "p/meta.json", world / "test.npy")
+
+
+def test_a_per_token_table_is_checked_against_the_sha256_its_record_holds(tmp_path):
+    df = pl.DataFrame({"position": [0, 1], "base": [-1.0, -2.0], "knn": [-1.0, -1.5], "incontext": [-0.5, -2.5]})
+    write_table(df, tmp_path / "t.csv", tmp_path / "t.parquet")
+    write_json(tmp_path / "t.json", {"parquet_sha256": sha256_file(tmp_path / "t.parquet")})
+    assert read_scored(tmp_path / "t.json")[1].equals(df)
+    write_table(df.with_columns(pl.col("incontext") * 0), tmp_path / "t.csv", tmp_path / "t.parquet")  # rewritten
+    with pytest.raises(ArtifactError, match=r"t.parquet: its sha256 differs from the one .*t.json recorded"):
+        read_scored(tmp_path / "t.json")
 
 
 def test_a_task_items_passage_goes_before_every_context_the_model_reads():
