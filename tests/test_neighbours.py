@@ -171,7 +171,7 @@ def test_subtask_table_by_subtask_task_and_category(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the default tables
 @pytest.mark.slow
-def test_every_shown_neighbour_is_the_corpus_at_its_rows_position(task_run):
+def test_every_shown_neighbour_is_the_corpus_at_its_rows_position(task_run, monkeypatch):
     """The full run's neighbour tables (micro: two shards; micro_tenth: its fraction-0.1 subsample): each shown
     context and value are the datastore corpus's tokens at the row's position, with the position the manifest's
     range (micro) or rows.npy's parent row (micro_tenth); the task tables cover both directions and categories."""
@@ -179,6 +179,7 @@ def test_every_shown_neighbour_is_the_corpus_at_its_rows_position(task_run):
     from workflow_scripts.lm import load_identity, load_tokenizer
 
     work, _ = task_run
+    monkeypatch.chdir(work)  # model.json names its model directory relative to the run
     r = work / "results"
     tok = load_tokenizer(load_identity(r / "models" / "micro-gpt2" / "model.json"))
     tokens = np.load(r / "tokens" / "micro-gpt2" / "micro" / "train.npy")

@@ -189,8 +189,7 @@ def gains_and_losses(cache: dict, point, n: int) -> dict[str, np.ndarray]:
     lm = np.asarray(cache["lm_logprob"], np.float64)
     knn = knnlm.knn_target_logprobs(cache["dists"], cache["vals"], cache["targets"], [k], sigma)[k]
     gain = knnlm.interpolate(lm, knn, lam) - lm
-    order = np.argsort(-gain, kind="stable")
-    return {"gain": order[:n], "loss": order[::-1][:n][np.argsort(gain[order[::-1][:n]], kind="stable")]}
+    return {"gain": np.argsort(-gain, kind="stable")[:n], "loss": np.argsort(gain, kind="stable")[:n]}
 
 
 VIEW_COLUMNS = ["position", "context", "gold", "lm_prob", "knnlm_prob", "gain_nats", "lambda", "k", "sigma", "rank",
