@@ -171,6 +171,7 @@ rule stage_times:
         analyses=analyses_outputs(),
         scaling=scaling_outputs(),
         incontext=incontext_outputs(),
+        neighbours=neighbour_outputs(),
     output:
         csv=report(
             "results/tables/stage_times.csv",
