@@ -477,7 +477,10 @@ warn_missing_shards()
 
 
 # ----------------------------------------------------------------------------- tasks (paper 1)
-TASKS = config.get("tasks") or _tasks.default_tasks_config(config)
+if not config.get("tasks"):  # the synthetic suite on the generated corpora; the schema fills in the rest
+    config["tasks"] = _tasks.default_tasks_config(config)
+    _config.validate(config)
+TASKS = config["tasks"]
 TASK_REGISTRY = _tasks.registry(TASKS.get("custom"))
 # one scoring job per (datastore, task); the datastore names its model
 TASK_RUNS = sorted((d, t) for d, names in TASKS["evaluate"].items() for t in names)
@@ -523,7 +526,7 @@ def task_score_params(wildcards, chunk=None):
         "datastore": wildcards.ds,
         "k_max": sw["k_max"],
         "block_size": ex["block_size"],
-        "batch_size": TASKS.get("batch_size", 32),
+        "batch_size": TASKS["batch_size"],
         "device": ex["device"],
         "dtype": ex["dtype"],
         **search_params(),
@@ -532,17 +535,13 @@ def task_score_params(wildcards, chunk=None):
     if e["kind"] == "generate":
         if wildcards.ds in TASK_POINTS:
             p["point"] = TASK_POINTS[wildcards.ds]
-        p["generate"] = {
-            "points": "chosen",
-            "max_new_tokens": 16,
-            **TASKS.get("generate", {}),
-        }
+        p["generate"] = TASKS["generate"]
         if p["generate"]["points"] == "grid":
             p["grid"] = {k: sw[k] for k in ("lambdas", "ks", "sigmas")}
     return as_json(p)
 
 
-TASK_CHUNKS = TASKS.get("chunks") or 1
+TASK_CHUNKS = TASKS["chunks"]
 
 
 def task_chunk_inputs(wildcards):

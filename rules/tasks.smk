@@ -25,7 +25,7 @@ rule task_suite:
                 "generators": {
                     t: TASK_REGISTRY[t]["source"]["generator"] for t in SYNTHETIC
                 },
-                "n_items": TASKS.get("synthetic", {}).get("n_items", 200),
+                "n_items": TASKS["synthetic"]["n_items"],
                 "seed": config["seed"],
             }
         ),

@@ -49,8 +49,8 @@ def test_cuda_without_a_gpu_is_refused_naming_the_key_and_why(monkeypatch):
 
 
 def test_float16_only_on_a_gpu():
-    assert devices.model_dtype("auto") == devices.model_dtype("cuda") == "float16"
-    assert devices.model_dtype("cpu") == "float32"
+    assert devices.model_dtype("auto", "float16") == devices.model_dtype("cuda", "float16") == "float16"
+    assert devices.model_dtype("cpu", "float16") == "float32"
     assert devices.torch_dtype(torch.device("cuda"), "float16") == "float16"
     assert devices.torch_dtype(torch.device("cpu"), "float16") == "float32"
 
@@ -87,12 +87,10 @@ def test_extraction_and_retrieval_load_the_model_in_the_same_dtype(monkeypatch, 
         raise Stop
 
     monkeypatch.setattr(lm, "load_checked", load_checked)
-    cases = {("auto", None): "float16", ("cuda", None): "float16", ("cpu", None): "float32",
-             ("cuda", "float32"): "float32", ("cpu", "float16"): "float32", ("auto", "float32"): "float32"}
-    for device, dtype in cases:
-        params = {"device": device, "block_size": 8, "shard": 0, "shards": 1, "batch_size": 2}
-        if dtype:
-            params["dtype"] = dtype  # extraction.dtype; absent: its default, float16
+    cases = {("auto", "float16"): "float16", ("cuda", "float16"): "float16", ("cpu", "float16"): "float32",
+             ("cuda", "float32"): "float32", ("cpu", "float32"): "float32", ("auto", "float32"): "float32"}
+    for device, dtype in cases:  # extraction.device and extraction.dtype, as the rules pass them
+        params = {"device": device, "dtype": dtype, "block_size": 8, "shard": 0, "shards": 1, "batch_size": 2}
         with pytest.raises(Stop):
             forward.extract_keys(params, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path)
         with pytest.raises(Stop):
@@ -178,12 +176,12 @@ def test_cpu_is_used_when_no_gpu_answers_or_the_config_says_cpu(monkeypatch, cap
     flat = _flat()
     _no_cuda(monkeypatch)
     with caplog.at_level(logging.WARNING):
-        assert devices.search_index(flat, "auto") is flat  # faiss-cpu on a CPU machine: quietly the CPU
+        assert devices.search_index(flat, "auto", 4) is flat  # faiss-cpu on a CPU machine: quietly the CPU
     assert caplog.records == []
     gpus = FakeGpus(monkeypatch, 2)
     assert devices.search_index(flat, "cpu", shard_above_gb=0) is flat and gpus.calls == []
     gpus.n = 0  # a GPU build that sees no GPU
-    assert devices.search_index(flat, "auto") is flat and gpus.calls == []
+    assert devices.search_index(flat, "auto", 4) is flat and gpus.calls == []
 
 
 def test_a_gpu_job_on_a_cpu_only_faiss_says_so(monkeypatch, caplog):
@@ -191,9 +189,9 @@ def test_a_gpu_job_on_a_cpu_only_faiss_says_so(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the model runs on a GPU
     with pytest.raises(devices.DeviceError, match=r"extraction\.device: cuda, but FAISS .*, CPU build: .*"
                        r"would search on the CPU.*--gpu.*set extraction\.device: auto"):
-        devices.search_index(flat, "cuda")
+        devices.search_index(flat, "cuda", 4)
     with caplog.at_level(logging.WARNING):
-        assert devices.search_index(flat, "auto") is flat
+        assert devices.search_index(flat, "auto", 4) is flat
     assert len(caplog.records) == 1 and "!!!" in caplog.text and "CPU build" in caplog.text
     assert "searching on the CPU (extraction.device: auto)" in caplog.text
 
@@ -202,16 +200,16 @@ def test_an_index_the_gpus_refuse_is_searched_on_the_cpu_with_a_warning(monkeypa
     FakeGpus(monkeypatch, 2, refuse="Bits per code must be 8")
     flat = _flat()
     with caplog.at_level(logging.WARNING):
-        assert devices.search_index(flat, "cuda") is flat
+        assert devices.search_index(flat, "cuda", 4) is flat
     assert "Bits per code must be 8" in caplog.text and "searching on the CPU" in caplog.text
 
 
 def test_more_neighbours_than_a_gpu_search_returns_are_searched_on_the_cpu(monkeypatch, caplog):
     gpus = FakeGpus(monkeypatch, 1)
     flat = _flat()
-    assert devices.search_index(flat, "cuda", k=devices.GPU_MAX_K) is flat and len(gpus.calls) == 1
+    assert devices.search_index(flat, "cuda", 4, k=devices.GPU_MAX_K) is flat and len(gpus.calls) == 1
     with caplog.at_level(logging.WARNING):
-        assert devices.search_index(flat, "cuda", k=devices.GPU_MAX_K + 1) is flat
+        assert devices.search_index(flat, "cuda", 4, k=devices.GPU_MAX_K + 1) is flat
     assert len(gpus.calls) == 1 and f"k_max = {devices.GPU_MAX_K + 1} exceeds" in caplog.text
 
 
@@ -262,18 +260,9 @@ def test_open_retriever_hands_the_index_to_search_index_with_the_config(monkeypa
     monkeypatch.setattr(retrieval, "load_index", lambda *a: ("cpu index", {"exact": True}))
     monkeypatch.setattr(devices, "search_index",
                         lambda idx, dev, gb, k: got.update(idx=idx, dev=dev, gb=gb, k=k) or "gpu")
-    out = retrieval.open_retriever("m", "d", "i", "j", {"device": "cuda", "k_max": 8, "gpu_shard_above_gb": 0.5})
+    cfg = {"device": "cuda", "dtype": "float16", "k_max": 8, "gpu_shard_above_gb": 0.5}
+    out = retrieval.open_retriever("m", "d", "i", "j", cfg)
     assert out[4] == "gpu" and got == {"idx": "cpu index", "dev": "cuda", "gb": 0.5, "k": 8}
-    retrieval.open_retriever("m", "d", "i", "j", {"k_max": 8})  # a caller without the keys: auto, the default
-    assert got["dev"] == "auto" and got["gb"] == devices.SHARD_ABOVE_GB
-
-
-def test_the_shard_threshold_default_is_the_schemas():
-    """devices.SHARD_ABOVE_GB, used where a caller passes no threshold, is index.gpu_shard_above_gb's default."""
-    from workflow_scripts.config import SCHEMA_PATH
-
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    assert schema["properties"]["index"]["properties"]["gpu_shard_above_gb"]["default"] == devices.SHARD_ABOVE_GB
 
 
 def test_load_index_returns_the_cpu_index(tmp_path, monkeypatch):

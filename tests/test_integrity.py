@@ -32,7 +32,8 @@ from workflow_scripts.tasks import evaluate, scoring
 from workflow_scripts.tasks.registry import write_items
 
 VOCAB, DIM, BLOCK = 40, 32, 32
-RETRIEVAL = {"k_max": 8, "max_tokens": 120, "block_size": BLOCK, "batch_size": 8, "device": "cpu", "nprobe": None}
+RETRIEVAL = {"k_max": 8, "max_tokens": 120, "block_size": BLOCK, "batch_size": 8, "device": "cpu", "nprobe": None,
+             "dtype": "float16", "gpu_shard_above_gb": 4}  # as the rules pass them
 GRID = {"lambdas": [0.0, 0.25, 0.5], "ks": [1, 8], "sigmas": [1.0, 10.0]}
 IVFPQ = {"type": "IVFPQ", "nlist": 4, "m": 4, "nbits": 4, "nprobe": 2, "train_sample": 384}
 

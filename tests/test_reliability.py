@@ -35,7 +35,7 @@ SWEEPS = [f"results/sweeps/{e}/micro/perplexity.csv" for e in ("valid", "test")]
 UPSTREAM = {"corpus", "train_tokenizer", "tokenize", "train_lm"}
 # the retrieval params the micro config gives the rule (see rules/common.smk retrieval_params)
 RETRIEVAL_PARAMS = {"k_max": 32, "max_tokens": 300, "block_size": 32, "batch_size": 8, "device": "cpu",
-                    "nprobe": None}
+                    "nprobe": None, "dtype": "float16", "gpu_shard_above_gb": 4}
 SWEEP_PARAMS = {"lambdas": [0.0, 0.25, 0.5], "ks": [1, 8, 32], "sigmas": [1, 10]}
 
 

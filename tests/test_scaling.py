@@ -183,7 +183,8 @@ def real_and_subsampled(work, fraction, ks, seed, out):
     real = out / "real"
     scaling.write_subsample(manifest, fraction, seed, model, r / "tokens/micro-gpt2/micro/train.npy", real)
     index.build_index(real / "manifest.json", {"type": "Flat"}, 0, real / "index.faiss", real / "index.json")
-    cfg = {"k_max": 32, "max_tokens": 300, "block_size": 32, "batch_size": 8, "device": "cpu"}
+    cfg = {"k_max": 32, "max_tokens": 300, "block_size": 32, "batch_size": 8, "device": "cpu", "dtype": "float16",
+           "gpu_shard_above_gb": 4}
     retrieval.retrieve(model, real / "manifest.json", real / "index.faiss", real / "index.json",
                        r / "tokens/micro-gpt2/micro/valid.npy", cfg, real / "cache")
     want = sweep.run_sweep(real / "cache", real / "manifest.json", grid, real / "ppl.csv", real / "ppl.parquet")

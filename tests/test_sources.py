@@ -486,10 +486,11 @@ def test_a_window_beyond_the_models_context_is_refused_naming_both(source, fake_
     want = re.escape("extraction.block_size = 64 exceeds the context of the model in ") + ".*" + re.escape(
         f"{tmp_path / 'model.json'} ({path}: n_positions = 32)")
     with pytest.raises(ValueError, match=want):
-        extract_keys({"shard": 0, "shards": 1, "block_size": 64, "batch_size": 8, "device": "cpu"},
+        extract_keys({"shard": 0, "shards": 1, "block_size": 64, "batch_size": 8, "device": "cpu", "dtype": "float16"},
                      tmp_path / "model.json", tmp_path / "tokens.npy", tmp_path / "k.npy", tmp_path / "v.npy",
                      tmp_path / "m.json")
-    cfg = {"k_max": 4, "max_tokens": None, "block_size": 64, "batch_size": 8, "device": "cpu", "nprobe": None}
+    cfg = {"k_max": 4, "max_tokens": None, "block_size": 64, "batch_size": 8, "device": "cpu", "nprobe": None,
+           "dtype": "float16", "gpu_shard_above_gb": 4}
     with pytest.raises(ValueError, match=want):
         retrieve_step(cfg, tmp_path / "model.json", absent, absent, absent, tmp_path / "tokens.npy",
                       tmp_path / "cache" / "meta.json")
@@ -498,7 +499,7 @@ def test_a_window_beyond_the_models_context_is_refused_naming_both(source, fake_
                    absent, absent, tmp_path / "t.npz", tmp_path / "t.json")
     assert not (tmp_path / "k.npy").exists() and not (tmp_path / "cache").exists()
     # the window the model has is fine: extraction runs
-    extract_keys({"shard": 0, "shards": 1, "block_size": 32, "batch_size": 8, "device": "cpu"},
+    extract_keys({"shard": 0, "shards": 1, "block_size": 32, "batch_size": 8, "device": "cpu", "dtype": "float16"},
                  tmp_path / "model.json", tmp_path / "tokens.npy", tmp_path / "k.npy", tmp_path / "v.npy",
                  tmp_path / "m.json")
     assert np.load(tmp_path / "k.npy").shape == (199, 32)

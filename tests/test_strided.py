@@ -131,7 +131,7 @@ def test_strided_pipeline_equals_run_clm_sliding_windows(model_json, tmp_path, s
 
     build_index(tmp_path / "ds/manifest.json", {"type": "Flat"}, 0, tmp_path / "index.faiss", tmp_path / "index.json")
     cfg = {"k_max": K, "max_tokens": None, "block_size": BLOCK, "stride": stride, "batch_size": 2, "device": "cpu",
-           "nprobe": None}
+           "nprobe": None, "dtype": "float16", "gpu_shard_above_gb": 4}
     with pytest.raises(ArtifactError, match=f"extracted with windows .*'stride': {stride}.*but its datastores"):
         retrieve(model_json, tmp_path / "ds/manifest.json", tmp_path / "index.faiss", tmp_path / "index.json",
                  tmp_path / "test.npy", cfg, tmp_path / "refused")  # the config says: no stride for the datastore

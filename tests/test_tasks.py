@@ -626,8 +626,10 @@ def test_default_tasks_are_the_synthetic_suite_on_generated_datastores():
     c = yaml.safe_load((ROOT / "config.yaml").read_text())
     d = registry.default_tasks_config(check(c))
     assert d["evaluate"] == {"synthwiki": registry.synthetic_tasks()} and d["synthetic"]["corpus"] == "synthwiki"
+    assert set(d) == {"evaluate", "synthetic"} and set(d["synthetic"]) == {"corpus"}  # the schema has the rest
     c["tasks"] = d
-    check(c)  # the defaults are a valid tasks section
+    check(c)  # a valid tasks section, completed from the schema's defaults
+    assert {"batch_size", "chunks", "max_items", "generate"} <= set(c["tasks"]) and "n_items" in c["tasks"]["synthetic"]
 
 
 @pytest.mark.slow

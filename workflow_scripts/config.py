@@ -5,6 +5,7 @@ Errors name the key path and what was expected, and are raised before any job ru
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -44,7 +45,7 @@ def _with_defaults(validator_cls):
         if isinstance(instance, dict):
             for key, sub in properties.items():
                 if "default" in sub and key not in instance:
-                    instance[key] = sub["default"]
+                    instance[key] = copy.deepcopy(sub["default"])  # the schema's own stays as written
         yield from validate_props(validator, properties, instance, schema)
 
     # YAML gives floats such as 2048.0 (an "integer" to draft 2020-12, but not usable as a count) and .nan/.inf

@@ -67,7 +67,7 @@ def torch_device(requested: str = "auto", key: str = KEY):
     return torch.device(requested)
 
 
-def model_dtype(requested: str, dtype: str = "float16") -> str:
+def model_dtype(requested: str, dtype: str) -> str:
     """The dtype keys and queries are computed in for ``extraction.device`` = ``requested`` and
     ``extraction.dtype`` = ``dtype``: ``dtype`` wherever a GPU may run the model (``torch_dtype`` turns it into
     float32 on the CPU), the same for extraction and retrieval, so that keys and queries have one precision."""
@@ -160,12 +160,7 @@ def _gpu_job() -> bool:
     return bool(torch.cuda.is_available())
 
 
-SHARD_ABOVE_GB = 4.0  # index.gpu_shard_above_gb's default (config.schema.yaml)
-
-
-def search_index(
-    index, requested: str = "auto", shard_above_gb: float = SHARD_ABOVE_GB, k: int | None = None, key: str = KEY
-):
+def search_index(index, requested: str, shard_above_gb: float, k: int | None = None, key: str = KEY):
     """The index to search for ``k`` neighbours: moved to every GPU FAISS sees (sharded when it holds more than
     ``shard_above_gb`` GB, replicated below), or the CPU index unchanged (``requested`` cpu, or no GPU). A GPU
     job whose FAISS cannot use a GPU raises ``DeviceError`` when ``requested`` is cuda and warns when it is

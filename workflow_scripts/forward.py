@@ -168,7 +168,7 @@ def extract_keys(
 
     torch_threads(threads)
     device = params["device"]
-    dtype = model_dtype(device, params.get("dtype", "float16"))
+    dtype = model_dtype(device, params["dtype"])
     model, _, ident = load_checked(model_json, device=device, dtype=dtype, block_size=params["block_size"])
     extract_shard(
         model, ident, tokens, params["shard"], params.get("shards"), params["block_size"], params["batch_size"],

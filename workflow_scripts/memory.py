@@ -76,7 +76,7 @@ def task_queries(items: list[dict], cfg: dict, count_pairs=None) -> tuple[int, i
             g = cfg.get("generate") or {}
             grid = cfg.get("grid") or {}
             points = 1 + (len(grid.get("lambdas", ())) * len(grid.get("ks", ())) * len(grid.get("sigmas", ())))
-            new = int(entry.get("max_new_tokens", g.get("max_new_tokens", 16)))
+            new = int(entry.get("max_new_tokens") or g["max_new_tokens"])
             n = len(chunk) * new * (points if g.get("points") == "grid" else 1)
         elif count_pairs is not None:
             n = count_pairs(chunk)

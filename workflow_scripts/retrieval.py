@@ -32,15 +32,15 @@ def open_retriever(identity_json, manifest_json, index_path, index_meta, cfg: di
     the model is the one that built the datastore, the index was built from this version of it, and it holds
     at least ``cfg['k_max']`` keys; the model takes windows of ``cfg['block_size']``, when given."""
     faiss.omp_set_num_threads(threads)
-    device = cfg.get("device", "auto")
-    dtype = devices.model_dtype(device, cfg.get("dtype", "float16"))
+    device = cfg["device"]
+    dtype = devices.model_dtype(device, cfg["dtype"])
     model, tok, ident = lm.load_checked(identity_json, device=device, dtype=dtype, block_size=cfg.get("block_size"))
     ds = Datastore(manifest_json)
     ds.check_model(ident, identity_json)
     if cfg["k_max"] > ds.rows:
         raise ValueError(f"k_max = {cfg['k_max']} exceeds the {ds.rows} keys of datastore {manifest_json}")
     index, imeta = load_index(index_path, index_meta, ds, cfg.get("nprobe"))
-    index = devices.search_index(index, device, cfg.get("gpu_shard_above_gb", devices.SHARD_ABOVE_GB), k=cfg["k_max"])
+    index = devices.search_index(index, device, cfg["gpu_shard_above_gb"], k=cfg["k_max"])
     return model, tok, ident, ds, index, imeta
 
 

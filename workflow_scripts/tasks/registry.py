@@ -792,7 +792,8 @@ def synthetic_tasks() -> list[str]:
 def default_tasks_config(config: dict) -> dict:
     """The task evaluation when the config has no ``tasks`` section: the synthetic suite, built from the first
     generated corpus that a datastore is built on, evaluated on every datastore built from that corpus.
-    Nothing when no datastore is built from a generated corpus (a hub or local corpus needs explicit tasks)."""
+    Nothing when no datastore is built from a generated corpus (a hub or local corpus needs explicit tasks). Only
+    what depends on the config: validating it fills in the schema's defaults (n_items, batch_size, ...)."""
     generated = [
         d for d, spec in config["datastores"].items() if config["corpora"][spec["corpus"]]["source"] == "generate"
     ]
@@ -801,10 +802,7 @@ def default_tasks_config(config: dict) -> dict:
     corpus = config["datastores"][generated[0]]["corpus"]
     return {
         "evaluate": {d: synthetic_tasks() for d in generated if config["datastores"][d]["corpus"] == corpus},
-        "synthetic": {"corpus": corpus, "n_items": 200},
-        "max_items": None,
-        "batch_size": 32,
-        "generate": {"points": "chosen", "max_new_tokens": 16},
+        "synthetic": {"corpus": corpus},
     }
 
 
