@@ -188,7 +188,7 @@ def tokenizer_arg(wildcards, input):
 def tokenize_args(wildcards, input):
     """The tokenizer, and the corpus's text preparation (corpora.<c>.prepare) unless it is row_eos, the default,
     whose jobs' params are those from before the choice existed."""
-    prepare = config["corpora"][wildcards.corpus].get("prepare", "row_eos")
+    prepare = config["corpora"][wildcards.corpus]["prepare"]
     flag = "" if prepare == "row_eos" else f" --prepare {prepare}"
     return tokenizer_arg(wildcards, input) + flag
 

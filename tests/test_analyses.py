@@ -134,7 +134,7 @@ def test_mlp_learns_a_learnable_map_and_sums_to_one():
     centres = rng.normal(size=(12, 16)).astype(np.float32) * 3
     vals = rng.integers(0, 12, 3000)
     keys = (centres[vals] + 0.1 * rng.normal(size=(3000, 16))).astype(np.float16)
-    p = {"hidden": 64, "lr": 3e-3, "epochs": 8, "batch_size": 64, "log_every": 10}
+    p = {"hidden": 64, "lr": 3e-3, "weight_decay": 0.0, "epochs": 8, "batch_size": 64, "log_every": 10}
     model, rows = mlp_lm.train(keys, vals, W, p, seed=0, desc="")
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
     with torch.no_grad():
@@ -257,7 +257,7 @@ def test_mlp_lm_lambda_zero_is_the_lm_and_lambda_is_chosen_on_valid(tmp_path, mo
         rng.normal(size=(200, 8)).astype(np.float16),
         rng.integers(0, 20, 200),
         W,
-        {"hidden": 16, "lr": 1e-3, "epochs": 1, "batch_size": 50, "log_every": 1},
+        {"hidden": 16, "lr": 1e-3, "weight_decay": 0.0, "epochs": 1, "batch_size": 50, "log_every": 1},
         0,
         "",
     )

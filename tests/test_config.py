@@ -657,3 +657,36 @@ def test_ivfpq_with_more_centroids_than_train_sample_is_a_config_error(edit, mes
     rejects(c, "config key index.train_sample:", message)
     c["index"] |= {"nlist": 4, "nbits": 8, "train_sample": 256}  # exactly enough
     check(c)
+
+
+def _scalar_defaults(node, out=None) -> set:
+    """(key, default) of every scalar default in the schema."""
+    out = set() if out is None else out
+    if isinstance(node, dict):
+        for k, sub in (node.get("properties") or {}).items():
+            d = sub.get("default", None) if isinstance(sub, dict) else None
+            if isinstance(d, (int, float, str)) and not isinstance(d, bool):
+                out.add((k, d))
+        for v in node.values():
+            _scalar_defaults(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _scalar_defaults(v, out)
+    return out
+
+
+def test_no_schema_default_is_written_again_in_the_code():
+    """Every default lives in the schema: no rule or module reads a config key with its schema default as the
+    fallback (`.get("n_boot", 1000)`), which would drift from the schema the day one of them changes."""
+    from workflow_scripts.config import SCHEMA_PATH
+
+    found = []
+    files = [*(ROOT / "workflow_scripts").rglob("*.py"), *(ROOT / "rules").glob("*.smk"), ROOT / "Snakefile"]
+    texts = {f: f.read_text() for f in files}
+    for key, d in _scalar_defaults(yaml.safe_load(SCHEMA_PATH.read_text())):
+        lit = re.escape(repr(d)) if not isinstance(d, str) else f"[\"']{re.escape(d)}[\"']"
+        if isinstance(d, float) and d.is_integer():
+            lit = rf"{int(d)}(?:\.0*)?"
+        pat = re.compile(rf"\.get\(\s*[\"']{re.escape(key)}[\"']\s*,\s*{lit}\s*\)")
+        found += [f"{f.relative_to(ROOT)}: {m[0]}" for f, t in texts.items() for m in pat.finditer(t)]
+    assert not found, found

@@ -123,6 +123,15 @@ def validate(config: dict) -> dict:
     return config
 
 
+def defaults(*path: str) -> dict:
+    """The schema's defaults of the section at ``path`` (its keys), e.g. ``defaults("analyses", "macondo",
+    "generate")``: for code that takes a section by hand, so that no default is written twice."""
+    node = yaml.safe_load(SCHEMA_PATH.read_text())
+    for key in path:
+        node = node["properties"][key]
+    return {k: copy.deepcopy(v["default"]) for k, v in node["properties"].items() if "default" in v}
+
+
 def _refuse_case_twins(where: str, names) -> None:
     """Names that become folder names under results/ must differ by more than case: on a case-insensitive
     filesystem (macOS, Windows) `Test` and `test` are one folder and their files would overwrite each other."""

@@ -117,7 +117,7 @@ def _search_parts(cfg: dict, k_max: int, d: int, rows: int) -> dict:
         ),
         "one search batch (candidates, merge)": SEARCH_BATCH * k_max * 12 * 3,
         "exact re-rank: gathered float32 keys": (
-            SEARCH_BATCH * k_max * d * 4 if ivf and cfg.get("distances", "exact") == "exact" else 0
+            SEARCH_BATCH * k_max * d * 4 if ivf and cfg.get("distances") == "exact" else 0
         ),
         "one range of float32 keys (sharded Flat)": 0 if ivf else min(rows * d * 4, RANGE_BYTES),
     }

@@ -261,7 +261,7 @@ def summarize_scaling(runs: dict[tuple[str, str], tuple[Path, Path, Path]], p: d
     that size (and the oracle), with a block-bootstrap 95% CI; the log-linear fit of each eval set's curve with its
     bootstrap CI; and the perplexity gain by how often the target occurs in the subset."""
     ds, select_on = p["datastore"], p["select_on"]
-    n_boot, seed, block = int(p.get("n_boot", 1000)), int(p.get("seed", 0)), int(p["block_size"])
+    n_boot, seed, block = int(p["n_boot"]), int(p["seed"]), int(p["block_size"])
     fracs = sorted({f for _, f in runs}, key=float)
     evalsets = sorted({e for e, _ in runs})
     sweeps, pos = {}, {}

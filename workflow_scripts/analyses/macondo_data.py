@@ -34,6 +34,7 @@ import polars as pl
 
 from ..artifacts import atomic_path, write_json
 from ..cli import step
+from ..config import defaults
 
 LISTS = ("given_names", "surnames", "cities", "universities", "companies")
 DATA_DIR = Path(__file__).resolve().parent / "macondo_names"
@@ -49,20 +50,7 @@ DESCS = {
     "company": "used to work for {}",
 }
 
-DEFAULTS = {
-    "n_villagers": 500,
-    "n_parents": 100,
-    "min_children": 1,
-    "max_children": 5,
-    "n_train": 1500,
-    "birth_years": [1800, 2005],
-    "marriage_years": [1800, 2023],
-    "min_marriage_age": 18,
-    "train_template": "{villager}, who {desc}, is the parent of {child}",
-    "test_template": "{villager}, is the parent of {child}",
-    **{name: "shipped" for name in LISTS},
-    "child_names": "shipped",
-}
+DEFAULTS = defaults("analyses", "macondo", "generate")  # the schema's: the paper's values
 
 
 class MacondoError(ValueError):
@@ -141,7 +129,7 @@ def _check_template(cfg: dict, key: str, fields: tuple[str, ...]) -> str:
 
 def _years(cfg: dict) -> tuple[int, int, int, int, int]:
     (b_lo, b_hi), (m_lo, m_hi) = (map(int, cfg["birth_years"]), map(int, cfg["marriage_years"]))
-    age = int(cfg.get("min_marriage_age", 18))
+    age = int(cfg["min_marriage_age"])
     b_hi = min(b_hi, m_hi - age)  # someone born later could not marry within the marriage years
     if b_lo > b_hi or m_lo > m_hi:
         raise MacondoError(

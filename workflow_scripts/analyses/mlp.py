@@ -55,7 +55,7 @@ def train(keys, vals, W: torch.Tensor, p: dict, seed: int, desc: str = "train ml
     rng = np.random.default_rng(seed)
     n, d = keys.shape
     model = KeyMLP(d, p["hidden"], W)
-    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p.get("weight_decay", 0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
     B = p["batch_size"]
     rows, t0, step = [], time.time(), 0
     n_steps = p["epochs"] * -(-n // B)

@@ -62,7 +62,7 @@ def scale_tasks(caches: list[tuple[Path, Path, Path]], manifest_json, index_path
     ds = Datastore(manifest_json)
     ppl = pl.read_parquet(perplexity_parquet)
     fracs = sorted(ppl["fraction"].unique().to_list())
-    seed, n_boot = int(p["seed"]), int(p.get("n_boot", 1000))
+    seed, n_boot = int(p["seed"]), int(p["n_boot"])
     tasks = []
     for npz, scored_json, items in caches:
         record, item_rows = check_task_cache(npz, scored_json, items, manifest_json=manifest_json)
