@@ -128,7 +128,8 @@ def _imports(module: str) -> set[str]:
 
 
 def test_wings_import_rules_and_no_cycles():
-    """The backbone never imports tasks/ or analyses/, tasks/ never imports analyses/; no import cycles."""
+    """The backbone never imports tasks/ or analyses/; the wings never import each other (paper 2's analyses run a
+    model through the backbone's forward.py, not paper 1's task scoring); no import cycles."""
     mods = sorted(cli._modules(PACKAGE))
     graph = {m: _imports(m) for m in mods}
     wing = {m: m.split(".")[0] if m.split(".")[0] in ("tasks", "analyses") else "backbone" for m in mods}
@@ -136,8 +137,8 @@ def test_wings_import_rules_and_no_cycles():
         for d in deps:
             if wing[m] == "backbone":
                 assert wing[d] == "backbone", f"{m} (backbone) imports {d}"
-            if wing[m] == "tasks":
-                assert wing[d] != "analyses", f"{m} (tasks) imports {d}"
+            if wing[m] != "backbone":
+                assert wing[d] in (wing[m], "backbone"), f"{m} ({wing[m]}) imports {d}"
     # a wing's package __init__ is imported implicitly by its modules: leave those edges out of the cycle check
     state: dict[str, int] = {}
 

@@ -16,7 +16,7 @@ import torch
 from .. import lm
 from ..artifacts import load_npy, write_table
 from ..cli import step
-from ..tasks.scoring import forward_scored
+from ..forward import forward_scored
 from . import macondo
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ names on the test sentences (no description) with the LM, the kNN-LM and the MLP
 Every sentence is its own sequence (``[bos] sentence [eos]``, right-padded in batches), in fine-tuning, in the
 datastore and at test time: a test prefix never sees another sentence. The datastore is the backbone's format
 (one shard, manifest with sha256) built from the fine-tuned model's keys over the training sentences, indexed by
-``index.build_index`` and searched by ``index.search``; scores go through ``scoring.forward_scored`` and
+``index.build_index`` and searched by ``index.search``; scores go through ``forward.forward_scored`` and
 ``knnlm`` — the same code as the perplexity and task paths.
 """
 
@@ -25,7 +25,7 @@ from ..config import context_length
 from ..datastore import KEY_DTYPE, VAL_DTYPE, shard_digests, write_manifest, write_shard_meta
 from ..index import search
 from ..retrieval import open_retriever
-from ..tasks import scoring
+from .. import forward
 from . import mlp as mlp_lm
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def max_positions(model) -> int | None:
 def test_pairs(tok, test: pl.DataFrame):
     """The test items as scored sequences: ``[bos] context child`` and the position where the child starts."""
     items = [{"options": [[(c, t)]]} for c, t in zip(test["context"], test["continuation"], strict=True)]
-    seqs, starts, _ = scoring.build_pairs(
+    seqs, starts, _ = forward.build_pairs(
         items, lambda s: tok(s, add_special_tokens=False)["input_ids"], bos_id(tok), 1 << 20
     )
     return seqs, starts
@@ -134,7 +134,7 @@ def build_datastore(identity_json, train_parquet, manifest, index_path, index_me
     with atomic_path(keys_p, ".npy") as ktmp, atomic_path(vals_p, ".npy") as vtmp:
         keys = open_npy_for_writing(ktmp, KEY_DTYPE, (n, ident["dim"]))
         vals = open_npy_for_writing(vtmp, VAL_DTYPE, (n,))
-        for i, k, _ in scoring.forward_scored(model, ident["hook_point"], seqs, [1] * len(seqs), batch):
+        for i, k, _ in forward.forward_scored(model, ident["hook_point"], seqs, [1] * len(seqs), batch):
             keys[offsets[i] : offsets[i + 1]] = k.astype(KEY_DTYPE)
             vals[offsets[i] : offsets[i + 1]] = seqs[i][1:]
         keys.flush()
@@ -163,7 +163,7 @@ def evaluate(identity_json, manifest, index_path, index_meta, test_parquet, mlp_
     test = pl.read_parquet(test_parquet)
     seqs, starts = test_pairs(tok, test)
     tok_item, keys, lm_lp, targets = [], [], [], []
-    for i, kk, lp in scoring.forward_scored(model, ident["hook_point"], seqs, starts, 32):
+    for i, kk, lp in forward.forward_scored(model, ident["hook_point"], seqs, starts, 32):
         tok_item += [i] * len(lp)
         keys.append(kk)
         lm_lp.append(lp)

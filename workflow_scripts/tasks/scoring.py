@@ -42,31 +42,12 @@ from .. import knnlm, memory
 from ..artifacts import ArtifactError, atomic_path, read_json, sha256_file, write_json
 from ..cli import step
 from ..config import context_length
-from ..forward import capture_keys
+from ..forward import _length_batches, build_pairs, capture_keys, forward_padded, forward_scored
 from ..sweep import chosen_point
 from .registry import read_items
 
 log = logging.getLogger(__name__)
 N_NEIGHBOURS_KEPT = 16  # neighbour ids kept per decoding step of a generate task (the qualitative table)
-
-
-# --------------------------------------------------------------------------------------------- forward passes
-def forward_padded(model, seqs: list[list[int]]):
-    """One forward pass over right-padded sequences (the attention mask hides the padding)."""
-    device = next(model.parameters()).device
-    x = torch.zeros((len(seqs), max(len(s) for s in seqs)), dtype=torch.long)
-    mask = torch.zeros_like(x)
-    for b, s in enumerate(seqs):
-        x[b, : len(s)] = torch.as_tensor(s)
-        mask[b, : len(s)] = 1
-    return model(input_ids=x.to(device), attention_mask=mask.to(device))
-
-
-def _length_batches(seqs, batch: int, desc: str = ""):
-    """Indices of ``seqs`` in batches of similar length, with a progress bar when ``desc`` is given."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    chunks = [order[a : a + batch] for a in range(0, len(order), batch)]
-    return tqdm(chunks, desc=desc or "score", mininterval=10, disable=not desc)
 
 
 # --------------------------------------------------------------------------------------------- last token
@@ -174,69 +155,6 @@ def score_last_token(model, tok, ident, entry, items, search_fn, block_size: int
     ]
     classes = [[where[i] for i in ids] for ids in class_ids]
     return cache, record_items, classes
-
-
-# --------------------------------------------------------------------------------------------- pairs
-def build_pairs(items, encode: Callable[[str], list], bos: int | None, max_len: int,
-                encode_cont: Callable[[str], list] | None = None):
-    """Unique (context, continuation) pairs of all items, tokenised; items' options rewritten as pair ids.
-    Contexts are tokenised with ``encode``, continuations with ``encode_cont`` (``encode`` when None;
-    ``continuation_encoder`` for the choice tasks).
-
-    Returns (seqs, starts, items_with_pair_ids): ``seqs[p]`` = [bos] + context + continuation (context cut from
-    the left to fit ``max_len``); tokens ``seqs[p][starts[p]:]`` are the scored ones.
-    """
-    caches: dict[bool, dict[str, list]] = {False: {}, True: {}}
-
-    def enc(s, cont=False):
-        cache = caches[cont]
-        if s not in cache:
-            cache[s] = list((encode_cont or encode)(s) if cont else encode(s)) if s else []
-        return cache[s]
-
-    index: dict[tuple, int] = {}
-    seqs, starts = [], []
-
-    def pid(ctx, cont):
-        key = (ctx, cont)
-        if key not in index:
-            c, t = enc(ctx), enc(cont, cont=True)
-            if not t:
-                raise ValueError(f"continuation {cont!r} encodes to no tokens")
-            head = ([bos] if bos is not None else []) + c
-            if len(head) + len(t) > max_len:
-                keep = max_len - len(t)
-                if keep < 1:
-                    raise ValueError(f"continuation {cont!r} is longer than the window of {max_len} tokens")
-                head = head[-keep:]
-            index[key] = len(seqs)
-            seqs.append(head + t)
-            starts.append(len(head))
-        return index[key]
-
-    out = []
-    for it in items:
-        new = dict(it)
-        new["options"] = [[pid(c, t) for c, t in opt] for opt in it["options"]]
-        new["domain"] = [[pid(c, t) for c, t in opt] for opt in it["domain"]] if it.get("domain") else None
-        out.append(new)
-    return seqs, starts, out
-
-
-def forward_scored(model, hook_point: str, seqs, starts, batch: int, desc: str = ""):
-    """Forward every sequence once (right-padded batches of similar length) and yield, per sequence, the
-    keys at its scored positions [n, d] (float32) and log p_lm of each scored token [n]."""
-    device = next(model.parameters()).device
-    with torch.inference_mode(), capture_keys(model, hook_point) as box:
-        for chunk in _length_batches(seqs, batch, desc):
-            out = forward_padded(model, [seqs[i] for i in chunk])
-            keys = box["keys"]
-            for b, i in enumerate(chunk):
-                pos = torch.arange(starts[i] - 1, len(seqs[i]) - 1, device=device)
-                tgt = torch.as_tensor(seqs[i][starts[i] :], device=device)
-                logp = torch.log_softmax(out.logits[b, pos].float(), dim=-1)
-                lp = logp.gather(-1, tgt[:, None])[:, 0]
-                yield i, keys[b, pos].float().cpu().numpy(), lp.cpu().numpy()
 
 
 def score_cache(model, hook_point, seqs, starts, search_fn, batch: int = 16, desc: str = "") -> dict:
