@@ -18,14 +18,13 @@ import numpy as np
 import polars as pl
 import torch
 
-from .. import index, knnlm, lm
+from .. import forward, index, knnlm, lm
 from ..artifacts import atomic_path, open_npy_for_writing, save_npy, write_table
 from ..cli import step
 from ..config import context_length
 from ..datastore import KEY_DTYPE, VAL_DTYPE, shard_digests, write_manifest, write_shard_meta
 from ..index import search
 from ..retrieval import open_retriever
-from .. import forward
 from . import mlp as mlp_lm
 
 log = logging.getLogger(__name__)
