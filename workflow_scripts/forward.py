@@ -1,8 +1,8 @@
 """Running a model with the key hook: the forward pre-hook that captures the keys (the input of the last block's
 feed-forward sublayer, after its layer norm), the windows a token stream is cut into, the batched forward over a
 stream, and the extraction of one datastore shard with it; and the padded forwards over (context, continuation)
-pairs that the tasks, Macondo and the hurdle score (``build_pairs``, ``forward_scored``). The only backbone module besides ``lm`` that imports
-torch, so that the datastore's, the index's and the tables' steps start without it.
+pairs that the tasks, Macondo and the hurdle score (``build_pairs``, ``forward_scored``). The only backbone module
+besides ``lm`` that imports torch, so that the datastore's, the index's and the tables' steps start without it.
 """
 
 from __future__ import annotations

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .. import knnlm, memory
 from ..artifacts import ArtifactError, atomic_path, read_json, sha256_file, write_json
