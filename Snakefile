@@ -40,6 +40,8 @@ include: "rules/projection.smk"
 include: "rules/mlp.smk"
 include: "rules/hurdle.smk"
 include: "rules/compare.smk"
+# what a run produces: all, figures, stage_times; wildcard constraints, local rules
+include: "rules/summary.smk"
 # docs/results.md from the tables
 include: "rules/docs.smk"
 

@@ -1,4 +1,6 @@
 # Corpus: generate, or load local files or a Hugging Face dataset, into train/valid/test parquet files.
+
+
 rule corpus:
     input:
         corpus_files,  # a local corpus's files; none for generate and hf

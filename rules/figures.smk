@@ -154,37 +154,3 @@ rule figure_mlp:
         "../envs/plotting.yaml"
     shell:
         "python -m workflow_scripts figure-mlp --table {input.table} --png {output.png} --pdf {output.pdf} 2> {log}"
-
-
-# Redraws every figure from the cached tables.
-rule figures:
-    input:
-        [p for p in all_outputs() if p.startswith("results/figures/")],
-
-
-# Makes the per-stage time and memory table from every job's benchmark file (run last).
-rule stage_times:
-    input:
-        summary="results/tables/perplexity_summary.csv",
-        figures=[f"results/figures/perplexity_vs_lambda/{e}/{d}.png" for e, d in SWEEPS],
-        tasks=task_outputs(),
-        analyses=analyses_outputs(),
-        scaling=scaling_outputs(),
-        incontext=incontext_outputs(),
-        neighbours=neighbour_outputs(),
-    output:
-        csv=report(
-            "results/tables/stage_times.csv",
-            caption="../report/stage_times.rst",
-            category="Pipeline",
-        ),
-        parquet="results/tables/stage_times.parquet",
-    log:
-        "results/logs/stage_times/stage_times.log",
-    conda:
-        "../envs/plotting.yaml"
-    params:
-        benchmarks=BENCHMARKS,
-    shell:
-        "python -m workflow_scripts stage-times --benchmarks {params.benchmarks} --csv {output.csv} --parquet {output.parquet}"
-        " 2> {log}"

@@ -2,6 +2,8 @@
 # MLP, on the Macondo test sentences and on the default corpus.
 # Trains one randomly initialised LM, with or without its last MLP, logging children's log-likelihood
 # (Macondo) or the training loss (corpus) at fixed step intervals (paper 2, App. E).
+
+
 rule hurdle:
     input:
         unpack(hurdle_data),

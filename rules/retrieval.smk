@@ -1,7 +1,5 @@
 # Retrieval: once per (eval set, datastore), K_max = max(k grid) neighbours per scored token, cached.
 
-CACHE = ["targets", "lm_logprob", "dists", "vals", "ids", "queries"]
-
 
 # Makes one chunk of an eval set's retrieval cache (retrieval.chunks > 1): a temporary partial cache.
 rule retrieve_chunk:

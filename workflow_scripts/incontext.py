@@ -225,7 +225,7 @@ def incontext_perplexity(cache_meta, manifest_json, tokens_npy, passages_meta, d
     knn = knnlm.interpolate(cache["lm_logprob"],
                             knnlm.knn_target_logprobs(cache["dists"], cache["vals"], cache["targets"], [k], sigma)[k],
                             lam)
-    device = p.get("device", "auto")
+    device = p["device"]
     dtype = devices.model_dtype(device, p["dtype"])
     model, tok, ident = load_checked(identity_json, device=device, dtype=dtype, block_size=p["block_size"])
     passages = Passages(passages_meta, ds_tokens_npy, ident)

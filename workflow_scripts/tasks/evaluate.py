@@ -342,7 +342,7 @@ def examples(prediction_files, tokens_npy, identity_json, p: dict, csv, parquet)
 
     tok = lm.load_tokenizer(lm.load_identity(identity_json))
     tokens = load_npy(tokens_npy, mmap=True, dtype=np.int32, ndim=1)
-    window, per_task, n_neigh = p.get("window", 24), p.get("items_per_task", 5), p.get("neighbours", 4)
+    window, per_task, n_neigh = p["window"], p["items_per_task"], p["neighbours"]
     rows = []
     for f in prediction_files:
         df = pl.read_parquet(f).filter(

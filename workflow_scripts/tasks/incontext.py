@@ -65,7 +65,7 @@ def score_incontext(identity_json, passages_meta, ds_tokens_npy, items_parquet, 
 
     t0 = time.time()
     entry = p["entry"]
-    device = p.get("device", "auto")
+    device = p["device"]
     model, tok, ident = load_checked(identity_json, device=device, dtype=devices.model_dtype(device, p["dtype"]),
                                      block_size=p["block_size"])
     passages = Passages(passages_meta, ds_tokens_npy, ident)

@@ -1,0 +1,36 @@
+# Helpers of rules/hurdle.smk: the params and inputs its rules compute from the config.
+
+
+HURDLE_VARIANTS = ["full", "no_last_mlp"]
+
+
+# what a hurdle run logs, and the figure's title, by data kind
+HURDLE_COLUMNS = {"macondo": "children_loglik", "corpus": "train_loss"}
+
+
+HURDLE_TITLES = {
+    "macondo": "Macondo test set: children's log-likelihood while training from scratch",
+    "corpus": "Default corpus: training loss from scratch",
+}
+
+
+def hurdle_params(wildcards):
+    """What one hurdle run depends on: the data kind, the variant, the seed, the model's shape, the run config."""
+    shape = MODELS[HURDLE["model"]]["train"]
+    return as_json(
+        {
+            "data": wildcards.data,
+            "variant": wildcards.variant,
+            "seed": int(wildcards.seed),
+            "shape": {k: shape[k] for k in ("n_layer", "n_embd", "n_head")},
+            "run": HURDLE[wildcards.data],
+        }
+    )
+
+
+def hurdle_data(wildcards):
+    m = HURDLE["model"]
+    # each seed its own Macondo dataset (and its own initialisation)
+    if wildcards.data == "macondo":
+        return {"test": f"results/macondo/{m}/seed{wildcards.seed}/data/test.parquet"}
+    return {"tokens": f"results/tokens/{m}/{MODELS[m]['train']['corpus']}/train.npy"}

@@ -1,0 +1,18 @@
+# Helpers of rules/macondo.smk: the params and inputs its rules compute from the config.
+
+
+MACONDO_CHECKPOINTS = sorted((MACONDO or {}).get("checkpoints", []))
+
+
+# what each Macondo seed is evaluated at: the fine-tuned model, and the checkpoints along its fine-tuning
+MACONDO_AT = ["final", *[f"step{s}" for s in MACONDO_CHECKPOINTS]]
+
+
+def macondo_dir(seed):
+    return f"results/macondo/{MACONDO['model']}/seed{seed}"
+
+
+def macondo_at(rel):
+    """A Macondo seed's file ``rel`` at the fine-tuned model and at every checkpoint, in MACONDO_AT's order
+    ({model} and {seed} left as wildcards)."""
+    return [f"results/macondo/{{model}}/seed{{seed}}/{at}/{rel}" for at in MACONDO_AT]

@@ -1,0 +1,72 @@
+# Helpers of rules/retrieval.smk: the params and inputs its rules compute from the config.
+
+
+RETRIEVAL_CHUNKS = config["retrieval"]["chunks"]
+
+
+def retrieval_chunk_inputs(wildcards):
+    """The chunks' caches (their meta.json) that the retrieve job joins, when retrieval.chunks > 1."""
+    if RETRIEVAL_CHUNKS == 1:
+        return {}
+    d = f"results/retrieval/{wildcards.evalset}/{wildcards.ds}/chunks"
+    ids = [f"{i:03d}" for i in range(RETRIEVAL_CHUNKS)]
+    return {
+        "chunks": [f"{d}/{i}/meta.json" for i in ids],
+        # the arrays too, so that the temporary chunks stay until this job has read them
+        "chunk_arrays": [f"{d}/{i}/{name}.npy" for i in ids for name in CACHE],
+    }
+
+
+def eval_queries(evalset, ds):
+    """Scored positions of an eval set, for memory planning: read off its token file's header when it exists, else
+    max_tokens, else a placeholder of 1M."""
+    cap = EVAL_SETS[evalset].get("max_tokens")
+    try:
+        n = _memory.npy_rows(eval_tokens(evalset, ds)) - 1
+    except (OSError, ValueError, SyntaxError, KeyError):
+        return cap or 1_000_000
+    return min(n, cap) if cap else n
+
+
+def retrieval_params(wildcards, chunk=None):
+    ex = config["extraction"]
+    return as_json(
+        ({"chunk": chunk} if chunk else {})
+        | {
+            "k_max": config["sweep"]["k_max"],
+            "max_tokens": EVAL_SETS[wildcards.evalset].get("max_tokens"),
+            "block_size": ex["block_size"],
+            **stride_param(EVAL_SETS[wildcards.evalset]),
+            **{
+                f"datastore_{k}": v
+                for k, v in stride_param(DATASTORES[wildcards.ds]).items()
+            },
+            "batch_size": ex["batch_size"],
+            "device": ex["device"],
+            "dtype": ex["dtype"],
+            **search_params(),
+            "gpu_shard_above_gb": config["index"]["gpu_shard_above_gb"],
+        }
+        | (
+            {"allow_datastore_overlap": True}
+            if EVAL_SETS[wildcards.evalset]["allow_datastore_overlap"]
+            else {}
+        )
+    )
+
+
+def chunk_queries(wildcards):
+    """Queries of one retrieval job: its chunk's, cut as the step cuts it (memory.chunk_bounds), so that the plan
+    asked for is the plan the job checks; 0 for the job that joins chunks (it copies them part by part).
+    """
+    n = eval_queries(wildcards.evalset, wildcards.ds)
+    if "chunk" not in wildcards.keys():
+        return n if RETRIEVAL_CHUNKS == 1 else 0
+    cfg = json.loads(retrieval_params(wildcards))
+    a, b = _memory.chunk_bounds(n, RETRIEVAL_CHUNKS, _memory.chunk_unit(cfg))[
+        int(wildcards.chunk)
+    ]
+    return b - a
+
+
+CACHE = ["targets", "lm_logprob", "dists", "vals", "ids", "queries"]

@@ -1,0 +1,13 @@
+# Helpers of rules/sweep.smk: the params and inputs its rules compute from the config.
+
+
+def select_on(ds=None):
+    """The eval set on which (λ, k, σ) is chosen: the datastore's `select_on` when it has one; else 'valid' when
+    it exists, else each set on itself ('')."""
+    if ds is not None and "select_on" in DATASTORES[ds]:
+        return DATASTORES[ds]["select_on"]
+    return "valid" if "valid" in EVAL_SETS else ""
+
+
+# every (eval set, datastore) pair: one retrieval cache, one sweep, one figure each
+SWEEPS = sorted((e, d) for d in DATASTORES for e in EVAL_SETS)
