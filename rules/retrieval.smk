@@ -23,7 +23,7 @@ rule retrieve_chunk:
     benchmark:
         "results/benchmarks/retrieve_chunk/{evalset}/{ds}/{chunk}.tsv"
     conda:
-        "../envs/pipeline.yaml"
+        GPU_ENV
     threads: 2
     resources:
         mem_mb=lambda w, input, threads: plan_mb(

@@ -239,3 +239,17 @@ def test_arithmetic_threads_come_from_the_config_not_from_cores(dry_run, tmp_pat
         "a rule asking for more than one thread passes `--threads {params.threads}` with params "
         "threads=ARITHMETIC_THREADS (rules/common.smk), not `{threads}`, which --cores lowers")
     assert set(got) == set(at_two)
+
+
+def test_every_rule_that_may_ask_for_a_gpu_runs_in_the_gpu_env():
+    """A rule with a `gpu` resource runs a model or a FAISS search on a GPU when extraction.device is cuda: its
+    conda env must be GPU_ENV (pipeline-gpu.yaml then), not the CPU env written by hand."""
+    wrong = []
+    for smk in sorted((ROOT / "rules").glob("*.smk")):
+        for block in re.split(r"\n(?=(?:rule|checkpoint) \w+:)", smk.read_text()):
+            name = re.match(r"(?:rule|checkpoint) (\w+):", block)
+            if name and re.search(r"^\s+gpu=", block, re.M):
+                env = re.search(r"^    conda:\n\s+(.+)$", block, re.M)
+                if not env or env[1].strip() != "GPU_ENV":
+                    wrong.append(f"{smk.name}:{name[1]} ({env[1].strip() if env else 'no conda'})")
+    assert not wrong, wrong
