@@ -15,12 +15,13 @@ from conftest import ROOT, SpacedTok, job_stats, load_test_config, p_knn_by_hand
 
 from workflow_scripts import knnlm, lm
 from workflow_scripts.artifacts import ArtifactError, save_npy, write_json, write_table
-from workflow_scripts.config import ConfigError, validate
+from workflow_scripts.config import ConfigError, defaults, validate
 from workflow_scripts.tasks import evaluate, registry, rescoring, scoring, suite
 
 FIXTURES = ROOT / "tests" / "fixtures" / "tasks"
 REG = registry.registry()
 PAPER = [n for n, e in REG.items() if e["source"]["type"] in ("hf", "paper")]
+SHOWN = defaults("neighbours")  # the neighbours the examples show, as the schema sets them
 
 
 # ------------------------------------------------------------------------------------------- registry
@@ -827,8 +828,8 @@ def test_examples_are_the_items_the_knn_lm_got_right_with_their_neighbours_text(
     assert [r0[c] for c in ("task", "question", "answer", "base_pred", "knn_pred")] == ["gsm8k", "q0", "a0", "b0", "k0"]
     assert pl.read_parquet(tmp_path / "e.parquet").equals(df)
     assert pl.read_csv(tmp_path / "e.csv").height == 5
-    # the defaults: a 24-token window, 5 items per task, 4 neighbours each
-    df = evaluate.examples([f1], tmp_path / "tokens.npy", "id.json", {}, tmp_path / "e.csv", tmp_path / "e.parquet")
+    # the schema's defaults: a 24-token window, 5 items per task, 4 neighbours each
+    df = evaluate.examples([f1], tmp_path / "tokens.npy", "id.json", SHOWN, tmp_path / "e.csv", tmp_path / "e.parquet")
     assert df["id"].to_list() == ["gsm8k-0"] * 4 + ["gsm8k-2"] * 2 + ["gsm8k-4"]
     assert df["rank"].to_list() == [1, 2, 3, 4, 1, 2, 1]
     assert df.row(2, named=True)["neighbour_context"] == "".join(f" w{100 + r}" for r in range(7, 31))
@@ -836,22 +837,23 @@ def test_examples_are_the_items_the_knn_lm_got_right_with_their_neighbours_text(
     bad = tmp_path / "bad.parquet"
     _prediction_rows("gsm8k", "reasoning", [(0.0, 1.0, [39])]).write_parquet(bad)
     with pytest.raises(ArtifactError, match="neighbour row 39 outside"):
-        evaluate.examples([bad], tmp_path / "tokens.npy", "id.json", {}, tmp_path / "e.csv", tmp_path / "e.parquet")
+        evaluate.examples([bad], tmp_path / "tokens.npy", "id.json", SHOWN, tmp_path / "e.csv", tmp_path / "e.parquet")
     _prediction_rows("gsm8k", "reasoning", [(0.0, 1.0, [38])]).write_parquet(bad)
-    assert evaluate.examples([bad], tmp_path / "tokens.npy", "id.json", {}, tmp_path / "e.csv",
+    assert evaluate.examples([bad], tmp_path / "tokens.npy", "id.json", SHOWN, tmp_path / "e.csv",
                              tmp_path / "e.parquet")["neighbour_next"].to_list() == [" w139"]
     # five items per task by default; no item shown: an empty table with the columns
     _prediction_rows("gsm8k", "reasoning", [(0.0, 1.0, [i]) for i in range(7)]).write_parquet(bad)
-    df = evaluate.examples([bad], tmp_path / "tokens.npy", "id.json", {}, tmp_path / "e.csv", tmp_path / "e.parquet")
+    df = evaluate.examples([bad], tmp_path / "tokens.npy", "id.json", SHOWN, tmp_path / "e.csv", tmp_path / "e.parquet")
     assert df["row"].to_list() == [0, 1, 2, 3, 4]
     _prediction_rows("gsm8k", "reasoning", [(1.0, 1.0, [1])]).write_parquet(bad)
-    df = evaluate.examples([bad], tmp_path / "tokens.npy", "id.json", {}, tmp_path / "e.csv", tmp_path / "e.parquet")
+    df = evaluate.examples([bad], tmp_path / "tokens.npy", "id.json", SHOWN, tmp_path / "e.csv", tmp_path / "e.parquet")
     assert df.height == 0 and df.schema == evaluate.EXAMPLE_COLUMNS
     # the token stream is checked: one dimension of int32
     for wrong in (tokens.reshape(4, 10), tokens.astype(np.int64)):
         save_npy(tmp_path / "wrong.npy", wrong)
         with pytest.raises(ArtifactError):
-            evaluate.examples([f1], tmp_path / "wrong.npy", "id.json", {}, tmp_path / "e.csv", tmp_path / "e.parquet")
+            evaluate.examples([f1], tmp_path / "wrong.npy", "id.json", SHOWN, tmp_path / "e.csv",
+                              tmp_path / "e.parquet")
 
 
 # ------------------------------------------------------------------------------------------ scoring stage by hand

@@ -156,7 +156,7 @@ def evaluate(identity_json, manifest, index_path, index_meta, test_parquet, mlp_
         manifest,
         index_path,
         index_meta,
-        {"k_max": k, "device": "cpu"},
+        {"k_max": k, "device": "cpu", "dtype": "float32", "gpu_shard_above_gb": None},  # Macondo runs on the CPU
         threads,
     )
     test = pl.read_parquet(test_parquet)
