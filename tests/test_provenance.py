@@ -223,6 +223,7 @@ def test_every_reader_of_a_cache_is_given_what_it_checks_and_the_summary_waits_f
 
 
 # ------------------------------------------------------------------------------------- item 13: shards gone
+@pytest.mark.slow  # several Snakemake DAG builds: over 5 s
 def test_shard_files_a_manifest_lists_but_the_disk_lacks_are_named_when_the_dag_is_built(tmp_path):
     """An interrupted `--forcerun extract_keys` leaves a manifest whose shards are gone, and a plain rerun has
     nothing to do (Snakemake rebuilds a missing file only for an out-of-date consumer): every DAG build names the

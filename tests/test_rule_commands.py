@@ -125,6 +125,7 @@ def _params_by_step(tmp_path, cfg: dict) -> dict[str, list[dict]]:
     return by_step
 
 
+@pytest.mark.slow  # several Snakemake DAG builds: over 5 s
 def test_points_selection_sets_and_pq_distances_reach_the_rules_params(tmp_path):
     """What Snakemake's params rerun trigger compares: index.distances is a param of retrieval and task scoring
     (so changing it reruns them) but not of the index; a pinned point is a param of the task sweep (and of
@@ -164,6 +165,7 @@ def test_points_selection_sets_and_pq_distances_reach_the_rules_params(tmp_path)
 HOSTILE = "q$(touch PWNED) it's"
 
 
+@pytest.mark.slow  # several Snakemake DAG builds: over 5 s
 def test_hostile_paths_reach_the_steps_verbatim_and_run_nothing(tmp_path_factory):
     """Issue 30 item 7. Every path a user chooses (the working directory, the config file, a local corpus's files,
     a local model, a custom task's file, tasks.paper_data, Macondo's name files) named with `$(touch PWNED)`, a
@@ -222,6 +224,7 @@ def _threads_by_step(output: str) -> dict[str, set[str]]:
 ONE_THREAD_STEPS = {"extract-keys", "hurdle", "macondo-finetune", "macondo-memory", "macondo-eval"}
 
 
+@pytest.mark.slow  # several Snakemake DAG builds: over 5 s
 def test_arithmetic_threads_come_from_the_config_not_from_cores(dry_run, tmp_path):
     """Issue 30 item 12: Snakemake lowers a rule's `threads:` to --cores, and training's numbers differed by ~1e-7
     between --cores 1 and 2. Every step's --threads is the config's arithmetic_threads (rules asking for one

@@ -697,6 +697,7 @@ def test_task_figure_and_qualitative_table(task_run):
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
+@pytest.mark.slow  # several Snakemake DAG builds: over 5 s
 def test_paper1_preset_builds_its_whole_dag_offline(tmp_path):
     cfg = yaml.safe_load((ROOT / "experiments/paper1.yaml").read_text())
     write_paper_data(tmp_path / cfg["tasks"]["paper_data"], ["one two three four five ."] * 12)
