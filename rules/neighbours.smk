@@ -5,8 +5,10 @@
 # Makes the table of the eval positions where the kNN-LM gains and loses most, with their neighbours.
 rule eval_neighbours:
     input:
-        cache=lambda w: [f"results/retrieval/{e}/{w.ds}/meta.json" for e in EVAL_SETS],
-        eval_tokens=lambda w: [eval_tokens(e, w.ds) for e in EVAL_SETS],
+        cache=lambda w: [
+            f"results/retrieval/{e}/{w.ds}/meta.json" for e in sorted(EVAL_SETS)
+        ],
+        eval_tokens=lambda w: [eval_tokens(e, w.ds) for e in sorted(EVAL_SETS)],
         manifest="results/datastores/{ds}/manifest.json",
         ds_tokens=lambda w: ds_tokens(w.ds),
         parents=neighbour_parents,
@@ -29,7 +31,7 @@ rule eval_neighbours:
         mem_mb=4000,
         runtime=30,
     params:
-        p=lambda w: neighbour_params(w, eval_sets=list(EVAL_SETS)),
+        p=lambda w: neighbour_params(w, eval_sets=sorted(EVAL_SETS)),
         args=lambda w, input, output: step_args(input, output),
     shell:
         "python -m workflow_scripts eval-neighbours --params {params.p:q} {params.args} 2> {log}"

@@ -178,6 +178,7 @@ def slurm_rerun(micro_run: Path, tmp_path: Path, timeout: float = 1500) -> tuple
 _PARENT = {"micro": None, "ivfpq": "micro", "paper": "micro", "analyses": "micro", "full": "analyses"}
 _FIXTURE = {"micro": "micro_run", "ivfpq": "ivfpq_run", "paper": "paper_run", "analyses": "analyses_run",
             "full": "full_run"}
+_CONFIG = {"paper": "paper_tasks"}  # tests/configs/<name>.yaml, where it is not the run's name
 _RUNS: dict[str, Future] = {}
 _BUILDING = threading.Semaphore(2)  # runs built at once
 
@@ -197,7 +198,7 @@ def _build(name: str, factory, session) -> tuple[Path, dict]:
             docs = pl.read_parquet(work / "results" / "corpus" / "micro" / "test.parquet")["text"].to_list()
             sents = [s.strip() + " ." for d in docs for s in d.split(" . ") if len(s.split()) > 4]
             write_paper_data(work / "paper_data", sents[:36])
-        _, jobs = rerun_with(work, name)
+        _, jobs = rerun_with(work, _CONFIG.get(name, name))
     if name == "micro" and any(Path(str(i.path)).name == "test_slurm.py" for i in session.items) \
             and slurm_up() is None:
         _SLURM_RERUN["run"] = _start_slurm_rerun(work, factory.mktemp("slurm") / "run")

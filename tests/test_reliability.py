@@ -31,6 +31,7 @@ from workflow_scripts.sweep import run_sweep
 DS = "results/datastores/micro"
 SHARDS = f"{DS}/shards"
 MODEL_DIR = "results/models/micro-gpt2"
+TOKENS = "results/tokens/micro-gpt2/micro"
 SWEEPS = [f"results/sweeps/{e}/micro/perplexity.csv" for e in ("valid", "test")]
 UPSTREAM = {"corpus", "train_tokenizer", "tokenize", "train_lm"}
 # the retrieval params the micro config gives the rule (see rules/common.smk retrieval_params)
@@ -320,8 +321,8 @@ def test_sweep_cli_on_truncated_cache_reports_the_file(damaged, tmp_path):
     (cache / "lm_logprob.npy").write_bytes((cache / "lm_logprob.npy").read_bytes()[:-1])
     csv, parquet = _sweep_outputs(tmp_path / "out")
     proc = _cli("sweep", "--params", json.dumps(SWEEP_PARAMS), "--cache", str(cache / "meta.json"),
-                "--manifest", str(damaged / DS / "manifest.json"), "--csv", str(csv), "--parquet", str(parquet),
-                cwd=tmp_path)
+                "--manifest", str(damaged / DS / "manifest.json"), "--tokens", str(damaged / TOKENS / "test.npy"),
+                "--csv", str(csv), "--parquet", str(parquet), cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert f"error: sweep: {cache / 'lm_logprob.npy'}: unreadable or truncated .npy" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -785,7 +786,8 @@ def test_full_disk_during_extraction_raises_and_leaves_earlier_shard_intact(smal
 
 @pytest.mark.slow
 def test_full_disk_in_the_extract_keys_step_prints_an_error(micro_run, small_tmpfs):
-    params = {"shard": 0, "shards": 1, "block_size": 32, "batch_size": 8, "device": "cpu"}  # 5 MB of keys
+    params = {"shard": 0, "shards": 1, "block_size": 32, "batch_size": 8, "device": "cpu",  # 5 MB of keys
+              "dtype": "float16"}
     proc = _cli("extract-keys", "--params", json.dumps(params), "--model-json", f"{MODEL_DIR}/model.json",
                 "--tokens", "results/tokens/micro-gpt2/micro/train.npy", "--keys", str(small_tmpfs / "keys_000.npy"),
                 "--vals", str(small_tmpfs / "vals_000.npy"), "--meta", str(small_tmpfs / "shard_000.json"),

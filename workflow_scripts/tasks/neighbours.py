@@ -115,7 +115,8 @@ def task_tables(runs: list[TaskRun], corpus: Corpus, tok, p: dict, seed: int) ->
                                   "hit": run.gold_hits().astype(np.float64)}))
     cols = ["category", "task", "direction", "id", "question", "answer", "base_pred", "knn_pred",
             *[c for c in VIEW_COLUMNS if c not in ("position", "context")]]
-    examples = pl.DataFrame(rows, schema_overrides={"value_is_gold": pl.Boolean}).select(cols)
+    examples = (pl.DataFrame(rows, schema_overrides={"value_is_gold": pl.Boolean}).select(cols) if rows
+                else pl.DataFrame({c: [] for c in cols}))  # no item either way (e.g. kNN-LM and base LM agree)
     curve = []
     for (cat, bucket), g in pl.concat(hits).group_by(["category", "bucket_min"], maintain_order=True):
         h = g["hit"].to_numpy()
