@@ -176,8 +176,6 @@ def slurm_rerun(micro_run: Path, tmp_path: Path, timeout: float = 1500) -> tuple
 # Each run is built from a copy of its parent, rerun with tests/configs/<name>.yaml: only the stages that file adds
 # run. Read a run, never write to it; a test that changes one works on its own copy.
 _PARENT = {"micro": None, "ivfpq": "micro", "paper": "micro", "analyses": "micro", "full": "analyses"}
-_FIXTURE = {"micro": "micro_run", "ivfpq": "ivfpq_run", "paper": "paper_run", "analyses": "analyses_run",
-            "full": "full_run"}
 _CONFIG = {"paper": "paper_tasks"}  # tests/configs/<name>.yaml, where it is not the run's name
 _RUNS: dict[str, Future] = {}
 _BUILDING = threading.Semaphore(2)  # runs built at once
@@ -221,7 +219,7 @@ _POOL = ThreadPoolExecutor(max_workers=len(_PARENT), thread_name_prefix="run")
 def _background_runs(request, tmp_path_factory):
     """Start building every run the session's tests read (their fixtures' closure), parents first; at the end,
     stop what is still running (an interrupted or failed session) and the Slurm rerun nobody collected."""
-    needed = {n for n, f in _FIXTURE.items() if any(f in i.fixturenames for i in request.session.items)}
+    needed = {n for n in _PARENT if any(f"{n}_run" in i.fixturenames for i in request.session.items)}
     for name in list(needed):
         while name := _PARENT[name]:
             needed.add(name)

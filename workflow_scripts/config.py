@@ -99,8 +99,13 @@ def _count_values(node, limit: int = MAX_VALUES) -> int:
 
 
 @functools.cache
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+@functools.cache
 def _validator():
-    return _with_defaults(jsonschema.Draft202012Validator)(yaml.safe_load(SCHEMA_PATH.read_text()))
+    return _with_defaults(jsonschema.Draft202012Validator)(_schema())
 
 
 def validate(config: dict) -> dict:
@@ -126,7 +131,7 @@ def validate(config: dict) -> dict:
 def defaults(*path: str) -> dict:
     """The schema's defaults of the section at ``path`` (its keys), e.g. ``defaults("analyses", "macondo",
     "generate")``: for code that takes a section by hand, so that no default is written twice."""
-    node = yaml.safe_load(SCHEMA_PATH.read_text())
+    node = _schema()
     for key in path:
         node = node["properties"][key]
     return {k: copy.deepcopy(v["default"]) for k, v in node["properties"].items() if "default" in v}

@@ -189,7 +189,7 @@ def forward_padded(model, seqs: list[list[int]]):
     return model(input_ids=x.to(device), attention_mask=mask.to(device))
 
 
-def _length_batches(seqs, batch: int, desc: str = ""):
+def length_batches(seqs, batch: int, desc: str = ""):
     """Indices of ``seqs`` in batches of similar length, with a progress bar when ``desc`` is given."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     chunks = [order[a : a + batch] for a in range(0, len(order), batch)]
@@ -247,7 +247,7 @@ def forward_scored(model, hook_point: str, seqs, starts, batch: int, desc: str =
     keys at its scored positions [n, d] (float32) and log p_lm of each scored token [n]."""
     device = next(model.parameters()).device
     with torch.inference_mode(), capture_keys(model, hook_point) as box:
-        for chunk in _length_batches(seqs, batch, desc):
+        for chunk in length_batches(seqs, batch, desc):
             out = forward_padded(model, [seqs[i] for i in chunk])
             keys = box["keys"]
             for b, i in enumerate(chunk):

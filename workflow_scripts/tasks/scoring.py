@@ -40,7 +40,7 @@ from .. import knnlm, memory
 from ..artifacts import sha256_file
 from ..cli import step
 from ..config import context_length
-from ..forward import _length_batches, build_pairs, capture_keys, forward_padded, forward_scored
+from ..forward import build_pairs, capture_keys, forward_padded, forward_scored, length_batches
 from ..sweep import chosen_point
 from .cache import CHUNK_KEY, chunk_items, join_parts, merge_chunks, mode, write_task_cache
 from .registry import read_items
@@ -113,7 +113,7 @@ def last_token_cache(model, hook_point, texts: list[list[int]], slot_ids, search
     device = next(model.parameters()).device
     ids_t = torch.as_tensor(np.asarray(slot_ids, np.int64), device=device)
     with torch.inference_mode(), capture_keys(model, hook_point) as box:
-        for chunk in _length_batches(seqs, batch, desc):
+        for chunk in length_batches(seqs, batch, desc):
             out = forward_padded(model, [seqs[i] for i in chunk])
             for b, i in enumerate(chunk):
                 last = len(seqs[i]) - 1  # the next-token distribution after the whole premise
