@@ -1,3 +1,5 @@
+import functools
+import inspect
 import json
 import math
 import os
@@ -212,7 +214,43 @@ def _run(name: str, request) -> tuple[Path, dict]:
     return _RUNS[name].result()
 
 
-_POOL = ThreadPoolExecutor(max_workers=len(_PARENT), thread_name_prefix="run")
+# ------------------------------------------------------------------------------------------ background tests
+# A few tests each copy a finished run and rerun Snakemake on it for a minute or two (a grown corpus, a new
+# datastore, killed runs). Run in turn on the main thread they made the suite wait; marked @background(run), such a
+# test's body runs in a background thread as soon as its run is built (one such body at a time, beside the two run
+# builds), and the test itself, ordered last, waits for it and reports its outcome: its assertions, unchanged.
+_BACKGROUND: dict[str, tuple[str, object]] = {}  # test node name -> (run, body)
+_TESTS: dict[str, Future] = {}
+_TESTING = threading.Semaphore(1)
+
+
+def background(run: str):
+    """Mark a test that takes ``<run>_run`` and ``tmp_path`` to run in the background (see above)."""
+
+    def mark(body):
+        _BACKGROUND[body.__name__] = (run, body)
+
+        @functools.wraps(body)
+        def test(request, **_):
+            if body.__name__ not in _TESTS:  # not foreseen by the session (e.g. selected with -k after start)
+                _TESTS[body.__name__] = _POOL.submit(_test, body.__name__, request.getfixturevalue("tmp_path_factory"))
+            return _TESTS[body.__name__].result()
+
+        test.__signature__ = inspect.Signature([inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+                                                inspect.Parameter(f"{run}_run", inspect.Parameter.KEYWORD_ONLY)])
+        return pytest.mark.background(pytest.mark.slow(test))
+
+    return mark
+
+
+def _test(name: str, factory) -> None:
+    run, body = _BACKGROUND[name]
+    work = _RUNS[run].result()[0]
+    with _TESTING:
+        body(work, factory.mktemp(name[:40]))
+
+
+_POOL = ThreadPoolExecutor(max_workers=len(_PARENT) + 4, thread_name_prefix="run")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -220,11 +258,15 @@ def _background_runs(request, tmp_path_factory):
     """Start building every run the session's tests read (their fixtures' closure), parents first; at the end,
     stop what is still running (an interrupted or failed session) and the Slurm rerun nobody collected."""
     needed = {n for n in _PARENT if any(f"{n}_run" in i.fixturenames for i in request.session.items)}
+    needed |= {_BACKGROUND[i.originalname][0] for i in request.session.items if i.get_closest_marker("background")}
     for name in list(needed):
         while name := _PARENT[name]:
             needed.add(name)
     for name in filter(needed.__contains__, _PARENT):  # parents come before their children in _PARENT
         _RUNS[name] = _POOL.submit(_build, name, tmp_path_factory, request.session)
+    for item in request.session.items:
+        if item.get_closest_marker("background") and item.originalname not in _TESTS:
+            _TESTS[item.originalname] = _POOL.submit(_test, item.originalname, tmp_path_factory)
     yield
     for proc in list(_LIVE):
         _stop(proc)
@@ -295,7 +337,8 @@ def pytest_collection_modifyitems(config, items):
     for i in items:
         uses = [r for f, r in _RANK.items() if f in i.fixturenames or (f == "slurm_rerun" and "test_slurm" in i.nodeid)]
         rank[str(i.path)] = max([rank.get(str(i.path), 0), *uses])
-    items.sort(key=lambda i: rank[str(i.path)])
+    # background tests wait for their bodies: last but the Slurm rerun's, their modules' other tests in place
+    items.sort(key=lambda i: 4.5 if i.get_closest_marker("background") else rank[str(i.path)])
 
 
 # ------------------------------------------------------------------------------------------ paper 1's data layout

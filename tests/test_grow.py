@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, snakemake
+from conftest import ROOT, background, snakemake
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -165,7 +165,7 @@ def shards_of(jobs: list[str]) -> list[int]:
     return sorted(int(re.search(r"shard=(\d+)", w)[1]) for w in jobs)
 
 
-@pytest.mark.slow
+@background("micro")
 def test_a_grown_corpus_reencodes_only_the_new_shards_and_keeps_the_quantizer(micro_run, tmp_path):
     import polars as pl
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import ROOT, copy_project, job_stats, snakemake
+from conftest import ROOT, background, copy_project, job_stats, snakemake
 
 from workflow_scripts.artifacts import sha256_file
 
@@ -68,10 +68,11 @@ def test_code_change_reruns_only_the_rules_that_use_it(micro_run, cfg, module, r
     assert planned(micro_run, cfg) == {}
 
 
-def test_new_datastore_builds_only_its_own_jobs(micro_run, cfg, tmp_path):
+@background("micro")
+def test_new_datastore_builds_only_its_own_jobs(micro_run, tmp_path):
     work = tmp_path / "run"
     shutil.copytree(micro_run, work, symlinks=True)  # copy2 keeps mtimes and .snakemake metadata
-    c = copy.deepcopy(cfg)
+    c = yaml.safe_load((micro_run / "config.yaml").read_text())
     c["corpora"]["micro2"] = copy.deepcopy(c["corpora"]["micro"])
     c["corpora"]["micro2"]["generate"]["n_documents"] = 300
     c["datastores"]["micro2"] = {"model": "micro-gpt2", "corpus": "micro2", "split": "train", "shards": 2}

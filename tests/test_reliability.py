@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import ROOT, job_stats, project_env, snakemake, snakemake_cmd
+from conftest import ROOT, background, job_stats, project_env, snakemake, snakemake_cmd
 
 from workflow_scripts.artifacts import ArtifactError, load_npy, save_npy, sha256_file, write_json
 from workflow_scripts.corpus import SPLITS, CorpusError, _check_utf8, load_corpus, write_corpus
@@ -128,7 +128,7 @@ def _flip_byte_keep_mtime(path: Path, offset: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- 1. interrupted runs
-@pytest.mark.slow
+@background("micro")
 def test_killed_runs_leave_no_partial_files_and_resume_to_the_same_results(micro_run, tmp_path):
     # the micro run up to its model (corpus, tokenizer, tokens, model and their Snakemake metadata), so the runs
     # below start at the datastore: two kills, then a resumed run
