@@ -158,10 +158,12 @@ def test_wings_import_rules_and_no_cycles():
 
 
 def test_building_the_dag_imports_no_torch():
-    """common.smk imports config, cli and the task registry only: none of them pulls torch in."""
+    """common.smk imports config, cli, the task registry and the task items' reader only: none of them pulls torch
+    in."""
     code = (
         "import sys\n"
         "import workflow_scripts.cli, workflow_scripts.config, workflow_scripts.tasks.registry\n"
+        "import workflow_scripts.tasks.items\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'faiss' not in sys.modules, 'faiss imported'\n"
     )

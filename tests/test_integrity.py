@@ -29,7 +29,7 @@ from workflow_scripts.retrieval import retrieve
 from workflow_scripts.retrieval_cache import CACHE_FILES, load_cache
 from workflow_scripts.sweep import run_sweep
 from workflow_scripts.tasks import evaluate, scoring
-from workflow_scripts.tasks.registry import write_items
+from workflow_scripts.tasks.items import write_items
 
 VOCAB, DIM, BLOCK = 40, 32, 32
 RETRIEVAL = {"k_max": 8, "max_tokens": 120, "block_size": BLOCK, "batch_size": 8, "device": "cpu", "nprobe": None,
