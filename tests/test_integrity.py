@@ -23,7 +23,7 @@ import torch
 from workflow_scripts import lm
 from workflow_scripts.artifacts import ArtifactError, save_npy, sha256_file, write_json
 from workflow_scripts.datastore import Datastore, write_manifest
-from workflow_scripts.forward import extract_shard
+from workflow_scripts.extraction import extract_shard
 from workflow_scripts.index import build_index, load_index
 from workflow_scripts.retrieval import retrieve
 from workflow_scripts.retrieval_cache import CACHE_FILES, load_cache
