@@ -1,6 +1,6 @@
 """GPU measurements (issue 20) in one call: ``python benchmarks/gpu.py [--quick] [--ppl-on-cpu]`` from the root.
 
-1. extraction: ``forward.extract_shard`` tokens/s with the model in float16 and in float32 on the same GPU,
+1. extraction: ``extraction.extract_shard`` tokens/s with the model in float16 and in float32 on the same GPU,
    for a random GPT-2 of the default shape and one of GPT-2 small's shape, and how far the float16 keys are
    from the float32 ones;
 2. search: queries/s of the same Flat and IVFPQ index on the CPU and on the GPUs (handed over by
@@ -33,8 +33,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import BATCH, BLOCK, ROOT, log, row, zipf_tokens  # noqa: E402
 
-from workflow_scripts import devices, forward, lm  # noqa: E402
+from workflow_scripts import devices, lm  # noqa: E402
 from workflow_scripts.artifacts import write_json  # noqa: E402
+from workflow_scripts.extraction import extract_shard  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "gpu.csv"
 SHAPES = {"default (4 x 128)": (4, 128, 4), "GPT-2 small (12 x 768)": (12, 768, 12)}  # layers, width, heads
@@ -73,11 +74,11 @@ def extract_rate(model_json: Path, device: str, dtype: str, tokens_npy: Path, n:
     """(tokens/s of extract_shard over ``n`` tokens after a warm-up, the keys as float32)."""
     model, _, ident = lm.load_checked(model_json, device=device, dtype=dtype)
     files = [out / f"{dtype}-{device}.{x}" for x in ("keys.npy", "vals.npy", "json")]
-    forward.extract_shard(model, ident, tokens_npy, 0, max(2, n // (BLOCK * BATCH)), BLOCK, BATCH, *files)  # warm-up
+    extract_shard(model, ident, tokens_npy, 0, max(2, n // (BLOCK * BATCH)), BLOCK, BATCH, *files)  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    forward.extract_shard(model, ident, tokens_npy, 0, 1, BLOCK, BATCH, *files)
+    extract_shard(model, ident, tokens_npy, 0, 1, BLOCK, BATCH, *files)
     rate = n / (time.perf_counter() - t)
     return rate, np.load(files[0]).astype(np.float32)
 

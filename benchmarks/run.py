@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from workflow_scripts import datastore, forward, index, knnlm, lm, retrieval_cache  # noqa: E402
 from workflow_scripts.artifacts import atomic_path, open_npy_for_writing, save_npy, write_json  # noqa: E402
+from workflow_scripts.extraction import extract_shard  # noqa: E402
 
 THREADS, VOCAB, BLOCK, BATCH, K, SHARDS = 2, 2048, 128, 32, 2048, 2
 GEN_THREADS = 1  # measure 7 (greedy decoding of one prompt): see generate_decoding
@@ -187,7 +188,7 @@ def child(args: dict) -> dict:
 
         def run():
             for s, (k, v, m) in enumerate(files):
-                forward.extract_shard(model, ident, d / "tokens.npy", s, SHARDS, BLOCK, BATCH, k, v, m)
+                extract_shard(model, ident, d / "tokens.npy", s, SHARDS, BLOCK, BATCH, k, v, m)
     elif stage == "build":
 
         def run():
@@ -276,7 +277,7 @@ def extraction(model, ident, tmp: Path, n: int, scale: list[dict], sizes: list[i
                 model(input_ids=x)
 
     def extract():
-        forward.extract_shard(
+        extract_shard(
             model, ident, d / "tokens.npy", 0, 1, BLOCK, BATCH, d / "keys.npy", d / "vals.npy", d / "shard.json"
         )
 

@@ -8,8 +8,9 @@ import torch
 
 from workflow_scripts.artifacts import ArtifactError, save_npy
 from workflow_scripts.datastore import Datastore, shard_ranges, write_manifest
-from workflow_scripts.forward import capture_keys, extract_shard, run_model
-from workflow_scripts.lm import find_hook_point, weights_hash
+from workflow_scripts.extraction import extract_shard
+from workflow_scripts.forward import capture_keys, find_hook_point, run_model
+from workflow_scripts.lm import weights_hash
 
 VOCAB, DIM = 100, 32
 ARCHS = ("gpt2", "llama", "mistral")

@@ -127,18 +127,23 @@ def _imports(module: str) -> set[str]:
     return out - {module}
 
 
+# The three layering rules: what each part of the package may import.
+MAY_IMPORT = {
+    "backbone": {"backbone"},  # the backbone never imports tasks/ (paper 1) or analyses/ (paper 2)
+    "tasks": {"tasks", "backbone"},  # tasks/ never imports analyses/
+    "analyses": {"analyses", "backbone"},  # analyses/ never imports tasks/: it runs a model through forward.py
+}
+
+
 def test_wings_import_rules_and_no_cycles():
-    """The backbone never imports tasks/ or analyses/; the wings never import each other (paper 2's analyses run a
-    model through the backbone's forward.py, not paper 1's task scoring); no import cycles."""
+    """The three layering rules (MAY_IMPORT) hold for every import, at any depth of a module; no import cycles."""
     mods = sorted(cli._modules(PACKAGE))
     graph = {m: _imports(m) for m in mods}
-    wing = {m: m.split(".")[0] if m.split(".")[0] in ("tasks", "analyses") else "backbone" for m in mods}
+    part = {m: m.split(".")[0] if m.split(".")[0] in ("tasks", "analyses") else "backbone" for m in mods}
+    assert {"backbone", "tasks", "analyses"} == set(part.values())
     for m, deps in graph.items():
         for d in deps:
-            if wing[m] == "backbone":
-                assert wing[d] == "backbone", f"{m} (backbone) imports {d}"
-            if wing[m] != "backbone":
-                assert wing[d] in (wing[m], "backbone"), f"{m} ({wing[m]}) imports {d}"
+            assert part[d] in MAY_IMPORT[part[m]], f"{m} ({part[m]}) imports {d} ({part[d]})"
     # a wing's package __init__ is imported implicitly by its modules: leave those edges out of the cycle check
     state: dict[str, int] = {}
 
@@ -158,10 +163,12 @@ def test_wings_import_rules_and_no_cycles():
 
 
 def test_building_the_dag_imports_no_torch():
-    """common.smk imports config, cli and the task registry only: none of them pulls torch in."""
+    """common.smk imports config, cli, the task registry and the task items' reader only: none of them pulls torch
+    in."""
     code = (
         "import sys\n"
         "import workflow_scripts.cli, workflow_scripts.config, workflow_scripts.tasks.registry\n"
+        "import workflow_scripts.tasks.items\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'faiss' not in sys.modules, 'faiss imported'\n"
     )
@@ -175,7 +182,7 @@ def test_building_the_dag_imports_no_torch():
 
 # The modules whose steps run a model (or train one): only these may import torch when a job starts. Every other
 # step (tables, sweeps, figures, the index, verify jobs) starts in numpy/polars time, not torch's (2-3 s a job).
-RUNS_A_MODEL = {"forward", "lm", "retrieval", "tasks.scoring", "analyses.hurdle", "analyses.macondo", "analyses.mlp",
+RUNS_A_MODEL = {"extraction", "lm", "retrieval", "tasks.scoring", "analyses.hurdle", "analyses.macondo", "analyses.mlp",
                 "analyses.projection"}
 
 

@@ -18,7 +18,7 @@ from conftest import ROOT, job_stats, load_test_config, project_env, snakemake, 
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
-from workflow_scripts import cli, devices, forward, index, lm, retrieval
+from workflow_scripts import cli, devices, extraction, index, lm, retrieval
 from workflow_scripts.artifacts import sha256_file, write_json
 
 
@@ -92,7 +92,7 @@ def test_extraction_and_retrieval_load_the_model_in_the_same_dtype(monkeypatch, 
     for device, dtype in cases:  # extraction.device and extraction.dtype, as the rules pass them
         params = {"device": device, "dtype": dtype, "block_size": 8, "shard": 0, "shards": 1, "batch_size": 2}
         with pytest.raises(Stop):
-            forward.extract_keys(params, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path)
+            extraction.extract_keys(params, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path)
         with pytest.raises(Stop):
             retrieval.open_retriever(tmp_path, tmp_path, tmp_path, tmp_path, {**params, "k_max": 1})
     assert seen == [(d, want) for (d, _), want in cases.items() for _ in "xy"]

@@ -256,7 +256,7 @@ def test_a_grown_corpus_reencodes_only_the_new_shards_and_keeps_the_quantizer(mi
 def test_a_planned_shard_has_the_keys_of_its_positions_and_a_stale_plan_is_refused(tmp_path):
     from test_reliability import _tiny_gpt2
 
-    from workflow_scripts.forward import extract_shard
+    from workflow_scripts.extraction import extract_shard
 
     model, ident = _tiny_gpt2(dim=32)
     tokens = np.random.default_rng(0).integers(0, 50, 300).astype(np.int32)

@@ -23,13 +23,13 @@ import torch
 from workflow_scripts import lm
 from workflow_scripts.artifacts import ArtifactError, save_npy, sha256_file, write_json
 from workflow_scripts.datastore import Datastore, write_manifest
-from workflow_scripts.forward import extract_shard
+from workflow_scripts.extraction import extract_shard
 from workflow_scripts.index import build_index, load_index
 from workflow_scripts.retrieval import retrieve
 from workflow_scripts.retrieval_cache import CACHE_FILES, load_cache
 from workflow_scripts.sweep import run_sweep
 from workflow_scripts.tasks import evaluate, scoring
-from workflow_scripts.tasks.registry import write_items
+from workflow_scripts.tasks.items import write_items
 
 VOCAB, DIM, BLOCK = 40, 32, 32
 RETRIEVAL = {"k_max": 8, "max_tokens": 120, "block_size": BLOCK, "batch_size": 8, "device": "cpu", "nprobe": None,

@@ -25,7 +25,8 @@ from test_tasks import one_thread  # noqa: F401 (the fixture: torch on one threa
 
 from workflow_scripts.artifacts import ArtifactError, read_json, save_npy, write_json
 from workflow_scripts.datastore import Datastore, shard_plan, write_manifest
-from workflow_scripts.forward import capture_keys, extract_shard
+from workflow_scripts.extraction import extract_shard
+from workflow_scripts.forward import capture_keys
 from workflow_scripts.neighbours import Corpus, datastore_positions, neighbour_rows
 from workflow_scripts.scaling import write_subsample
 from workflow_scripts.tasks.evaluate import delta_table, subtask_delta_table

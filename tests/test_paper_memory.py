@@ -19,6 +19,7 @@ from workflow_scripts import lm
 from workflow_scripts.config import ConfigError
 from workflow_scripts.datastore import Datastore
 from workflow_scripts.forward import capture_keys
+from workflow_scripts.tasks import items as task_items
 from workflow_scripts.tasks import registry, rescoring, scoring
 
 REG = registry.registry()
@@ -32,7 +33,7 @@ def paper_data(tmp_path_factory):
 
 
 def items_of(task, root, **kw):
-    return registry.load_items(registry.resolve_entry(REG[task], str(root), task), **kw)
+    return task_items.load_items(registry.resolve_entry(REG[task], str(root), task), **kw)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -120,7 +121,7 @@ def test_paper_tasks_without_the_data_folder_or_with_a_bad_one_name_what_is_wron
 
 def test_whole_word_continuation_scoring_stays_an_option_for_a_paper_task(paper_data):
     e = registry.resolve_entry({**REG["cr"], "protocol": "continuation"}, str(paper_data), "cr")
-    it = registry.load_items(e)[0]
+    it = task_items.load_items(e)[0]
     assert it["options"][0] == [[it["question"], w] for w in e["synonyms"][0]]
     assert it["domain"][1] == [[" It was", w] for w in e["synonyms"][1]]
 

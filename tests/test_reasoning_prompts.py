@@ -13,14 +13,15 @@ import pytest
 from conftest import ROOT
 
 from workflow_scripts.artifacts import write_table
-from workflow_scripts.tasks import evaluate, registry, scoring
+from workflow_scripts.tasks import evaluate, metrics, registry, scoring
+from workflow_scripts.tasks import items as task_items
 
 FIXTURES = ROOT / "tests" / "fixtures" / "tasks"
 REG = registry.registry()
 
 
 def items(task, **kw):
-    return registry.load_items(REG[task], data_files=str(FIXTURES / f"{task}.jsonl"), **kw)
+    return task_items.load_items(REG[task], data_files=str(FIXTURES / f"{task}.jsonl"), **kw)
 
 
 def rows(task):
@@ -101,14 +102,14 @@ def test_gsm8k_prompt_is_the_system_prompt_the_8_exemplars_and_the_question():
     ],
 )
 def test_gsm8k_answer_reads_the_marked_number_as_the_paper(text, value):
-    assert registry.gsm8k_answer(text) == value
+    assert metrics.gsm8k_answer(text) == value
 
 
 def test_gsm8k_check_compares_both_sides_the_papers_way():
-    m = registry.gsm8k_match
+    m = metrics.gsm8k_match
     assert m("She has 42 eggs. #### 42", ["42"]) == 1.0
     assert m("The answer is 42.", ["42"]) == 0.0  # final_number would say 42; the paper needs '####'
-    assert registry.number_match("The answer is 42.", ["42"]) == 1.0
+    assert metrics.number_match("The answer is 42.", ["42"]) == 1.0
     assert m("#### 42.0", ["42"]) == 1.0
     assert m("#### 1,200", ["1,200"]) == 1.0 and m("#### 1,999", ["1,200"]) == 1.0  # both read 1
     assert m("#### 1200", ["1,200"]) == 0.0  # 1200 vs 1
@@ -161,21 +162,21 @@ def test_bbh_prompt_is_the_first_3_samples_of_the_same_subtask_then_the_question
 )
 def test_bbh_answer_matching_is_the_papers_startswith(generation, target, ok):
     pred = scoring.cut_at_stop(generation, REG["bbh"]["stop"])
-    assert registry.prefix_match(pred, [target]) == ok
+    assert metrics.prefix_match(pred, [target]) == ok
 
 
 def test_bbh_score_is_the_macro_average_over_subtasks():
     its = [{"group": g} for g in ["a", "a", "a", "b", "c", "c"]]
     scores = [1, 1, 0, 0, 1, 0]
     macro = (2 / 3 + 0 + 1 / 2) / 3
-    assert registry.aggregate(REG["bbh"], its, scores) == pytest.approx(macro)
-    assert registry.aggregate(REG["drop"], its, scores) == pytest.approx(0.5)  # the others: the item mean
+    assert metrics.aggregate(REG["bbh"], its, scores) == pytest.approx(macro)
+    assert metrics.aggregate(REG["drop"], its, scores) == pytest.approx(0.5)  # the others: the item mean
     assert macro != pytest.approx(0.5)
 
 
 def test_the_sweep_reports_the_macro_average_for_bbh(tmp_path):
     its = items("bbh")  # groups: boolean, boolean, sports; targets True, False, no
-    registry.write_items(its, tmp_path / "items.parquet")
+    task_items.write_items(its, tmp_path / "items.parquet")
     base_texts = ["True", "True", "no"]  # boolean 1/2, sports 1/1 -> macro .75 (item mean 2/3)
     knn_texts = ["False", "False", "yes"]  # boolean 1/2, sports 0/1 -> macro .25 (item mean 1/3)
     record = {
@@ -241,7 +242,7 @@ def test_drop_prompt_is_the_passage_then_the_question():
     ],
 )
 def test_qa_f1_is_eval_qa_f1(pred, golds, f1):
-    assert registry.qa_f1(pred, golds) == pytest.approx(f1)
+    assert metrics.qa_f1(pred, golds) == pytest.approx(f1)
 
 
 @pytest.mark.parametrize(
@@ -257,7 +258,7 @@ def test_qa_f1_is_eval_qa_f1(pred, golds, f1):
     ],
 )
 def test_drop_f1_is_eval_drop_f1(pred, golds, f1):
-    assert registry.drop_f1(pred, golds) == pytest.approx(f1)
+    assert metrics.drop_f1(pred, golds) == pytest.approx(f1)
 
 
 # ------------------------------------------------------------------------------------------- choice tasks
@@ -300,7 +301,7 @@ def test_winogrande_context_is_the_sentence_to_the_blank_plus_the_option():
     e = copy.deepcopy(REG["winogrande"])
     row = {"sentence": "He put _ away.", "option1": "it ", "option2": "them", "answer": "2"}
     # the option is appended as it is (no rstrip), as partial_context does
-    assert registry.make_item(e, row, 0)["options"][0][0] == ["He put it ", " away."]
+    assert task_items.make_item(e, row, 0)["options"][0][0] == ["He put it ", " away."]
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -340,7 +341,7 @@ def test_a_subtask_with_no_row_left_after_its_shots_is_refused(tmp_path):
         )
     )
     with pytest.raises(registry.TaskError, match=r"\['b'\]"):
-        registry.load_items(REG["bbh"], data_files=str(f))
+        task_items.load_items(REG["bbh"], data_files=str(f))
 
 
 def test_inline_fewshot_and_clean_are_generic(tmp_path):
@@ -355,9 +356,9 @@ def test_inline_fewshot_and_clean_are_generic(tmp_path):
         "fewshot": {"from": "inline", "prefix": "P\n", "join": "\n\n", "examples": ["Q: a?\nA: 1", "Q: b?\nA: 2"]},
     }
     registry.check_entry("mine", e)
-    it = registry.make_item(e, {"q": "What", "a": "3"}, 0)
+    it = task_items.make_item(e, {"q": "What", "a": "3"}, 0)
     assert it["context"] == "P\nQ: a?\nA: 1\n\nQ: b?\nA: 2\n\nQ: what?\nA:"
-    assert np.isclose(registry.exact_match(" 3 ", it["answers"]), 1.0)
+    assert np.isclose(metrics.exact_match(" 3 ", it["answers"]), 1.0)
 
 
 def test_generation_keeps_the_prompt_within_the_models_window_not_the_datastores():

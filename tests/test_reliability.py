@@ -23,7 +23,7 @@ from conftest import ROOT, background, job_stats, project_env, snakemake, snakem
 from workflow_scripts.artifacts import ArtifactError, load_npy, save_npy, sha256_file, write_json
 from workflow_scripts.corpus import SPLITS, CorpusError, _check_utf8, load_corpus, write_corpus
 from workflow_scripts.datastore import Datastore, shard_ranges, write_manifest
-from workflow_scripts.forward import extract_shard
+from workflow_scripts.extraction import extract_shard
 from workflow_scripts.index import load_index
 from workflow_scripts.retrieval_cache import load_cache
 from workflow_scripts.sweep import run_sweep
@@ -730,7 +730,8 @@ def small_tmpfs(tmp_path):
 def _tiny_gpt2(dim: int):
     import transformers as tf
 
-    from workflow_scripts.lm import find_hook_point, weights_hash
+    from workflow_scripts.forward import find_hook_point
+    from workflow_scripts.lm import weights_hash
 
     torch.manual_seed(0)
     model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=50, n_positions=32, n_embd=dim, n_layer=1, n_head=2)).eval()

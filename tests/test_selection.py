@@ -504,9 +504,9 @@ GEN_NEIGH = {None: [None, None, None], (0.25, 4, 1.0): [[5, 6], [7], []], (0.5, 
 def _generate_task(tmp_path, points, chosen=None):
     """A generate task's score record (as score writes it: the base LM first, with k None) for the given points,
     and a perplexity summary that chose ``chosen`` on valid (none when None)."""
-    from workflow_scripts.tasks import registry
+    from workflow_scripts.tasks import items as task_items
 
-    registry.write_items(GEN_ITEMS, tmp_path / "items.parquet")
+    task_items.write_items(GEN_ITEMS, tmp_path / "items.parquet")
     record = {"meta": {"n_items": 3, "task": "t"}, "points": [
         {"lambda": 0.0 if pt is None else pt[0], "k": None if pt is None else pt[1],
          "sigma": None if pt is None else pt[2], "texts": GEN_TEXTS[pt], "neighbours": GEN_NEIGH[pt]}
@@ -603,9 +603,9 @@ def test_the_neighbours_shown_are_those_of_the_gold_answers_first_scored_token(t
     (tmp_path / "scored.json").write_text(json.dumps(
         {"meta": meta, "items": [{"options": [[0], [1]], "domain": None, "gold": 1},
                                            {"options": [[2], [3]], "domain": None, "gold": 0}]}))
-    from workflow_scripts.tasks import registry
+    from workflow_scripts.tasks import items as task_items
 
-    registry.write_items([{"id": str(i), "question": "q", "answer": "A", "labels": ["A", "B"]} for i in range(2)],
+    task_items.write_items([{"id": str(i), "question": "q", "answer": "A", "labels": ["A", "B"]} for i in range(2)],
                          tmp_path / "items.parquet")
     p = {"task": "t", "model": "m", "datastore": "d", "entry": {"kind": "choice", "metric": "accuracy",
                                                                 "category": "reasoning"},

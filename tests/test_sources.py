@@ -474,7 +474,7 @@ def test_a_window_beyond_the_models_context_is_refused_naming_both(source, fake_
     """Issue 18, item 8: extraction.block_size larger than the model's positions (n_positions 32 here) crashed
     extraction with a bare IndexError. The identity records the context; every step that runs the model over
     windows of extraction.block_size refuses a longer window before loading the model or reading its inputs."""
-    from workflow_scripts.forward import extract_keys
+    from workflow_scripts.extraction import extract_keys
     from workflow_scripts.retrieval import retrieve_step
     from workflow_scripts.tasks.scoring import score_task
 

@@ -17,7 +17,7 @@ import torch
 from workflow_scripts import knnlm, lm
 from workflow_scripts.artifacts import ArtifactError, read_json, save_npy, write_json
 from workflow_scripts.datastore import Datastore, strided_windows, write_manifest
-from workflow_scripts.forward import extract_shard
+from workflow_scripts.extraction import extract_shard
 from workflow_scripts.index import build_index
 from workflow_scripts.retrieval import retrieve
 from workflow_scripts.sweep import run_sweep

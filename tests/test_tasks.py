@@ -16,7 +16,8 @@ from conftest import ROOT, SpacedTok, job_stats, load_test_config, p_knn_by_hand
 from workflow_scripts import knnlm, lm
 from workflow_scripts.artifacts import ArtifactError, save_npy, write_json, write_table
 from workflow_scripts.config import ConfigError, defaults, validate
-from workflow_scripts.tasks import evaluate, registry, rescoring, scoring, suite
+from workflow_scripts.tasks import evaluate, metrics, registry, rescoring, scoring, suite
+from workflow_scripts.tasks import items as task_items
 
 FIXTURES = ROOT / "tests" / "fixtures" / "tasks"
 REG = registry.registry()
@@ -68,7 +69,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("task", sorted(EXPECTED))
 def test_each_paper_task_loads_offline_from_a_fixture_in_its_column_layout(task):
-    items = registry.load_items(REG[task], data_files=str(FIXTURES / f"{task}.jsonl"))
+    items = task_items.load_items(REG[task], data_files=str(FIXTURES / f"{task}.jsonl"))
     assert len(items) >= 2
     it = items[0]
     answer, n_options = EXPECTED[task]
@@ -83,7 +84,7 @@ def test_each_paper_task_loads_offline_from_a_fixture_in_its_column_layout(task)
 
 
 def test_winogrande_scores_the_rest_of_the_sentence_after_the_filled_blank():
-    it = registry.load_items(REG["winogrande"], data_files=str(FIXTURES / "winogrande.jsonl"))[0]
+    it = task_items.load_items(REG["winogrande"], data_files=str(FIXTURES / "winogrande.jsonl"))[0]
     (c0, t0), (c1, t1) = it["options"][0][0], it["options"][1][0]
     assert t0 == t1 and "_" not in c0 + c1 and c0.endswith("the ball") and c1.endswith("the window")
 
@@ -94,9 +95,9 @@ def test_user_task_from_a_local_jsonl_file(tmp_path):
     entry = {"category": "reasoning", "kind": "generate", "metric": "em", "source": {"type": "local", "path": str(f)},
              "prompt": "{q}", "answers": {"field": "a"}}
     registry.check_entry("mine", entry)
-    items = registry.load_items(entry, max_items=2, seed=0)
+    items = task_items.load_items(entry, max_items=2, seed=0)
     assert len(items) == 2 and all(it["answers"][0] in "462" for it in items)
-    assert items == registry.load_items(entry, max_items=2, seed=0)  # seeded subsample
+    assert items == task_items.load_items(entry, max_items=2, seed=0)  # seeded subsample
 
 
 def _local_task(tmp_path, rows: list[dict], **entry) -> dict:
@@ -123,7 +124,7 @@ def test_a_custom_row_missing_a_field_is_refused_naming_task_row_and_field(tmp_p
     e = {k: v for k, v in e.items() if kind == "classify" or k not in ("labels", "label_field")}
     registry.check_entry("mine", e)
     with pytest.raises(registry.TaskError, match=r"^task 'mine': row 1 of .*mine\.jsonl: field 'text' is missing"):
-        registry.load_items(e, name="mine")
+        task_items.load_items(e, name="mine")
     # a missing label, choice, gold or answer is refused the same way
     rows[1]["text"] = "ok"
     for field in ("label", "ch", "g", "a"):
@@ -132,9 +133,9 @@ def test_a_custom_row_missing_a_field_is_refused_naming_task_row_and_field(tmp_p
         used = {"classify": ("label",), "choice": ("ch", "g"), "generate": ("a",)}[kind]
         if field in used:
             with pytest.raises(registry.TaskError, match=rf"^task 'mine': row 1 of .*: field '{field}' is missing"):
-                registry.load_items(e, name="mine")
+                task_items.load_items(e, name="mine")
         else:
-            assert len(registry.load_items(e, name="mine")) == 3
+            assert len(task_items.load_items(e, name="mine")) == 3
 
 
 def test_a_choice_row_with_fewer_than_two_choices_is_refused(tmp_path):
@@ -144,7 +145,7 @@ def test_a_choice_row_with_fewer_than_two_choices_is_refused(tmp_path):
     del e["labels"], e["label_field"]
     registry.check_entry("mine", e)
     with pytest.raises(registry.TaskError, match=r"^task 'mine': row 1 of .*: field 'ch' has 1 choice"):
-        registry.load_items(e, name="mine")  # one choice always scored 1.0
+        task_items.load_items(e, name="mine")  # one choice always scored 1.0
 
 
 @pytest.mark.parametrize("labels, keys", [
@@ -168,7 +169,7 @@ def test_yaml_booleans_as_label_keys_are_refused_with_a_hint_to_quote_them(tmp_p
         registry.check_entry("mine", e)
     e["labels"] = {"yes": [" yes"], "no": [" no"]}
     registry.check_entry("mine", e)
-    assert registry.load_items(e)[0]["answer"] == "yes"
+    assert task_items.load_items(e)[0]["answer"] == "yes"
 
 
 def check(c: dict) -> dict:
@@ -205,23 +206,23 @@ def test_config_names_a_missing_task_and_a_bad_custom_entry():
     ("An apple", ["apple", "pear"], 1.0, 1.0),
 ])
 def test_em_and_f1_with_squad_normalisation(pred, golds, em, f1):
-    assert registry.normalize_answer("The  Cat, a DOG.") == "cat dog"
-    assert registry.exact_match(pred, golds) == em
-    assert registry.token_f1(pred, golds) == pytest.approx(f1)
+    assert metrics.normalize_answer("The  Cat, a DOG.") == "cat dog"
+    assert metrics.exact_match(pred, golds) == em
+    assert metrics.token_f1(pred, golds) == pytest.approx(f1)
 
 
 def test_gsm8k_answer_extraction_on_real_format_answers():
     sol = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether "
            "in April and May.\n#### 72")
-    assert registry.gsm8k_gold(sol) == "72"
-    assert registry.gsm8k_gold("... so she pays 1,200 dollars.\n#### 1,200") == "1200"
+    assert task_items.gsm8k_gold(sol) == "72"
+    assert task_items.gsm8k_gold("... so she pays 1,200 dollars.\n#### 1,200") == "1200"
     with pytest.raises(registry.TaskError):
-        registry.gsm8k_gold("no marker 5")
-    assert registry.final_number("She has 3 apples, then 5 more, so 8 apples.") == "8"
-    assert registry.final_number("#### 42\nQuestion: 7") == "42"
-    assert registry.number_match("so the answer is 1,200.", ["1200"]) == 1.0
-    assert registry.number_match("The answer is 41", ["42"]) == 0.0
-    assert registry.number_match("no number", ["42"]) == 0.0
+        task_items.gsm8k_gold("no marker 5")
+    assert metrics.final_number("She has 3 apples, then 5 more, so 8 apples.") == "8"
+    assert metrics.final_number("#### 42\nQuestion: 7") == "42"
+    assert metrics.number_match("so the answer is 1,200.", ["1200"]) == 1.0
+    assert metrics.number_match("The answer is 41", ["42"]) == 0.0
+    assert metrics.number_match("no number", ["42"]) == 0.0
 
 
 # ------------------------------------------------------------------------------------------- toy model
@@ -944,7 +945,7 @@ def _score_stage(tmp_path, monkeypatch, entry, items, summary_csv=None, chunk=No
         return d[:, :K], ids[:, :K]
 
     monkeypatch.setattr(retrieval, "search", search)
-    registry.write_items([{"id": str(i), "question": "", "answer": "", **it} for i, it in enumerate(items)],
+    task_items.write_items([{"id": str(i), "question": "", "answer": "", **it} for i, it in enumerate(items)],
                          tmp_path / "items.parquet")
     params = {"entry": entry, "task": "t", "k_max": 3, "block_size": 8, "batch_size": 2, "datastore": "d", **p}
     meta = scoring.score("id.json", "m.json", "index", "imeta.json", tmp_path / "items.parquet", params,
@@ -1297,7 +1298,7 @@ def test_chunked_scoring_on_the_micro_model_is_byte_identical_to_one_job(task_ru
                  for i in range(40)]),
     }
     for name, (_, items) in made.items():
-        registry.write_items([{"id": str(i), "question": "", "answer": "", **it} for i, it in enumerate(items)],
+        task_items.write_items([{"id": str(i), "question": "", "answer": "", **it} for i, it in enumerate(items)],
                              tmp_path / f"{name}.parquet")
     base = {"datastore": "micro", "k_max": 32, "block_size": 32, "batch_size": 2, "device": "cpu",
             "dtype": "float32", "nprobe": None, "distances": None, "gpu_shard_above_gb": 4.0, "point": [0.5, 8, 1.0],
@@ -1322,7 +1323,7 @@ def test_chunked_scoring_on_the_micro_model_is_byte_identical_to_one_job(task_ru
         assert {**a, "meta": None} == {**b, "meta": None}
         assert one["n_items"] == 40 and joined["chunks"] == 3
         if task.startswith("synth"):  # the byte bound the rule plans with holds the tokens the step counts
-            bound = memory.task_queries(registry.read_items(items), p)[0]
+            bound = memory.task_queries(task_items.read_items(items), p)[0]
             assert one["n_queries"] <= one["n_tokens"] <= bound, (one, bound)
         if task == "gen":
             assert [pt["lambda"] for pt in a["points"]] == [0.0, 0.5] and len(a["points"][1]["texts"]) == 40

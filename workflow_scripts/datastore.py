@@ -1,7 +1,8 @@
 """The datastore artifact: keys are the input of the last block's feed-forward sublayer (after its layer norm),
-captured by a forward pre-hook (``forward.py`` runs the model and writes the shards); values are the next token
-ids. A manifest records what built the shards and their sizes and sha256, and every consumer checks it before
-trusting a shard. Imports numpy, not torch: the steps that read a datastore start without it.
+captured by a forward pre-hook (``forward.py`` runs the model, ``extraction.py`` writes the shards and the
+manifest); values are the next token ids. A manifest records what built the shards and their sizes and sha256,
+and every consumer checks it before trusting a shard. Imports numpy, not torch: the steps that read a datastore
+start without it.
 """
 
 from __future__ import annotations
@@ -364,14 +365,6 @@ def plan_shards(params: dict, tokens: Path, out: Path) -> None:
     write_json(out, plan)
     log.info("%d tokens: %d shards of up to %d positions", plan["n_tokens"], len(plan["shards"]),
              params["shard_tokens"])
-
-
-@step
-def manifest(model_json: Path, tokens: Path, keys: list[Path], vals: list[Path], meta: list[Path], out: Path) -> None:
-    """Write a datastore's manifest from its shards (sizes, sha256, model identity), checking each shard."""
-    from .lm import load_identity
-
-    write_manifest(load_identity(model_json), tokens, list(zip(keys, vals, meta, strict=True)), out)
 
 
 @step

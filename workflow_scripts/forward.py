@@ -1,35 +1,41 @@
-"""Running a model with the key hook: the forward pre-hook that captures the keys (the input of the last block's
-feed-forward sublayer, after its layer norm), the windows a token stream is cut into, the batched forward over a
-stream, and the extraction of one datastore shard with it; and the padded forwards over (context, continuation)
-pairs that the tasks, Macondo and the hurdle score (``build_pairs``, ``forward_scored``). The only backbone module
-besides ``lm`` that imports torch, so that the datastore's, the index's and the tables' steps start without it.
+"""Running a model with the key hook: where the hook sits in each architecture (``find_hook_point``), the forward
+pre-hook that captures the keys (the input of the last block's feed-forward sublayer, after its layer norm), the
+windows a token stream is cut into and the batched forward over a stream (``run_model``), and the padded forwards
+over (context, continuation) pairs that the tasks, Macondo and the hurdle score (``build_pairs``,
+``forward_scored``). Used by the extraction (``extraction.py``), retrieval, the tasks and the analyses, and by
+``lm`` (the hook point a model's identity records). It runs no step and loads no model (``lm`` does). It imports
+torch; the backbone modules that run no model (the datastore, the index, the tables) do not import it, so that
+their steps start without it.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .artifacts import atomic_path, load_npy, open_npy_for_writing
-from .cli import step
-from .datastore import (
-    KEY_DTYPE,
-    VAL_DTYPE,
-    check_slice,
-    shard_digests,
-    shard_ranges,
-    strided_windows,
-    window_record,
-    write_shard_meta,
-)
+from .datastore import strided_windows
 
-log = logging.getLogger(__name__)
+# Where the last transformer block lives in Hugging Face causal LMs: GPT-2, Llama/Mistral/Qwen, GPT-NeoX, OPT.
+_BLOCK_LISTS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers")
+
+
+def find_hook_point(model) -> str:
+    """Name of the last block's feed-forward module (its input is the kNN-LM key)."""
+    for path in _BLOCK_LISTS:
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        last = len(obj) - 1
+        if hasattr(obj[last], "mlp"):
+            return f"{path}.{last}.mlp"
+    raise ValueError(f"{type(model).__name__}: cannot find the last block's mlp under {_BLOCK_LISTS}")
 
 
 class _Stop(Exception):
@@ -104,77 +110,6 @@ def run_model(
                 lp = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).reshape(-1).cpu().numpy()
             # windows in a group score consecutive positions, so rows are contiguous
             yield ws[0][1], keys, lp
-
-
-def extract_shard(
-    model,
-    ident: dict,
-    tokens_npy,
-    shard: int,
-    n_shards: int,
-    block: int,
-    batch: int,
-    keys_out,
-    vals_out,
-    meta_out,
-    span: dict | None = None,
-    stride: int | None = None,
-) -> int:
-    """Extract shard ``shard`` of ``n_shards`` equal ranges (``shard_ranges``), or with ``span`` (a
-    ``shard_plan`` entry: start, end, slice_sha256) that range, its token slice checked against the plan. With
-    ``stride``, each key is computed in the sliding window that scores its position (``strided_windows``)."""
-    tokens = load_npy(tokens_npy, dtype=np.int32, ndim=1)
-    if span is None:
-        a, b = shard_ranges(tokens.size, n_shards, block)[shard]
-        digest = None
-    else:
-        a, b, digest = span["start"], span["end"], span["slice_sha256"]
-        check_slice(tokens, shard, a, b, digest, tokens_npy,
-                    "the shard plan is stale: rerun plan_shards (snakemake --forcerun "
-                    f"{Path(meta_out).parent / 'plan.json'})", window_record(block, stride))
-    n, d = b - a, ident["dim"]
-    log.info("shard %d: positions [%d, %d), %d keys", shard, a, b, n)
-    with atomic_path(keys_out, ".npy") as ktmp, atomic_path(vals_out, ".npy") as vtmp:
-        keys = open_npy_for_writing(ktmp, KEY_DTYPE, (n, d))
-        vals = open_npy_for_writing(vtmp, VAL_DTYPE, (n,))
-        vals[:] = tokens[a + 1 : b + 1]
-        for first, k, _ in run_model(
-            model,
-            ident["hook_point"],
-            tokens,
-            a,
-            b,
-            block,
-            batch,
-            False,
-            desc=f"extract shard {shard}" + (f"/{n_shards}" if n_shards else f" [{a}, {b})"),
-            stride=stride,
-        ):
-            keys[first - a : first - a + len(k)] = k.astype(KEY_DTYPE)
-        keys.flush()
-        vals.flush()
-        del keys, vals
-        digests = shard_digests(ktmp, vtmp)
-    write_shard_meta(meta_out, ident, shard, a, b, digests, slice_digest=digest, window=window_record(block, stride))
-    return n
-
-
-@step
-def extract_keys(
-    params: dict, model_json: Path, tokens: Path, keys: Path, vals: Path, meta: Path, threads: int = 1
-) -> None:
-    """Extract one key/value shard of a datastore, streamed to disk."""
-    from .devices import model_dtype
-    from .lm import load_checked, torch_threads
-
-    torch_threads(threads)
-    device = params["device"]
-    dtype = model_dtype(device, params["dtype"])
-    model, _, ident = load_checked(model_json, device=device, dtype=dtype, block_size=params["block_size"])
-    extract_shard(
-        model, ident, tokens, params["shard"], params.get("shards"), params["block_size"], params["batch_size"],
-        keys, vals, meta, span=params.get("span"), stride=params.get("stride"),
-    )
 
 
 # ------------------------------------------------------------------------- padded batches (tasks, Macondo, hurdle)

@@ -21,16 +21,13 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from . import devices
+from . import devices, forward
 from .artifacts import ArtifactError, atomic_path, load_npy, read_json, sha256_file, write_json, write_table
 from .cli import step
 from .config import CHUNK_KEYS, context_length
 
 EOS = "<|endoftext|>"
 log = logging.getLogger(__name__)
-
-# Where the last transformer block lives in Hugging Face causal LMs: GPT-2, Llama/Mistral/Qwen, GPT-NeoX, OPT.
-_BLOCK_LISTS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers")
 
 
 def torch_threads(n: int) -> None:
@@ -300,21 +297,6 @@ def tokenize_split(tokenizer, parquet, out_npy, batch: int = 1000, max_chars: in
 
 
 # --------------------------------------------------------------------------------------------- model
-def find_hook_point(model) -> str:
-    """Name of the last block's feed-forward module (its input is the kNN-LM key)."""
-    for path in _BLOCK_LISTS:
-        obj = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        last = len(obj) - 1
-        if hasattr(obj[last], "mlp"):
-            return f"{path}.{last}.mlp"
-    raise ValueError(f"{type(model).__name__}: cannot find the last block's mlp under {_BLOCK_LISTS}")
-
-
 def weights_hash(model) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -382,7 +364,7 @@ def weight_files_hash(identity_or_spec: dict) -> dict[str, str]:
 
 def describe(model, tokenizer, spec: dict) -> dict:
     """The identity record written to ``model.json``."""
-    hook = find_hook_point(model)
+    hook = forward.find_hook_point(model)
     n_pos, n_pos_key = context_length(model.config)
     return {
         "source": spec["source"],

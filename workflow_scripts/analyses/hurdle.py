@@ -16,7 +16,7 @@ import torch
 from .. import lm
 from ..artifacts import load_npy, write_table
 from ..cli import step
-from ..forward import forward_scored
+from ..forward import find_hook_point, forward_scored
 from . import macondo
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class _Zero(torch.nn.Module):
 
 def remove_last_mlp(model) -> None:
     """Replace the last block's MLP with zeros (the block keeps its attention and residual)."""
-    parent, name = lm.find_hook_point(model).rsplit(".", 1)
+    parent, name = find_hook_point(model).rsplit(".", 1)
     setattr(model.get_submodule(parent), name, _Zero())
 
 
@@ -51,7 +51,7 @@ def children_loglik(model, seqs, starts) -> float:
 
 
 def _scored(model, seqs, starts):
-    return forward_scored(model, lm.find_hook_point(model), seqs, starts, 64)
+    return forward_scored(model, find_hook_point(model), seqs, starts, 64)
 
 
 def train_macondo(tokenizer_dir, test_parquet, shape: dict, p: dict, variant: str, seed: int, csv, parquet):

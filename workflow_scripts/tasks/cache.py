@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import memory
 from ..artifacts import ArtifactError, atomic_path, read_json, sha256_file, write_json
-from .registry import read_items
+from .items import read_items
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Per (datastore, task) — the datastore names its model — ``score_task`` (``ta
 (teacher-forced kinds: the task's retrieval cache; generate: the decoded answers at the base LM, at the point
 chosen on perplexity and, with ``tasks.generate.points: grid``, at every grid point), and ``task_sweep`` writes
 the metric at every point, the per-item predictions and a one-row summary. A task's score is the mean of its
-per-item scores, or with ``aggregate: macro`` (BBH) the mean of its subtasks' means (``registry.aggregate``).
+per-item scores, or with ``aggregate: macro`` (BBH) the mean of its subtasks' means (``metrics.aggregate``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from ..artifacts import ArtifactError, atomic_path, load_npy, read_json, sha256_
 from ..cli import step
 from ..sweep import chosen_point
 from . import rescoring
-from .registry import TEXT_METRICS, aggregate, read_items
+from .items import read_items
+from .metrics import TEXT_METRICS, aggregate
 
 log = logging.getLogger(__name__)
 N_SHOWN = 8  # neighbour ids kept per item in predictions.parquet

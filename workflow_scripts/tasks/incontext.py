@@ -25,7 +25,7 @@ from ..artifacts import ArtifactError, sha256_file, write_json, write_table
 from ..cli import step
 from ..incontext import Passages, read_scored
 from .evaluate import bootstrap_delta, sweep_task
-from .registry import read_items, write_items
+from .items import read_items, write_items
 
 log = logging.getLogger(__name__)
 SEPARATOR = "\n"  # between the passage(s) and the prompt

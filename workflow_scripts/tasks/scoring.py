@@ -43,7 +43,7 @@ from ..config import context_length
 from ..forward import build_pairs, capture_keys, forward_padded, forward_scored, length_batches
 from ..sweep import chosen_point
 from .cache import CHUNK_KEY, chunk_items, join_parts, merge_chunks, mode, write_task_cache
-from .registry import read_items
+from .items import read_items
 
 log = logging.getLogger(__name__)
 N_NEIGHBOURS_KEPT = 16  # neighbour ids kept per decoding step of a generate task (the qualitative table)
