@@ -15,6 +15,7 @@ from workflow_scripts import config as _config
 from workflow_scripts import memory as _memory
 from workflow_scripts.config import CHUNK_KEYS, training_chunks
 from workflow_scripts.tasks import registry as _tasks
+from workflow_scripts.tasks import items as _items
 
 # Snakemake keeps the last of a key given twice in a config file: refuse that first
 for _file in workflow.configfiles:

@@ -96,7 +96,7 @@ def task_items(wildcards):
     """The items a task-scoring job scores (those of its chunk, cut as the step cuts them: memory.chunk_bounds on
     whole blocks), or None before load_task has written them."""
     try:
-        items = _tasks.read_items(f"results/task_data/{wildcards.task}.parquet")
+        items = _items.read_items(f"results/task_data/{wildcards.task}.parquet")
     except OSError:
         return None
     if "chunk" in wildcards.keys():
