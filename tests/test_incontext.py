@@ -403,3 +403,16 @@ def test_the_incontext_tables_put_the_three_side_by_side_on_the_same_tokens_and_
     record = json.loads((work / "results/incontext/micro/passages/meta.json").read_text())
     assert record["passages"] > 0 and set(record["eval_tokens_sha256"]) == {"valid", "test"}
     assert (work / "results/figures/incontext/micro.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_an_incontext_change_reruns_its_jobs_and_the_summary_not_what_reads_the_chosen_point(task_run, tmp_path):
+    """The chosen point is summarize's table, not the perplexity summary that in-context retrieval feeds: fewer
+    in-context positions rerun in-context perplexity and the summary, never the task sweeps or the analyses."""
+    work, _ = task_run
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["incontext"]["max_tokens"] = 100
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = job_stats(snakemake(work, "-n", "--configfile", str(tmp_path / "config.yaml")).stdout)
+    assert set(jobs) == {"incontext_perplexity", "incontext_perplexity_table", "figure_incontext",
+                         "perplexity_summary", "stage_times", "all"}, jobs
