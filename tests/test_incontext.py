@@ -269,6 +269,7 @@ def test_the_summaries_refuse_an_altered_or_foreign_incontext_table_by_name(ppl_
          r"incontext_perplexity.parquet: \('eval_set', 'datastore'\) \[\('test', 'c'\).*not in the summary.*"
          r"rerun incontext_perplexity_table"),
         (good.filter(pl.col("method") != "knn"), r"lack a method of \['base', 'incontext', 'knn'\]"),
+        (pl.concat([good, good.head(1)]), r"two rows of \('test', 'a'\), method 'base'"),
     ]:
         if "sha256" in error:  # rewritten with the old digest: what an edit by hand leaves
             altered.write_parquet(table, metadata=digest)

@@ -145,12 +145,16 @@ def method_columns(summary: pl.DataFrame, table: pl.DataFrame, keys: list[str], 
     """``summary`` with one column per entry of ``columns`` (column -> (method, field, dtype)): the ``field`` of
     ``table``'s row of that ``method`` with the summary row's ``keys``, null where ``table`` has none (a datastore
     in-context retrieval did not run on). The summary's own columns and rows are unchanged. A table row of keys the
-    summary lacks, or keys without every method, is refused naming ``name`` (the table's file) and ``rule``."""
+    summary lacks, keys without every method or with one twice, is refused naming ``name`` (the table's file) and
+    ``rule``."""
     rows: dict[tuple, dict] = {}
-    for r in table.iter_rows(named=True):
-        rows.setdefault(tuple(r[k] for k in keys), {})[r["method"]] = r
-    have = list(zip(*(summary[k] for k in keys), strict=True))
     rerun = f"rerun {rule} (snakemake --forcerun {name})"
+    for r in table.iter_rows(named=True):
+        mine = rows.setdefault(tuple(r[k] for k in keys), {})
+        if r["method"] in mine:
+            raise ArtifactError(f"{name}: two rows of {tuple(r[k] for k in keys)}, method {r['method']!r}; {rerun}")
+        mine[r["method"]] = r
+    have = list(zip(*(summary[k] for k in keys), strict=True))
     unknown = sorted(set(rows) - set(have))
     if unknown:
         raise ArtifactError(f"{name}: {tuple(keys)} {unknown} not in the summary it is put beside; {rerun}")
