@@ -42,7 +42,7 @@ rule incontext_perplexity:
         passages=rules.passages.output.meta,
         ds_tokens=lambda w: ds_tokens(w.ds),
         model_json=lambda w: model_json(DATASTORES[w.ds]["model"]),
-        summary="results/tables/perplexity_summary.csv",
+        summary="results/sweeps/summary.csv",
     output:
         csv="results/incontext/{ds}/perplexity/{evalset}.csv",
         parquet="results/incontext/{ds}/perplexity/{evalset}.parquet",

@@ -40,7 +40,7 @@ rule mlp_eval:
             f"results/retrieval/{e}/{MLP['datastore']}/meta.json" for e in EVAL_SETS
         ],
         tokens=lambda w: [eval_tokens(e, MLP["datastore"]) for e in EVAL_SETS],
-        summary="results/tables/perplexity_summary.csv",
+        summary="results/sweeps/summary.csv",
     output:
         csv=report(
             "results/tables/mlp_lm.csv",

@@ -13,7 +13,7 @@ rule eval_neighbours:
         ds_tokens=lambda w: ds_tokens(w.ds),
         parents=neighbour_parents,
         model_json=lambda w: model_json(DATASTORES[w.ds]["model"]),
-        summary="results/tables/perplexity_summary.csv",
+        summary="results/sweeps/summary.csv",
     output:
         csv=report(
             "results/tables/eval_neighbours/{ds}.csv",

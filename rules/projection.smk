@@ -8,7 +8,7 @@ rule projection:
         manifest=lambda w: f"results/datastores/{PROJECTION['datastore']}/manifest.json",
         tokens=lambda w: eval_tokens(PROJECTION["eval_set"], PROJECTION["datastore"]),
         cache=lambda w: f"results/retrieval/{PROJECTION['eval_set']}/{PROJECTION['datastore']}/meta.json",
-        summary="results/tables/perplexity_summary.csv",
+        summary="results/sweeps/summary.csv",
     output:
         csv=report(
             "results/tables/projection.csv",

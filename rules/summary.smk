@@ -54,6 +54,7 @@ localrules:
     all,
     figures,
     summarize,
+    perplexity_summary,
     figure_sweep,
     stage_times,
     task_summary,

@@ -63,18 +63,15 @@ rule verify_sweeps:
         "python -m workflow_scripts verify-tables --tables {input} --out {output} 2> {log}"
 
 
-# Makes the perplexity summary: base LM and kNN-LM per (eval set, datastore), (λ, k, σ) chosen on valid.
+# Chooses the kNN-LM's (λ, k, σ) per datastore on its selection set (valid) and applies it to every eval set: the
+# table every later stage reads the chosen point from (base LM and kNN-LM per (eval set, datastore), the oracle).
 rule summarize:
     input:
         sweeps=[f"results/sweeps/{e}/{d}/perplexity.parquet" for e, d in SWEEPS],
         verified=rules.verify_sweeps.output[0],
     output:
-        csv=report(
-            "results/tables/perplexity_summary.csv",
-            caption="../report/summary.rst",
-            category="Perplexity",
-        ),
-        parquet="results/tables/perplexity_summary.parquet",
+        csv="results/sweeps/summary.csv",
+        parquet="results/sweeps/summary.parquet",
     log:
         "results/logs/summarize/summarize.log",
     conda:
@@ -84,3 +81,27 @@ rule summarize:
     shell:
         "python -m workflow_scripts summarize --params {params.p:q} --sweeps {input.sweeps} --csv {output.csv}"
         " --parquet {output.parquet} 2> {log}"
+
+
+# Makes the perplexity summary: the chosen points' table, with in-context retrieval's perplexity beside the base LM
+# and the kNN-LM where it ran (incontext.datastores; no in-context columns without it).
+rule perplexity_summary:
+    input:
+        summary=rules.summarize.output.parquet,
+        incontext=(
+            ["results/tables/incontext_perplexity.parquet"] if IC_DATASTORES else []
+        ),
+    output:
+        csv=report(
+            "results/tables/perplexity_summary.csv",
+            caption="../report/summary.rst",
+            category="Perplexity",
+        ),
+        parquet="results/tables/perplexity_summary.parquet",
+    log:
+        "results/logs/perplexity_summary/perplexity_summary.log",
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts perplexity-summary --summary {input.summary} --incontext {input.incontext}"
+        " --csv {output.csv} --parquet {output.parquet} 2> {log}"

@@ -170,7 +170,7 @@ rule task_sweep:
         task_items="results/task_data/{task}.parquet",
         manifest="results/datastores/{ds}/manifest.json",
         verified=rules.verify_task_cache.output[0],
-        summary="results/tables/perplexity_summary.csv",
+        summary="results/sweeps/summary.csv",
     output:
         csv=report(
             "results/tasks/{ds}/{task}/sweep.csv",
@@ -198,10 +198,12 @@ rule task_sweep:
         " --predictions {output.predictions} --summary-json {output.summary} 2> {log}"
 
 
-# Makes the task table: base LM vs kNN-LM per (datastore, task), at the perplexity-chosen and the best point.
+# Makes the task table: base LM vs kNN-LM per (datastore, task), at the perplexity-chosen and the best point, and
+# in-context retrieval beside them where it ran (incontext.datastores).
 rule task_summary:
     input:
-        [f"results/tasks/{d}/{t}/summary.json" for d, t in TASK_RUNS],
+        summaries=[f"results/tasks/{d}/{t}/summary.json" for d, t in TASK_RUNS],
+        incontext=(["results/tables/incontext_tasks.parquet"] if IC_TASK_RUNS else []),
     output:
         csv=report(
             "results/tables/task_summary.csv",
@@ -214,7 +216,7 @@ rule task_summary:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts task-summary --summaries {input} --csv {output.csv} --parquet {output.parquet} 2> {log}"
+        "python -m workflow_scripts task-summary --summaries {input.summaries} --incontext {input.incontext} --csv {output.csv} --parquet {output.parquet} 2> {log}"
 
 
 # Makes the table of Δ = kNN-LM − base LM per task, with 95% bootstrap intervals over items.

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.slow
 UPSTREAM = {"corpus", "train_tokenizer", "tokenize", "train_lm"}
 # each verify_* job checks its consumer's input right before it (its marker is temp): it runs whenever that does
 DATASTORE = {"extract_keys", "datastore_manifest", "verify_datastore", "merge_index", "retrieve"}
-# eval_neighbours reads the caches and the summary (its chosen point): it follows every sweep
-AGGREGATE = {"verify_retrieval", "sweep", "verify_sweeps", "summarize", "figure_sweep", "eval_neighbours",
-             "stage_times", "all"}
+# eval_neighbours reads the caches and summarize's table (its chosen point): it follows every sweep
+AGGREGATE = {"verify_retrieval", "sweep", "verify_sweeps", "summarize", "perplexity_summary", "figure_sweep",
+             "eval_neighbours", "stage_times", "all"}
 
 
 def planned(workdir, cfg: dict, root=ROOT) -> dict[str, int]:
@@ -79,8 +79,10 @@ def test_new_datastore_builds_only_its_own_jobs(micro_run, tmp_path):
     jobs = planned(work, c)
     assert jobs == {"corpus": 1, "tokenize": 1, "extract_keys": 2, "datastore_manifest": 1, "verify_datastore": 1,
                     "merge_index": 1, "retrieve": 2, "verify_retrieval": 2, "sweep": 2, "verify_sweeps": 1,
-                    "summarize": 1, "figure_sweep": 2, "eval_neighbours": 2, "stage_times": 1, "all": 1}
-    first = [p for d in ("datastores/micro", "retrieval/valid/micro", "retrieval/test/micro", "sweeps")
+                    "summarize": 1, "perplexity_summary": 1, "figure_sweep": 2, "eval_neighbours": 2, "stage_times": 1,
+                    "all": 1}
+    first = [p for d in ("datastores/micro", "retrieval/valid/micro", "retrieval/test/micro", "sweeps/valid/micro",
+                         "sweeps/test/micro")
              for p in sorted((work / "results" / d).rglob("*")) if p.is_file() and "micro2" not in str(p)]
     before = {p: (p.stat().st_mtime_ns, sha256_file(p)) for p in first}
     snakemake(work, "--configfile", str(work / "planned.yaml"))

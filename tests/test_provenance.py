@@ -285,5 +285,6 @@ def test_a_truncated_sweep_table_stops_the_summary_before_it_is_removed(micro_ru
     table = work / "results/sweeps/test/micro/perplexity.parquet"
     table.write_bytes(table.read_bytes()[:100])
     _rerun_fails_keeping(work, "results/sweeps/test/micro/perplexity.parquet: unreadable, truncated",
-                         ["results/tables/perplexity_summary.csv", "results/tables/perplexity_summary.parquet"],
+                         ["results/tables/perplexity_summary.csv", "results/tables/perplexity_summary.parquet",
+                          "results/sweeps/summary.csv", "results/sweeps/summary.parquet"],
                          "--forcerun", "summarize")

@@ -24,6 +24,7 @@ import polars as pl
 
 from .artifacts import ArtifactError, atomic_path, load_npy, read_json, read_table, sha256_file, write_json, write_table
 from .cli import step
+from .sweep import METHODS
 
 log = logging.getLogger(__name__)
 HASH_BASE = np.uint64(1_000_003)  # the polynomial n-gram hash (mod 2^64) of the leak check
@@ -207,7 +208,7 @@ def incontext_logprobs(model, tokens: np.ndarray, n: int, passages: Passages, p:
 def incontext_perplexity(cache_meta, manifest_json, tokens_npy, passages_meta, ds_tokens_npy, identity_json,
                          summary_csv, p: dict, csv, parquet, out_json) -> dict:
     """Per scored token of an eval set: log p of the base LM (the retrieval cache's), of the kNN-LM at the point
-    chosen on perplexity (``perplexity_summary.csv``) and with in-context retrieval; the table and its record."""
+    chosen on perplexity (``results/sweeps/summary.csv``) and with in-context retrieval; the table and its record."""
     from . import devices, knnlm
     from .lm import load_checked
     from .retrieval_cache import load_cache
@@ -266,7 +267,6 @@ def read_scored(record_json) -> tuple[dict, pl.DataFrame]:
     return record, read_table(parquet)
 
 
-METHODS = ("base", "knn", "incontext")
 
 
 def perplexity_table(records: list, p: dict) -> pl.DataFrame:

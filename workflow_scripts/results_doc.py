@@ -36,14 +36,35 @@ def markdown(df: pl.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+def incontext_rows(df: pl.DataFrame, columns: list[str]) -> pl.DataFrame | None:
+    """``columns`` of a summary's rows where in-context retrieval ran (its first ``incontext_`` column filled); None
+    for a summary without in-context columns (in-context retrieval not configured)."""
+    marker = next(c for c in columns if c.startswith("incontext_"))
+    return df.filter(pl.col(marker).is_not_null()).select(columns) if marker in df.columns else None
+
+
 SECTIONS = {
     "perplexity": (
         "Perplexity: base LM and kNN-LM, (λ, k, σ) chosen on valid",
-        lambda df: df,
+        lambda df: df.select(c for c in df.columns if not c.startswith("incontext_")),
+    ),
+    "perplexity_incontext": (
+        "Perplexity: in-context retrieval beside the base LM and kNN-LM, over the tokens it scored "
+        "(incontext_n_tokens; docs/incontext.md)",
+        lambda df: incontext_rows(df, ["eval_set", "datastore", "n_tokens", "base_ppl", "knn_ppl", "incontext_n_tokens",
+                                       "incontext_base_ppl", "incontext_knn_ppl", "incontext_ppl",
+                                       "incontext_ppl_lo", "incontext_ppl_hi"]),
     ),
     "tasks": (
         "Paper 1: tasks, base LM vs kNN-LM at the perplexity-chosen point",
         lambda df: df.select("datastore", "task", "category", "metric", "n", "base", "knn", "delta", "best"),
+    ),
+    "tasks_incontext": (
+        "Tasks: in-context retrieval beside the kNN-LM, over the items it scored (incontext_n; Δ against the base LM "
+        "with its 95% bootstrap CI)",
+        lambda df: incontext_rows(df, ["datastore", "task", "category", "n", "base", "knn", "delta", "incontext_n",
+                                       "incontext_base", "incontext", "incontext_delta", "incontext_lo",
+                                       "incontext_hi"]),
     ),
     "macondo": (
         "Paper 2: Macondo, mean log-likelihood of the child's name by number of children (mean over seeds)",
@@ -104,11 +125,14 @@ def scaling_answer(task_fits: pl.DataFrame, delta: pl.DataFrame | None = None) -
 def write(tables: dict[str, Path | list[Path]], config: str, out) -> str:
     parts = [HEADER.format(config=config)]
     for key, (title, view) in SECTIONS.items():
-        if key in tables:
-            paths = tables[key] if isinstance(tables[key], list | tuple) else [tables[key]]
+        source = key.removesuffix("_incontext")  # the in-context sections: other columns of the same summary
+        if source in tables:
+            paths = tables[source] if isinstance(tables[source], list | tuple) else [tables[source]]
             if not paths:
                 continue
             df = view(pl.concat([pl.read_csv(p) for p in paths], how="vertical_relaxed"))
+            if df is None:
+                continue
             where = ", ".join(f"`{p}`" for p in paths)
             parts.append(f"## {title}\n\n{where}\n\n{markdown(df)}\n")
             if key == "scaling_task_fits":

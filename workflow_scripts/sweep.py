@@ -23,6 +23,7 @@ from .retrieval_cache import load_cache
 COLUMNS = ["lambda", "k", "sigma", "ppl", "base_ppl", "n_tokens", "window_ppl", "base_window_ppl", "word_ppl",
            "base_word_ppl", "n_words"]
 PINNED = "pinned in config"  # chosen_on of a point that tasks.points pins
+METHODS = ("base", "knn", "incontext")  # the in-context perplexity table's (incontext.py)
 
 
 def run_sweep(cache_dir, manifest_json, grid: dict, csv, parquet, tokens_npy=None) -> pl.DataFrame:
@@ -111,7 +112,7 @@ def summarize_frames(frames: dict[tuple[str, str], pl.DataFrame], select_on: str
 
 def chosen_point(summary_csv, datastore: str, pinned=None):
     """(λ, k, σ) for ``datastore`` and where it comes from: ``pinned`` (tasks.points) when given, else the point
-    chosen on perplexity (on the datastore's selection set, as perplexity_summary.csv records it)."""
+    chosen on perplexity (on the datastore's selection set, as ``summarize``'s table records it)."""
     if pinned is not None:
         lam, k, sigma = pinned
         return (float(lam), int(k), float(sigma)), PINNED
@@ -126,6 +127,43 @@ def chosen_point(summary_csv, datastore: str, pinned=None):
     picked = df.filter(pl.col("chosen_on") != pl.col("eval_set"))
     r = (picked if not picked.is_empty() else df).row(0, named=True)
     return (float(r["lambda"]), int(r["k"]), float(r["sigma"])), f"perplexity on {r['chosen_on']}"
+
+
+# the perplexity summary's columns of in-context retrieval (column -> the in-context perplexity table's method and
+# field): the tokens it scored (incontext.max_tokens: fewer than n_tokens), the base LM's and the kNN-LM's perplexity
+# over those same tokens, in-context retrieval's with the table's 95% block-bootstrap interval
+INCONTEXT_COLUMNS = {"incontext_n_tokens": ("incontext", "n_tokens", pl.Int64),
+                     "incontext_base_ppl": ("base", "ppl", pl.Float64),
+                     "incontext_knn_ppl": ("knn", "ppl", pl.Float64),
+                     "incontext_ppl": ("incontext", "ppl", pl.Float64),
+                     "incontext_ppl_lo": ("incontext", "ppl_lo", pl.Float64),
+                     "incontext_ppl_hi": ("incontext", "ppl_hi", pl.Float64)}
+
+
+def method_columns(summary: pl.DataFrame, table: pl.DataFrame, keys: list[str], columns: dict, name,
+                   rule: str) -> pl.DataFrame:
+    """``summary`` with one column per entry of ``columns`` (column -> (method, field, dtype)): the ``field`` of
+    ``table``'s row of that ``method`` with the summary row's ``keys``, null where ``table`` has none (a datastore
+    in-context retrieval did not run on). The summary's own columns and rows are unchanged. A table row of keys the
+    summary lacks, keys without every method or with one twice, is refused naming ``name`` (the table's file) and
+    ``rule``."""
+    rows: dict[tuple, dict] = {}
+    rerun = f"rerun {rule} (snakemake --forcerun {name})"
+    for r in table.iter_rows(named=True):
+        mine = rows.setdefault(tuple(r[k] for k in keys), {})
+        if r["method"] in mine:
+            raise ArtifactError(f"{name}: two rows of {tuple(r[k] for k in keys)}, method {r['method']!r}; {rerun}")
+        mine[r["method"]] = r
+    have = list(zip(*(summary[k] for k in keys), strict=True))
+    unknown = sorted(set(rows) - set(have))
+    if unknown:
+        raise ArtifactError(f"{name}: {tuple(keys)} {unknown} not in the summary it is put beside; {rerun}")
+    methods = {m for m, _, _ in columns.values()}
+    incomplete = sorted(k for k, v in rows.items() if not methods <= set(v))
+    if incomplete:
+        raise ArtifactError(f"{name}: {incomplete} lack a method of {sorted(methods)}; {rerun}")
+    return summary.with_columns(pl.Series(c, [rows[k][m][f] if k in rows else None for k in have], dtype=t)
+                                for c, (m, f, t) in columns.items())
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -146,7 +184,22 @@ def verify_tables(tables: list[Path], out: Path) -> None:
 
 @step
 def summarize(params: dict, sweeps: list[Path], csv: Path, parquet: Path) -> None:
-    """The perplexity summary: base LM and kNN-LM per (eval set, datastore), (λ, k, σ) chosen on each datastore's
-    selection set (params.select_on: datastore -> eval set)."""
+    """The chosen points' table (results/sweeps/summary.csv, what later stages read the point from): base LM and
+    kNN-LM per (eval set, datastore), (λ, k, σ) chosen on each datastore's selection set (params.select_on:
+    datastore -> eval set)."""
     keys = [tuple(k) for k in params["keys"]]
     summarize_sweeps(dict(zip(keys, sweeps, strict=True)), params["select_on"], csv, parquet)
+
+
+@step(name="perplexity-summary")
+def perplexity_summary(summary: Path, csv: Path, parquet: Path, incontext: list[Path] = ()) -> None:
+    """The perplexity summary: the chosen points' table (--summary, summarize's), with in-context retrieval's
+    perplexity beside it (--incontext: the in-context perplexity table, when in-context retrieval ran); both read
+    checked against the sha256 they were written with."""
+    df = read_table(summary)
+    if len(incontext) > 1:
+        raise ValueError(f"--incontext takes one table, got {len(incontext)}: {[str(f) for f in incontext]}")
+    if incontext:
+        df = method_columns(df, read_table(incontext[0]), ["eval_set", "datastore"], INCONTEXT_COLUMNS,
+                            incontext[0], "incontext_perplexity_table")
+    write_table(df, csv, parquet)

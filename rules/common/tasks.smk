@@ -158,9 +158,9 @@ def task_sweep_params(wildcards):
 
 
 def task_summary_input(wildcards):
-    """Generate tasks decode at the point chosen on perplexity, so they wait for the perplexity summary."""
+    """Generate tasks decode at the point chosen on perplexity, so they wait for summarize's table of it."""
     if TASK_REGISTRY[wildcards.task]["kind"] == "generate":
-        return {"summary": "results/tables/perplexity_summary.csv"}
+        return {"summary": "results/sweeps/summary.csv"}
     return {}
 
 

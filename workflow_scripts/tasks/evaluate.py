@@ -17,9 +17,18 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ..artifacts import ArtifactError, atomic_path, load_npy, read_json, sha256_file, write_json, write_table
+from ..artifacts import (
+    ArtifactError,
+    atomic_path,
+    load_npy,
+    read_json,
+    read_table,
+    sha256_file,
+    write_json,
+    write_table,
+)
 from ..cli import step
-from ..sweep import chosen_point
+from ..sweep import chosen_point, method_columns
 from . import rescoring
 from .items import read_items
 from .metrics import TEXT_METRICS, aggregate
@@ -238,11 +247,25 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def summarize_tasks(summary_jsons, csv, parquet) -> pl.DataFrame:
-    """One row per (datastore, task): base LM, kNN-LM at the perplexity-chosen point, the best grid point."""
+# the task summary's columns of in-context retrieval (column -> the in-context task table's method and field, its
+# per-task rows): the items it scored (incontext.max_items: fewer than n), the base LM's score over them, in-context
+# retrieval's score and its Δ against the base LM with the 95% paired bootstrap interval (bootstrap_delta, as
+# task_delta's for the kNN-LM)
+INCONTEXT_COLUMNS = {"incontext_n": ("incontext", "n", pl.Int64), "incontext_base": ("base", "score", pl.Float64),
+                     "incontext": ("incontext", "score", pl.Float64),
+                     "incontext_delta": ("incontext", "delta", pl.Float64),
+                     "incontext_lo": ("incontext", "lo", pl.Float64), "incontext_hi": ("incontext", "hi", pl.Float64)}
+
+
+def summarize_tasks(summary_jsons, csv, parquet, incontext=None) -> pl.DataFrame:
+    """One row per (datastore, task): base LM, kNN-LM at the perplexity-chosen point, the best grid point; with
+    ``incontext`` (the in-context task table), in-context retrieval's columns beside them."""
     rows = [read_json(f) for f in summary_jsons]
     df = pl.DataFrame(rows, infer_schema_length=None).with_columns((pl.col("knn") - pl.col("base")).alias("delta"))
     df = df.select(SUMMARY_COLUMNS).sort(["datastore", "category", "task"])
+    if incontext is not None:  # its per-task rows; the per-category ones (task "all <category>") stay in its table
+        table = read_table(incontext).filter(~pl.col("task").str.starts_with("all "))
+        df = method_columns(df, table, ["datastore", "task"], INCONTEXT_COLUMNS, incontext, "incontext_task_table")
     write_table(df, csv, parquet)
     return df
 
@@ -390,9 +413,13 @@ def verify_task_cache(params: dict, npz: Path, scored_json: Path, items: Path, m
 
 
 @step
-def task_summary(summaries: list[Path], csv: Path, parquet: Path) -> None:
-    """The task table: base LM vs kNN-LM per (datastore, task), at the perplexity-chosen and the best point."""
-    summarize_tasks(summaries, csv, parquet)
+def task_summary(summaries: list[Path], csv: Path, parquet: Path, incontext: list[Path] = ()) -> None:
+    """The task table: base LM vs kNN-LM per (datastore, task), at the perplexity-chosen and the best point; with
+    --incontext (the in-context task table, when in-context retrieval ran), in-context retrieval's score and Δ
+    beside them, read checked against the sha256 it was written with."""
+    if len(incontext) > 1:
+        raise ValueError(f"--incontext takes one table, got {len(incontext)}: {[str(f) for f in incontext]}")
+    summarize_tasks(summaries, csv, parquet, incontext[0] if incontext else None)
 
 
 @step
