@@ -46,7 +46,7 @@ include: "rules/summary.smk"
 include: "rules/docs.smk"
 
 
-track_code(workflow.rules)
+wire_steps(workflow.rules)
 
 
 onstart:

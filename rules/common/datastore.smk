@@ -124,3 +124,11 @@ def warn_missing_shards():
 
 
 warn_missing_shards()
+
+
+def shard_files(wildcards, name):
+    """One file of every shard of a datastore (`name` with {shard}), as datastore_manifest reads them."""
+    return expand(
+        f"results/datastores/{wildcards.ds}/shards/{name}",
+        shard=shard_ids(wildcards.ds),
+    )

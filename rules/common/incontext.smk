@@ -27,3 +27,19 @@ def incontext_outputs():
         *(["results/tables/incontext_tasks.csv"] if IC_TASK_RUNS else []),
         *[f"results/figures/incontext/{d}.png" for d in IC_DATASTORES],
     ]
+
+
+def incontext_perplexity_params(wildcards):
+    ex = config["extraction"]
+    return as_json(
+        IC_PARAMS
+        | {"eval_set": wildcards.evalset, "datastore": wildcards.ds}
+        | {k: ex[k] for k in ("block_size", "batch_size", "device", "dtype")}
+        | ({"point": TASK_POINTS[wildcards.ds]} if wildcards.ds in TASK_POINTS else {})
+    )
+
+
+def incontext_task_params(wildcards):
+    p = json.loads(task_score_params(wildcards))
+    p |= {"model": DATASTORES[wildcards.ds]["model"]}
+    return as_json(p | {k: INCONTEXT[k] for k in ("passages", "max_items")})

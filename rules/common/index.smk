@@ -35,7 +35,7 @@ def train_params():
 
 def index_outputs(prefix):
     """merge_index's outputs: index.faiss and index.json, and the on-disk inverted lists of an IVF index."""
-    out = {"index": f"{prefix}/index.faiss", "meta": f"{prefix}/index.json"}
+    out = {"index": f"{prefix}/index.faiss", "index_meta": f"{prefix}/index.json"}
     if IVF:
         out["ivfdata"] = f"{prefix}/index.ivfdata"
     return out
