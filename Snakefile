@@ -47,6 +47,7 @@ include: "rules/docs.smk"
 
 
 wire_steps(workflow.rules)
+profile_resources(workflow.rules)
 
 
 onstart:

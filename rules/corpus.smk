@@ -13,9 +13,6 @@ rule corpus:
         "results/logs/corpus/{corpus}.log",
     benchmark:
         "results/benchmarks/corpus/{corpus}.tsv"
-    resources:
-        mem_mb=4000,
-        runtime=60,
     params:
         p=lambda w: as_json(
             {"spec": config["corpora"][w.corpus], "seed": config["seed"]}

@@ -15,9 +15,6 @@ checkpoint plan_shards:
         "results/benchmarks/plan_shards/{ds}.tsv"
     wildcard_constraints:
         ds=names_regex(PLANNED),
-    resources:
-        mem_mb=2000,
-        runtime=60,  # hashes the tokens once: paper 1's 2.4 GB in seconds
     params:
         p=plan_params,
     shell:
@@ -44,11 +41,8 @@ rule extract_keys:
         ds=names_regex(EXTRACTED),  # a subsample's rows are copied (rules/scaling.smk)
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=12 * 60,  # paper 1: about 20 min per shard of 9.5M tokens (docs/cluster.md)
         gpu=GPU,
     params:
-        threads=1,
         p=extraction_params,
     shell:
         step("extract-keys")
@@ -57,11 +51,9 @@ rule extract_keys:
 # Makes the datastore manifest from its shards.
 rule datastore_manifest:
     input:
+        **SHARD_FILES,
         model_json=lambda w: model_json(DATASTORES[w.ds]["model"]),
         tokens=lambda w: ds_tokens(w.ds),
-        key_shards=lambda w: shard_files(w, "keys_{shard}.npy"),
-        vals=lambda w: shard_files(w, "vals_{shard}.npy"),
-        meta=lambda w: shard_files(w, "shard_{shard}.json"),
     output:
         out="results/datastores/{ds}/manifest.json",
     log:
@@ -70,9 +62,6 @@ rule datastore_manifest:
         "results/benchmarks/datastore_manifest/{ds}.tsv"
     wildcard_constraints:
         ds=names_regex(EXTRACTED),  # a subsample's manifest: rule subsample_datastore
-    resources:
-        mem_mb=2000,
-        runtime=6 * 60,  # re-hashes every shard: about 2 h for paper 1's 5 TB (docs/cluster.md)
     shell:
         step("manifest")
 
@@ -89,8 +78,5 @@ rule verify_datastore:
         "results/logs/verify_datastore/{ds}.log",
     benchmark:
         "results/benchmarks/verify_datastore/{ds}.tsv"
-    resources:
-        mem_mb=2000,
-        runtime=6 * 60,  # re-hashes every shard, as datastore_manifest does (docs/cluster.md)
     shell:
         step("verify-datastore")

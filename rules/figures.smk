@@ -7,11 +7,7 @@ rule figure_sweep:
         sweep="results/sweeps/{evalset}/{ds}/perplexity.parquet",
     output:
         **figure(
-            "results/figures/perplexity_vs_lambda/{evalset}/{ds}",
-            "perplexity_vs_lambda",
-            "Perplexity",
-            "Figures",
-            {"eval set": "{evalset}", "datastore": "{ds}"},
+            SWEEP_FIGURE, "perplexity_vs_lambda", "Perplexity", "Figures", SWEEP_LABELS
         ),
     log:
         "results/logs/figure_sweep/{evalset}/{ds}.log",
@@ -26,7 +22,7 @@ rule figure_tasks:
     input:
         table="results/tables/task_delta/{ds}.parquet",
     output:
-        **figure("results/figures/task_delta/{ds}", "task_delta", "Tasks (paper 1)"),
+        **figure("task_delta/{ds}", "task_delta", "Tasks (paper 1)"),
     log:
         "results/logs/figure_tasks/{ds}.log",
     params:
@@ -40,7 +36,7 @@ rule figure_macondo:
     input:
         table="results/tables/macondo.parquet",
     output:
-        **figure("results/figures/macondo", "macondo", "Paper 2", "Macondo"),
+        **figure("macondo", "macondo", "Paper 2", "Macondo"),
     log:
         "results/logs/figure_macondo/macondo.log",
     shell:
@@ -52,7 +48,7 @@ rule figure_macondo_curve:
     input:
         table="results/tables/macondo_curve.parquet",
     output:
-        **figure("results/figures/macondo_curve", "macondo_curve", "Paper 2", "Macondo"),
+        **figure("macondo_curve", "macondo_curve", "Paper 2", "Macondo"),
     log:
         "results/logs/figure_macondo_curve/macondo_curve.log",
     shell:
@@ -64,7 +60,7 @@ rule figure_hurdle:
     input:
         table="results/tables/hurdle_{data}.parquet",
     output:
-        **figure("results/figures/hurdle_{data}", "hurdle", "Paper 2", "MLP hurdle"),
+        **figure("hurdle_{data}", "hurdle", "Paper 2", "MLP hurdle"),
     log:
         "results/logs/figure_hurdle/{data}.log",
     wildcard_constraints:
@@ -82,7 +78,7 @@ rule figure_projection:
     input:
         table="results/tables/projection.parquet",
     output:
-        **figure("results/figures/projection", "paper2_figures", "Paper 2", "Figures"),
+        **figure("projection", "paper2_figures", "Paper 2", "Figures"),
     log:
         "results/logs/figure_projection/projection.log",
     shell:
@@ -94,7 +90,7 @@ rule figure_mlp:
     input:
         table="results/tables/mlp_lm.parquet",
     output:
-        **figure("results/figures/mlp_lm", "paper2_figures", "Paper 2", "Figures"),
+        **figure("mlp_lm", "paper2_figures", "Paper 2", "Figures"),
     log:
         "results/logs/figure_mlp/mlp_lm.log",
     shell:

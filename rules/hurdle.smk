@@ -19,11 +19,7 @@ rule hurdle:
         data="macondo|corpus",
         variant="full|no_last_mlp",
     threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=12 * 60,
     params:
-        threads=1,
         p=hurdle_params,
     shell:
         step("hurdle")
@@ -32,12 +28,7 @@ rule hurdle:
 # Makes the table of the hurdle curves (Fig. 4 / Fig. 5 analogues): mean and std over seeds per step.
 rule hurdle_table:
     input:
-        scores=lambda w: expand(
-            "results/analyses/hurdle/{data}/{variant}_seed{seed}.parquet",
-            data=w.data,
-            variant=HURDLE_VARIANTS,
-            seed=HURDLE["seeds"],
-        ),
+        scores=hurdle_runs,
     output:
         **table("results/tables/hurdle_{data}", "hurdle", "Paper 2", "MLP hurdle"),
     log:

@@ -18,9 +18,6 @@ rule passages:
         "results/logs/passages/{ds}.log",
     benchmark:
         "results/benchmarks/passages/{ds}.tsv"
-    resources:
-        mem_mb=8000,
-        runtime=60,
     params:
         p=as_json({k: INCONTEXT[k] for k in ("passage_tokens", "leak_ngram")}),
         names=",".join(EVAL_SETS),
@@ -48,11 +45,8 @@ rule incontext_perplexity:
         "results/benchmarks/incontext_perplexity/{evalset}/{ds}.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=60,
         gpu=GPU,
     params:
-        threads=ARITHMETIC_THREADS,
         p=incontext_perplexity_params,
     shell:
         step("incontext-perplexity")
@@ -61,32 +55,16 @@ rule incontext_perplexity:
 # Makes the perplexity table: base LM, kNN-LM and in-context retrieval per (eval set, datastore), with intervals.
 rule incontext_perplexity_table:
     input:
-        records=[
-            f"results/incontext/{d}/perplexity/{e}.json"
-            for d in IC_DATASTORES
-            for e in EVAL_SETS
-        ],
-        tables=[
-            f"results/incontext/{d}/perplexity/{e}.parquet"
-            for d in IC_DATASTORES
-            for e in EVAL_SETS
-        ],
+        records=[f"{x}.json" for x in IC_PERPLEXITY],
+        tables=[f"{x}.parquet" for x in IC_PERPLEXITY],
     output:
         **table(
-            "results/tables/incontext_perplexity",
-            "incontext_perplexity",
-            "In-context retrieval",
+            "results/tables/incontext_perplexity", "incontext_perplexity", IC_REPORT
         ),
     log:
         "results/logs/incontext_perplexity_table/incontext_perplexity_table.log",
     params:
-        p=as_json(
-            {
-                "block_size": config["extraction"]["block_size"],
-                "n_boot": INCONTEXT["n_boot"],
-                "seed": config["seed"],
-            }
-        ),
+        p=as_json(IC_BOOT | {"block_size": config["extraction"]["block_size"]}),
     shell:
         step("incontext-perplexity-table")
 
@@ -110,11 +88,8 @@ rule incontext_task:
         "results/benchmarks/incontext_task/{ds}/{task}.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=60,
         gpu=GPU,
     params:
-        threads=ARITHMETIC_THREADS,
         p=incontext_task_params,
     shell:
         step("incontext-task")
@@ -123,22 +98,14 @@ rule incontext_task:
 # Makes the task table: base LM, kNN-LM and in-context retrieval per task and per category, Δ with intervals.
 rule incontext_task_table:
     input:
-        records=[
-            f"results/incontext/{d}/tasks/{t}/predictions.json"
-            for d, t in IC_TASK_RUNS
-        ],
-        tables=[
-            f"results/incontext/{d}/tasks/{t}/predictions.parquet"
-            for d, t in IC_TASK_RUNS
-        ],
+        records=[f"{x}.json" for x in IC_TASKS],
+        tables=[f"{x}.parquet" for x in IC_TASKS],
     output:
-        **table(
-            "results/tables/incontext_tasks", "incontext_tasks", "In-context retrieval"
-        ),
+        **table("results/tables/incontext_tasks", "incontext_tasks", IC_REPORT),
     log:
         "results/logs/incontext_task_table/incontext_task_table.log",
     params:
-        p=as_json({"seed": config["seed"], "n_boot": INCONTEXT["n_boot"]}),
+        p=as_json(IC_BOOT),
     shell:
         step("incontext-task-table")
 
@@ -147,15 +114,9 @@ rule incontext_task_table:
 rule figure_incontext:
     input:
         perplexity="results/tables/incontext_perplexity.parquet",
-        tasks=lambda w: (
-            ["results/tables/incontext_tasks.parquet"] if IC_TASK_RUNS else []
-        ),
+        tasks=IC_TASK_TABLE,
     output:
-        **figure(
-            "results/figures/incontext/{ds}",
-            "incontext_figure",
-            "In-context retrieval",
-        ),
+        **figure("incontext/{ds}", "incontext_figure", IC_REPORT),
     log:
         "results/logs/figure_incontext/{ds}.log",
     params:

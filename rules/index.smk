@@ -23,9 +23,7 @@ rule train_index:
     threads: 2
     resources:
         mem_mb=lambda w, input, threads: plan_mb("train_index", w, input),
-        runtime=6 * 60,  # paper 1: about 25 min for a 1M sample with 32 threads (docs/cluster.md)
     params:
-        threads=ARITHMETIC_THREADS,
         p=lambda w: as_json({"index": train_params(), "seed": config["seed"]}),
     shell:
         step("train-index")
@@ -47,9 +45,7 @@ rule add_shard:
     threads: 2
     resources:
         mem_mb=lambda w, input, threads: plan_mb("add_shard", w, input),
-        runtime=12 * 60,  # paper 1: 9.5M keys x 36 MFLOP, about 25 min with 32 threads (docs/cluster.md)
     params:
-        threads=ARITHMETIC_THREADS,
         key_file=lambda w: shard_file(w, "keys", "npy"),
         meta_file=lambda w: shard_file(w, "shard", "json"),
     shell:
@@ -72,9 +68,7 @@ rule merge_index:
         "results/benchmarks/merge_index/{ds}.tsv"
     resources:
         mem_mb=lambda w, input, threads: plan_mb("merge_index", w, input),
-        runtime=6 * 60,  # paper 1: reads and writes 44 GB of codes, hashes them (docs/cluster.md)
     params:
-        threads=1,
         p=lambda w: as_json({"index": index_params()}),
     shell:
         step("merge-index")

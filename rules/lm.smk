@@ -15,9 +15,6 @@ rule train_tokenizer:
     wildcard_constraints:
         model=names_regex(TRAINED),
     threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=60,
     params:
         p=tokenizer_params,
     shell:
@@ -38,9 +35,6 @@ rule tokenize:
         "results/logs/tokenize/{model}/{corpus}/{split}.log",
     benchmark:
         "results/benchmarks/tokenize/{model}/{corpus}/{split}.tsv"
-    resources:
-        mem_mb=2000,
-        runtime=120,
     params:
         prepare=prepare_arg,
     shell:
@@ -62,10 +56,8 @@ rule train_lm_chunk:
         chunk=r"\d{3}",
     threads: 2
     resources:
-        mem_mb=8000,
         runtime=lambda w: MODELS[w.model]["train"]["runtime"],
     params:
-        threads=ARITHMETIC_THREADS,
         p=lambda w: lm_train_params(w, stop=train_chunks(w.model)[int(w.chunk) - 1][1]),
     shell:
         step("train-lm")
@@ -87,10 +79,8 @@ rule train_lm:
         model=names_regex(TRAINED),
     threads: 2
     resources:
-        mem_mb=8000,
         runtime=lambda w: MODELS[w.model]["train"]["runtime"],
     params:
-        threads=ARITHMETIC_THREADS,
         p=lm_train_params,
     shell:
         step("train-lm")
@@ -106,9 +96,6 @@ rule model_identity:
         "results/benchmarks/model_identity/{model}.tsv"
     wildcard_constraints:
         model=names_regex([m for m in MODELS if m not in TRAINED]),
-    resources:
-        mem_mb=32000,
-        runtime=120,
     params:
         p=lambda w: as_json({"spec": MODELS[w.model]}),
     shell:

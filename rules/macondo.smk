@@ -15,9 +15,6 @@ rule macondo_data:
         "results/logs/macondo_data/{model}/{seed}.log",
     benchmark:
         "results/benchmarks/macondo_data/{model}/{seed}.tsv"
-    resources:
-        mem_mb=2000,
-        runtime=10,
     params:
         p=lambda w: as_json({"generate": MACONDO["generate"], "seed": int(w.seed)}),
     shell:
@@ -44,11 +41,7 @@ rule macondo_finetune:
     benchmark:
         "results/benchmarks/macondo_finetune/{model}/{seed}.tsv"
     threads: 1
-    resources:
-        mem_mb=16000,
-        runtime=6 * 60,
     params:
-        threads=1,
         p=lambda w: as_json(
             {
                 "finetune": MACONDO["finetune"],
@@ -78,11 +71,7 @@ rule macondo_memory:
     benchmark:
         "results/benchmarks/macondo_memory/{model}/{seed}/{at}.tsv"
     threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=180,
     params:
-        threads=1,
         p=lambda w: as_json({"mlp": MACONDO["mlp"], "seed": int(w.seed)}),
     shell:
         step("macondo-memory")
@@ -107,11 +96,7 @@ rule macondo_eval:
     benchmark:
         "results/benchmarks/macondo_eval/{model}/{seed}.tsv"
     threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=60,
     params:
-        threads=1,
         p=macondo_eval_params,
     shell:
         step("macondo-eval")
@@ -120,9 +105,7 @@ rule macondo_eval:
 # Makes the Table 5 analogue: log-likelihood of the child's name by number of children, over seeds.
 rule macondo_table:
     input:
-        scores=lambda w: [
-            f"{macondo_dir(s)}/final/scores.parquet" for s in MACONDO["seeds"]
-        ],
+        scores=macondo_seeds("final/scores.parquet"),
     output:
         **table("results/tables/macondo", "macondo", "Paper 2", "Macondo"),
     log:
@@ -134,14 +117,8 @@ rule macondo_table:
 # Makes the Figure 1 analogue's table: log-likelihood by number of children at each fine-tuning checkpoint.
 rule macondo_curve:
     input:
-        scores=lambda w: [
-            f"{macondo_dir(s)}/{at}/scores.parquet"
-            for s in MACONDO["seeds"]
-            for at in MACONDO_AT
-        ],
-        losses=lambda w: [
-            f"{macondo_dir(s)}/final/lm/loss.parquet" for s in MACONDO["seeds"]
-        ],
+        scores=macondo_seeds("{at}/scores.parquet"),
+        losses=macondo_seeds("final/lm/loss.parquet"),
     output:
         **table("results/tables/macondo_curve", "macondo_curve", "Paper 2", "Macondo"),
     log:

@@ -15,11 +15,7 @@ rule train_mlp:
     benchmark:
         "results/benchmarks/train_mlp/{ds}.tsv"
     threads: 2
-    resources:
-        mem_mb=16000,
-        runtime=12 * 60,
     params:
-        threads=ARITHMETIC_THREADS,
         p=lambda w: as_json({"mlp": MLP["train"], "seed": config["seed"]}),
     shell:
         step("train-mlp")
@@ -41,7 +37,7 @@ rule mlp_eval:
     log:
         "results/logs/mlp_eval/mlp_eval.log",
     params:
-        threads=ARITHMETIC_THREADS,
+        threads=ARITHMETIC_THREADS,  # the job asks for one thread; its arithmetic runs on these
         p=mlp_eval_params,
     shell:
         step("mlp-eval")

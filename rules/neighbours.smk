@@ -20,9 +20,6 @@ rule eval_neighbours:
         "results/logs/eval_neighbours/{ds}.log",
     benchmark:
         "results/benchmarks/eval_neighbours/{ds}.tsv"
-    resources:
-        mem_mb=4000,
-        runtime=30,
     params:
         p=lambda w: neighbour_params(w, eval_sets=sorted(EVAL_SETS)),
     shell:
@@ -51,9 +48,6 @@ rule task_neighbours:
         "results/logs/task_neighbours/{ds}.log",
     benchmark:
         "results/benchmarks/task_neighbours/{ds}.tsv"
-    resources:
-        mem_mb=4000,
-        runtime=30,
     params:
         p=lambda w: neighbour_params(w, seed=config["seed"]),
     shell:
@@ -66,9 +60,7 @@ rule figure_neighbour_gold:
     input:
         table="results/tables/neighbour_gold/{ds}.parquet",
     output:
-        **figure(
-            "results/figures/neighbour_gold/{ds}", "neighbour_gold", "Tasks (paper 1)"
-        ),
+        **figure("neighbour_gold/{ds}", "neighbour_gold", "Tasks (paper 1)"),
     log:
         "results/logs/figure_neighbour_gold/{ds}.log",
     params:

@@ -19,11 +19,7 @@ rule projection:
     benchmark:
         "results/benchmarks/projection/projection.tsv"
     threads: 2
-    resources:
-        mem_mb=16000,
-        runtime=120,
     params:
-        threads=ARITHMETIC_THREADS,
         p=lambda w: as_json(
             PROJECTION
             | {k: config["extraction"][k] for k in ("block_size", "batch_size")}

@@ -13,13 +13,9 @@ rule retrieve_chunk:
         "results/benchmarks/retrieve_chunk/{evalset}/{ds}/{chunk}.tsv"
     threads: 2
     resources:
-        mem_mb=lambda w, input, threads: plan_mb(
-            "retrieve", w, n_queries=chunk_queries(w)
-        ),
-        runtime=20 * 60,  # paper 1: about 15 h per eval set of 1M tokens in one job (docs/cluster.md)
+        mem_mb=retrieval_mb,
         gpu=GPU,
     params:
-        threads=ARITHMETIC_THREADS,
         p=lambda w: retrieval_params(w, chunk=[int(w.chunk), RETRIEVAL_CHUNKS]),
     shell:
         step("retrieve-chunk")
@@ -43,13 +39,9 @@ rule retrieve:
         "results/benchmarks/retrieve/{evalset}/{ds}.tsv"
     threads: 2
     resources:
-        mem_mb=lambda w, input, threads: plan_mb(
-            "retrieve", w, n_queries=chunk_queries(w)
-        ),
-        runtime=20 * 60,  # paper 1: about 15 h per eval set of 1M tokens (docs/cluster.md)
+        mem_mb=retrieval_mb,
         gpu=lambda w: GPU if RETRIEVAL_CHUNKS == 1 else 0,
     params:
-        threads=ARITHMETIC_THREADS,
         p=retrieval_params,
     shell:
         step("retrieve")
@@ -70,8 +62,5 @@ rule verify_retrieval:
         "results/logs/verify_retrieval/{evalset}/{ds}.log",
     benchmark:
         "results/benchmarks/verify_retrieval/{evalset}/{ds}.tsv"
-    resources:
-        mem_mb=2000,
-        runtime=30,
     shell:
         step("verify-retrieval")

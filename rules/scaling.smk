@@ -20,9 +20,6 @@ rule subsample_datastore:
         "results/benchmarks/subsample_datastore/{ds}.tsv"
     wildcard_constraints:
         ds=names_regex(SUBSAMPLED),
-    resources:
-        mem_mb=4000,
-        runtime=6 * 60,  # reads and hashes the parent's shards, as datastore_manifest does
     params:
         p=lambda w: as_json(DATASTORES[w.ds]["subsample"]),
     shell:
@@ -47,11 +44,7 @@ rule scaling_sweep:
     benchmark:
         "results/benchmarks/scaling_sweep/{evalset}/{ds}/{fraction}.tsv"
     threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=20 * 60,  # the second search: up to a retrieval's cost times the fraction
     params:
-        threads=ARITHMETIC_THREADS,
         p=scaling_sweep_params,
     shell:
         step("scaling-sweep")
@@ -100,11 +93,7 @@ rule scaling_tasks:
     benchmark:
         "results/benchmarks/scaling_tasks/{ds}.tsv"
     threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=20 * 60,
     params:
-        threads=ARITHMETIC_THREADS,
         p=scaling_tasks_params,
     shell:
         step("scaling-tasks")

@@ -17,9 +17,6 @@ rule sweep:
         "results/logs/sweep/{evalset}/{ds}.log",
     benchmark:
         "results/benchmarks/sweep/{evalset}/{ds}.tsv"
-    resources:
-        mem_mb=4000,
-        runtime=60,
     params:
         p=sweep_params,
     shell:
@@ -40,9 +37,6 @@ rule verify_sweeps:
         out=temp("results/sweeps/verified.json"),
     log:
         "results/logs/verify_sweeps/verify_sweeps.log",
-    resources:
-        mem_mb=2000,
-        runtime=30,
     shell:
         step("verify-tables")
 

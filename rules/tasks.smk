@@ -14,9 +14,6 @@ rule task_suite:
         "results/logs/task_suite/task_suite.log",
     benchmark:
         "results/benchmarks/task_suite/task_suite.tsv"
-    resources:
-        mem_mb=4000,
-        runtime=30,
     params:
         p=task_suite_params,
     shell:
@@ -33,9 +30,6 @@ rule load_task:
         "results/logs/load_task/{task}.log",
     benchmark:
         "results/benchmarks/load_task/{task}.tsv"
-    resources:
-        mem_mb=4000,
-        runtime=60,
     params:
         p=load_task_params,
     shell:
@@ -56,10 +50,8 @@ rule score_task_chunk:
     threads: 2
     resources:
         mem_mb=task_plan_mb,
-        runtime=20 * 60,  # paper 1: up to about 12 h (HellaSwag) per task in one job (docs/cluster.md)
         gpu=task_chunk_gpu,
     params:
-        threads=ARITHMETIC_THREADS,
         p=lambda w: task_score_params(w, chunk=[int(w.chunk), TASK_CHUNKS]),
     shell:
         step("score-task-chunk")
@@ -81,10 +73,8 @@ rule score_task:
     threads: 2
     resources:
         mem_mb=task_plan_mb,
-        runtime=20 * 60,  # paper 1: up to about 12 h (HellaSwag) per task (docs/cluster.md)
         gpu=lambda w: GPU if TASK_CHUNKS == 1 else 0,
     params:
-        threads=ARITHMETIC_THREADS,
         p=task_score_params,
     shell:
         step("score-task")
@@ -95,18 +85,13 @@ rule score_task:
 # task_sweep does.
 rule verify_task_cache:
     input:
-        **TASK_CACHE,
-        task_items="results/task_data/{task}.parquet",
-        manifest="results/datastores/{ds}/manifest.json",
+        **TASK_CACHE_INPUTS,
     output:
         out=temp(f"{TASK}/verified.json"),
     log:
         "results/logs/verify_task_cache/{ds}/{task}.log",
     benchmark:
         "results/benchmarks/verify_task_cache/{ds}/{task}.tsv"
-    resources:
-        mem_mb=2000,
-        runtime=30,
     params:
         p=lambda w: as_json({"task": w.task}),
     shell:
@@ -116,9 +101,7 @@ rule verify_task_cache:
 # Makes a task's metric over the λ/k/σ grid, its per-item predictions and its one-row summary.
 rule task_sweep:
     input:
-        **TASK_CACHE,
-        task_items="results/task_data/{task}.parquet",
-        manifest="results/datastores/{ds}/manifest.json",
+        **TASK_CACHE_INPUTS,
         verified=rules.verify_task_cache.output.out,
         summary="results/tables/perplexity_summary.csv",
     output:
@@ -129,9 +112,6 @@ rule task_sweep:
         "results/logs/task_sweep/{ds}/{task}.log",
     benchmark:
         "results/benchmarks/task_sweep/{ds}/{task}.tsv"
-    resources:
-        mem_mb=4000,
-        runtime=60,
     params:
         p=task_sweep_params,
     shell:
@@ -192,9 +172,6 @@ rule task_examples:
         **table("results/tables/task_examples/{ds}", "task_examples", "Tasks (paper 1)"),
     log:
         "results/logs/task_examples/{ds}.log",
-    resources:
-        mem_mb=4000,
-        runtime=30,
     params:
         p=as_json({"window": 24, "items_per_task": 5, "neighbours": 4}),
     shell:

@@ -288,3 +288,26 @@ def test_every_rule_runs_its_step_in_the_env_the_step_needs(tmp_path):
     named = [f"{smk.name}: {m[0]}" for smk in sorted((ROOT / "rules").glob("*.smk"))
              for m in re.finditer(r"^    conda:", smk.read_text(), re.M)]
     assert named == [], "a rule names its conda env by hand"
+
+
+def _resources_by_rule(output: str) -> dict[str, set[str]]:
+    return {m[1]: set(m[2].split(", ")) for m in re.finditer(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$",
+                                                               output, re.M)}
+
+
+@pytest.mark.slow  # a Snakemake DAG build: over 5 s
+def test_fixed_resources_come_from_the_profile_and_a_set_resources_changes_only_what_it_names(tmp_path):
+    """The rules' fixed mem_mb and runtime live in profiles/default/config.yaml (set-resources), none in a rule
+    file; a --set-resources on the command line replaces the profile's whole list in Snakemake, and
+    profile_resources (rules/common.smk) sets the rest again: the named rule gets the new value beside its other
+    profile resource, every other rule keeps its own."""
+    fixed = [f"{smk.name}: {m[0].strip()}" for smk in sorted((ROOT / "rules").glob("*.smk"))
+             for m in re.finditer(r"^\s+(?:mem_mb|runtime)=[\d *]+,", smk.read_text(), re.M)]
+    assert fixed == [], "a fixed resource in a rule file (it belongs in profiles/default/config.yaml)"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(load_test_config("micro")))
+    out = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "config.yaml"), "--set-resources",
+                    "corpus:runtime=7").stdout
+    got = _resources_by_rule(out)
+    assert {"runtime=7", "mem_mb=4000"} <= got["corpus"]
+    assert {"runtime=120", "mem_mb=2000"} <= got["tokenize"]
+    assert {"runtime=720", "mem_mb=8000"} <= got["extract_keys"]

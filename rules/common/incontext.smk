@@ -19,6 +19,28 @@ IC_PARAMS = {
 }
 
 
+IC_REPORT = "In-context retrieval"  # the report's category of the tables and figures
+
+
+# the per-token tables of every (datastore, eval set), and the per-item tables of every (datastore, task)
+IC_PERPLEXITY = [
+    f"results/incontext/{d}/perplexity/{e}" for d in IC_DATASTORES for e in EVAL_SETS
+]
+
+
+IC_TASKS = [f"results/incontext/{d}/tasks/{t}/predictions" for d, t in IC_TASK_RUNS]
+
+
+IC_BOOT = {
+    "seed": config["seed"],
+    "n_boot": INCONTEXT["n_boot"],
+}  # the tables' bootstrap intervals
+
+
+# the task table, when there are tasks to score in context
+IC_TASK_TABLE = ["results/tables/incontext_tasks.parquet"] if IC_TASK_RUNS else []
+
+
 def incontext_outputs():
     if not IC_DATASTORES:
         return []

@@ -27,6 +27,11 @@ def train_spec(model):
     return {k: v for k, v in MODELS[model]["train"].items() if k not in CHUNK_KEYS}
 
 
+# Training in chunks (models.<m>.train.chunk_steps): chunks 1..n-1 are `train_lm_chunk` jobs, each resuming the
+# previous chunk's checkpoint (weights, optimizer and RNG states; temporary files); the last chunk is `train_lm`,
+# which writes the same outputs as one uninterrupted run. Every training job asks for train.runtime minutes.
+
+
 def lm_train_params(wildcards, stop=None):
     """What training depends on (for a chunk but the last, the step it stops at)."""
     p = {"train": train_spec(wildcards.model), "seed": config["seed"]}

@@ -42,6 +42,12 @@ def retrieval_params(wildcards, chunk=None):
     )
 
 
+def retrieval_mb(wildcards, input, threads):
+    """A retrieval job's mem_mb, planned from its datastore and its queries (plan_mb); evaluated again once its
+    inputs exist (it reads `input`)."""
+    return plan_mb("retrieve", wildcards, n_queries=chunk_queries(wildcards))
+
+
 def chunk_queries(wildcards):
     """Queries of one retrieval job: its chunk's, cut as the step cuts it (memory.chunk_bounds), so that the plan
     asked for is the plan the job checks; 0 for the job that joins chunks (it copies them part by part).

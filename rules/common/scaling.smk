@@ -61,9 +61,7 @@ def scaling_task_files(name):
 
 def scaling_figure(name, caption, label):
     labels = {"figure": label, "datastore": "{ds}"}
-    return figure(
-        f"results/figures/scaling/{{ds}}/{name}", caption, "Scaling", None, labels
-    )
+    return figure(f"scaling/{{ds}}/{name}", caption, "Scaling", None, labels)
 
 
 def scaling_sweep_params(wildcards):

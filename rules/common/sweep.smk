@@ -13,6 +13,13 @@ def select_on(ds=None):
 SWEEPS = sorted((e, d) for d in DATASTORES for e in EVAL_SETS)
 
 
+# the perplexity-vs-λ figure of each (eval set, datastore), labelled by both in the report
+SWEEP_FIGURE = "perplexity_vs_lambda/{evalset}/{ds}"
+
+
+SWEEP_LABELS = {"eval set": "{evalset}", "datastore": "{ds}"}
+
+
 GRID = {k: config["sweep"][k] for k in ("lambdas", "ks", "sigmas")}  # the λ/k/σ grid
 
 

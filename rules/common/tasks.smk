@@ -85,6 +85,13 @@ TASK = "results/tasks/{ds}/{task}"
 TASK_CACHE = {"npz": f"{TASK}/scored.npz", "scored_json": f"{TASK}/scored.json"}
 
 
+# what the checks of a task cache read: the cache, the task's items, the datastore's manifest
+TASK_CACHE_INPUTS = TASK_CACHE | {
+    "task_items": "results/task_data/{task}.parquet",
+    "manifest": "results/datastores/{ds}/manifest.json",
+}
+
+
 # what every task-scoring job reads: the model, the datastore and its index, the task's items
 SCORE_INPUTS = {
     "model_json": lambda w: model_json(DATASTORES[w.ds]["model"]),
