@@ -24,7 +24,7 @@ STEP_RULE = re.compile(r"^(?:rule|checkpoint) (\w+):\n(?:(?:    .*)?\n)*?    she
 
 
 def _rules_running_steps() -> set[str]:
-    """The rules whose shell command runs a step (`shell: step("<step>")`, rules/common.smk), read from rules/*.smk."""
+    """The rules whose shell runs a step (`shell: step("<step>")`, rules/common/steps.smk), read from rules/*.smk."""
     return {m[1] for f in sorted((ROOT / "rules").glob("*.smk")) for m in STEP_RULE.finditer(f.read_text())}
 
 
@@ -238,8 +238,8 @@ def test_arithmetic_threads_come_from_the_config_not_from_cores(dry_run, tmp_pat
                     "all", "results_doc").stdout
     got = _threads_by_step(out)
     assert got == {s: {"1"} if s in ONE_THREAD_STEPS else {"3"} for s in got}, (
-        "a rule asking for more than one thread passes `--threads {params.threads}` with params "
-        "threads=ARITHMETIC_THREADS (rules/common.smk), not `{threads}`, which --cores lowers")
+        "a rule asking for more than one thread passes `--threads {params.threads}`, the param "
+        "threads=ARITHMETIC_THREADS (wire_steps, rules/common/steps.smk), not `{threads}`, which --cores lowers")
     assert set(got) == set(at_two)
 
 
@@ -267,7 +267,7 @@ def _workflow_rules(tmp_path, cfg: dict) -> dict[str, dict]:
 
 
 def test_every_rule_runs_its_step_in_the_env_the_step_needs(tmp_path):
-    """wire_steps (rules/common.smk) chooses each rule's conda env; no rule names one by hand (retrieve_chunk once
+    """wire_steps (rules/common/steps.smk) chooses each rule's conda env; no rule names one by hand (retrieve_chunk once
     asked for a GPU in the CPU env). With extraction.device cuda, the rules that may ask for a GPU (a `gpu`
     resource: extract_keys, retrieve_chunk, retrieve, score_task_chunk, score_task and the two in-context
     scorings) run in pipeline-gpu.yaml, the steps that draw or only read tables in plotting.yaml, every other one in
@@ -299,7 +299,7 @@ def _resources_by_rule(output: str) -> dict[str, set[str]]:
 def test_fixed_resources_come_from_the_profile_and_a_set_resources_changes_only_what_it_names(tmp_path):
     """The rules' fixed mem_mb and runtime live in profiles/default/config.yaml (set-resources), none in a rule
     file; a --set-resources on the command line replaces the profile's whole list in Snakemake, and
-    profile_resources (rules/common.smk) sets the rest again: the named rule gets the new value beside its other
+    profile_resources (rules/common/steps.smk) sets the rest again: the named rule gets the new value beside its other
     profile resource, every other rule keeps its own."""
     fixed = [f"{smk.name}: {m[0].strip()}" for smk in sorted((ROOT / "rules").glob("*.smk"))
              for m in re.finditer(r"^\s+(?:mem_mb|runtime)=[\d *]+,", smk.read_text(), re.M)]
