@@ -46,7 +46,8 @@ include: "rules/summary.smk"
 include: "rules/docs.smk"
 
 
-track_code(workflow.rules)
+wire_steps(workflow.rules)
+profile_resources(workflow.rules)
 
 
 onstart:

@@ -87,16 +87,6 @@ def refuse_missing_cuda():
         raise WorkflowError(msg)
 
 
-def track_code(rules):
-    """A `code` param for each of the rules running a step (`python -m workflow_scripts <step>`), the hash of
-    the step's import closure (workflow_scripts/cli.py). With the `params` rerun trigger, editing a module
-    reruns exactly the rules whose step imports it, directly or not."""
-    for r in rules:
-        m = re.search(r"python -m workflow_scripts (\S+)", r.shellcmd or "")
-        if m:
-            r.set_params(code=_cli.code_hash(m[1]))
-
-
 BENCHMARKS = "results/benchmarks"  # every rule's benchmark file lies under it; stage_times reads them all
 
 
@@ -109,36 +99,13 @@ def as_json(obj):
     return json.dumps(obj, sort_keys=True)
 
 
+def title(text):
+    """A figure's params: its title."""
+    return as_json({"title": text})
+
+
 def model_json(model):
     return f"results/models/{model}/model.json"
-
-
-def _flags(named) -> list[str]:
-    """`--name PATH` (`--name P1 P2 ...` for a list) for each named file, every path quoted for the shell."""
-
-    def paths(v):
-        return " ".join(
-            shlex.quote(str(p)) for p in (v if isinstance(v, list | tuple) else [v])
-        )
-
-    return [f"--{k.replace('_', '-')} {paths(named[k])}" for k in named.keys()]
-
-
-def tokenizer_arg(wildcards, input):
-    name = "tokenizer_dir" if "tokenizer_dir" in input.keys() else "model_json"
-    return " ".join(_flags({name: input[name]}))
-
-
-def optional_arg(name):
-    """A shell argument for an input that only some jobs have (`--name PATH`, quoted), or nothing."""
-    return lambda wildcards, input: (
-        " ".join(_flags({name: input[name]})) if name in input.keys() else ""
-    )
-
-
-# Training in chunks (models.<m>.train.chunk_steps): chunks 1..n-1 are `train_lm_chunk` jobs, each resuming the
-# previous chunk's checkpoint (weights, optimizer and RNG states; temporary files); the last chunk is `train_lm`,
-# which writes the same outputs as one uninterrupted run. Every training job asks for train.runtime minutes.
 
 
 def ds_tokens(ds):
@@ -160,33 +127,9 @@ def stride_param(spec):
     return {"stride": s} if s and s != config["extraction"]["block_size"] else {}
 
 
-def search_params():
-    """What a search depends on beyond the index: IVFPQ's nprobe and distances ('exact', recomputed from the keys,
-    or 'pq', FAISS's own); None for a Flat index, whose search is exact."""
-    return {k: config["index"][k] if IVF else None for k in ("nprobe", "distances")}
-
-
-IVF = config["index"]["type"] != "Flat"
-
-
-def index_data(wildcards):
-    """The on-disk inverted lists a search reads beside index.faiss (IVFPQ), as an input; none for Flat."""
-    return [f"results/datastores/{wildcards.ds}/index.ivfdata"] if IVF else []
-
-
-def input_args(wildcards, input):
-    """Every named input as `--name PATH`, for a step whose arguments are named like the rule's inputs."""
-    return " ".join(_flags(input))
-
-
-def step_args(input, output):
-    """Every named input and output as `--name PATH`, for a step whose arguments are named like the rule's inputs
-    and outputs: each path is written once, in the rule's declarations."""
-    return " ".join(_flags(input) + _flags(output))
-
-
 # Each rule file's own helpers (Snakemake's linter keeps functions out of rule files), in the order of the
 # Snakefile's includes: all are defined before any rule is parsed.
+include: "common/steps.smk"
 include: "common/corpus.smk"
 include: "common/lm.smk"
 include: "common/datastore.smk"
@@ -198,6 +141,7 @@ include: "common/scaling.smk"
 include: "common/neighbours.smk"
 include: "common/incontext.smk"
 include: "common/macondo.smk"
+include: "common/mlp.smk"
 include: "common/hurdle.smk"
 include: "common/compare.smk"
 include: "common/summary.smk"

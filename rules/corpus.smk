@@ -13,15 +13,9 @@ rule corpus:
         "results/logs/corpus/{corpus}.log",
     benchmark:
         "results/benchmarks/corpus/{corpus}.tsv"
-    conda:
-        "../envs/pipeline.yaml"
-    resources:
-        mem_mb=4000,
-        runtime=60,
     params:
         p=lambda w: as_json(
             {"spec": config["corpora"][w.corpus], "seed": config["seed"]}
         ),
     shell:
-        "python -m workflow_scripts corpus --params {params.p:q} --train {output.train} --valid {output.valid}"
-        " --test {output.test} --world {output.world} 2> {log}"
+        step("corpus")

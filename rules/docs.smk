@@ -7,13 +7,10 @@ rule results_doc:
     input:
         unpack(results_doc_inputs),
     output:
-        "docs/results.md",
+        out="docs/results.md",
     log:
         "results/logs/results_doc/results_doc.log",
-    conda:
-        "../envs/plotting.yaml"
     params:
         p=lambda w: as_json({"config": ", ".join(configfile_names())}),
-        tables=input_args,
     shell:
-        "python -m workflow_scripts results-doc --params {params.p:q} {params.tables} --out {output} 2> {log}"
+        step("results-doc")

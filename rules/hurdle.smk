@@ -18,46 +18,24 @@ rule hurdle:
     wildcard_constraints:
         data="macondo|corpus",
         variant="full|no_last_mlp",
-    conda:
-        "../envs/pipeline.yaml"
     threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=12 * 60,
     params:
         p=hurdle_params,
-        test=optional_arg("test"),
-        tokens=optional_arg("tokens"),
     shell:
-        "python -m workflow_scripts hurdle --params {params.p:q} --threads {threads} --tokenizer-dir {input.tokenizer_dir}"
-        " {params.test} {params.tokens} --csv {output.csv} --parquet {output.parquet} 2> {log}"
+        step("hurdle")
 
 
 # Makes the table of the hurdle curves (Fig. 4 / Fig. 5 analogues): mean and std over seeds per step.
 rule hurdle_table:
     input:
-        scores=lambda w: expand(
-            "results/analyses/hurdle/{data}/{variant}_seed{seed}.parquet",
-            data=w.data,
-            variant=HURDLE_VARIANTS,
-            seed=HURDLE["seeds"],
-        ),
+        scores=hurdle_runs,
     output:
-        csv=report(
-            "results/tables/hurdle_{data}.csv",
-            caption="../report/hurdle.rst",
-            category="Paper 2",
-            subcategory="MLP hurdle",
-        ),
-        parquet="results/tables/hurdle_{data}.parquet",
+        **table("results/tables/hurdle_{data}", "hurdle", "Paper 2", "MLP hurdle"),
     log:
         "results/logs/hurdle_table/{data}.log",
     wildcard_constraints:
         data="macondo|corpus",
-    conda:
-        "../envs/pipeline.yaml"
     params:
         p=lambda w: as_json({"column": HURDLE_COLUMNS[w.data]}),
     shell:
-        "python -m workflow_scripts hurdle-table --params {params.p:q} --scores {input.scores} --csv {output.csv}"
-        " --parquet {output.parquet} 2> {log}"
+        step("hurdle-table")

@@ -15,30 +15,25 @@ rule train_index:
         ),
     output:
         index="results/datastores/{ds}/index/trained.faiss",
-        meta="results/datastores/{ds}/index/trained.json",
+        index_meta="results/datastores/{ds}/index/trained.json",
     log:
         "results/logs/train_index/{ds}.log",
     benchmark:
         "results/benchmarks/train_index/{ds}.tsv"
-    conda:
-        "../envs/pipeline.yaml"
     threads: 2
     resources:
         mem_mb=lambda w, input, threads: plan_mb("train_index", w, input),
-        runtime=6 * 60,  # paper 1: about 25 min for a 1M sample with 32 threads (docs/cluster.md)
     params:
-        threads=ARITHMETIC_THREADS,
         p=lambda w: as_json({"index": train_params(), "seed": config["seed"]}),
     shell:
-        "python -m workflow_scripts train-index --params {params.p:q} --threads {params.threads} --manifest {input.manifest}"
-        " --index {output.index} --index-meta {output.meta} 2> {log}"
+        step("train-index")
 
 
 # Encodes one shard's keys with the trained index (global row ids): one job per shard, in parallel.
 rule add_shard:
     input:
         trained=rules.train_index.output.index,
-        trained_meta=rules.train_index.output.meta,
+        trained_meta=rules.train_index.output.index_meta,
         shard=shard_inputs,
     output:
         part="results/datastores/{ds}/index/part_{shard}.faiss",
@@ -47,20 +42,16 @@ rule add_shard:
         "results/logs/add_shard/{ds}/{shard}.log",
     benchmark:
         "results/benchmarks/add_shard/{ds}/{shard}.tsv"
-    conda:
-        "../envs/pipeline.yaml"
     threads: 2
     resources:
         mem_mb=lambda w, input, threads: plan_mb("add_shard", w, input),
-        runtime=12 * 60,  # paper 1: 9.5M keys x 36 MFLOP, about 25 min with 32 threads (docs/cluster.md)
     params:
-        threads=ARITHMETIC_THREADS,
         key_file=lambda w: shard_file(w, "keys", "npy"),
         meta_file=lambda w: shard_file(w, "shard", "json"),
     shell:
-        "python -m workflow_scripts add-shard --threads {params.threads} --trained {input.trained}"
-        " --trained-meta {input.trained_meta} --keys {params.key_file} --shard-meta {params.meta_file}"
-        " --part {output.part} --part-meta {output.part_meta} 2> {log}"
+        step(
+            "add-shard", "--keys {params.key_file:q} --shard-meta {params.meta_file:q}"
+        )
 
 
 # Joins the parts into index.faiss (+ index.ivfdata, IVFPQ), or writes the sharded exact index (Flat).
@@ -75,19 +66,9 @@ rule merge_index:
         "results/logs/merge_index/{ds}.log",
     benchmark:
         "results/benchmarks/merge_index/{ds}.tsv"
-    conda:
-        "../envs/pipeline.yaml"
     resources:
         mem_mb=lambda w, input, threads: plan_mb("merge_index", w, input),
-        runtime=6 * 60,  # paper 1: reads and writes 44 GB of codes, hashes them (docs/cluster.md)
     params:
         p=lambda w: as_json({"index": index_params()}),
-        parts=lambda w, input: (
-            f"--trained {input.trained} --trained-meta {input.trained_meta} --parts {input.parts}"
-            f" --part-metas {input.part_metas}"
-            if "parts" in input.keys()
-            else ""
-        ),
     shell:
-        "python -m workflow_scripts merge-index --params {params.p:q} --manifest {input.manifest}"
-        " --index {output.index} --index-meta {output.meta} {params.parts} 2> {log}"
+        step("merge-index")

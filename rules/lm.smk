@@ -7,33 +7,18 @@ rule train_tokenizer:
     input:
         train=lambda w: f"results/corpus/{MODELS[w.model]['train']['corpus']}/train.parquet",
     output:
-        directory("results/models/{model}/tokenizer"),
+        tokenizer_dir=directory("results/models/{model}/tokenizer"),
     log:
         "results/logs/train_tokenizer/{model}.log",
     benchmark:
         "results/benchmarks/train_tokenizer/{model}.tsv"
     wildcard_constraints:
         model=names_regex(TRAINED),
-    conda:
-        "../envs/pipeline.yaml"
     threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=60,
     params:
-        p=lambda w: as_json(
-            {
-                "vocab_size": MODELS[w.model]["train"]["vocab_size"],
-                # only when on, so that existing tokenizers keep their params
-                **(
-                    {"start_token": True}
-                    if MODELS[w.model]["train"].get("start_token")
-                    else {}
-                ),
-            }
-        ),
+        p=tokenizer_params,
     shell:
-        "python -m workflow_scripts tokenizer --params {params.p:q} --train {input.train} --tokenizer-dir {output} 2> {log}"
+        step("tokenizer")
 
 
 # Makes one int32 token stream per (model, corpus, split); documents are joined by EOS. Documents are read in
@@ -45,20 +30,15 @@ rule tokenize:
         unpack(tokenizer_inputs),
         parquet="results/corpus/{corpus}/{split}.parquet",
     output:
-        "results/tokens/{model}/{corpus}/{split}.npy",
+        out="results/tokens/{model}/{corpus}/{split}.npy",
     log:
         "results/logs/tokenize/{model}/{corpus}/{split}.log",
     benchmark:
         "results/benchmarks/tokenize/{model}/{corpus}/{split}.tsv"
-    conda:
-        "../envs/pipeline.yaml"
-    resources:
-        mem_mb=2000,
-        runtime=120,
     params:
-        tok=tokenize_args,
+        prepare=prepare_arg,
     shell:
-        "python -m workflow_scripts tokenize {params.tok} --parquet {input.parquet} --out {output} 2> {log}"
+        step("tokenize", "{params.prepare}")
 
 
 # Trains one chunk (1..n-1) of a model trained in chunks: its steps, from the previous chunk's checkpoint.
@@ -66,7 +46,7 @@ rule train_lm_chunk:
     input:
         unpack(train_inputs),
     output:
-        ckpt=temp("results/models/{model}/chunks/chunk_{chunk}.pt"),
+        checkpoint=temp("results/models/{model}/chunks/chunk_{chunk}.pt"),
     log:
         "results/logs/train_lm_chunk/{model}/{chunk}.log",
     benchmark:
@@ -74,25 +54,13 @@ rule train_lm_chunk:
     wildcard_constraints:
         model=names_regex(CHUNKED),
         chunk=r"\d{3}",
-    conda:
-        "../envs/pipeline.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
         runtime=lambda w: MODELS[w.model]["train"]["runtime"],
     params:
-        threads=ARITHMETIC_THREADS,
-        p=lambda w: as_json(
-            {
-                "train": train_spec(w.model),
-                "seed": config["seed"],
-                "stop": train_chunks(w.model)[int(w.chunk) - 1][1],
-            }
-        ),
-        resume=optional_arg("resume"),
+        p=lambda w: lm_train_params(w, stop=train_chunks(w.model)[int(w.chunk) - 1][1]),
     shell:
-        "python -m workflow_scripts train-lm --params {params.p:q} --threads {params.threads} --train {input.train} --valid {input.valid}"
-        " --tokenizer-dir {input.tokenizer_dir} {params.resume} --checkpoint {output.ckpt} 2> {log}"
+        step("train-lm")
 
 
 # Trains the LM from scratch (or its last chunk); writes weights (safetensors), its loss log and its identity.
@@ -100,52 +68,35 @@ rule train_lm:
     input:
         unpack(train_inputs),
     output:
+        **table("results/models/{model}/loss", "loss", "Language model", name="loss"),
         hf=directory("results/models/{model}/hf"),
         model_json="results/models/{model}/model.json",
-        loss=report(
-            "results/models/{model}/loss.csv",
-            caption="../report/loss.rst",
-            category="Language model",
-        ),
-        loss_parquet="results/models/{model}/loss.parquet",
     log:
         "results/logs/train_lm/{model}.log",
     benchmark:
         "results/benchmarks/train_lm/{model}.tsv"
     wildcard_constraints:
         model=names_regex(TRAINED),
-    conda:
-        "../envs/pipeline.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
         runtime=lambda w: MODELS[w.model]["train"]["runtime"],
     params:
-        threads=ARITHMETIC_THREADS,
-        p=lambda w: as_json({"train": train_spec(w.model), "seed": config["seed"]}),
-        resume=optional_arg("resume"),
+        p=lm_train_params,
     shell:
-        "python -m workflow_scripts train-lm --params {params.p:q} --threads {params.threads} --train {input.train} --valid {input.valid}"
-        " --tokenizer-dir {input.tokenizer_dir} {params.resume} --hf {output.hf} --model-json {output.model_json}"
-        " --loss-csv {output.loss} --loss-parquet {output.loss_parquet} 2> {log}"
+        step("train-lm")
 
 
 # Describes a local or hub model: where it loads from, weights and tokenizer hashes, hook point.
 rule model_identity:
     output:
-        "results/models/{model}/model.json",
+        model_json="results/models/{model}/model.json",
     log:
         "results/logs/model_identity/{model}.log",
     benchmark:
         "results/benchmarks/model_identity/{model}.tsv"
     wildcard_constraints:
         model=names_regex([m for m in MODELS if m not in TRAINED]),
-    conda:
-        "../envs/pipeline.yaml"
-    resources:
-        mem_mb=32000,
-        runtime=120,
     params:
         p=lambda w: as_json({"spec": MODELS[w.model]}),
     shell:
-        "python -m workflow_scripts model-identity --params {params.p:q} --model-json {output} 2> {log}"
+        step("model-identity")

@@ -8,54 +8,39 @@ rule macondo_data:
     input:
         unpack(tokenizer_inputs),
     output:
-        train="results/macondo/{model}/seed{seed}/data/train.parquet",
-        test="results/macondo/{model}/seed{seed}/data/test.parquet",
-        world="results/macondo/{model}/seed{seed}/data/macondo.json",
+        train=f"{MACONDO_SEED}/data/train.parquet",
+        test=f"{MACONDO_SEED}/data/test.parquet",
+        world=f"{MACONDO_SEED}/data/macondo.json",
     log:
         "results/logs/macondo_data/{model}/{seed}.log",
     benchmark:
         "results/benchmarks/macondo_data/{model}/{seed}.tsv"
-    conda:
-        "../envs/pipeline.yaml"
-    resources:
-        mem_mb=2000,
-        runtime=10,
     params:
         p=lambda w: as_json({"generate": MACONDO["generate"], "seed": int(w.seed)}),
-        tok=tokenizer_arg,
     shell:
-        "python -m workflow_scripts macondo-data --params {params.p:q} {params.tok}"
-        " --train {output.train} --test {output.test} --world {output.world} 2> {log}"
+        step("macondo-data")
 
 
 # Fine-tunes the model on one seed's training sentences (over-specified: with a description).
 rule macondo_finetune:
     input:
         model_json=lambda w: model_json(w.model),
-        train="results/macondo/{model}/seed{seed}/data/train.parquet",
+        train=f"{MACONDO_SEED}/data/train.parquet",
     output:
-        hf=directory("results/macondo/{model}/seed{seed}/final/lm/hf"),
-        model_json="results/macondo/{model}/seed{seed}/final/lm/model.json",
-        loss="results/macondo/{model}/seed{seed}/final/lm/loss.csv",
-        loss_parquet="results/macondo/{model}/seed{seed}/final/lm/loss.parquet",
+        **table(f"{MACONDO_SEED}/final/lm/loss", name="loss"),
+        hf=directory(f"{MACONDO_SEED}/final/lm/hf"),
+        out_model_json=f"{MACONDO_SEED}/final/lm/model.json",
         checkpoint_hf=[
-            directory(f"results/macondo/{{model}}/seed{{seed}}/step{s}/lm/hf")
-            for s in MACONDO_CHECKPOINTS
+            directory(f"{MACONDO_SEED}/step{s}/lm/hf") for s in MACONDO_CHECKPOINTS
         ],
         checkpoint_json=[
-            f"results/macondo/{{model}}/seed{{seed}}/step{s}/lm/model.json"
-            for s in MACONDO_CHECKPOINTS
+            f"{MACONDO_SEED}/step{s}/lm/model.json" for s in MACONDO_CHECKPOINTS
         ],
     log:
         "results/logs/macondo_finetune/{model}/{seed}.log",
     benchmark:
         "results/benchmarks/macondo_finetune/{model}/{seed}.tsv"
-    conda:
-        "../envs/pipeline.yaml"
     threads: 1
-    resources:
-        mem_mb=16000,
-        runtime=6 * 60,
     params:
         p=lambda w: as_json(
             {
@@ -64,46 +49,32 @@ rule macondo_finetune:
                 "checkpoints": MACONDO_CHECKPOINTS,
             }
         ),
-        checkpoints=lambda w, output: (
-            f"--checkpoint-hf {' '.join(output.checkpoint_hf)} --checkpoint-json {' '.join(output.checkpoint_json)}"
-            if MACONDO_CHECKPOINTS
-            else ""
-        ),
     shell:
-        "python -m workflow_scripts macondo-finetune --params {params.p:q} --threads {threads}"
-        " --model-json {input.model_json} --train {input.train} --hf {output.hf} --out-model-json {output.model_json}"
-        " --loss-csv {output.loss} --loss-parquet {output.loss_parquet} {params.checkpoints} 2> {log}"
+        step("macondo-finetune")
 
 
 # Builds one checkpoint's memory: its datastore over the training sentences (Flat index) and the MLP trained on
 # the datastore's pairs (paper 2, App. D), in one job (each was too small for a job of its own).
 rule macondo_memory:
     input:
-        model_json="results/macondo/{model}/seed{seed}/{at}/lm/model.json",
-        train="results/macondo/{model}/seed{seed}/data/train.parquet",
+        model_json=f"{MACONDO_SEED}/{{at}}/lm/model.json",
+        train=f"{MACONDO_SEED}/data/train.parquet",
     output:
-        manifest="results/macondo/{model}/seed{seed}/{at}/datastore/manifest.json",
-        index="results/macondo/{model}/seed{seed}/{at}/datastore/index.faiss",
-        index_meta="results/macondo/{model}/seed{seed}/{at}/datastore/index.json",
-        mlp="results/macondo/{model}/seed{seed}/{at}/mlp/mlp.pt",
-        mlp_json="results/macondo/{model}/seed{seed}/{at}/mlp/mlp.json",
-        loss_csv="results/macondo/{model}/seed{seed}/{at}/mlp/loss.csv",
-        loss_parquet="results/macondo/{model}/seed{seed}/{at}/mlp/loss.parquet",
+        **table(f"{MACONDO_SEED}/{{at}}/mlp/loss", name="loss"),
+        manifest=f"{MACONDO_SEED}/{{at}}/datastore/manifest.json",
+        index=f"{MACONDO_SEED}/{{at}}/datastore/index.faiss",
+        index_meta=f"{MACONDO_SEED}/{{at}}/datastore/index.json",
+        mlp=f"{MACONDO_SEED}/{{at}}/mlp/mlp.pt",
+        mlp_json=f"{MACONDO_SEED}/{{at}}/mlp/mlp.json",
     log:
         "results/logs/macondo_memory/{model}/{seed}/{at}.log",
     benchmark:
         "results/benchmarks/macondo_memory/{model}/{seed}/{at}.tsv"
-    conda:
-        "../envs/pipeline.yaml"
     threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=180,
     params:
         p=lambda w: as_json({"mlp": MACONDO["mlp"], "seed": int(w.seed)}),
-        args=lambda w, input, output: step_args(input, output),
     shell:
-        "python -m workflow_scripts macondo-memory --params {params.p:q} --threads {threads} {params.args} 2> {log}"
+        step("macondo-memory")
 
 
 # Scores the children's names on one seed's test sentences with the LM, the kNN-LM and the MLP-LM, at the
@@ -116,7 +87,7 @@ rule macondo_eval:
         index_meta=macondo_at("datastore/index.json"),
         mlp=macondo_at("mlp/mlp.pt"),
         mlp_json=macondo_at("mlp/mlp.json"),
-        test="results/macondo/{model}/seed{seed}/data/test.parquet",
+        test=f"{MACONDO_SEED}/data/test.parquet",
     output:
         parquet=macondo_at("scores.parquet"),
         csv=macondo_at("scores.csv"),
@@ -124,72 +95,33 @@ rule macondo_eval:
         "results/logs/macondo_eval/{model}/{seed}.log",
     benchmark:
         "results/benchmarks/macondo_eval/{model}/{seed}.tsv"
-    conda:
-        "../envs/pipeline.yaml"
     threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=60,
     params:
-        p=lambda w: as_json(
-            {
-                "knn": MACONDO["knn"],
-                "mlp_lambda": MACONDO["mlp_lambda"],
-                "seed": int(w.seed),
-                "at": MACONDO_AT,
-            }
-        ),
-        args=lambda w, input, output: step_args(input, output),
+        p=macondo_eval_params,
     shell:
-        "python -m workflow_scripts macondo-eval --params {params.p:q} --threads {threads} {params.args} 2> {log}"
+        step("macondo-eval")
 
 
 # Makes the Table 5 analogue: log-likelihood of the child's name by number of children, over seeds.
 rule macondo_table:
     input:
-        scores=lambda w: [
-            f"{macondo_dir(s)}/final/scores.parquet" for s in MACONDO["seeds"]
-        ],
+        scores=macondo_seeds("final/scores.parquet"),
     output:
-        csv=report(
-            "results/tables/macondo.csv",
-            caption="../report/macondo.rst",
-            category="Paper 2",
-            subcategory="Macondo",
-        ),
-        parquet="results/tables/macondo.parquet",
+        **table("results/tables/macondo", "macondo", "Paper 2", "Macondo"),
     log:
         "results/logs/macondo_table/macondo.log",
-    conda:
-        "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts macondo-table --scores {input.scores} --csv {output.csv} --parquet {output.parquet}"
-        " 2> {log}"
+        step("macondo-table")
 
 
 # Makes the Figure 1 analogue's table: log-likelihood by number of children at each fine-tuning checkpoint.
 rule macondo_curve:
     input:
-        scores=lambda w: [
-            f"{macondo_dir(s)}/{at}/scores.parquet"
-            for s in MACONDO["seeds"]
-            for at in MACONDO_AT
-        ],
-        losses=lambda w: [
-            f"{macondo_dir(s)}/final/lm/loss.parquet" for s in MACONDO["seeds"]
-        ],
+        scores=macondo_seeds("{at}/scores.parquet"),
+        losses=macondo_seeds("final/lm/loss.parquet"),
     output:
-        csv=report(
-            "results/tables/macondo_curve.csv",
-            caption="../report/macondo_curve.rst",
-            category="Paper 2",
-            subcategory="Macondo",
-        ),
-        parquet="results/tables/macondo_curve.parquet",
+        **table("results/tables/macondo_curve", "macondo_curve", "Paper 2", "Macondo"),
     log:
         "results/logs/macondo_curve/macondo_curve.log",
-    conda:
-        "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts macondo-curve --scores {input.scores} --losses {input.losses} --csv {output.csv}"
-        " --parquet {output.parquet} 2> {log}"
+        step("macondo-curve")

@@ -19,21 +19,13 @@ rule stage_times:
         incontext=incontext_outputs(),
         neighbours=neighbour_outputs(),
     output:
-        csv=report(
-            "results/tables/stage_times.csv",
-            caption="../report/stage_times.rst",
-            category="Pipeline",
-        ),
-        parquet="results/tables/stage_times.parquet",
+        **table("results/tables/stage_times", "stage_times", "Pipeline"),
     log:
         "results/logs/stage_times/stage_times.log",
-    conda:
-        "../envs/plotting.yaml"
     params:
         benchmarks=BENCHMARKS,
     shell:
-        "python -m workflow_scripts stage-times --benchmarks {params.benchmarks} --csv {output.csv} --parquet {output.parquet}"
-        " 2> {log}"
+        step("stage-times", "--benchmarks {params.benchmarks:q}")
 
 
 wildcard_constraints:

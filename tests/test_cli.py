@@ -94,6 +94,26 @@ def test_parser_from_signature():
         p.parse_args(["--params", "{}", "--many", "y"])  # --a is required
 
 
+def test_step_arguments_read_from_the_source_match_the_parser_of_every_step():
+    """The Snakefile builds each rule's command line from `step_arguments` (read with ast, no import): for every
+    step, the same arguments, kinds and required flags as the parser built from the imported function."""
+    import importlib
+
+    assert cli.step_arguments("sweep")["cache"] == ("path", True)
+    assert cli.step_arguments("hurdle")["test"] == ("path", False)
+    assert cli.step_arguments("task-suite")["out"] == ("paths", True)
+    for name, (mod, func, _) in cli.find_steps().items():
+        fn = getattr(importlib.import_module(f"workflow_scripts.{mod}" if mod else "workflow_scripts"), func)
+        parsed = {}
+        for a in cli.parser_for(fn)._actions:
+            if a.dest != "help":
+                kind = ("params" if a.dest == "params" else "paths" if a.nargs in ("+", "*")
+                        else "path" if a.type is Path else "value")
+                parsed[a.dest] = (kind, a.required)
+        read = {a: (kind, required and a != "threads") for a, (kind, required) in cli.step_arguments(name).items()}
+        assert read == parsed, name
+
+
 def _run(*args):
     return subprocess.run(
         [sys.executable, "-m", "workflow_scripts", *args], cwd=ROOT, env=project_env(), capture_output=True, text=True

@@ -66,7 +66,7 @@ def rule_steps() -> dict[str, str]:
     for smk in sorted((ROOT / "rules").glob("*.smk")):
         for block in re.split(r"\n(?=(?:rule|checkpoint) \w+:)", smk.read_text()):
             name = re.match(r"(?:rule|checkpoint) (\w+):", block)
-            step = re.search(r"python -m workflow_scripts ([\w-]+)", block)
+            step = re.search(r"^\s+step\(\"([\w-]+)\"", block, re.M)
             if name and step:
                 out[name[1]] = step[1]
     return out

@@ -10,22 +10,21 @@ import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 import yaml
-from conftest import ROOT, job_stats, load_test_config, snakemake, write_paper_data
+from conftest import ROOT, job_stats, load_test_config, project_env, snakemake, write_paper_data
 
 from workflow_scripts import cli
 from workflow_scripts.tasks import registry
 
-STEP_RULE = re.compile(
-    r"^(?:rule|checkpoint) (\w+):\n(?:(?:    .*)?\n)*?    shell:\n(?:        .*\n)*?\s+\"python -m workflow_scripts ",
-    re.M,
-)
+STEP_RULE = re.compile(r"^(?:rule|checkpoint) (\w+):\n(?:(?:    .*)?\n)*?    shell:\n\s+step\(", re.M)
 
 
 def _rules_running_steps() -> set[str]:
-    """The rules whose shell command runs a step, read from rules/*.smk."""
+    """The rules whose shell runs a step (`shell: step("<step>")`, rules/common/steps.smk), read from rules/*.smk."""
     return {m[1] for f in sorted((ROOT / "rules").glob("*.smk")) for m in STEP_RULE.finditer(f.read_text())}
 
 
@@ -221,7 +220,7 @@ def _threads_by_step(output: str) -> dict[str, set[str]]:
             for argv in _commands(output) if "--threads" in argv}
 
 
-ONE_THREAD_STEPS = {"extract-keys", "hurdle", "macondo-finetune", "macondo-memory", "macondo-eval"}
+ONE_THREAD_STEPS = {"extract-keys", "merge-index", "hurdle", "macondo-finetune", "macondo-memory", "macondo-eval"}
 
 
 @pytest.mark.slow  # several Snakemake DAG builds: over 5 s
@@ -239,20 +238,76 @@ def test_arithmetic_threads_come_from_the_config_not_from_cores(dry_run, tmp_pat
                     "all", "results_doc").stdout
     got = _threads_by_step(out)
     assert got == {s: {"1"} if s in ONE_THREAD_STEPS else {"3"} for s in got}, (
-        "a rule asking for more than one thread passes `--threads {params.threads}` with params "
-        "threads=ARITHMETIC_THREADS (rules/common.smk), not `{threads}`, which --cores lowers")
+        "a rule asking for more than one thread passes `--threads {params.threads}`, the param "
+        "threads=ARITHMETIC_THREADS (wire_steps, rules/common/steps.smk), not `{threads}`, which --cores lowers")
     assert set(got) == set(at_two)
 
 
-def test_every_rule_that_may_ask_for_a_gpu_runs_in_the_gpu_env():
-    """A rule with a `gpu` resource runs a model or a FAISS search on a GPU when extraction.device is cuda: its
-    conda env must be GPU_ENV (pipeline-gpu.yaml then), not the CPU env written by hand."""
-    wrong = []
-    for smk in sorted((ROOT / "rules").glob("*.smk")):
-        for block in re.split(r"\n(?=(?:rule|checkpoint) \w+:)", smk.read_text()):
-            name = re.match(r"(?:rule|checkpoint) (\w+):", block)
-            if name and re.search(r"^\s+gpu=", block, re.M):
-                env = re.search(r"^    conda:\n\s+(.+)$", block, re.M)
-                if not env or env[1].strip() != "GPU_ENV":
-                    wrong.append(f"{smk.name}:{name[1]} ({env[1].strip() if env else 'no conda'})")
-    assert not wrong, wrong
+_RULES = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+with SnakemakeApi(OutputSettings()) as api:
+    wf = api.workflow(resource_settings=ResourceSettings(cores=2), snakefile=Path("Snakefile").resolve(),
+                      config_settings=ConfigSettings(configfiles=[Path(sys.argv[1])]), workdir=Path(sys.argv[2]))
+    print(json.dumps({r.name: {"conda": r.conda_env, "resources": sorted(r.resources.keys()),
+                               "params": list(r.params.keys()), "shell": r.shellcmd} for r in wf._workflow.rules}))
+"""
+
+
+def _workflow_rules(tmp_path, cfg: dict) -> dict[str, dict]:
+    """Each rule as the Snakefile builds it for ``cfg`` (parsed with Snakemake's API, no DAG): its conda env, the
+    names of its resources and params, its shell command."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-c", _RULES, str(tmp_path / "config.yaml"), str(tmp_path)], cwd=ROOT,
+                         env=project_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_every_rule_runs_its_step_in_the_env_the_step_needs(tmp_path):
+    """wire_steps (rules/common/steps.smk) chooses each rule's conda env; no rule names one by hand (retrieve_chunk once
+    asked for a GPU in the CPU env). With extraction.device cuda, the rules that may ask for a GPU (a `gpu`
+    resource: extract_keys, retrieve_chunk, retrieve, score_task_chunk, score_task and the two in-context
+    scorings) run in pipeline-gpu.yaml, the steps that draw or only read tables in plotting.yaml, every other one in
+    pipeline.yaml; every rule running a step gets its code hash and its files (params code and args)."""
+    cfg = _everything_config(tmp_path)
+    cfg["extraction"] = {**cfg.get("extraction", {}), "device": "cuda"}
+    rules = {n: r for n, r in _workflow_rules(tmp_path, cfg).items() if r["shell"]}
+    gpu = {n for n, r in rules.items() if "gpu" in r["resources"]}
+    assert gpu == {"extract_keys", "retrieve_chunk", "retrieve", "score_task_chunk", "score_task",
+                   "incontext_perplexity", "incontext_task"}
+    plotting = {n for n, r in rules.items() if r["conda"] == "../envs/plotting.yaml"}
+    assert plotting == {n for n in rules if n.startswith("figure_")} | {"paper2_comparison", "results_doc",
+                                                                       "stage_times"}
+    assert {n: r["conda"] for n, r in rules.items() if n not in plotting} == {
+        n: "../envs/pipeline-gpu.yaml" if n in gpu else "../envs/pipeline.yaml" for n in rules if n not in plotting}
+    assert all({"code", "args"} <= set(r["params"]) for r in rules.values())
+    assert set(rules) == _rules_running_steps()
+    named = [f"{smk.name}: {m[0]}" for smk in sorted((ROOT / "rules").glob("*.smk"))
+             for m in re.finditer(r"^    conda:", smk.read_text(), re.M)]
+    assert named == [], "a rule names its conda env by hand"
+
+
+def _resources_by_rule(output: str) -> dict[str, set[str]]:
+    return {m[1]: set(m[2].split(", ")) for m in re.finditer(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$",
+                                                               output, re.M)}
+
+
+@pytest.mark.slow  # a Snakemake DAG build: over 5 s
+def test_fixed_resources_come_from_the_profile_and_a_set_resources_changes_only_what_it_names(tmp_path):
+    """The rules' fixed mem_mb and runtime live in profiles/default/config.yaml (set-resources), none in a rule
+    file; a --set-resources on the command line replaces the profile's whole list in Snakemake, and
+    profile_resources (rules/common/steps.smk) sets the rest again: the named rule gets the new value beside its other
+    profile resource, every other rule keeps its own."""
+    fixed = [f"{smk.name}: {m[0].strip()}" for smk in sorted((ROOT / "rules").glob("*.smk"))
+             for m in re.finditer(r"^\s+(?:mem_mb|runtime)=[\d *]+,", smk.read_text(), re.M)]
+    assert fixed == [], "a fixed resource in a rule file (it belongs in profiles/default/config.yaml)"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(load_test_config("micro")))
+    out = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "config.yaml"), "--set-resources",
+                    "corpus:runtime=7").stdout
+    got = _resources_by_rule(out)
+    assert {"runtime=7", "mem_mb=4000"} <= got["corpus"]
+    assert {"runtime=120", "mem_mb=2000"} <= got["tokenize"]
+    assert {"runtime=720", "mem_mb=8000"} <= got["extract_keys"]

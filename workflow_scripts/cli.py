@@ -92,6 +92,29 @@ def find_steps(root: Path = PACKAGE) -> dict[str, tuple[str, str, str]]:
     return out
 
 
+@functools.cache
+def step_arguments(step_name: str, root: Path = PACKAGE) -> dict[str, tuple[str, bool]]:
+    """Argument -> (kind, required) of a step, read from its signature in the source as ``parser_for`` builds the
+    command line from it: kind 'params' (``--params JSON``), 'path' (``x: Path``), 'paths' (``list[Path]``) or
+    'value' (int, float, str). The Snakefile builds each rule's command line from it (rules/common.smk, ``step``)."""
+    steps = find_steps(root)
+    if step_name not in steps:
+        raise KeyError(f"no step {step_name!r}; steps: {', '.join(sorted(steps))}")
+    mod, func, _ = steps[step_name]
+    node = next(n for n in _tree(_modules(root)[mod]).body if isinstance(n, ast.FunctionDef) and n.name == func)
+    a = node.args
+    positional = a.posonlyargs + a.args
+    defaults = [None] * (len(positional) - len(a.defaults)) + list(a.defaults) + list(a.kw_defaults)
+    out = {}
+    for arg, default in zip(positional + a.kwonlyargs, defaults, strict=True):
+        hint = ast.unparse(arg.annotation) if arg.annotation else "str"
+        hint = hint.replace(" | None", "").replace("None | ", "")
+        kind = ("params" if arg.arg == "params" else "paths" if hint in ("list[Path]", "tuple[Path, ...]")
+                else "path" if hint == "Path" else "value")
+        out[arg.arg] = (kind, default is None)
+    return out
+
+
 def _resolve(module: str, node: ast.ImportFrom | ast.Import, mods: dict[str, Path]) -> set[str]:
     """The package modules an import statement in ``module`` loads (parents' __init__ included)."""
     is_pkg = mods[module].name == "__init__.py"

@@ -124,3 +124,19 @@ def warn_missing_shards():
 
 
 warn_missing_shards()
+
+
+# every shard's keys, values and meta, as datastore_manifest reads them
+SHARD_FILES = {
+    "key_shards": lambda w: shard_files(w, "keys_{shard}.npy"),
+    "vals": lambda w: shard_files(w, "vals_{shard}.npy"),
+    "meta": lambda w: shard_files(w, "shard_{shard}.json"),
+}
+
+
+def shard_files(wildcards, name):
+    """One file of every shard of a datastore (`name` with {shard}), as datastore_manifest reads them."""
+    return expand(
+        f"results/datastores/{wildcards.ds}/shards/{name}",
+        shard=shard_ids(wildcards.ds),
+    )

@@ -28,6 +28,16 @@ def hurdle_params(wildcards):
     )
 
 
+def hurdle_runs(wildcards):
+    """The scores of every run (variant, seed) of one data kind."""
+    return expand(
+        "results/analyses/hurdle/{data}/{variant}_seed{seed}.parquet",
+        data=wildcards.data,
+        variant=HURDLE_VARIANTS,
+        seed=HURDLE["seeds"],
+    )
+
+
 def hurdle_data(wildcards):
     m = HURDLE["model"]
     # each seed its own Macondo dataset (and its own initialisation)

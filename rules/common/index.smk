@@ -1,4 +1,28 @@
-# Helpers of rules/index.smk: the params and inputs its rules compute from the config.
+# Helpers of rules/index.smk: the params and inputs its rules compute from the config; what a search reads and
+# depends on (retrieval, task scoring, the scaling study).
+
+
+def search_params():
+    """What a search depends on beyond the index: IVFPQ's nprobe and distances ('exact', recomputed from the keys,
+    or 'pq', FAISS's own); None for a Flat index, whose search is exact."""
+    return {k: config["index"][k] if IVF else None for k in ("nprobe", "distances")}
+
+
+IVF = config["index"]["type"] != "Flat"
+
+
+def index_data(wildcards):
+    """The on-disk inverted lists a search reads beside index.faiss (IVFPQ), as an input; none for Flat."""
+    return [f"results/datastores/{wildcards.ds}/index.ivfdata"] if IVF else []
+
+
+# what a search of a datastore reads (retrieval and task scoring)
+SEARCH_INPUTS = {
+    "manifest": "results/datastores/{ds}/manifest.json",
+    "index": "results/datastores/{ds}/index.faiss",
+    "index_meta": "results/datastores/{ds}/index.json",
+    "index_data": index_data,  # IVFPQ: the on-disk inverted lists beside index.faiss
+}
 
 
 def shard_file(wildcards, name, ext):
@@ -35,7 +59,7 @@ def train_params():
 
 def index_outputs(prefix):
     """merge_index's outputs: index.faiss and index.json, and the on-disk inverted lists of an IVF index."""
-    out = {"index": f"{prefix}/index.faiss", "meta": f"{prefix}/index.json"}
+    out = {"index": f"{prefix}/index.faiss", "index_meta": f"{prefix}/index.json"}
     if IVF:
         out["ivfdata"] = f"{prefix}/index.ivfdata"
     return out

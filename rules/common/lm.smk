@@ -8,17 +8,34 @@ def tokenizer_inputs(wildcards):
     return {"model_json": model_json(wildcards.model)}
 
 
-def tokenize_args(wildcards, input):
-    """The tokenizer, and the corpus's text preparation (corpora.<c>.prepare) unless it is row_eos, the default,
-    whose jobs' params are those from before the choice existed."""
+def tokenizer_params(wildcards):
+    train = MODELS[wildcards.model]["train"]
+    # start_token only when on, so that existing tokenizers keep their params
+    start = {"start_token": True} if train.get("start_token") else {}
+    return as_json({"vocab_size": train["vocab_size"], **start})
+
+
+def prepare_arg(wildcards):
+    """The corpus's text preparation (corpora.<c>.prepare) unless it is row_eos, the default, whose jobs' params are
+    those from before the choice existed."""
     prepare = config["corpora"][wildcards.corpus]["prepare"]
-    flag = "" if prepare == "row_eos" else f" --prepare {prepare}"
-    return tokenizer_arg(wildcards, input) + flag
+    return "" if prepare == "row_eos" else f"--prepare {shlex.quote(prepare)}"
 
 
 def train_spec(model):
     """The training config as the outputs depend on it: how it is split into jobs is left out."""
     return {k: v for k, v in MODELS[model]["train"].items() if k not in CHUNK_KEYS}
+
+
+# Training in chunks (models.<m>.train.chunk_steps): chunks 1..n-1 are `train_lm_chunk` jobs, each resuming the
+# previous chunk's checkpoint (weights, optimizer and RNG states; temporary files); the last chunk is `train_lm`,
+# which writes the same outputs as one uninterrupted run. Every training job asks for train.runtime minutes.
+
+
+def lm_train_params(wildcards, stop=None):
+    """What training depends on (for a chunk but the last, the step it stops at)."""
+    p = {"train": train_spec(wildcards.model), "seed": config["seed"]}
+    return as_json(p | ({"stop": stop} if stop is not None else {}))
 
 
 def train_chunks(model):

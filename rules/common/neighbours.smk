@@ -35,3 +35,8 @@ def neighbour_outputs():
         if x.endswith("subtasks") or neighbour_tasks(d)
     ]
     return out
+
+
+def neighbour_task_files(name):
+    """An input function: the file `name` of each task of the job's datastore whose items have a query."""
+    return lambda w: [name.format(ds=w.ds, task=t) for t in neighbour_tasks(w.ds)]

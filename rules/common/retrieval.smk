@@ -4,19 +4,6 @@
 RETRIEVAL_CHUNKS = config["retrieval"]["chunks"]
 
 
-def retrieval_chunk_inputs(wildcards):
-    """The chunks' caches (their meta.json) that the retrieve job joins, when retrieval.chunks > 1."""
-    if RETRIEVAL_CHUNKS == 1:
-        return {}
-    d = f"results/retrieval/{wildcards.evalset}/{wildcards.ds}/chunks"
-    ids = [f"{i:03d}" for i in range(RETRIEVAL_CHUNKS)]
-    return {
-        "chunks": [f"{d}/{i}/meta.json" for i in ids],
-        # the arrays too, so that the temporary chunks stay until this job has read them
-        "chunk_arrays": [f"{d}/{i}/{name}.npy" for i in ids for name in CACHE],
-    }
-
-
 def eval_queries(evalset, ds):
     """Scored positions of an eval set, for memory planning: read off its token file's header when it exists, else
     max_tokens, else a placeholder of 1M."""
@@ -55,6 +42,12 @@ def retrieval_params(wildcards, chunk=None):
     )
 
 
+def retrieval_mb(wildcards, input, threads):
+    """A retrieval job's mem_mb, planned from its datastore and its queries (plan_mb); evaluated again once its
+    inputs exist (it reads `input`)."""
+    return plan_mb("retrieve", wildcards, n_queries=chunk_queries(wildcards))
+
+
 def chunk_queries(wildcards):
     """Queries of one retrieval job: its chunk's, cut as the step cuts it (memory.chunk_bounds), so that the plan
     asked for is the plan the job checks; 0 for the job that joins chunks (it copies them part by part).
@@ -70,3 +63,19 @@ def chunk_queries(wildcards):
 
 
 CACHE = ["targets", "lm_logprob", "dists", "vals", "ids", "queries"]
+
+
+RETRIEVAL = "results/retrieval/{evalset}/{ds}"
+
+
+RETRIEVAL_OUTPUTS = {n: f"{RETRIEVAL}/{n}.npy" for n in CACHE} | {
+    "meta": f"{RETRIEVAL}/meta.json"
+}
+
+
+# what every retrieval job reads: the model, the datastore and its index, the eval set's tokens
+RETRIEVAL_INPUTS = {
+    "model_json": lambda w: model_json(DATASTORES[w.ds]["model"]),
+    **SEARCH_INPUTS,
+    "tokens": lambda w: eval_tokens(w.evalset, w.ds),
+}

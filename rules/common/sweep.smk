@@ -11,3 +11,21 @@ def select_on(ds=None):
 
 # every (eval set, datastore) pair: one retrieval cache, one sweep, one figure each
 SWEEPS = sorted((e, d) for d in DATASTORES for e in EVAL_SETS)
+
+
+# the perplexity-vs-λ figure of each (eval set, datastore), labelled by both in the report
+SWEEP_FIGURE = "perplexity_vs_lambda/{evalset}/{ds}"
+
+
+SWEEP_LABELS = {"eval set": "{evalset}", "datastore": "{ds}"}
+
+
+GRID = {k: config["sweep"][k] for k in ("lambdas", "ks", "sigmas")}  # the λ/k/σ grid
+
+
+def sweep_params(wildcards):
+    spec = EVAL_SETS[wildcards.evalset]
+    extraction = {"block_size": config["extraction"]["block_size"]}
+    return as_json(
+        GRID | extraction | {"word_count": spec["word_count"]} | stride_param(spec)
+    )

@@ -72,24 +72,54 @@ def task_score_params(wildcards, chunk=None):
             p["point"] = TASK_POINTS[wildcards.ds]
         p["generate"] = TASKS["generate"]
         if p["generate"]["points"] == "grid":
-            p["grid"] = {k: sw[k] for k in ("lambdas", "ks", "sigmas")}
+            p["grid"] = GRID
     return as_json(p)
 
 
 TASK_CHUNKS = TASKS["chunks"]
 
 
-def task_chunk_inputs(wildcards):
-    """The chunks' caches (their scored.json) that the score_task job joins, when tasks.chunks > 1."""
-    if TASK_CHUNKS == 1:
-        return {}
-    d = f"results/tasks/{wildcards.ds}/{wildcards.task}/chunks"
-    ids = [f"{i:03d}" for i in range(TASK_CHUNKS)]
-    return {
-        "chunks": [f"{d}/{i}/scored.json" for i in ids],
-        # the npz too, so that the temporary chunks stay until this job has read them
-        "chunk_npz": [f"{d}/{i}/scored.npz" for i in ids],
-    }
+TASK = "results/tasks/{ds}/{task}"
+
+
+TASK_CACHE = {"npz": f"{TASK}/scored.npz", "scored_json": f"{TASK}/scored.json"}
+
+
+# what the checks of a task cache read: the cache, the task's items, the datastore's manifest
+TASK_CACHE_INPUTS = TASK_CACHE | {
+    "task_items": "results/task_data/{task}.parquet",
+    "manifest": "results/datastores/{ds}/manifest.json",
+}
+
+
+# what every task-scoring job reads: the model, the datastore and its index, the task's items
+SCORE_INPUTS = {
+    "model_json": lambda w: model_json(DATASTORES[w.ds]["model"]),
+    **SEARCH_INPUTS,
+    "task_items": "results/task_data/{task}.parquet",
+}
+
+
+def task_files(name, category=None):
+    """An input function: the file `name` of each task scored on the job's datastore (of a category)."""
+    return lambda w: [
+        name.format(ds=w.ds, task=t)
+        for d, t in TASK_RUNS
+        if d == w.ds and category in (None, TASK_REGISTRY[t]["category"])
+    ]
+
+
+def task_suite_params(wildcards):
+    generators = {t: TASK_REGISTRY[t]["source"]["generator"] for t in SYNTHETIC}
+    n = TASKS["synthetic"]["n_items"]
+    return as_json({"generators": generators, "n_items": n, "seed": config["seed"]})
+
+
+def load_task_params(wildcards):
+    e = task_entry(wildcards.task)
+    return as_json(
+        {"entry": e, "max_items": TASKS.get("max_items"), "seed": config["seed"]}
+    )
 
 
 def task_items(wildcards):
@@ -150,7 +180,7 @@ def task_sweep_params(wildcards):
         "entry": task_entry(wildcards.task),
         "datastore": wildcards.ds,
         "model": DATASTORES[wildcards.ds]["model"],
-        "grid": {k: config["sweep"][k] for k in ("lambdas", "ks", "sigmas")},
+        "grid": GRID,
     }
     if wildcards.ds in TASK_POINTS:
         p["point"] = TASK_POINTS[wildcards.ds]
