@@ -159,10 +159,17 @@ def code_closure(step_name: str, root: Path = PACKAGE) -> tuple[Path, ...]:
             continue
         seen.add(m)
         todo += [".".join(m.split(".")[:i]) for i in range(len(m.split(".")))]  # importing a.b runs a/__init__
-        for node in ast.walk(_tree(mods[m])):
-            if isinstance(node, ast.Import | ast.ImportFrom):
-                todo += _resolve(m, node, mods)
+        todo += _imports(m, root)
     return tuple(sorted(mods[m] for m in seen))
+
+
+@functools.cache
+def _imports(module: str, root: Path = PACKAGE) -> tuple[str, ...]:
+    """The package modules that ``module``'s import statements load, at any depth of its source (read once: the
+    Snakefile asks for the closure of every step, and most share their modules)."""
+    mods = _modules(root)
+    return tuple(sorted({t for node in ast.walk(_tree(mods[module])) if isinstance(node, ast.Import | ast.ImportFrom)
+                         for t in _resolve(module, node, mods)}))
 
 
 def code_hash(step_name: str, root: Path = PACKAGE) -> str:
