@@ -9,7 +9,7 @@ rule passages:
     input:
         tokens=lambda w: ds_tokens(w.ds),
         model_json=lambda w: model_json(DATASTORES[w.ds]["model"]),
-        eval_tokens=lambda w: [eval_tokens(e, w.ds) for e in EVAL_SETS],
+        eval_tokens=lambda w: [eval_tokens(e, w.ds) for e in sorted(EVAL_SETS)],
     output:
         meta="results/incontext/{ds}/passages/meta.json",
         passages="results/incontext/{ds}/passages/passages.npy",
@@ -20,7 +20,7 @@ rule passages:
         "results/benchmarks/passages/{ds}.tsv"
     params:
         p=as_json({k: INCONTEXT[k] for k in ("passage_tokens", "leak_ngram")}),
-        names=",".join(EVAL_SETS),
+        names=",".join(sorted(EVAL_SETS)),
     shell:
         step("passages", "--eval-names {params.names:q}")
 

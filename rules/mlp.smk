@@ -28,9 +28,9 @@ rule mlp_eval:
         mlp=lambda w: f"results/analyses/mlp/{MLP['datastore']}/mlp.pt",
         mlp_json=lambda w: f"results/analyses/mlp/{MLP['datastore']}/mlp.json",
         caches=lambda w: [
-            f"results/retrieval/{e}/{MLP['datastore']}/meta.json" for e in EVAL_SETS
+            f"results/retrieval/{e}/{MLP['datastore']}/meta.json" for e in sorted(EVAL_SETS)
         ],
-        tokens=lambda w: [eval_tokens(e, MLP["datastore"]) for e in EVAL_SETS],
+        tokens=lambda w: [eval_tokens(e, MLP["datastore"]) for e in sorted(EVAL_SETS)],
         summary="results/sweeps/summary.csv",
     output:
         **table("results/tables/mlp_lm", "mlp_lm", "Paper 2", "MLP replacement"),

@@ -27,7 +27,7 @@ def plan_of(ds):
 def plan_path(ds):
     """A shard_tokens datastore's plan.json (its parent's for a subsample), once plan_shards has run; until then
     Snakemake's checkpoint exception, which defers the jobs that need it."""
-    return checkpoints.plan_shards.get(ds=plan_of(ds)).output.plan
+    return checkpoints.plan_shards.get(ds=plan_of(ds)).output.out
 
 
 def shard_plan(ds):

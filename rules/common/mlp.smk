@@ -5,8 +5,8 @@ def mlp_eval_params(wildcards):
     return as_json(
         {
             "datastore": MLP["datastore"],
-            "eval_sets": list(EVAL_SETS),
-            "choose_on": select_on(MLP["datastore"]) or list(EVAL_SETS)[0],
+            "eval_sets": sorted(EVAL_SETS),
+            "choose_on": select_on(MLP["datastore"]) or sorted(EVAL_SETS)[0],
             "lambdas": MLP["lambdas"],
         }
     )

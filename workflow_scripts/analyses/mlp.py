@@ -207,5 +207,7 @@ def mlp_eval(
     lm.torch_threads(threads)
     chosen, _ = chosen_point(summary, params["datastore"])
     by_set = {e: c.parent for e, c in zip(params["eval_sets"], caches, strict=True)}
+    # the table's rows: the set λ is chosen on first, then the others by name (not the config's key order)
+    by_set = {e: by_set[e] for e in sorted(by_set, key=lambda e: (e != params["choose_on"], e))}
     evaluate(model_json, mlp, mlp_json, by_set, params["choose_on"], params["lambdas"], csv, parquet,
              {e: chosen for e in by_set} if chosen else None, dict(zip(params["eval_sets"], tokens, strict=True)))
