@@ -46,6 +46,7 @@ def step(fn=None, name: str | None = None):
 
 
 # ----------------------------------------------------------------------------- reading the package's sources
+@functools.cache  # read once per process, like the parsed trees below (the Snakefile asks for it once per rule)
 def _modules(root: Path = PACKAGE) -> dict[str, Path]:
     """Dotted module name (relative to the package, '' for __init__) -> file."""
     out = {}
