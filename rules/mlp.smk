@@ -21,14 +21,15 @@ rule train_mlp:
         step("train-mlp")
 
 
-# Perplexity of the MLP-LM at every λ beside the LM and the kNN-LM (λ chosen on the first eval set).
+# Perplexity of the MLP-LM at every λ beside the LM and the kNN-LM (λ chosen on the selection set, select_on).
 rule mlp_eval:
     input:
         model_json=lambda w: model_json(DATASTORES[MLP["datastore"]]["model"]),
         mlp=lambda w: f"results/analyses/mlp/{MLP['datastore']}/mlp.pt",
         mlp_json=lambda w: f"results/analyses/mlp/{MLP['datastore']}/mlp.json",
         caches=lambda w: [
-            f"results/retrieval/{e}/{MLP['datastore']}/meta.json" for e in sorted(EVAL_SETS)
+            f"results/retrieval/{e}/{MLP['datastore']}/meta.json"
+            for e in sorted(EVAL_SETS)
         ],
         tokens=lambda w: [eval_tokens(e, MLP["datastore"]) for e in sorted(EVAL_SETS)],
         summary="results/sweeps/summary.csv",
