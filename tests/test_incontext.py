@@ -225,7 +225,7 @@ def ppl_tables(tmp_path):
 
 def test_the_perplexity_summary_puts_incontext_retrieval_beside_the_knn_lm(ppl_tables):
     t, records = ppl_tables
-    sweep.perplexity_summary(t / "points.parquet", t / "ps.csv", t / "ps.parquet", [t / "incontext_perplexity.parquet"])
+    sweep.perplexity_summary(t / "points.parquet", t / "ps.csv", t / "ps.parquet", t / "incontext_perplexity.parquet")
     df, points = read_table(t / "ps.parquet"), read_table(t / "points.parquet")
     assert df.columns == points.columns + list(sweep.INCONTEXT_COLUMNS)
     assert df.select(points.columns).write_csv() == (t / "points.csv").read_text()  # summarize's, byte for byte
@@ -260,7 +260,7 @@ def test_without_incontext_retrieval_the_perplexity_summary_is_summarizes_table_
 def test_the_summaries_refuse_an_altered_or_foreign_incontext_table_by_name(ppl_tables):
     t, _ = ppl_tables
     table = t / "incontext_perplexity.parquet"
-    run = [t / "points.parquet", t / "ps.csv", t / "ps.parquet", [table]]
+    run = [t / "points.parquet", t / "ps.csv", t / "ps.parquet", table]
     good = pl.read_parquet(table)
     digest = pl.read_parquet_metadata(table)
     for altered, error in [
@@ -314,7 +314,7 @@ def task_tables(tmp_path):
 def test_the_task_summary_puts_incontext_retrieval_and_its_interval_beside_the_knn_lm(task_tables):
     t, summaries, records = task_tables
     plain = evaluate.summarize_tasks(summaries, t / "plain.csv", t / "plain.parquet")
-    evaluate.task_summary(summaries, t / "ts.csv", t / "ts.parquet", [t / "incontext_tasks.parquet"])
+    evaluate.task_summary(summaries, t / "ts.csv", t / "ts.parquet", t / "incontext_tasks.parquet")
     df = read_table(t / "ts.parquet")
     assert df.columns == evaluate.SUMMARY_COLUMNS + list(evaluate.INCONTEXT_COLUMNS)
     assert df.select(plain.columns).write_csv() == (t / "plain.csv").read_text()  # the kNN-LM's, byte for byte
@@ -337,7 +337,7 @@ def test_the_task_summary_puts_incontext_retrieval_and_its_interval_beside_the_k
     table.filter(pl.col("method") != "incontext").write_parquet(  # its rows edited, its recorded digest kept
         t / "incontext_tasks.parquet", metadata=pl.read_parquet_metadata(t / "incontext_tasks.parquet"))
     with pytest.raises(ArtifactError, match=r"incontext_tasks.parquet: its contents differ from the sha256"):
-        evaluate.task_summary(summaries, t / "ts.csv", t / "ts.parquet", [t / "incontext_tasks.parquet"])
+        evaluate.task_summary(summaries, t / "ts.csv", t / "ts.parquet", t / "incontext_tasks.parquet")
 
 
 @pytest.mark.slow  # a Snakemake DAG build
@@ -360,7 +360,7 @@ def test_without_incontext_datastores_the_summaries_wait_on_no_incontext_job(tmp
             mod, func, _ = steps[argv[3]]
             fn = getattr(__import__(f"workflow_scripts.{mod}", fromlist=[func]), func)
             args[argv[3]] = vars(cli.parser_for(fn).parse_args(argv[4:]))
-    assert list(args["perplexity-summary"]["incontext"]) == list(args["task-summary"]["incontext"]) == []
+    assert args["perplexity-summary"]["incontext"] is None and args["task-summary"]["incontext"] is None
     assert "--incontext" not in out
     assert str(args["perplexity-summary"]["summary"]) == "results/sweeps/summary.parquet"
 

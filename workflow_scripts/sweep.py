@@ -192,14 +192,12 @@ def summarize(params: dict, sweeps: list[Path], csv: Path, parquet: Path) -> Non
 
 
 @step(name="perplexity-summary")
-def perplexity_summary(summary: Path, csv: Path, parquet: Path, incontext: list[Path] = ()) -> None:
+def perplexity_summary(summary: Path, csv: Path, parquet: Path, incontext: Path | None = None) -> None:
     """The perplexity summary: the chosen points' table (--summary, summarize's), with in-context retrieval's
     perplexity beside it (--incontext: the in-context perplexity table, when in-context retrieval ran); both read
     checked against the sha256 they were written with."""
     df = read_table(summary)
-    if len(incontext) > 1:
-        raise ValueError(f"--incontext takes one table, got {len(incontext)}: {[str(f) for f in incontext]}")
-    if incontext:
-        df = method_columns(df, read_table(incontext[0]), ["eval_set", "datastore"], INCONTEXT_COLUMNS,
-                            incontext[0], "incontext_perplexity_table")
+    if incontext is not None:
+        df = method_columns(df, read_table(incontext), ["eval_set", "datastore"], INCONTEXT_COLUMNS, incontext,
+                            "incontext_perplexity_table")
     write_table(df, csv, parquet)

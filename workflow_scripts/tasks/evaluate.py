@@ -413,13 +413,11 @@ def verify_task_cache(params: dict, npz: Path, scored_json: Path, items: Path, m
 
 
 @step
-def task_summary(summaries: list[Path], csv: Path, parquet: Path, incontext: list[Path] = ()) -> None:
+def task_summary(summaries: list[Path], csv: Path, parquet: Path, incontext: Path | None = None) -> None:
     """The task table: base LM vs kNN-LM per (datastore, task), at the perplexity-chosen and the best point; with
     --incontext (the in-context task table, when in-context retrieval ran), in-context retrieval's score and Δ
     beside them, read checked against the sha256 it was written with."""
-    if len(incontext) > 1:
-        raise ValueError(f"--incontext takes one table, got {len(incontext)}: {[str(f) for f in incontext]}")
-    summarize_tasks(summaries, csv, parquet, incontext[0] if incontext else None)
+    summarize_tasks(summaries, csv, parquet, incontext)
 
 
 @step
