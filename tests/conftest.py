@@ -219,7 +219,7 @@ def _run(name: str, request) -> tuple[Path, dict]:
 # datastore, killed runs). Run in turn on the main thread they made the suite wait; marked @background(run), such a
 # test's body runs in a background thread as soon as its run is built (one such body at a time, beside the two run
 # builds), and the test itself, ordered last, waits for it and reports its outcome: its assertions, unchanged.
-_BACKGROUND: dict[str, tuple[str, object]] = {}  # test node name -> (run, body)
+_BACKGROUND: dict[str, tuple[str, object]] = {}  # test function name -> (run, body)
 _TESTS: dict[str, Future] = {}
 _TESTING = threading.Semaphore(1)
 
@@ -231,9 +231,7 @@ def background(run: str):
         _BACKGROUND[body.__name__] = (run, body)
 
         @functools.wraps(body)
-        def test(request, **_):
-            if body.__name__ not in _TESTS:  # not foreseen by the session (e.g. selected with -k after start)
-                _TESTS[body.__name__] = _POOL.submit(_test, body.__name__, request.getfixturevalue("tmp_path_factory"))
+        def test(request, **_):  # the session's _background_runs started the body of every collected one
             return _TESTS[body.__name__].result()
 
         test.__signature__ = inspect.Signature([inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD),
@@ -258,14 +256,13 @@ def _background_runs(request, tmp_path_factory):
     """Start building every run the session's tests read (their fixtures' closure), parents first; at the end,
     stop what is still running (an interrupted or failed session) and the Slurm rerun nobody collected."""
     needed = {n for n in _PARENT if any(f"{n}_run" in i.fixturenames for i in request.session.items)}
-    needed |= {_BACKGROUND[i.originalname][0] for i in request.session.items if i.get_closest_marker("background")}
     for name in list(needed):
         while name := _PARENT[name]:
             needed.add(name)
     for name in filter(needed.__contains__, _PARENT):  # parents come before their children in _PARENT
         _RUNS[name] = _POOL.submit(_build, name, tmp_path_factory, request.session)
-    for item in request.session.items:
-        if item.get_closest_marker("background") and item.originalname not in _TESTS:
+    for item in request.session.items:  # a background test's signature names its run: built above
+        if item.get_closest_marker("background"):
             _TESTS[item.originalname] = _POOL.submit(_test, item.originalname, tmp_path_factory)
     yield
     for proc in list(_LIVE):
