@@ -77,6 +77,33 @@ def test_a_step_defined_twice_is_refused(toy):
         cli.find_steps(toy)
 
 
+def _forget() -> None:
+    """Clear the in-process caches, as a new process starts."""
+    for f in (cli._modules, cli._tree, cli._index, cli.find_steps, cli.step_arguments, cli._imports, cli.code_closure):
+        f.cache_clear()
+
+
+def test_the_index_kept_in_pycache_follows_every_edit_and_survives_damage(toy, monkeypatch):
+    """The steps, arguments and imports are kept in __pycache__ under the package's digest: a new process reads
+    the file instead of parsing, an edited module is another key (its new step is found), and a damaged file is
+    parsed again rather than trusted or fatal."""
+    first = (cli.find_steps(toy), cli.step_arguments("first", toy), cli.code_closure("second-one", toy))
+    kept = list((toy / "__pycache__").glob("steps.*.json"))
+    assert len(kept) == 1
+    _forget()
+    with monkeypatch.context() as m:
+        m.setattr(cli, "_tree", lambda path: pytest.fail(f"parsed {path} although the index was kept"))
+        assert (cli.find_steps(toy), cli.step_arguments("first", toy), cli.code_closure("second-one", toy)) == first
+    (toy / "lonely.py").write_text("from .cli import step\n\n@step\ndef third(x: int = 1):\n    pass\n")
+    _forget()
+    assert cli.find_steps(toy)["third"] == ("lonely", "third", "")
+    now = list((toy / "__pycache__").glob("steps.*.json"))
+    assert len(now) == 1 and now != kept  # the old package's key is dropped
+    now[0].write_text('{"steps": ')  # cut short
+    _forget()
+    assert cli.step_arguments("third", toy) == {"x": ("value", False)}
+
+
 def test_unknown_step_has_no_closure():
     with pytest.raises(KeyError, match="no step 'nope'"):
         cli.code_closure("nope")

@@ -78,9 +78,7 @@ def _step_name(node: ast.FunctionDef) -> str | None:
     return None
 
 
-@functools.cache
-def find_steps(root: Path = PACKAGE) -> dict[str, tuple[str, str, str]]:
-    """Subcommand -> (module, function, first paragraph of its docstring), read from the sources."""
+def _find_steps(root: Path) -> dict[str, tuple[str, str, str]]:
     out: dict[str, tuple[str, str, str]] = {}
     for mod, f in _modules(root).items():
         for node in _tree(f).body:
@@ -94,6 +92,45 @@ def find_steps(root: Path = PACKAGE) -> dict[str, tuple[str, str, str]]:
 
 
 @functools.cache
+def _index(root: Path = PACKAGE) -> dict:
+    """What the Snakefile and the dispatcher read from the sources: the steps, each step's arguments and each
+    module's package imports. Parsing every module takes about 0.5 s, paid by every Snakemake start and every job,
+    so it is kept in ``root/__pycache__`` (as Python keeps its bytecode there) under the sha256 of every module's
+    path and bytes: any edit to the package gives another key, and a file that does not load is ignored."""
+    h = hashlib.sha256()
+    for mod, f in _modules(root).items():
+        h.update(mod.encode() + b"\0" + f.read_bytes() + b"\0")
+    cache = root / "__pycache__" / f"steps.{h.hexdigest()[:32]}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    steps = _find_steps(root)
+    index = {
+        "steps": steps,
+        "args": {name: _step_arguments(root, mod, func) for name, (mod, func, _) in steps.items()},
+        "imports": {mod: _read_imports(root, mod) for mod in _modules(root)},
+    }
+    try:  # written whole, then renamed; the keys of other versions of the package are dropped
+        cache.parent.mkdir(exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, cache)
+        for old in cache.parent.glob("steps.*.json"):
+            if old != cache:
+                old.unlink(missing_ok=True)
+    except OSError:  # a read-only install: parse again next time
+        pass
+    return index
+
+
+@functools.cache
+def find_steps(root: Path = PACKAGE) -> dict[str, tuple[str, str, str]]:
+    """Subcommand -> (module, function, first paragraph of its docstring), read from the sources."""
+    return {name: tuple(v) for name, v in _index(root)["steps"].items()}
+
+
+@functools.cache
 def step_arguments(step_name: str, root: Path = PACKAGE) -> dict[str, tuple[str, bool]]:
     """Argument -> (kind, required) of a step, read from its signature in the source as ``parser_for`` builds the
     command line from it: kind 'params' (``--params JSON``), 'path' (``x: Path``), 'paths' (``list[Path]``) or
@@ -101,7 +138,10 @@ def step_arguments(step_name: str, root: Path = PACKAGE) -> dict[str, tuple[str,
     steps = find_steps(root)
     if step_name not in steps:
         raise KeyError(f"no step {step_name!r}; steps: {', '.join(sorted(steps))}")
-    mod, func, _ = steps[step_name]
+    return {a: (kind, required) for a, (kind, required) in _index(root)["args"][step_name].items()}
+
+
+def _step_arguments(root: Path, mod: str, func: str) -> dict[str, tuple[str, bool]]:
     node = next(n for n in _tree(_modules(root)[mod]).body if isinstance(n, ast.FunctionDef) and n.name == func)
     a = node.args
     positional = a.posonlyargs + a.args
@@ -166,11 +206,14 @@ def code_closure(step_name: str, root: Path = PACKAGE) -> tuple[Path, ...]:
 
 @functools.cache
 def _imports(module: str, root: Path = PACKAGE) -> tuple[str, ...]:
-    """The package modules that ``module``'s import statements load, at any depth of its source (read once: the
-    Snakefile asks for the closure of every step, and most share their modules)."""
+    """The package modules that ``module``'s import statements load, at any depth of its source."""
+    return tuple(_index(root)["imports"][module])
+
+
+def _read_imports(root: Path, module: str) -> list[str]:
     mods = _modules(root)
-    return tuple(sorted({t for node in ast.walk(_tree(mods[module])) if isinstance(node, ast.Import | ast.ImportFrom)
-                         for t in _resolve(module, node, mods)}))
+    return sorted({t for node in ast.walk(_tree(mods[module])) if isinstance(node, ast.Import | ast.ImportFrom)
+                   for t in _resolve(module, node, mods)})
 
 
 def code_hash(step_name: str, root: Path = PACKAGE) -> str:

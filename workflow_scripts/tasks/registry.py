@@ -16,9 +16,7 @@ import json
 import re
 from pathlib import Path
 
-import yaml
-
-from ..config import ConfigError
+from ..config import ConfigError, read_shipped_yaml
 from .metrics import TEXT_METRICS
 
 REGISTRY_PATH = Path(__file__).with_name("registry.yaml")
@@ -43,7 +41,7 @@ class TaskError(ValueError):
 
 @functools.cache
 def _shipped() -> dict:
-    return yaml.safe_load(REGISTRY_PATH.read_text())
+    return read_shipped_yaml(REGISTRY_PATH)
 
 
 def registry(custom: dict | None = None) -> dict:
