@@ -26,6 +26,8 @@ rule passages:
 
 
 # Scores an eval set with in-context retrieval, beside the base LM and the kNN-LM at the chosen point (per token).
+# One thread, as incontext_task: their forward passes over short windows used 1.0-1.1 cores when given two, so a
+# second core claimed from the scheduler sat idle.
 rule incontext_perplexity:
     input:
         cache=rules.retrieve.output.meta,
@@ -43,7 +45,6 @@ rule incontext_perplexity:
         "results/logs/incontext_perplexity/{evalset}/{ds}.log",
     benchmark:
         "results/benchmarks/incontext_perplexity/{evalset}/{ds}.tsv"
-    threads: 2
     resources:
         gpu=GPU,
     params:
@@ -86,7 +87,6 @@ rule incontext_task:
         "results/logs/incontext_task/{ds}/{task}.log",
     benchmark:
         "results/benchmarks/incontext_task/{ds}/{task}.tsv"
-    threads: 2
     resources:
         gpu=GPU,
     params:
