@@ -99,9 +99,10 @@ def test_the_index_kept_in_pycache_follows_every_edit_and_survives_damage(toy, m
     assert cli.find_steps(toy)["third"] == ("lonely", "third", "")
     now = list((toy / "__pycache__").glob("steps.*.json"))
     assert len(now) == 1 and now != kept  # the old package's key is dropped
-    now[0].write_text('{"steps": ')  # cut short
-    _forget()
-    assert cli.step_arguments("third", toy) == {"x": ("value", False)}
+    for damaged in ('{"steps": ', "[]", '{"steps": {}, "args": {}, "imports": {}}'):  # cut short, not an index, empty
+        now[0].write_text(damaged)
+        _forget()
+        assert cli.step_arguments("third", toy) == {"x": ("value", False)}
 
 
 def test_unknown_step_has_no_closure():

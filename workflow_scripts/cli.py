@@ -79,6 +79,7 @@ def _step_name(node: ast.FunctionDef) -> str | None:
 
 
 def _find_steps(root: Path) -> dict[str, tuple[str, str, str]]:
+    """``find_steps`` read from the sources."""
     out: dict[str, tuple[str, str, str]] = {}
     for mod, f in _modules(root).items():
         for node in _tree(f).body:
@@ -96,20 +97,25 @@ def _index(root: Path = PACKAGE) -> dict:
     """What the Snakefile and the dispatcher read from the sources: the steps, each step's arguments and each
     module's package imports. Parsing every module takes about 0.5 s, paid by every Snakemake start and every job,
     so it is kept in ``root/__pycache__`` (as Python keeps its bytecode there) under the sha256 of every module's
-    path and bytes: any edit to the package gives another key, and a file that does not load is ignored."""
+    path and bytes: any edit to the package gives another key, and a file that does not load, or lacks a step or
+    module, is ignored."""
+    mods = _modules(root)
     h = hashlib.sha256()
-    for mod, f in _modules(root).items():
+    for mod, f in mods.items():
         h.update(mod.encode() + b"\0" + f.read_bytes() + b"\0")
     cache = root / "__pycache__" / f"steps.{h.hexdigest()[:32]}.json"
     try:
-        return json.loads(cache.read_text())
-    except (OSError, ValueError):
+        kept = json.loads(cache.read_text())
+        if kept.keys() == {"steps", "args", "imports"} and kept["args"].keys() == kept["steps"].keys() \
+                and kept["imports"].keys() == mods.keys():
+            return kept
+    except (OSError, ValueError, AttributeError):
         pass
     steps = _find_steps(root)
     index = {
         "steps": steps,
         "args": {name: _step_arguments(root, mod, func) for name, (mod, func, _) in steps.items()},
-        "imports": {mod: _read_imports(root, mod) for mod in _modules(root)},
+        "imports": {mod: _read_imports(root, mod) for mod in mods},
     }
     try:  # written whole, then renamed; the keys of other versions of the package are dropped
         cache.parent.mkdir(exist_ok=True)
