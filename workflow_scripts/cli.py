@@ -111,12 +111,7 @@ def _index(root: Path = PACKAGE) -> dict:
             return kept
     except (OSError, ValueError, AttributeError):
         pass
-    steps = _find_steps(root)
-    index = {
-        "steps": steps,
-        "args": {name: _step_arguments(root, mod, func) for name, (mod, func, _) in steps.items()},
-        "imports": {mod: _read_imports(root, mod) for mod in mods},
-    }
+    index = _parse_index(root)
     try:  # written whole, then renamed; the keys of other versions of the package are dropped
         cache.parent.mkdir(exist_ok=True)
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
@@ -128,6 +123,16 @@ def _index(root: Path = PACKAGE) -> dict:
     except OSError:  # a read-only install: parse again next time
         pass
     return index
+
+
+def _parse_index(root: Path) -> dict:
+    """``_index`` read from the sources."""
+    steps = _find_steps(root)
+    return {
+        "steps": steps,
+        "args": {name: _step_arguments(root, mod, func) for name, (mod, func, _) in steps.items()},
+        "imports": {mod: _read_imports(root, mod) for mod in _modules(root)},
+    }
 
 
 @functools.cache
