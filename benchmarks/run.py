@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from workflow_scripts import cli, datastore, forward, index, knnlm, lm, retrieval_cache  # noqa: E402
-from workflow_scripts.artifacts import atomic_path, open_npy_for_writing, save_npy, write_json  # noqa: E402
+from workflow_scripts.artifacts import save_npy, write_json  # noqa: E402
 from workflow_scripts.extraction import extract_shard  # noqa: E402
 
 THREADS, VOCAB, BLOCK, BATCH, K, SHARDS = 2, 2048, 128, 32, 2048, 2
@@ -121,15 +121,10 @@ def log(msg: str) -> None:
 
 
 def search_and_write(idx, ds, queries, exact: bool, outdir: Path, extra: dict) -> None:
-    """index.search, then the cache arrays written as ``retrieval.retrieve`` writes them."""
+    """index.search, then the cache written by ``retrieval_cache.write_cache``, as ``retrieval.retrieve`` does
+    (each array saved and hashed, then meta.json)."""
     dists, ids = index.search(idx, ds, queries, K, exact=exact)
-    arrays = {**extra, "dists": dists, "vals": ds.gather_vals(ids), "ids": ids}
-    for name, arr in arrays.items():
-        with atomic_path(outdir / f"{name}.npy", ".npy") as tmp:
-            out = open_npy_for_writing(tmp, retrieval_cache.CACHE_FILES[name][0], arr.shape)
-            out[:] = arr
-            out.flush()
-            del out
+    retrieval_cache.write_cache(outdir, {**extra, "dists": dists, "vals": ds.gather_vals(ids), "ids": ids}, {})
 
 
 # ------------------------------------------------------------------------------------------------ inputs

@@ -339,11 +339,10 @@ class Datastore:
         if len(parts) == 1:
             out[:] = parts[0][flat]
             return out
-        shard = np.searchsorted(self.offsets, flat, side="right") - 1
-        for s in range(len(parts)):  # a mask per shard: no sort of the ids (np.unique) on every call
-            m = shard == s
+        for s in range(len(parts)):  # a mask per shard's row range: no sort of the ids, no search of the offsets
+            m = (flat >= self.offsets[s]) & (flat < self.offsets[s + 1])
             if m.any():
-                out[m] = parts[s][flat[m] - self.offsets[s]]
+                out[m] = np.asarray(parts[s])[flat[m] - self.offsets[s]]
         return out
 
     def gather_keys(self, ids: np.ndarray) -> np.ndarray:
