@@ -79,7 +79,7 @@ def test_a_step_defined_twice_is_refused(toy):
 
 def _forget() -> None:
     """Clear the in-process caches, as a new process starts."""
-    for f in (cli._modules, cli._tree, cli._index, cli.find_steps, cli.step_arguments, cli._imports, cli.code_closure):
+    for f in (cli._modules, cli._tree, cli._index, cli.find_steps, cli.step_arguments, cli.code_closure):
         f.cache_clear()
 
 

@@ -211,17 +211,12 @@ def code_closure(step_name: str, root: Path = PACKAGE) -> tuple[Path, ...]:
             continue
         seen.add(m)
         todo += [".".join(m.split(".")[:i]) for i in range(len(m.split(".")))]  # importing a.b runs a/__init__
-        todo += _imports(m, root)
+        todo += _index(root)["imports"][m]
     return tuple(sorted(mods[m] for m in seen))
 
 
-@functools.cache
-def _imports(module: str, root: Path = PACKAGE) -> tuple[str, ...]:
-    """The package modules that ``module``'s import statements load, at any depth of its source."""
-    return tuple(_index(root)["imports"][module])
-
-
 def _read_imports(root: Path, module: str) -> list[str]:
+    """The package modules that ``module``'s import statements load, at any depth of its source."""
     mods = _modules(root)
     return sorted({t for node in ast.walk(_tree(mods[module])) if isinstance(node, ast.Import | ast.ImportFrom)
                    for t in _resolve(module, node, mods)})

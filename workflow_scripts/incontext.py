@@ -267,8 +267,6 @@ def read_scored(record_json) -> tuple[dict, pl.DataFrame]:
     return record, read_table(parquet)
 
 
-
-
 def perplexity_table(records: list, p: dict) -> pl.DataFrame:
     """Per (eval set, datastore, method): the perplexity with a 95% block-bootstrap interval, and Δ mean NLL
     against the base LM with its interval (resampling whole windows, as the scaling study does)."""
