@@ -122,6 +122,11 @@ def is_exact(index) -> bool:
 # BLAS_BLOCK (and ends on one, or at the datastore's end) is computed exactly as the same rows of one index over
 # the whole datastore: that is why the ranges below are cut there and not at the shard boundaries.
 BLAS_BLOCK = int(faiss.cvar.distance_compute_blas_database_bs)
+# FAISS has two exact L2 searches: a per-pair SIMD loop for small calls (queries x dim below
+# distance_compute_blas_threshold, 128000 in FAISS 1.15: under 1000 queries at dim 128) and the GEMM above it. The
+# loop ran 2.5-4x slower here (10.7 vs 24-44 GMAC/s on 2 cores, FAISS's generic CPU build) and rounds differently,
+# so a search's floats depended on how many queries a call held. Every exact search of this process takes the GEMM.
+faiss.cvar.distance_compute_blas_threshold = 0
 RANGE_BYTES = memory.RANGE_BYTES  # float32 keys of one range held at a time by the sharded exact search
 
 
