@@ -1,5 +1,5 @@
 # Paper 2, §4 (workflow_scripts/analyses/macondo_data.py, macondo.py, tables.py): one Macondo dataset per seed, the
-# model fine-tuned on it, each checkpoint's datastore and MLP, the LM / kNN-LM / MLP-LM scores of the children's
+# model fine-tuned on it, each checkpoint's datastore (and MLP), the LM / kNN-LM / MLP-LM scores of the children's
 # names, the tables.
 
 
@@ -53,23 +53,24 @@ rule macondo_finetune:
         step("macondo-finetune")
 
 
-# Builds one checkpoint's memory: its datastore over the training sentences (Flat index) and the MLP trained on
-# the datastore's pairs (paper 2, App. D), in one job (each was too small for a job of its own).
+# Builds one point's memory: its datastore over the training sentences (Flat index) and the MLP trained on the
+# datastore's pairs (paper 2, App. D), in one job (each was too small for a job of its own). At the fine-tuned model,
+# and at every checkpoint with analyses.macondo.checkpoint_mlp.
 rule macondo_memory:
     input:
         model_json=f"{MACONDO_SEED}/{{at}}/lm/model.json",
         train=f"{MACONDO_SEED}/data/train.parquet",
     output:
         **table(f"{MACONDO_SEED}/{{at}}/mlp/loss", name="loss"),
-        manifest=f"{MACONDO_SEED}/{{at}}/datastore/manifest.json",
-        index=f"{MACONDO_SEED}/{{at}}/datastore/index.faiss",
-        index_meta=f"{MACONDO_SEED}/{{at}}/datastore/index.json",
+        **MACONDO_DATASTORE,
         mlp=f"{MACONDO_SEED}/{{at}}/mlp/mlp.pt",
         mlp_json=f"{MACONDO_SEED}/{{at}}/mlp/mlp.json",
     log:
         "results/logs/macondo_memory/{model}/{seed}/{at}.log",
     benchmark:
         "results/benchmarks/macondo_memory/{model}/{seed}/{at}.tsv"
+    wildcard_constraints:
+        at=one_of(MACONDO_MLP_AT),
     threads: 1
     params:
         p=lambda w: as_json({"mlp": MACONDO["mlp"], "seed": int(w.seed)}),
@@ -77,16 +78,34 @@ rule macondo_memory:
         step("macondo-memory")
 
 
-# Scores the children's names on one seed's test sentences with the LM, the kNN-LM and the MLP-LM, at the
-# fine-tuned model and at every checkpoint (one job a seed: each checkpoint's scoring takes seconds).
+# Builds the datastore of a checkpoint without an MLP (analyses.macondo.checkpoint_mlp false, the default).
+rule macondo_datastore:
+    input:
+        model_json=f"{MACONDO_SEED}/{{at}}/lm/model.json",
+        train=f"{MACONDO_SEED}/data/train.parquet",
+    output:
+        **MACONDO_DATASTORE,
+    log:
+        "results/logs/macondo_datastore/{model}/{seed}/{at}.log",
+    benchmark:
+        "results/benchmarks/macondo_datastore/{model}/{seed}/{at}.tsv"
+    wildcard_constraints:
+        at=one_of(sorted(set(MACONDO_AT) - set(MACONDO_MLP_AT))),
+    threads: 1
+    shell:
+        step("macondo-datastore")
+
+
+# Scores the children's names on one seed's test sentences with the LM, the kNN-LM and (where it has one) the MLP-LM,
+# at the fine-tuned model and at every checkpoint (one job a seed: each checkpoint's scoring takes seconds).
 rule macondo_eval:
     input:
         model_json=macondo_at("lm/model.json"),
         manifest=macondo_at("datastore/manifest.json"),
         index=macondo_at("datastore/index.faiss"),
         index_meta=macondo_at("datastore/index.json"),
-        mlp=macondo_at("mlp/mlp.pt"),
-        mlp_json=macondo_at("mlp/mlp.json"),
+        mlp=macondo_at("mlp/mlp.pt", MACONDO_MLP_AT),
+        mlp_json=macondo_at("mlp/mlp.json", MACONDO_MLP_AT),
         test=f"{MACONDO_SEED}/data/test.parquet",
     output:
         parquet=macondo_at("scores.parquet"),

@@ -5,12 +5,14 @@ and the analyses stages end to end on a copy of the micro run."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
 import transformers as tf
+import yaml
 from conftest import ROOT, SpacedTok, cache_arrays, job_stats, p_knn_by_hand, snakemake, write_cache
 
 from workflow_scripts import forward, knnlm, lm
@@ -364,7 +366,8 @@ def test_analyses_run_on_the_backbone_without_rebuilding_it(analyses_run):
     assert jobs["train_lm"] == 1  # micro-long only: the backbone's model, datastore and caches are reused
     assert not {"extract_keys", "merge_index", "retrieve"} & set(jobs)
     assert jobs["macondo_finetune"] == 1
-    assert jobs["macondo_memory"] == 3  # the fine-tuned model and checkpoints 0 and 5: a datastore and MLP each
+    assert jobs["macondo_memory"] == 1  # the fine-tuned model: a datastore and an MLP
+    assert jobs["macondo_datastore"] == 2  # checkpoints 0 and 5: a datastore each (checkpoint_mlp false)
     assert jobs["macondo_eval"] == 1  # one seed, scored at all three
     assert jobs["macondo_data"] == 3  # the hurdle (micro-gpt2) gets Macondo in its own tokenizer, one per seed
     assert jobs["hurdle"] == 8 and jobs["hurdle_table"] == 2 and jobs["projection"] == 1 and jobs["mlp_eval"] == 1
@@ -390,6 +393,12 @@ def test_analyses_tables(analyses_run):
     assert last == pytest.approx(mac.filter(pl.col("children") == "average")["lm"][0])
     step0 = pl.read_parquet(work / "results/macondo/micro-long/seed0/step0/scores.parquet")
     assert not step0["lm"].equals(scores["lm"])  # the model before fine-tuning scores differently
+    # the MLP-LM at the fine-tuned model only: empty at the checkpoints, in the scores and the curve
+    assert step0["mlp_lm"].null_count() == len(step0) and scores["mlp_lm"].null_count() == 0
+    assert not (work / "results/macondo/micro-long/seed0/step0/mlp").exists()
+    assert curve.filter(pl.col("step") < 10)["mlp_lm"].null_count() == len(curve.filter(pl.col("step") < 10))
+    assert curve.filter(pl.col("step") == 10)["mlp_lm"].null_count() == 0
+    assert not step0["knn_lm"].equals(step0["lm"])  # the checkpoint's kNN-LM is there
     proj = pl.read_csv(work / "results/tables/projection.csv")
     assert proj["point"].unique(maintain_order=True).to_list()[0] == "given: λ=0.25, k=16, σ=1"
     assert proj["point"].unique().str.starts_with("chosen on valid").sum() == 1
@@ -416,12 +425,38 @@ def test_analyses_tables(analyses_run):
         assert (work / f"results/figures/{name}.png").stat().st_size > 1000
 
 
+def test_checkpoint_mlp_gives_every_checkpoint_its_mlp(tmp_path):
+    """analyses.macondo.checkpoint_mlp: true makes every checkpoint's memory a datastore and an MLP (macondo_memory),
+    and the seed's evaluation reads each one's MLP, in the order of its checkpoints."""
+    cfg = yaml.safe_load((ROOT / "tests/configs/analyses.yaml").read_text())
+    cfg["analyses"]["macondo"]["checkpoint_mlp"] = True
+    (tmp_path / "on.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "on.yaml"))
+    jobs = job_stats(proc.stdout)
+    assert jobs["macondo_memory"] == 3 and "macondo_datastore" not in jobs
+    cmd = next(line for line in proc.stdout.splitlines() if "workflow_scripts macondo-eval" in line)
+    seed = "results/macondo/micro-long/seed0"
+    assert f"--mlp {seed}/final/mlp/mlp.pt {seed}/step0/mlp/mlp.pt {seed}/step5/mlp/mlp.pt " in cmd
+    assert '"mlp_at": ["final", "step0", "step5"]' in cmd
+
+
+def test_macondo_eval_refuses_mlp_lists_that_do_not_match_mlp_at():
+    params = {"at": ["final", "step0"], "mlp_at": ["final"], "seed": 0}
+    two = [Path("a"), Path("b")]
+    with pytest.raises(ValueError, match=r"--mlp: 2, --mlp-json: 2"):
+        macondo_lm.macondo_eval(params, two, two, two, two, two, two, Path("t"), two, two)
+    with pytest.raises(ValueError, match="mlp_at is not a subset of at"):
+        macondo_lm.macondo_eval({**params, "mlp_at": ["step9"]}, two, two, two, two, [Path("a")], [Path("a")],
+                                Path("t"), two, two)
+
+
 def test_paper2_preset_builds_its_dag_offline(tmp_path):
     """The paper-scale preset: WikiText-103 + a 16-layer LM trained in chunks, GPT-2 XL on Macondo, 5 seeds
     evaluated at the fine-tuned model and Table 5's nine checkpoints, the hurdle in GPT-2 small's shape."""
     proc = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "experiments/paper2.yaml"))
     jobs = job_stats(proc.stdout)
-    assert jobs["macondo_finetune"] == jobs["macondo_eval"] == 5 and jobs["macondo_memory"] == 5 * 10
+    assert jobs["macondo_finetune"] == jobs["macondo_eval"] == 5 and jobs["macondo_memory"] == 5
+    assert jobs["macondo_datastore"] == 5 * 9  # no MLP at the checkpoints (the paper's Figure 1 has none)
     assert jobs["hurdle"] == 20 and jobs["macondo_data"] == 5 + 5  # GPT-2 XL's and the hurdle's tokenizer, per seed
     assert jobs["train_tokenizer"] == 2  # wt103-16l and the hurdle's gpt2-small-shape, which is never trained
     assert jobs["train_lm_chunk"] == 7 and jobs["train_lm"] == 1 and jobs["extract_keys"] == 32

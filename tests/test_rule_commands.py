@@ -220,8 +220,8 @@ def _threads_by_step(output: str) -> dict[str, set[str]]:
             for argv in _commands(output) if "--threads" in argv}
 
 
-ONE_THREAD_STEPS = {"extract-keys", "merge-index", "hurdle", "macondo-finetune", "macondo-memory", "macondo-eval",
-                    "incontext-perplexity", "incontext-task"}
+ONE_THREAD_STEPS = {"extract-keys", "merge-index", "hurdle", "macondo-finetune", "macondo-memory", "macondo-datastore",
+                    "macondo-eval", "incontext-perplexity", "incontext-task"}
 
 
 @pytest.mark.slow  # several Snakemake DAG builds: over 5 s

@@ -8,6 +8,15 @@ MACONDO_CHECKPOINTS = sorted((MACONDO or {}).get("checkpoints", []))
 MACONDO_AT = ["final", *[f"step{s}" for s in MACONDO_CHECKPOINTS]]
 
 
+# the points that get an MLP beside their datastore (macondo_memory); the others a datastore only (macondo_datastore)
+MACONDO_MLP_AT = MACONDO_AT if (MACONDO or {}).get("checkpoint_mlp") else ["final"]
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly ``names`` (none: nothing)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
 def macondo_dir(seed):
     return f"results/macondo/{MACONDO['model']}/seed{seed}"
 
@@ -17,7 +26,9 @@ MACONDO_SEED = "results/macondo/{model}/seed{seed}"  # one seed's dataset, fine-
 
 def macondo_eval_params(wildcards):
     p = {k: MACONDO[k] for k in ("knn", "mlp_lambda")}
-    return as_json(p | {"seed": int(wildcards.seed), "at": MACONDO_AT})
+    return as_json(
+        p | {"seed": int(wildcards.seed), "at": MACONDO_AT, "mlp_at": MACONDO_MLP_AT}
+    )
 
 
 def macondo_seeds(rel):
@@ -29,7 +40,15 @@ def macondo_seeds(rel):
     ]
 
 
-def macondo_at(rel):
-    """A Macondo seed's file ``rel`` at the fine-tuned model and at every checkpoint, in MACONDO_AT's order
-    ({model} and {seed} left as wildcards)."""
-    return [f"{MACONDO_SEED}/{at}/{rel}" for at in MACONDO_AT]
+def macondo_at(rel, at=None):
+    """A Macondo seed's file ``rel`` at each point of ``at`` (default MACONDO_AT: the fine-tuned model and every
+    checkpoint), in that order ({model} and {seed} left as wildcards)."""
+    return [f"{MACONDO_SEED}/{a}/{rel}" for a in (at or MACONDO_AT)]
+
+
+# one point's datastore over its seed's training sentences, made by macondo_memory or macondo_datastore
+MACONDO_DATASTORE = {
+    "manifest": f"{MACONDO_SEED}/{{at}}/datastore/manifest.json",
+    "index": f"{MACONDO_SEED}/{{at}}/datastore/index.faiss",
+    "index_meta": f"{MACONDO_SEED}/{{at}}/datastore/index.json",
+}

@@ -168,6 +168,8 @@ def comparison(
             ref = P["macondo"]["by_children"].get(key, {})  # no paper number for the item mean
             label = f"{r['children']} children" if r["n_children"] is not None else r["children"]
             for c, name in VARIANTS.items():
+                if r[c] is None:  # no MLP at this checkpoint (analyses.macondo.checkpoint_mlp false)
+                    continue
                 theirs = ref.get(paper_name.get(c, ""))
                 add("Macondo", f"log-likelihood, {label}: {name}", r[c], f"{s}{reading.get(c, '')}; {r['at']}", theirs,
                     ps)

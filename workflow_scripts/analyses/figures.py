@@ -34,11 +34,13 @@ def macondo(table, png, pdf) -> None:
 
 def macondo_curve(table, png, pdf) -> None:
     """Figure 1 analogue: log-likelihood of the child's name over fine-tuning steps, one line per number of
-    children, one panel per variant; the perfect log(1/n) as horizontal lines of the same colour."""
+    children, one panel per variant scored at every step (the MLP-LM only with analyses.macondo.checkpoint_mlp);
+    the perfect log(1/n) as horizontal lines of the same colour."""
     df = pl.read_parquet(table).filter(pl.col("n_children").is_not_null())
     groups = sorted(df["n_children"].unique())
-    fig, axes = plt.subplots(1, len(VARIANTS), figsize=(3.6 * len(VARIANTS), 3.6), sharey=True)
-    for ax, (c, name) in zip(axes, VARIANTS.items(), strict=True):
+    shown = {c: name for c, name in VARIANTS.items() if df[c].null_count() == 0}
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.6), sharey=True)
+    for ax, (c, name) in zip(axes, shown.items(), strict=True):
         for i, n in enumerate(groups):
             sub = df.filter(pl.col("n_children") == n).sort("step")
             ax.plot(sub["step"], sub[c], "-o", ms=3, color=f"C{i}", label=f"{n} children")

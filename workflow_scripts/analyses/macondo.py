@@ -149,7 +149,7 @@ def build_datastore(identity_json, train_parquet, manifest, index_path, index_me
 def evaluate(identity_json, manifest, index_path, index_meta, test_parquet, mlp_pt, mlp_json, p: dict, csv, parquet,
              threads: int = 1):
     """log p(child | "[villager], is the parent of") per test item under the LM, the kNN-LM (λ = knn.lambda on
-    p_knn, and 1 − λ: paper 2's λ read on p_lm) and the MLP-LM."""
+    p_knn, and 1 − λ: paper 2's λ read on p_lm) and the MLP-LM (none without ``mlp_pt``: its column empty)."""
     k, lam, sigma = p["knn"]["k"], p["knn"]["lambda"], p["knn"]["sigma"]
     model, tok, ident, ds, idx, imeta = open_retriever(
         identity_json,
@@ -171,12 +171,16 @@ def evaluate(identity_json, manifest, index_path, index_meta, test_parquet, mlp_
     dists, ids = search(idx, ds, q, k, imeta["exact"])
     lm_lp, targets = np.concatenate(lm_lp).astype(np.float64), np.asarray(targets)
     knn = knnlm.knn_target_logprobs(dists, ds.gather_vals(ids), targets, [k], sigma)[k]
-    mlp = mlp_lm.load(mlp_pt, mlp_json, model.get_output_embeddings().weight.detach().float())  # loaded once
-    lp_mlp = mlp_lm.logprobs(mlp, q, targets)
+    if mlp_pt is not None:
+        mlp = mlp_lm.load(mlp_pt, mlp_json, model.get_output_embeddings().weight.detach().float())  # loaded once
+        lp_mlp = mlp_lm.logprobs(mlp, q, targets)
     tok_item = np.asarray(tok_item)
 
     def per_item(lp):
         return np.bincount(tok_item, weights=lp, minlength=len(seqs))
+
+    mlp_scores = (per_item(knnlm.interpolate(lm_lp, lp_mlp, p["mlp_lambda"])) if mlp_pt is not None
+                  else [None] * len(seqs))  # a checkpoint without an MLP (analyses.macondo.checkpoint_mlp)
 
     df = test.select("villager", "child", "n_children").with_columns(
         pl.lit(p["seed"]).alias("seed"),
@@ -184,16 +188,12 @@ def evaluate(identity_json, manifest, index_path, index_meta, test_parquet, mlp_
         pl.Series("lm", per_item(lm_lp)),
         pl.Series("knn_lm", per_item(knnlm.interpolate(lm_lp, knn, lam))),
         pl.Series("knn_lm_literal", per_item(knnlm.interpolate(lm_lp, knn, 1 - lam))),
-        pl.Series("mlp_lm", per_item(knnlm.interpolate(lm_lp, lp_mlp, p["mlp_lambda"]))),
+        pl.Series("mlp_lm", mlp_scores, dtype=pl.Float64),
         pl.Series("n_tokens", np.bincount(tok_item, minlength=len(seqs))),
     )
     write_table(df, csv, parquet)
-    log.info(
-        "mean log-likelihood: LM %.3f, kNN-LM %.3f, MLP-LM %.3f",
-        df["lm"].mean(),
-        df["knn_lm"].mean(),
-        df["mlp_lm"].mean(),
-    )
+    log.info("mean log-likelihood: LM %.3f, kNN-LM %.3f, MLP-LM %s", df["lm"].mean(), df["knn_lm"].mean(),
+             "-" if mlp_pt is None else f"{df['mlp_lm'].mean():.3f}")
     return df
 
 
@@ -228,19 +228,30 @@ def macondo_memory(
 
 
 @step
+def macondo_datastore(model_json: Path, train: Path, manifest: Path, index: Path, index_meta: Path,
+                      threads: int = 1) -> None:
+    """One checkpoint's datastore over the training sentences (shard beside --manifest, Flat index), no MLP."""
+    build_datastore(model_json, train, manifest, index, index_meta, threads)
+
+
+@step
 def macondo_eval(
     params: dict, model_json: list[Path], manifest: list[Path], index: list[Path], index_meta: list[Path],
     mlp: list[Path], mlp_json: list[Path], test: Path, parquet: list[Path], csv: list[Path], threads: int = 1,
 ) -> None:
     """Score the children's names on one seed's test sentences with the LM, the kNN-LM and the MLP-LM, at each
-    checkpoint of params.at in turn (every list argument in that order)."""
+    checkpoint of params.at in turn (every list argument in that order; --mlp and --mlp-json: the checkpoints of
+    params.mlp_at, in that order; the others' MLP-LM column is empty)."""
     lm.torch_threads(threads)
-    ats = params["at"]
-    lists = {"model-json": model_json, "manifest": manifest, "index": index, "index-meta": index_meta, "mlp": mlp,
-             "mlp-json": mlp_json, "parquet": parquet, "csv": csv}
+    ats, mlp_at = params["at"], params["mlp_at"]
+    lists = {"model-json": model_json, "manifest": manifest, "index": index, "index-meta": index_meta,
+             "parquet": parquet, "csv": csv}
     wrong = [f"--{k}: {len(v)}" for k, v in lists.items() if len(v) != len(ats)]
-    if wrong:
-        raise ValueError(f"macondo-eval: params.at names {len(ats)} checkpoints, but {', '.join(wrong)} paths")
+    wrong += [f"--{k}: {len(v)}" for k, v in (("mlp", mlp), ("mlp-json", mlp_json)) if len(v) != len(mlp_at)]
+    if wrong or not set(mlp_at) <= set(ats):
+        raise ValueError(f"macondo-eval: params.at names {len(ats)} checkpoints and params.mlp_at {mlp_at} (of them), "
+                         f"but {', '.join(wrong) or 'mlp_at is not a subset of at'}")
+    mlps = dict(zip(mlp_at, zip(mlp, mlp_json, strict=True), strict=True))
     for i, at in enumerate(ats):
-        evaluate(model_json[i], manifest[i], index[i], index_meta[i], test, mlp[i], mlp_json[i],
+        evaluate(model_json[i], manifest[i], index[i], index_meta[i], test, *mlps.get(at, (None, None)),
                  {**params, "at": at}, csv[i], parquet[i], threads)
