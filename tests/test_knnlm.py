@@ -519,9 +519,7 @@ def test_search_pq_keeps_faiss_distances_and_order_exact_recomputes_them():
     index.add(xb)
     index.nprobe = 3
     K = 12
-    # as search() calls it, 8 queries at a time: FAISS's GEMM distances (the coarse quantizer's too) round by call
-    calls = [index.search(q[a : a + 8], K) for a in range(0, len(q), 8)]
-    raw_d, raw_i = np.concatenate([d for d, _ in calls]), np.concatenate([i for _, i in calls])
+    raw_d, raw_i = index.search(q, K)
     ds = KeyStore(xb)
     pq_d, pq_i = search(index, ds, q, K, exact=False, batch=8, distances="pq")
     assert ds.calls == 0  # no key is read back

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -122,11 +123,22 @@ def is_exact(index) -> bool:
 # BLAS_BLOCK (and ends on one, or at the datastore's end) is computed exactly as the same rows of one index over
 # the whole datastore: that is why the ranges below are cut there and not at the shard boundaries.
 BLAS_BLOCK = int(faiss.cvar.distance_compute_blas_database_bs)
-# FAISS has two exact L2 searches: a per-pair SIMD loop for small calls (queries x dim below
-# distance_compute_blas_threshold, 128000 in FAISS 1.15: under 1000 queries at dim 128) and the GEMM above it. The
-# loop ran 2.5-4x slower here (10.7 vs 24-44 GMAC/s on 2 cores, FAISS's generic CPU build) and rounds differently,
-# so a search's floats depended on how many queries a call held. Every exact search of this process takes the GEMM.
-faiss.cvar.distance_compute_blas_threshold = 0
+
+
+@contextmanager
+def gemm_distances():
+    """Within the block, FAISS computes every exact L2 search by its GEMM (|x|^2 + |y|^2 - 2 x.y), whatever the
+    number of queries in a call. Outside, a call of fewer than distance_compute_blas_threshold / dim queries (1000
+    at dim 128 in FAISS 1.15) takes a per-pair loop: exact for each pair and independent of the call's queries and
+    threads, but 2.5-4x slower here (benchmarks/run.py, measure 9). The GEMM's last bits depend on the call's
+    queries and on the thread count, as they already do in retrieve's calls of 1024 queries; the scaling study's
+    exactness and rerun tests rely on the loop, so only task scoring (blocks of about 950 queries) uses this."""
+    old = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = 0
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = old
 RANGE_BYTES = memory.RANGE_BYTES  # float32 keys of one range held at a time by the sharded exact search
 
 
