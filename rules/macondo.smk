@@ -58,8 +58,7 @@ rule macondo_finetune:
 # and at every checkpoint with analyses.macondo.checkpoint_mlp.
 rule macondo_memory:
     input:
-        model_json=f"{MACONDO_SEED}/{{at}}/lm/model.json",
-        train=f"{MACONDO_SEED}/data/train.parquet",
+        **MACONDO_DATASTORE_INPUTS,
     output:
         **table(f"{MACONDO_SEED}/{{at}}/mlp/loss", name="loss"),
         **MACONDO_DATASTORE,
@@ -81,8 +80,7 @@ rule macondo_memory:
 # Builds the datastore of a checkpoint without an MLP (analyses.macondo.checkpoint_mlp false, the default).
 rule macondo_datastore:
     input:
-        model_json=f"{MACONDO_SEED}/{{at}}/lm/model.json",
-        train=f"{MACONDO_SEED}/data/train.parquet",
+        **MACONDO_DATASTORE_INPUTS,
     output:
         **MACONDO_DATASTORE,
     log:
@@ -90,7 +88,7 @@ rule macondo_datastore:
     benchmark:
         "results/benchmarks/macondo_datastore/{model}/{seed}/{at}.tsv"
     wildcard_constraints:
-        at=one_of(sorted(set(MACONDO_AT) - set(MACONDO_MLP_AT))),
+        at=one_of(MACONDO_DATASTORE_AT),
     threads: 1
     shell:
         step("macondo-datastore")

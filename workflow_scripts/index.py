@@ -117,14 +117,6 @@ def is_exact(index) -> bool:
     return isinstance(faiss.downcast_index(index), faiss.IndexFlat) and index.metric_type == faiss.METRIC_L2
 
 
-# ------------------------------------------------------------------------------------------ sharded exact search
-# FAISS's exact search computes distances block by block of BLAS_BLOCK database rows (a GEMM per block), and the
-# float32 result for a key depends on where it sits in its block. A range of rows that starts on a multiple of
-# BLAS_BLOCK (and ends on one, or at the datastore's end) is computed exactly as the same rows of one index over
-# the whole datastore: that is why the ranges below are cut there and not at the shard boundaries.
-BLAS_BLOCK = int(faiss.cvar.distance_compute_blas_database_bs)
-
-
 @contextmanager
 def gemm_distances():
     """Within the block, FAISS computes every exact L2 search by its GEMM (|x|^2 + |y|^2 - 2 x.y), whatever the
@@ -139,6 +131,14 @@ def gemm_distances():
         yield
     finally:
         faiss.cvar.distance_compute_blas_threshold = old
+
+
+# ------------------------------------------------------------------------------------------ sharded exact search
+# FAISS's exact search computes distances block by block of BLAS_BLOCK database rows (a GEMM per block), and the
+# float32 result for a key depends on where it sits in its block. A range of rows that starts on a multiple of
+# BLAS_BLOCK (and ends on one, or at the datastore's end) is computed exactly as the same rows of one index over
+# the whole datastore: that is why the ranges below are cut there and not at the shard boundaries.
+BLAS_BLOCK = int(faiss.cvar.distance_compute_blas_database_bs)
 RANGE_BYTES = memory.RANGE_BYTES  # float32 keys of one range held at a time by the sharded exact search
 
 

@@ -10,6 +10,7 @@ MACONDO_AT = ["final", *[f"step{s}" for s in MACONDO_CHECKPOINTS]]
 
 # the points that get an MLP beside their datastore (macondo_memory); the others a datastore only (macondo_datastore)
 MACONDO_MLP_AT = MACONDO_AT if (MACONDO or {}).get("checkpoint_mlp") else ["final"]
+MACONDO_DATASTORE_AT = [at for at in MACONDO_AT if at not in MACONDO_MLP_AT]
 
 
 def one_of(names):
@@ -46,7 +47,12 @@ def macondo_at(rel, at=None):
     return [f"{MACONDO_SEED}/{a}/{rel}" for a in (at or MACONDO_AT)]
 
 
-# one point's datastore over its seed's training sentences, made by macondo_memory or macondo_datastore
+# what one point's datastore is made from (its model and its seed's training sentences), and the datastore, made by
+# macondo_memory or macondo_datastore
+MACONDO_DATASTORE_INPUTS = {
+    "model_json": f"{MACONDO_SEED}/{{at}}/lm/model.json",
+    "train": f"{MACONDO_SEED}/data/train.parquet",
+}
 MACONDO_DATASTORE = {
     "manifest": f"{MACONDO_SEED}/{{at}}/datastore/manifest.json",
     "index": f"{MACONDO_SEED}/{{at}}/datastore/index.faiss",

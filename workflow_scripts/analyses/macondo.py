@@ -171,16 +171,15 @@ def evaluate(identity_json, manifest, index_path, index_meta, test_parquet, mlp_
     dists, ids = search(idx, ds, q, k, imeta["exact"])
     lm_lp, targets = np.concatenate(lm_lp).astype(np.float64), np.asarray(targets)
     knn = knnlm.knn_target_logprobs(dists, ds.gather_vals(ids), targets, [k], sigma)[k]
-    if mlp_pt is not None:
-        mlp = mlp_lm.load(mlp_pt, mlp_json, model.get_output_embeddings().weight.detach().float())  # loaded once
-        lp_mlp = mlp_lm.logprobs(mlp, q, targets)
     tok_item = np.asarray(tok_item)
 
     def per_item(lp):
         return np.bincount(tok_item, weights=lp, minlength=len(seqs))
 
-    mlp_scores = (per_item(knnlm.interpolate(lm_lp, lp_mlp, p["mlp_lambda"])) if mlp_pt is not None
-                  else [None] * len(seqs))  # a checkpoint without an MLP (analyses.macondo.checkpoint_mlp)
+    mlp_scores = [None] * len(seqs)  # a checkpoint without an MLP (analyses.macondo.checkpoint_mlp)
+    if mlp_pt is not None:
+        mlp = mlp_lm.load(mlp_pt, mlp_json, model.get_output_embeddings().weight.detach().float())  # loaded once
+        mlp_scores = per_item(knnlm.interpolate(lm_lp, mlp_lm.logprobs(mlp, q, targets), p["mlp_lambda"]))
 
     df = test.select("villager", "child", "n_children").with_columns(
         pl.lit(p["seed"]).alias("seed"),
