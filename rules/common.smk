@@ -34,6 +34,12 @@ _tasks.check_config(config)
 # differ in the last bits). Rules asking for one thread run their steps on one.
 ARITHMETIC_THREADS = config["arithmetic_threads"]
 
+# What the exact searches (retrieval, task scoring, the scaling study) ask the scheduler for, so their steps run on
+# one thread: on 2 cores a search given two threads kept them 64-85 % busy, while two one-thread jobs side by side
+# keep both busy (docs/testing.md#the-default-runs-time). On a cluster, `--set-threads retrieve_chunk=16` gives a job
+# more, and then its arithmetic runs on arithmetic_threads.
+SEARCH_THREADS = 1
+
 
 MODELS = config["models"]
 

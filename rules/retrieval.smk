@@ -11,7 +11,7 @@ rule retrieve_chunk:
         "results/logs/retrieve_chunk/{evalset}/{ds}/{chunk}.log",
     benchmark:
         "results/benchmarks/retrieve_chunk/{evalset}/{ds}/{chunk}.tsv"
-    threads: 2
+    threads: SEARCH_THREADS
     resources:
         mem_mb=retrieval_mb,
         gpu=GPU,
@@ -37,7 +37,7 @@ rule retrieve:
         "results/logs/retrieve/{evalset}/{ds}.log",
     benchmark:
         "results/benchmarks/retrieve/{evalset}/{ds}.tsv"
-    threads: 2
+    threads: SEARCH_THREADS
     resources:
         mem_mb=retrieval_mb,
         gpu=lambda w: GPU if RETRIEVAL_CHUNKS == 1 else 0,

@@ -43,7 +43,7 @@ rule scaling_sweep:
         "results/logs/scaling_sweep/{evalset}/{ds}/{fraction}.log",
     benchmark:
         "results/benchmarks/scaling_sweep/{evalset}/{ds}/{fraction}.tsv"
-    threads: 2
+    threads: SEARCH_THREADS
     params:
         p=scaling_sweep_params,
     shell:
@@ -92,7 +92,7 @@ rule scaling_tasks:
         "results/logs/scaling_tasks/{ds}.log",
     benchmark:
         "results/benchmarks/scaling_tasks/{ds}.tsv"
-    threads: 2
+    threads: SEARCH_THREADS
     params:
         p=scaling_tasks_params,
     shell:

@@ -47,7 +47,7 @@ rule score_task_chunk:
         "results/logs/score_task_chunk/{ds}/{task}/{chunk}.log",
     benchmark:
         "results/benchmarks/score_task_chunk/{ds}/{task}/{chunk}.tsv"
-    threads: 2
+    threads: SEARCH_THREADS
     resources:
         mem_mb=task_plan_mb,
         gpu=task_chunk_gpu,
@@ -70,7 +70,7 @@ rule score_task:
         "results/logs/score_task/{ds}/{task}.log",
     benchmark:
         "results/benchmarks/score_task/{ds}/{task}.tsv"
-    threads: 2
+    threads: SEARCH_THREADS
     resources:
         mem_mb=task_plan_mb,
         gpu=lambda w: GPU if TASK_CHUNKS == 1 else 0,

@@ -221,7 +221,8 @@ def _threads_by_step(output: str) -> dict[str, set[str]]:
 
 
 ONE_THREAD_STEPS = {"extract-keys", "merge-index", "hurdle", "macondo-finetune", "macondo-memory", "macondo-datastore",
-                    "macondo-eval", "incontext-perplexity", "incontext-task"}
+                    "macondo-eval", "incontext-perplexity", "incontext-task", "retrieve", "retrieve-chunk",
+                    "score-task", "score-task-chunk", "scaling-sweep", "scaling-tasks"}
 
 
 @pytest.mark.slow  # several Snakemake DAG builds: over 5 s
@@ -235,10 +236,11 @@ def test_arithmetic_threads_come_from_the_config_not_from_cores(dry_run, tmp_pat
     assert at_two == {s: {"1"} if s in ONE_THREAD_STEPS else {"2"} for s in at_two}
     cfg = _everything_config(tmp_path) | {"arithmetic_threads": 3}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    out = snakemake(tmp_path, "-n", "-p", "--cores", "1", "--configfile", str(tmp_path / "config.yaml"), "--",
-                    "all", "results_doc").stdout
+    out = snakemake(tmp_path, "-n", "-p", "--cores", "1", "--configfile", str(tmp_path / "config.yaml"),
+                    "--set-threads", "retrieve=4", "score_task=4", "--", "all", "results_doc").stdout
     got = _threads_by_step(out)
-    assert got == {s: {"1"} if s in ONE_THREAD_STEPS else {"3"} for s in got}, (
+    raised = {"retrieve", "score-task"}  # searches ask for one thread (SEARCH_THREADS) unless --set-threads raises it
+    assert got == {s: {"1"} if s in ONE_THREAD_STEPS - raised else {"3"} for s in got}, (
         "a rule asking for more than one thread passes `--threads {params.threads}`, the param "
         "threads=ARITHMETIC_THREADS (wire_steps, rules/common/steps.smk), not `{threads}`, which --cores lowers")
     assert set(got) == set(at_two)
