@@ -52,6 +52,7 @@ MODES = {
         "task_items": 8,
         "generate": {"prompt": 1000, "new": 512, "keys": 65_536},
         "small_call_keys": 524_288,
+        "pair": {"tokens": 1_000_000, "queries": 2048},
     },
     "quick": {
         "sizes": [8_192, 16_384, 32_768],
@@ -64,6 +65,7 @@ MODES = {
         "task_items": 4,
         "generate": {"prompt": 1000, "new": 64, "keys": 16_384},
         "small_call_keys": 65_536,
+        "pair": {"tokens": 32_768, "queries": 4096},
     },
 }
 OUT = Path(__file__).resolve().parent
@@ -172,9 +174,11 @@ def make_queries(model, ident, n: int, tmp: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------ children
 def child(args: dict) -> dict:
-    """One pipeline stage in a fresh process: setup, warm-up, then the timed stage with its peak RSS."""
-    torch.set_num_threads(THREADS)
-    faiss.omp_set_num_threads(THREADS)
+    """One pipeline stage in a fresh process: setup, warm-up, then the timed stage with its peak RSS. With ``go``
+    (measure 10), the timed stage waits, once set up, for that file, so that two processes start it together."""
+    threads = int(args.get("threads", THREADS))
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
     d, stage = Path(args["dir"]), args["stage"]
     if stage == "extract":
         model, _, ident = lm.load_checked(args["model_json"], device="cpu")
@@ -202,20 +206,31 @@ def child(args: dict) -> dict:
         index.search(idx, ds, queries[:16], K, exact=exact)  # warm-up
 
         def run():
-            search_and_write(idx, ds, queries, exact, d / f"cache-{stage}", {})
+            search_and_write(idx, ds, queries, exact, d / f"cache-{stage}{args.get('tag', '')}", {})
 
     base = reset_peak()
+    if args.get("go"):
+        Path(f"{args['go']}.ready{args['tag']}").touch()
+        while not Path(args["go"]).exists():
+            time.sleep(0.01)
     seconds, _ = perf(run)
-    return {"seconds": seconds, "peak_mb": proc_mb("VmHWM"), "base_mb": base}
+    return {"seconds": seconds, "peak_mb": proc_mb("VmHWM"), "base_mb": base, "end": time.time()}
+
+
+def start(**args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--child", json.dumps(args, default=str)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def result(proc: subprocess.Popen, stage: str) -> dict:
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"child {stage} failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def spawn(**args) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(args, default=str)], capture_output=True, text=True, cwd=ROOT
-    )
-    if proc.returncode:
-        raise RuntimeError(f"child {args['stage']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return result(start(**args), args["stage"])
 
 
 # ------------------------------------------------------------------------------------------------ measures
@@ -543,6 +558,33 @@ def small_call_search(n_keys: int) -> list[dict]:
     ]
 
 
+def paired_searches(tmp: Path, m: dict) -> list[dict]:
+    """Measure 10: two retrievals (``index.search`` at K over the Flat datastore, then the cache written), one after
+    the other on THREADS threads each, against side by side on one thread each, as the default run schedules them
+    (``SEARCH_THREADS`` in rules/common.smk: a job asking for two threads runs alone on 2 cores)."""
+    d, n = tmp / f"ds{m['pair']['tokens']}", m["pair"]["queries"]
+    q = np.load(tmp / "queries.npy")
+    np.save(tmp / "pair_queries.npy", np.resize(q, (n, q.shape[1])))  # the eval queries repeated: a search's cost
+    args = {"stage": "search-Flat", "dir": d, "queries": tmp / "pair_queries.npy", "n_queries": n}
+    after = sum(spawn(**args, threads=THREADS, tag="-seq")["seconds"] for _ in range(2))
+    go = tmp / "go"
+    procs = [start(**args, threads=1, go=go, tag=i) for i in range(2)]
+    while not all(Path(f"{go}.ready{i}").exists() for i in range(2)):
+        if any(p.poll() for p in procs):
+            break  # a child failed: result() below reports it
+        time.sleep(0.01)
+    t0 = time.time()
+    go.touch()
+    side = max(result(p, "search-Flat")["end"] for p in procs) - t0
+    ratio = after / side
+    return [
+        row(f"two retrievals of {n} queries x {m['pair']['tokens']} keys, one after the other on {THREADS} threads, s",
+            after),
+        row(f"two retrievals of {n} queries x {m['pair']['tokens']} keys, side by side on 1 thread each, s", side),
+        row("two retrievals: one after the other on 2 threads / side by side on 1", ratio, ">= 1.1", ratio >= 1.1),
+    ]
+
+
 def print_table(rows: list[dict]) -> None:
     cols = list(rows[0])
     width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
@@ -600,6 +642,7 @@ def main() -> None:
         log("generate done")
         rows += code_index()
         rows += small_call_search(m["small_call_keys"])
+        rows += paired_searches(tmp, m)
     rows.append(
         row(
             "run: mode / wall s / load avg (1 min) start, end",
