@@ -69,7 +69,7 @@ rule macondo_memory:
     benchmark:
         "results/benchmarks/macondo_memory/{model}/{seed}/{at}.tsv"
     wildcard_constraints:
-        at=one_of(MACONDO_MLP_AT),
+        at=names_regex(MACONDO_MLP_AT),
     threads: 1
     params:
         p=lambda w: as_json({"mlp": MACONDO["mlp"], "seed": int(w.seed)}),
@@ -88,7 +88,7 @@ rule macondo_datastore:
     benchmark:
         "results/benchmarks/macondo_datastore/{model}/{seed}/{at}.tsv"
     wildcard_constraints:
-        at=one_of(MACONDO_DATASTORE_AT),
+        at=names_regex(MACONDO_DATASTORE_AT),
     threads: 1
     shell:
         step("macondo-datastore")

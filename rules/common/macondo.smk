@@ -13,11 +13,6 @@ MACONDO_MLP_AT = MACONDO_AT if (MACONDO or {}).get("checkpoint_mlp") else ["fina
 MACONDO_DATASTORE_AT = [at for at in MACONDO_AT if at not in MACONDO_MLP_AT]
 
 
-def one_of(names):
-    """A wildcard constraint matching exactly ``names`` (none: nothing)."""
-    return "|".join(re.escape(n) for n in names) or "(?!)"
-
-
 def macondo_dir(seed):
     return f"results/macondo/{MACONDO['model']}/seed{seed}"
 
