@@ -77,18 +77,22 @@ rule macondo_memory:
         step("macondo-memory")
 
 
-# Builds the datastore of a checkpoint without an MLP (analyses.macondo.checkpoint_mlp false, the default).
+# Builds the datastores of one seed's checkpoints without an MLP (analyses.macondo.checkpoint_mlp false, the default),
+# one after the other in one job: each takes seconds, less than a job's start (torch and transformers). With
+# checkpoint_mlp true it has no outputs and no job.
 rule macondo_datastore:
     input:
-        **MACONDO_DATASTORE_INPUTS,
+        model_json=macondo_at("lm/model.json", MACONDO_DATASTORE_AT),
+        train=f"{MACONDO_SEED}/data/train.parquet",
     output:
-        **MACONDO_DATASTORE,
+        **{
+            name: macondo_at(f"datastore/{file}", MACONDO_DATASTORE_AT)
+            for name, file in MACONDO_DATASTORE_FILES.items()
+        },
     log:
-        "results/logs/macondo_datastore/{model}/{seed}/{at}.log",
+        "results/logs/macondo_datastore/{model}/{seed}.log",
     benchmark:
-        "results/benchmarks/macondo_datastore/{model}/{seed}/{at}.tsv"
-    wildcard_constraints:
-        at=names_regex(MACONDO_DATASTORE_AT),
+        "results/benchmarks/macondo_datastore/{model}/{seed}.tsv"
     threads: 1
     shell:
         step("macondo-datastore")

@@ -367,7 +367,7 @@ def test_analyses_run_on_the_backbone_without_rebuilding_it(analyses_run):
     assert not {"extract_keys", "merge_index", "retrieve"} & set(jobs)
     assert jobs["macondo_finetune"] == 1
     assert jobs["macondo_memory"] == 1  # the fine-tuned model: a datastore and an MLP
-    assert jobs["macondo_datastore"] == 2  # checkpoints 0 and 5: a datastore each (checkpoint_mlp false)
+    assert jobs["macondo_datastore"] == 1  # checkpoints 0 and 5: a datastore each (checkpoint_mlp false), one job
     assert jobs["macondo_eval"] == 1  # one seed, scored at all three
     assert jobs["macondo_data"] == 3  # the hurdle (micro-gpt2) gets Macondo in its own tokenizer, one per seed
     assert jobs["hurdle"] == 8 and jobs["hurdle_table"] == 2 and jobs["projection"] == 1 and jobs["mlp_eval"] == 1
@@ -456,7 +456,7 @@ def test_paper2_preset_builds_its_dag_offline(tmp_path):
     proc = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "experiments/paper2.yaml"))
     jobs = job_stats(proc.stdout)
     assert jobs["macondo_finetune"] == jobs["macondo_eval"] == 5 and jobs["macondo_memory"] == 5
-    assert jobs["macondo_datastore"] == 5 * 9  # no MLP at the checkpoints (the paper's Figure 1 has none)
+    assert jobs["macondo_datastore"] == 5  # a seed's 9 checkpoints in one job, no MLP (the paper's Figure 1 has none)
     assert jobs["hurdle"] == 20 and jobs["macondo_data"] == 5 + 5  # GPT-2 XL's and the hurdle's tokenizer, per seed
     assert jobs["train_tokenizer"] == 2  # wt103-16l and the hurdle's gpt2-small-shape, which is never trained
     assert jobs["train_lm_chunk"] == 7 and jobs["train_lm"] == 1 and jobs["extract_keys"] == 32

@@ -9,6 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 from conftest import cache_arrays, p_knn_by_hand, write_cache
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from workflow_scripts import sweep
 from workflow_scripts.artifacts import ArtifactError, sha256_file, write_json, write_table
@@ -116,6 +118,54 @@ def test_mixtures_and_option_sums_stay_finite_far_below_exp_underflow():
 
 
 # ------------------------------------------------------------------------------------------- scoring rules
+def _lse(x):
+    m = np.max(x)
+    return float(m + np.log(np.sum(np.exp(x - m)))) if np.isfinite(m) else float(m)
+
+
+def _option_scores_one_by_one(opts, lp, length, normalize):
+    return np.asarray([_lse(np.asarray([lp[q] / (length[q] if normalize else 1) for q in o], np.float64))
+                       for o in opts])
+
+
+def _predict_item_by_item(items, lp, length, pmi, normalize):
+    """The rescoring's definition, one item and one option at a time (log Σ exp with a max shift, PMI, argmax with
+    NaN as -inf, NO_ANSWER when no option scores above -inf): the reference the arrays must match bit for bit."""
+    out = []
+    for it in items:
+        s = _option_scores_one_by_one(it["options"], lp, length, normalize)
+        if pmi and it.get("domain"):
+            with np.errstate(invalid="ignore"):
+                s = s - _option_scores_one_by_one(it["domain"], lp, length, normalize)
+        s = np.where(np.isnan(s), -np.inf, s)
+        out.append(rescoring.NO_ANSWER if np.all(s == -np.inf) else int(np.argmax(s)))
+    return out
+
+
+@given(data=st.data(), pmi=st.booleans(), normalize=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_rescoring_by_arrays_equals_item_by_item(data, pmi, normalize):
+    """Options of 1-12 pairs (a fuzzy verbalizer's synonyms), items of 1-6 options, some with a domain premise, pair
+    log-probabilities with ties, -inf (λ = 1 without a neighbour) and values far below exp's underflow: the option
+    scores of the grouped arrays are those of one option at a time, and the predictions those of the item-by-item
+    loop, bit for bit."""
+    n_pairs = data.draw(st.integers(1, 30))
+    value = st.sampled_from([-np.inf, -1e3, -800.5, -2.0, -1.0, -0.25, 0.0]) | st.floats(-50, 0)
+    lp = np.asarray(data.draw(st.lists(value, min_size=n_pairs, max_size=n_pairs)), np.float64)
+    length = np.asarray(data.draw(st.lists(st.integers(1, 5), min_size=n_pairs, max_size=n_pairs)), np.int64)
+    option = st.lists(st.integers(0, n_pairs - 1), min_size=1, max_size=12)
+    items = []
+    for _ in range(data.draw(st.integers(1, 8))):
+        opts = data.draw(st.lists(option, min_size=1, max_size=6))
+        dom = data.draw(st.none() | st.lists(option, min_size=len(opts), max_size=len(opts)))
+        items.append({"options": opts, "domain": dom})
+    for it in items:
+        got = rescoring.option_scores(it["options"], lp, length, normalize)
+        assert got.tobytes() == _option_scores_one_by_one(it["options"], lp, length, normalize).tobytes()
+    got = rescoring.predictor(items, length, pmi, normalize)(lp)
+    assert got.tolist() == _predict_item_by_item(items, lp, length, pmi, normalize)
+
+
 def test_choice_pmi_subtracts_the_domain_score():
     """Options' log-likelihoods -1, -2; under the domain premise -0.5, -3: PMI = -0.5, +1 picks option 1 (adding
     the domain term, or ignoring it, picks option 0)."""

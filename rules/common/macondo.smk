@@ -39,17 +39,21 @@ def macondo_seeds(rel):
 def macondo_at(rel, at=None):
     """A Macondo seed's file ``rel`` at each point of ``at`` (default MACONDO_AT: the fine-tuned model and every
     checkpoint), in that order ({model} and {seed} left as wildcards)."""
-    return [f"{MACONDO_SEED}/{a}/{rel}" for a in (at or MACONDO_AT)]
+    return [f"{MACONDO_SEED}/{a}/{rel}" for a in (MACONDO_AT if at is None else at)]
 
 
 # what one point's datastore is made from (its model and its seed's training sentences), and the datastore, made by
-# macondo_memory or macondo_datastore
+# macondo_memory (one point a job) or macondo_datastore (a seed's points without an MLP, in one job)
 MACONDO_DATASTORE_INPUTS = {
     "model_json": f"{MACONDO_SEED}/{{at}}/lm/model.json",
     "train": f"{MACONDO_SEED}/data/train.parquet",
 }
+MACONDO_DATASTORE_FILES = {
+    "manifest": "manifest.json",
+    "index": "index.faiss",
+    "index_meta": "index.json",
+}
 MACONDO_DATASTORE = {
-    "manifest": f"{MACONDO_SEED}/{{at}}/datastore/manifest.json",
-    "index": f"{MACONDO_SEED}/{{at}}/datastore/index.faiss",
-    "index_meta": f"{MACONDO_SEED}/{{at}}/datastore/index.json",
+    name: f"{MACONDO_SEED}/{{at}}/datastore/{file}"
+    for name, file in MACONDO_DATASTORE_FILES.items()
 }

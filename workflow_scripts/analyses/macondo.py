@@ -227,10 +227,16 @@ def macondo_memory(
 
 
 @step
-def macondo_datastore(model_json: Path, train: Path, manifest: Path, index: Path, index_meta: Path,
-                      threads: int = 1) -> None:
-    """One checkpoint's datastore over the training sentences (shard beside --manifest, Flat index), no MLP."""
-    build_datastore(model_json, train, manifest, index, index_meta, threads)
+def macondo_datastore(model_json: list[Path], train: Path, manifest: list[Path], index: list[Path],
+                      index_meta: list[Path], threads: int = 1) -> None:
+    """The datastores of a seed's checkpoints over its training sentences (each: shard beside --manifest, Flat
+    index), no MLP: one per --model-json, every list argument in that order."""
+    lists = {"manifest": manifest, "index": index, "index-meta": index_meta}
+    wrong = [f"--{k}: {len(v)}" for k, v in lists.items() if len(v) != len(model_json)]
+    if wrong:
+        raise ValueError(f"macondo-datastore: {len(model_json)} --model-json, but {', '.join(wrong)}")
+    for i, ident in enumerate(model_json):
+        build_datastore(ident, train, manifest[i], index[i], index_meta[i], threads)
 
 
 @step

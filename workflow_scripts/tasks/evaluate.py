@@ -115,11 +115,10 @@ def sweep_task(
             neigh = [cache["q_ids"][i][:N_SHOWN].tolist() for i in q]
         else:  # one log-probability per scored token, summed per (context, continuation) pair
             n_pairs = int(cache["pair_len"].size)
+            choose = rescoring.task_predictor(entry, struct, cache["pair_len"])  # the items' layout, built once
 
             def predict(tlp):
-                return rescoring.predict(
-                    entry, struct, rescoring.pair_logprobs(tlp, cache["t_pair"], n_pairs), cache["pair_len"]
-                )
+                return choose(rescoring.pair_logprobs(tlp, cache["t_pair"], n_pairs))
 
             base_logp, over_grid = cache["t_lm"], rescoring.token_logprobs_over_grid
             # neighbours of the first scored token of each item's gold answer
