@@ -1,7 +1,8 @@
 # Paper 2, App. E (workflow_scripts/analyses/hurdle.py): LMs trained from scratch with and without their last
 # MLP, on the Macondo test sentences and on the default corpus.
-# Trains one randomly initialised LM, with or without its last MLP, logging children's log-likelihood
-# (Macondo) or the training loss (corpus) at fixed step intervals (paper 2, App. E).
+# Trains two randomly initialised LMs of one seed, with and without the last MLP, one after the other in one job
+# (torch and transformers start once), logging children's log-likelihood (Macondo) or the training loss (corpus) at
+# fixed step intervals (paper 2, App. E).
 
 
 rule hurdle:
@@ -9,15 +10,14 @@ rule hurdle:
         unpack(hurdle_data),
         tokenizer_dir=lambda w: f"results/models/{HURDLE['model']}/tokenizer",
     output:
-        parquet="results/analyses/hurdle/{data}/{variant}_seed{seed}.parquet",
-        csv="results/analyses/hurdle/{data}/{variant}_seed{seed}.csv",
+        parquet=hurdle_variants("parquet"),
+        csv=hurdle_variants("csv"),
     log:
-        "results/logs/hurdle/{data}/{variant}_seed{seed}.log",
+        "results/logs/hurdle/{data}/seed{seed}.log",
     benchmark:
-        "results/benchmarks/hurdle/{data}/{variant}_seed{seed}.tsv"
+        "results/benchmarks/hurdle/{data}/seed{seed}.tsv"
     wildcard_constraints:
         data="macondo|corpus",
-        variant="full|no_last_mlp",
     threads: 1
     params:
         p=hurdle_params,

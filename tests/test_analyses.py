@@ -370,7 +370,7 @@ def test_analyses_run_on_the_backbone_without_rebuilding_it(analyses_run):
     assert jobs["macondo_datastore"] == 1  # checkpoints 0 and 5: a datastore each (checkpoint_mlp false), one job
     assert jobs["macondo_eval"] == 1  # one seed, scored at all three
     assert jobs["macondo_data"] == 3  # the hurdle (micro-gpt2) gets Macondo in its own tokenizer, one per seed
-    assert jobs["hurdle"] == 8 and jobs["hurdle_table"] == 2 and jobs["projection"] == 1 and jobs["mlp_eval"] == 1
+    assert jobs["hurdle"] == 4 and jobs["hurdle_table"] == 2 and jobs["projection"] == 1 and jobs["mlp_eval"] == 1
     assert jobs["train_mlp"] == jobs["paper2_comparison"] == jobs["macondo_table"] == jobs["macondo_curve"] == 1
     assert jobs["figure_projection"] == jobs["figure_mlp"] == jobs["figure_macondo"] == jobs["figure_hurdle"] / 2 == 1
     assert jobs["figure_macondo_curve"] == 1
@@ -457,7 +457,7 @@ def test_paper2_preset_builds_its_dag_offline(tmp_path):
     jobs = job_stats(proc.stdout)
     assert jobs["macondo_finetune"] == jobs["macondo_eval"] == 5 and jobs["macondo_memory"] == 5
     assert jobs["macondo_datastore"] == 5  # a seed's 9 checkpoints in one job, no MLP (the paper's Figure 1 has none)
-    assert jobs["hurdle"] == 20 and jobs["macondo_data"] == 5 + 5  # GPT-2 XL's and the hurdle's tokenizer, per seed
+    assert jobs["hurdle"] == 10 and jobs["macondo_data"] == 5 + 5  # GPT-2 XL's and the hurdle's tokenizer, per seed
     assert jobs["train_tokenizer"] == 2  # wt103-16l and the hurdle's gpt2-small-shape, which is never trained
     assert jobs["train_lm_chunk"] == 7 and jobs["train_lm"] == 1 and jobs["extract_keys"] == 32
     assert jobs["projection"] == jobs["train_mlp"] == jobs["mlp_eval"] == jobs["paper2_comparison"] == 1

@@ -14,13 +14,22 @@ HURDLE_TITLES = {
 }
 
 
+def hurdle_variants(ext):
+    """The scores of one seed's runs, one per variant in HURDLE_VARIANTS' order ({data} and {seed} as wildcards)."""
+    return [
+        f"results/analyses/hurdle/{{data}}/{v}_seed{{seed}}.{ext}"
+        for v in HURDLE_VARIANTS
+    ]
+
+
 def hurdle_params(wildcards):
-    """What one hurdle run depends on: the data kind, the variant, the seed, the model's shape, the run config."""
+    """What one seed's hurdle runs depend on: the data kind, the variants, the seed, the model's shape, the run
+    config."""
     shape = MODELS[HURDLE["model"]]["train"]
     return as_json(
         {
             "data": wildcards.data,
-            "variant": wildcards.variant,
+            "variants": HURDLE_VARIANTS,
             "seed": int(wildcards.seed),
             "shape": {k: shape[k] for k in ("n_layer", "n_embd", "n_head")},
             "run": HURDLE[wildcards.data],

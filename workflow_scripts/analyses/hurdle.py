@@ -94,18 +94,23 @@ def train_corpus(tokenizer_dir, train_npy, shape: dict, p: dict, variant: str, s
 # --------------------------------------------------------------------------------------------- steps
 @step
 def hurdle(
-    params: dict, tokenizer_dir: Path, csv: Path, parquet: Path, test: Path | None = None,
+    params: dict, tokenizer_dir: Path, csv: list[Path], parquet: list[Path], test: Path | None = None,
     tokens: Path | None = None, threads: int = 1,
 ) -> None:
-    """Train one randomly initialised LM, with or without its last MLP, logging the children's log-likelihood
-    on the Macondo test sentences (--test) or the training loss on a corpus token stream (--tokens)."""
+    """Train a randomly initialised LM per variant of params.variants (full, no_last_mlp: without its last MLP), one
+    after the other, each from the seed, logging the children's log-likelihood on the Macondo test sentences
+    (--test) or the training loss on a corpus token stream (--tokens); --csv and --parquet in the variants' order."""
     lm.torch_threads(threads)
-    args = (params["shape"], params["run"], params["variant"], params["seed"], csv, parquet)
-    if params["data"] == "macondo":
-        if test is None:
-            raise ValueError("hurdle: Macondo data needs --test")
-        train_macondo(tokenizer_dir, test, *args)
-    else:
-        if tokens is None:
-            raise ValueError("hurdle: corpus data needs --tokens")
-        train_corpus(tokenizer_dir, tokens, *args)
+    variants = params["variants"]
+    if not len(variants) == len(csv) == len(parquet):
+        raise ValueError(f"hurdle: {len(variants)} variants, {len(csv)} --csv, {len(parquet)} --parquet")
+    if params["data"] == "macondo" and test is None:
+        raise ValueError("hurdle: Macondo data needs --test")
+    if params["data"] != "macondo" and tokens is None:
+        raise ValueError("hurdle: corpus data needs --tokens")
+    for variant, c, pq in zip(variants, csv, parquet, strict=True):
+        args = (params["shape"], params["run"], variant, params["seed"], c, pq)
+        if params["data"] == "macondo":
+            train_macondo(tokenizer_dir, test, *args)
+        else:
+            train_corpus(tokenizer_dir, tokens, *args)
