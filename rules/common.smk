@@ -34,10 +34,14 @@ _tasks.check_config(config)
 # differ in the last bits). Rules asking for one thread run their steps on one.
 ARITHMETIC_THREADS = config["arithmetic_threads"]
 
+# ... and those of the rules that rule_threads names (e.g. a cluster's FAISS jobs, docs/cluster.md; the schema
+# lists the names it takes)
+RULE_THREADS = config["rule_threads"]
+
 # What the exact searches (retrieval, task scoring, the scaling study) ask the scheduler for, so their steps run on
 # one thread: on 2 cores a search given two threads kept them 64-85 % busy, while two one-thread jobs side by side
 # keep both busy (docs/testing.md#the-default-runs-time). On a cluster, `--set-threads retrieve_chunk=16` gives a job
-# more, and then its arithmetic runs on arithmetic_threads.
+# more cores and `rule_threads: {retrieve_chunk: 16}` makes its arithmetic use them.
 SEARCH_THREADS = 1
 
 

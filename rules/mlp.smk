@@ -38,7 +38,8 @@ rule mlp_eval:
     log:
         "results/logs/mlp_eval/mlp_eval.log",
     params:
-        threads=ARITHMETIC_THREADS,  # the job asks for one thread; its arithmetic runs on these
+        # the job asks for one thread; its arithmetic runs on these
+        threads=RULE_THREADS.get("mlp_eval", ARITHMETIC_THREADS),
         p=mlp_eval_params,
     shell:
         step("mlp-eval")

@@ -59,12 +59,13 @@ def test_shipped_config_validates_with_defaults():
     assert c["index"]["type"] == "Flat" and c["index"]["nprobe"] == 32
     assert set(c) == {
         "seed", "corpora", "models", "datastores", "eval_sets", "extraction", "index", "sweep", "tasks", "analyses",
-        "retrieval", "scaling", "neighbours", "arithmetic_threads", "incontext",
+        "retrieval", "scaling", "neighbours", "arithmetic_threads", "rule_threads", "incontext",
     }
     assert c["incontext"] == {"datastores": ["synthwiki"], "max_tokens": 1024, "max_items": 100, "passage_tokens": 32,
                               "passages": 1, "query_tokens": 32, "stride": 4, "leak_ngram": 32, "tasks": True,
                               "n_boot": 1000}  # a smaller setting than the schema's (docs/incontext.md)
     assert c["arithmetic_threads"] == 2  # the threads the default run's steps used on 2 cores (docs/conventions.md)
+    assert c["rule_threads"] == {}  # no rule computes on other threads than that
     assert c["neighbours"] == {"positions": 5, "items_per_task": 5, "neighbours": 4, "window": 24}
     assert c["retrieval"] == {"chunks": 1}  # one retrieval job per (eval set, datastore) unless asked
     assert c["index"]["polysemous"] is False and c["index"]["retrain"] is False

@@ -234,16 +234,27 @@ def test_arithmetic_threads_come_from_the_config_not_from_cores(dry_run, tmp_pat
     assert {"train-lm", "train-index", "retrieve", "score-task", "projection", "train-mlp", "mlp-eval",
             "scaling-sweep", "scaling-tasks"} <= set(at_two)
     assert at_two == {s: {"1"} if s in ONE_THREAD_STEPS else {"2"} for s in at_two}
-    cfg = _everything_config(tmp_path) | {"arithmetic_threads": 3}
+    cfg = _everything_config(tmp_path) | {"arithmetic_threads": 3,
+                                         "rule_threads": {"train_lm": 5, "train_lm_chunk": 5, "scaling_sweep": 4}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    out = snakemake(tmp_path, "-n", "-p", "--cores", "1", "--configfile", str(tmp_path / "config.yaml"),
-                    "--set-threads", "retrieve=4", "score_task=4", "--", "all", "results_doc").stdout
-    got = _threads_by_step(out)
+    proc = snakemake(tmp_path, "-n", "-p", "--cores", "1", "--configfile", str(tmp_path / "config.yaml"),
+                     "--set-threads", "retrieve=4", "score_task=4", "train_lm=5", "train_lm_chunk=5", "--", "all",
+                     "results_doc")
+    got = _threads_by_step(proc.stdout)
     raised = {"retrieve", "score-task"}  # searches ask for one thread (SEARCH_THREADS) unless --set-threads raises it
-    assert got == {s: {"1"} if s in ONE_THREAD_STEPS - raised else {"3"} for s in got}, (
+    per_rule = {"train-lm": {"5"}, "scaling-sweep": {"4"}}  # rule_threads (train_lm and train_lm_chunk run train-lm)
+    assert got == {s: per_rule.get(s, {"1"} if s in ONE_THREAD_STEPS - raised else {"3"}) for s in got}, (
         "a rule asking for more than one thread passes `--threads {params.threads}`, the param "
         "threads=ARITHMETIC_THREADS (wire_steps, rules/common/steps.smk), not `{threads}`, which --cores lowers")
     assert set(got) == set(at_two)
+    # a rule computing on more threads than it asks the scheduler for is named, with the flag that gives them
+    said = proc.stdout + proc.stderr
+    assert "scaling_sweep computes on 4 threads" in said and "--set-threads scaling_sweep=4" in said
+    assert "train_lm computes" not in said  # given its 5 by --set-threads
+    cfg["rule_threads"] = {"retrieve": 2, "retrieval": 2}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    bad = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "config.yaml"), check=False)
+    assert bad.returncode != 0 and "config key rule_threads: 'retrieval' is not one of" in bad.stdout + bad.stderr
 
 
 _RULES = """
@@ -267,6 +278,15 @@ def _workflow_rules(tmp_path, cfg: dict) -> dict[str, dict]:
                          env=project_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_rule_threads_names_exactly_the_rules_whose_step_takes_threads(tmp_path):
+    """The schema's list of the names rule_threads accepts is the rules that pass --threads to their step (each
+    has the param threads), so that no such rule is refused and no other name is taken."""
+    schema = yaml.safe_load((ROOT / "workflow_scripts/config.schema.yaml").read_text())
+    names = set(schema["properties"]["rule_threads"]["propertyNames"]["enum"])
+    rules = _workflow_rules(tmp_path, _everything_config(tmp_path))
+    assert names == {r for r, v in rules.items() if "threads" in v["params"] and "--threads" in v["shell"]}
 
 
 def test_every_rule_runs_its_step_in_the_env_the_step_needs(tmp_path):

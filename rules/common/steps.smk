@@ -138,9 +138,10 @@ def wire_steps(rules):
     """Adds to each rule running a step (`python -m workflow_scripts <step>`) the param `code`, the hash of the step's
     import closure (workflow_scripts/cli.py), so that with the params rerun trigger editing a module reruns exactly
     the rules whose step imports it, directly or not; unless the rule sets it, the param `threads` of a step taking
-    --threads: ARITHMETIC_THREADS where the rule asks for more than one thread, else 1 (a param, so that a new
-    arithmetic_threads reruns the jobs); the param `args`, its files as the step's arguments (step_files); and,
-    unless it names one, its conda env: GPU_ENV for a rule with a `gpu` resource, the plotting env for
+    --threads: the rule's rule_threads when the config names it, else ARITHMETIC_THREADS where the rule asks for more
+    than one thread, else 1 (a param, so that a new value reruns the jobs; a rule computing on more threads than it
+    asks for is named, with the --set-threads that gives them); the param `args`, its files as the step's arguments
+    (step_files); and, unless it names one, its conda env: GPU_ENV for a rule with a `gpu` resource, the plotting env for
     PLOTTING_STEPS, else the pipeline env."""
     for r in rules:
         m = re.search(r"python -m workflow_scripts (\S+)", r.shellcmd or "")
@@ -149,9 +150,14 @@ def wire_steps(rules):
         r.set_params(code=_cli.code_hash(m[1]))
         if "threads" in _cli.step_arguments(m[1]) and "threads" not in r.params.keys():
             asked = r.resources["_cores"]
-            r.set_params(
-                threads=ARITHMETIC_THREADS if getattr(asked, "raw", asked) > 1 else 1
-            )
+            asked = getattr(asked, "raw", asked)
+            n = RULE_THREADS.get(r.name, ARITHMETIC_THREADS if asked > 1 else 1)
+            if isinstance(asked, int) and n > asked:
+                logger.warning(
+                    f"{r.name} computes on {n} threads (rule_threads or arithmetic_threads) but asks the "
+                    f"scheduler for {asked}; give it as many, --set-threads {r.name}={n}"
+                )
+            r.set_params(threads=n)
         if "{params.args}" in r.shellcmd:
             given = re.findall(r"--([a-z][\w-]*)", r.shellcmd)
             r.set_params(
