@@ -11,6 +11,7 @@ rule retrieve_chunk:
         "results/logs/retrieve_chunk/{evalset}/{ds}/{chunk}.log",
     benchmark:
         "results/benchmarks/retrieve_chunk/{evalset}/{ds}/{chunk}.tsv"
+    priority: BACKBONE_PRIORITY
     threads: SEARCH_THREADS
     resources:
         mem_mb=retrieval_mb,
@@ -37,6 +38,7 @@ rule retrieve:
         "results/logs/retrieve/{evalset}/{ds}.log",
     benchmark:
         "results/benchmarks/retrieve/{evalset}/{ds}.tsv"
+    priority: BACKBONE_PRIORITY
     threads: SEARCH_THREADS
     resources:
         mem_mb=retrieval_mb,

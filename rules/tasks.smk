@@ -47,6 +47,7 @@ rule score_task_chunk:
         "results/logs/score_task_chunk/{ds}/{task}/{chunk}.log",
     benchmark:
         "results/benchmarks/score_task_chunk/{ds}/{task}/{chunk}.tsv"
+    priority: BACKBONE_PRIORITY
     threads: SEARCH_THREADS
     resources:
         mem_mb=task_plan_mb,
@@ -70,6 +71,7 @@ rule score_task:
         "results/logs/score_task/{ds}/{task}.log",
     benchmark:
         "results/benchmarks/score_task/{ds}/{task}.tsv"
+    priority: BACKBONE_PRIORITY
     threads: SEARCH_THREADS
     resources:
         mem_mb=task_plan_mb,
