@@ -44,12 +44,6 @@ RULE_THREADS = config["rule_threads"]
 # more cores and `rule_threads: {retrieve_chunk: 16}` makes its arithmetic use them.
 SEARCH_THREADS = 1
 
-# The priority among the jobs ready to start of the datastore's extraction and the exact searches: with what follows
-# them (the sweeps, the summary, the task sweeps, the scaling study of the tasks) they are the longest chain after
-# the LM's training, and the default run ended with that chain running one job at a time while the jobs of paper 2,
-# which need the LM only, had run before (docs/testing.md#the-default-runs-time).
-BACKBONE_PRIORITY = 1
-
 
 MODELS = config["models"]
 

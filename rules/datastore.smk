@@ -39,7 +39,6 @@ rule extract_keys:
         "results/benchmarks/extract_keys/{ds}/{shard}.tsv"
     wildcard_constraints:
         ds=names_regex(EXTRACTED),  # a subsample's rows are copied (rules/scaling.smk)
-    priority: BACKBONE_PRIORITY
     threads: 1
     resources:
         gpu=GPU,

@@ -11,7 +11,6 @@ rule retrieve_chunk:
         "results/logs/retrieve_chunk/{evalset}/{ds}/{chunk}.log",
     benchmark:
         "results/benchmarks/retrieve_chunk/{evalset}/{ds}/{chunk}.tsv"
-    priority: BACKBONE_PRIORITY
     threads: SEARCH_THREADS
     resources:
         mem_mb=retrieval_mb,
@@ -38,7 +37,6 @@ rule retrieve:
         "results/logs/retrieve/{evalset}/{ds}.log",
     benchmark:
         "results/benchmarks/retrieve/{evalset}/{ds}.tsv"
-    priority: BACKBONE_PRIORITY
     threads: SEARCH_THREADS
     resources:
         mem_mb=retrieval_mb,

@@ -43,7 +43,6 @@ rule scaling_sweep:
         "results/logs/scaling_sweep/{evalset}/{ds}/{fraction}.log",
     benchmark:
         "results/benchmarks/scaling_sweep/{evalset}/{ds}/{fraction}.tsv"
-    priority: BACKBONE_PRIORITY
     threads: SEARCH_THREADS
     params:
         p=scaling_sweep_params,
@@ -93,7 +92,6 @@ rule scaling_tasks:
         "results/logs/scaling_tasks/{ds}.log",
     benchmark:
         "results/benchmarks/scaling_tasks/{ds}.tsv"
-    priority: BACKBONE_PRIORITY
     threads: SEARCH_THREADS
     params:
         p=scaling_tasks_params,

@@ -47,7 +47,6 @@ rule score_task_chunk:
         "results/logs/score_task_chunk/{ds}/{task}/{chunk}.log",
     benchmark:
         "results/benchmarks/score_task_chunk/{ds}/{task}/{chunk}.tsv"
-    priority: BACKBONE_PRIORITY
     threads: SEARCH_THREADS
     resources:
         mem_mb=task_plan_mb,
@@ -71,7 +70,6 @@ rule score_task:
         "results/logs/score_task/{ds}/{task}.log",
     benchmark:
         "results/benchmarks/score_task/{ds}/{task}.tsv"
-    priority: BACKBONE_PRIORITY
     threads: SEARCH_THREADS
     resources:
         mem_mb=task_plan_mb,
