@@ -53,6 +53,7 @@ MODES = {
         "generate": {"prompt": 1000, "new": 512, "keys": 65_536},
         "small_call_keys": 524_288,
         "pair": {"tokens": 1_000_000, "queries": 2048},
+        "rescore_items": 1200,
     },
     "quick": {
         "sizes": [8_192, 16_384, 32_768],
@@ -66,6 +67,7 @@ MODES = {
         "generate": {"prompt": 1000, "new": 64, "keys": 16_384},
         "small_call_keys": 65_536,
         "pair": {"tokens": 32_768, "queries": 4096},
+        "rescore_items": 300,
     },
 }
 OUT = Path(__file__).resolve().parent
@@ -585,6 +587,30 @@ def paired_searches(tmp: Path, m: dict) -> list[dict]:
     ]
 
 
+def task_rescoring(n_items: int) -> list[dict]:
+    """Measure 11: a task sweep's work at one grid point, the predictions of ``n_items`` classify items (15 labels of
+    one pair each, domain-conditional PMI: synth_occupation's shape) from the pairs' log-probabilities, by the
+    arrays of ``rescoring.predictor`` (the items' layout built once per task, as ``task_sweep`` does) against one
+    ``predictor`` call per item (its layout and numpy calls item by item: the shape of the former per-option loop's
+    cost, which issued about four numpy calls per option)."""
+    from workflow_scripts.tasks import rescoring
+
+    rng, labels = np.random.default_rng(11), 15
+    items = [{"options": [[2 * labels * i + j] for j in range(labels)],
+              "domain": [[2 * labels * i + labels + j] for j in range(labels)]} for i in range(n_items)]
+    lp = rng.uniform(-20, 0, 2 * labels * n_items)
+    length = np.ones(lp.size, np.int64)
+    whole = rescoring.predictor(items, length, pmi=True)
+    best = best_of({"arrays": lambda: whole(lp),
+                    "items": lambda: [rescoring.predictor([it], length, pmi=True)(lp) for it in items]}, repeat=3)
+    ratio, what = best["items"] / best["arrays"], f"task rescoring, {n_items} items x {labels} labels with PMI"
+    return [
+        row(f"{what}, one grid point: item by item, s", best["items"]),
+        row(f"{what}, one grid point: arrays, s", best["arrays"]),
+        row("task rescoring: item by item / arrays", ratio, ">= 10", ratio >= 10),
+    ]
+
+
 def print_table(rows: list[dict]) -> None:
     cols = list(rows[0])
     width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
@@ -643,6 +669,7 @@ def main() -> None:
         rows += code_index()
         rows += small_call_search(m["small_call_keys"])
         rows += paired_searches(tmp, m)
+        rows += task_rescoring(m["rescore_items"])
     rows.append(
         row(
             "run: mode / wall s / load avg (1 min) start, end",
