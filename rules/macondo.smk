@@ -53,49 +53,38 @@ rule macondo_finetune:
         step("macondo-finetune")
 
 
-# Builds one point's memory: its datastore over the training sentences (Flat index) and the MLP trained on the
-# datastore's pairs (paper 2, App. D), in one job (each was too small for a job of its own). At the fine-tuned model,
-# and at every checkpoint with analyses.macondo.checkpoint_mlp.
+# Builds one seed's memories, one point after the other in one job (each takes seconds, less than a job's start):
+# at the fine-tuned model and every checkpoint, the datastore over the training sentences (Flat index), and at the
+# points of analyses.macondo.checkpoint_mlp (the fine-tuned model only by default) the MLP trained on the datastore's
+# pairs (paper 2, App. D).
 rule macondo_memory:
     input:
-        **MACONDO_DATASTORE_INPUTS,
-    output:
-        **table(f"{MACONDO_SEED}/{{at}}/mlp/loss", name="loss"),
-        **MACONDO_DATASTORE,
-        mlp=f"{MACONDO_SEED}/{{at}}/mlp/mlp.pt",
-        mlp_json=f"{MACONDO_SEED}/{{at}}/mlp/mlp.json",
-    log:
-        "results/logs/macondo_memory/{model}/{seed}/{at}.log",
-    benchmark:
-        "results/benchmarks/macondo_memory/{model}/{seed}/{at}.tsv"
-    wildcard_constraints:
-        at=names_regex(MACONDO_MLP_AT),
-    threads: 1
-    params:
-        p=lambda w: as_json({"mlp": MACONDO["mlp"], "seed": int(w.seed)}),
-    shell:
-        step("macondo-memory")
-
-
-# Builds the datastores of one seed's checkpoints without an MLP (analyses.macondo.checkpoint_mlp false, the default),
-# one after the other in one job: each takes seconds, less than a job's start (torch and transformers). With
-# checkpoint_mlp true it has no outputs and no job.
-rule macondo_datastore:
-    input:
-        model_json=macondo_at("lm/model.json", MACONDO_DATASTORE_AT),
+        model_json=macondo_at("lm/model.json"),
         train=f"{MACONDO_SEED}/data/train.parquet",
     output:
-        **{
-            name: macondo_at(f"datastore/{file}", MACONDO_DATASTORE_AT)
-            for name, file in MACONDO_DATASTORE_FILES.items()
-        },
+        manifest=macondo_at("datastore/manifest.json"),
+        index=macondo_at("datastore/index.faiss"),
+        index_meta=macondo_at("datastore/index.json"),
+        mlp=macondo_at("mlp/mlp.pt", MACONDO_MLP_AT),
+        mlp_json=macondo_at("mlp/mlp.json", MACONDO_MLP_AT),
+        loss_csv=macondo_at("mlp/loss.csv", MACONDO_MLP_AT),
+        loss_parquet=macondo_at("mlp/loss.parquet", MACONDO_MLP_AT),
     log:
-        "results/logs/macondo_datastore/{model}/{seed}.log",
+        "results/logs/macondo_memory/{model}/{seed}.log",
     benchmark:
-        "results/benchmarks/macondo_datastore/{model}/{seed}.tsv"
+        "results/benchmarks/macondo_memory/{model}/{seed}.tsv"
     threads: 1
+    params:
+        p=lambda w: as_json(
+            {
+                "mlp": MACONDO["mlp"],
+                "seed": int(w.seed),
+                "at": MACONDO_AT,
+                "mlp_at": MACONDO_MLP_AT,
+            }
+        ),
     shell:
-        step("macondo-datastore")
+        step("macondo-memory")
 
 
 # Scores the children's names on one seed's test sentences with the LM, the kNN-LM and (where it has one) the MLP-LM,

@@ -366,8 +366,7 @@ def test_analyses_run_on_the_backbone_without_rebuilding_it(analyses_run):
     assert jobs["train_lm"] == 1  # micro-long only: the backbone's model, datastore and caches are reused
     assert not {"extract_keys", "merge_index", "retrieve"} & set(jobs)
     assert jobs["macondo_finetune"] == 1
-    assert jobs["macondo_memory"] == 1  # the fine-tuned model: a datastore and an MLP
-    assert jobs["macondo_datastore"] == 1  # checkpoints 0 and 5: a datastore each (checkpoint_mlp false), one job
+    assert jobs["macondo_memory"] == 1  # one seed: a datastore at each of three points, an MLP at the fine-tuned one
     assert jobs["macondo_eval"] == 1  # one seed, scored at all three
     assert jobs["macondo_data"] == 3  # the hurdle (micro-gpt2) gets Macondo in its own tokenizer, one per seed
     assert jobs["hurdle"] == 4 and jobs["hurdle_table"] == 2 and jobs["projection"] == 1 and jobs["mlp_eval"] == 1
@@ -433,11 +432,23 @@ def test_checkpoint_mlp_gives_every_checkpoint_its_mlp(tmp_path):
     (tmp_path / "on.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "on.yaml"))
     jobs = job_stats(proc.stdout)
-    assert jobs["macondo_memory"] == 3 and "macondo_datastore" not in jobs
+    assert jobs["macondo_memory"] == 1  # one seed's job, an MLP at each point
     cmd = next(line for line in proc.stdout.splitlines() if "workflow_scripts macondo-eval" in line)
     seed = "results/macondo/micro-long/seed0"
     assert f"--mlp {seed}/final/mlp/mlp.pt {seed}/step0/mlp/mlp.pt {seed}/step5/mlp/mlp.pt " in cmd
     assert '"mlp_at": ["final", "step0", "step5"]' in cmd
+    mem = next(line for line in proc.stdout.splitlines() if "workflow_scripts macondo-memory" in line)
+    assert f"--mlp {seed}/final/mlp/mlp.pt {seed}/step0/mlp/mlp.pt {seed}/step5/mlp/mlp.pt " in mem
+    assert f"--manifest {seed}/final/datastore/manifest.json {seed}/step0/datastore/manifest.json " in mem
+
+
+def test_macondo_memory_refuses_lists_that_do_not_match_its_points():
+    params = {"at": ["final", "step0"], "mlp_at": ["final"], "seed": 0, "mlp": {}}
+    one, two = [Path("a")], [Path("a"), Path("b")]
+    with pytest.raises(ValueError, match=r"--index-meta: 1, --mlp: 2"):
+        macondo_lm.macondo_memory(params, two, Path("t"), two, two, one, two, one, one, one)
+    with pytest.raises(ValueError, match="mlp_at is not a subset of at"):
+        macondo_lm.macondo_memory({**params, "mlp_at": ["step9"]}, two, Path("t"), two, two, two, one, one, one, one)
 
 
 def test_macondo_eval_refuses_mlp_lists_that_do_not_match_mlp_at():
@@ -456,7 +467,6 @@ def test_paper2_preset_builds_its_dag_offline(tmp_path):
     proc = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "experiments/paper2.yaml"))
     jobs = job_stats(proc.stdout)
     assert jobs["macondo_finetune"] == jobs["macondo_eval"] == 5 and jobs["macondo_memory"] == 5
-    assert jobs["macondo_datastore"] == 5  # a seed's 9 checkpoints in one job, no MLP (the paper's Figure 1 has none)
     assert jobs["hurdle"] == 10 and jobs["macondo_data"] == 5 + 5  # GPT-2 XL's and the hurdle's tokenizer, per seed
     assert jobs["train_tokenizer"] == 2  # wt103-16l and the hurdle's gpt2-small-shape, which is never trained
     assert jobs["train_lm_chunk"] == 7 and jobs["train_lm"] == 1 and jobs["extract_keys"] == 32

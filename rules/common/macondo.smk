@@ -8,9 +8,8 @@ MACONDO_CHECKPOINTS = sorted((MACONDO or {}).get("checkpoints", []))
 MACONDO_AT = ["final", *[f"step{s}" for s in MACONDO_CHECKPOINTS]]
 
 
-# the points that get an MLP beside their datastore (macondo_memory); the others a datastore only (macondo_datastore)
+# the points that get an MLP beside their datastore (macondo_memory); the others a datastore only
 MACONDO_MLP_AT = MACONDO_AT if (MACONDO or {}).get("checkpoint_mlp") else ["final"]
-MACONDO_DATASTORE_AT = [at for at in MACONDO_AT if at not in MACONDO_MLP_AT]
 
 
 def macondo_dir(seed):
@@ -40,20 +39,3 @@ def macondo_at(rel, at=None):
     """A Macondo seed's file ``rel`` at each point of ``at`` (default MACONDO_AT: the fine-tuned model and every
     checkpoint), in that order ({model} and {seed} left as wildcards)."""
     return [f"{MACONDO_SEED}/{a}/{rel}" for a in (MACONDO_AT if at is None else at)]
-
-
-# what one point's datastore is made from (its model and its seed's training sentences), and the datastore, made by
-# macondo_memory (one point a job) or macondo_datastore (a seed's points without an MLP, in one job)
-MACONDO_DATASTORE_INPUTS = {
-    "model_json": f"{MACONDO_SEED}/{{at}}/lm/model.json",
-    "train": f"{MACONDO_SEED}/data/train.parquet",
-}
-MACONDO_DATASTORE_FILES = {
-    "manifest": "manifest.json",
-    "index": "index.faiss",
-    "index_meta": "index.json",
-}
-MACONDO_DATASTORE = {
-    name: f"{MACONDO_SEED}/{{at}}/datastore/{file}"
-    for name, file in MACONDO_DATASTORE_FILES.items()
-}

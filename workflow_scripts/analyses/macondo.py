@@ -216,27 +216,28 @@ def macondo_finetune(
 
 @step
 def macondo_memory(
-    params: dict, model_json: Path, train: Path, manifest: Path, index: Path, index_meta: Path, mlp: Path,
-    mlp_json: Path, loss_csv: Path, loss_parquet: Path, threads: int = 1,
+    params: dict, model_json: list[Path], train: Path, manifest: list[Path], index: list[Path],
+    index_meta: list[Path], mlp: list[Path] = (), mlp_json: list[Path] = (), loss_csv: list[Path] = (),
+    loss_parquet: list[Path] = (), threads: int = 1,
 ) -> None:
-    """One checkpoint's memory: its datastore over the training sentences (shard beside --manifest, Flat index),
-    then the MLP trained on the datastore's pairs (params.mlp, params.seed)."""
-    build_datastore(model_json, train, manifest, index, index_meta, threads)
-    mlp_lm.train_on_datastore(model_json, manifest, params["mlp"], params["seed"], mlp, mlp_json, loss_csv,
-                              loss_parquet, threads)
-
-
-@step
-def macondo_datastore(model_json: list[Path], train: Path, manifest: list[Path], index: list[Path],
-                      index_meta: list[Path], threads: int = 1) -> None:
-    """The datastores of a seed's checkpoints over its training sentences (each: shard beside --manifest, Flat
-    index), no MLP: one per --model-json, every list argument in that order."""
-    lists = {"manifest": manifest, "index": index, "index-meta": index_meta}
-    wrong = [f"--{k}: {len(v)}" for k, v in lists.items() if len(v) != len(model_json)]
-    if wrong:
-        raise ValueError(f"macondo-datastore: {len(model_json)} --model-json, but {', '.join(wrong)}")
-    for i, ident in enumerate(model_json):
-        build_datastore(ident, train, manifest[i], index[i], index_meta[i], threads)
+    """A seed's memories, one point of params.at after the other: its datastore over the training sentences (shard
+    beside --manifest, Flat index; --model-json, --manifest, --index, --index-meta in the order of params.at), then
+    at the points of params.mlp_at the MLP trained on the datastore's pairs (params.mlp, params.seed; --mlp,
+    --mlp-json, --loss-csv, --loss-parquet in the order of params.mlp_at)."""
+    ats, mlp_at = params["at"], params["mlp_at"]
+    lists = {"model-json": model_json, "manifest": manifest, "index": index, "index-meta": index_meta}
+    wrong = [f"--{k}: {len(v)}" for k, v in lists.items() if len(v) != len(ats)]
+    mlps = {"mlp": mlp, "mlp-json": mlp_json, "loss-csv": loss_csv, "loss-parquet": loss_parquet}
+    wrong += [f"--{k}: {len(v)}" for k, v in mlps.items() if len(v) != len(mlp_at)]
+    if wrong or not set(mlp_at) <= set(ats):
+        raise ValueError(f"macondo-memory: params.at names {len(ats)} points and params.mlp_at {mlp_at} (of them), "
+                         f"but {', '.join(wrong) or 'mlp_at is not a subset of at'}")
+    for i, at in enumerate(ats):
+        build_datastore(model_json[i], train, manifest[i], index[i], index_meta[i], threads)
+        if at in mlp_at:
+            j = mlp_at.index(at)
+            mlp_lm.train_on_datastore(model_json[i], manifest[i], params["mlp"], params["seed"], mlp[j], mlp_json[j],
+                                      loss_csv[j], loss_parquet[j], threads)
 
 
 @step
