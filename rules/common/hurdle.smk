@@ -14,10 +14,14 @@ HURDLE_TITLES = {
 }
 
 
+# the scores of one run
+HURDLE_RUN = "results/analyses/hurdle/{data}/{variant}_seed{seed}"
+
+
 def hurdle_variants(ext):
     """The scores of one seed's runs, one per variant in HURDLE_VARIANTS' order ({data} and {seed} as wildcards)."""
     return [
-        f"results/analyses/hurdle/{{data}}/{v}_seed{{seed}}.{ext}"
+        HURDLE_RUN.format(data="{data}", variant=v, seed="{seed}") + f".{ext}"
         for v in HURDLE_VARIANTS
     ]
 
@@ -40,7 +44,7 @@ def hurdle_params(wildcards):
 def hurdle_runs(wildcards):
     """The scores of every run (variant, seed) of one data kind."""
     return expand(
-        "results/analyses/hurdle/{data}/{variant}_seed{seed}.parquet",
+        f"{HURDLE_RUN}.parquet",
         data=wildcards.data,
         variant=HURDLE_VARIANTS,
         seed=HURDLE["seeds"],
