@@ -108,9 +108,6 @@ def hurdle(
         raise ValueError("hurdle: Macondo data needs --test")
     if params["data"] != "macondo" and tokens is None:
         raise ValueError("hurdle: corpus data needs --tokens")
+    train, data = (train_macondo, test) if params["data"] == "macondo" else (train_corpus, tokens)
     for variant, c, pq in zip(variants, csv, parquet, strict=True):
-        args = (params["shape"], params["run"], variant, params["seed"], c, pq)
-        if params["data"] == "macondo":
-            train_macondo(tokenizer_dir, test, *args)
-        else:
-            train_corpus(tokenizer_dir, tokens, *args)
+        train(tokenizer_dir, data, params["shape"], params["run"], variant, params["seed"], c, pq)

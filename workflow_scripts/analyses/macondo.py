@@ -198,6 +198,16 @@ def evaluate(identity_json, manifest, index_path, index_meta, test_parquet, mlp_
 
 
 # --------------------------------------------------------------------------------------------- steps
+def check_points(name: str, ats: list, mlp_at: list, per_point: dict, per_mlp: dict) -> None:
+    """A step over a seed's points: each list of ``per_point`` has one path per point of ``ats``, each of
+    ``per_mlp`` one per point of ``mlp_at``, which is a subset of ``ats``; else a ValueError naming the lists."""
+    wrong = [f"--{k}: {len(v)}" for k, v in per_point.items() if len(v) != len(ats)]
+    wrong += [f"--{k}: {len(v)}" for k, v in per_mlp.items() if len(v) != len(mlp_at)]
+    if wrong or not set(mlp_at) <= set(ats):
+        raise ValueError(f"{name}: params.at names {len(ats)} points and params.mlp_at {mlp_at} (of them), but "
+                         f"{', '.join(wrong) or 'mlp_at is not a subset of at'}")
+
+
 @step
 def macondo_finetune(
     params: dict, model_json: Path, train: Path, hf: Path, out_model_json: Path, loss_csv: Path,
@@ -225,13 +235,9 @@ def macondo_memory(
     at the points of params.mlp_at the MLP trained on the datastore's pairs (params.mlp, params.seed; --mlp,
     --mlp-json, --loss-csv, --loss-parquet in the order of params.mlp_at)."""
     ats, mlp_at = params["at"], params["mlp_at"]
-    lists = {"model-json": model_json, "manifest": manifest, "index": index, "index-meta": index_meta}
-    wrong = [f"--{k}: {len(v)}" for k, v in lists.items() if len(v) != len(ats)]
-    mlps = {"mlp": mlp, "mlp-json": mlp_json, "loss-csv": loss_csv, "loss-parquet": loss_parquet}
-    wrong += [f"--{k}: {len(v)}" for k, v in mlps.items() if len(v) != len(mlp_at)]
-    if wrong or not set(mlp_at) <= set(ats):
-        raise ValueError(f"macondo-memory: params.at names {len(ats)} points and params.mlp_at {mlp_at} (of them), "
-                         f"but {', '.join(wrong) or 'mlp_at is not a subset of at'}")
+    check_points("macondo-memory", ats, mlp_at,
+                 {"model-json": model_json, "manifest": manifest, "index": index, "index-meta": index_meta},
+                 {"mlp": mlp, "mlp-json": mlp_json, "loss-csv": loss_csv, "loss-parquet": loss_parquet})
     for i, at in enumerate(ats):
         build_datastore(model_json[i], train, manifest[i], index[i], index_meta[i], threads)
         if at in mlp_at:
@@ -250,13 +256,10 @@ def macondo_eval(
     params.mlp_at, in that order; the others' MLP-LM column is empty)."""
     lm.torch_threads(threads)
     ats, mlp_at = params["at"], params["mlp_at"]
-    lists = {"model-json": model_json, "manifest": manifest, "index": index, "index-meta": index_meta,
-             "parquet": parquet, "csv": csv}
-    wrong = [f"--{k}: {len(v)}" for k, v in lists.items() if len(v) != len(ats)]
-    wrong += [f"--{k}: {len(v)}" for k, v in (("mlp", mlp), ("mlp-json", mlp_json)) if len(v) != len(mlp_at)]
-    if wrong or not set(mlp_at) <= set(ats):
-        raise ValueError(f"macondo-eval: params.at names {len(ats)} checkpoints and params.mlp_at {mlp_at} (of them), "
-                         f"but {', '.join(wrong) or 'mlp_at is not a subset of at'}")
+    check_points("macondo-eval", ats, mlp_at,
+                 {"model-json": model_json, "manifest": manifest, "index": index, "index-meta": index_meta,
+                  "parquet": parquet, "csv": csv},
+                 {"mlp": mlp, "mlp-json": mlp_json})
     mlps = dict(zip(mlp_at, zip(mlp, mlp_json, strict=True), strict=True))
     for i, at in enumerate(ats):
         evaluate(model_json[i], manifest[i], index[i], index_meta[i], test, *mlps.get(at, (None, None)),
