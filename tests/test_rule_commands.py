@@ -220,7 +220,7 @@ def _threads_by_step(output: str) -> dict[str, set[str]]:
             for argv in _commands(output) if "--threads" in argv}
 
 
-ONE_THREAD_STEPS = {"extract-keys", "merge-index", "hurdle", "macondo-finetune", "macondo-memory",
+ONE_THREAD_STEPS = {"extract-keys", "merge-index", "hurdle", "projection", "macondo-finetune", "macondo-memory",
                     "macondo-eval", "incontext-perplexity", "incontext-task", "retrieve", "retrieve-chunk",
                     "score-task", "score-task-chunk", "scaling-sweep", "scaling-tasks"}
 
