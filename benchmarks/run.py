@@ -28,7 +28,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from workflow_scripts import cli, datastore, forward, index, knnlm, lm, retrieval_cache  # noqa: E402
+from workflow_scripts import cli, datastore, forward, index, job_environment, knnlm, lm, retrieval_cache  # noqa: E402
 from workflow_scripts.artifacts import save_npy, write_json  # noqa: E402
 from workflow_scripts.extraction import extract_shard  # noqa: E402
 
@@ -180,8 +180,6 @@ def make_queries(model, ident, n: int, tmp: Path) -> dict:
 def child(args: dict) -> dict:
     """One pipeline stage in a fresh process: setup, warm-up, then the timed stage with its peak RSS. With ``go``
     (measure 10), the timed stage waits, once set up, for that file, so that two processes start it together."""
-    if args.get("reuse"):  # measure 12: as every step starts (cli.main)
-        cli.reuse_freed_memory()
     threads = int(args.get("threads", THREADS))
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
@@ -227,9 +225,11 @@ def child(args: dict) -> dict:
             "faults": use.ru_minflt - use0.ru_minflt}
 
 
-def start(**args) -> subprocess.Popen:
+def start(env: dict | None = None, **args) -> subprocess.Popen:
+    """The child process of stage ``args``; ``env``: its environment (None: this process's)."""
     return subprocess.Popen([sys.executable, __file__, "--child", json.dumps(args, default=str)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=env)
 
 
 def result(proc: subprocess.Popen, stage: str) -> dict:
@@ -239,8 +239,8 @@ def result(proc: subprocess.Popen, stage: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def spawn(**args) -> dict:
-    return result(start(**args), args["stage"])
+def spawn(env: dict | None = None, **args) -> dict:
+    return result(start(env, **args), args["stage"])
 
 
 # ------------------------------------------------------------------------------------------------ measures
@@ -620,17 +620,19 @@ def task_rescoring(n_items: int) -> list[dict]:
 
 
 def freed_memory(tmp: Path, ident: dict, n: int) -> list[dict]:
-    """Measure 12: what ``cli.reuse_freed_memory`` (called as every step starts) saves, on the extraction of ``n``
-    tokens (batches of 32 windows of 128, as the default run's extract_keys): CPU seconds (user + system) and
-    minor page faults of the timed stage, in fresh processes with and without it, in turn (best of 2). By default
-    glibc maps, faults in and zeroes the batches' activations anew; in the default run that system time was about a
-    tenth of all CPU time, a quarter of extract_keys'."""
+    """Measure 12: what the jobs' allocator settings (``job_environment``, which the Snakefile gives every job) save,
+    on the extraction of ``n`` tokens (batches of 32 windows of 128, as the default run's extract_keys): CPU seconds
+    (user + system) and minor page faults of the timed stage, in fresh processes with and without them, in turn
+    (best of 2). By default glibc maps, faults in and zeroes the batches' activations anew; in the default run that
+    system time was about a tenth of all CPU time, a quarter of extract_keys'."""
+    plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     d = tmp / "freed"
     save_npy(d / "tokens.npy", zipf_tokens(n + 1, seed=12))
     best = {}
     for _ in range(2):
         for reuse in (False, True):
-            r = spawn(stage="extract", dir=d, model_json=tmp / "model.json", reuse=reuse)
+            env = plain | job_environment.job_environment(plain) if reuse else plain
+            r = spawn(env, stage="extract", dir=d, model_json=tmp / "model.json")
             if reuse not in best or r["cpu"] < best[reuse]["cpu"]:
                 best[reuse] = r
     off, on = best[False], best[True]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, project_env
 
-from workflow_scripts import cli
+from workflow_scripts import cli, job_environment
 
 PACKAGE = ROOT / "workflow_scripts"
 
@@ -252,11 +252,11 @@ def test_steps_that_run_no_model_start_without_torch():
         assert out.stdout.strip() == "", f"workflow_scripts.{mod} imports {out.stdout.strip()}"
 
 
+
+# ----------------------------------------------------------------------------- the jobs' environment
 _CHURN = """
-import resource, sys
+import resource
 import numpy as np
-from workflow_scripts import cli
-print(cli.reuse_freed_memory() if sys.argv[1] == "set" else "unset")
 def churn():  # three 16 MiB arrays at a time, freed together: a batch's temporaries
     for _ in range(20):
         arrays = [np.ones(2 << 20) for _ in range(3)]
@@ -268,20 +268,49 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
-def test_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
-    """Every step starts with ``reuse_freed_memory``: on glibc, batches' temporaries come from memory freed by the
-    batch before instead of being mapped, page-faulted and zeroed anew (by default glibc gives 48 MiB freed at
-    once back to the system)."""
-    runs = {how: subprocess.run([sys.executable, "-c", _CHURN, how], capture_output=True, text=True,
-                                env=project_env(), check=True).stdout.split() for how in ("unset", "set")}
-    if os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-        assert runs["set"][0] == "True"
-        assert int(runs["set"][1]) < int(runs["unset"][1]) / 10, runs
-    else:
-        assert runs["set"][0] == "False"
+def _faults(env: dict) -> int:
+    out = subprocess.run([sys.executable, "-c", _CHURN], env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout)
 
 
-def test_reuse_freed_memory_does_nothing_without_glibc(monkeypatch):
-    monkeypatch.setattr(os, "confstr", lambda name: "musl libc 1.2")
-    assert cli.reuse_freed_memory() is False
+@pytest.mark.skipif(not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"), reason="glibc's malloc")
+def test_the_jobs_environment_reuses_freed_memory_instead_of_faulting_it_in_again():
+    """With job_environment's variables, a batch's temporaries come from memory freed by the batch before; by default
+    glibc gives 48 MiB freed at once back to the system and faults it in again."""
+    plain = {k: v for k, v in project_env().items() if k != "GLIBC_TUNABLES"}
+    assert job_environment.job_environment(plain) == {"GLIBC_TUNABLES": job_environment.GLIBC_TUNABLES}
+    default, reused = _faults(plain), _faults(plain | job_environment.job_environment(plain))
+    assert reused < default / 10, (default, reused)
+    assert job_environment.job_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {}  # the user's own
+
+
+def test_no_step_imports_the_jobs_environment():
+    """So it is in no step's code closure: changing the allocator settings reruns nothing."""
+    for name in cli.find_steps():
+        assert PACKAGE / "job_environment.py" not in cli.code_closure(name), name
+
+
+_PARSE = """
+import os, sys
+from snakemake.cli import main
+sys.argv = ["snakemake", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+print("GLIBC_TUNABLES=" + os.environ.get("GLIBC_TUNABLES", "(unset)"))
+"""
+
+
+@pytest.mark.slow  # a Snakemake DAG build: over 5 s
+def test_the_snakefile_gives_its_jobs_the_environment(tmp_path):
+    """Parsing the Snakefile puts the variables in the environment its jobs inherit (local, and the Slurm jobs'
+    Snakemake parses it too); one the user set is kept."""
+    plain = {k: v for k, v in project_env().items() if k != "GLIBC_TUNABLES"}
+    args = ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+            str(ROOT / "tests" / "configs" / "micro.yaml"), "--cores", "1", "-n", "--quiet", "all"]
+    for env, expected in ((plain, job_environment.GLIBC_TUNABLES),
+                          (plain | {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc.malloc.arena_max=2")):
+        out = subprocess.run([sys.executable, "-c", _PARSE, *args], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == f"GLIBC_TUNABLES={expected}"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import ctypes
 import functools
 import hashlib
 import importlib
@@ -306,32 +305,12 @@ def _stop(signum, frame):
     raise Stopped(signum)
 
 
-def reuse_freed_memory() -> bool:
-    """Let glibc's malloc keep freed blocks of up to 32 MiB for the next allocation; True where it was set.
-
-    By default glibc maps each block above 128 KiB on its own and unmaps it when freed (its threshold rises only
-    as such blocks are freed), and hands the heap's free top back to the system, so the next batch's arrays are
-    page-faulted and zeroed by the kernel again. The steps allocate such temporaries by the thousand (keys, distance
-    tables, activations): about a tenth of the default run's CPU time was that system time (extract-keys 21 of 82
-    CPU s). Peak memory stays as it was (docs/testing.md#the-default-runs-time); results do not change, being the
-    same arithmetic on the same values. Elsewhere than glibc (macOS, musl) nothing is set."""
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return False
-        libc = ctypes.CDLL("libc.so.6")
-    except (ValueError, OSError, AttributeError):  # no such confstr name, or no glibc to load
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     steps = find_steps()
     if not argv or argv[0] not in steps:
         _top_parser(steps).parse_args(argv[:1])  # prints the list of steps, or says which step is unknown
         return 2
-    reuse_freed_memory()
     mod, func, _ = steps[argv[0]]
     fn = getattr(importlib.import_module(f"{NAME}.{mod}" if mod else NAME), func)
     parser = parser_for(fn)
