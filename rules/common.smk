@@ -29,8 +29,9 @@ if not config.get(
     _config.validate(config)
 _tasks.check_config(config)
 
-# Every job this Snakemake starts inherits the allocator settings (workflow_scripts/job_environment.py): a tenth of
-# the default run's CPU time was page faults without them. They change no result, and changing them reruns nothing.
+# Every job this Snakemake starts inherits the allocator settings (workflow_scripts/job_environment.py): without
+# them a tenth of the default run's CPU time was system time, mostly page faults. They change no result, and changing
+# them reruns nothing.
 os.environ.update(_job_environment.job_environment(os.environ))
 
 
