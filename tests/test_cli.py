@@ -252,7 +252,6 @@ def test_steps_that_run_no_model_start_without_torch():
         assert out.stdout.strip() == "", f"workflow_scripts.{mod} imports {out.stdout.strip()}"
 
 
-
 # ----------------------------------------------------------------------------- the jobs' environment
 _CHURN = """
 import resource
@@ -268,6 +267,11 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+def _plain_env() -> dict:
+    """The environment the tests run steps with, less any GLIBC_TUNABLES this process was given."""
+    return {k: v for k, v in project_env().items() if k != "GLIBC_TUNABLES"}
+
+
 def _faults(env: dict) -> int:
     out = subprocess.run([sys.executable, "-c", _CHURN], env=env, capture_output=True, text=True, check=True)
     return int(out.stdout)
@@ -277,7 +281,7 @@ def _faults(env: dict) -> int:
 def test_the_jobs_environment_reuses_freed_memory_instead_of_faulting_it_in_again():
     """With job_environment's variables, a batch's temporaries come from memory freed by the batch before; by default
     glibc gives 48 MiB freed at once back to the system and faults it in again."""
-    plain = {k: v for k, v in project_env().items() if k != "GLIBC_TUNABLES"}
+    plain = _plain_env()
     assert job_environment.job_environment(plain) == {"GLIBC_TUNABLES": job_environment.GLIBC_TUNABLES}
     default, reused = _faults(plain), _faults(plain | job_environment.job_environment(plain))
     assert reused < default / 10, (default, reused)
@@ -306,7 +310,7 @@ print("GLIBC_TUNABLES=" + os.environ.get("GLIBC_TUNABLES", "(unset)"))
 def test_the_snakefile_gives_its_jobs_the_environment(tmp_path):
     """Parsing the Snakefile puts the variables in the environment its jobs inherit (local, and the Slurm jobs'
     Snakemake parses it too); one the user set is kept."""
-    plain = {k: v for k, v in project_env().items() if k != "GLIBC_TUNABLES"}
+    plain = _plain_env()
     args = ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--configfile",
             str(ROOT / "tests" / "configs" / "micro.yaml"), "--cores", "1", "-n", "--quiet", "all"]
     for env, expected in ((plain, job_environment.GLIBC_TUNABLES),
